@@ -1,0 +1,1 @@
+"""The device-agnostic core: model, MoE, engine, distributed, server."""

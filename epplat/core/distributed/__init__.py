@@ -1,0 +1,1 @@
+"""Process groups (world / TP / DP / EP) and launchers."""

@@ -1,0 +1,112 @@
+"""Messages between the API server (frontend) and engine cores: msgspec structs, no pickle."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True):
+    """Per-request sampling settings, with OpenAI / vLLM meanings.
+
+    temperature 0 means greedy. top_k <= 0 and top_p = 1 and min_p = 0 disable those
+    filters. ``logprobs`` is the number of top alternatives to return per token
+    (None: no logprobs). ``stop`` strings are matched in the frontend on detokenized
+    text; ``stop_token_ids`` and EOS are matched in the engine.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+class EngineRequest(msgspec.Struct, tag="add"):
+    """A new request for an engine core: tokens in, sampling settings."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: list[int] = []
+    arrival_time: float = 0.0
+
+
+class AbortRequests(msgspec.Struct, tag="abort"):
+    request_ids: list[str]
+
+
+class UtilityCall(msgspec.Struct, tag="utility"):
+    """A call that is not a request (stats, health, profiling); answered by call_id."""
+
+    call_id: int
+    method: str
+    args: list = []
+
+
+EngineInput = EngineRequest | AbortRequests | UtilityCall
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+    rank: int
+
+
+class EngineOutput(msgspec.Struct, array_like=True):
+    """New tokens of one request after one engine step.
+
+    logprobs, when asked, holds for each new token a list whose first entry is the
+    sampled token and the rest the top alternatives. finish_reason is "stop",
+    "length" or "abort" once the request is done.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    logprobs: Optional[list[list[TokenLogprob]]] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[int] = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class EngineStats(msgspec.Struct):
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_preemptions: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+
+
+class EngineOutputs(msgspec.Struct, tag="outputs"):
+    engine_index: int
+    outputs: list[EngineOutput]
+    stats: Optional[EngineStats] = None
+
+
+class UtilityResult(msgspec.Struct, tag="result"):
+    call_id: int
+    result: object = None
+    error: Optional[str] = None
+
+
+class EngineDead(msgspec.Struct, tag="dead"):
+    engine_index: int
+    reason: str
+
+
+EngineMessage = EngineOutputs | UtilityResult | EngineDead
+
+encoder = msgspec.msgpack.Encoder()
+input_decoder = msgspec.msgpack.Decoder(EngineInput)
+message_decoder = msgspec.msgpack.Decoder(EngineMessage)

@@ -1,0 +1,1 @@
+"""Model layers, architectures and the safetensors loader."""

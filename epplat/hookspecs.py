@@ -1,0 +1,103 @@
+"""Every pluggy hook specification of epplat, in one file.
+
+A plugin is any module registered under the ``epplat`` entry-point group (the
+built-in platforms register exactly like third-party packages). Each hook returns a
+list of :class:`Registration` records; the engine looks implementations up by name
+(from a flag) or asks the platform for its default. A registration imports nothing
+heavy: ``load`` is called only when the implementation is selected, and ``check``
+says in a few words why it is unusable here (``None`` when it is usable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pluggy
+
+PROJECT = "epplat"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+KINDS = ("platform", "all2all", "graph_runner", "quantization", "kv_connector", "eplb_policy")
+
+
+@dataclass
+class Registration:
+    """One named implementation of a capability.
+
+    name:      what users type (``--all2all-backend NAME``, ``--platform NAME``...).
+    load:      returns the implementation (a class or factory); imports lazily.
+    check:     returns None when usable here, else a short reason ("torch_npu not installed").
+    platforms: platform names it runs on; empty means every platform.
+    help:      one line for ``epplat plugins``.
+    """
+
+    name: str
+    load: Callable[[], object]
+    check: Callable[[], Optional[str]] = lambda: None
+    platforms: tuple = ()
+    help: str = ""
+    kind: str = field(default="", compare=False)
+    plugin: str = field(default="", compare=False)
+
+
+@hookspec
+def epplat_platforms() -> list[Registration]:
+    """Accelerator platforms.
+
+    ``load()`` returns a :class:`epplat.platforms.interface.Platform` subclass: device
+    type, torch.distributed backend (gloo / nccl / hccl), device setup, memory query
+    and the platform's default all2all backend and graph runner. ``check()`` is the
+    availability test used by ``--platform auto``.
+    """
+
+
+@hookspec
+def epplat_all2all_backends() -> list[Registration]:
+    """Expert-parallel token exchange for MoE layers.
+
+    ``load()`` returns a :class:`epplat.core.moe.all2all.All2AllBackend` subclass,
+    constructed per MoE layer group with the EP process group and expert map. It
+    provides ``dispatch(hidden, topk_ids, topk_weights)`` -> tokens for this rank's
+    experts and ``combine(expert_out)`` -> hidden states in the original token order.
+    """
+
+
+@hookspec
+def epplat_graph_runners() -> list[Registration]:
+    """Graph capture of decode steps.
+
+    ``load()`` returns a :class:`epplat.core.engine.graph.GraphRunner` subclass that
+    captures the model's decode forward for a set of batch sizes and replays it.
+    ``eager`` (no capture) is what ``--enforce-eager`` selects.
+    """
+
+
+@hookspec
+def epplat_quantization_methods() -> list[Registration]:
+    """Quantization schemes selected with ``--quantization NAME``.
+
+    ``load()`` returns a :class:`epplat.core.model.quant.QuantMethod` subclass that
+    turns checkpoint tensors into the weights a layer keeps and runs the GEMMs
+    (dense and expert) for that scheme.
+    """
+
+
+@hookspec
+def epplat_kv_connectors() -> list[Registration]:
+    """KV-cache transfer for prefill/decode disaggregation (``--kv-transfer-config``).
+
+    ``load()`` returns a connector class with a scheduler side (which blocks to fetch
+    or send) and a worker side (moving KV blocks between engines).
+    """
+
+
+@hookspec
+def epplat_eplb_policies() -> list[Registration]:
+    """Expert-parallel load-balancing policies (``--eplb-config '{"policy": NAME}'``).
+
+    ``load()`` returns a function ``(weight, num_replicas, num_groups, num_nodes,
+    num_gpus) -> (phy2log, log2phy, logcnt)`` computing a new expert placement from
+    per-expert load.
+    """

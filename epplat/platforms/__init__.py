@@ -1,0 +1,1 @@
+"""Built-in platform plugins (cpu, cuda, ascend), registered through entry points."""

@@ -1,0 +1,95 @@
+"""The plugin manager: entry-point discovery, the registries, and platform choice."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional
+
+import pluggy
+
+from epplat import hookspecs
+from epplat.hookspecs import KINDS, Registration
+
+logger = logging.getLogger(__name__)
+
+_HOOKS = {
+    "platform": "epplat_platforms",
+    "all2all": "epplat_all2all_backends",
+    "graph_runner": "epplat_graph_runners",
+    "quantization": "epplat_quantization_methods",
+    "kv_connector": "epplat_kv_connectors",
+    "eplb_policy": "epplat_eplb_policies",
+}
+_FLAGS = {
+    "platform": "--platform",
+    "all2all": "--all2all-backend",
+    "graph_runner": "graph runner",
+    "quantization": "--quantization",
+    "kv_connector": "kv_connector",
+    "eplb_policy": "eplb policy",
+}
+
+
+class PluginError(ValueError):
+    """A selection that cannot be served; its message is one line for the user."""
+
+
+class Registry:
+    """Every registration of every kind, collected from the ``epplat`` entry points."""
+
+    def __init__(self, pm: pluggy.PluginManager):
+        self.pm = pm
+        dists = {id(p): d.project_name for p, d in pm.list_plugin_distinfo()}
+        self.by_kind: dict[str, dict[str, Registration]] = {k: {} for k in KINDS}
+        for kind, hook_name in _HOOKS.items():
+            hook = getattr(pm.hook, hook_name)
+            for impl in hook.get_hookimpls():
+                for reg in impl.function() or []:
+                    reg.kind = kind
+                    reg.plugin = dists.get(id(impl.plugin), impl.plugin_name)
+                    if reg.name in self.by_kind[kind]:
+                        other = self.by_kind[kind][reg.name]
+                        logger.warning("%s %r from %s shadows the one from %s",
+                                       kind, reg.name, reg.plugin, other.plugin)
+                    self.by_kind[kind][reg.name] = reg
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.by_kind[kind])
+
+    def get(self, kind: str, name: str, platform: Optional[str] = None) -> Registration:
+        """The registration `name` of `kind`, usable here, or a one-line PluginError."""
+        regs = self.by_kind[kind]
+        if name not in regs:
+            avail = ", ".join(self.names(kind)) or "none"
+            raise PluginError(f"unknown {_FLAGS[kind]} {name!r}; available: {avail}")
+        reg = regs[name]
+        if platform and reg.platforms and platform not in reg.platforms:
+            raise PluginError(f"{_FLAGS[kind]} {name!r} runs on {', '.join(reg.platforms)}, "
+                              f"not on platform {platform!r}")
+        why = reg.check()
+        if why:
+            raise PluginError(f"{_FLAGS[kind]} {name!r} is not usable here: {why}")
+        return reg
+
+    def load(self, kind: str, name: str, platform: Optional[str] = None):
+        return self.get(kind, name, platform).load()
+
+    def pick_platform(self, name: str = "auto") -> str:
+        """Resolve ``--platform auto``: the first usable accelerator, else cpu."""
+        if name != "auto":
+            self.get("platform", name)
+            return name
+        for cand in sorted(self.by_kind["platform"], key=lambda n: n == "cpu"):
+            if self.by_kind["platform"][cand].check() is None:
+                return cand
+        raise PluginError("no usable platform found (not even cpu)")
+
+
+@functools.lru_cache(maxsize=1)
+def registry() -> Registry:
+    """Load every plugin registered under the ``epplat`` entry-point group, once."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    return Registry(pm)
