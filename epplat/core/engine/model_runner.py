@@ -1,0 +1,111 @@
+"""The model runner: builds the model on a platform, owns the KV cache, runs a step.
+
+One step takes the scheduler's (request, num_new_tokens) list, lays the tokens out
+decodes first, runs the forward, and samples a token for every request whose
+prompt (or recomputation) is complete after this step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from epplat.config import ConfigError, EngineConfig
+from epplat.core.engine.request import Request
+from epplat.core.engine.sampler import sample
+from epplat.core.model.attention import build_attn_metadata
+from epplat.core.model.decoder import MoEForCausalLM
+from epplat.core.model.loader import load_checkpoint
+from epplat.core.model.registry import architecture
+from epplat.core.moe.all2all import ExpertMap
+from epplat.plugins import registry
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(requested: str, hf: dict, platform: str) -> torch.dtype:
+    if requested != "auto":
+        return _DTYPES[requested]
+    ckpt = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    if platform == "cpu" and ckpt == "float16":
+        return torch.bfloat16   # CPU half GEMMs are slow; vLLM does the same
+    return _DTYPES.get(ckpt, torch.float32)
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, platform, device, ep_group=None, ep_rank=0, ep_size=1):
+        self.cfg, self.platform, self.device = cfg, platform, device
+        hf = cfg.model.hf_config()
+        arch = architecture(hf)
+        self.arch = arch
+        self.model_cfg = arch.parse_config(hf)
+        self.dtype = resolve_dtype(cfg.model.dtype, hf, platform.name)
+        reg = registry()
+        backend_name = cfg.parallel.all2all_backend or platform.default_all2all
+        backend_cls = reg.load("all2all", backend_name, platform.name)
+        self.all2all = backend_cls(ExpertMap(self.model_cfg.num_experts or 1, ep_rank, ep_size),
+                                   group=ep_group, device=device)
+        torch.manual_seed(cfg.model.seed)
+        t0 = time.time()
+        with torch.device(device):
+            self.model = MoEForCausalLM(self.model_cfg, self.all2all, self.dtype)
+        self.weight_bytes = load_checkpoint(self.model, cfg.model.model, arch.canonical_name, device)
+        self.model.eval()
+        logger.info("Loading weights took %.2f seconds; model weights take %.4f GiB (%s, dtype %s, all2all %s)",
+                    time.time() - t0, self.weight_bytes / (1 << 30), hf["architectures"][0],
+                    str(self.dtype).removeprefix("torch."), backend_name)
+        runner = "eager" if cfg.enforce_eager else platform.default_graph_runner
+        self.graph = reg.load("graph_runner", runner, platform.name)(self.model, device)
+        self.block_size = cfg.cache.block_size
+
+    def kv_bytes_per_block(self) -> int:
+        c = self.model_cfg
+        elt = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elt
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        c = self.model_cfg
+        shape = (num_blocks * self.block_size, c.num_kv_heads, c.head_dim)
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                        torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    def num_blocks_from_memory(self) -> int:
+        cache = self.cfg.cache
+        if cache.num_gpu_blocks_override:
+            return cache.num_gpu_blocks_override
+        budget = self.platform.kv_cache_bytes(cache, self.weight_bytes, self.device)
+        n = budget // self.kv_bytes_per_block()
+        if n <= 0:
+            raise ConfigError("no memory left for the KV cache; lower the model size or raise the KV budget")
+        return int(n)
+
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Request, int]]):
+        """Run one step; returns {request_id: (token, logprobs)} for requests that sampled."""
+        batch = sorted(batch, key=lambda rn: rn[1] != 1)   # decodes first
+        ids, pos, seqs, sample_rows, sample_reqs = [], [], [], [], []
+        row = 0
+        for req, n in batch:
+            start = req.num_computed
+            ids.extend(req.token_ids[start:start + n])
+            pos.extend(range(start, start + n))
+            seqs.append((start + n, n, req.block_table))
+            row += n
+            if start + n == req.num_tokens:
+                sample_rows.append(row - 1)
+                sample_reqs.append(req)
+        dev = self.device
+        meta = build_attn_metadata(seqs, self.block_size, dev)
+        hidden = self.graph.forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta)
+        out = {}
+        if sample_reqs:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+            tokens, logprobs = sample(logits, sample_reqs)
+            for req, tok, lp in zip(sample_reqs, tokens, logprobs):
+                out[req.request_id] = (tok, lp)
+        return out

@@ -1,0 +1,58 @@
+"""A request inside an engine core: its tokens, progress, blocks and stop rules."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Optional
+
+import torch
+
+from epplat.core.engine.protocol import EngineRequest, SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+class Request:
+    def __init__(self, req: EngineRequest):
+        self.request_id = req.request_id
+        self.params: SamplingParams = req.params
+        self.prompt_len = len(req.prompt_token_ids)
+        self.token_ids: list[int] = list(req.prompt_token_ids)
+        self.eos_token_ids = set(req.eos_token_ids)
+        self.num_computed = 0          # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.status = Status.WAITING
+        self.finish_reason: Optional[str] = None
+        self.stop_reason: Optional[int] = None
+        self.arrival = req.arrival_time or time.time()
+        self.generator: Optional[torch.Generator] = None
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    def append(self, token: int, max_model_len: int) -> None:
+        """Add a sampled token and decide whether the request is done."""
+        self.token_ids.append(token)
+        p = self.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            self.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            self.finish_reason, self.stop_reason = "stop", token
+        elif self.num_output >= p.max_tokens or self.num_tokens >= max_model_len:
+            self.finish_reason = "length"

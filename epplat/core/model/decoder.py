@@ -1,0 +1,195 @@
+"""A generic decoder-only MoE transformer (Qwen3-MoE / Mixtral family) over a paged KV cache.
+
+Architectures describe themselves with a :class:`DecoderConfig` and a function that
+renames their checkpoint tensors to the canonical names used here:
+
+    embed_tokens, norm, lm_head,
+    layers.N.{input_layernorm, post_attention_layernorm},
+    layers.N.self_attn.{q_proj, k_proj, v_proj, o_proj, q_norm, k_norm},
+    layers.N.mlp.gate, layers.N.mlp.experts.E.{gate, up, down}   (MoE layers)
+    layers.N.mlp.{gate_proj, up_proj, down_proj}                  (dense layers)
+
+Architectures with other attention (DeepSeek's MLA) or shared experts add their own
+layer classes next to these and reuse the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from epplat.core.model.attention import AttnMetadata, paged_attention
+from epplat.core.model.layers import ACTIVATIONS, RMSNorm, RotaryEmbedding, gated_act
+from epplat.core.moe.all2all import All2AllBackend
+from epplat.core.moe.layer import FusedMoE
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position: int
+    rope_theta: float
+    rms_norm_eps: float
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    intermediate_size: int
+    norm_topk_prob: bool = True
+    qk_norm: bool = False
+    attention_bias: bool = False
+    act: str = "silu"
+    tie_word_embeddings: bool = False
+    dense_layers: set = field(default_factory=set)
+    eos_token_ids: list = field(default_factory=list)
+
+
+def _param(*shape, dtype):
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, rope: RotaryEmbedding, dtype):
+        super().__init__()
+        self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv = _param((self.h + 2 * self.kvh) * self.d, cfg.hidden_size, dtype=dtype)
+        self.qkv_bias = _param((self.h + 2 * self.kvh) * self.d, dtype=dtype) if cfg.attention_bias else None
+        self.o_proj = _param(cfg.hidden_size, self.h * self.d, dtype=dtype)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rope = rope
+        self.scale = self.d ** -0.5
+        self.kv_cache: Optional[tuple] = None
+
+    def forward(self, x, positions, meta: AttnMetadata):
+        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        q, k, v = qkv.split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
+        q, k, v = q.view(-1, self.h, self.d), k.view(-1, self.kvh, self.d), v.view(-1, self.kvh, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(positions, q, k)
+        o = paged_attention(q, k, v.contiguous(), self.kv_cache, meta, self.scale)
+        return F.linear(o.reshape(-1, self.h * self.d), self.o_proj)
+
+    def load(self, name: str, t: torch.Tensor):
+        sizes = {"q": self.h * self.d, "k": self.kvh * self.d, "v": self.kvh * self.d}
+        if name in ("q_proj", "k_proj", "v_proj", "q_proj_bias", "k_proj_bias", "v_proj_bias"):
+            part = name[0]
+            start = {"q": 0, "k": sizes["q"], "v": sizes["q"] + sizes["k"]}[part]
+            dst = self.qkv if not name.endswith("bias") else self.qkv_bias
+            dst.data[start:start + sizes[part]].copy_(t)
+        elif name == "o_proj":
+            self.o_proj.data.copy_(t)
+        elif name in ("q_norm", "k_norm"):
+            getattr(self, name).weight.data.copy_(t)
+        else:
+            raise KeyError(name)
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, act, dtype):
+        super().__init__()
+        self.inter, self.act = inter, act
+        self.gate_up = _param(2 * inter, hidden, dtype=dtype)
+        self.down = _param(hidden, inter, dtype=dtype)
+
+    def forward(self, x):
+        return F.linear(gated_act(F.linear(x, self.gate_up), self.act), self.down)
+
+    def load(self, name: str, t: torch.Tensor):
+        if name == "gate_proj":
+            self.gate_up.data[: self.inter].copy_(t)
+        elif name == "up_proj":
+            self.gate_up.data[self.inter:].copy_(t)
+        elif name == "down_proj":
+            self.down.data.copy_(t)
+        else:
+            raise KeyError(name)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, idx: int, rope, all2all: All2AllBackend, dtype):
+        super().__init__()
+        act = ACTIVATIONS[cfg.act]
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rope, dtype)
+        if idx in cfg.dense_layers or cfg.num_experts == 0:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, act, dtype)
+        else:
+            self.mlp = FusedMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k,
+                                cfg.norm_topk_prob, act, all2all, dtype)
+
+    def forward(self, x, positions, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+_EXPERT = re.compile(r"experts\.(\d+)\.(gate|up|down)$")
+
+
+class MoEForCausalLM(nn.Module):
+    def __init__(self, cfg: DecoderConfig, all2all: All2AllBackend, dtype):
+        super().__init__()
+        self.cfg = cfg
+        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta)
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope, all2all, dtype) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size,
+                                                                                   dtype=dtype)
+        self.rope = rope
+
+    def forward(self, input_ids, positions, meta: AttnMetadata) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed_tokens)
+        for layer in self.layers:
+            x = layer(x, positions, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head)
+
+    def load_weight(self, name: str, t: torch.Tensor) -> bool:
+        """Copy one tensor given by its canonical name; False when this rank keeps none of it."""
+        if name in ("embed_tokens", "lm_head"):
+            if name == "lm_head" and self.cfg.tie_word_embeddings:
+                return False
+            getattr(self, name).data.copy_(t)
+            return True
+        if name == "norm":
+            self.norm.weight.data.copy_(t)
+            return True
+        _, idx, rest = name.split(".", 2)
+        layer = self.layers[int(idx)]
+        part, _, sub = rest.partition(".")
+        if part in ("input_layernorm", "post_attention_layernorm"):
+            getattr(layer, part).weight.data.copy_(t)
+        elif part == "self_attn":
+            layer.self_attn.load(sub, t)
+        elif isinstance(layer.mlp, FusedMoE):
+            m = _EXPERT.search(sub)
+            if m:
+                return layer.mlp.load_expert_weight(int(m.group(1)), m.group(2), t)
+            if sub != "gate":
+                raise KeyError(name)
+            layer.mlp.gate.data.copy_(t)
+        else:
+            layer.mlp.load(sub, t)
+        return True
+
+    def wants(self, name: str) -> bool:
+        """Whether this rank needs the canonical tensor `name` at all (skips other ranks' experts)."""
+        m = _EXPERT.search(name)
+        if not m:
+            return not (name == "lm_head" and self.cfg.tie_word_embeddings)
+        layer = self.layers[int(name.split(".")[1])]
+        return isinstance(layer.mlp, FusedMoE) and int(m.group(1)) in layer.mlp.expert_map.local_ids

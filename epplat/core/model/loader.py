@@ -1,0 +1,51 @@
+"""Streams a Hugging Face safetensors checkpoint into a model, one tensor at a time.
+
+Only tensors this rank keeps are read (other ranks' experts are skipped without
+being loaded), and each is copied into its preallocated parameter straight away,
+so the checkpoint is never held in memory twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_files(model_dir: str) -> list[Path]:
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [d / f for f in files]
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+def load_checkpoint(model, model_dir: str, canonical_name, device, show_progress: bool = True) -> int:
+    """Load every tensor the model wants; returns the bytes read. Unknown tensors raise."""
+    files = checkpoint_files(model_dir)
+    loaded = 0
+    bar = tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard",
+               disable=not show_progress, file=sys.stderr)
+    for path in bar:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = canonical_name(key)
+                if name.startswith("rotary_emb") or not model.wants(name):
+                    continue
+                t = f.get_tensor(key)
+                try:
+                    if model.load_weight(name, t.to(device)):
+                        loaded += t.numel() * t.element_size()
+                except (KeyError, IndexError, ValueError) as e:
+                    raise ValueError(f"checkpoint tensor {key!r} does not fit the model: {e}") from None
+    return loaded

@@ -1,0 +1,1 @@
+"""The ascend platform: Huawei Ascend NPUs through torch_npu and HCCL."""

@@ -1,0 +1,1 @@
+"""The cpu platform: the reference that runs everything anywhere (gloo, plain torch)."""

@@ -1,0 +1,34 @@
+"""What a platform plugin provides: device, distributed backend, memory, defaults."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class Platform:
+    name = "base"
+    device_type = "cpu"
+    dist_backend = "gloo"
+    default_all2all = "allgather_reducescatter"
+    default_graph_runner = "eager"
+
+    @classmethod
+    def check(cls) -> Optional[str]:
+        """None when this platform can run here, else a short reason."""
+        return None
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        """Select and return the device this process computes on."""
+        return torch.device(self.device_type)
+
+    def kv_cache_bytes(self, cache_cfg, weight_bytes: int, device: torch.device) -> int:
+        """Bytes the KV cache may take on `device` after the weights are loaded."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        pass
+
+    def log_prefix(self) -> str:
+        return self.name.upper() if self.name == "cpu" else "GPU"
