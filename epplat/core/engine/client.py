@@ -59,7 +59,7 @@ class _RequestState:
         self.num_output += len(out.new_token_ids)
         finish, reason = out.finish_reason, out.stop_reason
         self.engine_done = finish is not None
-        matched = self.detok.add(out.new_token_ids) if out.new_token_ids else None
+        matched = self.detok.add(out.new_token_ids, final=finish is not None)
         if matched is not None:
             finish, reason = "stop", matched
         return CompletionOutput(self.request_id, self.detok.delta(final=finish is not None),

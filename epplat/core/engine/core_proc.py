@@ -60,9 +60,10 @@ def run_engine_core(cfg_json: bytes, engine_index: int, input_addr: str, output_
 def _loop(core, idx, inp, out, poller, parent):
     while True:
         events = dict(poller.poll(0 if core.has_work() else 1000))
+        if os.getppid() != parent:
+            logger.warning("engine core %d: parent process is gone, exiting", idx)
+            return
         if not events and not core.has_work():
-            if os.getppid() != parent:
-                return
             continue
         early: list[P.EngineOutput] = []
         while True:

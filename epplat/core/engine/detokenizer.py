@@ -27,12 +27,15 @@ class IncrementalDetokenizer:
         self.text = ""
         self.sent = 0
 
-    def add(self, token_ids: list[int]) -> Optional[str]:
-        """Append tokens; returns the stop string if one matched (text is cut there)."""
+    def add(self, token_ids: list[int], final: bool = False) -> Optional[str]:
+        """Append tokens; returns the stop string if one matched (text is cut there).
+
+        ``final`` flushes an incomplete UTF-8 tail as U+FFFD, as a full decode would.
+        """
         self.ids.extend(token_ids)
         prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)
         new = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip)
-        if len(new) <= len(prefix) or new.endswith("\ufffd"):
+        if len(new) <= len(prefix) or (new.endswith("\ufffd") and not final):
             return None
         old_len = len(self.text)
         self.text += new[len(prefix):]

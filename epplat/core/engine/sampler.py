@@ -48,7 +48,7 @@ def _sample_rows(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     cum = probs.cumsum(dim=-1) - probs          # mass strictly before each token
     drop = cum > top_p[:, None]
     min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
-    drop |= probs < (min_p * probs[:, :1])[:, :]
+    drop |= probs < min_p[:, None] * probs[:, :1]
     drop[:, 0] = False
     probs = probs.masked_fill(drop, 0.0)
     noise = torch.empty_like(probs).exponential_()

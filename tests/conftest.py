@@ -1,0 +1,27 @@
+"""Shared fixtures: small random-weight checkpoints made with `epplat make-model`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory):
+    from epplat.core.model.make_model import make_model
+    # two shards, to exercise the safetensors index
+    return make_model("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe"), layers=2, hidden=64, experts=8, top_k=2,
+                      heads=4, kv_heads=2, head_dim=32, moe_intermediate=64, vocab_size=2048, seed=1,
+                      max_shard_bytes=600_000)
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory):
+    from epplat.core.model.make_model import make_model
+    return make_model("mixtral", tmp_path_factory.mktemp("mixtral"), layers=2, hidden=64, experts=8, top_k=2,
+                      heads=4, kv_heads=2, head_dim=16, moe_intermediate=96, vocab_size=2048, seed=2)

@@ -1,0 +1,62 @@
+"""`epplat` command line: bad values are one clear line and a non-zero exit; plugins listing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def epplat(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "epplat.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["serve", "MODEL", "--port", "99999"], "--port"),
+    (["serve", "MODEL", "--dtype", "float8"], "--dtype"),
+    (["serve", "MODEL", "--max-num-seqs", "zero"], "--max-num-seqs"),
+    (["serve", "MODEL", "--block-size", "3"], "--block-size"),
+    (["serve", "MODEL", "--bogus-flag"], "--bogus-flag"),
+    (["serve", "MODEL", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
+])
+def test_bad_flag_values_are_one_line(args, needle):
+    r = epplat(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_bad_choices_after_parsing_are_one_line(qwen3_moe_dir, tmp_path):
+    cases = [
+        (["serve", str(tmp_path / "nope")], "not a local directory"),
+        (["serve", str(qwen3_moe_dir), "--platform", "tpu"], "unknown --platform 'tpu'; available: ascend, cpu, cuda"),
+        (["serve", str(qwen3_moe_dir), "--platform", "ascend"], "torch_npu not installed"),
+        (["serve", str(qwen3_moe_dir), "--all2all-backend", "nope"], "available: "),
+        (["serve", str(qwen3_moe_dir), "--quantization", "fp8"], "unknown --quantization 'fp8'"),
+        (["serve", str(qwen3_moe_dir), "--max-model-len", "100000"], "max_position_embeddings"),
+    ]
+    for args, needle in cases:
+        r = epplat(*args)
+        assert r.returncode != 0, args
+        errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
+        assert len(errors) == 1 and needle in errors[0], (args, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_plugins_lists_every_kind_with_package_and_usability():
+    r = epplat("plugins")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for title in ("platforms:", "all2all backends:", "graph runners:", "quantization methods:",
+                  "KV connectors:", "EPLB policies:"):
+        assert title in out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ") and ln.split()}
+    assert "epplat" in lines["cpu"] and "usable" in lines["cpu"]
+    assert "unusable: torch_npu not installed" in lines["ascend"]
+    import torch
+    if not torch.cuda.is_available():
+        assert "unusable: no CUDA device visible" in lines["cuda"] or "torch built without CUDA" in lines["cuda"]
+    assert "usable" in lines["allgather_reducescatter"] and "usable" in lines["naive"]
+    assert "eager" in lines

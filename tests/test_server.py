@@ -1,0 +1,237 @@
+"""The real server as a subprocess, queried with the real openai client.
+
+Greedy completions equal transformers' generate for the same checkpoint (single and
+16 concurrent requests, Qwen3-MoE and Mixtral); streaming, chat, stop strings, n>1,
+logprobs, bad requests, client disconnects and preemption under a tiny KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from hf_oracle import hf_greedy
+from server_utils import Server
+
+PROMPTS = ["The quick brown fox", "def add(a, b):", "Once upon a time there was", "1, 2, 3, 4,",
+           "Experts are routed", "hello world", "A mixture of experts", "import torch"]
+
+
+@pytest.fixture(scope="module")
+def qwen_server(qwen3_moe_dir):
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "--max-model-len", "512",
+                "--served-model-name", "qwen-test", "extra-alias") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(qwen_server):
+    return openai.OpenAI(base_url=qwen_server.url + "/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def aclient(qwen_server):
+    return qwen_server.url
+
+
+def token_ids(tokenizer_dir, texts):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return tok, [tok.encode(t, add_special_tokens=False) for t in texts]
+
+
+def test_models_health_version(client, qwen_server):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[:2] == ["qwen-test", "extra-alias"]
+    assert httpx.get(qwen_server.url + "/health").status_code == 200
+    assert "version" in httpx.get(qwen_server.url + "/version").json()
+
+
+def test_single_greedy_completion_matches_transformers(client, qwen3_moe_dir):
+    tok, ids = token_ids(qwen3_moe_dir, PROMPTS[:1])
+    ref = hf_greedy(qwen3_moe_dir, ids, 16)[0]
+    r = client.completions.create(model="qwen-test", prompt=PROMPTS[0], max_tokens=16, temperature=0)
+    assert r.choices[0].text == tok.decode(ref, skip_special_tokens=True)
+    assert r.usage.prompt_tokens == len(ids[0]) and r.usage.completion_tokens == len(ref)
+
+
+def test_token_id_prompts_and_lists(client, qwen3_moe_dir):
+    tok, ids = token_ids(qwen3_moe_dir, PROMPTS[:3])
+    ref = hf_greedy(qwen3_moe_dir, ids, 8)
+    r = client.completions.create(model="qwen-test", prompt=ids, max_tokens=8, temperature=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [
+        tok.decode(x, skip_special_tokens=True) for x in ref]
+    r = client.completions.create(model="qwen-test", prompt=PROMPTS[:3], max_tokens=8, temperature=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [
+        tok.decode(x, skip_special_tokens=True) for x in ref]
+
+
+def test_16_concurrent_greedy_requests_match_transformers(aclient, qwen3_moe_dir):
+    texts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(16)]
+    tok, ids = token_ids(qwen3_moe_dir, texts)
+    ref = hf_greedy(qwen3_moe_dir, ids, 12)
+
+    async def go():
+        c = openai.AsyncOpenAI(base_url=aclient + "/v1", api_key="none", max_retries=0)
+        rs = await asyncio.gather(*(c.completions.create(model="qwen-test", prompt=t, max_tokens=12,
+                                                         temperature=0) for t in texts))
+        return [r.choices[0].text for r in rs]
+
+    assert asyncio.run(go()) == [tok.decode(x, skip_special_tokens=True) for x in ref]
+
+
+def test_streaming_with_usage_equals_non_streaming(client):
+    full = client.completions.create(model="qwen-test", prompt=PROMPTS[1], max_tokens=20, temperature=0)
+    chunks = list(client.completions.create(model="qwen-test", prompt=PROMPTS[1], max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert sum(1 for c in chunks if c.choices) > 2
+
+
+def test_chat_uses_the_template_and_matches_transformers(client, qwen3_moe_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]
+    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(prompt, add_special_tokens=False)
+    ref = hf_greedy(qwen3_moe_dir, [ids], 10)[0]
+    r = client.chat.completions.create(model="qwen-test", messages=msgs, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == tok.decode(ref, skip_special_tokens=True)
+    assert r.usage.prompt_tokens == len(ids)
+    stream = client.chat.completions.create(model="qwen-test", messages=msgs, max_tokens=10, temperature=0,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.choices[0].message.content
+
+
+def test_stop_strings(client):
+    full = client.completions.create(model="qwen-test", prompt=PROMPTS[2], max_tokens=24, temperature=0)
+    text = full.choices[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert len(stop) == 2
+    r = client.completions.create(model="qwen-test", prompt=PROMPTS[2], max_tokens=24, temperature=0, stop=[stop])
+    assert r.choices[0].text == text[: text.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="qwen-test", prompt=PROMPTS[2], max_tokens=24, temperature=0, stop=stop, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+
+
+def test_n_greater_than_one_and_seeds(client):
+    r = client.completions.create(model="qwen-test", prompt=PROMPTS[3], max_tokens=12, temperature=1.0, n=3,
+                                  seed=7)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    again = client.completions.create(model="qwen-test", prompt=PROMPTS[3], max_tokens=12, temperature=1.0, n=3,
+                                      seed=7)
+    key = lambda resp: [c.text for c in sorted(resp.choices, key=lambda c: c.index)]  # noqa: E731
+    assert key(r) == key(again)
+    assert len(set(key(r))) > 1
+    assert r.usage.completion_tokens == sum(1 for _ in range(3)) * 12
+
+
+def test_logprobs(client):
+    r = client.completions.create(model="qwen-test", prompt=PROMPTS[4], max_tokens=5, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    for t, l, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert l <= 0 and len(top) >= 3 and max(top.values()) == pytest.approx(l, abs=1e-5)
+    c = client.chat.completions.create(model="qwen-test", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens and all(len(x.top_logprobs) == 2 for x in content)
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"model": "nope", "prompt": "x"}, 404),
+    ({"model": "qwen-test"}, 400),
+    ({"model": "qwen-test", "prompt": "x", "max_tokens": -1}, 400),
+    ({"model": "qwen-test", "prompt": "x", "temperature": "hot"}, 400),
+    ({"model": "qwen-test", "prompt": "x", "max_tokens": 100000}, 400),
+    ({"model": "qwen-test", "prompt": [[1, 2], "mixed"]}, 400),
+    ({"model": "qwen-test", "prompt": [999999999]}, 400),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(qwen_server, client, body, status):
+    r = httpx.post(qwen_server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    ok = client.completions.create(model="qwen-test", prompt="still up?", max_tokens=2, temperature=0)
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_malformed_json_is_400(qwen_server):
+    r = httpx.post(qwen_server.url + "/v1/chat/completions", content=b"{not json",
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def metric(url, name):
+    text = httpx.get(url + "/metrics").text
+    m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def test_client_disconnect_aborts_and_frees_kv_blocks(qwen_server):
+    url = qwen_server.url
+    for stream in (True, False):
+        body = {"model": "qwen-test", "prompt": "spin " * 20, "max_tokens": 400, "temperature": 0,
+                "ignore_eos": True, "stream": stream}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(2.0, read=0.5)
+                       ).read() if not stream else _stream_then_drop(url, body)
+        deadline = time.time() + 10
+        while time.time() < deadline and (metric(url, "epplat:num_requests_running") > 0
+                                          or metric(url, "epplat:kv_cache_usage_perc") > 0):
+            time.sleep(0.2)
+        assert metric(url, "epplat:num_requests_running") == 0
+        assert metric(url, "epplat:kv_cache_usage_perc") == 0
+
+
+def _stream_then_drop(url, body):
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=10) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break
+    raise httpx.ReadTimeout("dropped")
+
+
+def test_metrics_exposes_vllm_style_series(qwen_server, client):
+    client.completions.create(model="qwen-test", prompt="metrics", max_tokens=3, temperature=0)
+    text = httpx.get(qwen_server.url + "/metrics").text
+    for name in ("epplat:num_requests_running", "epplat:num_requests_waiting", "epplat:kv_cache_usage_perc",
+                 "epplat:time_to_first_token_seconds_bucket", "epplat:request_success_total"):
+        assert name in text
+
+
+def test_api_key_protects_v1(qwen3_moe_dir):
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "--api-key", "s3cret", "--max-model-len", "256") as s:
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(s.url + "/health").status_code == 200
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
+        assert c.completions.create(model=str(qwen3_moe_dir), prompt="x", max_tokens=2).choices
+
+
+def test_mixtral_and_preemption_under_tiny_kv_cache(mixtral_dir):
+    texts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(8)]
+    tok, ids = token_ids(mixtral_dir, texts)
+    ref = hf_greedy(mixtral_dir, ids, 16)
+    with Server(str(mixtral_dir), "--dtype", "float32", "--max-model-len", "40", "--block-size", "8",
+                "--num-gpu-blocks-override", "8") as s:
+        async def go():
+            c = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+            rs = await asyncio.gather(*(c.completions.create(model=str(mixtral_dir), prompt=p, max_tokens=16,
+                                                             temperature=0) for p in ids))
+            return [r.choices[0].text for r in rs]
+        assert asyncio.run(go()) == [tok.decode(x, skip_special_tokens=True) for x in ref]
+        assert metric(s.url, "epplat:num_preemptions_total") > 0
+        assert "KV cache size: 64 tokens" in s.output()
+        assert "Maximum concurrency for 40 tokens per request: 1.60x" in s.output()
