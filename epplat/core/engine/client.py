@@ -79,6 +79,7 @@ class EngineClient:
         self.output_addr = f"ipc://{run_dir}/output"
         self.procs: list[multiprocessing.Process] = []
         self.max_model_len = 0
+        self.vocab_size = 0
         self.states: dict[str, _RequestState] = {}
         self.calls: dict[int, asyncio.Future] = {}
         self.call_ids = itertools.count(1)
@@ -107,6 +108,7 @@ class EngineClient:
             proc.join(5)
             raise ConfigError(info["error"])
         self.max_model_len = info["max_model_len"]
+        self.vocab_size = info["vocab_size"]
 
     async def start(self) -> None:
         """Open the sockets in the running event loop and start the output reader."""

@@ -38,7 +38,8 @@ def run_engine_core(cfg_json: bytes, engine_index: int, input_addr: str, output_
         logger.error("engine core failed to start:\n%s", traceback.format_exc())
         ready_conn.send_bytes(msgspec.json.encode({"error": f"{type(e).__name__}: {e}"}))
         return
-    ready_conn.send_bytes(msgspec.json.encode({"max_model_len": core.max_model_len, "num_blocks": core.num_blocks}))
+    ready_conn.send_bytes(msgspec.json.encode({"max_model_len": core.max_model_len, "num_blocks": core.num_blocks,
+                                               "vocab_size": core.runner.model_cfg.vocab_size}))
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.connect(input_addr)

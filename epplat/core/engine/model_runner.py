@@ -69,10 +69,14 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.model_cfg
-        shape = (num_blocks * self.block_size, c.num_kv_heads, c.head_dim)
+        self.pad_slot = num_blocks * self.block_size
+        shape = (self.pad_slot + 1, c.num_kv_heads, c.head_dim)
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = (torch.zeros(shape, dtype=self.dtype, device=self.device),
-                                        torch.zeros(shape, dtype=self.dtype, device=self.device))
+            kv = (torch.empty(shape, dtype=self.dtype, device=self.device),
+                  torch.empty(shape, dtype=self.dtype, device=self.device))
+            for t in kv:
+                t[self.pad_slot].zero_()
+            layer.self_attn.kv_cache = kv
 
     def num_blocks_from_memory(self) -> int:
         cache = self.cfg.cache
@@ -100,7 +104,7 @@ class ModelRunner:
                 sample_rows.append(row - 1)
                 sample_reqs.append(req)
         dev = self.device
-        meta = build_attn_metadata(seqs, self.block_size, dev)
+        meta = build_attn_metadata(seqs, self.block_size, dev, self.pad_slot)
         hidden = self.graph.forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta)
         out = {}
         if sample_reqs:

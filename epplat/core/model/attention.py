@@ -1,7 +1,9 @@
 """Attention over a paged KV cache: the per-step metadata and the attention op.
 
-The KV cache of one layer is a pair of tensors [num_blocks * block_size, kv_heads,
-head_dim]; a token's slot is ``block_id * block_size + offset``. The model runner
+The KV cache of one layer is a pair of tensors [num_blocks * block_size + 1, kv_heads,
+head_dim]; a token's slot is ``block_id * block_size + offset``. The last slot stays
+zero: padded decode positions read it, so uninitialised memory is never read (the
+cache itself is allocated without a memset, which costs seconds for gigabytes). The model runner
 orders each batch decodes first (one query token each, attended in one batched
 call) and then prefill chunks (one call each, causal within the chunk over the
 whole cached prefix).
@@ -28,12 +30,12 @@ class PrefillChunk:
 class AttnMetadata:
     slot_mapping: torch.Tensor       # [T] where each new token's K/V is written
     num_decodes: int = 0
-    decode_slots: Optional[torch.Tensor] = None   # [B, Lmax] key slots, padded with 0
+    decode_slots: Optional[torch.Tensor] = None   # [B, Lmax] key slots, padded with the zero slot
     decode_mask: Optional[torch.Tensor] = None    # [B, 1, 1, Lmax] True where a key is valid
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
-def build_attn_metadata(seqs, block_size: int, device) -> AttnMetadata:
+def build_attn_metadata(seqs, block_size: int, device, pad_slot: int) -> AttnMetadata:
     """seqs: list of (context_len, q_len, block_table) in batch order, decodes first."""
     slot_mapping, prefills = [], []
     dec_ctx, dec_tables = [], []
@@ -57,7 +59,7 @@ def build_attn_metadata(seqs, block_size: int, device) -> AttnMetadata:
                         num_decodes=len(dec_ctx), prefills=prefills)
     if dec_ctx:
         lmax = max(dec_ctx)
-        padded = [s + [0] * (lmax - len(s)) for s in dec_tables]
+        padded = [s + [pad_slot] * (lmax - len(s)) for s in dec_tables]
         meta.decode_slots = torch.tensor(padded, dtype=torch.long, device=device)
         lens = torch.tensor(dec_ctx, device=device)
         meta.decode_mask = (torch.arange(lmax, device=device)[None, :] < lens[:, None])[:, None, None, :]

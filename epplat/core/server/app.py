@@ -1,0 +1,91 @@
+"""The FastAPI app: routes, API-key check, OpenAI-style errors, and the uvicorn runner."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from epplat import __version__
+from epplat.core.server.metrics import Metrics
+from epplat.core.server.protocol import ChatCompletionRequest, CompletionRequest
+from epplat.core.server.serving import APIError, OpenAIServing, error_response
+
+logger = logging.getLogger("epplat.server")
+
+
+def build_app(client, *, served_model_names: list[str], api_key: str | None, max_model_len: int) -> FastAPI:
+    metrics = Metrics(served_model_names[0])
+    serving = OpenAIServing(client, served_model_names, max_model_len, metrics, client.vocab_size)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await client.start()
+        yield
+
+    app = FastAPI(title="epplat", version=__version__, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1") and request.method != "OPTIONS":
+            if request.headers.get("Authorization") != f"Bearer {api_key}":
+                return error_response(401, "Unauthorized: a valid API key is required")
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return error_response(400, f"{loc + ': ' if loc else ''}{first.get('msg', 'invalid request')}", loc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, exc: Exception):
+        logger.exception("internal error")
+        return error_response(500, f"{type(exc).__name__}: {exc}")
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200 if client.healthy else 503)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prom():
+        return Response(metrics.render(await client.get_stats()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": n, "object": "model", "created": 0, "owned_by": "epplat", "root": client.cfg.model.model,
+             "max_model_len": max_model_len} for n in served_model_names]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        return await serving.completions(req, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, raw: Request):
+        return await serving.chat(req, raw)
+
+    return app
+
+
+def run_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    import uvicorn
+    logger.info("Starting epplat API server on http://%s:%d", host, port)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)

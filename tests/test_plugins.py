@@ -1,0 +1,63 @@
+"""Plugins: the registry from entry points, and a third-party package installed with pip."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from epplat.plugins import PluginError, registry
+from hf_oracle import hf_greedy
+from server_utils import Server
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "epplat-example-all2all"
+
+
+def test_builtin_registrations_come_from_entry_points():
+    reg = registry()
+    assert {"cpu", "cuda", "ascend"} <= set(reg.names("platform"))
+    assert {"allgather_reducescatter", "naive"} <= set(reg.names("all2all"))
+    assert reg.by_kind["platform"]["cpu"].plugin == "epplat"
+    assert reg.pick_platform("auto") in reg.names("platform")
+
+
+def test_unusable_and_unknown_selections_raise_one_line():
+    reg = registry()
+    with pytest.raises(PluginError, match=r"^--platform 'ascend' is not usable here: torch_npu not installed"):
+        reg.get("platform", "ascend")
+    with pytest.raises(PluginError, match=r"^unknown --all2all-backend 'x'; available: .*naive"):
+        reg.get("all2all", "x")
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory):
+    """The example package pip-installed into its own directory (put on PYTHONPATH)."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(EXAMPLE)], check=True)
+    return target
+
+
+def test_third_party_all2all_plugin(plugin_site, qwen3_moe_dir):
+    env = {"PYTHONPATH": os.pathsep.join([str(plugin_site), os.environ.get("PYTHONPATH", "")])}
+    listing = subprocess.run([sys.executable, "-m", "epplat.cli", "plugins"], capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True).stdout
+    line = next(ln for ln in listing.splitlines() if ln.strip().startswith("all_to_all"))
+    assert "epplat-example-all2all" in line and "usable" in line
+    prompts = [[5, 17, 99, 230, 7, 64], [400, 401, 402]]
+    ref = hf_greedy(qwen3_moe_dir, prompts, 10, ignore_eos=True)
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "--max-model-len", "256",
+                "--all2all-backend", "all_to_all", env=env) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+        for p, r in zip(prompts, ref):
+            out = c.completions.create(model=str(qwen3_moe_dir), prompt=p, max_tokens=10, temperature=0,
+                                       extra_body={"ignore_eos": True})
+            assert out.usage.completion_tokens == 10
+            assert out.choices[0].text == tok.decode(r, skip_special_tokens=True)
+        assert "all2all all_to_all" in s.output()
