@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,12 +29,12 @@ def build_app(client, *, served_model_names: list[str], api_key: str | None, max
 
     app = FastAPI(title="epplat", version=__version__, lifespan=lifespan)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1") and request.method != "OPTIONS":
-            if request.headers.get("Authorization") != f"Bearer {api_key}":
-                return error_response(401, "Unauthorized: a valid API key is required")
-        return await call_next(request)
+    async def check_api_key(request: Request):
+        # a dependency, not an HTTP middleware: BaseHTTPMiddleware hides client disconnects
+        if api_key and request.headers.get("Authorization") != f"Bearer {api_key}":
+            raise APIError(401, "Unauthorized: a valid API key is required")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
@@ -68,20 +68,21 @@ def build_app(client, *, served_model_names: list[str], api_key: str | None, max
     async def prom():
         return Response(metrics.render(await client.get_stats()), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": "epplat", "root": client.cfg.model.model,
              "max_model_len": max_model_len} for n in served_model_names]}
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(req: CompletionRequest, raw: Request):
         return await serving.completions(req, raw)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request):
         return await serving.chat(req, raw)
 
+    app.include_router(v1)
     return app
 
 
