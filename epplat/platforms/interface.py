@@ -27,6 +27,13 @@ class Platform:
         """Bytes the KV cache may take on `device` after the weights are loaded."""
         raise NotImplementedError
 
+    def before_step(self, num_tokens: int) -> None:
+        """Called before each forward with the number of tokens in the batch."""
+
+    def zeros(self, shape, dtype, device) -> torch.Tensor:
+        """A zero-filled tensor for the KV cache (never-written slots are read, masked, as 0)."""
+        return torch.zeros(shape, dtype=dtype, device=device)
+
     def synchronize(self) -> None:
         pass
 

@@ -69,13 +69,10 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.model_cfg
-        self.pad_slot = num_blocks * self.block_size
-        shape = (self.pad_slot + 1, c.num_kv_heads, c.head_dim)
+        self.pad_block = num_blocks
+        shape = (num_blocks + 1, self.block_size, c.num_kv_heads, c.head_dim)
         for layer in self.model.layers:
-            kv = (torch.empty(shape, dtype=self.dtype, device=self.device),
-                  torch.empty(shape, dtype=self.dtype, device=self.device))
-            for t in kv:
-                t[self.pad_slot].zero_()
+            kv = (self.platform.zeros(shape, self.dtype, self.device), self.platform.zeros(shape, self.dtype, self.device))
             layer.self_attn.kv_cache = kv
 
     def num_blocks_from_memory(self) -> int:
@@ -104,7 +101,8 @@ class ModelRunner:
                 sample_rows.append(row - 1)
                 sample_reqs.append(req)
         dev = self.device
-        meta = build_attn_metadata(seqs, self.block_size, dev, self.pad_slot)
+        meta = build_attn_metadata(seqs, self.block_size, dev, self.pad_block)
+        self.platform.before_step(len(ids))
         hidden = self.graph.forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta)
         out = {}
         if sample_reqs:

@@ -1,4 +1,8 @@
-"""Reference expert computation in plain torch: tokens sorted by expert, one GEMM pair each."""
+"""Reference expert computation in plain torch: rows grouped by expert, two grouped GEMMs.
+
+Each token's k contributions are summed in ascending expert order starting from its
+first expert, the order Hugging Face's reference loop accumulates in.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +10,43 @@ import torch
 
 from epplat.core.model.layers import gated_act
 
+_HAS_GROUPED = hasattr(torch, "_grouped_mm")
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x grouped by expert (counts[e] rows each), each group times w[e] ([in, out])."""
+    if _HAS_GROUPED and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        return torch._grouped_mm(x, w, offs=offs)
+    out, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            out.append(x[start:start + c] @ w[e])
+        start += c
+    return torch.cat(out) if out else x.new_empty((0, w.shape[2]))
+
 
 def reference_experts(x, topk_ids, topk_weights, w13, w2, act) -> torch.Tensor:
-    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) for local ids >= 0.
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over local ids >= 0.
 
-    x: [R, H]; topk_ids/topk_weights: [R, K]; w13: [E, 2I, H]; w2: [E, H, I].
-    Experts are visited in ascending order and accumulated with index_add, like
-    Hugging Face's reference loop, so float32 results agree with it.
+    x: [R, H]; topk_ids/topk_weights: [R, K]; w13: [E, H, 2I]; w2: [E, I, H].
     """
-    out = torch.zeros_like(x)
+    rows, k = topk_ids.shape
     num_experts = w13.shape[0]
-    flat = topk_ids.reshape(-1)
-    ids = torch.where(flat < 0, num_experts, flat)
-    order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts].tolist()
-    k = topk_ids.shape[1]
-    tok = order // k
-    weights = topk_weights.reshape(-1)[order]
-    start = 0
-    for e, c in enumerate(counts):
-        if not c:
-            continue
-        t = tok[start:start + c]
-        h = gated_act(x[t] @ w13[e].t(), act) @ w2[e].t()
-        out.index_add_(0, t, h * weights[start:start + c, None].to(h.dtype))
-        start += c
+    ids, perm = topk_ids.sort(dim=1)                  # ascending experts per token (-1 first)
+    weights = topk_weights.gather(1, perm).reshape(-1)
+    key = ids.reshape(-1).clone()
+    key[key < 0] = num_experts
+    order = torch.argsort(key, stable=True)
+    counts_t = torch.bincount(key, minlength=num_experts + 1)
+    counts = counts_t.tolist()
+    valid = order[: rows * k - counts[num_experts]]
+    offs = counts_t[:num_experts].cumsum(0).to(torch.int32)
+    h = gated_act(grouped_matmul(x.index_select(0, valid // k), w13, counts[:num_experts], offs), act)
+    h = grouped_matmul(h, w2, counts[:num_experts], offs) * weights.index_select(0, valid)[:, None].to(x.dtype)
+    buf = x.new_zeros((rows * k, x.shape[1]))
+    buf.index_copy_(0, valid, h)
+    buf = buf.view(rows, k, -1)
+    out = buf[:, 0]
+    for j in range(1, k):
+        out = out + buf[:, j]
     return out

@@ -13,8 +13,9 @@ from epplat.core.moe.experts import reference_experts
 class FusedMoE(nn.Module):
     """Top-k softmax routing over ``num_experts``; holds only this EP rank's experts.
 
-    Weights: ``gate`` [E, H] (router, replicated), ``w13`` [E_local, 2I, H] (gate and
-    up projections stacked), ``w2`` [E_local, H, I].
+    Weights: ``gate`` [E, H] (router, replicated); ``w13`` [E_local, H, 2I] (gate and up
+    projections side by side) and ``w2`` [E_local, I, H], both stored input-major
+    (transposed from the checkpoint) because skinny GEMMs stream them faster.
     """
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int,
@@ -26,8 +27,8 @@ class FusedMoE(nn.Module):
         n_local = self.expert_map.num_local
         self.intermediate = intermediate
         self.gate = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
-        self.w13 = nn.Parameter(torch.empty(n_local, 2 * intermediate, hidden, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(n_local, hidden, intermediate, dtype=dtype), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(n_local, hidden, 2 * intermediate, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(n_local, intermediate, hidden, dtype=dtype), requires_grad=False)
 
     def route(self, x: torch.Tensor):
         probs = torch.softmax(F.linear(x, self.gate).float(), dim=-1)
@@ -49,9 +50,9 @@ class FusedMoE(nn.Module):
             return False
         e, i = expert - ids.start, self.intermediate
         if proj == "gate":
-            self.w13.data[e, :i].copy_(tensor)
+            self.w13.data[e, :, :i].copy_(tensor.t())
         elif proj == "up":
-            self.w13.data[e, i:].copy_(tensor)
+            self.w13.data[e, :, i:].copy_(tensor.t())
         else:
-            self.w2.data[e].copy_(tensor)
+            self.w2.data[e].copy_(tensor.t())
         return True
