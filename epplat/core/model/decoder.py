@@ -186,6 +186,25 @@ class MoEForCausalLM(nn.Module):
             layer.mlp.load(sub, t)
         return True
 
+    def required_names(self) -> set[str]:
+        """Canonical names of every tensor this rank must load."""
+        names = {"embed_tokens", "norm"} | (set() if self.cfg.tie_word_embeddings else {"lm_head"})
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            names |= {p + "input_layernorm", p + "post_attention_layernorm"}
+            names |= {p + f"self_attn.{x}_proj" for x in "qkvo"}
+            if self.cfg.qk_norm:
+                names |= {p + "self_attn.q_norm", p + "self_attn.k_norm"}
+            if self.cfg.attention_bias:
+                names |= {p + f"self_attn.{x}_proj_bias" for x in "qkv"}
+            if isinstance(layer.mlp, FusedMoE):
+                names.add(p + "mlp.gate")
+                names |= {p + f"mlp.experts.{e}.{w}" for e in layer.mlp.expert_map.local_ids
+                          for w in ("gate", "up", "down")}
+            else:
+                names |= {p + f"mlp.{w}_proj" for w in ("gate", "up", "down")}
+        return names
+
     def wants(self, name: str) -> bool:
         """Whether this rank needs the canonical tensor `name` at all (skips other ranks' experts)."""
         m = _EXPERT.search(name)

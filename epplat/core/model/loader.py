@@ -31,9 +31,9 @@ def checkpoint_files(model_dir: str) -> list[Path]:
 
 
 def load_checkpoint(model, model_dir: str, canonical_name, device, show_progress: bool = True) -> int:
-    """Load every tensor the model wants; returns the bytes read. Unknown tensors raise."""
+    """Load every tensor the model wants; returns the bytes read. Unknown or missing tensors raise."""
     files = checkpoint_files(model_dir)
-    loaded = 0
+    loaded, seen = 0, set()
     bar = tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard",
                disable=not show_progress, file=sys.stderr)
     for path in bar:
@@ -46,6 +46,11 @@ def load_checkpoint(model, model_dir: str, canonical_name, device, show_progress
                 try:
                     if model.load_weight(name, t.to(device)):
                         loaded += t.numel() * t.element_size()
+                        seen.add(name)
                 except (KeyError, IndexError, ValueError) as e:
                     raise ValueError(f"checkpoint tensor {key!r} does not fit the model: {e}") from None
+    missing = model.required_names() - seen
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors the model needs, "
+                         f"e.g. {sorted(missing)[:3]}")
     return loaded
