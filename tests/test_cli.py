@@ -60,3 +60,18 @@ def test_plugins_lists_every_kind_with_package_and_usability():
         assert "unusable: no CUDA device visible" in lines["cuda"] or "torch built without CUDA" in lines["cuda"]
     assert "usable" in lines["allgather_reducescatter"] and "usable" in lines["naive"]
     assert "eager" in lines
+
+
+def test_checkpoint_missing_a_tensor_is_one_error_line(mixtral_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(mixtral_dir, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    r = epplat("serve", str(broken), "--port", "0")
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert r.returncode == 1 and errors == [errors[0]] and "lacks 1 tensors" in errors[0], r.stderr
+    assert "layers.1.mlp.experts.3.down" in errors[0] and "Traceback" not in r.stderr
