@@ -45,14 +45,64 @@ class ModelConfig(msgspec.Struct):
 
 
 class ParallelConfig(msgspec.Struct):
+    """The parallel layout, with vLLM's flag names.
+
+    World ranks are ``dp_rank * tensor_parallel_size + tp_rank``. ``data_parallel_rank``
+    is set in external load-balancing mode (one ``epplat serve`` per DP rank).
+    """
+
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    data_parallel_size_local: Optional[int] = None
+    data_parallel_start_rank: int = 0
+    data_parallel_rank: Optional[int] = None
+    data_parallel_address: str = "127.0.0.1"
+    data_parallel_rpc_port: int = 29550
+    api_server_count: int = 1
+    headless: bool = False
+    ipc_dir: Optional[str] = None   # single node: every socket and the store live here, no TCP ports
     enable_expert_parallel: bool = False
     all2all_backend: Optional[str] = None  # None: the platform's default
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.data_parallel_size
+
+    @property
+    def external_lb(self) -> bool:
+        return self.data_parallel_rank is not None
+
+    def local_dp_ranks(self) -> range:
+        """The DP ranks whose engine processes this node starts."""
+        if self.external_lb:
+            return range(self.data_parallel_rank, self.data_parallel_rank + 1)
+        local = self.data_parallel_size_local or (self.data_parallel_size - self.data_parallel_start_rank)
+        return range(self.data_parallel_start_rank, self.data_parallel_start_rank + local)
+
+    # ports above data_parallel_rpc_port: +0 torch.distributed store, +1/+2 DP wake channel,
+    # +10+2i / +11+2i API server i's request (ROUTER) and output (PULL) sockets
+    def api_endpoints(self, index: int) -> tuple[str, str]:
+        """(request ROUTER, output PULL) addresses of API server `index` (the DP rank in external LB)."""
+        if self.ipc_dir:
+            return f"ipc://{self.ipc_dir}/api{index}-in", f"ipc://{self.ipc_dir}/api{index}-out"
+        h = "127.0.0.1" if self.external_lb else self.data_parallel_address
+        base = self.data_parallel_rpc_port + 10 + 2 * index
+        return f"tcp://{h}:{base}", f"tcp://{h}:{base + 1}"
+
+    def wake_endpoints(self) -> tuple[str, str]:
+        if self.ipc_dir:
+            return f"ipc://{self.ipc_dir}/wake-in", f"ipc://{self.ipc_dir}/wake-out"
+        h, p = self.data_parallel_address, self.data_parallel_rpc_port
+        return f"tcp://{h}:{p + 1}", f"tcp://{h}:{p + 2}"
+
+    def dist_init_method(self) -> str:
+        if self.ipc_dir:
+            return f"file://{self.ipc_dir}/store"
+        return f"tcp://{self.data_parallel_address}:{self.data_parallel_rpc_port}"
+
+    def plan_endpoint(self, dp_rank: int, tp_rank: int, run_dir: str) -> str:
+        """Where a DP rank's driver sends each step to its TP worker `tp_rank` (same node)."""
+        return f"ipc://{run_dir}/dp{dp_rank}-tp{tp_rank}-{self.data_parallel_rpc_port}"
 
 
 class SchedulerConfig(msgspec.Struct):

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
+import shutil
+import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from epplat.config import DTYPES, CacheConfig, ConfigError, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
@@ -44,6 +49,21 @@ def _fraction(s: str) -> float:
     return v
 
 
+def _env(name: str, default):
+    """EPPLAT_<name>, else vLLM's VLLM_<name>, else default."""
+    return os.environ.get(f"EPPLAT_{name}") or os.environ.get(f"VLLM_{name}") or default
+
+
+def _env_int(name: str, default):
+    raw = _env(name, None)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"epplat serve: error: EPPLAT_{name}={raw!r} is not an integer") from None
+
+
 def add_cli(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="Serve a MoE model (a local Hugging Face checkpoint directory; "
@@ -66,6 +86,21 @@ def add_cli(sub) -> None:
     p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--platform", default="auto", help="auto, cpu, cuda, ascend or a plugin's platform")
+    par = p.add_argument_group("parallelism (vLLM's flags)")
+    par.add_argument("--tensor-parallel-size", "-tp", type=_int_range(1), default=1)
+    par.add_argument("--data-parallel-size", "-dp", type=_int_range(1), default=_env_int("DP_SIZE", 1))
+    par.add_argument("--data-parallel-size-local", "-dpl", type=_int_range(1), default=None,
+                     help="DP ranks started on this node (default: all from the start rank)")
+    par.add_argument("--data-parallel-start-rank", "-dpr", type=_int_range(0), default=0)
+    par.add_argument("--data-parallel-rank", type=_int_range(0), default=_env_int("DP_RANK", None),
+                     help="external load balancing: this server is DP rank R only (env EPPLAT_DP_RANK)")
+    par.add_argument("--data-parallel-address", "-dpa", default=_env("DP_MASTER_IP", None),
+                     help="address of the node with DP rank 0 (env EPPLAT_DP_MASTER_IP)")
+    par.add_argument("--data-parallel-rpc-port", "-dpp", type=_int_range(1, 65000),
+                     default=_env_int("DP_MASTER_PORT", None), help="base port (env EPPLAT_DP_MASTER_PORT)")
+    par.add_argument("--headless", action="store_true", help="start engines only, no API server")
+    par.add_argument("--api-server-count", "-asc", type=_int_range(1), default=1)
+    par.add_argument("--enable-expert-parallel", "-ep", action="store_true")
     p.add_argument("--all2all-backend", default=None, help="MoE all2all backend (see `epplat plugins`)")
     p.add_argument("--enforce-eager", action="store_true", help="never capture graphs")
     p.add_argument("--quantization", "-q", default=None, help="quantization method (see `epplat plugins`)")
@@ -99,20 +134,73 @@ def engine_config_from_args(args) -> EngineConfig:
         architecture(hf).parse_config(hf)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"model {model!r}: {e}") from None
+    if args.all2all_backend and not args.enable_expert_parallel:
+        logger.info("--all2all-backend %s is used for the MoE layers' (single-rank) dispatch; "
+                    "add --enable-expert-parallel to spread experts over ranks", args.all2all_backend)
     max_len = args.max_model_len or hf.get("max_position_embeddings") or 2048
     batched = args.max_num_batched_tokens or max(2048, args.max_num_seqs)
     if not args.enable_chunked_prefill and batched < max_len:
         raise ConfigError(f"--max-num-batched-tokens ({batched}) is smaller than --max-model-len ({max_len}); "
                           "enable chunked prefill or raise it")
+    parallel = parallel_config_from_args(args)
+    _check_layout(architecture(hf).parse_config(hf), parallel)
     return EngineConfig(
-        model=mcfg,
-        parallel=ParallelConfig(all2all_backend=args.all2all_backend),
+        model=mcfg, parallel=parallel,
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched,
                                   enable_chunked_prefill=args.enable_chunked_prefill),
         cache=CacheConfig(block_size=args.block_size, num_gpu_blocks_override=args.num_gpu_blocks_override,
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         platform=platform, enforce_eager=args.enforce_eager)
+
+
+def parallel_config_from_args(args) -> ParallelConfig:
+    tp, dp = args.tensor_parallel_size, args.data_parallel_size
+    start, rank = args.data_parallel_start_rank, args.data_parallel_rank
+    local = args.data_parallel_size_local
+    if rank is not None:
+        if rank >= dp:
+            raise ConfigError(f"--data-parallel-rank {rank} must be below --data-parallel-size {dp}")
+        if args.headless or args.api_server_count != 1 or local not in (None, 1) or start:
+            raise ConfigError("--data-parallel-rank (external load balancing) runs one DP rank with its own API "
+                              "server: drop --headless, --api-server-count, --data-parallel-size-local and "
+                              "--data-parallel-start-rank")
+    if start >= dp:
+        raise ConfigError(f"--data-parallel-start-rank {start} must be below --data-parallel-size {dp}")
+    if local is not None and start + local > dp:
+        raise ConfigError(f"--data-parallel-start-rank {start} + --data-parallel-size-local {local} exceeds "
+                          f"--data-parallel-size {dp}")
+    if args.headless and args.api_server_count != 1:
+        raise ConfigError("--headless starts no API server; drop --api-server-count")
+    if start and not args.headless:
+        raise ConfigError("a node with --data-parallel-start-rank > 0 runs --headless (the API servers run "
+                          "on the node with DP rank 0)")
+    single_node = rank is None and not args.headless and start == 0 and (local or dp) == dp
+    if not single_node and not args.data_parallel_address:
+        raise ConfigError("multi-node and external load-balancing layouts need --data-parallel-address "
+                          "(the address of the node with DP rank 0)")
+    return ParallelConfig(
+        tensor_parallel_size=tp, data_parallel_size=dp, data_parallel_size_local=local,
+        data_parallel_start_rank=start, data_parallel_rank=rank,
+        data_parallel_address=args.data_parallel_address or "127.0.0.1",
+        data_parallel_rpc_port=args.data_parallel_rpc_port or 29550, api_server_count=args.api_server_count,
+        headless=args.headless, enable_expert_parallel=args.enable_expert_parallel,
+        all2all_backend=args.all2all_backend,
+        ipc_dir=tempfile.mkdtemp(prefix="epplat-") if single_node else None)
+
+
+def _check_layout(mc, par: ParallelConfig) -> None:
+    tp, world = par.tensor_parallel_size, par.world_size
+    if mc.num_heads % tp or (mc.num_kv_heads % tp and tp % mc.num_kv_heads):
+        raise ConfigError(f"{mc.num_heads} attention heads / {mc.num_kv_heads} KV heads do not divide over "
+                          f"--tensor-parallel-size {tp}")
+    if par.enable_expert_parallel:
+        if mc.num_experts % world:
+            raise ConfigError(f"{mc.num_experts} experts do not divide over EP size {world} "
+                              f"(tensor-parallel-size x data-parallel-size)")
+    elif mc.moe_intermediate_size % tp:
+        raise ConfigError(f"expert width {mc.moe_intermediate_size} does not divide over "
+                          f"--tensor-parallel-size {tp}")
 
 
 def eos_token_ids(model_dir: str, tokenizer) -> list[int]:
@@ -138,31 +226,96 @@ def run(args) -> int:
     except (ConfigError, PluginError) as e:
         print(f"epplat serve: error: {e}", file=sys.stderr)
         return 1
-    from transformers import AutoTokenizer
+    try:
+        return _serve(args, cfg)
+    finally:
+        if cfg.parallel.ipc_dir:
+            shutil.rmtree(cfg.parallel.ipc_dir, ignore_errors=True)
 
-    from epplat.core.engine.client import EngineClient, EngineError
-    from epplat.core.server.app import build_app, run_server
+
+def _serve(args, cfg: EngineConfig) -> int:
+    from epplat.core.distributed.launcher import start_engines, stop_engines
+    par = cfg.parallel
+    if not par.headless:
+        try:
+            load_tokenizer(cfg.model.model)
+        except ConfigError as e:
+            print(f"epplat serve: error: {e}", file=sys.stderr)
+            return 1
+    logger.info("epplat %s serving %s on platform %s (TP=%d, DP=%d%s)", _version(), cfg.model.model, cfg.platform,
+                par.tensor_parallel_size, par.data_parallel_size, ", EP" if par.enable_expert_parallel else "")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.model)
-    except Exception as e:
-        print(f"epplat serve: error: cannot load the tokenizer of {cfg.model.model!r}: {e}", file=sys.stderr)
-        return 1
-    logger.info("epplat %s serving %s on platform %s", _version(), cfg.model.model, cfg.platform)
-    client = EngineClient(cfg, tokenizer, eos_token_ids(cfg.model.model, tokenizer))
-    try:
-        client.launch()
-    except (ConfigError, EngineError) as e:
+        procs = start_engines(cfg)
+    except ConfigError as e:
         print(f"epplat serve: error: {e}", file=sys.stderr)
-        client.shutdown()
         return 1
     try:
-        names = args.served_model_name or [cfg.model.model]
-        app = build_app(client, served_model_names=names, api_key=args.api_key,
-                        max_model_len=client.max_model_len)
-        run_server(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+        if par.headless:
+            return _wait(procs, [])
+        engine_ranks = [par.data_parallel_rank] if par.external_lb else list(range(par.data_parallel_size))
+        index = par.data_parallel_rank if par.external_lb else 0
+        if par.external_lb or par.api_server_count == 1:
+            run_api_server(cfg.to_json(), index, engine_ranks, _server_opts(args), procs)
+            return 0
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        servers = [ctx.Process(target=run_api_server, name=f"APIServer_{i}", daemon=True,
+                               args=(cfg.to_json(), i, engine_ranks, _server_opts(args)))
+                   for i in range(par.api_server_count)]
+        for s in servers:
+            s.start()
+        return _wait(procs, servers)
+    finally:
+        stop_engines(procs)
+
+
+def _server_opts(args) -> dict:
+    return {"host": args.host, "port": args.port, "api_key": args.api_key,
+            "served_model_name": args.served_model_name, "log_level": args.uvicorn_log_level}
+
+
+def _wait(procs, servers) -> int:
+    """Block until SIGINT/SIGTERM or until any child exits; then everything is stopped."""
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
+    children = procs + servers
+    while not stop:
+        dead = [p for p in children if not p.is_alive()]
+        if dead:
+            logger.error("%s exited with code %s; stopping every process", dead[0].name, dead[0].exitcode)
+            break
+        time.sleep(0.2)
+    from epplat.core.distributed.launcher import stop_engines
+    stop_engines(servers)
+    return 0 if stop else 1
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:
+        raise ConfigError(f"cannot load the tokenizer of {model_dir!r}: {e}") from None
+
+
+def run_api_server(cfg_json: bytes, index: int, engine_ranks: list[int], opts: dict, procs=None) -> None:
+    """One API server (in the launcher process, or a child of it when --api-server-count > 1)."""
+    from epplat.core.engine.client import EngineClient
+    from epplat.core.server.app import build_app, run_server
+    from epplat.logs import setup_logging
+    setup_logging()
+    cfg = EngineConfig.from_json(cfg_json)
+    tokenizer = load_tokenizer(cfg.model.model)
+    client = EngineClient(cfg, tokenizer, eos_token_ids(cfg.model.model, tokenizer), client_index=index,
+                          engine_ranks=engine_ranks, procs=procs)
+    names = opts["served_model_name"] or [cfg.model.model]
+    app = build_app(client, served_model_names=names, api_key=opts["api_key"])
+    try:
+        run_server(app, host=opts["host"], port=opts["port"], log_level=opts["log_level"],
+                   reuse_port=cfg.parallel.api_server_count > 1)
     finally:
         client.shutdown()
-    return 0
 
 
 def _version() -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +21,6 @@ import zmq.asyncio
 
 from epplat.config import ConfigError, EngineConfig
 from epplat.core.engine import protocol as P
-from epplat.core.engine.core_proc import run_engine_core
 from epplat.core.engine.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,78 +65,67 @@ class _RequestState:
 
 
 class EngineClient:
-    """Talks to one engine core process (the DP coordinator spreads over several)."""
+    """One API server's view of the engines: a ROUTER to send them requests (by DP rank) and
+    a PULL for their outputs. Requests go to the least-loaded engine."""
 
-    def __init__(self, cfg: EngineConfig, tokenizer, eos_token_ids: list[int]):
+    def __init__(self, cfg: EngineConfig, tokenizer, eos_token_ids: list[int], client_index: int = 0,
+                 engine_ranks: Optional[list[int]] = None, endpoints: Optional[tuple[str, str]] = None,
+                 procs: Optional[list] = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
-        run_dir = tempfile.mkdtemp(prefix="epplat-")
-        self.input_addr = f"ipc://{run_dir}/input"
-        self.output_addr = f"ipc://{run_dir}/output"
-        self.procs: list[multiprocessing.Process] = []
+        self.client_index = client_index
+        self.engine_ranks = engine_ranks if engine_ranks is not None else [0]
+        self.router_addr, self.output_addr = endpoints or cfg.parallel.api_endpoints(client_index)
+        self.procs = procs or []          # engine processes this process launched (health checks)
         self.max_model_len = 0
         self.vocab_size = 0
         self.states: dict[str, _RequestState] = {}
+        self.engine_of: dict[str, int] = {}
+        self.load: dict[int, int] = {r: 0 for r in self.engine_ranks}
+        self.engine_stats: dict[int, P.EngineStats] = {}
         self.calls: dict[int, asyncio.Future] = {}
         self.call_ids = itertools.count(1)
         self.dead_reason: Optional[str] = None
         self._started = False
+        self._ready: set[int] = set()
         self._last_stats = P.EngineStats()
 
     # -- startup -------------------------------------------------------------------------
-    def launch(self, timeout: float = 600.0) -> None:
-        """Start the engine core process and wait until its model and KV cache are ready."""
-        ctx = multiprocessing.get_context("spawn")
-        parent_conn, child_conn = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=run_engine_core, name="EngineCore_0", daemon=True,
-                           args=(self.cfg.to_json(), 0, self.input_addr, self.output_addr, child_conn))
-        proc.start()
-        self.procs.append(proc)
-        deadline = time.time() + timeout
-        while not parent_conn.poll(0.2):
-            if not proc.is_alive():
-                raise EngineError(f"engine core exited with code {proc.exitcode} during startup")
-            if time.time() > deadline:
-                proc.kill()
-                raise EngineError("engine core did not start in time")
-        info = msgspec.json.decode(parent_conn.recv_bytes())
-        if "error" in info:
-            proc.join(5)
-            raise ConfigError(info["error"])
-        self.max_model_len = info["max_model_len"]
-        self.vocab_size = info["vocab_size"]
-
-    async def start(self) -> None:
-        """Open the sockets in the running event loop and start the output reader."""
+    async def start(self, timeout: float = 600.0) -> None:
+        """Bind the sockets in the running event loop and wait until every engine said ready."""
         if self._started:
             return
         self._started = True
         self.zctx = zmq.asyncio.Context()
-        self.input = self.zctx.socket(zmq.PUSH)
-        self.input.bind(self.input_addr)
+        self.router = self.zctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.bind(self.router_addr)
         self.output = self.zctx.socket(zmq.PULL)
         self.output.bind(self.output_addr)
-        self._reader = asyncio.get_running_loop().create_task(self._read_outputs())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read_outputs()), loop.create_task(self._read_router())]
+        deadline = time.time() + timeout
+        while self._ready != set(self.engine_ranks):
+            if not self.healthy:
+                raise EngineError(f"engine died during startup: {self.dead_reason}")
+            if time.time() > deadline:
+                raise EngineError(f"engines {sorted(set(self.engine_ranks) - self._ready)} did not connect")
+            await asyncio.sleep(0.05)
+        logger.info("API server %d connected to %d engine(s)", self.client_index, len(self.engine_ranks))
 
     def shutdown(self) -> None:
-        for p in self.procs:
-            if p.is_alive():
-                p.terminate()
-        for p in self.procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
         if self._started:
-            self._reader.cancel()
-            self.input.close(linger=0)
+            for t in self._tasks:
+                t.cancel()
+            self.router.close(linger=0)
             self.output.close(linger=0)
 
     # -- health --------------------------------------------------------------------------
     @property
     def healthy(self) -> bool:
         if self.dead_reason is None and not all(p.is_alive() for p in self.procs):
-            self._mark_dead("engine core process exited")
+            self._mark_dead("an engine process exited")
         return self.dead_reason is None
 
     def _mark_dead(self, reason: str) -> None:
@@ -153,46 +139,68 @@ class EngineClient:
             if not fut.done():
                 fut.set_exception(err)
 
+    async def _read_router(self) -> None:
+        while True:
+            _, raw = await self.router.recv_multipart()
+            msg = P.message_decoder.decode(raw)
+            if isinstance(msg, P.EngineReady):
+                self.max_model_len, self.vocab_size = msg.max_model_len, msg.vocab_size
+                self._ready.add(msg.engine_index)
+
     async def _read_outputs(self) -> None:
         while True:
             if await self.output.poll(1000) == 0:
-                self.healthy  # noqa: B018  (detects a dead engine process)
+                self.healthy  # noqa: B018  (notices a dead engine process)
                 continue
             msg = P.message_decoder.decode(await self.output.recv())
             if isinstance(msg, P.EngineOutputs):
                 if msg.stats is not None:
-                    self._last_stats = msg.stats
+                    self.engine_stats[msg.engine_index] = msg.stats
                 for out in msg.outputs:
                     st = self.states.get(out.request_id)
                     if st is not None:
                         st.queue.put_nowait(out)
             elif isinstance(msg, P.UtilityResult):
-                fut = self.calls.pop(msg.call_id, None)
+                fut = self.calls.get(msg.call_id)
                 if fut and not fut.done():
                     if msg.error:
                         fut.set_exception(EngineError(msg.error))
                     else:
                         fut.set_result(msg.result)
             elif isinstance(msg, P.EngineDead):
-                self._mark_dead(msg.reason)
+                self._mark_dead(f"DP rank {msg.engine_index}: {msg.reason}")
 
     # -- requests ------------------------------------------------------------------------
-    async def _send(self, msg) -> None:
+    def _pick_engine(self) -> int:
+        """Least loaded: this server's in-flight requests plus what others queued (from engine stats)."""
+        def score(r):
+            st = self.engine_stats.get(r)
+            others = max(0, (st.num_running + st.num_waiting) - self.load[r]) if st else 0
+            return (self.load[r] + others, r)
+        return min(self.engine_ranks, key=score)
+
+    async def _send(self, engine: int, msg) -> None:
         await self.start()
         if not self.healthy:
             raise EngineError(f"engine died: {self.dead_reason}")
-        await self.input.send(P.encoder.encode(msg))
+        try:
+            await self.router.send_multipart([f"engine-{engine}".encode(), P.encoder.encode(msg)])
+        except zmq.ZMQError as e:
+            raise EngineError(f"engine {engine} unreachable: {e}") from None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: P.SamplingParams) -> AsyncIterator[CompletionOutput]:
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already running")
         st = _RequestState(request_id, params, self.tokenizer, len(prompt_token_ids))
+        engine = self._pick_engine()
         self.states[request_id] = st
+        self.engine_of[request_id] = engine
+        self.load[engine] += 1
         finished = False
         try:
-            await self._send(P.EngineRequest(request_id, list(prompt_token_ids), params,
-                                             self.eos_token_ids, time.time()))
+            await self._send(engine, P.EngineRequest(request_id, list(prompt_token_ids), params,
+                                                     self.eos_token_ids, time.time(), self.client_index))
             while True:
                 item = await st.queue.get()
                 if isinstance(item, Exception):
@@ -206,31 +214,51 @@ class EngineClient:
                     yield out
         finally:
             self.states.pop(request_id, None)
+            self.engine_of.pop(request_id, None)
+            self.load[engine] -= 1
             if not (finished and st.engine_done) and self.dead_reason is None and self._started:
                 try:
-                    self.input.send(P.encoder.encode(P.AbortRequests([request_id])))
+                    self.router.send_multipart([f"engine-{engine}".encode(),
+                                                P.encoder.encode(P.AbortRequests([request_id]))])
                 except zmq.ZMQError:
                     pass
 
     async def abort(self, request_id: str) -> None:
-        if self._started and self.dead_reason is None:
-            await self.input.send(P.encoder.encode(P.AbortRequests([request_id])))
+        engine = self.engine_of.get(request_id)
+        if engine is not None and self.dead_reason is None:
+            await self._send(engine, P.AbortRequests([request_id]))
 
-    async def call(self, method: str, *args, timeout: float = 30.0):
+    async def call(self, engine: int, method: str, *args, timeout: float = 30.0):
         call_id = next(self.call_ids)
         fut = asyncio.get_running_loop().create_future()
         self.calls[call_id] = fut
-        await self._send(P.UtilityCall(call_id, method, list(args)))
+        await self._send(engine, P.UtilityCall(call_id, method, list(args), self.client_index))
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
             self.calls.pop(call_id, None)
 
     async def get_stats(self) -> P.EngineStats:
+        """Stats summed over the engines this server reaches (KV usage averaged)."""
         try:
-            return msgspec.convert(await self.call("stats"), P.EngineStats)
+            parts = await asyncio.gather(*(self.call(r, "stats") for r in self.engine_ranks))
         except (EngineError, asyncio.TimeoutError):
-            return self._last_stats
+            parts = [msgspec.to_builtins(s) for s in self.engine_stats.values()]
+        if not parts:
+            return P.EngineStats()
+        stats = [msgspec.convert(p, P.EngineStats) for p in parts]
+        total = P.EngineStats()
+        for s in stats:
+            total.num_running += s.num_running
+            total.num_waiting += s.num_waiting
+            total.num_preemptions += s.num_preemptions
+            total.num_free_blocks += s.num_free_blocks
+            total.num_total_blocks += s.num_total_blocks
+        total.kv_usage = sum(s.kv_usage for s in stats) / len(stats)
+        return total
+
+    async def engine_loads(self) -> dict[int, P.EngineStats]:
+        return {r: msgspec.convert(await self.call(r, "stats"), P.EngineStats) for r in self.engine_ranks}
 
 
 def new_request_id(prefix: str = "cmpl") -> str:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import torch
+import torch.distributed as dist
+
 from epplat.config import ConfigError, EngineConfig
+from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.engine.block_manager import BlockManager
 from epplat.core.engine.model_runner import ModelRunner
 from epplat.core.engine.protocol import EngineOutput, EngineRequest, EngineStats
@@ -14,31 +18,45 @@ from epplat.core.engine.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 
+def init_kv_cache(runner: ModelRunner, cfg: EngineConfig, ps: ParallelState) -> tuple[int, int]:
+    """Size (agreed over the TP group) and allocate the KV cache; returns (num_blocks, max_model_len)."""
+    hf_max = runner.model_cfg.max_position
+    max_model_len = cfg.model.max_model_len or hf_max
+    if max_model_len > hf_max:
+        raise ConfigError(f"--max-model-len {max_model_len} is larger than the model's "
+                          f"max_position_embeddings ({hf_max})")
+    num_blocks = runner.num_blocks_from_memory()
+    if ps.tp_size > 1:
+        t = torch.tensor([num_blocks])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ps.tp_group)
+        num_blocks = int(t)
+    tokens = num_blocks * cfg.cache.block_size
+    if tokens < max_model_len:
+        raise ConfigError(f"the KV cache holds {tokens} tokens, fewer than --max-model-len "
+                          f"{max_model_len}; lower --max-model-len or give the KV cache more memory")
+    runner.allocate_kv_cache(num_blocks)
+    if ps.is_driver:
+        prefix = runner.platform.log_prefix()
+        dp = f"[DP rank {ps.dp_rank}] " if ps.dp_size > 1 else ""
+        logger.info("%s%s KV cache size: %s tokens", dp, prefix, f"{tokens:,}")
+        logger.info("%sMaximum concurrency for %s tokens per request: %.2fx", dp, f"{max_model_len:,}",
+                    tokens / max_model_len)
+    return num_blocks, max_model_len
+
+
 class EngineCore:
-    def __init__(self, cfg: EngineConfig, platform, device, **ep):
+    def __init__(self, cfg: EngineConfig, platform, device, ps: ParallelState | None = None,
+                 runner: ModelRunner | None = None):
         self.cfg = cfg
-        self.runner = ModelRunner(cfg, platform, device, **ep)
-        hf_max = self.runner.model_cfg.max_position
-        self.max_model_len = cfg.model.max_model_len or hf_max
-        if self.max_model_len > hf_max:
-            raise ConfigError(f"--max-model-len {self.max_model_len} is larger than the model's "
-                              f"max_position_embeddings ({hf_max})")
-        num_blocks = self.runner.num_blocks_from_memory()
-        bs = cfg.cache.block_size
-        tokens = num_blocks * bs
-        if tokens < self.max_model_len:
-            raise ConfigError(f"the KV cache holds {tokens} tokens, fewer than --max-model-len "
-                              f"{self.max_model_len}; lower --max-model-len or give the KV cache more memory")
-        self.runner.allocate_kv_cache(num_blocks)
-        prefix = platform.log_prefix()
-        logger.info("%s KV cache size: %s tokens", prefix, f"{tokens:,}")
-        logger.info("Maximum concurrency for %s tokens per request: %.2fx",
-                    f"{self.max_model_len:,}", tokens / self.max_model_len)
-        self.blocks = BlockManager(num_blocks, bs)
+        self.ps = ps or ParallelState()
+        self.runner = runner or ModelRunner(cfg, platform, device, self.ps)
+        self.num_blocks, self.max_model_len = init_kv_cache(self.runner, cfg, self.ps)
+        self.blocks = BlockManager(self.num_blocks, cfg.cache.block_size)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
-        self.num_blocks = num_blocks
+        self.client_of: dict[str, int] = {}
 
     def add_request(self, er: EngineRequest) -> None:
+        self.client_of[er.request_id] = er.client_index
         self.scheduler.add(Request(er))
 
     def abort(self, request_ids: list[str]) -> list[EngineOutput]:
@@ -52,11 +70,17 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> list[EngineOutput]:
-        batch = self.scheduler.schedule()
+    def schedule(self):
+        return self.scheduler.schedule()
+
+    def run(self, batch, ep_counts=None, publish=None) -> list[EngineOutput]:
+        """Execute a scheduled batch. In a DP wave an empty batch still runs the (empty) forward,
+        so this rank takes part in the MoE collectives, unless no rank has tokens."""
         if not batch:
+            if ep_counts and any(ep_counts):
+                self.runner.execute([], ep_counts, publish)
             return []
-        sampled = self.runner.execute(batch)
+        sampled = self.runner.execute(batch, ep_counts, publish)
         outputs = []
         for req, n in batch:
             req.num_computed += n
@@ -70,6 +94,9 @@ class EngineCore:
             if req.finish_reason:
                 self.scheduler.finish(req)
         return outputs
+
+    def step(self) -> list[EngineOutput]:
+        return self.run(self.schedule())
 
     def stats(self) -> EngineStats:
         s = self.scheduler

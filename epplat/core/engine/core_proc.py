@@ -1,7 +1,14 @@
-"""The engine core process: receives requests over zmq, steps the engine, sends outputs.
+"""Engine processes: one per (DP rank, TP rank). The TP-rank-0 process of a DP rank (the
+driver) runs the scheduler and talks to the API servers over zmq; the other TP ranks
+replay each step the driver sends them.
 
-It sleeps in a blocking poll while it has no work (no busy spinning) and exits when
-its parent process disappears.
+With expert parallelism over several DP ranks, MoE layers are collective, so all
+drivers step together in "waves": an engine that gets work while idle wakes every
+other engine through the wake channel (a PUSH->PUB forwarder in world rank 0); in
+each step the drivers all-gather (has_work, num_tokens); ranks without work run an
+empty forward; when no rank has work the wave ends and every engine sleeps in a
+blocking poll (no busy spinning). Engines exit when their launcher or world rank 0
+goes away.
 """
 
 from __future__ import annotations
@@ -9,81 +16,295 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
+import threading
+import time
 import traceback
 
 import msgspec
+import torch
+import torch.distributed as dist
 import zmq
 
 from epplat.config import ConfigError, EngineConfig
+from epplat.core.distributed.parallel_state import ParallelState, init_parallel
 from epplat.core.engine import protocol as P
 from epplat.logs import setup_logging
 from epplat.plugins import PluginError, registry
 
 logger = logging.getLogger(__name__)
 
+_IDLE_POLL_MS = 1000
+_STORE_KEY = "epplat/api_server_count"
 
-def run_engine_core(cfg_json: bytes, engine_index: int, input_addr: str, output_addr: str, ready_conn) -> None:
+
+def run_dir(cfg: EngineConfig) -> str:
+    return cfg.parallel.ipc_dir or tempfile.gettempdir()
+
+
+def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn) -> None:
+    """Entry point of every engine process (spawned by the launcher)."""
     setup_logging()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we stop
     cfg = EngineConfig.from_json(cfg_json)
     try:
-        from epplat.core.engine.core import EngineCore
+        from epplat.core.engine.core import EngineCore, init_kv_cache
+        from epplat.core.engine.model_runner import ModelRunner
         platform = registry().load("platform", cfg.platform)()
-        core = EngineCore(cfg, platform, platform.device(0))
+        device = platform.device(local_rank)
+        ps = init_parallel(cfg.parallel, rank, platform.dist_backend)
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, _local_procs(cfg))))
+        platform.max_threads = torch.get_num_threads()
+        runner = ModelRunner(cfg, platform, device, ps)
+        if ps.is_driver:
+            core = EngineCore(cfg, platform, device, ps, runner)
+        else:
+            init_kv_cache(runner, cfg, ps)
     except (ConfigError, PluginError, ValueError, FileNotFoundError) as e:
         ready_conn.send_bytes(msgspec.json.encode({"error": str(e)}))
         return
     except Exception as e:
-        logger.error("engine core failed to start:\n%s", traceback.format_exc())
+        logger.error("engine process %d failed to start:\n%s", rank, traceback.format_exc())
         ready_conn.send_bytes(msgspec.json.encode({"error": f"{type(e).__name__}: {e}"}))
         return
-    ready_conn.send_bytes(msgspec.json.encode({"max_model_len": core.max_model_len, "num_blocks": core.num_blocks,
-                                               "vocab_size": core.runner.model_cfg.vocab_size}))
-    ctx = zmq.Context()
-    inp = ctx.socket(zmq.PULL)
-    inp.connect(input_addr)
-    out = ctx.socket(zmq.PUSH)
-    out.connect(output_addr)
-    poller = zmq.Poller()
-    poller.register(inp, zmq.POLLIN)
+    ready_conn.send_bytes(msgspec.json.encode({"ok": rank}))
+    watch = _Liveness(ps)
+    if not ps.is_driver:
+        _worker_loop(runner, cfg, ps, watch)
+        return
+    io = _DriverIO(cfg, ps, core)
     try:
-        _loop(core, engine_index, inp, out, poller, parent)
+        _driver_loop(core, io, ps, watch)
     except Exception as e:
-        logger.error("engine core %d died:\n%s", engine_index, traceback.format_exc())
-        out.send(P.encoder.encode(P.EngineDead(engine_index, f"{type(e).__name__}: {e}")))
+        logger.error("engine (DP rank %d) died:\n%s", ps.dp_rank, traceback.format_exc())
+        io.broadcast(P.EngineDead(ps.dp_rank, f"{type(e).__name__}: {e}"))
         raise
     finally:
-        out.close(linger=1000)
-        inp.close(linger=0)
+        io.close()
 
 
-def _loop(core, idx, inp, out, poller, parent):
+def _local_procs(cfg: EngineConfig) -> int:
+    return len(cfg.parallel.local_dp_ranks()) * cfg.parallel.tensor_parallel_size
+
+
+class _Liveness:
+    """Tells an idle engine to exit when its launcher or world rank 0 (the store) is gone."""
+
+    def __init__(self, ps: ParallelState):
+        self.parent = os.getppid()
+        self.store = dist.distributed_c10d._get_default_store() if ps.world_size > 1 and ps.rank else None
+        self.last = time.monotonic()
+
+    def alive(self) -> bool:
+        if os.getppid() != self.parent:
+            logger.warning("engine: launcher process is gone, exiting")
+            return False
+        if self.store is not None and time.monotonic() - self.last > 2:
+            self.last = time.monotonic()
+            try:
+                self.store.check([_STORE_KEY])
+            except Exception:
+                logger.warning("engine: world rank 0 is gone, exiting")
+                return False
+        return True
+
+
+# -- TP workers ----------------------------------------------------------------------------
+_plan_decoder = None
+
+
+def _worker_loop(runner, cfg, ps, watch) -> None:
+    from epplat.core.engine.model_runner import ModelInput
+    decoder = msgspec.msgpack.Decoder(ModelInput)
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.tp_rank, run_dir(cfg)))
     while True:
-        events = dict(poller.poll(0 if core.has_work() else 1000))
-        if os.getppid() != parent:
-            logger.warning("engine core %d: parent process is gone, exiting", idx)
-            return
-        if not events and not core.has_work():
+        if not sock.poll(_IDLE_POLL_MS):
+            if not watch.alive():
+                return
             continue
-        early: list[P.EngineOutput] = []
+        runner.forward(decoder.decode(sock.recv()))
+
+
+# -- drivers -------------------------------------------------------------------------------
+class _DriverIO:
+    """The driver's sockets: API servers (DEALER in, PUSH out), TP workers, DP wake channel."""
+
+    def __init__(self, cfg: EngineConfig, ps: ParallelState, core):
+        par = cfg.parallel
+        self.ps, self.core = ps, core
+        self.ctx = zmq.Context.instance()
+        self.poller = zmq.Poller()
+        n_api = 1 if par.external_lb else _api_server_count(par, ps)
+        indices = [ps.dp_rank] if par.external_lb else list(range(n_api))
+        self.dealers, self.outs = [], []
+        for i in indices:
+            router, pull = par.api_endpoints(i)
+            d = self.ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.IDENTITY, f"engine-{ps.dp_rank}".encode())
+            d.connect(router)
+            o = self.ctx.socket(zmq.PUSH)
+            o.connect(pull)
+            self.dealers.append(d)
+            self.outs.append(o)
+            self.poller.register(d, zmq.POLLIN)
+        self.workers = []
+        for t in range(1, ps.tp_size):
+            w = self.ctx.socket(zmq.PUSH)
+            w.bind(par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
+            self.workers.append(w)
+        self.waves = ps.ep and ps.dp_size > 1
+        self.wakes: set[int] = set()
+        if self.waves:
+            self._setup_wake_channel(par)
+        ready = P.EngineReady(ps.dp_rank, core.max_model_len, core.runner.model_cfg.vocab_size, core.num_blocks)
+        for d in self.dealers:
+            d.send(P.encoder.encode(ready))
+        logger.info("engine (DP rank %d) ready, serving %d API server(s)", ps.dp_rank, len(self.dealers))
+
+    def _setup_wake_channel(self, par) -> None:
+        pull_addr, pub_addr = par.wake_endpoints()
+        if self.ps.dp_rank == 0:
+            threading.Thread(target=_wake_forwarder, args=(self.ctx, pull_addr, pub_addr), daemon=True).start()
+        self.wake_out = self.ctx.socket(zmq.PUSH)
+        self.wake_out.connect(pull_addr)
+        self.wake_in = self.ctx.socket(zmq.SUB)
+        self.wake_in.setsockopt(zmq.SUBSCRIBE, b"")
+        self.wake_in.connect(pub_addr)
+        # prove the subscription is live (PUB drops messages for late joiners) before serving
+        hello = P.Wake(-1 - self.ps.dp_rank, self.ps.dp_rank)
+        while True:
+            self.wake_out.send(P.encoder.encode(hello))
+            if self.wake_in.poll(50) and any(P.wake_decoder.decode(m) == hello for m in self._drain_wake()):
+                break
+        dist.barrier(group=self.ps.dp_group)
+        self.poller.register(self.wake_in, zmq.POLLIN)
+
+    def _drain_wake(self):
         while True:
             try:
-                msg = P.input_decoder.decode(inp.recv(zmq.NOBLOCK))
+                yield self.wake_in.recv(zmq.NOBLOCK)
             except zmq.Again:
-                break
-            if isinstance(msg, P.EngineRequest):
-                core.add_request(msg)
-            elif isinstance(msg, P.AbortRequests):
-                early += core.abort(msg.request_ids)
-            else:
-                out.send(P.encoder.encode(_utility(core, msg)))
-        outputs = early + core.step()
-        if outputs:
-            out.send(P.encoder.encode(P.EngineOutputs(idx, outputs, core.stats())))
+                return
+
+    def poll(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms for input, then handle everything that arrived."""
+        if not self.poller.poll(timeout_ms):
+            return
+        for d in self.dealers:
+            while True:
+                try:
+                    raw = d.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._handle(P.input_decoder.decode(raw))
+        if self.waves:
+            for raw in self._drain_wake():
+                w = P.wake_decoder.decode(raw)
+                if w.wave >= 0:
+                    self.wakes.add(w.wave)
+
+    def _handle(self, msg) -> None:
+        core = self.core
+        if isinstance(msg, P.EngineRequest):
+            core.add_request(msg)
+        elif isinstance(msg, P.AbortRequests):
+            self.send_outputs(core.abort(msg.request_ids))
+        elif msg.method == "stats":
+            self._send(msg.client_index, P.UtilityResult(msg.call_id, msgspec.to_builtins(core.stats())))
+        else:
+            self._send(msg.client_index, P.UtilityResult(msg.call_id, error=f"unknown method {msg.method!r}"))
+
+    def woken(self, wave: int) -> bool:
+        self.wakes = {w for w in self.wakes if w >= wave}
+        return wave in self.wakes
+
+    def send_wake(self, wave: int) -> None:
+        self.wake_out.send(P.encoder.encode(P.Wake(wave, self.ps.dp_rank)))
+
+    def publish(self, mi) -> None:
+        raw = P.encoder.encode(mi)
+        for w in self.workers:
+            w.send(raw)
+
+    def send_outputs(self, outputs) -> None:
+        if not outputs:
+            return
+        by_client: dict[int, list] = {}
+        for o in outputs:
+            idx = self.core.client_of.get(o.request_id, 0)
+            if o.finish_reason:
+                self.core.client_of.pop(o.request_id, None)
+            by_client.setdefault(idx, []).append(o)
+        stats = self.core.stats()
+        for idx, outs in by_client.items():
+            self._send(idx, P.EngineOutputs(self.ps.dp_rank, outs, stats))
+
+    def _send(self, client_index: int, msg) -> None:
+        out = self.outs[0] if len(self.outs) == 1 else self.outs[client_index]
+        out.send(P.encoder.encode(msg))
+
+    def broadcast(self, msg) -> None:
+        for o in self.outs:
+            o.send(P.encoder.encode(msg))
+
+    def close(self) -> None:
+        for s in self.dealers + self.outs + self.workers:
+            s.close(linger=500)
 
 
-def _utility(core, call: P.UtilityCall) -> P.UtilityResult:
-    if call.method == "stats":
-        return P.UtilityResult(call.call_id, msgspec.to_builtins(core.stats()))
-    return P.UtilityResult(call.call_id, error=f"unknown utility method {call.method!r}")
+def _api_server_count(par, ps: ParallelState) -> int:
+    """API servers run on the primary node; world rank 0 tells headless nodes how many."""
+    if ps.world_size == 1:
+        return par.api_server_count
+    store = dist.distributed_c10d._get_default_store()
+    if ps.rank == 0:
+        store.set(_STORE_KEY, str(par.api_server_count))
+    return int(store.get(_STORE_KEY))
+
+
+def _wake_forwarder(ctx, pull_addr: str, pub_addr: str) -> None:
+    pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
+    pull.bind(pull_addr)
+    pub.bind(pub_addr)
+    try:
+        zmq.proxy(pull, pub)
+    except zmq.ContextTerminated:
+        pass
+
+
+def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> None:
+    wave = 0
+    while True:
+        io.poll(0 if core.has_work() else _IDLE_POLL_MS)
+        if not io.waves:
+            if core.has_work():
+                io.send_outputs(core.run(core.schedule(), publish=io.publish if io.workers else None))
+            elif not watch.alive():
+                return
+            continue
+        woken = io.woken(wave)
+        if not core.has_work() and not woken:
+            if not watch.alive():
+                return
+            continue
+        if not woken:
+            io.send_wake(wave)
+        _run_wave(core, io, ps)
+        wave += 1
+
+
+def _run_wave(core, io: _DriverIO, ps: ParallelState) -> None:
+    """Step in lockstep with every DP rank until none has work."""
+    flags = torch.zeros(2, dtype=torch.long)
+    gathered = [torch.zeros(2, dtype=torch.long) for _ in range(ps.dp_size)]
+    while True:
+        io.poll(0)
+        has_work = core.has_work()
+        batch = core.schedule() if has_work else []
+        flags[0], flags[1] = int(has_work), sum(n for _, n in batch)
+        dist.all_gather(gathered, flags, group=ps.dp_group)
+        if not any(int(g[0]) for g in gathered):
+            return
+        ep_counts = [int(g[1]) for g in gathered for _ in range(ps.tp_size)]
+        io.send_outputs(core.run(batch, ep_counts, io.publish if io.workers else None))

@@ -10,9 +10,13 @@ from __future__ import annotations
 import logging
 import time
 
+from typing import Optional
+
+import msgspec
 import torch
 
 from epplat.config import ConfigError, EngineConfig
+from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.engine.request import Request
 from epplat.core.engine.sampler import sample
 from epplat.core.model.attention import build_attn_metadata
@@ -20,6 +24,7 @@ from epplat.core.model.decoder import MoEForCausalLM
 from epplat.core.model.loader import load_checkpoint
 from epplat.core.model.registry import architecture
 from epplat.core.moe.all2all import ExpertMap
+from epplat.core.moe.layer import FusedMoE
 from epplat.plugins import registry
 
 logger = logging.getLogger(__name__)
@@ -36,9 +41,19 @@ def resolve_dtype(requested: str, hf: dict, platform: str) -> torch.dtype:
     return _DTYPES.get(ckpt, torch.float32)
 
 
+class ModelInput(msgspec.Struct, array_like=True):
+    """One step's model input; the driver sends it to its TP workers."""
+
+    token_ids: list[int]
+    positions: list[int]
+    seqs: list[tuple[int, int, list[int]]]      # (context_len, q_len, block_table), decodes first
+    ep_counts: Optional[list[int]] = None       # tokens of every EP rank this step
+
+
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, platform, device, ep_group=None, ep_rank=0, ep_size=1):
+    def __init__(self, cfg: EngineConfig, platform, device, ps: Optional[ParallelState] = None):
         self.cfg, self.platform, self.device = cfg, platform, device
+        self.ps = ps = ps or ParallelState()
         hf = cfg.model.hf_config()
         arch = architecture(hf)
         self.arch = arch
@@ -47,30 +62,41 @@ class ModelRunner:
         reg = registry()
         backend_name = cfg.parallel.all2all_backend or platform.default_all2all
         backend_cls = reg.load("all2all", backend_name, platform.name)
-        self.all2all = backend_cls(ExpertMap(self.model_cfg.num_experts or 1, ep_rank, ep_size),
-                                   group=ep_group, device=device)
+        emap = ExpertMap(self.model_cfg.num_experts or 1, ps.ep_rank, ps.ep_size)
+        self.all2all = backend_cls(emap, group=ps.ep_group, device=device)
         torch.manual_seed(cfg.model.seed)
         t0 = time.time()
         with torch.device(device):
-            self.model = MoEForCausalLM(self.model_cfg, self.all2all, self.dtype)
-        self.weight_bytes = load_checkpoint(self.model, cfg.model.model, arch.canonical_name, device)
+            self.model = MoEForCausalLM(self.model_cfg, self.all2all, self.dtype, ps)
+        self.weight_bytes = load_checkpoint(self.model, cfg.model.model, arch.canonical_name, device,
+                                            show_progress=ps.rank == 0)
         self.model.eval()
         logger.info("Loading weights took %.2f seconds; model weights take %.4f GiB (%s, dtype %s, all2all %s)",
                     time.time() - t0, self.weight_bytes / (1 << 30), hf["architectures"][0],
                     str(self.dtype).removeprefix("torch."), backend_name)
+        if ps.ep:
+            logger.info("Expert placement: EP rank %d/%d holds experts %d-%d of %d; resident expert bytes "
+                        "%d of %d (1/%d)", ps.ep_rank, ps.ep_size, emap.local_ids.start, emap.local_ids.stop - 1,
+                        emap.num_experts, self.expert_bytes(), self.expert_bytes() * ps.ep_size, ps.ep_size)
         runner = "eager" if cfg.enforce_eager else platform.default_graph_runner
         self.graph = reg.load("graph_runner", runner, platform.name)(self.model, device)
         self.block_size = cfg.cache.block_size
 
+    def expert_bytes(self) -> int:
+        """Bytes of expert weights resident on this rank."""
+        return sum(p.numel() * p.element_size() for layer in self.model.layers if isinstance(layer.mlp, FusedMoE)
+                   for p in (layer.mlp.w13, layer.mlp.w2))
+
     def kv_bytes_per_block(self) -> int:
         c = self.model_cfg
         elt = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elt
+        kvh = self.model.layers[0].self_attn.kvh
+        return 2 * c.num_layers * self.block_size * kvh * c.head_dim * elt
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.model_cfg
         self.pad_block = num_blocks
-        shape = (num_blocks + 1, self.block_size, c.num_kv_heads, c.head_dim)
+        shape = (num_blocks + 1, self.block_size, self.model.layers[0].self_attn.kvh, c.head_dim)
         for layer in self.model.layers:
             kv = (self.platform.zeros(shape, self.dtype, self.device), self.platform.zeros(shape, self.dtype, self.device))
             layer.self_attn.kv_cache = kv
@@ -85,28 +111,44 @@ class ModelRunner:
             raise ConfigError("no memory left for the KV cache; lower the model size or raise the KV budget")
         return int(n)
 
-    @torch.inference_mode()
-    def execute(self, batch: list[tuple[Request, int]]):
-        """Run one step; returns {request_id: (token, logprobs)} for requests that sampled."""
-        batch = sorted(batch, key=lambda rn: rn[1] != 1)   # decodes first
+    def prepare(self, batch: list[tuple[Request, int]], ep_counts=None):
+        """Lay a scheduled batch out as a ModelInput (decodes first); returns it and who samples where."""
+        batch = sorted(batch, key=lambda rn: rn[1] != 1)
         ids, pos, seqs, sample_rows, sample_reqs = [], [], [], [], []
-        row = 0
         for req, n in batch:
             start = req.num_computed
             ids.extend(req.token_ids[start:start + n])
             pos.extend(range(start, start + n))
             seqs.append((start + n, n, req.block_table))
-            row += n
             if start + n == req.num_tokens:
-                sample_rows.append(row - 1)
+                sample_rows.append(len(ids) - 1)
                 sample_reqs.append(req)
+        return ModelInput(ids, pos, seqs, ep_counts), sample_rows, sample_reqs
+
+    @torch.inference_mode()
+    def forward(self, mi: ModelInput) -> torch.Tensor:
+        """The model forward for one step (every TP rank runs it; an empty input is a dummy step)."""
         dev = self.device
-        meta = build_attn_metadata(seqs, self.block_size, dev, self.pad_block)
-        self.platform.before_step(len(ids))
-        hidden = self.graph.forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta)
+        if hasattr(self.all2all, "set_step_tokens"):
+            self.all2all.set_step_tokens(mi.ep_counts)
+        meta = build_attn_metadata(mi.seqs, self.block_size, dev, self.pad_block)
+        self.platform.before_step(len(mi.token_ids))
+        return self.graph.forward(torch.tensor(mi.token_ids, dtype=torch.long, device=dev),
+                                  torch.tensor(mi.positions, dtype=torch.long, device=dev), meta)
+
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Request, int]], ep_counts=None, publish=None):
+        """Run one step; returns {request_id: (token, logprobs)} for requests that sampled.
+
+        ``publish(model_input)`` sends the step to this DP rank's TP workers first.
+        """
+        mi, sample_rows, sample_reqs = self.prepare(batch, ep_counts)
+        if publish is not None:
+            publish(mi)
+        hidden = self.forward(mi)
         out = {}
         if sample_reqs:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
             tokens, logprobs = sample(logits, sample_reqs)
             for req, tok, lp in zip(sample_reqs, tokens, logprobs):
                 out[req.request_id] = (tok, lp)

@@ -32,13 +32,14 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
 
 
 class EngineRequest(msgspec.Struct, tag="add"):
-    """A new request for an engine core: tokens in, sampling settings."""
+    """A new request for an engine core: tokens in, sampling settings; outputs go to client_index."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     eos_token_ids: list[int] = []
     arrival_time: float = 0.0
+    client_index: int = 0
 
 
 class AbortRequests(msgspec.Struct, tag="abort"):
@@ -51,9 +52,20 @@ class UtilityCall(msgspec.Struct, tag="utility"):
     call_id: int
     method: str
     args: list = []
+    client_index: int = 0
 
 
 EngineInput = EngineRequest | AbortRequests | UtilityCall
+
+
+class Wake(msgspec.Struct, tag="wake"):
+    """DP engines: start wave `wave` (every engine steps until none has work)."""
+
+    wave: int
+    dp_rank: int
+
+
+wake_decoder = msgspec.msgpack.Decoder(Wake)
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):
@@ -105,7 +117,14 @@ class EngineDead(msgspec.Struct, tag="dead"):
     reason: str
 
 
-EngineMessage = EngineOutputs | UtilityResult | EngineDead
+class EngineReady(msgspec.Struct, tag="ready"):
+    engine_index: int
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+
+
+EngineMessage = EngineOutputs | UtilityResult | EngineDead | EngineReady
 
 encoder = msgspec.msgpack.Encoder()
 input_decoder = msgspec.msgpack.Decoder(EngineInput)

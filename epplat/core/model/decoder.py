@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.model.attention import AttnMetadata, paged_attention
 from epplat.core.model.layers import ACTIVATIONS, RMSNorm, RotaryEmbedding, gated_act
 from epplat.core.moe.all2all import All2AllBackend
@@ -57,10 +59,26 @@ def _param(*shape, dtype):
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
+def _tp_all_reduce(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    if ps.tp_size > 1:
+        dist.all_reduce(x, group=ps.tp_group)
+    return x
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: DecoderConfig, rope: RotaryEmbedding, dtype):
+    """Self-attention, heads sharded over the TP group (KV heads replicated when fewer than TP ranks)."""
+
+    def __init__(self, cfg: DecoderConfig, rope: RotaryEmbedding, ps: ParallelState, dtype):
         super().__init__()
-        self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        t, r = ps.tp_size, ps.tp_rank
+        if cfg.num_heads % t or (cfg.num_kv_heads % t and t % cfg.num_kv_heads):
+            raise ValueError(f"{cfg.num_heads} attention heads / {cfg.num_kv_heads} KV heads do not split over "
+                             f"--tensor-parallel-size {t}")
+        self.ps = ps
+        self.h, self.d = cfg.num_heads // t, cfg.head_dim
+        self.kvh = max(1, cfg.num_kv_heads // t)
+        self.q_start = r * self.h
+        self.kv_start = r * self.kvh if cfg.num_kv_heads >= t else r // (t // cfg.num_kv_heads)
         self.qkv = _param((self.h + 2 * self.kvh) * self.d, cfg.hidden_size, dtype=dtype)
         self.qkv_bias = _param((self.h + 2 * self.kvh) * self.d, dtype=dtype) if cfg.attention_bias else None
         self.o_proj = _param(cfg.hidden_size, self.h * self.d, dtype=dtype)
@@ -78,17 +96,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k)
         o = paged_attention(q, k, v.contiguous(), self.kv_cache, meta, self.scale)
-        return F.linear(o.reshape(-1, self.h * self.d), self.o_proj)
+        return _tp_all_reduce(F.linear(o.reshape(-1, self.h * self.d), self.o_proj), self.ps)
 
     def load(self, name: str, t: torch.Tensor):
-        sizes = {"q": self.h * self.d, "k": self.kvh * self.d, "v": self.kvh * self.d}
+        d, q, kv = self.d, self.h * self.d, self.kvh * self.d
+        rows = {"q": (self.q_start * d, q, 0), "k": (self.kv_start * d, kv, q), "v": (self.kv_start * d, kv, q + kv)}
         if name in ("q_proj", "k_proj", "v_proj", "q_proj_bias", "k_proj_bias", "v_proj_bias"):
-            part = name[0]
-            start = {"q": 0, "k": sizes["q"], "v": sizes["q"] + sizes["k"]}[part]
+            src, n, dst_start = rows[name[0]]
             dst = self.qkv if not name.endswith("bias") else self.qkv_bias
-            dst.data[start:start + sizes[part]].copy_(t)
+            dst.data[dst_start:dst_start + n].copy_(t[src:src + n])
         elif name == "o_proj":
-            self.o_proj.data.copy_(t)
+            self.o_proj.data.copy_(t[:, self.q_start * d:self.q_start * d + q])
         elif name in ("q_norm", "k_norm"):
             getattr(self, name).weight.data.copy_(t)
         else:
@@ -96,54 +114,68 @@ class Attention(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, act, dtype):
+    """A gated MLP, its intermediate dimension sharded over the TP group."""
+
+    def __init__(self, hidden: int, inter: int, act, ps: ParallelState, dtype):
         super().__init__()
-        self.inter, self.act = inter, act
-        self.gate_up = _param(2 * inter, hidden, dtype=dtype)
-        self.down = _param(hidden, inter, dtype=dtype)
+        if inter % ps.tp_size:
+            raise ValueError(f"intermediate size {inter} does not split over {ps.tp_size} TP ranks")
+        self.inter, self.act, self.ps = inter // ps.tp_size, act, ps
+        self.start = ps.tp_rank * self.inter
+        self.gate_up = _param(2 * self.inter, hidden, dtype=dtype)
+        self.down = _param(hidden, self.inter, dtype=dtype)
 
     def forward(self, x):
-        return F.linear(gated_act(F.linear(x, self.gate_up), self.act), self.down)
+        return _tp_all_reduce(F.linear(gated_act(F.linear(x, self.gate_up), self.act), self.down), self.ps)
 
     def load(self, name: str, t: torch.Tensor):
+        part = t[self.start:self.start + self.inter] if name != "down_proj" else t[:, self.start:self.start + self.inter]
         if name == "gate_proj":
-            self.gate_up.data[: self.inter].copy_(t)
+            self.gate_up.data[: self.inter].copy_(part)
         elif name == "up_proj":
-            self.gate_up.data[self.inter:].copy_(t)
+            self.gate_up.data[self.inter:].copy_(part)
         elif name == "down_proj":
-            self.down.data.copy_(t)
+            self.down.data.copy_(part)
         else:
             raise KeyError(name)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, idx: int, rope, all2all: All2AllBackend, dtype):
+    def __init__(self, cfg: DecoderConfig, idx: int, rope, all2all: All2AllBackend, ps: ParallelState, dtype):
         super().__init__()
         act = ACTIVATIONS[cfg.act]
+        self.ps = ps
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rope, dtype)
+        self.self_attn = Attention(cfg, rope, ps, dtype)
         if idx in cfg.dense_layers or cfg.num_experts == 0:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, act, dtype)
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, act, ps, dtype)
         else:
+            # without EP, every TP rank holds a 1/TP slice of every expert
+            tp = 1 if ps.ep else ps.tp_size
             self.mlp = FusedMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k,
-                                cfg.norm_topk_prob, act, all2all, dtype)
+                                cfg.norm_topk_prob, act, all2all, dtype, tp_rank=ps.tp_rank if tp > 1 else 0,
+                                tp_size=tp)
 
     def forward(self, x, positions, meta):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(self.mlp, FusedMoE) and self.mlp.tp_size > 1:
+            h = _tp_all_reduce(h, self.ps)
+        return x + h
 
 
 _EXPERT = re.compile(r"experts\.(\d+)\.(gate|up|down)$")
 
 
 class MoEForCausalLM(nn.Module):
-    def __init__(self, cfg: DecoderConfig, all2all: All2AllBackend, dtype):
+    def __init__(self, cfg: DecoderConfig, all2all: All2AllBackend, dtype, ps: Optional[ParallelState] = None):
         super().__init__()
         self.cfg = cfg
+        ps = ps or ParallelState()
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta)
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope, all2all, dtype) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope, all2all, ps, dtype) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size,
                                                                                    dtype=dtype)

@@ -19,12 +19,17 @@ class FusedMoE(nn.Module):
     """
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int,
-                 renormalize: bool, act, all2all: All2AllBackend, dtype):
+                 renormalize: bool, act, all2all: All2AllBackend, dtype, tp_rank: int = 0, tp_size: int = 1):
         super().__init__()
         self.top_k, self.renormalize, self.act = top_k, renormalize, act
         self.all2all = all2all
         self.expert_map = all2all.expert_map
         n_local = self.expert_map.num_local
+        if intermediate % tp_size:
+            raise ValueError(f"expert width {intermediate} does not split over {tp_size} TP ranks")
+        self.tp_size = tp_size
+        intermediate //= tp_size                   # without EP, TP ranks hold a slice of every expert
+        self.slice = slice(tp_rank * intermediate, (tp_rank + 1) * intermediate)
         self.intermediate = intermediate
         self.gate = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
         self.w13 = nn.Parameter(torch.empty(n_local, hidden, 2 * intermediate, dtype=dtype), requires_grad=False)
@@ -50,9 +55,9 @@ class FusedMoE(nn.Module):
             return False
         e, i = expert - ids.start, self.intermediate
         if proj == "gate":
-            self.w13.data[e, :, :i].copy_(tensor.t())
+            self.w13.data[e, :, :i].copy_(tensor[self.slice].t())
         elif proj == "up":
-            self.w13.data[e, :, i:].copy_(tensor.t())
+            self.w13.data[e, :, i:].copy_(tensor[self.slice].t())
         else:
-            self.w2.data[e].copy_(tensor.t())
+            self.w2.data[e].copy_(tensor[:, self.slice].t())
         return True

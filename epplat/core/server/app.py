@@ -18,9 +18,10 @@ from epplat.core.server.serving import APIError, OpenAIServing, error_response
 logger = logging.getLogger("epplat.server")
 
 
-def build_app(client, *, served_model_names: list[str], api_key: str | None, max_model_len: int) -> FastAPI:
+def build_app(client, *, served_model_names: list[str], api_key: str | None) -> FastAPI:
+    """The app; the engine limits (max_model_len, vocabulary) come from the client once engines are ready."""
     metrics = Metrics(served_model_names[0])
-    serving = OpenAIServing(client, served_model_names, max_model_len, metrics, client.vocab_size)
+    serving = OpenAIServing(client, served_model_names, metrics)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -72,7 +73,7 @@ def build_app(client, *, served_model_names: list[str], api_key: str | None, max
     async def models():
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": "epplat", "root": client.cfg.model.model,
-             "max_model_len": max_model_len} for n in served_model_names]}
+             "max_model_len": client.max_model_len} for n in served_model_names]}
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, raw: Request):
@@ -86,7 +87,16 @@ def build_app(client, *, served_model_names: list[str], api_key: str | None, max
     return app
 
 
-def run_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+def run_server(app: FastAPI, host: str, port: int, log_level: str = "info", reuse_port: bool = False) -> None:
+    """Serve with uvicorn; with reuse_port several API server processes share the port."""
+    import socket
+
     import uvicorn
     logger.info("Starting epplat API server on http://%s:%d", host, port)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5))
+    server.run(sockets=[sock])

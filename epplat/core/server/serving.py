@@ -47,10 +47,17 @@ class _Choice:
 
 
 class OpenAIServing:
-    def __init__(self, client, served_model_names: list[str], max_model_len: int, metrics, vocab_size: int):
-        self.client, self.names, self.max_model_len = client, served_model_names, max_model_len
-        self.metrics, self.vocab_size = metrics, vocab_size
+    def __init__(self, client, served_model_names: list[str], metrics):
+        self.client, self.names, self.metrics = client, served_model_names, metrics
         self.tok = client.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.client.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.client.vocab_size
 
     # -- validation ----------------------------------------------------------------------
     def check_model(self, name: Optional[str]) -> str:

@@ -1,0 +1,64 @@
+"""Starts this node's engine processes (one per local DP rank x TP rank) and stops them.
+
+Processes are spawned with multiprocessing; each reports over a pipe once its model
+and KV cache are ready (or the one-line error that stopped it).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+
+import msgspec
+
+from epplat.config import ConfigError, EngineConfig
+from epplat.core.engine.core_proc import run_engine_process
+
+logger = logging.getLogger(__name__)
+
+
+def start_engines(cfg: EngineConfig, timeout: float = 900.0) -> list[multiprocessing.Process]:
+    """Spawn the local engine processes and wait until each is ready; ConfigError on failure."""
+    ctx = multiprocessing.get_context("spawn")
+    par = cfg.parallel
+    procs, conns = [], []
+    raw = cfg.to_json()
+    for d in par.local_dp_ranks():
+        for t in range(par.tensor_parallel_size):
+            rank = d * par.tensor_parallel_size + t
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=run_engine_process, args=(raw, rank, len(procs), child), daemon=True,
+                            name=f"EngineCore_DP{d}" + (f"_TP{t}" if par.tensor_parallel_size > 1 else ""))
+            p.start()
+            procs.append(p)
+            conns.append(parent)
+    deadline = time.time() + timeout
+    try:
+        for p, c in zip(procs, conns):
+            while not c.poll(0.2):
+                dead = [q for q in procs if not q.is_alive()]
+                if dead:
+                    raise ConfigError(f"engine process {dead[0].name} exited with code {dead[0].exitcode} "
+                                      "during startup")
+                if time.time() > deadline:
+                    raise ConfigError("engine processes did not start in time")
+            info = msgspec.json.decode(c.recv_bytes())
+            if "error" in info:
+                raise ConfigError(info["error"])
+    except BaseException:
+        stop_engines(procs)
+        raise
+    return procs
+
+
+def stop_engines(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.time() + 10
+    for p in procs:
+        p.join(max(0.1, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+            p.join(1)

@@ -1,0 +1,72 @@
+"""Process groups: world, tensor-parallel (per DP rank), data-parallel (drivers) and expert-parallel.
+
+World rank = dp_rank * tp_size + tp_rank. Each DP rank is an engine core of tp_size
+processes; its tp_rank 0 process (the driver) runs the scheduler. The EP group is
+the whole world when expert parallelism is on; otherwise experts are sharded over
+the TP group. A single process needs no torch.distributed at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ParallelState:
+    rank: int = 0
+    world_size: int = 1
+    tp_rank: int = 0
+    tp_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    ep: bool = False
+    tp_group: Optional[object] = None
+    dp_group: Optional[object] = None    # the drivers (tp_rank 0) of every DP rank
+    world_group: Optional[object] = None
+
+    @property
+    def is_driver(self) -> bool:
+        return self.tp_rank == 0
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank if self.ep else 0
+
+    @property
+    def ep_size(self) -> int:
+        return self.world_size if self.ep else 1
+
+    @property
+    def ep_group(self):
+        return self.world_group if self.ep else None
+
+
+def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
+    """Join the world (store at data_parallel_address:data_parallel_rpc_port) and make the groups."""
+    tp, dp = parallel.tensor_parallel_size, parallel.data_parallel_size
+    st = ParallelState(rank=rank, world_size=tp * dp, tp_rank=rank % tp, tp_size=tp, dp_rank=rank // tp,
+                       dp_size=dp, ep=parallel.enable_expert_parallel)
+    if st.world_size == 1:
+        return st
+    dist.init_process_group(backend, init_method=parallel.dist_init_method(), rank=rank,
+                            world_size=st.world_size, timeout=datetime.timedelta(hours=12))
+    st.world_group = dist.group.WORLD
+    for d in range(dp):
+        g = dist.new_group(list(range(d * tp, (d + 1) * tp)))
+        if d == st.dp_rank:
+            st.tp_group = g
+    drivers = dist.new_group([d * tp for d in range(dp)])
+    if st.is_driver:
+        st.dp_group = drivers
+    if tp == 1:
+        st.tp_group = None
+    logger.info("rank %d/%d: DP rank %d, TP rank %d, EP %s", rank, st.world_size, st.dp_rank, st.tp_rank,
+                f"rank {st.ep_rank}/{st.ep_size}" if st.ep else "off")
+    return st
