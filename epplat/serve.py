@@ -283,7 +283,8 @@ def _wait(procs, servers) -> int:
     while not stop:
         dead = [p for p in children if not p.is_alive()]
         if dead:
-            logger.error("%s exited with code %s; stopping every process", dead[0].name, dead[0].exitcode)
+            log = logger.info if dead[0].exitcode == 0 else logger.error
+            log("%s exited with code %s; stopping every process", dead[0].name, dead[0].exitcode)
             break
         time.sleep(0.2)
     from epplat.core.distributed.launcher import stop_engines

@@ -238,27 +238,28 @@ class EngineClient:
         finally:
             self.calls.pop(call_id, None)
 
-    async def get_stats(self) -> P.EngineStats:
-        """Stats summed over the engines this server reaches (KV usage averaged)."""
-        try:
-            parts = await asyncio.gather(*(self.call(r, "stats") for r in self.engine_ranks))
-        except (EngineError, asyncio.TimeoutError):
-            parts = [msgspec.to_builtins(s) for s in self.engine_stats.values()]
-        if not parts:
-            return P.EngineStats()
-        stats = [msgspec.convert(p, P.EngineStats) for p in parts]
-        total = P.EngineStats()
-        for s in stats:
-            total.num_running += s.num_running
-            total.num_waiting += s.num_waiting
-            total.num_preemptions += s.num_preemptions
-            total.num_free_blocks += s.num_free_blocks
-            total.num_total_blocks += s.num_total_blocks
-        total.kv_usage = sum(s.kv_usage for s in stats) / len(stats)
-        return total
-
     async def engine_loads(self) -> dict[int, P.EngineStats]:
-        return {r: msgspec.convert(await self.call(r, "stats"), P.EngineStats) for r in self.engine_ranks}
+        """Each reachable engine's stats (the last ones seen when an engine does not answer)."""
+        try:
+            parts = await asyncio.gather(*(self.call(r, "stats", timeout=5.0) for r in self.engine_ranks))
+            return {r: msgspec.convert(p, P.EngineStats) for r, p in zip(self.engine_ranks, parts)}
+        except (EngineError, asyncio.TimeoutError):
+            return dict(self.engine_stats)
+
+    async def get_stats(self) -> P.EngineStats:
+        return sum_stats(await self.engine_loads())
+
+
+def sum_stats(per_engine: dict) -> P.EngineStats:
+    """Counts summed over engines, KV usage averaged."""
+    total = P.EngineStats()
+    for s in per_engine.values():
+        for f in ("num_running", "num_waiting", "num_preemptions", "num_free_blocks", "num_total_blocks",
+                  "num_requests_received"):
+            setattr(total, f, getattr(total, f) + getattr(s, f))
+    if per_engine:
+        total.kv_usage = sum(s.kv_usage for s in per_engine.values()) / len(per_engine)
+    return total
 
 
 def new_request_id(prefix: str = "cmpl") -> str:

@@ -54,8 +54,10 @@ class EngineCore:
         self.blocks = BlockManager(self.num_blocks, cfg.cache.block_size)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
         self.client_of: dict[str, int] = {}
+        self.num_received = 0
 
     def add_request(self, er: EngineRequest) -> None:
+        self.num_received += 1
         self.client_of[er.request_id] = er.client_index
         self.scheduler.add(Request(er))
 
@@ -102,4 +104,4 @@ class EngineCore:
         s = self.scheduler
         return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting), kv_usage=self.blocks.usage,
                            num_preemptions=s.num_preemptions, num_free_blocks=self.blocks.num_free,
-                           num_total_blocks=self.num_blocks)
+                           num_total_blocks=self.num_blocks, num_requests_received=self.num_received)

@@ -98,6 +98,7 @@ class EngineStats(msgspec.Struct):
     num_preemptions: int = 0
     num_free_blocks: int = 0
     num_total_blocks: int = 0
+    num_requests_received: int = 0
 
 
 class EngineOutputs(msgspec.Struct, tag="outputs"):

@@ -19,6 +19,10 @@ import torch.distributed as dist
 from epplat.core.moe.all2all import All2AllBackend, Dispatched
 from epplat.hookspecs import Registration, hookimpl
 
+# torch 2.13 renamed these (the *_tensor names warn); the GPU machines' torch 2.11 has only the old ones
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class _TorchDistBackend(All2AllBackend):
     def __init__(self, *args, **kwargs):
@@ -66,7 +70,7 @@ class AllGatherReduceScatter(_TorchDistBackend):
         if self.size == 1:
             return y
         out = torch.empty((self._max, y.shape[1]), dtype=y.dtype, device=y.device)
-        dist.reduce_scatter_tensor(out, y.contiguous(), group=self.group)
+        _reduce_scatter(out, y.contiguous(), group=self.group)
         return out[: self._n]
 
 
@@ -104,7 +108,7 @@ def _all_gather_padded(t: torch.Tensor, rows: int, size: int, group, fill=0):
         pad = t.new_full((rows - t.shape[0], *t.shape[1:]), fill)
         t = torch.cat([t, pad])
     out = t.new_empty((rows * size, *t.shape[1:]))
-    dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+    _all_gather(out, t.contiguous(), group=group)
     return out
 
 

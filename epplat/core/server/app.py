@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from epplat import __version__
+from epplat.core.engine.client import sum_stats
 from epplat.core.server.metrics import Metrics
 from epplat.core.server.protocol import ChatCompletionRequest, CompletionRequest
 from epplat.core.server.serving import APIError, OpenAIServing, error_response
@@ -67,7 +68,8 @@ def build_app(client, *, served_model_names: list[str], api_key: str | None) -> 
 
     @app.get("/metrics")
     async def prom():
-        return Response(metrics.render(await client.get_stats()), media_type="text/plain; version=0.0.4")
+        per_engine = await client.engine_loads() if client.healthy else {}
+        return Response(metrics.render(sum_stats(per_engine), per_engine), media_type="text/plain; version=0.0.4")
 
     @v1.get("/models")
     async def models():

@@ -22,6 +22,8 @@ class Metrics:
                              registry=r)
         self.waiting = Gauge("epplat:num_requests_waiting", "Requests waiting to be scheduled", labels, registry=r)
         self.kv_usage = Gauge("epplat:kv_cache_usage_perc", "KV cache usage (1 = full)", labels, registry=r)
+        self.engine_requests = Gauge("epplat:engine_requests_received", "Requests each DP rank's engine received",
+                                     labels + ["dp_rank"], registry=r)
         self.preemptions = Gauge("epplat:num_preemptions_total", "Preemptions since start", labels, registry=r)
         self.ttft = Histogram("epplat:time_to_first_token_seconds", "Time to first token", labels, buckets=_TTFT,
                               registry=r)
@@ -36,7 +38,9 @@ class Metrics:
         self.generation_tokens.labels(self.model).inc(output_tokens)
         self.e2e.labels(self.model).observe(latency)
 
-    def render(self, stats) -> bytes:
+    def render(self, stats, per_engine: dict | None = None) -> bytes:
+        for rank, st in (per_engine or {}).items():
+            self.engine_requests.labels(self.model, str(rank)).set(st.num_requests_received)
         self.running.labels(self.model).set(stats.num_running)
         self.waiting.labels(self.model).set(stats.num_waiting)
         self.kv_usage.labels(self.model).set(stats.kv_usage)
