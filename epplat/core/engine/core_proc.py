@@ -160,7 +160,8 @@ class _DriverIO:
         ready = P.EngineReady(ps.dp_rank, core.max_model_len, core.runner.model_cfg.vocab_size, core.num_blocks)
         for d in self.dealers:
             d.send(P.encoder.encode(ready))
-        logger.info("engine (DP rank %d) ready, serving %d API server(s)", ps.dp_rank, len(self.dealers))
+        logger.info("engine (DP rank %d, pid %d) ready, serving %d API server(s)", ps.dp_rank, os.getpid(),
+                    len(self.dealers))
 
     def _setup_wake_channel(self, par) -> None:
         pull_addr, pub_addr = par.wake_endpoints()

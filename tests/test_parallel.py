@@ -1,0 +1,207 @@
+"""Multi-process layouts on the cpu platform (gloo, real processes, real sockets): TP, DP + EP,
+DP x TP + EP, both all2all backends, several API servers, two nodes on loopback, external
+load balancing, idle CPU, shutdown and a dying rank. Greedy tokens equal transformers'."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from hf_oracle import hf_greedy
+from server_utils import Server, free_port
+
+PROMPTS = [[5, 17, 99, 230, 7, 64, 300, 12], [400, 401, 402], list(range(100, 130)), [3, 9],
+           [1500, 1200, 900], [77] * 6, [1024, 12, 512], [250, 260, 270, 280]]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def expected(qwen3_moe_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    return [tok.decode(r, skip_special_tokens=True)
+            for r in hf_greedy(qwen3_moe_dir, PROMPTS, MAX_TOKENS, ignore_eos=True)]
+
+
+def complete(url, model, prompts=PROMPTS):
+    async def go():
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        rs = await asyncio.gather(*(c.completions.create(model=model, prompt=p, max_tokens=MAX_TOKENS, temperature=0,
+                                                         extra_body={"ignore_eos": True}) for p in prompts))
+        return [r.choices[0].text for r in rs]
+    return asyncio.run(go())
+
+
+def per_rank_requests(url) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in fam.samples:
+            if s.name == "epplat:engine_requests_received":
+                out[s.labels["dp_rank"]] = s.value
+    return out
+
+
+def group_pids(pgid: int) -> list[int]:
+    pids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(p))
+    return pids
+
+
+def cpu_seconds(pids) -> float:
+    total = 0
+    for p in pids:
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rpc_port() -> int:
+    """A base port with the ports epplat derives from it (+1, +2, +10..+13) free."""
+    for _ in range(100):
+        base = free_port()
+        if base > 65000:
+            continue
+        try:
+            socks = []
+            for off in (0, 1, 2, 10, 11, 12, 13):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + off))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def test_tensor_parallel_2(qwen3_moe_dir, expected):
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "-tp", "2", "--max-model-len", "256") as s:
+        assert complete(s.url, str(qwen3_moe_dir)) == expected
+
+
+def test_dp2_ep_naive_backend_two_api_servers(qwen3_moe_dir, expected):
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "--data-parallel-size", "2", "--enable-expert-parallel",
+                "--all2all-backend", "naive", "--api-server-count", "2", "--max-model-len", "256") as s:
+        for _ in range(2):
+            assert complete(s.url, str(qwen3_moe_dir)) == expected
+        served = per_rank_requests(s.url)
+        assert set(served) == {"0", "1"} and all(v > 0 for v in served.values()), served
+        log = s.output()
+        assert "EP rank 0/2 holds experts 0-3 of 8" in log and "EP rank 1/2 holds experts 4-7 of 8" in log
+        m = re.search(r"resident expert bytes (\d+) of (\d+) \(1/2\)", log)
+        assert m and 2 * int(m.group(1)) == int(m.group(2))
+        assert log.count("API server 0 connected to 2 engine(s)") + log.count("API server 1 connected") == 2
+
+
+def test_dp2_tp2_ep_and_idle_cpu(qwen3_moe_dir, expected):
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "-dp", "2", "-tp", "2", "-ep",
+                "--max-model-len", "256", timeout=180) as s:
+        assert complete(s.url, str(qwen3_moe_dir)) == expected
+        served = per_rank_requests(s.url)
+        assert all(v > 0 for v in served.values()) and len(served) == 2, served
+        assert "EP rank 3/4 holds experts 6-7 of 8" in s.output()
+        pids = group_pids(s.proc.pid)
+        assert len(pids) >= 5          # launcher + 4 engine processes
+        time.sleep(1.5)
+        before = cpu_seconds(pids)
+        time.sleep(3)
+        assert cpu_seconds(pids) - before < 0.3   # all ranks sleep when idle: no busy spinning
+
+
+def test_two_nodes_on_loopback_and_shutdown(qwen3_moe_dir, expected):
+    port = rpc_port()
+    common = ["--dtype", "float32", "--data-parallel-size", "2", "--data-parallel-size-local", "1",
+              "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(port),
+              "--enable-expert-parallel", "--max-model-len", "256"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    headless = subprocess.Popen([sys.executable, "-m", "epplat.cli", "serve", str(qwen3_moe_dir), "--headless",
+                                 "--data-parallel-start-rank", "1", *common], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with Server(str(qwen3_moe_dir), *common) as primary:
+            assert complete(primary.url, str(qwen3_moe_dir)) == expected
+            assert per_rank_requests(primary.url).get("1", 0) > 0
+        # SIGTERM on the primary (Server.stop) stops the headless node's engines too
+        headless.wait(30)
+        deadline = time.time() + 10
+        while time.time() < deadline and (group_pids(headless.pid) or group_pids(primary.proc.pid)):
+            time.sleep(0.2)
+        assert not group_pids(headless.pid) and not group_pids(primary.proc.pid)   # no orphans
+    finally:
+        if headless.poll() is None:
+            os.killpg(headless.pid, signal.SIGKILL)
+
+
+def test_external_load_balancing(qwen3_moe_dir, expected):
+    port = rpc_port()
+    common = ["--dtype", "float32", "--data-parallel-size", "2", "--data-parallel-address", "127.0.0.1",
+              "--data-parallel-rpc-port", str(port), "--enable-expert-parallel", "--max-model-len", "256"]
+    import threading
+    servers = {}
+    t = threading.Thread(target=lambda: servers.setdefault(1, Server(str(qwen3_moe_dir), *common,
+                                                                     env={"EPPLAT_DP_RANK": "1"})))
+    t.start()
+    try:
+        servers[0] = Server(str(qwen3_moe_dir), *common, "--data-parallel-rank", "0")
+        t.join(120)
+        half = len(PROMPTS) // 2
+        assert complete(servers[0].url, str(qwen3_moe_dir), PROMPTS[:half]) == expected[:half]
+        assert complete(servers[1].url, str(qwen3_moe_dir), PROMPTS[half:]) == expected[half:]
+        assert per_rank_requests(servers[1].url) == {"1": half}
+    finally:
+        t.join(120)
+        for s in servers.values():
+            s.stop()
+
+
+def test_a_dying_rank_fails_health_and_in_flight_requests(qwen3_moe_dir):
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "4096") as s:
+        pid = int(re.search(r"engine \(DP rank 1, pid (\d+)\) ready", s.output()).group(1))
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        stream = c.completions.create(model=str(qwen3_moe_dir), prompt="die", max_tokens=4000, stream=True,
+                                      extra_body={"ignore_eos": True})
+        got, t0, error, finished = 0, time.time(), None, False
+        try:
+            for chunk in stream:
+                got += 1
+                if got == 5:
+                    os.kill(pid, signal.SIGKILL)
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finished = True
+        except (openai.APIError, httpx.HTTPError) as e:
+            error = e
+        assert error is not None and not finished, f"stream ended normally after {got} chunks"
+        assert time.time() - t0 < 30
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                if httpx.get(s.url + "/health", timeout=2).status_code == 503:
+                    break
+            except httpx.HTTPError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("/health still 200 after a rank died")
