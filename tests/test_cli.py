@@ -75,3 +75,17 @@ def test_checkpoint_missing_a_tensor_is_one_error_line(mixtral_dir, tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
     assert r.returncode == 1 and errors == [errors[0]] and "lacks 1 tensors" in errors[0], r.stderr
     assert "layers.1.mlp.experts.3.down" in errors[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["-dp", "3", "-ep"], "8 experts do not divide over EP size 3"),
+    (["-tp", "3"], "do not divide over --tensor-parallel-size 3"),
+    (["-dp", "2", "--data-parallel-start-rank", "1", "--data-parallel-address", "127.0.0.1"], "runs --headless"),
+    (["-dp", "2", "--data-parallel-size-local", "1"], "need --data-parallel-address"),
+    (["-dp", "2", "--data-parallel-rank", "2", "--data-parallel-address", "127.0.0.1"], "must be below"),
+    (["--headless", "--api-server-count", "2", "-dp", "2", "--data-parallel-address", "x"], "drop --api-server-count"),
+])
+def test_bad_parallel_layouts_are_one_line(qwen3_moe_dir, flags, needle):
+    r = epplat("serve", str(qwen3_moe_dir), *flags)
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert r.returncode != 0 and len(errors) == 1 and needle in errors[0], r.stderr
