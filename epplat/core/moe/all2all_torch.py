@@ -31,6 +31,7 @@ class _TorchDistBackend(All2AllBackend):
         self.rank = 0 if self.group is None else dist.get_rank(self.group)
         self.counts: Optional[list[int]] = None
         self._n = 0
+        self._gloo = self.size > 1 and dist.get_backend(self.group) == "gloo"
 
     def set_step_tokens(self, counts: Optional[list[int]]):
         """Token counts of every EP rank for this forward step (None: exchange per layer)."""
@@ -69,6 +70,9 @@ class AllGatherReduceScatter(_TorchDistBackend):
     def combine(self, y):
         if self.size == 1:
             return y
+        if self._gloo:  # gloo's reduce-scatter is ~6x slower than its all-reduce of twice the bytes
+            dist.all_reduce(y, group=self.group)
+            return y[self.rank * self._max:self.rank * self._max + self._n]
         out = torch.empty((self._max, y.shape[1]), dtype=y.dtype, device=y.device)
         _reduce_scatter(out, y.contiguous(), group=self.group)
         return out[: self._n]
