@@ -26,7 +26,9 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="epplat-serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "epplat.cli", "serve", *( [model] if model else []),
+        if "--num-gpu-blocks-override" not in args and "--kv-cache-memory-bytes" not in args:
+            args = (*args, "--kv-cache-memory-bytes", "256M")  # several test servers may share a GPU
+        cmd = [sys.executable, "-m", "epplat.cli", "serve", *([model] if model else []),
                "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

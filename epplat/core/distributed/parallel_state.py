@@ -28,7 +28,8 @@ class ParallelState:
     dp_size: int = 1
     ep: bool = False
     tp_group: Optional[object] = None
-    dp_group: Optional[object] = None    # the drivers (tp_rank 0) of every DP rank
+    tp_cpu_group: Optional[object] = None  # gloo twin of tp_group for small CPU tensors (control)
+    dp_group: Optional[object] = None      # gloo group of the drivers (tp_rank 0) of every DP rank
     world_group: Optional[object] = None
 
     @property
@@ -59,14 +60,15 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
                             world_size=st.world_size, timeout=datetime.timedelta(hours=12))
     st.world_group = dist.group.WORLD
     for d in range(dp):
-        g = dist.new_group(list(range(d * tp, (d + 1) * tp)))
+        ranks = list(range(d * tp, (d + 1) * tp))
+        g, cpu = dist.new_group(ranks), dist.new_group(ranks, backend="gloo")
         if d == st.dp_rank:
-            st.tp_group = g
-    drivers = dist.new_group([d * tp for d in range(dp)])
+            st.tp_group, st.tp_cpu_group = g, cpu
+    drivers = dist.new_group([d * tp for d in range(dp)], backend="gloo")
     if st.is_driver:
         st.dp_group = drivers
     if tp == 1:
-        st.tp_group = None
+        st.tp_group = st.tp_cpu_group = None
     logger.info("rank %d/%d: DP rank %d, TP rank %d, EP %s", rank, st.world_size, st.dp_rank, st.tp_rank,
                 f"rank {st.ep_rank}/{st.ep_size}" if st.ep else "off")
     return st

@@ -28,7 +28,7 @@ def init_kv_cache(runner: ModelRunner, cfg: EngineConfig, ps: ParallelState) -> 
     num_blocks = runner.num_blocks_from_memory()
     if ps.tp_size > 1:
         t = torch.tensor([num_blocks])
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ps.tp_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ps.tp_cpu_group)
         num_blocks = int(t)
     tokens = num_blocks * cfg.cache.block_size
     if tokens < max_model_len:
