@@ -142,12 +142,13 @@ def test_two_nodes_on_loopback_and_shutdown(qwen3_moe_dir, expected):
     common = ["--dtype", "float32", "--data-parallel-size", "2", "--data-parallel-size-local", "1",
               "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(port),
               "--enable-expert-parallel", "--max-model-len", "256"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # on a GPU host the two "nodes" must not share a GPU (NCCL refuses two ranks on one device)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "1"}
     headless = subprocess.Popen([sys.executable, "-m", "epplat.cli", "serve", str(qwen3_moe_dir), "--headless",
                                  "--data-parallel-start-rank", "1", *common], env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with Server(str(qwen3_moe_dir), *common) as primary:
+        with Server(str(qwen3_moe_dir), *common, env={"CUDA_VISIBLE_DEVICES": "0"}) as primary:
             assert complete(primary.url, str(qwen3_moe_dir)) == expected
             assert per_rank_requests(primary.url).get("1", 0) > 0
         # SIGTERM on the primary (Server.stop) stops the headless node's engines too
@@ -167,11 +168,12 @@ def test_external_load_balancing(qwen3_moe_dir, expected):
               "--data-parallel-rpc-port", str(port), "--enable-expert-parallel", "--max-model-len", "256"]
     import threading
     servers = {}
-    t = threading.Thread(target=lambda: servers.setdefault(1, Server(str(qwen3_moe_dir), *common,
-                                                                     env={"EPPLAT_DP_RANK": "1"})))
+    t = threading.Thread(target=lambda: servers.setdefault(1, Server(
+        str(qwen3_moe_dir), *common, env={"EPPLAT_DP_RANK": "1", "CUDA_VISIBLE_DEVICES": "1"})))
     t.start()
     try:
-        servers[0] = Server(str(qwen3_moe_dir), *common, "--data-parallel-rank", "0")
+        servers[0] = Server(str(qwen3_moe_dir), *common, "--data-parallel-rank", "0",
+                            env={"CUDA_VISIBLE_DEVICES": "0"})
         t.join(120)
         half = len(PROMPTS) // 2
         assert complete(servers[0].url, str(qwen3_moe_dir), PROMPTS[:half]) == expected[:half]
