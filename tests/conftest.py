@@ -1,4 +1,5 @@
-"""Shared fixtures: small random-weight checkpoints made with `epplat make-model`."""
+"""Shared fixtures: small random-weight checkpoints made with `epplat make-model`, and the
+transformers oracle (``hf_greedy``) that engine tests compare greedy tokens with."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from hf_oracle import hf_greedy  # noqa: E402,F401  (tests import it from hf_oracle or use it from here)
+
 
 @pytest.fixture(scope="session")
 def qwen3_moe_dir(tmp_path_factory):
     from epplat.core.model.make_model import make_model
-    # two shards, to exercise the safetensors index
+    # two shards, to exercise model.safetensors.index.json
     return make_model("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe"), layers=2, hidden=64, experts=8, top_k=2,
                       heads=4, kv_heads=2, head_dim=32, moe_intermediate=64, vocab_size=2048, seed=1,
                       max_shard_bytes=600_000)

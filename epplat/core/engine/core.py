@@ -35,6 +35,7 @@ def init_kv_cache(runner: ModelRunner, cfg: EngineConfig, ps: ParallelState) -> 
         raise ConfigError(f"the KV cache holds {tokens} tokens, fewer than --max-model-len "
                           f"{max_model_len}; lower --max-model-len or give the KV cache more memory")
     runner.allocate_kv_cache(num_blocks)
+    runner.capture_graphs(max_model_len)
     if ps.is_driver:
         prefix = runner.platform.log_prefix()
         dp = f"[DP rank {ps.dp_rank}] " if ps.dp_size > 1 else ""

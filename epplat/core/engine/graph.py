@@ -9,8 +9,11 @@ class GraphRunner:
     def __init__(self, model, device):
         self.model, self.device = model, device
 
-    def capture(self, batch_sizes: list[int]) -> None:
-        """Capture decode steps for these batch sizes (no-op for eager)."""
+    captures = False
+
+    def capture(self, batch_sizes: list[int], max_blocks_per_seq: int, pad_block: int, scratch_slot: int) -> None:
+        """Capture decode steps for these batch sizes (no-op for eager). Padded rows write
+        their K/V to scratch_slot and read the zero pad_block."""
 
     def forward(self, input_ids, positions, meta):
         raise NotImplementedError

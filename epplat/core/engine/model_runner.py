@@ -94,12 +94,31 @@ class ModelRunner:
         return 2 * c.num_layers * self.block_size * kvh * c.head_dim * elt
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """num_blocks usable blocks, then a zero pad block and a scratch block (graph padding writes)."""
         c = self.model_cfg
         self.pad_block = num_blocks
-        shape = (num_blocks + 1, self.block_size, self.model.layers[0].self_attn.kvh, c.head_dim)
+        shape = (num_blocks + 2, self.block_size, self.model.layers[0].self_attn.kvh, c.head_dim)
         for layer in self.model.layers:
             kv = (self.platform.zeros(shape, self.dtype, self.device), self.platform.zeros(shape, self.dtype, self.device))
             layer.self_attn.kv_cache = kv
+
+    def capture_graphs(self, max_model_len: int) -> None:
+        """Capture decode steps when the graph runner can (after the KV cache exists)."""
+        if not self.graph.captures:
+            return
+        why = None
+        if self.dtype not in (torch.bfloat16, torch.float16):
+            why = "expert GEMMs in float32 synchronise with the host; use --dtype bfloat16"
+        elif self.ps.ep_size > 1:
+            why = "expert-parallel steps exchange data-dependent token counts"
+        if why:
+            logger.warning("CUDA graphs off (running eagerly): %s", why)
+            return
+        sizes = [s for s in (1, 2, 4, 8, *range(16, 257, 16)) if s <= self.cfg.scheduler.max_num_seqs]
+        t0 = time.time()
+        self.graph.capture(sizes, -(-max_model_len // self.block_size), self.pad_block,
+                           (self.pad_block + 1) * self.block_size)
+        logger.info("Graph capturing finished in %.1f s", time.time() - t0)
 
     def num_blocks_from_memory(self) -> int:
         cache = self.cfg.cache

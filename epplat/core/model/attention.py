@@ -32,7 +32,12 @@ class AttnMetadata:
     num_decodes: int = 0
     decode_tables: Optional[torch.Tensor] = None  # [B, max_blocks], padded with the zero block
     decode_mask: Optional[torch.Tensor] = None    # [B, 1, 1, max_blocks * block_size] True where valid
+    decode_lens: Optional[torch.Tensor] = None    # [B] context lengths
     prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+# device type -> decode kernel(q, k_cache, v_cache, tables, lens, scale); platforms register theirs
+DECODE_KERNELS: dict = {}
 
 
 def build_attn_metadata(seqs, block_size: int, device, pad_block: int) -> AttnMetadata:
@@ -62,7 +67,9 @@ def build_attn_metadata(seqs, block_size: int, device, pad_block: int) -> AttnMe
         padded = [t + [pad_block] * (width - len(t)) for t in dec_tables]
         meta.decode_tables = torch.tensor(padded, dtype=torch.long, device=device)
         lens = torch.tensor(dec_lens, device=device)
-        meta.decode_mask = (torch.arange(width * block_size, device=device)[None, :] < lens[:, None])[:, None, None]
+        meta.decode_lens = lens
+        if str(getattr(device, "type", device)) not in DECODE_KERNELS:
+            meta.decode_mask = (torch.arange(width * block_size, device=device)[None, :] < lens[:, None])[:, None, None]
     return meta
 
 
@@ -75,7 +82,10 @@ def paged_attention(q, k, v, kv_cache, meta: AttnMetadata, scale: float) -> torc
     out = torch.empty_like(q)
     gqa = q.shape[1] != kvh
     b = meta.num_decodes
-    if b:
+    kernel = DECODE_KERNELS.get(q.device.type)
+    if b and kernel is not None:
+        out[:b] = kernel(q[:b], k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale)
+    elif b:
         flat = meta.decode_tables.view(-1)   # index_select copies whole blocks; [] indexing is ~6x slower
         keys = k_cache.index_select(0, flat).view(b, -1, kvh, d).transpose(1, 2)   # [B, KVH, L, D]
         vals = v_cache.index_select(0, flat).view(b, -1, kvh, d).transpose(1, 2)

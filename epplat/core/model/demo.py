@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-DEMO_VERSION = "qwen3-moe-demo-v1"
+DEMO_VERSION = "qwen3-moe-demo-v2"   # bump when make_model or the tokenizer changes output
 DEMO_SHAPE = dict(layers=4, hidden=256, experts=16, top_k=4, heads=4, kv_heads=2, head_dim=64,
                   moe_intermediate=256, vocab_size=2048, seed=0, dtype="float32")
 

@@ -1,10 +1,16 @@
 """``epplat make-model``: random-weight MoE checkpoints in the Hugging Face hub layout.
 
-Writes config.json, generation_config.json, tokenizer files and safetensors shards
-with the per-expert tensor names real checkpoints use, so transformers, vLLM and
-epplat all load them. Each tensor is drawn from its own seeded generator (seed and
-name), one shard at a time, so the weights do not depend on sharding and a large
-model never sits in memory whole.
+Writes config.json, generation_config.json, tokenizer files and safetensors shards with
+the per-expert tensor names real checkpoints use on disk, so transformers, vLLM and
+epplat all load them. Every tensor comes from its own generator, seeded from ``seed``
+and the tensor's name, so the weights do not depend on sharding; tensors are made on a
+few threads and streamed into the files one at a time, so even a model of hundreds of
+GB never sits in memory.
+
+Default init (``std=None``): embeddings N(0, 1), every other matrix N(0, 1/fan_in),
+norm weights 1 + N(0, 0.1^2). Activations and logits stay O(1) at any width, so greedy
+output is varied and depends on attention and the experts (a flat std of 0.02 makes
+small models repeat one token). The norm jitter makes a dropped norm weight visible.
 """
 
 from __future__ import annotations
@@ -12,39 +18,44 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import struct
+import sys
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ARCHS = ("qwen3_moe", "mixtral")
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
 
 
-def _config(arch, layers, hidden, experts, top_k, heads, kv_heads, head_dim, moe_inter, inter, vocab,
+def _config(arch, *, layers, hidden, experts, top_k, heads, kv_heads, head_dim, moe_inter, inter, vocab,
             max_position, dtype, ids) -> dict:
-    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                  num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, hidden_act="silu",
-                  max_position_embeddings=max_position, rope_theta=1000000.0, attention_dropout=0.0,
-                  initializer_range=0.02, tie_word_embeddings=False, use_cache=True, torch_dtype=dtype,
-                  bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                  num_experts_per_tok=top_k, output_router_logits=False, router_aux_loss_coef=0.001,
-                  sliding_window=None)
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, head_dim=head_dim, hidden_act="silu",
+                  max_position_embeddings=max_position, rope_theta=1000000.0, rope_scaling=None,
+                  attention_dropout=0.0, initializer_range=0.02, num_experts_per_tok=top_k,
+                  output_router_logits=False, router_aux_loss_coef=0.001, sliding_window=None,
+                  tie_word_embeddings=False, use_cache=True, bos_token_id=ids["<|endoftext|>"],
+                  eos_token_id=ids["<|im_end|>"], torch_dtype=dtype, dtype=dtype)
     if arch == "qwen3_moe":
         return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=experts,
                     moe_intermediate_size=moe_inter, intermediate_size=inter, decoder_sparse_step=1,
                     mlp_only_layers=[], norm_topk_prob=True, rms_norm_eps=1e-6, attention_bias=False,
-                    use_sliding_window=False, max_window_layers=layers, rope_scaling=None, **common)
+                    use_sliding_window=False, max_window_layers=layers, **common)
     return dict(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=experts,
                 intermediate_size=moe_inter, rms_norm_eps=1e-5, **common)
 
 
-def tensor_specs(arch: str, c: dict) -> list[tuple[str, tuple, str]]:
-    """(name, shape, init) of every tensor; init is 'norm' (around 1), 'embed' or 'linear'."""
-    h, d = c["hidden_size"], c["head_dim"]
-    qh, kvh, v = c["num_attention_heads"], c["num_key_value_heads"], c["vocab_size"]
-    moe = "mlp" if arch == "qwen3_moe" else "block_sparse_moe"
-    inter = c["moe_intermediate_size"] if arch == "qwen3_moe" else c["intermediate_size"]
-    experts = c.get("num_experts") or c["num_local_experts"]
-    names = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}[arch]
+def tensor_specs(arch: str, c: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, kind) of every checkpoint tensor, in file order; kind is 'norm', 'embed' or 'linear'."""
+    h, d, v = c["hidden_size"], c["head_dim"], c["vocab_size"]
+    qh, kvh = c["num_attention_heads"], c["num_key_value_heads"]
+    if arch == "qwen3_moe":
+        moe, inter, experts, projs = "mlp", c["moe_intermediate_size"], c["num_experts"], ("gate_proj", "up_proj", "down_proj")
+    else:
+        moe, inter, experts, projs = "block_sparse_moe", c["intermediate_size"], c["num_local_experts"], ("w1", "w3", "w2")
     specs = [("model.embed_tokens.weight", (v, h), "embed")]
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -57,120 +68,178 @@ def tensor_specs(arch: str, c: dict) -> list[tuple[str, tuple, str]]:
             specs += [(p + "self_attn.q_norm.weight", (d,), "norm"), (p + "self_attn.k_norm.weight", (d,), "norm")]
         specs.append((p + f"{moe}.gate.weight", (experts, h), "linear"))
         for e in range(experts):
-            q = p + f"{moe}.experts.{e}."
-            specs += [(q + names[0] + ".weight", (inter, h), "linear"), (q + names[1] + ".weight", (inter, h), "linear"),
-                      (q + names[2] + ".weight", (h, inter), "linear")]
+            q = f"{p}{moe}.experts.{e}."
+            specs += [(q + projs[0] + ".weight", (inter, h), "linear"), (q + projs[1] + ".weight", (inter, h), "linear"),
+                      (q + projs[2] + ".weight", (h, inter), "linear")]
     specs += [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (v, h), "linear")]
     return specs
 
 
-def _tensor(name, shape, init, seed, dtype):
+def make_tensor(name: str, shape, kind: str, seed: int, dtype: str, std: float | None = None,
+                norm_std: float = 0.1):
+    """One tensor, a function of (seed, name) only."""
     import torch
     g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFF)
-    if init == "norm":
-        t = 1.0 + 0.1 * torch.randn(shape, generator=g)
-    elif init == "embed":
-        t = torch.randn(shape, generator=g)
-    else:  # keeps activations O(1) so random models give varied, non-degenerate tokens
-        t = torch.randn(shape, generator=g) / math.sqrt(shape[1])
+    t = torch.randn(shape, generator=g)
+    if kind == "norm":
+        t = t.mul_(norm_std).add_(1.0)
+    elif std is not None:
+        t = t.mul_(std)
+    elif kind == "linear":
+        t = t.div_(math.sqrt(shape[1]))
     return t.to(getattr(torch, dtype)).contiguous()
+
+
+def write_safetensors(path, specs, dtype: str, tensor_fn, workers: int = 1) -> None:
+    """Write a .safetensors file tensor by tensor; ``tensor_fn(spec)`` makes each (on ``workers`` threads)."""
+    import torch
+    code, elt = DTYPES[dtype]
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, _ in specs:
+        n = math.prod(shape) * elt
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = Path(f"{path}.partial")
+    with open(tmp, "wb") as f, ThreadPoolExecutor(max(1, workers)) as pool:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        pending = deque()
+        for spec in [*specs, None]:
+            if spec is not None:
+                pending.append(pool.submit(tensor_fn, spec))
+            while pending and (spec is None or len(pending) > 2 * workers):
+                f.write(pending.popleft().result().view(torch.uint8).numpy())
+    os.replace(tmp, path)
 
 
 def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts: int = 8, top_k: int = 2,
                heads: int = 4, kv_heads: int = 2, head_dim: int = 32, moe_intermediate: int | None = None,
                intermediate: int | None = None, vocab_size: int = 2048, max_position: int = 4096, seed: int = 0,
-               dtype: str = "float32", max_shard_bytes: int | None = None) -> Path:
-    """Write a random-weight checkpoint to outdir and return its path."""
-    from safetensors.torch import save_file
+               dtype: str = "float32", max_shard_bytes: int | None = None, std: float | None = None,
+               norm_std: float = 0.1, workers: int | None = None) -> Path:
+    """Write a random-weight checkpoint to ``outdir`` (created if missing) and return its path.
 
+    ``moe_intermediate`` defaults to ``hidden``; ``intermediate`` (the dense MLP size, which
+    qwen3_moe's config carries) to ``4 * hidden``. ``std=None`` picks the fan-in scaled init
+    described in the module docstring; a number gives every matrix N(0, std^2). Weights are
+    one file unless ``max_shard_bytes`` is set and exceeded.
+    """
     from epplat.core.model.tokenizer_gen import save_tokenizer
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if top_k > experts or heads % kv_heads:
         raise ValueError("need top_k <= experts and heads divisible by kv_heads")
+    dims = dict(layers=layers, hidden=hidden, experts=experts, top_k=top_k, heads=heads, kv_heads=kv_heads,
+                head_dim=head_dim, vocab_size=vocab_size, max_position=max_position)
+    if bad := [k for k, v in dims.items() if not isinstance(v, int) or v <= 0]:
+        raise ValueError(f"{', '.join(bad)} must be positive integers")
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     ids = save_tokenizer(out, vocab_size, max_position)
-    cfg = _config(arch, layers, hidden, experts, top_k, heads, kv_heads, head_dim, moe_intermediate or hidden,
-                  intermediate or 4 * hidden, vocab_size, max_position, dtype, ids)
+    cfg = _config(arch, layers=layers, hidden=hidden, experts=experts, top_k=top_k, heads=heads, kv_heads=kv_heads,
+                  head_dim=head_dim, moe_inter=moe_intermediate or hidden, inter=intermediate or 4 * hidden,
+                  vocab=vocab_size, max_position=max_position, dtype=dtype, ids=ids)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-         "pad_token_id": ids["<|endoftext|>"]}, indent=2))
-    specs = tensor_specs(arch, cfg)
-    elt = 4 if dtype == "float32" else 2
-    shards, cur, size = [], [], 0
+         "pad_token_id": ids["<|endoftext|>"], "do_sample": False}, indent=2))
+
+    specs, elt = tensor_specs(arch, cfg), DTYPES[dtype][1]
+    shards, size = [[]], 0
     for spec in specs:
         n = math.prod(spec[1]) * elt
-        if cur and max_shard_bytes and size + n > max_shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(spec)
+        if shards[-1] and max_shard_bytes and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
         size += n
-    shards.append(cur)
+    workers = workers or min(8, os.cpu_count() or 1)
+    fn = lambda s: make_tensor(s[0], s[1], s[2], seed, dtype, std, norm_std)  # noqa: E731
+    for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)   # a re-run with other sharding must not leave stale files
     if len(shards) == 1:
-        save_file({n: _tensor(n, s, i, seed, dtype) for n, s, i in shards[0]}, str(out / "model.safetensors"),
-                  metadata={"format": "pt"})
+        write_safetensors(out / "model.safetensors", specs, dtype, fn, workers)
         return out
     weight_map = {}
     for k, shard in enumerate(shards, 1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: _tensor(n, s, i, seed, dtype) for n, s, i in shard}, str(out / fname),
-                  metadata={"format": "pt"})
-        weight_map.update({n: fname for n, _, _ in shard})
-    total = sum(math.prod(s) * elt for _, s, _ in specs)
+        write_safetensors(out / fname, shard, dtype, fn, workers)
+        weight_map.update({name: fname for name, _, _ in shard})
     (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        {"metadata": {"total_size": sum(math.prod(s) * elt for _, s, _ in specs)}, "weight_map": weight_map},
+        indent=2))
     return out
 
 
-def _size(s: str) -> int:
-    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    low = s.strip().lower()
-    for u, m in units.items():
-        if low.endswith(u) and low[: -len(u)].strip().replace(".", "", 1).isdigit():
-            return int(float(low[: -len(u)]) * m)
-    if low.isdigit():
-        return int(low)
-    raise argparse.ArgumentTypeError(f"{s!r} is not a size like 500MB or 2GB")
+def parse_size(s: str) -> int:
+    """'500MB', '2GB', '1.5GiB', '123' -> bytes."""
+    low = s.strip().lower().removesuffix("b")
+    units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    num, mult = low, 1
+    for u in sorted(units, key=len, reverse=True):
+        if low.endswith(u):
+            num, mult = low[: -len(u)].strip(), units[u]
+            break
+    try:
+        v = int(float(num) * mult)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a size like 500MB or 2GB")
+    return v
 
 
-def _pos(s: str) -> int:
+def _positive(s: str) -> int:
     try:
         v = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
     if v <= 0:
-        raise argparse.ArgumentTypeError(f"{s!r} must be positive")
+        raise argparse.ArgumentTypeError(f"{s!r} must be a positive integer")
     return v
 
 
-def add_cli(sub) -> None:
-    p = sub.add_parser("make-model", help="write a random-weight MoE checkpoint (Hugging Face layout)")
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not v > 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"{s!r} must be a positive number")
+    return v
+
+
+def add_cli(subparsers) -> None:
+    """Register ``epplat make-model ARCH OUTDIR [options]``."""
+    p = subparsers.add_parser("make-model", help="write a random-weight MoE checkpoint (Hugging Face layout)",
+                              description="Write a random-weight MoE checkpoint in the Hugging Face hub layout.")
     p.add_argument("arch", choices=ARCHS)
     p.add_argument("outdir")
     for flag, default in (("--layers", 2), ("--hidden", 128), ("--experts", 8), ("--top-k", 2), ("--heads", 4),
                           ("--kv-heads", 2), ("--head-dim", 32), ("--moe-intermediate", None),
                           ("--intermediate", None), ("--vocab-size", 2048), ("--max-position", 4096)):
-        p.add_argument(flag, type=_pos, default=default)
+        p.add_argument(flag, type=_positive, default=default, metavar="N")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=_DTYPES, default="float32")
-    p.add_argument("--max-shard-size", type=_size, default=None, help="e.g. 500MB; default: one file")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--std", type=_positive_float, default=None,
+                   help="N(0, std^2) for every matrix (default: embeddings N(0,1), others N(0,1/fan_in))")
+    p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
+                   help="split the weights into shards of at most SIZE, e.g. 5GB (default: one file)")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    import sys
     try:
         path = make_model(args.arch, args.outdir, layers=args.layers, hidden=args.hidden, experts=args.experts,
                           top_k=args.top_k, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                           moe_intermediate=args.moe_intermediate, intermediate=args.intermediate,
                           vocab_size=args.vocab_size, max_position=args.max_position, seed=args.seed,
-                          dtype=args.dtype, max_shard_bytes=args.max_shard_size)
-    except ValueError as e:
+                          dtype=args.dtype, max_shard_bytes=args.max_shard_size, std=args.std)
+    except (ValueError, OSError) as e:
         print(f"epplat make-model: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(path)
     return 0

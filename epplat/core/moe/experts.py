@@ -25,11 +25,36 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: to
     return torch.cat(out) if out else x.new_empty((0, w.shape[2]))
 
 
+def capturable_experts(x, topk_ids, topk_weights, w13, w2, act) -> torch.Tensor:
+    """The same sum without a host sync (CUDA graphs): all R*K rows run through two grouped
+    GEMMs with device-side group offsets; rows of other ranks' experts sort last and are masked."""
+    rows, k = topk_ids.shape
+    num_experts = w13.shape[0]
+    ids, perm = topk_ids.sort(dim=1)
+    weights = topk_weights.gather(1, perm).reshape(-1)
+    key = torch.where(ids < 0, num_experts, ids).reshape(-1)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+    offs = counts[:num_experts].cumsum(0, dtype=torch.int32)
+    h = gated_act(torch._grouped_mm(x.index_select(0, order // k), w13, offs=offs), act)
+    h = torch._grouped_mm(h, w2, offs=offs)
+    valid = (key.index_select(0, order) < num_experts)[:, None]
+    h = torch.where(valid, h * weights.index_select(0, order)[:, None].to(x.dtype), 0)
+    buf = torch.empty_like(h).index_copy_(0, order, h).view(rows, k, -1)
+    out = buf[:, 0]
+    for j in range(1, k):
+        out = out + buf[:, j]
+    return out
+
+
 def reference_experts(x, topk_ids, topk_weights, w13, w2, act) -> torch.Tensor:
     """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over local ids >= 0.
 
     x: [R, H]; topk_ids/topk_weights: [R, K]; w13: [E, H, 2I]; w2: [E, I, H].
     """
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _HAS_GROUPED:
+        return capturable_experts(x, topk_ids, topk_weights, w13, w2, act)
     rows, k = topk_ids.shape
     num_experts = w13.shape[0]
     ids, perm = topk_ids.sort(dim=1)                  # ascending experts per token (-1 first)

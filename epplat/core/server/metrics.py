@@ -1,48 +1,96 @@
-"""Prometheus metrics with vLLM's names under the ``epplat:`` prefix."""
+"""Prometheus metrics for /metrics, with vLLM's metric names under the ``epplat:`` prefix."""
 
 from __future__ import annotations
 
+import time
+from typing import Optional
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
-_ITL = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-        2.5)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+         80.0, 160.0, 640.0, 2560.0)
+_ITL = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+        40.0, 80.0)
+_E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+        960.0, 1920.0, 7680.0)
 
 
 class Metrics:
+    """One app's series, in its own registry (several apps may live in one process)."""
+
     def __init__(self, model_name: str):
         self.registry = r = CollectorRegistry()
-        labels = ["model_name"]
         self.model = model_name
-        self.success = Counter("epplat:request_success", "Finished requests by finish reason",
-                               labels + ["finished_reason"], registry=r)
-        self.prompt_tokens = Counter("epplat:prompt_tokens", "Prefill tokens processed", labels, registry=r)
-        self.generation_tokens = Counter("epplat:generation_tokens", "Tokens generated", labels, registry=r)
-        self.running = Gauge("epplat:num_requests_running", "Requests in the engine's running batch", labels,
-                             registry=r)
-        self.waiting = Gauge("epplat:num_requests_waiting", "Requests waiting to be scheduled", labels, registry=r)
-        self.kv_usage = Gauge("epplat:kv_cache_usage_perc", "KV cache usage (1 = full)", labels, registry=r)
-        self.engine_requests = Gauge("epplat:engine_requests_received", "Requests each DP rank's engine received",
-                                     labels + ["dp_rank"], registry=r)
-        self.preemptions = Gauge("epplat:num_preemptions_total", "Preemptions since start", labels, registry=r)
-        self.ttft = Histogram("epplat:time_to_first_token_seconds", "Time to first token", labels, buckets=_TTFT,
-                              registry=r)
-        self.itl = Histogram("epplat:inter_token_latency_seconds", "Time between output tokens", labels,
-                             buckets=_ITL, registry=r)
-        self.e2e = Histogram("epplat:e2e_request_latency_seconds", "End-to-end request latency", labels,
-                             buckets=_TTFT, registry=r)
+        m = ["model_name"]
+        self.success = Counter("epplat:request_success", "Finished requests by finish reason.",
+                               m + ["finished_reason"], registry=r).labels
+        self.prompt_tokens = Counter("epplat:prompt_tokens", "Prefill tokens processed.", m, registry=r).labels(
+            model_name)
+        self.generation_tokens = Counter("epplat:generation_tokens", "Generation tokens processed.", m,
+                                         registry=r).labels(model_name)
+        self.running = Gauge("epplat:num_requests_running", "Requests in the engines' running batches.", m,
+                             registry=r).labels(model_name)
+        self.waiting = Gauge("epplat:num_requests_waiting", "Requests waiting to be scheduled.", m,
+                             registry=r).labels(model_name)
+        self.kv_usage = Gauge("epplat:kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.", m,
+                              registry=r).labels(model_name)
+        self.preemptions = Gauge("epplat:num_preemptions_total", "Preemptions since the engines started.", m,
+                                 registry=r).labels(model_name)
+        self.engine_requests = Gauge("epplat:engine_requests_received", "Requests each DP rank's engine received.",
+                                     m + ["dp_rank"], registry=r).labels
+        self.ttft = Histogram("epplat:time_to_first_token_seconds", "Time to first token in seconds.", m,
+                              buckets=_TTFT, registry=r).labels(model_name)
+        self.itl = Histogram("epplat:inter_token_latency_seconds", "Time between output tokens in seconds.", m,
+                             buckets=_ITL, registry=r).labels(model_name)
+        self.tpot = Histogram("epplat:request_time_per_output_token_seconds",
+                              "Per request: mean time per output token after the first, in seconds.", m,
+                              buckets=_ITL, registry=r).labels(model_name)
+        self.e2e = Histogram("epplat:e2e_request_latency_seconds", "End-to-end request latency in seconds.", m,
+                             buckets=_E2E, registry=r).labels(model_name)
 
-    def finished(self, reason: str, prompt_tokens: int, output_tokens: int, latency: float) -> None:
-        self.success.labels(self.model, reason).inc()
-        self.prompt_tokens.labels(self.model).inc(prompt_tokens)
-        self.generation_tokens.labels(self.model).inc(output_tokens)
-        self.e2e.labels(self.model).observe(latency)
+    def track(self, arrival: float) -> "RequestTracker":
+        return RequestTracker(self, arrival)
 
-    def render(self, stats, per_engine: dict | None = None) -> bytes:
+    def render(self, stats, per_engine: Optional[dict] = None) -> bytes:
+        """The text exposition, with the engine gauges set from `stats` (an EngineStats) first."""
+        if stats is not None:
+            self.running.set(stats.num_running)
+            self.waiting.set(stats.num_waiting)
+            self.kv_usage.set(stats.kv_usage)
+            self.preemptions.set(stats.num_preemptions)
         for rank, st in (per_engine or {}).items():
-            self.engine_requests.labels(self.model, str(rank)).set(st.num_requests_received)
-        self.running.labels(self.model).set(stats.num_running)
-        self.waiting.labels(self.model).set(stats.num_waiting)
-        self.kv_usage.labels(self.model).set(stats.kv_usage)
-        self.preemptions.labels(self.model).set(stats.num_preemptions)
+            self.engine_requests(self.model, str(rank)).set(st.num_requests_received)
         return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Latency and token counts of one engine request, fed as its outputs arrive."""
+
+    def __init__(self, metrics: Metrics, arrival: float):
+        self.m, self.arrival = metrics, arrival
+        self.first: Optional[float] = None
+        self.last = arrival
+        self.num_output = 0
+
+    def output(self, num_new_tokens: int) -> None:
+        if not num_new_tokens:
+            return
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+            self.m.ttft.observe(now - self.arrival)
+        else:
+            self.m.itl.observe(now - self.last)
+        self.last = now
+        self.num_output += num_new_tokens
+
+    def finish(self, reason: str, num_prompt_tokens: int) -> None:
+        now = time.monotonic()
+        self.m.success(self.m.model, reason).inc()
+        self.m.prompt_tokens.inc(num_prompt_tokens)
+        self.m.generation_tokens.inc(self.num_output)
+        self.m.e2e.observe(now - self.arrival)
+        if self.first is not None and self.num_output > 1:
+            self.m.tpot.observe((self.last - self.first) / (self.num_output - 1))

@@ -13,6 +13,14 @@ class CudaPlatform(Platform):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
+    default_graph_runner = "cuda_graphs"
+
+    def __init__(self):
+        import importlib.util
+        if importlib.util.find_spec("triton"):
+            from epplat.core.model import attention
+            from epplat.platforms.cuda.triton_attention import decode_attention
+            attention.DECODE_KERNELS["cuda"] = decode_attention
 
     @classmethod
     def check(cls) -> Optional[str]:

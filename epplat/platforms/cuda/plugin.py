@@ -15,6 +15,22 @@ def _platform():
     return CudaPlatform
 
 
+def _graphs():
+    from epplat.platforms.cuda.graphs import CudaGraphRunner
+    return CudaGraphRunner
+
+
+def _triton_check():
+    import importlib.util
+    return _check() or (None if importlib.util.find_spec("triton") else "triton not installed")
+
+
 @hookimpl
 def epplat_platforms():
-    return [Registration("cuda", _platform, check=_check, help="NVIDIA GPUs: NCCL collectives")]
+    return [Registration("cuda", _platform, check=_check, help="NVIDIA GPUs: NCCL collectives, Triton, CUDA graphs")]
+
+
+@hookimpl
+def epplat_graph_runners():
+    return [Registration("cuda_graphs", _graphs, check=_triton_check, platforms=("cuda",),
+                         help="CUDA graphs of decode steps (--enforce-eager turns them off)")]

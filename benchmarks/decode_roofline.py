@@ -1,0 +1,121 @@
+"""Decode step time on one GPU against the HBM roofline, eager and with CUDA graphs.
+
+Builds a random-weight MoE (default: shaped like Qwen3-30B-A3B: 48 layers, hidden 2048,
+32 query / 4 KV heads of 128, 128 experts top-8, expert width 768, vocab 151936, bf16)
+directly on the GPU, fills a paged KV cache so every sequence has CONTEXT tokens, and
+times one decode step (model forward + logits) per batch size. The roofline is the
+bytes a step must read — every non-expert weight, the experts the batch routes to
+(their expected count under uniform routing), and the KV cache of the batch — over
+the device-to-device copy bandwidth measured in the same run.
+
+    python benchmarks/decode_roofline.py --batch 1 16 64 256 --context 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from epplat.core.model.attention import build_attn_metadata
+from epplat.core.model.decoder import DecoderConfig, MoEForCausalLM
+from epplat.core.moe.all2all import ExpertMap
+from epplat.core.moe.all2all_torch import AllGatherReduceScatter
+from epplat.platforms.cuda.graphs import CudaGraphRunner
+from epplat.platforms.cuda.platform import CudaPlatform
+
+
+def copy_bandwidth(dev) -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 20 / (time.perf_counter() - t)   # bytes read + written per second
+
+
+def timed(fn, iters=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--moe-intermediate", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    dev, dtype = torch.device("cuda", 0), torch.bfloat16
+    CudaPlatform()   # registers the Triton decode kernel
+    cfg = DecoderConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
+                        num_kv_heads=a.kv_heads, head_dim=a.head_dim, max_position=a.context + 64,
+                        rope_theta=1e6, rms_norm_eps=1e-6, num_experts=a.experts, top_k=a.top_k,
+                        moe_intermediate_size=a.moe_intermediate, intermediate_size=0, qk_norm=True)
+    with torch.device(dev):
+        model = MoEForCausalLM(cfg, AllGatherReduceScatter(ExpertMap(a.experts), device=dev), dtype)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for prm in model.parameters():
+        prm.data.normal_(0, 0.02, generator=g) if prm.dim() > 1 else prm.data.fill_(1.0)
+    bmax = max(a.batch)
+    blocks_per_seq = -(-(a.context + 1) // a.block_size)
+    nblocks = bmax * blocks_per_seq
+    for layer in model.layers:
+        shape = (nblocks + 2, a.block_size, a.kv_heads, a.head_dim)
+        layer.self_attn.kv_cache = (torch.randn(shape, device=dev, dtype=dtype) * 0.1,
+                                    torch.randn(shape, device=dev, dtype=dtype) * 0.1)
+    bw = copy_bandwidth(dev)
+    elt = 2
+    dense = sum(p.numel() for n, p in model.named_parameters() if ".mlp.w" not in n) * elt
+    per_expert = 3 * a.hidden * a.moe_intermediate * elt
+    runner = CudaGraphRunner(model, dev)
+    runner.capture(a.batch, blocks_per_seq, nblocks, (nblocks + 1) * a.block_size)
+    rows = []
+    for b in a.batch:
+        seqs = [(a.context + 1, 1, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))) for i in range(b)]
+        meta = build_attn_metadata(seqs, a.block_size, dev, nblocks)
+        ids = torch.randint(0, a.vocab, (b,), device=dev)
+        pos = torch.full((b,), a.context, device=dev)
+        with torch.inference_mode():
+            eager = timed(lambda: model.compute_logits(model(ids, pos, meta)))
+            graph = timed(lambda: model.compute_logits(runner.forward(ids, pos, meta)))
+        hit = a.experts * (1 - (1 - a.top_k / a.experts) ** b)          # expected experts used per layer
+        kv = b * (a.context + 1) * a.layers * 2 * a.kv_heads * a.head_dim * elt
+        need = dense + a.layers * hit * per_expert + kv
+        roof = need / bw
+        rows.append({"batch": b, "eager_ms": eager * 1e3, "graph_ms": graph * 1e3, "roofline_ms": roof * 1e3,
+                     "bytes": need, "graph_frac_of_roofline": roof / graph, "eager_frac_of_roofline": roof / eager})
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s (read+write); "
+          f"{a.layers} layers, {a.experts} experts top-{a.top_k}, context {a.context}, bf16")
+    print(f"{'batch':>6}{'GB read':>9}{'roofline':>10}{'eager':>10}{'graphs':>10}{'graphs/roof':>13}")
+    for r in rows:
+        print(f"{r['batch']:>6}{r['bytes'] / 1e9:>9.2f}{r['roofline_ms']:>8.2f}ms{r['eager_ms']:>8.2f}ms"
+              f"{r['graph_ms']:>8.2f}ms{r['graph_frac_of_roofline'] * 100:>12.0f}%")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"args": vars(a), "copy_bw": bw, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
