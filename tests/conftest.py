@@ -20,7 +20,7 @@ def qwen3_moe_dir(tmp_path_factory):
     # two shards, to exercise model.safetensors.index.json
     return make_model("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe"), layers=2, hidden=64, experts=8, top_k=2,
                       heads=4, kv_heads=2, head_dim=32, moe_intermediate=64, vocab_size=2048, seed=1,
-                      max_shard_bytes=600_000)
+                      max_shard_bytes=1_200_000)
 
 
 @pytest.fixture(scope="session")

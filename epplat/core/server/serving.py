@@ -21,7 +21,7 @@ from epplat.core.server.metrics import Metrics
 from epplat.core.server.protocol import (
     APIError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatLogProb,
     ChatLogProbs, ChatLogProbsContent, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogProbs,
-    CompletionRequest, CompletionResponse, CompletionStreamResponse, DeltaMessage, UsageInfo, error_response)
+    CompletionRequest, CompletionResponse, CompletionStreamResponse, DeltaMessage, UsageInfo)
 
 logger = logging.getLogger("epplat.server")
 
@@ -76,7 +76,7 @@ class OpenAIServing:
         ids = [self._check_ids(self.tok.encode(p, add_special_tokens=req.add_special_tokens)
                                if isinstance(p, str) else list(p)) for p in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        jobs = self._jobs(rid, ids, req.n, lambda n: self._params(req, n, req.max_tokens, req.logprobs))
+        jobs = self._jobs(rid, ids, req.n, lambda plen: self._params(req, plen, req.max_tokens, req.logprobs))
         echo = [(p if isinstance(p, str) else self.tok.decode(p)) if req.echo else ""
                 for p in prompts for _ in range(req.n)]
         if req.stream:
@@ -108,7 +108,7 @@ class OpenAIServing:
                                           stop_reason=out.stop_reason)],
                         UsageInfo.of(len(jobs[i].prompt_ids), num_tokens[i]) if req.continuous_usage else None)
         if req.include_usage:
-            yield chunk([], UsageInfo.of(_prompt_tokens(jobs), sum(num_tokens)))
+            yield chunk([], UsageInfo.of(sum(len(j.prompt_ids) for j in jobs[::req.n]), sum(num_tokens)))
 
     def _completion_logprobs(self, entries, offset: int) -> tuple[CompletionLogProbs, int]:
         """The legacy format; `offset` is where the first token's text starts. Returns the next offset too."""
@@ -136,7 +136,7 @@ class OpenAIServing:
             raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
         ids = self._check_ids(self.tok.encode(text, add_special_tokens=req.add_special_tokens))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = self._jobs(rid, [ids], req.n, lambda n: self._params(req, n, req.output_limit, req.num_logprobs))
+        jobs = self._jobs(rid, [ids], req.n, lambda plen: self._params(req, plen, req.output_limit, req.num_logprobs))
         if req.stream:
             return self._sse(self._chat_chunks(req, jobs, arrival, rid, created, model))
         choices = await self._collect(jobs, arrival, raw)
@@ -311,14 +311,9 @@ def _json(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _prompt_tokens(jobs: list[_Job]) -> int:
-    """Each prompt counted once, however many samples (n) it has."""
-    return sum(len(j.prompt_ids) for j in jobs if j.index == 0 or j.prompt_ids is not jobs[j.index - 1].prompt_ids)
-
-
 def _message(m) -> dict:
     """A request message as the chat template takes it: text parts joined into one string."""
-    d = m.model_dump(exclude_none=True)
+    d = {k: v for k, v in m.model_dump().items() if v is not None or k == "content"}
     if isinstance(m.content, list):
         texts = []
         for part in m.content:
