@@ -14,7 +14,7 @@ PROMPTS = [[5, 17, 99, 230, 7, 64, 300, 12, 45], [400, 401], list(range(100, 140
 def test_triton_decode_attention_matches_a_gather_and_softmax():
     from epplat.platforms.cuda.triton_attention import decode_attention
     torch.manual_seed(0)
-    b, h, kvh, d, bs, nblk = 5, 8, 2, 64, 16, 40
+    b, h, kvh, d, bs, nblk = 5, 8, 2, 64, 16, 64
     k = torch.randn(nblk, bs, kvh, d, device="cuda")
     v = torch.randn_like(k)
     q = torch.randn(b, h, d, device="cuda")

@@ -82,8 +82,8 @@ class Attention(nn.Module):
         self.qkv = _param((self.h + 2 * self.kvh) * self.d, cfg.hidden_size, dtype=dtype)
         self.qkv_bias = _param((self.h + 2 * self.kvh) * self.d, dtype=dtype) if cfg.attention_bias else None
         self.o_proj = _param(cfg.hidden_size, self.h * self.d, dtype=dtype)
-        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.rope = rope
         self.scale = self.d ** -0.5
         self.kv_cache: Optional[tuple] = None
@@ -145,8 +145,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         act = ACTIVATIONS[cfg.act]
         self.ps = ps
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, rope, ps, dtype)
         if idx in cfg.dense_layers or cfg.num_experts == 0:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, act, ps, dtype)
@@ -176,7 +176,7 @@ class MoEForCausalLM(nn.Module):
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta)
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope, all2all, ps, dtype) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size,
                                                                                    dtype=dtype)
         self.rope = rope

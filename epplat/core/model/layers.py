@@ -10,9 +10,9 @@ from torch import nn
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, as Hugging Face's Llama-family models do."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, dtype=torch.float32):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,62 +1,80 @@
-"""The FastAPI app: routes, API-key check, OpenAI-style errors, and the uvicorn runner."""
+"""The FastAPI app (routes, API-key check, OpenAI-style errors) and its uvicorn runner."""
 
 from __future__ import annotations
 
+import hmac
 import logging
+import socket
+import time
 from contextlib import asynccontextmanager
+from typing import Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from epplat import __version__
-from epplat.core.engine.client import sum_stats
-from epplat.core.server.metrics import Metrics
-from epplat.core.server.protocol import ChatCompletionRequest, CompletionRequest
-from epplat.core.server.serving import APIError, OpenAIServing, error_response
+from epplat.core.server.metrics import CONTENT_TYPE, Metrics
+from epplat.core.server.protocol import (
+    APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_response)
+from epplat.core.server.serving import OpenAIServing
 
 logger = logging.getLogger("epplat.server")
 
 
-def build_app(client, *, served_model_names: list[str], api_key: str | None) -> FastAPI:
-    """The app; the engine limits (max_model_len, vocabulary) come from the client once engines are ready."""
+def build_app(client, *, served_model_names: list[str], api_key: Optional[str] = None,
+              max_model_len: Optional[int] = None, model_path: Optional[str] = None) -> FastAPI:
+    """The OpenAI-compatible app over an engine client.
+
+    max_model_len: the context limit requests are checked against; None reads
+    ``client.max_model_len`` per request (the engine client learns it when its engines are up).
+    model_path: the checkpoint, shown as each model's ``root`` in /v1/models.
+    """
+    if not served_model_names:
+        raise ValueError("served_model_names must name at least one model")
     metrics = Metrics(served_model_names[0])
-    serving = OpenAIServing(client, served_model_names, metrics)
+    serving = OpenAIServing(client, served_model_names, metrics, max_model_len)
+    created = int(time.time())
 
     @asynccontextmanager
-    async def lifespan(app):
-        await client.start()
+    async def lifespan(_app):
+        if hasattr(client, "start"):      # the engine client connects to its engines in this event loop
+            await client.start()
         yield
 
     app = FastAPI(title="epplat", version=__version__, lifespan=lifespan)
+    app.state.metrics, app.state.serving = metrics, serving
+    expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def check_api_key(request: Request):
         # a dependency, not an HTTP middleware: BaseHTTPMiddleware hides client disconnects
-        if api_key and request.headers.get("Authorization") != f"Bearer {api_key}":
-            raise APIError(401, "Unauthorized: a valid API key is required")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+        if expected is not None and not hmac.compare_digest(
+                request.headers.get("Authorization", "").encode(), expected):
+            raise APIError(401, "Unauthorized: a valid API key is required (Authorization: Bearer ...).")
 
     @app.exception_handler(APIError)
-    async def api_error(_, exc: APIError):
-        return exc.response()
+    async def _api_error(_, exc: APIError):
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return error_response(400, f"{loc + ': ' if loc else ''}{first.get('msg', 'invalid request')}", loc)
+    async def _invalid_request(_, exc: RequestValidationError):
+        err = (exc.errors() or [{}])[0]
+        ctx = err.get("ctx") or {}
+        if err.get("type") == "json_invalid":
+            return error_response(APIError(400, f"The request body is not valid JSON: {ctx.get('error', '')}"))
+        field = ".".join(str(x) for x in err.get("loc", ())[1:])
+        msg = err.get("msg", "Invalid request.")
+        return error_response(APIError(400, f"{field}: {msg}" if field else msg, ctx.get("param") or field or None))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+    async def _http_error(_, exc: StarletteHTTPException):
+        return error_response(APIError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
-    async def internal_error(_, exc: Exception):
+    async def _internal_error(_, exc: Exception):
         logger.exception("internal error")
-        return error_response(500, f"{type(exc).__name__}: {exc}")
+        return error_response(APIError(500, f"{type(exc).__name__}: {exc}"))
 
     @app.get("/health")
     async def health():
@@ -67,38 +85,69 @@ def build_app(client, *, served_model_names: list[str], api_key: str | None) -> 
         return {"version": __version__}
 
     @app.get("/metrics")
-    async def prom():
-        per_engine = await client.engine_loads() if client.healthy else {}
-        return Response(metrics.render(sum_stats(per_engine), per_engine), media_type="text/plain; version=0.0.4")
+    async def prometheus():
+        stats, per_engine = None, None
+        if client.healthy:
+            try:
+                if hasattr(client, "engine_loads"):   # per-DP-rank stats as well as their sum
+                    from epplat.core.engine.client import sum_stats
+                    per_engine = await client.engine_loads()
+                    stats = sum_stats(per_engine)
+                else:
+                    stats = await client.get_stats()
+            except Exception as e:
+                logger.warning("engine stats unavailable: %s", e)
+        return Response(metrics.render(stats, per_engine), media_type=CONTENT_TYPE)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": n, "object": "model", "created": 0, "owned_by": "epplat", "root": client.cfg.model.model,
-             "max_model_len": client.max_model_len} for n in served_model_names]}
+        return Response(ModelList(data=[
+            ModelCard(id=name, created=created, root=model_path or served_model_names[0],
+                      max_model_len=serving.max_model_len) for name in served_model_names]).model_dump_json(),
+            media_type="application/json")
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, raw: Request):
         return await serving.completions(req, raw)
 
     @v1.post("/chat/completions")
-    async def chat(req: ChatCompletionRequest, raw: Request):
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
         return await serving.chat(req, raw)
 
     app.include_router(v1)
     return app
 
 
-def run_server(app: FastAPI, host: str, port: int, log_level: str = "info", reuse_port: bool = False) -> None:
-    """Serve with uvicorn; with reuse_port several API server processes share the port."""
-    import socket
+def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info", reuse_port: bool = False,
+               timeout_graceful_shutdown: float = 5.0) -> None:
+    """Serve `app` with uvicorn until SIGINT / SIGTERM.
 
+    On a signal uvicorn stops accepting, lets running requests finish for up to
+    `timeout_graceful_shutdown` seconds, then cancels them (which aborts their engine
+    requests). With reuse_port several API server processes share the port.
+    """
     import uvicorn
-    logger.info("Starting epplat API server on http://%s:%d", host, port)
+
+    host = host or "0.0.0.0"
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5))
-    server.run(sockets=[sock])
+    url = f"http://[{host}]:{sock.getsockname()[1]}" if ":" in host else f"http://{host}:{sock.getsockname()[1]}"
+    logger.info("Starting epplat API server on %s", url)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            # uvicorn names no URL when given a socket; say it once the app is up
+            logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=timeout_graceful_shutdown)
+    try:
+        Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

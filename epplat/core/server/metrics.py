@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -21,6 +21,7 @@ class Metrics:
     """One app's series, in its own registry (several apps may live in one process)."""
 
     def __init__(self, model_name: str):
+        disable_created_metrics()   # no `*_created` series, as in vLLM (a process-wide prometheus_client setting)
         self.registry = r = CollectorRegistry()
         self.model = model_name
         m = ["model_name"]
