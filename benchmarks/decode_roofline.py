@@ -65,6 +65,8 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--profile", type=int, nargs="*", default=[], help="print the top GPU kernels of an eager step "
+                                                                        "at these batch sizes")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, dtype = torch.device("cuda", 0), torch.bfloat16
@@ -99,6 +101,13 @@ def main():
         pos = torch.full((b,), a.context, device=dev)
         with torch.inference_mode():
             eager = timed(lambda: model.compute_logits(model(ids, pos, meta)))
+            if b in a.profile:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    model.compute_logits(model(ids, pos, meta))
+                    torch.cuda.synchronize()
+                print(f"batch {b}, eager step, GPU time by kernel:")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
             graph = timed(lambda: model.compute_logits(runner.forward(ids, pos, meta)))
         hit = a.experts * (1 - (1 - a.top_k / a.experts) ** b)          # expected experts used per layer
         kv = b * (a.context + 1) * a.layers * 2 * a.kv_heads * a.head_dim * elt
