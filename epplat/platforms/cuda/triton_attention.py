@@ -1,7 +1,8 @@
-"""Decode attention over the paged KV cache as a Triton kernel (one program per sequence
-and KV head, online softmax over the sequence's blocks). Reads only the blocks a
-sequence uses and takes its lengths from a device tensor, so it can be captured in a
-CUDA graph."""
+"""Decode attention over the paged KV cache as a Triton kernel, split over the KV length
+(flash-decoding): each program takes one sequence, one KV head (all its query heads at
+once, on tensor cores) and one slice of the sequence's blocks; a small torch reduction
+merges the slices by their log-sum-exp. Reads only the blocks a sequence uses and takes
+lengths from a device tensor, so it can be captured in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -9,41 +10,56 @@ import torch
 import triton
 import triton.language as tl
 
+_TARGET_PROGRAMS = 2 * 132   # about two waves of an H100/H200's SMs
+
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale,
-                   table_stride, q_stride, kv_heads: tl.constexpr, group: tl.constexpr,
-                   GROUP_P: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_ptr, scale,
+                         table_stride, q_stride, kv_heads: tl.constexpr, group: tl.constexpr,
+                         splits: tl.constexpr, GROUP_P: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+                         IEEE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    sp = tl.program_id(2)
     length = tl.load(lens_ptr + b)
+    nblocks = tl.cdiv(length, BLOCK)
+    per = tl.cdiv(nblocks, splits)
+    start = sp * per
+    end = tl.minimum(start + per, nblocks)
     g = tl.arange(0, GROUP_P)
     d = tl.arange(0, D)
     s = tl.arange(0, BLOCK)
     gmask = g < group
     heads = kvh * group + g
     q = tl.load(q_ptr + b * q_stride + heads[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
-    q = q.to(tl.float32) * scale
     m = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, D], tl.float32)
-    for n in range(0, tl.cdiv(length, BLOCK)):
+    for n in range(start, end):
         block = tl.load(tables_ptr + b * table_stride + n).to(tl.int64)
-        pos = n * BLOCK + s
         off = ((block * BLOCK + s)[:, None] * kv_heads + kvh) * D + d[None, :]
-        k = tl.load(k_ptr + off).to(tl.float32)                       # [BLOCK, D]
-        v = tl.load(v_ptr + off).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)        # [GROUP_P, BLOCK]
-        scores = tl.where((pos < length)[None, :], scores, float("-inf"))
+        k = tl.load(k_ptr + off)
+        v = tl.load(v_ptr + off)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.where(((n * BLOCK + s) < length)[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    out = acc / l_sum[:, None]
-    tl.store(out_ptr + b * q_stride + heads[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=gmask[:, None])
+    has = l_sum > 0
+    out = acc / tl.where(has, l_sum, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf"))
+    row = ((b * kv_heads + kvh) * splits + sp) * GROUP_P + g
+    tl.store(o_ptr + row[:, None] * D + d[None, :], out)
+    tl.store(lse_ptr + row, lse)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
@@ -52,8 +68,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     b, h, d = q.shape
     block, kvh = k_cache.shape[1], k_cache.shape[2]
     group = h // kvh
-    out = torch.empty_like(q)
-    q = q.contiguous()
-    _decode_kernel[(b, kvh)](q, k_cache, v_cache, tables, lens, out, scale, tables.stride(0), h * d,
-                             kvh, group, max(triton.next_power_of_2(group), 1), block, d)
-    return out
+    gp = max(16, triton.next_power_of_2(group))
+    splits = max(1, min(32, -(-_TARGET_PROGRAMS // (b * kvh))))
+    mid = torch.empty((b, kvh, splits, gp, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, kvh, splits, gp), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(b, kvh, splits)](q.contiguous(), k_cache, v_cache, tables, lens, mid, lse, scale,
+                                           tables.stride(0), h * d, kvh, group, splits, gp, block, d,
+                                           q.dtype == torch.float32)
+    w = torch.softmax(lse, dim=2).unsqueeze(-1)              # empty slices weigh 0
+    out = (w * mid).sum(dim=2)[:, :, :group]                 # [B, KVH, group, D]
+    return out.reshape(b, h, d).to(q.dtype)
