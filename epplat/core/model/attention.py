@@ -83,9 +83,13 @@ def paged_attention(q, k, v, kv_cache, meta: AttnMetadata, scale: float) -> torc
     gqa = q.shape[1] != kvh
     b = meta.num_decodes
     kernel = DECODE_KERNELS.get(q.device.type)
-    if b and kernel is not None:
-        out[:b] = kernel(q[:b], k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale)
+    done = kernel(q[:b], k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale) if b and kernel else None
+    if done is not None:
+        out[:b] = done
     elif b:
+        if meta.decode_mask is None:
+            span = torch.arange(meta.decode_tables.shape[1] * k_cache.shape[1], device=q.device)
+            meta.decode_mask = (span[None, :] < meta.decode_lens[:, None])[:, None, None]
         flat = meta.decode_tables.view(-1)   # index_select copies whole blocks; [] indexing is ~6x slower
         keys = k_cache.index_select(0, flat).view(b, -1, kvh, d).transpose(1, 2)   # [B, KVH, L, D]
         vals = v_cache.index_select(0, flat).view(b, -1, kvh, d).transpose(1, 2)

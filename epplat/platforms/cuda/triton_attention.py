@@ -64,9 +64,14 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_p
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                      lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [B, H, D]; caches [num_blocks, block_size, KVH, D]; tables [B, W]; lens [B] -> [B, H, D]."""
+    """q: [B, H, D]; caches [num_blocks, block_size, KVH, D]; tables [B, W]; lens [B] -> [B, H, D].
+
+    Returns None for shapes the kernel does not take (block size or head dim below 16, or not
+    a power of two); the caller then uses its portable path."""
     b, h, d = q.shape
     block, kvh = k_cache.shape[1], k_cache.shape[2]
+    if block < 16 or d < 16 or block & (block - 1) or d & (d - 1):
+        return None
     group = h // kvh
     gp = max(16, triton.next_power_of_2(group))
     splits = max(1, min(32, -(-_TARGET_PROGRAMS // (b * kvh))))
