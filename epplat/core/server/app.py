@@ -15,6 +15,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from epplat import __version__
+from epplat.core.engine.client import sum_stats
 from epplat.core.server.metrics import CONTENT_TYPE, Metrics
 from epplat.core.server.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_response)
@@ -44,7 +45,6 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
         yield
 
     app = FastAPI(title="epplat", version=__version__, lifespan=lifespan)
-    app.state.metrics, app.state.serving = metrics, serving
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def check_api_key(request: Request):
@@ -73,7 +73,7 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
 
     @app.exception_handler(Exception)
     async def _internal_error(_, exc: Exception):
-        logger.exception("internal error")
+        # starlette re-raises it after this response, and uvicorn logs the traceback
         return error_response(APIError(500, f"{type(exc).__name__}: {exc}"))
 
     @app.get("/health")
@@ -90,7 +90,6 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
         if client.healthy:
             try:
                 if hasattr(client, "engine_loads"):   # per-DP-rank stats as well as their sum
-                    from epplat.core.engine.client import sum_stats
                     per_engine = await client.engine_loads()
                     stats = sum_stats(per_engine)
                 else:

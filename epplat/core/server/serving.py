@@ -169,7 +169,8 @@ class OpenAIServing:
         def item(x, cls=ChatLogProb, **kw):
             s = self._token_str(x.token_id)
             return cls(token=s, logprob=max(x.logprob, _MIN_LOGPROB), bytes=list(s.encode("utf-8", "replace")), **kw)
-        return ChatLogProbs(content=[item(e[0], ChatLogProbsContent, top_logprobs=[item(x) for x in e[1:1 + (top or 0)]])
+        top = top or 0
+        return ChatLogProbs(content=[item(e[0], ChatLogProbsContent, top_logprobs=[item(x) for x in e[1:1 + top]])
                                      for e in entries])
 
     # -- validation and sampling settings --------------------------------------------------
