@@ -80,10 +80,19 @@ def stop(proc) -> None:
             pass
 
 
+def busy_warning(name) -> float:
+    """The 1-minute load average; warns when other work shares the cores (the figures then mean little)."""
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(f"{name}: warning: load average {load:.1f} on {os.cpu_count()} CPUs before the run: other work is "
+              f"sharing the cores, so the figures are not comparable", flush=True)
+    return load
+
+
 def serve_and_load(name, cmd, port, args, logdir, env=None) -> dict:
     log_path = f"{logdir}/{name}.log"
     print(f"{name}: {' '.join(cmd)}", flush=True)
-    load_before = os.getloadavg()[0]
+    load_before = busy_warning(name)
     proc, healthy = start(cmd, log_path, port, env)
     print(f"{name}: healthy after {healthy:.1f}s", flush=True)
     try:
@@ -109,6 +118,7 @@ def transformers_floor(args) -> dict:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     prompts = random_prompts(args.model_dir, args.num_prompts, args.input_len, args.seed)
+    load_before = busy_warning("transformers")
     pad = model.generation_config.pad_token_id
     pad = model.generation_config.eos_token_id if pad is None else pad
     if isinstance(pad, list):
@@ -124,7 +134,7 @@ def transformers_floor(args) -> dict:
     dt = time.perf_counter() - t0
     print(f"transformers generate: {new / dt:.1f} output tok/s", flush=True)
     return {"output_throughput": new / dt, "duration_s": dt, "total_output_tokens": new,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "loadavg_1m_before": load_before}
 
 
 def _version(python, module) -> str:
