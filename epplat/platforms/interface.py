@@ -23,8 +23,10 @@ class Platform:
         """Select and return the device this process computes on."""
         return torch.device(self.device_type)
 
-    def kv_cache_bytes(self, cache_cfg, weight_bytes: int, device: torch.device) -> int:
-        """Bytes the KV cache may take on `device` after the weights are loaded."""
+    def kv_cache_bytes(self, cache_cfg, weight_bytes: int, device: torch.device, profile=None) -> int:
+        """Bytes the KV cache may take on `device` after the weights are loaded. ``profile()`` runs
+        the largest step (returning the bytes of the scratch KV cache it used) for platforms that
+        size the cache from measured peak memory."""
         raise NotImplementedError
 
     def before_step(self, num_tokens: int) -> None:

@@ -25,7 +25,7 @@ def init_kv_cache(runner: ModelRunner, cfg: EngineConfig, ps: ParallelState) -> 
     if max_model_len > hf_max:
         raise ConfigError(f"--max-model-len {max_model_len} is larger than the model's "
                           f"max_position_embeddings ({hf_max})")
-    num_blocks = runner.num_blocks_from_memory()
+    num_blocks = runner.num_blocks_from_memory(max_model_len)
     if ps.tp_size > 1:
         t = torch.tensor([num_blocks])
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ps.tp_cpu_group)

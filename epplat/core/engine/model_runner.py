@@ -120,11 +120,35 @@ class ModelRunner:
                            (self.pad_block + 1) * self.block_size)
         logger.info("Graph capturing finished in %.1f s", time.time() - t0)
 
-    def num_blocks_from_memory(self) -> int:
+    @torch.inference_mode()
+    def profile_run(self, max_model_len: int) -> int:
+        """The largest step (max_num_batched_tokens prompt tokens, split into sequences of at most
+        max_model_len) into a scratch KV cache, so the platform can see peak activation memory.
+        Returns the scratch cache's bytes, which are not activations."""
+        total = self.cfg.scheduler.max_num_batched_tokens
+        lens = [min(max_model_len, total - i) for i in range(0, total, max_model_len)]
+        tables, nblk = [], 0
+        for n in lens:
+            k = -(-n // self.block_size)
+            tables.append(list(range(nblk, nblk + k)))
+            nblk += k
+        self.allocate_kv_cache(nblk)
+        ids = [0] * total
+        pos = [p for n in lens for p in range(n)]
+        hidden = self.forward(ModelInput(ids, pos, [(n, n, t) for n, t in zip(lens, tables)],
+                                         [total] * self.ps.ep_size if self.ps.ep_size > 1 else None))
+        self.model.compute_logits(hidden[-min(len(hidden), self.cfg.scheduler.max_num_seqs):])
+        scratch = (nblk + 2) * self.kv_bytes_per_block()
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+        return scratch
+
+    def num_blocks_from_memory(self, max_model_len: int) -> int:
         cache = self.cfg.cache
         if cache.num_gpu_blocks_override:
             return cache.num_gpu_blocks_override
-        budget = self.platform.kv_cache_bytes(cache, self.weight_bytes, self.device)
+        budget = self.platform.kv_cache_bytes(cache, self.weight_bytes, self.device,
+                                              profile=lambda: self.profile_run(max_model_len))
         n = budget // self.kv_bytes_per_block()
         if n <= 0:
             raise ConfigError("no memory left for the KV cache; lower the model size or raise the KV budget")

@@ -32,7 +32,7 @@ class AscendPlatform(Platform):
         torch.npu.set_device(local_rank)
         return torch.device("npu", local_rank)
 
-    def kv_cache_bytes(self, cache_cfg, weight_bytes, device) -> int:
+    def kv_cache_bytes(self, cache_cfg, weight_bytes, device, profile=None) -> int:
         if cache_cfg.kv_cache_memory_bytes:
             return cache_cfg.kv_cache_memory_bytes
         free, total = torch.npu.mem_get_info(device)

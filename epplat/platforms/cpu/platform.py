@@ -25,7 +25,7 @@ class CpuPlatform(Platform):
     def before_step(self, num_tokens: int) -> None:
         torch.set_num_threads(self.max_threads if num_tokens >= self.MULTI_THREAD_TOKENS else 1)
 
-    def kv_cache_bytes(self, cache_cfg, weight_bytes, device) -> int:
+    def kv_cache_bytes(self, cache_cfg, weight_bytes, device, profile=None) -> int:
         return cache_cfg.kv_cache_memory_bytes or cpu_kv_cache_bytes()
 
     def zeros(self, shape, dtype, device) -> torch.Tensor:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import logging
+
 import torch
 
+from epplat.config import ConfigError
 from epplat.platforms.interface import Platform
+
+logger = logging.getLogger(__name__)
 
 
 class CudaPlatform(Platform):
@@ -32,14 +37,33 @@ class CudaPlatform(Platform):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
 
-    def kv_cache_bytes(self, cache_cfg, weight_bytes, device) -> int:
+    def kv_cache_bytes(self, cache_cfg, weight_bytes, device, profile=None) -> int:
+        """--gpu-memory-utilization of the GPU, less weights, the peak activations of a profiling
+        run of the largest step, and memory outside torch (other processes, NCCL, CUDA context)."""
         if cache_cfg.kv_cache_memory_bytes:
             return cache_cfg.kv_cache_memory_bytes
+        gib = 1 << 30
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        scratch = profile() if profile else 0
+        torch.cuda.synchronize(device)
+        activations = max(0, torch.cuda.max_memory_allocated(device) - base - scratch)
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
-        used_by_others = total - free - torch.cuda.memory_reserved(device)
-        budget = total * cache_cfg.gpu_memory_utilization - used_by_others - torch.cuda.memory_reserved(device)
-        return max(0, int(budget * 0.9))  # headroom for activations until a profiling run sizes them
+        outside = total - free - torch.cuda.memory_reserved(device)
+        budget = int(total * cache_cfg.gpu_memory_utilization - torch.cuda.memory_allocated(device)
+                     - activations - outside)
+        logger.info("Memory profiling: %.2f GiB of %.2f GiB usable (--gpu-memory-utilization %.2f); weights "
+                    "%.2f GiB, peak activations %.2f GiB, outside torch %.2f GiB; available KV cache memory "
+                    "%.2f GiB", total * cache_cfg.gpu_memory_utilization / gib, total / gib,
+                    cache_cfg.gpu_memory_utilization, weight_bytes / gib, activations / gib, outside / gib,
+                    max(budget, 0) / gib)
+        if budget <= 0:
+            raise ConfigError(f"no GPU memory left for the KV cache: raise --gpu-memory-utilization "
+                              f"({cache_cfg.gpu_memory_utilization}) or lower --max-num-batched-tokens")
+        return budget
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
