@@ -77,3 +77,18 @@ def test_bf16_logits_within_tolerance_of_the_fp32_reference(tmp_path):
     err = ((ours - ref).abs().max(dim=-1).values / ref.std(dim=-1)).max()
     hf_err = ((hf16.float() - ref).abs().max(dim=-1).values / ref.std(dim=-1)).max()
     assert err < 0.10 and err < 1.5 * hf_err + 0.02, (float(err), float(hf_err))
+
+
+def test_memory_planning_respects_gpu_memory_utilization(qwen3_moe_dir):
+    from epplat.config import CacheConfig, EngineConfig, ModelConfig
+    from epplat.core.engine.core import EngineCore
+    from epplat.platforms.cuda.platform import CudaPlatform
+    import gc
+    gc.collect()
+    torch.cuda.empty_cache()
+    cfg = EngineConfig(ModelConfig(str(qwen3_moe_dir), dtype="bfloat16"),
+                       cache=CacheConfig(gpu_memory_utilization=0.1), platform="cuda")
+    core = EngineCore(cfg, CudaPlatform(), CudaPlatform().device(0))
+    free, total = torch.cuda.mem_get_info()
+    assert core.num_blocks * cfg.cache.block_size > 100_000       # a tenth of a GPU holds many tokens
+    assert total - free <= 0.1 * total + (1 << 30)                 # and the process stays near its share
