@@ -156,7 +156,8 @@ def _env_pairs(pairs) -> dict:
 
 
 def summary(results: dict) -> str:
-    head = f"{'engine':<14}{'healthy (s)':>12}{'out tok/s':>11}{'TTFT p50':>10}{'TPOT p50':>10}{'ITL p50':>9}{'vs vLLM':>9}"
+    head = (f"{'engine':<14}{'healthy (s)':>12}{'out tok/s':>11}{'TTFT p50':>10}{'TPOT p50':>10}{'ITL p50':>9}"
+            f"{'vs vLLM':>9}")
     lines = [head, "-" * len(head)]
     base = results.get("vllm", {}).get("output_throughput")
     for name in ("epplat", "vllm", "transformers"):

@@ -1,7 +1,7 @@
 """Decode attention over the paged KV cache as a Triton kernel, split over the KV length
 (flash-decoding): each program takes one sequence, one KV head (all its query heads at
-once, on tensor cores) and one slice of the sequence's blocks; a small torch reduction
-merges the slices by their log-sum-exp. Reads only the blocks a sequence uses and takes
+once, on tensor cores) and one slice of the sequence's blocks; a second kernel merges
+the slices by their log-sum-exp. Reads only the blocks a sequence uses and takes
 lengths from a device tensor, so it can be captured in a CUDA graph."""
 
 from __future__ import annotations
@@ -62,6 +62,23 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_p
     tl.store(lse_ptr + row, lse)
 
 
+@triton.jit
+def _merge_kernel(o_ptr, lse_ptr, out_ptr, kv_heads: tl.constexpr, group: tl.constexpr, splits: tl.constexpr,
+                  SPLITS_P: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr):
+    """out[b, head] = sum over splits of softmax(lse) * o, for one (sequence, query head)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh, g = h // group, h % group
+    sp = tl.arange(0, SPLITS_P)
+    d = tl.arange(0, D)
+    rows = ((b * kv_heads + kvh) * splits + sp) * GROUP_P + g
+    lse = tl.load(lse_ptr + rows, mask=sp < splits, other=float("-inf"))
+    w = tl.exp(lse - tl.max(lse, axis=0))
+    w = w / tl.sum(w, axis=0)
+    o = tl.load(o_ptr + rows[:, None] * D + d[None, :], mask=(sp < splits)[:, None], other=0.0)
+    tl.store(out_ptr + (b * kv_heads * group + h) * D + d, tl.sum(w[:, None] * o, axis=0).to(out_ptr.dtype.element_ty))
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                      lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [B, H, D]; caches [num_blocks, block_size, KVH, D]; tables [B, W]; lens [B] -> [B, H, D].
@@ -80,6 +97,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_split_kernel[(b, kvh, splits)](q.contiguous(), k_cache, v_cache, tables, lens, mid, lse, scale,
                                            tables.stride(0), h * d, kvh, group, splits, gp, block, d,
                                            q.dtype == torch.float32)
-    w = torch.softmax(lse, dim=2).unsqueeze(-1)              # empty slices weigh 0
-    out = (w * mid).sum(dim=2)[:, :, :group]                 # [B, KVH, group, D]
-    return out.reshape(b, h, d).to(q.dtype)
+    out = torch.empty_like(q)
+    _merge_kernel[(b, h)](mid, lse, out, kvh, group, splits, triton.next_power_of_2(splits), gp, d)
+    return out
