@@ -80,19 +80,34 @@ def stop(proc) -> None:
             pass
 
 
+def cpu_busy(seconds: float = 2.0) -> float:
+    """Fraction of all CPU time spent busy over the next ``seconds`` (from /proc/stat; -1.0 where absent)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return -1.0
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
 def busy_warning(name) -> float:
-    """The 1-minute load average; warns when other work shares the cores (the figures then mean little)."""
-    load = os.getloadavg()[0]
-    if load > 0.5 * (os.cpu_count() or 1):
-        print(f"{name}: warning: load average {load:.1f} on {os.cpu_count()} CPUs before the run: other work is "
-              f"sharing the cores, so the figures are not comparable", flush=True)
-    return load
+    """How busy the CPUs are just before a run; warns when other work shares them (figures then mean little)."""
+    busy = cpu_busy()
+    if busy > 0.15:
+        print(f"{name}: warning: the CPUs were {busy:.0%} busy before the run: other work is sharing the cores, "
+              f"so the figures are not comparable", flush=True)
+    return busy
 
 
 def serve_and_load(name, cmd, port, args, logdir, env=None) -> dict:
     log_path = f"{logdir}/{name}.log"
     print(f"{name}: {' '.join(cmd)}", flush=True)
-    load_before = busy_warning(name)
+    busy_before = busy_warning(name)
     proc, healthy = start(cmd, log_path, port, env)
     print(f"{name}: healthy after {healthy:.1f}s", flush=True)
     try:
@@ -104,7 +119,7 @@ def serve_and_load(name, cmd, port, args, logdir, env=None) -> dict:
         raise
     finally:
         stop(proc)
-    r.update(time_to_healthy_s=healthy, command=cmd, env=env or {}, log=log_path, loadavg_1m_before=load_before)
+    r.update(time_to_healthy_s=healthy, command=cmd, env=env or {}, log=log_path, cpu_busy_before=busy_before)
     print(f"{name}: {r['output_throughput']:.1f} output tok/s, TTFT p50 {r['median_ttft_ms']:.0f} ms, "
           f"ITL p50 {r['median_itl_ms']:.1f} ms, {r['failed']} failed", flush=True)
     if r["failed"]:
@@ -118,7 +133,7 @@ def transformers_floor(args) -> dict:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     prompts = random_prompts(args.model_dir, args.num_prompts, args.input_len, args.seed)
-    load_before = busy_warning("transformers")
+    busy_before = busy_warning("transformers")
     pad = model.generation_config.pad_token_id
     pad = model.generation_config.eos_token_id if pad is None else pad
     if isinstance(pad, list):
@@ -134,7 +149,7 @@ def transformers_floor(args) -> dict:
     dt = time.perf_counter() - t0
     print(f"transformers generate: {new / dt:.1f} output tok/s", flush=True)
     return {"output_throughput": new / dt, "duration_s": dt, "total_output_tokens": new,
-            "torch_threads": torch.get_num_threads(), "loadavg_1m_before": load_before}
+            "torch_threads": torch.get_num_threads(), "cpu_busy_before": busy_before}
 
 
 def _version(python, module) -> str:
