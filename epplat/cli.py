@@ -1,4 +1,4 @@
-"""The ``epplat`` command: serve | plugins | make-model | bench.
+"""The ``epplat`` command: serve | plugins | make-model | bench | ranktable.
 
 Every subcommand reports a bad value as one line on stderr and a non-zero exit.
 """
@@ -24,6 +24,8 @@ def build_parser() -> Parser:
     from epplat import plugins_cli, serve
     serve.add_cli(sub)
     plugins_cli.add_cli(sub)
+    from epplat.platforms.ascend import ranktable_cli
+    ranktable_cli.add_cli(sub)
     from epplat.core.model import make_model
     make_model.add_cli(sub)
     bench = sub.add_parser("bench", help="benchmarks (bench serve: load generator for a running server)")
