@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import msgspec
 
@@ -44,6 +44,42 @@ class ModelConfig(msgspec.Struct):
             raise ConfigError(f"model {self.model!r}: {str(e).splitlines()[0]}") from None
 
 
+class EPLBConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``--eplb-config``: vLLM's keys and defaults for the expert-parallel load balancer."""
+
+    window_size: Annotated[int, msgspec.Meta(ge=1)] = 1000       # engine steps of load kept
+    step_interval: Annotated[int, msgspec.Meta(ge=1)] = 3000     # engine steps between rebalances
+    log_balancedness: bool = False
+    num_redundant_experts: Annotated[int, msgspec.Meta(ge=0)] = 0
+    use_async: bool = False
+    policy: str = "default"
+
+    @staticmethod
+    def parse(text: Optional[str], dotted: dict[str, str]) -> "EPLBConfig":
+        """A JSON object (``--eplb-config '{...}'``) overridden by dotted flags (``--eplb-config.KEY V``)."""
+        raw: dict = {}
+        if text:
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--eplb-config is not valid JSON: {e}") from None
+            if not isinstance(raw, dict):
+                raise ConfigError("--eplb-config must be a JSON object, e.g. '{\"window_size\": 1000}'")
+        for key, value in dotted.items():
+            try:
+                raw[key] = json.loads(value)
+            except json.JSONDecodeError:
+                raw[key] = value          # a bare string such as a policy name
+        keys = EPLBConfig.__struct_fields__
+        unknown = sorted(set(raw) - set(keys))
+        if unknown:
+            raise ConfigError(f"--eplb-config: unknown key {unknown[0]!r}; valid keys: {', '.join(keys)}")
+        try:
+            return msgspec.convert(raw, EPLBConfig)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"--eplb-config: {e}") from None
+
+
 class ParallelConfig(msgspec.Struct):
     """The parallel layout, with vLLM's flag names.
 
@@ -63,6 +99,8 @@ class ParallelConfig(msgspec.Struct):
     ipc_dir: Optional[str] = None   # single node: every socket and the store live here, no TCP ports
     enable_expert_parallel: bool = False
     all2all_backend: Optional[str] = None  # None: the platform's default
+    enable_eplb: bool = False
+    eplb: EPLBConfig = msgspec.field(default_factory=EPLBConfig)
 
     @property
     def world_size(self) -> int:
@@ -125,6 +163,7 @@ class EngineConfig(msgspec.Struct):
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     platform: str = "cpu"
     enforce_eager: bool = False
+    additional_config: dict = msgspec.field(default_factory=dict)  # --additional-config: platform-specific keys
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from epplat.config import DTYPES, CacheConfig, ConfigError, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from epplat.config import DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from epplat.plugins import PluginError, registry
 
 logger = logging.getLogger("epplat.serve")
@@ -46,6 +46,16 @@ def _fraction(s: str) -> float:
         raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"{s!r} must be in (0, 1]")
+    return v
+
+
+def _json_object(s: str) -> dict:
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
     return v
 
 
@@ -101,9 +111,17 @@ def add_cli(sub) -> None:
     par.add_argument("--headless", action="store_true", help="start engines only, no API server")
     par.add_argument("--api-server-count", "-asc", type=_int_range(1), default=1)
     par.add_argument("--enable-expert-parallel", "-ep", action="store_true")
+    par.add_argument("--enable-eplb", action="store_true", help="expert-parallel load balancer (needs -ep)")
+    par.add_argument("--eplb-config", default=None, metavar="JSON",
+                     help="EPLB settings as JSON or dotted flags (--eplb-config.window_size 1000): window_size, "
+                          "step_interval, log_balancedness, num_redundant_experts, use_async, policy")
+    for key in EPLBConfig.__struct_fields__:
+        par.add_argument(f"--eplb-config.{key}", dest=f"eplb_config_{key}", default=None, help=argparse.SUPPRESS)
     p.add_argument("--all2all-backend", default=None, help="MoE all2all backend (see `epplat plugins`)")
     p.add_argument("--enforce-eager", action="store_true", help="never capture graphs")
     p.add_argument("--quantization", "-q", default=None, help="quantization method (see `epplat plugins`)")
+    p.add_argument("--additional-config", type=_json_object, default={},
+                   help="platform-specific options as JSON (ascend: vllm-ascend's torchair_graph_config, ...)")
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
@@ -144,14 +162,18 @@ def engine_config_from_args(args) -> EngineConfig:
                           "enable chunked prefill or raise it")
     parallel = parallel_config_from_args(args)
     _check_layout(architecture(hf).parse_config(hf), parallel)
-    return EngineConfig(
+    if parallel.enable_eplb:
+        reg.get("eplb_policy", parallel.eplb.policy, platform)
+    cfg = EngineConfig(
         model=mcfg, parallel=parallel,
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched,
                                   enable_chunked_prefill=args.enable_chunked_prefill),
         cache=CacheConfig(block_size=args.block_size, num_gpu_blocks_override=args.num_gpu_blocks_override,
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
-        platform=platform, enforce_eager=args.enforce_eager)
+        platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config)
+    reg.load("platform", platform).apply_additional_config(cfg)
+    return cfg
 
 
 def parallel_config_from_args(args) -> ParallelConfig:
@@ -185,8 +207,19 @@ def parallel_config_from_args(args) -> ParallelConfig:
         data_parallel_address=args.data_parallel_address or "127.0.0.1",
         data_parallel_rpc_port=args.data_parallel_rpc_port or 29550, api_server_count=args.api_server_count,
         headless=args.headless, enable_expert_parallel=args.enable_expert_parallel,
-        all2all_backend=args.all2all_backend,
+        all2all_backend=args.all2all_backend, enable_eplb=args.enable_eplb, eplb=eplb_config_from_args(args),
         ipc_dir=tempfile.mkdtemp(prefix="epplat-") if single_node else None)
+
+
+def eplb_config_from_args(args) -> EPLBConfig:
+    dotted = {k: v for k in EPLBConfig.__struct_fields__
+              if (v := getattr(args, f"eplb_config_{k}", None)) is not None}
+    cfg = EPLBConfig.parse(args.eplb_config, dotted)
+    if args.enable_eplb and not args.enable_expert_parallel:
+        raise ConfigError("--enable-eplb balances experts over expert-parallel ranks: add --enable-expert-parallel")
+    if cfg.num_redundant_experts and not args.enable_eplb:
+        raise ConfigError("--eplb-config num_redundant_experts needs --enable-eplb")
+    return cfg
 
 
 def _check_layout(mc, par: ParallelConfig) -> None:
@@ -195,8 +228,10 @@ def _check_layout(mc, par: ParallelConfig) -> None:
         raise ConfigError(f"{mc.num_heads} attention heads / {mc.num_kv_heads} KV heads do not divide over "
                           f"--tensor-parallel-size {tp}")
     if par.enable_expert_parallel:
-        if mc.num_experts % world:
-            raise ConfigError(f"{mc.num_experts} experts do not divide over EP size {world} "
+        redundant = par.eplb.num_redundant_experts
+        if (mc.num_experts + redundant) % world:
+            extra = f" + {redundant} redundant" if redundant else ""
+            raise ConfigError(f"{mc.num_experts}{extra} experts do not divide over EP size {world} "
                               f"(tensor-parallel-size x data-parallel-size)")
     elif mc.moe_intermediate_size % tp:
         raise ConfigError(f"expert width {mc.moe_intermediate_size} does not divide over "

@@ -62,7 +62,9 @@ class ModelRunner:
         reg = registry()
         backend_name = cfg.parallel.all2all_backend or platform.default_all2all
         backend_cls = reg.load("all2all", backend_name, platform.name)
-        emap = ExpertMap(self.model_cfg.num_experts or 1, ps.ep_rank, ps.ep_size)
+        par = cfg.parallel
+        redundant = par.eplb.num_redundant_experts if par.enable_eplb else 0
+        emap = ExpertMap(self.model_cfg.num_experts or 1, ps.ep_rank, ps.ep_size, redundant)
         self.all2all = backend_cls(emap, group=ps.ep_group, device=device)
         torch.manual_seed(cfg.model.seed)
         t0 = time.time()
@@ -74,13 +76,29 @@ class ModelRunner:
         logger.info("Loading weights took %.2f seconds; model weights take %.4f GiB (%s, dtype %s, all2all %s)",
                     time.time() - t0, self.weight_bytes / (1 << 30), hf["architectures"][0],
                     str(self.dtype).removeprefix("torch."), backend_name)
-        if ps.ep:
+        if ps.ep and not redundant:
             logger.info("Expert placement: EP rank %d/%d holds experts %d-%d of %d; resident expert bytes "
                         "%d of %d (1/%d)", ps.ep_rank, ps.ep_size, emap.local_ids.start, emap.local_ids.stop - 1,
                         emap.num_experts, self.expert_bytes(), self.expert_bytes() * ps.ep_size, ps.ep_size)
+        elif ps.ep:
+            first = next(layer.mlp for layer in self.model.layers if isinstance(layer.mlp, FusedMoE))
+            logger.info("Expert placement: EP rank %d/%d holds physical experts %d-%d of %d (logical experts %s); "
+                        "resident expert bytes %d", ps.ep_rank, ps.ep_size, emap.local_ids.start,
+                        emap.local_ids.stop - 1, emap.num_physical, first.local_logical_ids(), self.expert_bytes())
+        self.eplb = self._eplb_state(emap) if par.enable_eplb else None
         runner = "eager" if cfg.enforce_eager else platform.default_graph_runner
         self.graph = reg.load("graph_runner", runner, platform.name)(self.model, device)
         self.block_size = cfg.cache.block_size
+
+    def _eplb_state(self, emap: ExpertMap):
+        from epplat.core.moe.eplb_state import EplbState
+        par = self.cfg.parallel
+        policy = registry().load("eplb_policy", par.eplb.policy, self.platform.name)
+        layers = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, FusedMoE)]
+        local = 1 if par.external_lb else (par.data_parallel_size_local or par.data_parallel_size)
+        nodes = par.data_parallel_size // local if par.data_parallel_size % local == 0 else 1
+        return EplbState(par.eplb, layers, emap, policy, group=self.ps.ep_group,
+                         num_groups=getattr(self.model_cfg, "num_expert_groups", 1), num_nodes=nodes)
 
     def expert_bytes(self) -> int:
         """Bytes of expert weights resident on this rank."""
@@ -111,7 +129,7 @@ class ModelRunner:
             why = "expert GEMMs in float32 synchronise with the host; use --dtype bfloat16"
         elif self.ps.ep_size > 1:
             why = "expert-parallel steps exchange data-dependent token counts"
-        if why:
+        if why and self.graph.replays_kernels:
             logger.warning("CUDA graphs off (running eagerly): %s", why)
             return
         sizes = [s for s in (1, 2, 4, 8, *range(16, 257, 16)) if s <= self.cfg.scheduler.max_num_seqs]
@@ -135,8 +153,14 @@ class ModelRunner:
         self.allocate_kv_cache(nblk)
         ids = [0] * total
         pos = [p for n in lens for p in range(n)]
-        hidden = self.forward(ModelInput(ids, pos, [(n, n, t) for n, t in zip(lens, tables)],
-                                         [total] * self.ps.ep_size if self.ps.ep_size > 1 else None))
+        eplb, self.eplb = self.eplb, None          # not an engine step: no EPLB step, no load
+        try:
+            hidden = self.forward(ModelInput(ids, pos, [(n, n, t) for n, t in zip(lens, tables)],
+                                             [total] * self.ps.ep_size if self.ps.ep_size > 1 else None))
+        finally:
+            self.eplb = eplb
+            if eplb is not None:
+                eplb.reset()
         self.model.compute_logits(hidden[-min(len(hidden), self.cfg.scheduler.max_num_seqs):])
         scratch = (nblk + 2) * self.kv_bytes_per_block()
         for layer in self.model.layers:
@@ -176,8 +200,11 @@ class ModelRunner:
             self.all2all.set_step_tokens(mi.ep_counts)
         meta = build_attn_metadata(mi.seqs, self.block_size, dev, self.pad_block)
         self.platform.before_step(len(mi.token_ids))
-        return self.graph.forward(torch.tensor(mi.token_ids, dtype=torch.long, device=dev),
-                                  torch.tensor(mi.positions, dtype=torch.long, device=dev), meta)
+        hidden = self.graph.forward(torch.tensor(mi.token_ids, dtype=torch.long, device=dev),
+                                    torch.tensor(mi.positions, dtype=torch.long, device=dev), meta)
+        if self.eplb is not None:
+            self.eplb.end_step()
+        return hidden
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Request, int]], ep_counts=None, publish=None):

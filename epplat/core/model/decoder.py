@@ -231,7 +231,7 @@ class MoEForCausalLM(nn.Module):
                 names |= {p + f"self_attn.{x}_proj_bias" for x in "qkv"}
             if isinstance(layer.mlp, FusedMoE):
                 names.add(p + "mlp.gate")
-                names |= {p + f"mlp.experts.{e}.{w}" for e in layer.mlp.expert_map.local_ids
+                names |= {p + f"mlp.experts.{e}.{w}" for e in layer.mlp.local_logical_ids()
                           for w in ("gate", "up", "down")}
             else:
                 names |= {p + f"mlp.{w}_proj" for w in ("gate", "up", "down")}
@@ -243,4 +243,4 @@ class MoEForCausalLM(nn.Module):
         if not m:
             return not (name == "lm_head" and self.cfg.tie_word_embeddings)
         layer = self.layers[int(name.split(".")[1])]
-        return isinstance(layer.mlp, FusedMoE) and int(m.group(1)) in layer.mlp.expert_map.local_ids
+        return isinstance(layer.mlp, FusedMoE) and int(m.group(1)) in layer.mlp.local_logical_ids()

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import re
 import struct
 import sys
 import zlib
@@ -90,6 +91,16 @@ def make_tensor(name: str, shape, kind: str, seed: int, dtype: str, std: float |
     return t.to(getattr(torch, dtype)).contiguous()
 
 
+_ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.gate\.weight$")
+
+
+def skew_router(gate, alpha: float):
+    """Router weight [E, H] with row e scaled by (e+1)^-alpha / mean (low experts get more tokens)."""
+    import torch
+    scale = torch.arange(1, gate.shape[0] + 1, dtype=torch.float64) ** -alpha
+    return (gate.double() * (scale / scale.mean())[:, None]).to(gate.dtype).contiguous()
+
+
 def write_safetensors(path, specs, dtype: str, tensor_fn, workers: int = 1) -> None:
     """Write a .safetensors file tensor by tensor; ``tensor_fn(spec)`` makes each (on ``workers`` threads)."""
     import torch
@@ -117,13 +128,15 @@ def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts
                heads: int = 4, kv_heads: int = 2, head_dim: int = 32, moe_intermediate: int | None = None,
                intermediate: int | None = None, vocab_size: int = 2048, max_position: int = 4096, seed: int = 0,
                dtype: str = "float32", max_shard_bytes: int | None = None, std: float | None = None,
-               norm_std: float = 0.1, workers: int | None = None) -> Path:
+               norm_std: float = 0.1, workers: int | None = None, router_skew: float = 0.0) -> Path:
     """Write a random-weight checkpoint to ``outdir`` (created if missing) and return its path.
 
     ``moe_intermediate`` defaults to ``hidden``; ``intermediate`` (the dense MLP size, which
     qwen3_moe's config carries) to ``4 * hidden``. ``std=None`` picks the fan-in scaled init
     described in the module docstring; a number gives every matrix N(0, std^2). Weights are
-    one file unless ``max_shard_bytes`` is set and exceeded.
+    one file unless ``max_shard_bytes`` is set and exceeded. ``router_skew`` a > 0 scales
+    router row e by (e+1)^-a (normalised to mean 1): low-numbered experts then win top-k
+    more often, a skewed expert load for load-balancing tests.
     """
     from epplat.core.model.tokenizer_gen import save_tokenizer
     if arch not in ARCHS:
@@ -158,6 +171,9 @@ def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts
         size += n
     workers = workers or min(8, os.cpu_count() or 1)
     fn = lambda s: make_tensor(s[0], s[1], s[2], seed, dtype, std, norm_std)  # noqa: E731
+    if router_skew:
+        plain = fn
+        fn = lambda s: skew_router(plain(s), router_skew) if _ROUTER.search(s[0]) else plain(s)  # noqa: E731
     for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)   # a re-run with other sharding must not leave stale files
     if len(shards) == 1:
@@ -226,6 +242,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--std", type=_positive_float, default=None,
                    help="N(0, std^2) for every matrix (default: embeddings N(0,1), others N(0,1/fan_in))")
+    p.add_argument("--router-skew", type=_positive_float, default=0.0, metavar="A",
+                   help="scale router row e by (e+1)^-A: a skewed expert load (for load-balancing tests)")
     p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                    help="split the weights into shards of at most SIZE, e.g. 5GB (default: one file)")
     p.set_defaults(func=_run)
@@ -237,7 +255,8 @@ def _run(args) -> int:
                           top_k=args.top_k, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                           moe_intermediate=args.moe_intermediate, intermediate=args.intermediate,
                           vocab_size=args.vocab_size, max_position=args.max_position, seed=args.seed,
-                          dtype=args.dtype, max_shard_bytes=args.max_shard_size, std=args.std)
+                          dtype=args.dtype, max_shard_bytes=args.max_shard_size, std=args.std,
+                          router_skew=args.router_skew)
     except (ValueError, OSError) as e:
         print(f"epplat make-model: error: {e}", file=sys.stderr)
         return 2

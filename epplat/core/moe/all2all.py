@@ -20,27 +20,42 @@ import torch
 
 @dataclass
 class ExpertMap:
-    """Which logical experts this EP rank holds: contiguous blocks, as vLLM places them."""
+    """Which physical experts this EP rank holds: contiguous blocks, as vLLM places them.
+
+    There are ``num_experts + num_redundant`` physical experts (slots); rank r holds slots
+    ``[r * num_local, (r + 1) * num_local)``. Routers turn logical expert ids into slot ids
+    (each MoE layer keeps its own slot -> logical expert table), so the all2all backends
+    only ever see slot ids. Without redundant experts or EPLB, slot i holds logical expert i.
+    """
 
     num_experts: int
     ep_rank: int = 0
     ep_size: int = 1
+    num_redundant: int = 0
 
     def __post_init__(self):
-        if self.num_experts % self.ep_size:
-            raise ValueError(f"{self.num_experts} experts do not divide over {self.ep_size} EP ranks")
+        if self.num_physical % self.ep_size:
+            raise ValueError(f"{self.num_physical} experts do not divide over {self.ep_size} EP ranks")
+
+    @property
+    def num_physical(self) -> int:
+        return self.num_experts + self.num_redundant
 
     @property
     def num_local(self) -> int:
-        return self.num_experts // self.ep_size
+        return self.num_physical // self.ep_size
 
     @property
     def local_ids(self) -> range:
         return range(self.ep_rank * self.num_local, (self.ep_rank + 1) * self.num_local)
 
+    def initial_phy2log(self) -> torch.Tensor:
+        """[num_physical]: slot i holds logical expert i mod num_experts (redundant slots wrap around)."""
+        return torch.arange(self.num_physical) % self.num_experts
+
     def global_to_local(self, device) -> torch.Tensor:
-        """[num_experts] tensor: local index of each global expert on this rank, -1 if not here."""
-        table = torch.full((self.num_experts,), -1, dtype=torch.long)
+        """[num_physical] tensor: local index of each slot on this rank, -1 if not here."""
+        table = torch.full((self.num_physical,), -1, dtype=torch.long)
         table[self.local_ids.start:self.local_ids.stop] = torch.arange(self.num_local)
         return table.to(device)
 
