@@ -8,7 +8,7 @@ bytes a step must read — every non-expert weight, the experts the batch routes
 (their expected count under uniform routing), and the KV cache of the batch — over
 the device-to-device copy bandwidth measured in the same run.
 
-    python benchmarks/decode_roofline.py --batch 1 16 64 256 --context 512
+    python benchmarks/decode_roofline.py --batch 1 16 64 256 --context 512 --compare-torch
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import time
 
 import torch
 
+from epplat.core.model import layers
 from epplat.core.model.attention import build_attn_metadata
 from epplat.core.model.decoder import DecoderConfig, MoEForCausalLM
+from epplat.core.moe import experts, layer as moe_layer
 from epplat.core.moe.all2all import ExpertMap
 from epplat.core.moe.all2all_torch import AllGatherReduceScatter
 from epplat.platforms.cuda.graphs import CudaGraphRunner
@@ -51,6 +53,30 @@ def timed(fn, iters=20):
     return (time.perf_counter() - t) / iters
 
 
+def step_times(model, runner, a, dev, nblocks, blocks_per_seq, profile_at) -> dict:
+    """batch -> (eager seconds, CUDA graph seconds) of one decode step with logits."""
+    out = {}
+    for b in a.batch:
+        seqs = [(a.context + 1, 1, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))) for i in range(b)]
+        meta = build_attn_metadata(seqs, a.block_size, dev, nblocks)
+        ids = torch.randint(0, a.vocab, (b,), device=dev)
+        pos = torch.full((b,), a.context, device=dev)
+        with torch.inference_mode():
+            eager = timed(lambda: model.compute_logits(model(ids, pos, meta)))
+            if b in profile_at:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    model.compute_logits(model(ids, pos, meta))
+                    torch.cuda.synchronize()
+                events = prof.key_averages()
+                kernels = sum(e.count for e in events if str(getattr(e, "device_type", "")).endswith("CUDA"))
+                print(f"batch {b}, eager step, {kernels} GPU kernels, GPU time by kernel:")
+                print(events.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+            graph = timed(lambda: model.compute_logits(runner.forward(ids, pos, meta)))
+        out[b] = (eager, graph)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=48)
@@ -67,6 +93,8 @@ def main():
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--profile", type=int, nargs="*", default=[], help="print the top GPU kernels of an eager step "
                                                                         "at these batch sizes")
+    p.add_argument("--compare-torch", action="store_true", help="also time the step with the torch-op norm, rotary, "
+                                                                  "routing and grouped-GEMM experts, in the same run")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, dtype = torch.device("cuda", 0), torch.bfloat16
@@ -89,38 +117,41 @@ def main():
                                     torch.randn(shape, device=dev, dtype=dtype) * 0.1)
     bw = copy_bandwidth(dev)
     elt = 2
-    dense = sum(p.numel() for n, p in model.named_parameters() if ".mlp.w" not in n) * elt
+    # every non-expert weight, except the embedding table: a step reads only its batch's rows of it
+    dense = sum(p.numel() for n, p in model.named_parameters() if ".mlp.w" not in n and n != "embed_tokens") * elt
     per_expert = 3 * a.hidden * a.moe_intermediate * elt
     runner = CudaGraphRunner(model, dev)
     runner.capture(a.batch, blocks_per_seq, nblocks, (nblocks + 1) * a.block_size)
+    times = step_times(model, runner, a, dev, nblocks, blocks_per_seq, a.profile)
+    if a.compare_torch:
+        del runner
+        torch.cuda.empty_cache()
+        for table in (layers.NORM_KERNELS, layers.ROPE_KERNELS, moe_layer.ROUTE_KERNELS, experts.EXPERT_KERNELS):
+            table.pop("cuda", None)
+        runner = CudaGraphRunner(model, dev)
+        runner.capture(a.batch, blocks_per_seq, nblocks, (nblocks + 1) * a.block_size)
+        torch_times = step_times(model, runner, a, dev, nblocks, blocks_per_seq, [])
     rows = []
     for b in a.batch:
-        seqs = [(a.context + 1, 1, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))) for i in range(b)]
-        meta = build_attn_metadata(seqs, a.block_size, dev, nblocks)
-        ids = torch.randint(0, a.vocab, (b,), device=dev)
-        pos = torch.full((b,), a.context, device=dev)
-        with torch.inference_mode():
-            eager = timed(lambda: model.compute_logits(model(ids, pos, meta)))
-            if b in a.profile:
-                from torch.profiler import ProfilerActivity, profile
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    model.compute_logits(model(ids, pos, meta))
-                    torch.cuda.synchronize()
-                print(f"batch {b}, eager step, GPU time by kernel:")
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
-            graph = timed(lambda: model.compute_logits(runner.forward(ids, pos, meta)))
+        eager, graph = times[b]
         hit = a.experts * (1 - (1 - a.top_k / a.experts) ** b)          # expected experts used per layer
         kv = b * (a.context + 1) * a.layers * 2 * a.kv_heads * a.head_dim * elt
-        need = dense + a.layers * hit * per_expert + kv
+        need = dense + b * a.hidden * elt + a.layers * hit * per_expert + kv
         roof = need / bw
-        rows.append({"batch": b, "eager_ms": eager * 1e3, "graph_ms": graph * 1e3, "roofline_ms": roof * 1e3,
-                     "bytes": need, "graph_frac_of_roofline": roof / graph, "eager_frac_of_roofline": roof / eager})
+        row = {"batch": b, "eager_ms": eager * 1e3, "graph_ms": graph * 1e3, "roofline_ms": roof * 1e3,
+               "bytes": need, "graph_frac_of_roofline": roof / graph, "eager_frac_of_roofline": roof / eager}
+        if a.compare_torch:
+            row["torch_ops_eager_ms"], row["torch_ops_graph_ms"] = (v * 1e3 for v in torch_times[b])
+        rows.append(row)
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s (read+write); "
           f"{a.layers} layers, {a.experts} experts top-{a.top_k}, context {a.context}, bf16")
-    print(f"{'batch':>6}{'GB read':>9}{'roofline':>10}{'eager':>10}{'graphs':>10}{'graphs/roof':>13}")
+    print(f"{'batch':>6}{'GB read':>9}{'roofline':>10}{'eager':>10}{'graphs':>10}{'graphs/roof':>13}"
+          + (f"{'torch-ops graphs':>18}{'/roof':>7}{'speedup':>9}" if a.compare_torch else ""))
     for r in rows:
         print(f"{r['batch']:>6}{r['bytes'] / 1e9:>9.2f}{r['roofline_ms']:>8.2f}ms{r['eager_ms']:>8.2f}ms"
-              f"{r['graph_ms']:>8.2f}ms{r['graph_frac_of_roofline'] * 100:>12.0f}%")
+              f"{r['graph_ms']:>8.2f}ms{r['graph_frac_of_roofline'] * 100:>12.0f}%"
+              + (f"{r['torch_ops_graph_ms']:>16.2f}ms{r['roofline_ms'] / r['torch_ops_graph_ms'] * 100:>6.0f}%"
+                 f"{r['torch_ops_graph_ms'] / r['graph_ms']:>8.2f}x" if a.compare_torch else ""))
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"args": vars(a), "copy_bw": bw, "rows": rows}, f, indent=2)

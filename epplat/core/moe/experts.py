@@ -11,6 +11,9 @@ import torch
 from epplat.core.model.layers import gated_act
 
 _HAS_GROUPED = hasattr(torch, "_grouped_mm")
+# device type -> fused expert kernel with reference_experts' arguments (None: inputs it does
+# not take); the cuda platform registers its Triton kernels here
+EXPERT_KERNELS: dict = {}
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.Tensor) -> torch.Tensor:
@@ -50,6 +53,10 @@ def reference_experts(x, topk_ids, topk_weights, w13, w2, act) -> torch.Tensor:
 
     x: [R, H]; topk_ids/topk_weights: [R, K]; w13: [E, H, 2I]; w2: [E, I, H].
     """
+    kernel = EXPERT_KERNELS.get(x.device.type)
+    out = kernel(x, topk_ids, topk_weights, w13, w2, act) if kernel else None
+    if out is not None:
+        return out
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _HAS_GROUPED:
         return capturable_experts(x, topk_ids, topk_weights, w13, w2, act)
     rows, k = topk_ids.shape
@@ -67,7 +74,7 @@ def reference_experts(x, topk_ids, topk_weights, w13, w2, act) -> torch.Tensor:
     h = grouped_matmul(h, w2, counts[:num_experts], offs) * weights.index_select(0, valid)[:, None].to(x.dtype)
     buf = x.new_zeros((rows * k, x.shape[1]))
     buf.index_copy_(0, valid, h)
-    buf = buf.view(rows, k, -1)
+    buf = buf.view(rows, k, x.shape[1])       # rows may be 0 (an EP rank that received no token)
     out = buf[:, 0]
     for j in range(1, k):
         out = out + buf[:, j]

@@ -23,9 +23,15 @@ class CudaPlatform(Platform):
     def __init__(self):
         import importlib.util
         if importlib.util.find_spec("triton"):
-            from epplat.core.model import attention
+            from epplat.core.model import attention, layers
+            from epplat.core.moe import experts, layer
+            from epplat.platforms.cuda import triton_moe, triton_norm
             from epplat.platforms.cuda.triton_attention import decode_attention
             attention.DECODE_KERNELS["cuda"] = decode_attention
+            layers.NORM_KERNELS["cuda"] = triton_norm.rms_norm
+            layers.ROPE_KERNELS["cuda"] = triton_norm.rope
+            layer.ROUTE_KERNELS["cuda"] = triton_moe.fused_topk
+            experts.EXPERT_KERNELS["cuda"] = triton_moe.cuda_experts
 
     @classmethod
     def check(cls) -> Optional[str]:

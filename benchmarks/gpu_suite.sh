@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
+# Stages: tests decode moe serve (default: tests decode moe). Writes JSON and logs under $OUT.
+# Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA").
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-bench-out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "epplat install failed"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+stages=${*:-tests decode moe}
+for s in $stages; do
+  echo "=== $s"; t0=$(date +%s)
+  case $s in
+    tests)  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    decode) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --profile 1 64 --compare-torch --out "$OUT/decode.json" 2>&1 \
+              | tee "$OUT/decode.log" | tail -80 ;;
+    moe)    python3 benchmarks/moe_layer_bench.py --tiles 16x64,32x64 --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | tail -40 ;;
+    serve)  bash benchmarks/serve_1gpu.sh "$OUT" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
+    *) echo "unknown stage $s" ;;
+  esac
+  echo "=== $s took $(( $(date +%s) - t0 )) s"
+done

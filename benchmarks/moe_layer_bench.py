@@ -1,0 +1,132 @@
+"""One MoE layer's experts on one GPU: the Triton kernels against torch._grouped_mm, and both
+against the roofline, at decode- and prefill-sized batches.
+
+Shape of Qwen3-30B-A3B by default (hidden 2048, 128 experts top-8, expert width 768, bf16).
+Routing is uniform random top-k. Each timed call runs LAYERS distinct layers' weights in
+turn (several GB, far over L2), captured in one CUDA graph; the figure is per layer.
+Roofline: max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), both measured in the same
+run; bytes = the routed experts' weights (expected count under uniform routing) + tokens
+in and out. Also checks each path against a float32 reference on fresh inputs.
+
+    python benchmarks/moe_layer_bench.py --tokens 1 16 64 256 1024 4096 --out moe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from epplat.core.moe.experts import capturable_experts
+from epplat.platforms.cuda import triton_moe
+
+
+def ceilings(dev) -> tuple[float, float]:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    bw = 2 * a.numel() / (triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median") * 1e-3)
+    del a, b
+    n = 8192
+    x = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    y = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    flops = 2 * n ** 3 / (triton.testing.do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median") * 1e-3)
+    return bw, flops
+
+
+def graph_time(fn, sets) -> float:
+    """Median ms of one call, over replays of a graph that calls fn once per input set."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for args in sets:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for args in sets:
+            fn(*args)
+    return triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median") / len(sets)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--moe-intermediate", type=int, default=768)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
+    p.add_argument("--layers", type=int, default=4, help="weight sets rotated through (defeats L2)")
+    p.add_argument("--tiles", default="16x32,16x64,32x64", help="Triton (BM x BN) configurations tried")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    dev, dt = torch.device("cuda", 0), torch.bfloat16
+    torch.manual_seed(0)
+    bw, flops = ceilings(dev)
+    e, h, i, k = a.experts, a.hidden, a.moe_intermediate, a.top_k
+    w13s = [torch.randn(e, h, 2 * i, device=dev, dtype=dt) / h ** 0.5 for _ in range(a.layers)]
+    w2s = [torch.randn(e, i, h, device=dev, dtype=dt) / i ** 0.5 for _ in range(a.layers)]
+    tiles = [tuple(int(v) for v in t.split("x")) for t in a.tiles.split(",")]
+    rows = []
+    for t in a.tokens:
+        x = torch.randn(t, h, device=dev, dtype=dt)
+        ids = torch.rand(t, e, device=dev).topk(k, dim=-1).indices
+        w = torch.softmax(torch.randn(t, k, device=dev), -1).to(dt)
+        sets = [(x, ids, w, w13s[j], w2s[j]) for j in range(a.layers)]
+        # correctness on this shape: both paths against float32 on the first weight set
+        grouped = capturable_experts(x, ids, w, w13s[0], w2s[0], F.silu).float()
+        ref = _fp32_reference(x, ids, w, w13s[0], w2s[0])
+        row = {"tokens": t, "grouped_rel_err": _rel(grouped, ref)}
+        row["grouped_ms"] = graph_time(lambda *s: capturable_experts(*s, F.silu), sets)
+        if t * k <= 4 * triton_moe.MAX_ASSIGNMENTS:
+            for bm, bn in tiles:
+                out = triton_moe.triton_experts(x, ids, w, w13s[0], w2s[0], F.silu, tiles=(bm, bn))
+                row[f"triton_{bm}x{bn}_rel_err"] = _rel(out.float(), ref)
+                row[f"triton_{bm}x{bn}_ms"] = graph_time(
+                    lambda *s, c=(bm, bn): triton_moe.triton_experts(*s, F.silu, tiles=c), sets)
+            row["triton_default_ms"] = graph_time(lambda *s: triton_moe.triton_experts(*s, F.silu), sets)
+        hit = e * (1 - (1 - k / e) ** t)
+        nbytes = hit * 3 * h * i * 2 + 2 * t * h * 2
+        row["roofline_ms"] = max(nbytes / bw, 2 * t * k * 3 * h * i / flops) * 1e3
+        row["bytes"] = nbytes
+        rows.append(row)
+        del x, ids, w, sets
+    name = torch.cuda.get_device_name()
+    print(f"{name}: copy {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s; "
+          f"experts {e} top-{k}, hidden {h}, width {i}; ms per layer (median of graph replays)")
+    cols = ["grouped_ms", "triton_default_ms"] + [f"triton_{bm}x{bn}_ms" for bm, bn in tiles]
+    print(f"{'tokens':>7}{'roofline':>10}" + "".join(f"{c.removesuffix('_ms'):>15}" for c in cols)
+          + f"{'best/roof':>11}{'triton/grouped':>16}")
+    for r in rows:
+        vals = [r.get(c) for c in cols]
+        best = min(v for v in vals if v)
+        tri = r.get("triton_default_ms")
+        print(f"{r['tokens']:>7}{r['roofline_ms']:>10.4f}" + "".join(f"{v:>15.4f}" if v else f"{'-':>15}" for v in vals)
+              + f"{r['roofline_ms'] / best * 100:>10.0f}%" + (f"{r['grouped_ms'] / tri:>15.2f}x" if tri else ""))
+    errs = {k2: max(r[k2] for r in rows if k2 in r) for r0 in rows for k2 in r0 if k2.endswith("rel_err")}
+    print("max relative error vs float32:", {k2: f"{v:.2e}" for k2, v in errs.items()})
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"device": name, "copy_bw": bw, "bf16_flops": flops, "args": vars(a), "rows": rows}, f, indent=2)
+
+
+def _fp32_reference(x, ids, w, w13, w2):
+    """sum_k w * (silu(x W1) * (x W3)) W2 in float32, one expert at a time."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    xf, inter = x.float(), w2.shape[1]
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        g = xf[tok] @ w13[e].float()
+        hdn = F.silu(g[:, :inter]) * g[:, inter:]
+        out.index_add_(0, tok, (hdn @ w2[e].float()) * w[tok, slot].float()[:, None])
+    return out
+
+
+def _rel(out, ref) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Fused MoE for decode-sized batches as Triton kernels, and fused top-k routing.
+
+Masked low-latency layout: one program per (local expert, output tile). Each program
+finds the assignments routed to its expert by scanning the batch's top-k ids on the
+device (no sort, no host sync, no permuted copy of the tokens), gathers those token
+rows, and streams only its tile of that expert's weights; experts nobody routed to
+cost a few id loads and read no weights. Three launches:
+
+1. ``_gate_up_kernel``: h[a] = act(x[t] @ W1[e]) * (x[t] @ W3[e]) for assignment a = t*K + k;
+2. ``_down_kernel``:    y[a] = weight[a] * (h[a] @ W2[e]);
+3. ``_sum_kernel``:     out[t] = sum_k y[t*K + k] over the assignments of experts held here.
+
+Rows stay in assignment order, so there is no unpermute. Every program rescans the
+ids, which is cheap at decode sizes and wasteful at prefill sizes: large batches go to
+``torch._grouped_mm`` (``capturable_experts``), see ``MAX_ASSIGNMENTS``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from epplat.core.moe.experts import capturable_experts
+
+# above this many (token, expert) assignments the grouped GEMM wins: on an H100, Triton took
+# 0.44 ms against 0.56 at 512 assignments, 0.67 against 0.62 at 2048 (benchmarks/moe_layer_bench.py)
+MAX_ASSIGNMENTS = 1024
+_ACTS = {"silu": 0, "gelu": 1}
+_SCAN = 256   # ids scanned per step when gathering an expert's rows
+
+
+@triton.jit
+def _routed_rows(ids_ptr, e, target, num_assign, SCAN: tl.constexpr):
+    """Assignment indices of the rows numbered ``target`` (a [BM] vector) among those routed to
+    expert ``e``, in assignment order; 0 where fewer rows exist."""
+    rows = tl.zeros_like(target)
+    base = 0
+    for s in range(0, num_assign, SCAN):
+        a = s + tl.arange(0, SCAN)
+        mine = (tl.load(ids_ptr + a, mask=a < num_assign, other=-1) == e).to(tl.int32)
+        pos = base + tl.cumsum(mine, axis=0) - 1
+        hit = (mine[None, :] == 1) & (pos[None, :] == target[:, None])
+        rows += tl.sum(tl.where(hit, a[None, :], 0), axis=1)
+        base += tl.sum(mine, axis=0)
+    return rows
+
+
+@triton.jit
+def _count(ids_ptr, e, num_assign, SCAN: tl.constexpr):
+    n = 0
+    for s in range(0, num_assign, SCAN):
+        a = s + tl.arange(0, SCAN)
+        n += tl.sum((tl.load(ids_ptr + a, mask=a < num_assign, other=-1) == e).to(tl.int32), axis=0)
+    return n
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, num_assign, hidden, inter, stride_we,
+                    K: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, SCAN: tl.constexpr):
+    e = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = n < inter
+    count = _count(ids_ptr, e, num_assign, SCAN)
+    w_base = w_ptr + e.to(tl.int64) * stride_we
+    for c in range(0, tl.cdiv(count, BM)):
+        m = c * BM + tl.arange(0, BM)
+        valid = m < count
+        rows = _routed_rows(ids_ptr, e, m, num_assign, SCAN)
+        tok = (rows // K).to(tl.int64)
+        acc_g = tl.zeros([BM, BN], tl.float32)
+        acc_u = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, hidden, BK):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < hidden
+            xa = tl.load(x_ptr + tok[:, None] * hidden + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+            wp = w_base + kk[:, None].to(tl.int64) * (2 * inter) + n[None, :]
+            wmask = kmask[:, None] & nmask[None, :]
+            wg = tl.load(wp, mask=wmask, other=0.0)
+            wu = tl.load(wp + inter, mask=wmask, other=0.0)
+            if IEEE:
+                acc_g = tl.dot(xa, wg, acc_g, input_precision="ieee")
+                acc_u = tl.dot(xa, wu, acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(xa, wg, acc_g)
+                acc_u = tl.dot(xa, wu, acc_u)
+        if ACT == 0:
+            g = acc_g * tl.sigmoid(acc_g)
+        else:
+            g = 0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476))
+        h = g * acc_u
+        tl.store(h_ptr + rows[:, None].to(tl.int64) * inter + n[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, y_ptr, num_assign, hidden, inter, stride_we,
+                 IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SCAN: tl.constexpr):
+    e = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = n < hidden
+    count = _count(ids_ptr, e, num_assign, SCAN)
+    w_base = w_ptr + e.to(tl.int64) * stride_we
+    for c in range(0, tl.cdiv(count, BM)):
+        m = c * BM + tl.arange(0, BM)
+        valid = m < count
+        rows = _routed_rows(ids_ptr, e, m, num_assign, SCAN).to(tl.int64)
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, inter, BK):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < inter
+            ha = tl.load(h_ptr + rows[:, None] * inter + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_base + kk[:, None].to(tl.int64) * hidden + n[None, :], mask=kmask[:, None] & nmask[None, :],
+                        other=0.0)
+            if IEEE:
+                acc = tl.dot(ha, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(ha, w, acc)
+        tw = tl.load(tw_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows[:, None] * hidden + n[None, :], (acc * tw[:, None]).to(y_ptr.dtype.element_ty),
+                 mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _sum_kernel(y_ptr, ids_ptr, out_ptr, hidden, K: tl.constexpr, BH: tl.constexpr):
+    t = tl.program_id(0)
+    d = tl.program_id(1) * BH + tl.arange(0, BH)
+    dmask = d < hidden
+    acc = tl.zeros([BH], tl.float32)
+    for k in tl.static_range(K):
+        here = tl.load(ids_ptr + t * K + k) >= 0
+        acc += tl.load(y_ptr + (t * K + k).to(tl.int64) * hidden + d, mask=dmask & here, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * hidden + d, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def _tiles(num_assign: int, experts: int) -> tuple[int, int]:
+    """(BM, BN): rows per chunk from the expected rows per expert. (BN 32 was slower than 64 even
+    at one token, where only 8 experts' tiles are active.)"""
+    per_expert = num_assign / max(1, experts)
+    return (16 if per_expert <= 8 else 32 if per_expert <= 48 else 64), 64
+
+
+def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles=None):
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]); ids are local, -1 = held elsewhere. None when the
+    activation or dtype is not one the kernels take."""
+    name = getattr(act, "__name__", "")
+    if name not in _ACTS or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return None
+    rows, k = topk_ids.shape
+    experts, hidden, inter = w13.shape[0], w13.shape[1], w2.shape[1]
+    num_assign = rows * k
+    x = x.contiguous()
+    ids = topk_ids.reshape(-1).to(torch.int32)
+    tw = topk_weights.reshape(-1).contiguous()
+    bm, bn = tiles or _tiles(num_assign, min(experts, num_assign))
+    ieee = x.dtype == torch.float32
+    bk, stages = (32, 2) if ieee else (128, 4)     # float32 tiles are twice the bytes: fit shared memory
+    h = torch.empty((num_assign, inter), dtype=x.dtype, device=x.device)
+    _gate_up_kernel[(experts, triton.cdiv(inter, bn))](
+        x, ids, w13, h, num_assign, hidden, inter, w13.stride(0), k, _ACTS[name], ieee, bm, bn, bk, _SCAN,
+        num_warps=4, num_stages=stages)
+    y = torch.empty((num_assign, hidden), dtype=x.dtype, device=x.device)
+    _down_kernel[(experts, triton.cdiv(hidden, bn))](
+        h, ids, tw, w2, y, num_assign, hidden, inter, w2.stride(0), ieee, bm, bn, bk, _SCAN,
+        num_warps=4, num_stages=stages)
+    out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
+    _sum_kernel[(rows, triton.cdiv(hidden, 1024))](y, ids, out, hidden, k, 1024, num_warps=4)
+    return out
+
+
+def cuda_experts(x, topk_ids, topk_weights, w13, w2, act):
+    """The expert kernel the cuda platform registers: Triton at decode sizes, grouped GEMM above."""
+    if topk_ids.numel() <= MAX_ASSIGNMENTS and w13.is_cuda:
+        out = triton_experts(x, topk_ids, topk_weights, w13, w2, act)
+        if out is not None:
+            return out
+    if x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm"):
+        return capturable_experts(x, topk_ids, topk_weights, w13, w2, act)
+    return None
+
+
+@triton.jit
+def _topk_kernel(logits_ptr, ids_ptr, w_ptr, E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
+                 KP: tl.constexpr, RENORM: tl.constexpr):
+    t = tl.program_id(0)
+    e = tl.arange(0, EP)
+    logit = tl.load(logits_ptr + t * E + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    p = tl.exp(logit - tl.max(logit, axis=0))
+    p = tl.where(e < E, p / tl.sum(p, axis=0), -1.0)
+    j = tl.arange(0, KP)
+    ids = tl.zeros([KP], tl.int64)
+    ws = tl.zeros([KP], tl.float32)
+    for i in tl.static_range(K):
+        best = tl.max(p, axis=0)
+        arg = tl.min(tl.where(p == best, e, EP), axis=0)     # lowest index among ties, as torch.topk
+        ids = tl.where(j == i, arg.to(tl.int64), ids)
+        ws = tl.where(j == i, best, ws)
+        p = tl.where(e == arg, -1.0, p)
+    if RENORM:
+        ws = ws / tl.sum(ws, axis=0)
+    tl.store(ids_ptr + t * K + j, ids, mask=j < K)
+    tl.store(w_ptr + t * K + j, ws.to(w_ptr.dtype.element_ty), mask=j < K)
+
+
+def fused_topk(logits: torch.Tensor, k: int, renormalize: bool, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax over experts in float32, top-k, optional renormalisation, weights cast to dtype:
+    one launch. Returns (weights [T, k], ids [T, k] int64) as FusedMoE.route does."""
+    t, e = logits.shape
+    ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
+    w = torch.empty((t, k), dtype=dtype, device=logits.device)
+    if t:
+        _topk_kernel[(t,)](logits.contiguous(), ids, w, e, triton.next_power_of_2(e), k,
+                           triton.next_power_of_2(k), renormalize, num_warps=1 if e <= 256 else 4)
+    return w, ids
