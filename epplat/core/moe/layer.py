@@ -51,7 +51,7 @@ class FusedMoE(nn.Module):
     def set_placement(self, phy2log: torch.Tensor) -> None:
         """Adopt a slot -> logical expert table (the weights must already match it)."""
         self.phy2log = phy2log.to(torch.long).cpu()
-        if torch.equal(self.phy2log, torch.arange(len(self.phy2log))):
+        if torch.equal(self.phy2log, torch.arange(len(self.phy2log), device="cpu")):
             self.log2phy = self.logcnt = None        # identity: routing needs no table
             return
         dev = self.gate.device
