@@ -59,7 +59,9 @@ def main():
     p.add_argument("--moe-intermediate", type=int, default=768)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
     p.add_argument("--layers", type=int, default=4, help="weight sets rotated through (defeats L2)")
-    p.add_argument("--tiles", default="16x32,16x64,32x64", help="Triton (BM x BN) configurations tried")
+    p.add_argument("--tiles", nargs="*", default=["16-64-64-64-64-6-4", "16-128-64-128-64-4-4", "16-64-256-64-128-3-4",
+                                                   "16-32-128-32-128-4-4", "16-64-128-128-128-4-8"],
+                   help="Triton tile configurations also tried at decode sizes (bm-bn1-bk1-bn2-bk2-stages-warps)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, dt = torch.device("cuda", 0), torch.bfloat16
@@ -68,7 +70,7 @@ def main():
     e, h, i, k = a.experts, a.hidden, a.moe_intermediate, a.top_k
     w13s = [torch.randn(e, h, 2 * i, device=dev, dtype=dt) / h ** 0.5 for _ in range(a.layers)]
     w2s = [torch.randn(e, i, h, device=dev, dtype=dt) / i ** 0.5 for _ in range(a.layers)]
-    tiles = [tuple(int(v) for v in t.split("x")) for t in a.tiles.split(",")]
+    tiles = [triton_moe.Tiles.parse(t) for t in a.tiles]
     rows = []
     for t in a.tokens:
         x = torch.randn(t, h, device=dev, dtype=dt)
@@ -80,13 +82,12 @@ def main():
         ref = _fp32_reference(x, ids, w, w13s[0], w2s[0])
         row = {"tokens": t, "grouped_rel_err": _rel(grouped, ref)}
         row["grouped_ms"] = graph_time(lambda *s: capturable_experts(*s, F.silu), sets)
-        if t * k <= 4 * triton_moe.MAX_ASSIGNMENTS:
-            for bm, bn in tiles:
-                out = triton_moe.triton_experts(x, ids, w, w13s[0], w2s[0], F.silu, tiles=(bm, bn))
-                row[f"triton_{bm}x{bn}_rel_err"] = _rel(out.float(), ref)
-                row[f"triton_{bm}x{bn}_ms"] = graph_time(
-                    lambda *s, c=(bm, bn): triton_moe.triton_experts(*s, F.silu, tiles=c), sets)
-            row["triton_default_ms"] = graph_time(lambda *s: triton_moe.triton_experts(*s, F.silu), sets)
+        if t * k <= 2 * triton_moe.MAX_ASSIGNMENTS:
+            out = triton_moe.triton_experts(x, ids, w, w13s[0], w2s[0], F.silu)
+            row["triton_rel_err"] = _rel(out.float(), ref)
+            row["triton_ms"] = graph_time(lambda *s: triton_moe.triton_experts(*s, F.silu), sets)
+            for c in tiles:
+                row[f"triton_{c}_ms"] = graph_time(lambda *s, c=c: triton_moe.triton_experts(*s, F.silu, tiles=c), sets)
         hit = e * (1 - (1 - k / e) ** t)
         nbytes = hit * 3 * h * i * 2 + 2 * t * h * 2
         row["roofline_ms"] = max(nbytes / bw, 2 * t * k * 3 * h * i / flops) * 1e3
@@ -96,15 +97,16 @@ def main():
     name = torch.cuda.get_device_name()
     print(f"{name}: copy {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s; "
           f"experts {e} top-{k}, hidden {h}, width {i}; ms per layer (median of graph replays)")
-    cols = ["grouped_ms", "triton_default_ms"] + [f"triton_{bm}x{bn}_ms" for bm, bn in tiles]
-    print(f"{'tokens':>7}{'roofline':>10}" + "".join(f"{c.removesuffix('_ms'):>15}" for c in cols)
-          + f"{'best/roof':>11}{'triton/grouped':>16}")
+    print(f"{'tokens':>7}{'roofline':>10}{'grouped_mm':>12}{'triton':>10}{'triton/roof':>13}{'grouped/roof':>14}"
+          f"{'speedup':>9}   best tiles")
     for r in rows:
-        vals = [r.get(c) for c in cols]
-        best = min(v for v in vals if v)
-        tri = r.get("triton_default_ms")
-        print(f"{r['tokens']:>7}{r['roofline_ms']:>10.4f}" + "".join(f"{v:>15.4f}" if v else f"{'-':>15}" for v in vals)
-              + f"{r['roofline_ms'] / best * 100:>10.0f}%" + (f"{r['grouped_ms'] / tri:>15.2f}x" if tri else ""))
+        tri = r.get("triton_ms")
+        sweep = {c: r[f"triton_{c}_ms"] for c in tiles if f"triton_{c}_ms" in r}
+        best = min(sweep, key=sweep.get) if sweep else None
+        print(f"{r['tokens']:>7}{r['roofline_ms']:>10.4f}{r['grouped_ms']:>12.4f}"
+              + (f"{tri:>10.4f}{r['roofline_ms'] / tri * 100:>12.0f}%" if tri else f"{'-':>10}{'-':>13}")
+              + f"{r['roofline_ms'] / r['grouped_ms'] * 100:>13.0f}%"
+              + (f"{r['grouped_ms'] / tri:>8.2f}x   {best} {sweep[best]:.4f}" if tri else ""))
     errs = {k2: max(r[k2] for r in rows if k2 in r) for r0 in rows for k2 in r0 if k2.endswith("rel_err")}
     print("max relative error vs float32:", {k2: f"{v:.2e}" for k2, v in errs.items()})
     if a.out:

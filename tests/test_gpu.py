@@ -67,11 +67,14 @@ def test_fused_topk_rms_norm_and_rope_match_the_torch_code():
     from epplat.core.model.layers import RMSNorm, RotaryEmbedding
     from epplat.platforms.cuda.triton_moe import fused_topk
     from epplat.platforms.cuda.triton_norm import rms_norm, rope
-    logits = torch.randn(37, 128, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(37, 128, device="cuda")           # float32: no ties, so the order is defined
     w, ids = fused_topk(logits, 8, True, torch.bfloat16)
-    rw, rid = torch.topk(torch.softmax(logits.float(), -1), 8)
+    rw, rid = torch.topk(torch.softmax(logits, -1), 8)
     assert torch.equal(ids, rid)
     torch.testing.assert_close(w, (rw / rw.sum(-1, keepdim=True)).to(torch.bfloat16))
+    w, _ = fused_topk(logits.bfloat16(), 8, False, torch.float32)   # bf16 ties: compare the chosen values
+    rw, _ = torch.topk(torch.softmax(logits.bfloat16().float(), -1), 8)
+    torch.testing.assert_close(w, rw)
     norm = RMSNorm(128, 1e-6, torch.bfloat16).cuda()
     norm.weight.data.normal_(1, 0.1)
     qkv = torch.randn(9, 8 * 128, device="cuda", dtype=torch.bfloat16)

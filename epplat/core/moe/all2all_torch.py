@@ -54,8 +54,8 @@ class AllGatherReduceScatter(_TorchDistBackend):
 
     def dispatch(self, x, topk_ids, topk_weights):
         self._n = x.shape[0]
-        if self.size == 1:
-            return Dispatched(x, self._local(topk_ids), topk_weights)
+        if self.size == 1:                 # one rank holds every slot: local ids are the slot ids
+            return Dispatched(x, topk_ids, topk_weights)
         counts = self._gather_counts(self._n)
         self._counts, self._max = counts, max(counts)
         gx = _all_gather_padded(x, self._max, self.size, self.group)
@@ -83,8 +83,8 @@ class NaiveBroadcast(_TorchDistBackend):
 
     def dispatch(self, x, topk_ids, topk_weights):
         self._n = x.shape[0]
-        if self.size == 1:
-            return Dispatched(x, self._local(topk_ids), topk_weights)
+        if self.size == 1:                 # one rank holds every slot: local ids are the slot ids
+            return Dispatched(x, topk_ids, topk_weights)
         counts = self._gather_counts(self._n)
         self._counts = counts
         ranks = dist.get_process_group_ranks(self.group)

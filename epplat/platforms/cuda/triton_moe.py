@@ -17,6 +17,8 @@ ids, which is cheap at decode sizes and wasteful at prefill sizes: large batches
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -56,13 +58,31 @@ def _count(ids_ptr, e, num_assign, SCAN: tl.constexpr):
 
 
 @triton.jit
+def _my_expert(ids_ptr, num_assign, BY_SLOT: tl.constexpr, SCAN: tl.constexpr):
+    """(expert, rows routed to it) of this program. By expert: program i takes expert i. By slot
+    (fewer assignments than experts): program i takes the expert of assignment i unless an
+    earlier assignment has it too, so no program is spent on an expert nobody chose."""
+    pid = tl.program_id(0)
+    if BY_SLOT:
+        e = tl.load(ids_ptr + pid).to(tl.int32)
+        earlier = 0
+        for s in range(0, pid, SCAN):
+            a = s + tl.arange(0, SCAN)
+            earlier += tl.sum(((tl.load(ids_ptr + a, mask=a < pid, other=-1) == e) & (a < pid)).to(tl.int32), axis=0)
+        count = tl.where((earlier == 0) & (e >= 0), _count(ids_ptr, e, num_assign, SCAN), 0)
+    else:
+        e = pid
+        count = _count(ids_ptr, e, num_assign, SCAN)
+    return e, count
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, num_assign, hidden, inter, stride_we,
                     K: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, SCAN: tl.constexpr):
-    e = tl.program_id(0)
+                    BK: tl.constexpr, BY_SLOT: tl.constexpr, SCAN: tl.constexpr):
+    e, count = _my_expert(ids_ptr, num_assign, BY_SLOT, SCAN)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < inter
-    count = _count(ids_ptr, e, num_assign, SCAN)
     w_base = w_ptr + e.to(tl.int64) * stride_we
     for c in range(0, tl.cdiv(count, BM)):
         m = c * BM + tl.arange(0, BM)
@@ -96,11 +116,11 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, num_assign, hidden, inter, str
 
 @triton.jit
 def _down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, y_ptr, num_assign, hidden, inter, stride_we,
-                 IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SCAN: tl.constexpr):
-    e = tl.program_id(0)
+                 IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BY_SLOT: tl.constexpr,
+                 SCAN: tl.constexpr):
+    e, count = _my_expert(ids_ptr, num_assign, BY_SLOT, SCAN)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < hidden
-    count = _count(ids_ptr, e, num_assign, SCAN)
     w_base = w_ptr + e.to(tl.int64) * stride_we
     for c in range(0, tl.cdiv(count, BM)):
         m = c * BM + tl.arange(0, BM)
@@ -134,14 +154,32 @@ def _sum_kernel(y_ptr, ids_ptr, out_ptr, hidden, K: tl.constexpr, BH: tl.constex
     tl.store(out_ptr + t.to(tl.int64) * hidden + d, acc.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-def _tiles(num_assign: int, experts: int) -> tuple[int, int]:
-    """(BM, BN): rows per chunk from the expected rows per expert. (BN 32 was slower than 64 even
-    at one token, where only 8 experts' tiles are active.)"""
+class Tiles(NamedTuple):
+    bm: int = 16         # rows of one chunk of an expert's tokens
+    bn1: int = 64        # gate/up columns per program (each of gate and up)
+    bk1: int = 128       # hidden (reduction) step of the gate/up GEMM
+    bn2: int = 64        # output columns per program of the down GEMM
+    bk2: int = 128       # expert-width (reduction) step of the down GEMM
+    stages: int = 4
+    warps: int = 4
+
+    @classmethod
+    def parse(cls, text: str) -> "Tiles":
+        return cls(*(int(v) for v in text.split("-")))
+
+    def __str__(self):
+        return "-".join(str(v) for v in self)
+
+
+def _tiles(num_assign: int, experts: int, dtype) -> Tiles:
+    """Rows per chunk from the expected rows per expert; float32 tiles are twice the bytes, so
+    they take a shorter reduction step and fewer stages to fit shared memory."""
     per_expert = num_assign / max(1, experts)
-    return (16 if per_expert <= 8 else 32 if per_expert <= 48 else 64), 64
+    t = Tiles(bm=16 if per_expert <= 8 else 32 if per_expert <= 48 else 64)
+    return t._replace(bk1=32, bk2=32, stages=2) if dtype == torch.float32 else t
 
 
-def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles=None):
+def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tiles] = None):
     """sum_k w[t,k] * expert_{ids[t,k]}(x[t]); ids are local, -1 = held elsewhere. None when the
     activation or dtype is not one the kernels take."""
     name = getattr(act, "__name__", "")
@@ -151,19 +189,20 @@ def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles=None):
     experts, hidden, inter = w13.shape[0], w13.shape[1], w2.shape[1]
     num_assign = rows * k
     x = x.contiguous()
-    ids = topk_ids.reshape(-1).to(torch.int32)
+    ids = topk_ids.reshape(-1).contiguous()
     tw = topk_weights.reshape(-1).contiguous()
-    bm, bn = tiles or _tiles(num_assign, min(experts, num_assign))
+    t = tiles or _tiles(num_assign, min(experts, num_assign), x.dtype)
     ieee = x.dtype == torch.float32
-    bk, stages = (32, 2) if ieee else (128, 4)     # float32 tiles are twice the bytes: fit shared memory
+    by_slot = num_assign < experts
+    progs = num_assign if by_slot else experts
     h = torch.empty((num_assign, inter), dtype=x.dtype, device=x.device)
-    _gate_up_kernel[(experts, triton.cdiv(inter, bn))](
-        x, ids, w13, h, num_assign, hidden, inter, w13.stride(0), k, _ACTS[name], ieee, bm, bn, bk, _SCAN,
-        num_warps=4, num_stages=stages)
+    _gate_up_kernel[(progs, triton.cdiv(inter, t.bn1))](
+        x, ids, w13, h, num_assign, hidden, inter, w13.stride(0), k, _ACTS[name], ieee, t.bm, t.bn1, t.bk1, by_slot,
+        _SCAN, num_warps=t.warps, num_stages=t.stages)
     y = torch.empty((num_assign, hidden), dtype=x.dtype, device=x.device)
-    _down_kernel[(experts, triton.cdiv(hidden, bn))](
-        h, ids, tw, w2, y, num_assign, hidden, inter, w2.stride(0), ieee, bm, bn, bk, _SCAN,
-        num_warps=4, num_stages=stages)
+    _down_kernel[(progs, triton.cdiv(hidden, t.bn2))](
+        h, ids, tw, w2, y, num_assign, hidden, inter, w2.stride(0), ieee, t.bm, t.bn2, t.bk2, by_slot, _SCAN,
+        num_warps=t.warps, num_stages=t.stages)
     out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
     _sum_kernel[(rows, triton.cdiv(hidden, 1024))](y, ids, out, hidden, k, 1024, num_warps=4)
     return out
