@@ -26,7 +26,7 @@ from torch import nn
 
 from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.model.attention import AttnMetadata, paged_attention
-from epplat.core.model.layers import ACTIVATIONS, RMSNorm, RotaryEmbedding, gated_act
+from epplat.core.model.layers import ACTIVATIONS, RMSNorm, RotaryEmbedding, gated_act, linear
 from epplat.core.moe.all2all import All2AllBackend
 from epplat.core.moe.layer import FusedMoE
 
@@ -89,14 +89,14 @@ class Attention(nn.Module):
         self.kv_cache: Optional[tuple] = None
 
     def forward(self, x, positions, meta: AttnMetadata):
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        qkv = linear(x, self.qkv, self.qkv_bias)
         q, k, v = qkv.split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
         q, k, v = q.view(-1, self.h, self.d), k.view(-1, self.kvh, self.d), v.view(-1, self.kvh, self.d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k)
         o = paged_attention(q, k, v.contiguous(), self.kv_cache, meta, self.scale)
-        return _tp_all_reduce(F.linear(o.reshape(-1, self.h * self.d), self.o_proj), self.ps)
+        return _tp_all_reduce(linear(o.reshape(-1, self.h * self.d), self.o_proj), self.ps)
 
     def load(self, name: str, t: torch.Tensor):
         d, q, kv = self.d, self.h * self.d, self.kvh * self.d
@@ -126,7 +126,7 @@ class DenseMLP(nn.Module):
         self.down = _param(hidden, self.inter, dtype=dtype)
 
     def forward(self, x):
-        return _tp_all_reduce(F.linear(gated_act(F.linear(x, self.gate_up), self.act), self.down), self.ps)
+        return _tp_all_reduce(linear(gated_act(linear(x, self.gate_up), self.act), self.down), self.ps)
 
     def load(self, name: str, t: torch.Tensor):
         part = t[self.start:self.start + self.inter] if name != "down_proj" else t[:, self.start:self.start + self.inter]
@@ -188,7 +188,7 @@ class MoEForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head)
+        return linear(hidden, self.lm_head)
 
     def load_weight(self, name: str, t: torch.Tensor) -> bool:
         """Copy one tensor given by its canonical name; False when this rank keeps none of it."""

@@ -10,6 +10,14 @@ from torch import nn
 # result, or None for inputs it does not take; platforms register theirs (cuda: Triton)
 NORM_KERNELS: dict = {}
 ROPE_KERNELS: dict = {}
+LINEAR_KERNELS: dict = {}
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    """F.linear, or the platform's kernel for it where one is registered and takes the input."""
+    kernel = LINEAR_KERNELS.get(x.device.type)
+    out = kernel(x, w, bias) if kernel else None
+    return F.linear(x, w, bias) if out is None else out
 
 
 class RMSNorm(nn.Module):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from epplat.core.moe.all2all import All2AllBackend
+from epplat.core.model.layers import linear
 from epplat.core.moe.experts import reference_experts
 
 # device type -> fused (router logits, top_k, renormalize, dtype) -> (weights, ids); cuda: Triton
@@ -76,8 +76,8 @@ class FusedMoE(nn.Module):
     def route(self, x: torch.Tensor):
         kernel = ROUTE_KERNELS.get(x.device.type)
         if kernel is not None:
-            return kernel(F.linear(x, self.gate), self.top_k, self.renormalize, x.dtype)
-        probs = torch.softmax(F.linear(x, self.gate).float(), dim=-1)
+            return kernel(linear(x, self.gate), self.top_k, self.renormalize, x.dtype)
+        probs = torch.softmax(linear(x, self.gate).float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from epplat.config import cpu_kv_cache_bytes
+from epplat.platforms.cpu import cpu_kernels
 from epplat.platforms.interface import Platform
 
 
@@ -15,14 +16,21 @@ class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
-    # Below this many tokens a step is a skinny-GEMM decode that extra threads slow down
-    # (and the API server process needs a core); above it, GEMMs scale with threads.
+    # Below this many tokens torch's ops run on one thread (fork/join costs more than the small
+    # ops gain); the C kernels, which hold most of a decode step, use every thread.
     MULTI_THREAD_TOKENS = 128
 
     def __init__(self):
         self.max_threads = torch.get_num_threads()
+        if cpu_kernels.load() is not None:   # the C kernels stand in for torch ops where they win
+            from epplat.core.model import attention, layers
+            from epplat.core.moe import experts
+            attention.DECODE_KERNELS["cpu"] = cpu_kernels.decode_attention
+            layers.LINEAR_KERNELS["cpu"] = cpu_kernels.linear
+            experts.EXPERT_KERNELS["cpu"] = cpu_kernels.moe_experts
 
     def before_step(self, num_tokens: int) -> None:
+        cpu_kernels.THREADS = self.max_threads
         torch.set_num_threads(self.max_threads if num_tokens >= self.MULTI_THREAD_TOKENS else 1)
 
     def kv_cache_bytes(self, cache_cfg, weight_bytes, device, profile=None) -> int:

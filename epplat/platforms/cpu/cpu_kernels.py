@@ -1,0 +1,145 @@
+"""Builds kernels.c with the system C compiler on first use and wraps it for torch tensors.
+
+The shared library is cached under ``$EPPLAT_CACHE_DIR/kernels`` (default
+``~/.cache/epplat/kernels``) by a hash of the source and flags; building takes about a
+second. The wrappers take the same arguments as the portable torch paths they stand in
+for and return None for inputs they do not handle (non-float32, shapes off the 8/16
+grid, large batches where MKL's GEMMs win), so the caller runs the torch path then.
+When no compiler (or no AVX2/FMA) is there, :func:`load` logs one warning and the
+platform keeps the torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# Above this many rows per local expert on average, MKL's grouped GEMMs are faster.
+MAX_ROWS_PER_EXPERT = 8
+# Above this many rows, MKL's GEMM is faster than reading each weight row once.
+MAX_LINEAR_ROWS = 32
+
+# OpenMP threads of the kernels; the cpu platform sets its whole thread budget here (decode
+# steps run torch's own ops on one thread, where fork/join costs more than it saves)
+THREADS = 1
+_lib: Optional[ctypes.CDLL] = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("EPPLAT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "epplat")
+    return Path(root) / "kernels"
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise RuntimeError("no C compiler found (install gcc or set CC)")
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"epplat_cpu_{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)   # several processes may build at once
+    os.close(fd)
+    r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    if r.returncode:
+        os.unlink(tmp)
+        raise RuntimeError(f"{cc} failed: {(r.stderr.strip().splitlines() or ['?'])[0]}")
+    os.replace(tmp, out)
+    return out
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The kernel library, built if needed; None (with one warning) when it cannot be built."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("EPPLAT_CPU_KERNELS", "1") == "0":
+        logger.info("CPU kernels off (EPPLAT_CPU_KERNELS=0): torch ops for experts and decode attention")
+        return None
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        logger.warning("CPU kernels need AVX2/FMA, this CPU has %s: using torch ops (slower)",
+                       torch.backends.cpu.get_cpu_capability())
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (RuntimeError, OSError) as e:
+        logger.warning("CPU kernels unavailable (%s): using torch ops for experts and decode attention (slower)", e)
+        return None
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.moe_experts.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, ptr, i64,
+                                     ctypes.c_int]
+    lib.linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    _lib = lib
+    return lib
+
+
+def _f32(*ts) -> bool:
+    return all(t.dtype == torch.float32 and t.is_contiguous() for t in ts)
+
+
+def moe_experts(x, topk_ids, topk_weights, w13, w2, act) -> Optional[torch.Tensor]:
+    """reference_experts for small float32 batches with SiLU-gated experts; None otherwise."""
+    rows, k = topk_ids.shape
+    num_experts, hidden, inter2 = w13.shape
+    if (act is not torch.nn.functional.silu or not _f32(x, w13, w2) or hidden % 16 or inter2 % 32
+            or rows * k > MAX_ROWS_PER_EXPERT * num_experts):
+        return None
+    ids = topk_ids.to(torch.int64).contiguous()
+    weights = topk_weights.to(torch.float32).contiguous()
+    threads = THREADS
+    out = torch.empty_like(x)
+    scratch = torch.empty(rows * k * hidden + threads * 4 * (hidden + 3 * inter2 // 2), dtype=torch.float32)
+    _lib.moe_experts(x.data_ptr(), rows, hidden, ids.data_ptr(), weights.data_ptr(), k, w13.data_ptr(),
+                     w2.data_ptr(), num_experts, inter2 // 2, out.data_ptr(), scratch.data_ptr(), threads)
+    return out
+
+
+def linear(x, w, bias=None) -> Optional[torch.Tensor]:
+    """F.linear for float32 batches of at most MAX_LINEAR_ROWS rows; None otherwise."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if (rows > MAX_LINEAR_ROWS or k % 8 or not _f32(w) or x.dtype != torch.float32
+            or (bias is not None and not _f32(bias))):
+        return None
+    x2 = x.reshape(rows, k).contiguous()
+    out = torch.empty(rows, w.shape[0], dtype=torch.float32)
+    _lib.linear(x2.data_ptr(), rows, k, w.data_ptr(), w.shape[0], bias.data_ptr() if bias is not None else None,
+                out.data_ptr(), THREADS)
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
+def decode_attention(q, k_cache, v_cache, tables, lens, scale) -> Optional[torch.Tensor]:
+    """One query token per sequence over the paged cache, float32; None for other dtypes."""
+    b, h, d = q.shape
+    _, bs, kvh, _ = k_cache.shape
+    if not _f32(k_cache, v_cache) or q.dtype != torch.float32 or d % 8 or h % kvh:
+        return None
+    q = q.contiguous()
+    tables = tables.to(torch.int64).contiguous()
+    lens = lens.to(torch.int64).contiguous()
+    max_len = tables.shape[1] * bs
+    threads = THREADS
+    out = torch.empty_like(q)
+    scratch = torch.empty(threads * (h // kvh) * max_len, dtype=torch.float32)
+    _lib.decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+                          b, h, kvh, d, bs, tables.shape[1], scale, out.data_ptr(), scratch.data_ptr(), max_len,
+                          threads)
+    return out

@@ -1,0 +1,197 @@
+/* CPU kernels of the cpu platform: float32 MoE experts for decode-sized batches and paged
+ * decode attention. Built with the system C compiler on first use (see cpu_kernels.py) and
+ * called through ctypes on raw tensor pointers; no torch headers.
+ *
+ * moe_experts: rows grouped by expert in C (a counting sort), each expert's rows run through
+ *   gate/up -> silu(gate)*up -> down in blocks of 4 rows that stream every weight row once
+ *   per block; a token's k outputs are summed in ascending expert order (as the
+ *   Hugging Face reference loop does). Weights are input-major: w13 [E, H, 2I], w2 [E, I, H].
+ * linear: x @ w^T for a few rows, each weight row read once (MKL packs the weights on
+ *   every call, which costs more than the product at decode sizes).
+ * decode_attention: one query token per sequence against keys read straight from the paged
+ *   cache [blocks, block_size, kv_heads, D] (no gather copy), exact two-pass softmax. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Y[r, :] += x[r, k] * W[k, :] + x[r, k+1] * W[k+1, :] for r < R (R <= 4), N a multiple of 8.
+ * Two weight rows stream through per call; the R output rows stay in L1. */
+static inline __attribute__((always_inline)) void axpy2(const float *X, int ldx, int k, const float *w0,
+                                                         const float *w1, float *Y, int ldy, int N, const int R) {
+    __m256 a0 = _mm256_broadcast_ss(X + k), a1 = _mm256_broadcast_ss(X + k + 1);
+    __m256 b0 = a0, b1 = a1, c0 = a0, c1 = a1, d0 = a0, d1 = a1;
+    if (R > 1) { b0 = _mm256_broadcast_ss(X + ldx + k); b1 = _mm256_broadcast_ss(X + ldx + k + 1); }
+    if (R > 2) { c0 = _mm256_broadcast_ss(X + 2 * ldx + k); c1 = _mm256_broadcast_ss(X + 2 * ldx + k + 1); }
+    if (R > 3) { d0 = _mm256_broadcast_ss(X + 3 * ldx + k); d1 = _mm256_broadcast_ss(X + 3 * ldx + k + 1); }
+    for (int j = 0; j < N; j += 8) {
+        __m256 u = _mm256_loadu_ps(w0 + j), v = _mm256_loadu_ps(w1 + j);
+        float *y = Y + j;
+        _mm256_storeu_ps(y, _mm256_fmadd_ps(a1, v, _mm256_fmadd_ps(a0, u, _mm256_loadu_ps(y))));
+        if (R > 1) { y += ldy; _mm256_storeu_ps(y, _mm256_fmadd_ps(b1, v, _mm256_fmadd_ps(b0, u, _mm256_loadu_ps(y)))); }
+        if (R > 2) { y += ldy; _mm256_storeu_ps(y, _mm256_fmadd_ps(c1, v, _mm256_fmadd_ps(c0, u, _mm256_loadu_ps(y)))); }
+        if (R > 3) { y += ldy; _mm256_storeu_ps(y, _mm256_fmadd_ps(d1, v, _mm256_fmadd_ps(d0, u, _mm256_loadu_ps(y)))); }
+    }
+}
+
+/* Y[R, N] = X[R, K] @ W[K, N] for R <= 4, K even, N a multiple of 8: W streams once, row by row. */
+static void small_gemm(const float *X, int ldx, const float *W, int N, float *Y, int ldy, int K, int R) {
+    for (int r = 0; r < R; r++) memset(Y + (size_t)r * ldy, 0, sizeof(float) * N);
+    for (int k = 0; k < K; k += 2) {
+        const float *w0 = W + (size_t)k * N, *w1 = w0 + N;
+        switch (R) {
+            case 1: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 1); break;
+            case 2: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 2); break;
+            case 3: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 3); break;
+            default: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 4); break;
+        }
+    }
+}
+
+/* out[T, H] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over ids >= 0.
+ * scratch: T*K*H + threads*4*(H + 3I) floats. Returns 0. */
+int moe_experts(const float *x, int64_t T, int64_t H, const int64_t *ids, const float *weights, int64_t K,
+                const float *w13, const float *w2, int64_t E, int64_t I, float *out, float *scratch,
+                int threads) {
+    int64_t n = T * K;
+    int64_t *count = calloc(E + 1, sizeof(int64_t)), *rows = malloc(sizeof(int64_t) * (n > 0 ? n : 1));
+    for (int64_t i = 0; i < n; i++) if (ids[i] >= 0) count[ids[i] + 1]++;
+    for (int64_t e = 0; e < E; e++) count[e + 1] += count[e];
+    int64_t *fill = malloc(sizeof(int64_t) * (E + 1));
+    memcpy(fill, count, sizeof(int64_t) * (E + 1));
+    for (int64_t i = 0; i < n; i++) if (ids[i] >= 0) rows[fill[ids[i]]++] = i;   /* (t, k) pairs by expert */
+    float *buf = scratch, *work = scratch + n * H;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t e = 0; e < E; e++) {
+#ifdef _OPENMP
+        float *xs = work + (size_t)omp_get_thread_num() * 4 * (H + 3 * I);
+#else
+        float *xs = work;
+#endif
+        float *h = xs + 4 * H, *act = h + 4 * 2 * I;
+        const float *we13 = w13 + (size_t)e * H * 2 * I, *we2 = w2 + (size_t)e * I * H;
+        for (int64_t s = count[e]; s < count[e + 1]; s += 4) {
+            int R = (int)(count[e + 1] - s < 4 ? count[e + 1] - s : 4);
+            for (int r = 0; r < R; r++) memcpy(xs + r * H, x + (rows[s + r] / K) * H, sizeof(float) * H);
+            small_gemm(xs, (int)H, we13, (int)(2 * I), h, (int)(2 * I), (int)H, R);
+            for (int r = 0; r < R; r++)
+                for (int64_t i = 0; i < I; i++) {
+                    float g = h[r * 2 * I + i];
+                    act[r * I + i] = g / (1.0f + expf(-g)) * h[r * 2 * I + I + i];
+                }
+            float *y = h;   /* reuse: R x H */
+            small_gemm(act, (int)I, we2, (int)H, y, (int)H, (int)I, R);
+            for (int r = 0; r < R; r++) {
+                float wt = weights[rows[s + r]];
+                float *dst = buf + rows[s + r] * H;
+                for (int64_t j = 0; j < H; j++) dst[j] = y[r * H + j] * wt;
+            }
+        }
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < T; t++) {
+        int64_t order[64];
+        int m = 0;
+        for (int64_t k = 0; k < K && k < 64; k++) {           /* this token's experts, ascending */
+            if (ids[t * K + k] < 0) continue;
+            int p = m++;
+            while (p > 0 && ids[t * K + order[p - 1]] > ids[t * K + k]) { order[p] = order[p - 1]; p--; }
+            order[p] = k;
+        }
+        float *o = out + t * H;
+        if (!m) { memset(o, 0, sizeof(float) * H); continue; }
+        memcpy(o, buf + (t * K + order[0]) * H, sizeof(float) * H);
+        for (int j = 1; j < m; j++) {
+            const float *src = buf + (t * K + order[j]) * H;
+            for (int64_t c = 0; c < H; c++) o[c] += src[c];
+        }
+    }
+    free(count); free(rows); free(fill);
+    return 0;
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* out[B, Hq, D] = softmax(q k^T * scale) v per sequence over lens[b] cached tokens.
+ * k/v cache: [blocks, bs, KVH, D]; tables: [B, W] block ids. scratch: threads * Hq * max_len floats. */
+int decode_attention(const float *q, const float *kc, const float *vc, const int64_t *tables, const int64_t *lens,
+                     int64_t B, int64_t Hq, int64_t KVH, int64_t D, int64_t bs, int64_t W, float scale,
+                     float *out, float *scratch, int64_t max_len, int threads) {
+    int64_t G = Hq / KVH;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t bg = 0; bg < B * KVH; bg++) {
+        int64_t b = bg / KVH, g = bg % KVH, L = lens[b];
+#ifdef _OPENMP
+        float *p = scratch + (size_t)omp_get_thread_num() * G * max_len;
+#else
+        float *p = scratch;
+#endif
+        const int64_t *tab = tables + b * W;
+        const float *qg = q + (b * Hq + g * G) * D;
+        for (int64_t t = 0; t < L; t++) {
+            const float *k = kc + ((tab[t / bs] * bs + t % bs) * KVH + g) * D;
+            for (int64_t h = 0; h < G; h++) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + h * D + d), _mm256_loadu_ps(k + d), acc);
+                p[h * L + t] = hsum(acc) * scale;
+            }
+        }
+        for (int64_t h = 0; h < G; h++) {
+            float *ph = p + h * L, mx = -INFINITY, sum = 0.0f;
+            for (int64_t t = 0; t < L; t++) mx = ph[t] > mx ? ph[t] : mx;
+            for (int64_t t = 0; t < L; t++) { ph[t] = expf(ph[t] - mx); sum += ph[t]; }
+            float inv = 1.0f / sum;
+            float *o = out + (b * Hq + g * G + h) * D;
+            memset(o, 0, sizeof(float) * D);
+            for (int64_t t = 0; t < L; t++) {
+                const float *v = vc + ((tab[t / bs] * bs + t % bs) * KVH + g) * D;
+                __m256 pw = _mm256_set1_ps(ph[t] * inv);
+                for (int64_t d = 0; d < D; d += 8)
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pw, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+            }
+        }
+    }
+    return 0;
+}
+
+/* out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for small M: each weight row is read once, from
+ * memory into L1, and dotted with every row of x; threads split the N rows. K % 8 == 0. */
+int linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, const float *bias, float *out,
+           int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const float *wn = w + n * K;
+        float b = bias ? bias[n] : 0.0f;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) {
+            const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k += 8) {
+                __m256 v = _mm256_loadu_ps(wn + k);
+                a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x0 + k), a0);
+                a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x1 + k), a1);
+                a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x2 + k), a2);
+                a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x3 + k), a3);
+            }
+            out[m * N + n] = hsum(a0) + b; out[(m + 1) * N + n] = hsum(a1) + b;
+            out[(m + 2) * N + n] = hsum(a2) + b; out[(m + 3) * N + n] = hsum(a3) + b;
+        }
+        for (; m < M; m++) {
+            const float *xm = x + m * K;
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(wn + k), _mm256_loadu_ps(xm + k), a);
+            out[m * N + n] = hsum(a) + b;
+        }
+    }
+    return 0;
+}

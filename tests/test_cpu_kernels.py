@@ -1,0 +1,89 @@
+"""The cpu platform's C kernels (built with the system compiler) against the torch code they
+stand in for: MoE experts, x @ w^T for a few rows, and paged decode attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from epplat.core.moe.experts import EXPERT_KERNELS, reference_experts
+from epplat.platforms.cpu import cpu_kernels
+from epplat.platforms.cpu.platform import CpuPlatform
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lib():
+    assert cpu_kernels.load() is not None, "the CPU kernels did not build (see the warning in the log)"
+    cpu_kernels.THREADS = 2
+
+
+def torch_experts(*args):
+    saved = EXPERT_KERNELS.pop("cpu", None)
+    try:
+        return reference_experts(*args)
+    finally:
+        if saved:
+            EXPERT_KERNELS["cpu"] = saved
+
+
+@pytest.mark.parametrize("rows,experts,k,hidden,inter", [(1, 8, 2, 64, 32), (5, 16, 4, 256, 128),
+                                                          (16, 16, 4, 256, 256), (3, 4, 3, 32, 16)])
+def test_moe_experts_match_torch(rows, experts, k, hidden, inter):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, hidden, generator=g)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(rows)])
+    ids[0, -1] = -1                       # an expert on another EP rank
+    if rows > 2:
+        ids[2] = -1                       # a row with no local expert at all
+    w = torch.rand(rows, k, generator=g)
+    w13 = torch.randn(experts, hidden, 2 * inter, generator=g) * 0.1
+    w2 = torch.randn(experts, inter, hidden, generator=g) * 0.1
+    got = cpu_kernels.moe_experts(x, ids, w, w13, w2, F.silu)
+    torch.testing.assert_close(got, torch_experts(x, ids, w, w13, w2, F.silu), rtol=1e-5, atol=1e-5)
+    if rows > 2:
+        assert torch.count_nonzero(got[2]) == 0
+
+
+def test_moe_experts_decline_what_they_do_not_take():
+    x, ids, w = torch.randn(4, 64), torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2)
+    w13, w2 = torch.randn(2, 64, 64), torch.randn(2, 32, 64)
+    assert cpu_kernels.moe_experts(x, ids, w, w13, w2, F.gelu) is None            # not SiLU
+    assert cpu_kernels.moe_experts(x.bfloat16(), ids, w, w13.bfloat16(), w2.bfloat16(), F.silu) is None
+    big = torch.randn(64, 64)                                                      # prefill-sized: MKL
+    assert cpu_kernels.moe_experts(big, torch.zeros(64, 2, dtype=torch.long), torch.ones(64, 2), w13, w2,
+                                   F.silu) is None
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 17, 32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_torch(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 96, generator=g), torch.randn(40, 96, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    torch.testing.assert_close(cpu_kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert cpu_kernels.linear(torch.randn(33, 96), w) is None
+
+
+def test_decode_attention_matches_gather_and_softmax():
+    g = torch.Generator().manual_seed(0)
+    b, h, kvh, d, bs, nblk = 5, 8, 2, 64, 16, 64
+    k = torch.randn(nblk, bs, kvh, d, generator=g)
+    v = torch.randn(nblk, bs, kvh, d, generator=g)
+    q = torch.randn(b, h, d, generator=g)
+    lens = torch.tensor([1, 17, 32, 100, 160])
+    tables = torch.randperm(nblk, generator=g)[: b * 10].view(b, 10)
+    out = cpu_kernels.decode_attention(q, k, v, tables, lens, d ** -0.5)
+    for i in range(b):
+        keys = k[tables[i]].reshape(-1, kvh, d)[: lens[i]].repeat_interleave(h // kvh, 1)
+        vals = v[tables[i]].reshape(-1, kvh, d)[: lens[i]].repeat_interleave(h // kvh, 1)
+        att = torch.softmax(torch.einsum("hd,lhd->hl", q[i], keys) * d ** -0.5, -1)
+        torch.testing.assert_close(out[i], torch.einsum("hl,lhd->hd", att, vals), rtol=1e-5, atol=1e-5)
+
+
+def test_the_cpu_platform_registers_them():
+    from epplat.core.model import attention, layers
+    CpuPlatform()
+    assert attention.DECODE_KERNELS["cpu"] is cpu_kernels.decode_attention
+    assert layers.LINEAR_KERNELS["cpu"] is cpu_kernels.linear
+    assert EXPERT_KERNELS["cpu"] is cpu_kernels.moe_experts
