@@ -19,6 +19,18 @@ class Platform:
         """None when this platform can run here, else a short reason."""
         return None
 
+    @classmethod
+    def apply_additional_config(cls, cfg) -> None:
+        """Check ``cfg.additional_config`` (``--additional-config`` JSON) and apply it to ``cfg``;
+        ConfigError (one line) for what this platform does not take. The base platform takes no keys."""
+        if cfg.additional_config:
+            from epplat.config import ConfigError
+            raise ConfigError(f"--additional-config: platform {cls.name!r} takes no keys; got "
+                              f"{', '.join(sorted(cfg.additional_config))}")
+
+    def configure(self, cfg) -> None:
+        """Called in every engine process with its EngineConfig, before the device is set up."""
+
     def device(self, local_rank: int = 0) -> torch.device:
         """Select and return the device this process computes on."""
         return torch.device(self.device_type)

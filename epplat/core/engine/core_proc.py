@@ -51,6 +51,7 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn) 
         from epplat.core.engine.core import EngineCore, init_kv_cache
         from epplat.core.engine.model_runner import ModelRunner
         platform = registry().load("platform", cfg.platform)()
+        platform.configure(cfg)
         device = platform.device(local_rank)
         ps = init_parallel(cfg.parallel, rank, platform.dist_backend)
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, _local_procs(cfg))))

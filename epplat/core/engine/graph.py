@@ -10,6 +10,9 @@ class GraphRunner:
         self.model, self.device = model, device
 
     captures = False
+    # replays recorded device kernels (CUDA graphs): a captured step must not synchronise with the host.
+    # Runners that compile (torchair) split the graph at host syncs instead.
+    replays_kernels = True
 
     def capture(self, batch_sizes: list[int], max_blocks_per_seq: int, pad_block: int, scratch_slot: int) -> None:
         """Capture decode steps for these batch sizes (no-op for eager). Padded rows write

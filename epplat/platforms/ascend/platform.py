@@ -1,19 +1,24 @@
-"""The ascend platform: device "npu" through torch_npu, HCCL collectives."""
+"""The ascend platform: device "npu" through torch_npu, HCCL collectives, torchair graphs."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Optional
 
 import torch
 
 from epplat.platforms.interface import Platform
 
+logger = logging.getLogger(__name__)
+
 
 class AscendPlatform(Platform):
     name = "ascend"
     device_type = "npu"
     dist_backend = "hccl"
+    default_all2all = "hccl"
+    default_graph_runner = "eager"      # "torchair" with torchair_graph_config.enabled (see configure)
 
     @classmethod
     def check(cls) -> Optional[str]:
@@ -27,8 +32,44 @@ class AscendPlatform(Platform):
             return "no Ascend NPU visible"
         return None
 
+    @classmethod
+    def apply_additional_config(cls, cfg) -> None:
+        """Check --additional-config (vllm-ascend's keys) and apply the scheduler options."""
+        from epplat.config import ConfigError
+        from epplat.platforms.ascend.ascend_config import parse
+        acfg = parse(cfg.additional_config, cfg.enforce_eager)
+        sched = acfg.ascend_scheduler_config
+        if sched.enabled:
+            cfg.scheduler.enable_chunked_prefill = sched.enable_chunked_prefill
+            max_len = cfg.model.max_model_len or cfg.model.hf_config().get("max_position_embeddings") or 2048
+            if not sched.enable_chunked_prefill and cfg.scheduler.max_num_batched_tokens < max_len:
+                raise ConfigError(f"ascend_scheduler_config runs prefills whole: --max-num-batched-tokens "
+                                  f"({cfg.scheduler.max_num_batched_tokens}) must be at least --max-model-len "
+                                  f"({max_len}), or set enable_chunked_prefill")
+
+    def configure(self, cfg) -> None:
+        from epplat.platforms.ascend import ascend_config
+        acfg = ascend_config.parse(cfg.additional_config, cfg.enforce_eager)
+        ascend_config.set_current(acfg)
+        if acfg.torchair_graph_config.enabled:
+            self.default_graph_runner = "torchair"
+        g = acfg.torchair_graph_config
+        deepseek_only = [k for k, on in (
+            ("enable_multistream_mla", g.enable_multistream_mla),              # MLA vector ops on a second stream
+            ("enable_prefill_optimizations", acfg.enable_prefill_optimizations),  # DeepSeek (MLA) prefill
+            ("enable_multistream_moe", g.enable_multistream_moe),              # shared experts on a second stream
+            ("enable_super_kernel", g.enable_super_kernel)) if on]
+        if deepseek_only:
+            logger.warning("--additional-config %s: these tune DeepSeek's MLA attention and shared experts; the "
+                           "architectures epplat serves today have neither, so they change nothing",
+                           ", ".join(deepseek_only))
+
     def device(self, local_rank: int = 0) -> torch.device:
         import torch_npu  # noqa: F401
+        from epplat.platforms.ascend import hccl_env
+        env = hccl_env.check()
+        if env:
+            logger.info("HCCL environment: %s", " ".join(env))
         torch.npu.set_device(local_rank)
         return torch.device("npu", local_rank)
 
@@ -40,3 +81,6 @@ class AscendPlatform(Platform):
 
     def synchronize(self) -> None:
         torch.npu.synchronize()
+
+    def log_prefix(self) -> str:
+        return "NPU"

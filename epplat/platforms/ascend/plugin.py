@@ -1,6 +1,8 @@
-"""Registers the ascend platform."""
+"""Registers the ascend platform, its HCCL all2all backend, the torchair graph runner and W8A8 quantization."""
 
 from __future__ import annotations
+
+import importlib.util
 
 from epplat.hookspecs import Registration, hookimpl
 
@@ -14,6 +16,43 @@ def _check():
     return _platform().check()
 
 
+def _hccl():
+    from epplat.platforms.ascend.all2all_hccl import HcclAll2All
+    return HcclAll2All
+
+
+def _torchair():
+    from epplat.platforms.ascend.torchair_runner import TorchairGraphRunner
+    return TorchairGraphRunner
+
+
+def _torchair_check():
+    return _check() or (None if importlib.util.find_spec("torchair") else "torchair not installed")
+
+
+def _w8a8():
+    from epplat.platforms.ascend.w8a8 import AscendW8A8
+    return AscendW8A8
+
+
 @hookimpl
 def epplat_platforms():
     return [Registration("ascend", _platform, check=_check, help="Huawei Ascend NPUs: torch_npu, HCCL")]
+
+
+@hookimpl
+def epplat_all2all_backends():
+    return [Registration("hccl", _hccl, check=_check, platforms=("ascend",),
+                         help="all_to_all_single of (token, expert) pairs over HCCL (Ascend's default)")]
+
+
+@hookimpl
+def epplat_graph_runners():
+    return [Registration("torchair", _torchair, check=_torchair_check, platforms=("ascend",),
+                         help="decode steps as GE graphs through torchair (--additional-config torchair_graph_config)")]
+
+
+@hookimpl
+def epplat_quantization_methods():
+    return [Registration("ascend", _w8a8, check=_check, platforms=("ascend",),
+                         help="W8A8 dynamic (msModelSlim layout): int8 weights, per-token int8 activations")]

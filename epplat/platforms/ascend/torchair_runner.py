@@ -1,0 +1,98 @@
+"""torchair graph mode for decode steps (``--additional-config '{"torchair_graph_config": {"enabled": true}}'``).
+
+The model is compiled with ``torch.compile`` on torchair's NPU backend (GE graphs) and
+run for a fixed set of decode batch sizes (``graph_batch_sizes``, else the engine's
+sizes up to ``--max-num-seqs``); a decode batch is padded to the next size, its padding
+rows writing K/V to a scratch slot and reading the zero block. Prefill and mixed steps,
+and batches above the largest size, run eagerly, as vllm-ascend does. With
+``use_cached_graph`` each batch size gets its own graph through
+``torchair.inference.cache_compile`` (compiled once, reloaded from disk on restart).
+Steps that must talk to the host (data-dependent all2all counts) split the graph
+there instead of failing, so capture is allowed for every dtype and for EP.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import types
+
+import torch
+
+from epplat.core.engine.graph import GraphRunner
+from epplat.core.model.attention import AttnMetadata
+
+logger = logging.getLogger(__name__)
+
+
+class TorchairGraphRunner(GraphRunner):
+    captures = True
+    replays_kernels = False
+
+    def __init__(self, model, device):
+        super().__init__(model, device)
+        from epplat.platforms.ascend.ascend_config import current
+        self.opts = current().torchair_graph_config
+        self.graphs: dict[int, object] = {}
+        self.sizes: list[int] = []
+
+    def compiler_config(self):
+        import torchair
+        config = torchair.CompilerConfig()
+        config.experimental_config.frozen_parameter = True         # weights never change between steps
+        config.experimental_config.tiling_schedule_optimize = True
+        return config
+
+    def _compile(self, size: int, shared: list):
+        import torchair
+        config = self.compiler_config()
+        if self.opts.use_cached_graph:
+            # cache_compile keys its on-disk cache on the method's code: one renamed forward per batch size
+            code = type(self.model).forward.__code__.replace(co_name=f"forward_decode_bs{size}")
+            fn = types.FunctionType(code, type(self.model).forward.__globals__, code.co_name)
+            return torchair.inference.cache_compile(types.MethodType(fn, self.model), config=config, dynamic=False,
+                                                    ge_cache=False)
+        if not shared:
+            shared.append(torch.compile(self.model, dynamic=False, fullgraph=False,
+                                        backend=torchair.get_npu_backend(compiler_config=config)))
+        return shared[0]
+
+    def capture(self, batch_sizes, max_blocks_per_seq: int, pad_block: int, scratch_slot: int) -> None:
+        import torchair
+        torchair.patch_for_hcom()             # collectives inside the graphs become HCCL graph ops
+        sizes = sorted(set(self.opts.graph_batch_sizes or batch_sizes))
+        g_max, dev = sizes[-1], self.device
+        self.ids = torch.zeros(g_max, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(g_max, dtype=torch.long, device=dev)
+        self.slots = torch.full((g_max,), scratch_slot, dtype=torch.long, device=dev)
+        self.tables = torch.full((g_max, max_blocks_per_seq), pad_block, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(g_max, dtype=torch.int32, device=dev)
+        self.scratch_slot, self.pad_block = scratch_slot, pad_block
+        shared: list = []
+        with torch.inference_mode():
+            for g in reversed(sizes):          # largest first, as vllm-ascend compiles them
+                self.graphs[g] = self._compile(g, shared)
+                for _ in range(2):             # compile, then run once compiled
+                    self.graphs[g](self.ids[:g], self.pos[:g], self._meta(g))
+        self.sizes = sizes
+        logger.info("torchair graphs for decode batch sizes %s%s", sizes,
+                    " (cached graphs)" if self.opts.use_cached_graph else "")
+
+    def _meta(self, g: int) -> AttnMetadata:
+        return AttnMetadata(self.slots[:g], num_decodes=g, decode_tables=self.tables[:g], decode_lens=self.lens[:g])
+
+    def forward(self, input_ids, positions, meta: AttnMetadata):
+        b = input_ids.shape[0]
+        if meta.prefills or meta.num_decodes != b or not self.sizes or b > self.sizes[-1] or b == 0:
+            return self.model(input_ids, positions, meta)
+        g = self.sizes[bisect.bisect_left(self.sizes, b)]
+        w = meta.decode_tables.shape[1]
+        self.ids[:b].copy_(input_ids)
+        self.pos[:b].copy_(positions)
+        self.slots[:b].copy_(meta.slot_mapping)
+        self.slots[b:g].fill_(self.scratch_slot)
+        self.tables[:g].fill_(self.pad_block)
+        self.tables[:b, :w].copy_(meta.decode_tables)
+        self.lens[:b].copy_(meta.decode_lens)
+        self.lens[b:g].fill_(1)
+        return self.graphs[g](self.ids[:g], self.pos[:g], self._meta(g))[:b]

@@ -1,0 +1,177 @@
+"""SIMULATION of torch_npu for tests (see ../README.md): the names epplat calls, computed on the CPU.
+
+"npu" tensors are CPU tensors (a torch function mode rewrites device="npu[:i]" to the
+CPU in the importing thread), the "hccl" torch.distributed backend is a gloo process
+group, and the quantized ops do their documented integer arithmetic in plain torch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import types
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+if os.environ.get("SIM_NPU_BROKEN_CANN"):
+    raise ImportError("libhccl.so: cannot open shared object file: No such file or directory")
+
+SIMULATED = True
+_CPU = torch.device("cpu")
+
+
+def _to_cpu(d):
+    if isinstance(d, torch.device) and d.type == "npu":
+        return _CPU
+    if isinstance(d, str) and d.split(":")[0] == "npu":
+        return "cpu"
+    return d
+
+
+class _NpuOnCpu(TorchFunctionMode):
+    """Every torch call that names an "npu" device gets the CPU instead."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu(kwargs["device"])
+        return func(*(_to_cpu(a) for a in args), **kwargs)
+
+
+# -- torch.npu -------------------------------------------------------------------------------
+npu = types.ModuleType("torch_npu.npu")
+_current = [0]
+
+
+def _is_available() -> bool:
+    return True
+
+
+def _device_count() -> int:
+    return int(os.environ.get("SIM_NPU_DEVICE_COUNT", "8"))
+
+
+def _set_device(device) -> None:
+    idx = device.index if isinstance(device, torch.device) else int(str(device).split(":")[-1])
+    if not 0 <= idx < _device_count():
+        raise RuntimeError(f"Invalid device ID {idx}")
+    _current[0] = idx
+    _enter_mode()   # the calling thread computes on this device from now on
+
+
+def _mem_get_info(device=None):
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return free, total
+
+
+import threading  # noqa: E402
+
+_tls = threading.local()
+
+
+def _enter_mode() -> None:
+    if not getattr(_tls, "mode", None):
+        _tls.mode = _NpuOnCpu()
+        _tls.mode.__enter__()
+
+
+npu.is_available = _is_available
+npu.device_count = _device_count
+npu.set_device = _set_device
+npu.current_device = lambda: _current[0]
+npu.synchronize = lambda device=None: None
+npu.mem_get_info = _mem_get_info
+npu.empty_cache = lambda: None
+npu.set_compile_mode = lambda jit_compile=False: None
+npu.manual_seed = npu.manual_seed_all = lambda seed: None    # CPU tensors follow torch.manual_seed
+npu._is_in_bad_fork = lambda: False
+sys.modules["torch_npu.npu"] = npu
+
+# torch's own hooks for a device type implemented in Python ("npu" has no kernels of its own here)
+from torch.utils.backend_registration import _DummyPrivateUse1Hook, _setup_privateuseone_for_python_backend  # noqa
+
+class _NoRuntime(_DummyPrivateUse1Hook):
+    """No device runtime behind "npu": torch's own accelerator queries (streams, barrier devices) see the CPU."""
+
+    def is_available(self) -> bool:
+        return False
+
+
+_setup_privateuseone_for_python_backend(rename="npu", backend_module=npu, hook=_NoRuntime())
+torch.Tensor.npu = lambda self, device=None, non_blocking=False: self
+_enter_mode()
+
+
+# -- "hccl": gloo underneath -------------------------------------------------------------------
+def _hccl(store, rank, size, timeout=datetime.timedelta(minutes=30)):
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
+if "hccl" not in dist.Backend.backend_list:
+    dist.Backend.register_backend("hccl", _hccl, devices=["cpu"])
+
+
+# -- quantized ops -------------------------------------------------------------------------------
+def npu_dynamic_quant(input, *, smooth_scales=None, group_index=None, dst_type=None):
+    """Per-token symmetric int8: scale = max|x| / 127 per row, y = round(x / scale)."""
+    x = input.float()
+    if smooth_scales is not None:
+        x = x * smooth_scales.float()
+    scale = x.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+    y = torch.round(x / scale.unsqueeze(-1)).clamp(-128, 127).to(torch.int8)
+    return y, scale
+
+
+def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None, **_):
+    """int8 x1 [m, k] @ int8 x2 [k, n], int32 accumulation, * scale [n] (* pertoken_scale [m])."""
+    if x1.dtype != torch.int8 or x2.dtype != torch.int8:
+        raise RuntimeError("npu_quant_matmul: x1 and x2 must be int8")
+    acc = torch.matmul(x1.to(torch.int32), x2.to(torch.int32)).to(torch.float32)
+    out = acc * scale.float().reshape(1, -1)
+    if pertoken_scale is not None:
+        out = out * pertoken_scale.float().reshape(-1, 1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(output_dtype or torch.int8)
+
+
+def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
+                       antiquant_offset=None, per_token_scale=None, group_list=None, activation_input=None,
+                       activation_quant_scale=None, activation_quant_offset=None, split_item=0, group_type=None,
+                       group_list_type=0, act_type=0, output_dtype=None, **_):
+    """split_item=2, group_type=0: rows of x[0] grouped by expert (group_list: cumulative ends for
+    group_list_type 0, counts for 1), each group times weight[0][e] [k, n]; int8 groups are scaled by
+    scale[0][e] and per_token_scale[0] like npu_quant_matmul."""
+    if split_item != 2 or group_type != 0 or len(x) != 1 or len(weight) != 1:
+        raise RuntimeError("simulated npu_grouped_matmul supports split_item=2, group_type=0, one x, one weight")
+    xs, w = x[0], weight[0]
+    counts = group_list.tolist() if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1)
+                                                                         ).tolist()
+    outs, start = [], 0
+    for e, c in enumerate(counts):
+        rows = xs[start:start + c]
+        if w.dtype == torch.int8:
+            outs.append(npu_quant_matmul(rows, w[e], scale[0][e], pertoken_scale=per_token_scale[0][start:start + c],
+                                         output_dtype=output_dtype))
+        else:
+            outs.append((rows @ w[e]).to(output_dtype or rows.dtype))
+        start += c
+    out = torch.cat(outs) if outs else xs.new_empty((0, w.shape[-1]), dtype=output_dtype or xs.dtype)
+    if start < xs.shape[0]:  # rows past the last group are left untouched (zeros here)
+        out = torch.cat([out, out.new_zeros((xs.shape[0] - start, w.shape[-1]))])
+    return [out]
+
+
+def npu_format_cast(tensor, acl_format):
+    """ND (2) / FRACTAL_NZ (29) are memory layouts the NPU kernels read; on the CPU the values are the same."""
+    if acl_format not in (2, 29):
+        raise RuntimeError(f"unsupported acl format {acl_format}")
+    return tensor
+
+
+def npu_format_cast_(tensor, acl_format):
+    return npu_format_cast(tensor, acl_format)

@@ -1,0 +1,195 @@
+"""The ascend platform on a SIMULATED torch_npu / torchair (tests/sim_npu: "npu" tensors live on the CPU,
+"hccl" is gloo underneath): platform selection, the missing-CANN line, the HCCL all2all backend against
+the single-process reference, --additional-config parsing and its one-line errors, the HCCL environment,
+and greedy tokens equal to transformers' from real `epplat serve` processes with DP=2 and EP over the
+simulated HCCL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+from hf_oracle import hf_greedy
+from server_utils import Server
+
+SIM = str(Path(__file__).resolve().parent / "sim_npu")
+SIM_ENV = {"PYTHONPATH": os.pathsep.join([SIM, os.environ.get("PYTHONPATH", "")])}
+
+
+def epplat(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "epplat.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def one_error_line(r, needle: str) -> None:
+    assert r.returncode != 0, r.stdout
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and needle in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_platform_selection_on_the_simulation():
+    code = ("from epplat.plugins import registry; r = registry(); print(r.pick_platform('auto')); "
+            "print(r.by_kind['platform']['ascend'].load().default_all2all)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **SIM_ENV}).stdout.split()
+    assert out == ["ascend", "hccl"]
+    listing = epplat("plugins", env=SIM_ENV).stdout
+    lines = {ln.split()[0]: ln for ln in listing.splitlines() if ln.startswith("  ") and ln.split()}
+    for name in ("ascend", "hccl", "torchair"):
+        assert "unusable" not in lines[name] and "usable" in lines[name], lines[name]
+    assert "[ascend]" in lines["hccl"] and "[ascend]" in lines["torchair"]
+
+
+def test_missing_cann_library_is_one_line(qwen3_moe_dir):
+    env = {**SIM_ENV, "SIM_NPU_BROKEN_CANN": "1"}
+    listing = epplat("plugins", env=env).stdout
+    line = next(ln for ln in listing.splitlines() if ln.split()[:1] == ["ascend"])
+    assert "unusable: torch_npu failed to load: libhccl.so: cannot open shared object file" in line
+    one_error_line(epplat("serve", str(qwen3_moe_dir), "--platform", "ascend", env=env), "libhccl.so")
+
+
+# -- HCCL all2all over the simulated hccl backend ------------------------------------------------------------
+def _all2all_worker(rank: int, world: int, init: str, tokens: list, result_dir: str) -> None:
+    sys.path.insert(0, SIM)
+    import torch_npu  # noqa: F401  (the simulation: registers "npu" and "hccl")
+    import torch.distributed as dist
+
+    from epplat.core.moe.all2all import ExpertMap
+    from epplat.core.moe.experts import reference_experts
+    from epplat.platforms.ascend.all2all_hccl import HcclAll2All
+    dist.init_process_group("hccl", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    experts, hidden, inter, k = 8, 16, 24, 2
+    w13, w2 = torch.randn(experts, hidden, 2 * inter), torch.randn(experts, inter, hidden)
+    emap = ExpertMap(experts, rank, world)
+    backend = HcclAll2All(emap, group=dist.group.WORLD, device=torch.device("npu", rank))
+    local = emap.local_ids
+    for step, counts in enumerate(tokens):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        n = counts[rank]
+        x = torch.randn(n, hidden, generator=g)
+        ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)]) if n else \
+            torch.empty(0, k, dtype=torch.long)
+        w = torch.rand(n, k, generator=g)
+        recv = backend.dispatch(x, ids, w)
+        assert recv.topk_ids.shape[1] == 1 and bool((recv.topk_ids >= 0).all())
+        y = reference_experts(recv.x, recv.topk_ids, recv.topk_weights, w13[local.start:local.stop],
+                              w2[local.start:local.stop], torch.nn.functional.silu)
+        out = backend.combine(y)
+        ref = reference_experts(x, ids, w, w13, w2, torch.nn.functional.silu)
+        torch.save((out, ref), os.path.join(result_dir, f"r{rank}s{step}.pt"))
+    dist.destroy_process_group()
+
+
+def test_hccl_all2all_matches_the_single_process_reference(tmp_path):
+    world = 2
+    tokens = [[5, 3], [0, 4], [7, 0]]             # uneven, and ranks with no token (dummy steps)
+    init = f"file://{tempfile.mkdtemp()}/store"
+    sys.path.insert(0, SIM)
+    try:
+        torch.multiprocessing.spawn(_all2all_worker, args=(world, init, tokens, str(tmp_path)), nprocs=world)
+    finally:
+        sys.path.remove(SIM)
+    for rank in range(world):
+        for step, counts in enumerate(tokens):
+            out, ref = torch.load(tmp_path / f"r{rank}s{step}.pt")
+            assert out.shape == (counts[rank], 16)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# -- --additional-config ---------------------------------------------------------------------------------------
+def test_additional_config_parsing():
+    from epplat.config import ConfigError
+    from epplat.platforms.ascend.ascend_config import parse
+    cfg = parse({"torchair_graph_config": {"enabled": True, "graph_batch_sizes": [4, 8], "use_cached_graph": True,
+                                           "enable_multistream_moe": True, "enable_super_kernel": True},
+                 "ascend_scheduler_config": {"enabled": True}, "enable_weight_nz_layout": True})
+    g = cfg.torchair_graph_config
+    assert g.enabled and g.graph_batch_sizes == [4, 8] and g.use_cached_graph and g.enable_super_kernel
+    assert cfg.ascend_scheduler_config.enabled and not cfg.ascend_scheduler_config.enable_chunked_prefill
+    assert cfg.enable_weight_nz_layout and not cfg.enable_prefill_optimizations
+    assert parse({}) == parse({"torchair_graph_config": {}})
+    bad = [
+        ({"torchair_graph_config": {"enabeld": True}}, "unknown field `enabeld` - at `$.torchair_graph_config`"),
+        ({"graph_mode": True}, "unknown field `graph_mode`"),
+        ({"torchair_graph_config": {"enabled": "true"}}, "Expected `bool`, got `str`"),
+        ({"torchair_graph_config": {"enabled": True, "graph_batch_sizes": 8}}, "Expected `array`"),
+        ({"torchair_graph_config": {"enabled": True, "graph_batch_sizes": [0]}}, "must be positive"),
+        ({"torchair_graph_config": {"use_cached_graph": True}}, "use_cached_graph is valid only when"),
+        ({"torchair_graph_config": {"enabled": True, "enable_super_kernel": True}}, "needs enable_multistream_moe"),
+        ({"ascend_scheduler_config": {"enabled": True, "policy": "fcfs"}}, "unknown field `policy`"),
+    ]
+    for raw, needle in bad:
+        with pytest.raises(ConfigError, match=None) as e:
+            parse(raw)
+        assert needle in str(e.value) and "\n" not in str(e.value), (raw, e.value)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        parse({"torchair_graph_config": {"enabled": True}}, enforce_eager=True)
+
+
+@pytest.mark.parametrize("flags, env, needle", [
+    (["--additional-config", "{oops"], {}, "--additional-config: not valid JSON"),
+    (["--additional-config", "[1]"], {}, "--additional-config: must be a JSON object"),
+    (["--platform", "cpu", "--additional-config", '{"torchair_graph_config": {"enabled": true}}'], {},
+     "platform 'cpu' takes no keys; got torchair_graph_config"),
+    (["--platform", "ascend", "--additional-config", '{"torchair_graph_config": {"enabled": true, "x": 1}}'],
+     SIM_ENV, "unknown field `x`"),
+    (["--platform", "ascend", "--enforce-eager", "--additional-config",
+      '{"torchair_graph_config": {"enabled": true}}'], SIM_ENV, "exclude each other"),
+    (["--platform", "ascend", "--max-model-len", "2048", "--max-num-batched-tokens", "512", "--additional-config",
+      '{"ascend_scheduler_config": {"enabled": true}}'], SIM_ENV, "ascend_scheduler_config runs prefills whole"),
+])
+def test_additional_config_errors_are_one_line(qwen3_moe_dir, flags, env, needle):
+    one_error_line(epplat("serve", str(qwen3_moe_dir), *flags, env=env), needle)
+
+
+def test_hccl_environment_checks():
+    from epplat.config import ConfigError
+    from epplat.platforms.ascend.hccl_env import check
+    good = {"HCCL_IF_IP": "127.0.0.1", "HCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo",
+            "HCCL_BUFFSIZE": "1024", "HCCL_DETERMINISTIC": "True", "OTHER": "x"}
+    assert check(good) == ["HCCL_IF_IP=127.0.0.1", "HCCL_SOCKET_IFNAME=lo", "GLOO_SOCKET_IFNAME=lo",
+                           "HCCL_BUFFSIZE=1024", "HCCL_DETERMINISTIC=True"]
+    for env, needle in [({"HCCL_IF_IP": "node1"}, "not an IPv4 address"),
+                        ({"HCCL_IF_IP": "203.0.113.9"}, "not an address of this node"),
+                        ({"HCCL_BUFFSIZE": "1G"}, "HCCL_BUFFSIZE='1G' is not a positive integer (MB)"),
+                        ({"HCCL_EXEC_TIMEOUT": "0"}, "HCCL_EXEC_TIMEOUT='0'"),
+                        ({"HCCL_DETERMINISTIC": "yes"}, "must be true or false"),
+                        ({"GLOO_SOCKET_IFNAME": "lo,nosuchnic9"}, "no network card 'nosuchnic9'")]:
+        with pytest.raises(ConfigError) as e:
+            check(env)
+        assert needle in str(e.value)
+
+
+# -- serving on the simulated NPU: DP=2, EP over the simulated HCCL ----------------------------------------------
+PROMPTS = [[5, 17, 99, 230, 7, 64, 300, 12], [400, 401, 402], list(range(100, 130)), [3, 9], [1500, 1200, 900]]
+
+
+def test_serve_dp2_ep_on_simulated_npu_matches_transformers(qwen3_moe_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    expected = [tok.decode(r, skip_special_tokens=True) for r in hf_greedy(qwen3_moe_dir, PROMPTS, 8, ignore_eos=True)]
+    env = {**SIM_ENV, "HCCL_IF_IP": "127.0.0.1", "HCCL_BUFFSIZE": "1024", "GLOO_SOCKET_IFNAME": "lo"}
+    with Server(str(qwen3_moe_dir), "--platform", "ascend", "--dtype", "float32", "-dp", "2", "-ep",
+                "--max-model-len", "256", env=env) as s:
+        async def go():
+            c = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+            rs = await asyncio.gather(*(c.completions.create(model=str(qwen3_moe_dir), prompt=p, max_tokens=8,
+                                                             temperature=0, extra_body={"ignore_eos": True})
+                                        for p in PROMPTS))
+            return [r.choices[0].text for r in rs]
+        assert asyncio.run(go()) == expected
+        log = s.output()
+    assert "platform ascend" in log and log.count("all2all hccl") == 2
+    assert "EP rank 0/2 holds experts 0-3 of 8" in log and "EP rank 1/2 holds experts 4-7 of 8" in log
+    assert "[DP rank 1] NPU KV cache size" in log
+    assert "HCCL environment: HCCL_IF_IP=127.0.0.1 GLOO_SOCKET_IFNAME=lo HCCL_BUFFSIZE=1024" in log
