@@ -89,7 +89,21 @@ def test_fused_topk_rms_norm_and_rope_match_the_torch_code():
     cos, sin = r.cos[pos].to(q.dtype)[:, None], r.sin[pos].to(q.dtype)[:, None]
     half = lambda x: torch.cat((-x[..., 64:], x[..., :64]), -1)   # noqa: E731
     for got, x in zip(rope(pos, q, k, r.cos, r.sin), (q, k)):
-        assert torch.equal(got, x * cos + half(x) * sin)
+        assert torch.equal(got, x * cos + half(x) * sin)     # the same roundings, so the same bits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_skinny_linear_matches_float64(dtype):
+    from epplat.platforms.cuda.triton_linear import skinny_linear
+    w = torch.randn(1000, 300, device="cuda", dtype=dtype) / 300 ** 0.5   # neither a multiple of the tiles
+    b = torch.randn(1000, device="cuda", dtype=dtype)
+    for m in (1, 5, 16):
+        x = torch.randn(m, 300, device="cuda", dtype=dtype)
+        for bias in (None, b):
+            ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+            err = float((skinny_linear(x, w, bias).double() - ref).norm() / ref.norm())
+            assert err < (1e-6 if dtype == torch.float32 else 1e-2), (m, err)
+    assert skinny_linear(torch.randn(17, 300, device="cuda", dtype=dtype), w) is None   # cuBLAS takes these
 
 
 def test_fp32_greedy_tokens_equal_transformers_with_graphs(qwen3_moe_dir):

@@ -175,8 +175,11 @@ def _tiles(num_assign: int, experts: int, dtype) -> Tiles:
     """Rows per chunk from the expected rows per expert; float32 tiles are twice the bytes, so
     they take a shorter reduction step and fewer stages to fit shared memory."""
     per_expert = num_assign / max(1, experts)
-    t = Tiles(bm=16 if per_expert <= 8 else 32 if per_expert <= 48 else 64)
-    return t._replace(bk1=32, bk2=32, stages=2) if dtype == torch.float32 else t
+    if dtype == torch.float32:
+        return Tiles(bm=16 if per_expert <= 16 else 32, bk1=32, bk2=32, stages=2)
+    if per_expert <= 1:                  # a handful of experts: narrow tiles, deep pipeline (H100 sweep)
+        return Tiles(16, 64, 64, 64, 64, 6, 4)
+    return Tiles(16 if per_expert <= 16 else 32 if per_expert <= 48 else 64, 128, 64, 128, 64, 4, 4)
 
 
 def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tiles] = None):
