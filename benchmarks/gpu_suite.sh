@@ -16,10 +16,10 @@ stages=${*:-tests decode moe}
 for s in $stages; do
   echo "=== $s"; t0=$(date +%s)
   case $s in
-    tests)  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    tests)  python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -s 2>&1 | tee "$OUT/tests.log" | grep -E "^(PASSED|FAILED|ERROR)|fp8 logits|passed|failed"  ;;
     decode) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --profile 1 64 --compare-torch --out "$OUT/decode.json" 2>&1 \
               | tee "$OUT/decode.log" | tail -80 ;;
-    moe)    python3 benchmarks/moe_layer_bench.py --linear --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | tail -40 ;;
+    moe)    python3 benchmarks/moe_layer_bench.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | tail -40 ;;
     serve)  python3 benchmarks/serve_1gpu.py --out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
     *) echo "unknown stage $s" ;;
   esac

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 
 from epplat.core.moe.experts import capturable_experts
-from epplat.platforms.cuda import triton_linear, triton_moe
+from epplat.platforms.cuda import fp8_moe, triton_moe
 
 
 def ceilings(dev) -> tuple[float, float]:
@@ -62,8 +62,6 @@ def main():
     p.add_argument("--tiles", nargs="*", default=["16-64-64-64-64-6-4", "16-128-64-128-64-4-4", "16-64-256-64-128-3-4",
                                                    "16-32-128-32-128-4-4", "16-64-128-128-128-4-8"],
                    help="Triton tile configurations also tried at decode sizes (bm-bn1-bk1-bn2-bk2-stages-warps)")
-    p.add_argument("--linear", action="store_true", help="also time the decode step's skinny linears (qkv, o_proj, "
-                                                          "router, lm_head shapes): cuBLAS against the Triton kernel")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, dt = torch.device("cuda", 0), torch.bfloat16
@@ -73,6 +71,7 @@ def main():
     w13s = [torch.randn(e, h, 2 * i, device=dev, dtype=dt) / h ** 0.5 for _ in range(a.layers)]
     w2s = [torch.randn(e, i, h, device=dev, dtype=dt) / i ** 0.5 for _ in range(a.layers)]
     tiles = [triton_moe.Tiles.parse(t) for t in a.tiles]
+    fp8 = [fp8_moe.quantize(w13) + fp8_moe.quantize(w2) for w13, w2 in zip(w13s, w2s)]   # (q13, s13, q2, s2)
     rows = []
     for t in a.tokens:
         x = torch.randn(t, h, device=dev, dtype=dt)
@@ -90,10 +89,16 @@ def main():
             row["triton_ms"] = graph_time(lambda *s: triton_moe.triton_experts(*s, F.silu), sets)
             for c in tiles:
                 row[f"triton_{c}_ms"] = graph_time(lambda *s, c=c: triton_moe.triton_experts(*s, F.silu, tiles=c), sets)
+            fsets = [(x, ids, w, q13, q2, s13, s2) for q13, s13, q2, s2 in fp8]
+            run8 = lambda x, ids, w, q13, q2, s13, s2: fp8_moe.fp8_experts(   # noqa: E731
+                x, ids, w, q13, q2, F.silu, w13_scale=s13, w2_scale=s2)
+            row["fp8_rel_err"] = _rel(run8(*fsets[0]).float(), ref)
+            row["fp8_ms"] = graph_time(run8, fsets)
         hit = e * (1 - (1 - k / e) ** t)
         nbytes = hit * 3 * h * i * 2 + 2 * t * h * 2
         row["roofline_ms"] = max(nbytes / bw, 2 * t * k * 3 * h * i / flops) * 1e3
         row["bytes"] = nbytes
+        row["fp8_roofline_ms"] = (hit * 3 * h * i * (1 + 2 / 128 ** 2) + 2 * t * h * 2) / bw * 1e3
         rows.append(row)
         del x, ids, w, sets
     name = torch.cuda.get_device_name()
@@ -101,6 +106,7 @@ def main():
           f"experts {e} top-{k}, hidden {h}, width {i}; ms per layer (median of graph replays)")
     print(f"{'tokens':>7}{'roofline':>10}{'grouped_mm':>12}{'triton':>10}{'triton/roof':>13}{'grouped/roof':>14}"
           f"{'speedup':>9}   best tiles")
+    fp8_rows = [r for r in rows if "fp8_ms" in r]
     for r in rows:
         tri = r.get("triton_ms")
         sweep = {c: r[f"triton_{c}_ms"] for c in tiles if f"triton_{c}_ms" in r}
@@ -109,46 +115,17 @@ def main():
               + (f"{tri:>10.4f}{r['roofline_ms'] / tri * 100:>12.0f}%" if tri else f"{'-':>10}{'-':>13}")
               + f"{r['roofline_ms'] / r['grouped_ms'] * 100:>13.0f}%"
               + (f"{r['grouped_ms'] / tri:>8.2f}x   {best} {sweep[best]:.4f}" if tri else ""))
+    print(f"fp8 experts (weights 1 byte + block scales): {'tokens':>6}{'fp8 roofline':>14}{'fp8':>9}{'/roof':>7}"
+          f"{'vs bf16 triton':>16}")
+    for r in fp8_rows:
+        print(f"{'':>45}{r['tokens']:>6}{r['fp8_roofline_ms']:>14.4f}{r['fp8_ms']:>9.4f}"
+              f"{r['fp8_roofline_ms'] / r['fp8_ms'] * 100:>6.0f}%{r['triton_ms'] / r['fp8_ms']:>15.2f}x")
     errs = {k2: max(r[k2] for r in rows if k2 in r) for r0 in rows for k2 in r0 if k2.endswith("rel_err")}
     print("max relative error vs float32:", {k2: f"{v:.2e}" for k2, v in errs.items()})
-    lin = linear_rows(dev, bw) if a.linear else []
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"device": name, "copy_bw": bw, "bf16_flops": flops, "args": vars(a), "rows": rows,
-                       "linear": lin}, f, indent=2)
+            json.dump({"device": name, "copy_bw": bw, "bf16_flops": flops, "args": vars(a), "rows": rows}, f, indent=2)
 
-
-def linear_rows(dev, bw) -> list:
-    """x[M, K] @ W[N, K]^T for the decode step's weight shapes: F.linear (cuBLAS) against the Triton
-    skinny kernel (default tiles and a few others), eight weight copies rotated to defeat L2."""
-    shapes = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "router": (128, 2048), "lm_head": (151936, 2048)}
-    configs = [(16, 256, 4, 4), (16, 512, 3, 4), (32, 256, 4, 4), (16, 128, 6, 4), (8 * 2, 1024, 2, 8)]
-    out = []
-    print(f"{'linear':>8}{'M':>4}{'MB':>8}{'roofline':>10}{'cuBLAS':>9}{'triton':>9}{'/roof':>7}{'cuBLAS/roof':>13}   best config")
-    for name, (n, k) in shapes.items():
-        copies = 2 if name == "lm_head" else 8
-        ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
-        for m in (1, 4, 16, 64):
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            ref = x.double() @ ws[0].double().t()
-            got = triton_linear.skinny_linear(x, ws[0], force=True).double()
-            row = {"name": name, "M": m, "N": n, "K": k, "rel_err": float((got - ref).norm() / ref.norm()),
-                   "roofline_ms": (n * k + m * (n + k)) * 2 / bw * 1e3,
-                   "cublas_ms": graph_time(F.linear, [(x, w) for w in ws]),
-                   "triton_ms": graph_time(lambda x, w: triton_linear.skinny_linear(x, w, force=True),
-                                           [(x, w) for w in ws])}
-            for bn, bk, st, wp in configs:
-                row[f"triton_{bn}-{bk}-{st}-{wp}_ms"] = graph_time(
-                    lambda x, w, c=(bn, bk, st, wp): triton_linear.skinny_linear(x, w, None, *c, force=True),
-                    [(x, w) for w in ws])
-            best = min((kk for kk in row if kk.startswith("triton_") and kk.endswith("_ms")), key=row.get)
-            print(f"{name:>8}{m:>4}{n * k * 2 / 1e6:>8.1f}{row['roofline_ms']:>10.4f}{row['cublas_ms']:>9.4f}"
-                  f"{row['triton_ms']:>9.4f}{row['roofline_ms'] / row['triton_ms'] * 100:>6.0f}%"
-                  f"{row['roofline_ms'] / row['cublas_ms'] * 100:>12.0f}%   {best} {row[best]:.4f}")
-            out.append(row)
-        del ws
-    print("max relative error of the Triton linear vs float64:", f"{max(r['rel_err'] for r in out):.2e}")
-    return out
 
 
 def _fp32_reference(x, ids, w, w13, w2):

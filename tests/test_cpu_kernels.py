@@ -87,3 +87,27 @@ def test_the_cpu_platform_registers_them():
     assert attention.DECODE_KERNELS["cpu"] is cpu_kernels.decode_attention
     assert layers.LINEAR_KERNELS["cpu"] is cpu_kernels.linear
     assert EXPERT_KERNELS["cpu"] is cpu_kernels.moe_experts
+    assert layers.NORM_KERNELS["cpu"] is cpu_kernels.rms_norm and layers.ROPE_KERNELS["cpu"] is cpu_kernels.rope
+
+
+def test_rms_norm_and_rope_match_torch_on_strided_views():
+    from epplat.core.model.layers import NORM_KERNELS, ROPE_KERNELS, RMSNorm, RotaryEmbedding
+    g = torch.Generator().manual_seed(0)
+    t, h, kvh, d = 7, 4, 2, 64
+    qkv = torch.randn(t, (h + 2 * kvh) * d, generator=g)
+    q, k, _ = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    q, k = q.view(t, h, d), k.view(t, kvh, d)                 # strided views, as the model has them
+    norm, rope = RMSNorm(d, 1e-6), RotaryEmbedding(d, 512, 1e6)
+    norm.weight.data.uniform_(0.5, 1.5, generator=g)
+    pos = torch.tensor([0, 1, 2, 100, 200, 300, 511])
+    saved = NORM_KERNELS.pop("cpu", None), ROPE_KERNELS.pop("cpu", None)
+    try:
+        ref_n, ref_r = norm(q), rope(pos, q, k)
+    finally:
+        NORM_KERNELS["cpu"], ROPE_KERNELS["cpu"] = cpu_kernels.rms_norm, cpu_kernels.rope
+    torch.testing.assert_close(cpu_kernels.rms_norm(q, norm.weight, 1e-6), ref_n, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_kernels.rms_norm(qkv, torch.ones(qkv.shape[1]), 1e-6),
+                               qkv * torch.rsqrt(qkv.pow(2).mean(-1, keepdim=True) + 1e-6), rtol=1e-5, atol=1e-5)
+    got = cpu_kernels.rope(pos, q, k, rope.cos, rope.sin)
+    torch.testing.assert_close(got[0], ref_r[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref_r[1], rtol=1e-5, atol=1e-5)

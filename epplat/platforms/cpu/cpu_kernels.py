@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 # Above this many rows per local expert on average, MKL's grouped GEMMs are faster.
-MAX_ROWS_PER_EXPERT = 8
+MAX_ROWS_PER_EXPERT = 40
 # Above this many rows, MKL's GEMM is faster than reading each weight row once.
 MAX_LINEAR_ROWS = 32
 
@@ -87,6 +87,8 @@ def load() -> Optional[ctypes.CDLL]:
     lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, ptr, i64,
                                      ctypes.c_int]
     lib.linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.rms_norm.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, f32, ptr]
+    lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
     _lib = lib
     return lib
 
@@ -138,8 +140,45 @@ def decode_attention(q, k_cache, v_cache, tables, lens, scale) -> Optional[torch
     max_len = tables.shape[1] * bs
     threads = THREADS
     out = torch.empty_like(q)
-    scratch = torch.empty(threads * (h // kvh) * max_len, dtype=torch.float32)
+    scratch = torch.empty(threads * h * max_len, dtype=torch.float32)
     _lib.decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
                           b, h, kvh, d, bs, tables.shape[1], scale, out.data_ptr(), scratch.data_ptr(), max_len,
                           threads)
     return out
+
+
+def _rows(x: torch.Tensor):
+    """(n0, n1, s0, s1) addressing x's rows of its last dimension, or None if they are not
+    two-level strided with unit stride inside a row."""
+    if x.stride(-1) != 1:
+        return None
+    if x.dim() == 2:
+        return x.shape[0], 1, x.stride(0), 0
+    if x.dim() == 3:
+        return x.shape[0], x.shape[1], x.stride(0), x.stride(1)
+    return None
+
+
+def rms_norm(x, weight, eps) -> Optional[torch.Tensor]:
+    """RMSNorm over the last dimension of a 2-D or 3-D float32 tensor (may be a strided view)."""
+    rows = _rows(x)
+    if rows is None or x.dtype != torch.float32 or not _f32(weight) or x.shape[-1] % 8:
+        return None
+    out = torch.empty(x.shape, dtype=torch.float32)
+    _lib.rms_norm(x.data_ptr(), *rows, x.shape[-1], weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def rope(positions, q, k, cos, sin) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Neox rotary embedding of q [T, H, D] and k [T, KVH, D] (strided views allowed)."""
+    rq, rk = _rows(q), _rows(k)
+    if (rq is None or rk is None or q.dim() != 3 or q.dtype != torch.float32 or k.dtype != torch.float32
+            or not _f32(cos, sin) or q.shape[-1] % 16):
+        return None
+    pos = positions.to(torch.int64).contiguous()
+    outs = []
+    for x, r in ((q, rq), (k, rk)):
+        out = torch.empty(x.shape, dtype=torch.float32)
+        _lib.rope(x.data_ptr(), *r, x.shape[-1], pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr())
+        outs.append(out)
+    return outs[0], outs[1]

@@ -9,7 +9,9 @@
  * linear: x @ w^T for a few rows, each weight row read once (MKL packs the weights on
  *   every call, which costs more than the product at decode sizes).
  * decode_attention: one query token per sequence against keys read straight from the paged
- *   cache [blocks, block_size, kv_heads, D] (no gather copy), exact two-pass softmax. */
+ *   cache [blocks, block_size, kv_heads, D] (no gather copy), exact two-pass softmax.
+ * rms_norm, rope: the per-row float32 arithmetic of RMSNorm and neox rotary embedding,
+ *   reading strided heads so q/k views of the fused qkv need no copy first. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -18,6 +20,23 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+/* e^x for 8 lanes: Cephes' expf (range reduction by ln 2, degree-5 polynomial), about 1 ulp. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3762626647949f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
 
 /* Y[r, :] += x[r, k] * W[k, :] + x[r, k+1] * W[k+1, :] for r < R (R <= 4), N a multiple of 8.
  * Two weight rows stream through per call; the R output rows stay in L1. */
@@ -79,9 +98,10 @@ int moe_experts(const float *x, int64_t T, int64_t H, const int64_t *ids, const 
             for (int r = 0; r < R; r++) memcpy(xs + r * H, x + (rows[s + r] / K) * H, sizeof(float) * H);
             small_gemm(xs, (int)H, we13, (int)(2 * I), h, (int)(2 * I), (int)H, R);
             for (int r = 0; r < R; r++)
-                for (int64_t i = 0; i < I; i++) {
-                    float g = h[r * 2 * I + i];
-                    act[r * I + i] = g / (1.0f + expf(-g)) * h[r * 2 * I + I + i];
+                for (int64_t i = 0; i < I; i += 8) {   /* silu(gate) * up */
+                    __m256 g = _mm256_loadu_ps(h + r * 2 * I + i), u = _mm256_loadu_ps(h + r * 2 * I + I + i);
+                    __m256 sg = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+                    _mm256_storeu_ps(act + r * I + i, _mm256_mul_ps(sg, u));
                 }
             float *y = h;   /* reuse: R x H */
             small_gemm(act, (int)I, we2, (int)H, y, (int)H, (int)I, R);
@@ -122,42 +142,57 @@ static inline float hsum(__m256 v) {
 }
 
 /* out[B, Hq, D] = softmax(q k^T * scale) v per sequence over lens[b] cached tokens.
- * k/v cache: [blocks, bs, KVH, D]; tables: [B, W] block ids. scratch: threads * Hq * max_len floats. */
+ * k/v cache: [blocks, bs, KVH, D]; tables: [B, W] block ids. Each cached token's keys and
+ * values (all KV heads, contiguous) are read once per sequence. scratch: threads * Hq * max_len. */
 int decode_attention(const float *q, const float *kc, const float *vc, const int64_t *tables, const int64_t *lens,
                      int64_t B, int64_t Hq, int64_t KVH, int64_t D, int64_t bs, int64_t W, float scale,
                      float *out, float *scratch, int64_t max_len, int threads) {
-    int64_t G = Hq / KVH;
+    int64_t G = Hq / KVH, row = KVH * D;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t bg = 0; bg < B * KVH; bg++) {
-        int64_t b = bg / KVH, g = bg % KVH, L = lens[b];
+    for (int64_t b = 0; b < B; b++) {
+        int64_t L = lens[b];
 #ifdef _OPENMP
-        float *p = scratch + (size_t)omp_get_thread_num() * G * max_len;
+        float *p = scratch + (size_t)omp_get_thread_num() * Hq * max_len;
 #else
         float *p = scratch;
 #endif
         const int64_t *tab = tables + b * W;
-        const float *qg = q + (b * Hq + g * G) * D;
+        const float *qb = q + b * Hq * D;
         for (int64_t t = 0; t < L; t++) {
-            const float *k = kc + ((tab[t / bs] * bs + t % bs) * KVH + g) * D;
-            for (int64_t h = 0; h < G; h++) {
+            const float *k = kc + (tab[t / bs] * bs + t % bs) * row;
+            for (int64_t h = 0; h < Hq; h++) {
+                const float *kh = k + (h / G) * D, *qh = qb + h * D;
                 __m256 acc = _mm256_setzero_ps();
                 for (int64_t d = 0; d < D; d += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + h * D + d), _mm256_loadu_ps(k + d), acc);
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kh + d), acc);
                 p[h * L + t] = hsum(acc) * scale;
             }
         }
-        for (int64_t h = 0; h < G; h++) {
+        float *ob = out + b * Hq * D;
+        memset(ob, 0, sizeof(float) * Hq * D);
+        for (int64_t h = 0; h < Hq; h++) {
             float *ph = p + h * L, mx = -INFINITY, sum = 0.0f;
             for (int64_t t = 0; t < L; t++) mx = ph[t] > mx ? ph[t] : mx;
-            for (int64_t t = 0; t < L; t++) { ph[t] = expf(ph[t] - mx); sum += ph[t]; }
+            __m256 vmx = _mm256_set1_ps(mx), vs = _mm256_setzero_ps();
+            int64_t t = 0;
+            for (; t + 8 <= L; t += 8) {
+                __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(ph + t), vmx));
+                _mm256_storeu_ps(ph + t, e);
+                vs = _mm256_add_ps(vs, e);
+            }
+            sum = hsum(vs);
+            for (; t < L; t++) { ph[t] = expf(ph[t] - mx); sum += ph[t]; }
             float inv = 1.0f / sum;
-            float *o = out + (b * Hq + g * G + h) * D;
-            memset(o, 0, sizeof(float) * D);
-            for (int64_t t = 0; t < L; t++) {
-                const float *v = vc + ((tab[t / bs] * bs + t % bs) * KVH + g) * D;
-                __m256 pw = _mm256_set1_ps(ph[t] * inv);
+            for (t = 0; t < L; t++) ph[t] *= inv;
+        }
+        for (int64_t t = 0; t < L; t++) {
+            const float *v = vc + (tab[t / bs] * bs + t % bs) * row;
+            for (int64_t h = 0; h < Hq; h++) {
+                const float *vh = v + (h / G) * D;
+                float *o = ob + h * D;
+                __m256 pw = _mm256_set1_ps(p[h * L + t]);
                 for (int64_t d = 0; d < D; d += 8)
-                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pw, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pw, _mm256_loadu_ps(vh + d), _mm256_loadu_ps(o + d)));
             }
         }
     }
@@ -191,6 +226,44 @@ int linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, cons
             __m256 a = _mm256_setzero_ps();
             for (int64_t k = 0; k < K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(wn + k), _mm256_loadu_ps(xm + k), a);
             out[m * N + n] = hsum(a) + b;
+        }
+    }
+    return 0;
+}
+
+/* RMSNorm of n0 x n1 rows of D floats (row (i, j) at x + i*s0 + j*s1) into contiguous out:
+ * out = w * (x / sqrt(mean(x^2) + eps)). D % 8 == 0. */
+int rms_norm(const float *x, int64_t n0, int64_t n1, int64_t s0, int64_t s1, int64_t D, const float *w,
+             float eps, float *out) {
+    for (int64_t i = 0; i < n0; i++)
+        for (int64_t j = 0; j < n1; j++) {
+            const float *xr = x + i * s0 + j * s1;
+            float *o = out + (i * n1 + j) * D;
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8) { __m256 v = _mm256_loadu_ps(xr + d); acc = _mm256_fmadd_ps(v, v, acc); }
+            __m256 r = _mm256_set1_ps(1.0f / sqrtf(hsum(acc) / (float)D + eps));
+            for (int64_t d = 0; d < D; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(w + d), _mm256_mul_ps(_mm256_loadu_ps(xr + d), r)));
+        }
+    return 0;
+}
+
+/* Neox rotary embedding of T x H heads of D floats (head (t, h) at x + t*s0 + h*s1) into
+ * contiguous out, with cos/sin tables [positions, D] (each half repeated). D % 16 == 0. */
+int rope(const float *x, int64_t T, int64_t H, int64_t s0, int64_t s1, int64_t D, const int64_t *pos,
+         const float *cos_t, const float *sin_t, float *out) {
+    int64_t half = D / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + pos[t] * D, *sn = sin_t + pos[t] * D;
+        for (int64_t h = 0; h < H; h++) {
+            const float *xr = x + t * s0 + h * s1;
+            float *o = out + (t * H + h) * D;
+            for (int64_t i = 0; i < half; i += 8) {
+                __m256 x1 = _mm256_loadu_ps(xr + i), x2 = _mm256_loadu_ps(xr + half + i);
+                _mm256_storeu_ps(o + i, _mm256_fnmadd_ps(x2, _mm256_loadu_ps(sn + i), _mm256_mul_ps(x1, _mm256_loadu_ps(c + i))));
+                _mm256_storeu_ps(o + half + i, _mm256_fmadd_ps(x1, _mm256_loadu_ps(sn + half + i),
+                                                               _mm256_mul_ps(x2, _mm256_loadu_ps(c + half + i))));
+            }
         }
     }
     return 0;

@@ -25,12 +25,11 @@ class CudaPlatform(Platform):
         if importlib.util.find_spec("triton"):
             from epplat.core.model import attention, layers
             from epplat.core.moe import experts, layer
-            from epplat.platforms.cuda import triton_linear, triton_moe, triton_norm
+            from epplat.platforms.cuda import triton_moe, triton_norm
             from epplat.platforms.cuda.triton_attention import decode_attention
             attention.DECODE_KERNELS["cuda"] = decode_attention
             layers.NORM_KERNELS["cuda"] = triton_norm.rms_norm
             layers.ROPE_KERNELS["cuda"] = triton_norm.rope
-            layers.LINEAR_KERNELS["cuda"] = triton_linear.skinny_linear
             layer.ROUTE_KERNELS["cuda"] = triton_moe.fused_topk
             experts.EXPERT_KERNELS["cuda"] = triton_moe.cuda_experts
 

@@ -30,6 +30,18 @@ def epplat_platforms():
     return [Registration("cuda", _platform, check=_check, help="NVIDIA GPUs: NCCL collectives, Triton, CUDA graphs")]
 
 
+def _fp8():
+    from epplat.platforms.cuda.fp8 import Fp8BlockQuant
+    return Fp8BlockQuant
+
+
+@hookimpl
+def epplat_quantization_methods():
+    return [Registration("fp8", _fp8, check=_triton_check, platforms=("cuda",),
+                         help="fp8 MoE experts, 128x128 block scales, per-token-group activations (Triton); "
+                              "also quantizes bf16 checkpoints at load")]
+
+
 @hookimpl
 def epplat_graph_runners():
     return [Registration("cuda_graphs", _graphs, check=_triton_check, platforms=("cuda",),
