@@ -27,6 +27,8 @@ class CpuPlatform(Platform):
             from epplat.core.moe import experts
             attention.DECODE_KERNELS["cpu"] = cpu_kernels.decode_attention
             layers.LINEAR_KERNELS["cpu"] = cpu_kernels.linear
+            layers.NORM_KERNELS["cpu"] = cpu_kernels.rms_norm
+            layers.ROPE_KERNELS["cpu"] = cpu_kernels.rope
             experts.EXPERT_KERNELS["cpu"] = cpu_kernels.moe_experts
 
     def before_step(self, num_tokens: int) -> None:
