@@ -131,9 +131,10 @@ class Fp8BlockQuant(QuantMethod):
         torch.cuda.empty_cache()
 
 
-def write_fp8_checkpoint(src: str, dst: str) -> None:
+def write_fp8_checkpoint(src: str, dst: str, device: str = "cuda") -> None:
     """Copy a bf16/fp32 checkpoint to ``dst`` with its MoE expert weights in DeepSeek-V3's fp8
-    layout (float8_e4m3fn weight + weight_scale_inv per 128x128 block); for tests and benchmarks."""
+    layout (float8_e4m3fn weight + weight_scale_inv per 128x128 block); for tests and benchmarks.
+    Quantizes on ``device`` (the same arithmetic as quantizing at load there)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -152,8 +153,8 @@ def write_fp8_checkpoint(src: str, dst: str) -> None:
     for path in checkpoint_files(src):
         for k, t in load_file(str(path)).items():
             if ".experts." in k and k.endswith("_proj.weight"):
-                q, s = quantize(t.t())                     # [in, out] blocks -> store [out, in] and [out/128, in/128]
-                out[k], out[k + "_scale_inv"] = q.t().contiguous(), s.t().contiguous()
+                q, s = quantize(t.to(device).t())          # [in, out] blocks -> store [out, in] and [out/128, in/128]
+                out[k], out[k + "_scale_inv"] = q.t().contiguous().cpu(), s.t().contiguous().cpu()
             else:
                 out[k] = t
     save_file(out, str(dst_p / "model.safetensors"))
