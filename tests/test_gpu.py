@@ -196,3 +196,50 @@ def test_memory_planning_respects_gpu_memory_utilization(qwen3_moe_dir):
     free, total = torch.cuda.mem_get_info()
     assert core.num_blocks * cfg.cache.block_size > 100_000       # a tenth of a GPU holds many tokens
     assert total - free <= 0.1 * total + (1 << 30)                 # and the process stays near its share
+
+
+def test_nvshmem_all2all_on_one_rank_gives_the_local_experts_sum():
+    """The nvshmem backend's real exchange path (symmetric buffers, all_to_all_vdev, device-side
+    splits) on an EP group of one rank; several ranks need a multi-GPU machine."""
+    import socket
+
+    import torch.distributed as dist
+
+    from epplat.core.moe.all2all import ExpertMap
+    from epplat.core.moe.experts import reference_experts
+    from epplat.platforms.cuda.all2all_nvshmem import NvshmemAll2All, check
+    if check():
+        pytest.skip(check())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    try:
+        backend = NvshmemAll2All(ExpertMap(8), group=dist.group.WORLD, device=torch.device("cuda", 0))
+        w13 = torch.randn(8, 128, 192, device="cuda", dtype=torch.bfloat16) / 128 ** 0.5
+        w2 = torch.randn(8, 96, 128, device="cuda", dtype=torch.bfloat16) / 96 ** 0.5
+        for tokens in (5, 40, 3):                    # the buffers grow at 40 and are reused at 3
+            x = torch.randn(tokens, 128, device="cuda", dtype=torch.bfloat16)
+            ids = torch.rand(tokens, 8, device="cuda").topk(2, dim=-1).indices
+            w = torch.softmax(torch.randn(tokens, 2, device="cuda"), -1).to(torch.bfloat16)
+            recv = backend.dispatch(x, ids, w)
+            out = backend.combine(reference_experts(recv.x, recv.topk_ids, recv.topk_weights, w13, w2,
+                                                    torch.nn.functional.silu))
+            torch.testing.assert_close(out, reference_experts(x, ids, w, w13, w2, torch.nn.functional.silu))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name,package", [("deepep_high_throughput", "deep_ep"), ("deepep_low_latency", "deep_ep"),
+                                          ("pplx", "pplx_kernels")])
+def test_missing_all2all_packages_fail_on_selection_with_one_line(name, package):
+    import importlib.util
+
+    from epplat.plugins import PluginError, registry
+    if importlib.util.find_spec(package):
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(PluginError, match=f"{package} not installed") as e:
+        registry().load("all2all", name, "cuda")
+    assert "\n" not in str(e.value)

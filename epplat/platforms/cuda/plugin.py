@@ -30,6 +30,48 @@ def epplat_platforms():
     return [Registration("cuda", _platform, check=_check, help="NVIDIA GPUs: NCCL collectives, Triton, CUDA graphs")]
 
 
+def _nvshmem():
+    from epplat.platforms.cuda.all2all_nvshmem import NvshmemAll2All
+    return NvshmemAll2All
+
+
+def _nvshmem_check():
+    from epplat.platforms.cuda.all2all_nvshmem import check
+    return check()
+
+
+def _needs(package: str, install: str):
+    """check(): None when `package` imports here, else the one line naming it."""
+    import importlib.util
+    return lambda: _check() or (None if importlib.util.find_spec(package) else f"{package} not installed ({install})")
+
+
+def _no_adapter(package: str):
+    def load():
+        from epplat.plugins import PluginError
+        raise PluginError(f"{package} is installed, but epplat's adapter for it is not written yet; "
+                          "use --all2all-backend nvshmem or allgather_reducescatter")
+    return load
+
+
+@hookimpl
+def epplat_all2all_backends():
+    return [
+        Registration("nvshmem", _nvshmem, check=_nvshmem_check, platforms=("cuda",),
+                     help="(token, expert) pairs over NVSHMEM symmetric memory (torch all_to_all_vdev), "
+                          "device-side split sizes"),
+        Registration("deepep_high_throughput", _no_adapter("deep_ep"), platforms=("cuda",),
+                     check=_needs("deep_ep", "build DeepEP from github.com/deepseek-ai/DeepEP"),
+                     help="DeepEP normal kernels (prefill); needs deep_ep"),
+        Registration("deepep_low_latency", _no_adapter("deep_ep"), platforms=("cuda",),
+                     check=_needs("deep_ep", "build DeepEP from github.com/deepseek-ai/DeepEP"),
+                     help="DeepEP low-latency kernels (decode); needs deep_ep"),
+        Registration("pplx", _no_adapter("pplx_kernels"), platforms=("cuda",),
+                     check=_needs("pplx_kernels", "build pplx-kernels from github.com/perplexityai/pplx-kernels"),
+                     help="pplx-kernels all-to-all; needs pplx_kernels"),
+    ]
+
+
 def _fp8():
     from epplat.platforms.cuda.fp8 import Fp8BlockQuant
     return Fp8BlockQuant
