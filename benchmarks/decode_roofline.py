@@ -95,6 +95,8 @@ def main():
                                                                         "at these batch sizes")
     p.add_argument("--compare-torch", action="store_true", help="also time the step with the torch-op norm, rotary, "
                                                                   "routing and grouped-GEMM experts, in the same run")
+    p.add_argument("--fp8", action="store_true", help="MoE experts in fp8 with 128x128 block scales (as "
+                                                      "--quantization fp8); the roofline counts their bytes as 1 + scales")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, dtype = torch.device("cuda", 0), torch.bfloat16
@@ -115,11 +117,19 @@ def main():
         shape = (nblocks + 2, a.block_size, a.kv_heads, a.head_dim)
         layer.self_attn.kv_cache = (torch.randn(shape, device=dev, dtype=dtype) * 0.1,
                                     torch.randn(shape, device=dev, dtype=dtype) * 0.1)
+    if a.fp8:
+        from epplat.platforms.cuda.fp8 import Fp8BlockQuant
+        from epplat.platforms.cuda.fp8_moe import quantize
+        for layer in model.layers:
+            q13, s13 = quantize(layer.mlp.w13.data)
+            q2, s2 = quantize(layer.mlp.w2.data)
+            Fp8BlockQuant._swap(layer.mlp, q13, q2, s13, s2)
+        torch.cuda.empty_cache()
     bw = copy_bandwidth(dev)
     elt = 2
     # every non-expert weight, except the embedding table: a step reads only its batch's rows of it
     dense = sum(p.numel() for n, p in model.named_parameters() if ".mlp.w" not in n and n != "embed_tokens") * elt
-    per_expert = 3 * a.hidden * a.moe_intermediate * elt
+    per_expert = 3 * a.hidden * a.moe_intermediate * ((1 + 4 / 128 ** 2) if a.fp8 else elt)
     runner = CudaGraphRunner(model, dev)
     runner.capture(a.batch, blocks_per_seq, nblocks, (nblocks + 1) * a.block_size)
     times = step_times(model, runner, a, dev, nblocks, blocks_per_seq, a.profile)
@@ -144,7 +154,8 @@ def main():
             row["torch_ops_eager_ms"], row["torch_ops_graph_ms"] = (v * 1e3 for v in torch_times[b])
         rows.append(row)
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s (read+write); "
-          f"{a.layers} layers, {a.experts} experts top-{a.top_k}, context {a.context}, bf16")
+          f"{a.layers} layers, {a.experts} experts top-{a.top_k}, context {a.context}, bf16"
+          + (", experts fp8 (128x128 blocks)" if a.fp8 else ""))
     print(f"{'batch':>6}{'GB read':>9}{'roofline':>10}{'eager':>10}{'graphs':>10}{'graphs/roof':>13}"
           + (f"{'torch-ops graphs':>18}{'/roof':>7}{'speedup':>9}" if a.compare_torch else ""))
     for r in rows:

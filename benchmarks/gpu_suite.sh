@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
-# Stages: tests decode moe serve (default: tests decode moe). Writes JSON and logs under $OUT.
+# Stages: tests decode decode-fp8 moe serve (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA").
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -19,6 +19,8 @@ for s in $stages; do
     tests)  python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -s 2>&1 | tee "$OUT/tests.log" | grep -E "^(PASSED|FAILED|ERROR)|fp8 logits|passed|failed"  ;;
     decode) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --profile 1 64 --compare-torch --out "$OUT/decode.json" 2>&1 \
               | tee "$OUT/decode.log" | tail -80 ;;
+    decode-fp8) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --fp8 2>&1 \
+              | tee "$OUT/decode_fp8.log" | tail -8 ;;
     moe)    python3 benchmarks/moe_layer_bench.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | tail -40 ;;
     serve)  python3 benchmarks/serve_1gpu.py --out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
     *) echo "unknown stage $s" ;;
