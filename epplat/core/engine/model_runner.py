@@ -22,6 +22,7 @@ from epplat.core.engine.sampler import sample
 from epplat.core.model.attention import build_attn_metadata
 from epplat.core.model.decoder import MoEForCausalLM
 from epplat.core.model.loader import load_checkpoint
+from epplat.core.model.quant import load_quant_method
 from epplat.core.model.registry import architecture
 from epplat.core.moe.all2all import ExpertMap
 from epplat.core.moe.layer import FusedMoE
@@ -70,8 +71,13 @@ class ModelRunner:
         t0 = time.time()
         with torch.device(device):
             self.model = MoEForCausalLM(self.model_cfg, self.all2all, self.dtype, ps)
+        quant = load_quant_method(cfg, arch.canonical_name, platform.name)
+        if quant:
+            quant.process_model(self.model)
         self.weight_bytes = load_checkpoint(self.model, cfg.model.model, arch.canonical_name, device,
-                                            show_progress=ps.rank == 0)
+                                            show_progress=ps.rank == 0, quant=quant)
+        if quant:
+            quant.after_loading(self.model)
         self.model.eval()
         logger.info("Loading weights took %.2f seconds; model weights take %.4f GiB (%s, dtype %s, all2all %s)",
                     time.time() - t0, self.weight_bytes / (1 << 30), hf["architectures"][0],

@@ -30,8 +30,9 @@ def checkpoint_files(model_dir: str) -> list[Path]:
     return files
 
 
-def load_checkpoint(model, model_dir: str, canonical_name, device, show_progress: bool = True) -> int:
-    """Load every tensor the model wants; returns the bytes read. Unknown or missing tensors raise."""
+def load_checkpoint(model, model_dir: str, canonical_name, device, show_progress: bool = True, quant=None) -> int:
+    """Load every tensor the model wants; returns the bytes read. Unknown or missing tensors raise.
+    A quantization method (epplat.core.model.quant) reads the tensors it owns itself."""
     files = checkpoint_files(model_dir)
     loaded, seen = 0, set()
     bar = tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard",
@@ -40,16 +41,17 @@ def load_checkpoint(model, model_dir: str, canonical_name, device, show_progress
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
                 name = canonical_name(key)
-                if name.startswith("rotary_emb") or not model.wants(name):
+                owned = quant is not None and quant.owns(name)
+                if name.startswith("rotary_emb") or not (owned or model.wants(name)):
                     continue
                 t = f.get_tensor(key)
                 try:
-                    if model.load_weight(name, t.to(device)):
+                    if (quant.load_weight(model, name, t.to(device)) if owned else model.load_weight(name, t.to(device))):
                         loaded += t.numel() * t.element_size()
                         seen.add(name)
                 except (KeyError, IndexError, ValueError) as e:
                     raise ValueError(f"checkpoint tensor {key!r} does not fit the model: {e}") from None
-    missing = model.required_names() - seen
+    missing = (model.required_names() | (quant.required_names(model) if quant else set())) - seen
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors the model needs, "
                          f"e.g. {sorted(missing)[:3]}")

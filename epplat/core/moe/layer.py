@@ -43,6 +43,7 @@ class FusedMoE(nn.Module):
         self.gate = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
         self.w13 = nn.Parameter(torch.empty(n_local, hidden, 2 * intermediate, dtype=dtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(n_local, intermediate, hidden, dtype=dtype), requires_grad=False)
+        self.experts = reference_experts       # the expert GEMMs; a quantization method may swap in its own
         self.log2phy: Optional[torch.Tensor] = None
         self.logcnt: Optional[torch.Tensor] = None
         self.load: Optional[torch.Tensor] = None
@@ -86,7 +87,7 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
         recv = self.all2all.dispatch(x, self.to_physical(ids), weights)
-        y = reference_experts(recv.x, recv.topk_ids, recv.topk_weights, self.w13, self.w2, self.act)
+        y = self.experts(recv.x, recv.topk_ids, recv.topk_weights, self.w13, self.w2, self.act)
         return self.all2all.combine(y)
 
     def load_expert_weight(self, expert: int, proj: str, tensor: torch.Tensor) -> bool:

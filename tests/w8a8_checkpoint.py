@@ -1,0 +1,74 @@
+"""Test helper: turn a float checkpoint into msModelSlim's W8A8_DYNAMIC layout (what `--quantization ascend`
+reads), quantizing the MoE expert weights per output channel; and the plain-torch integer arithmetic
+those weights are served with, as the reference for the engine's NPU path."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+EXPERT_WEIGHT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (int8 [out, in], float32 scale [out, 1]), symmetric."""
+    scale = w.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+    return torch.round(w.float() / scale).clamp(-128, 127).to(torch.int8), scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [t, k] -> (int8 values, float32 scale [t]): scale = max|x| / 127, q = round(x / scale)."""
+    scale = x.float().abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+    return torch.round(x.float() / scale[:, None]).clamp(-128, 127).to(torch.int8), scale
+
+
+def write_w8a8_checkpoint(src: Path, dst: Path, quantize=EXPERT_WEIGHT) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors, desc = {}, {"model_quant_type": "W8A8_DYNAMIC"}
+    for path in sorted(Path(src).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if quantize.search(key):
+                    q, s = quantize_per_channel(t)
+                    base = key[: -len(".weight")]
+                    tensors[key], tensors[base + ".weight_scale"] = q, s
+                    tensors[base + ".weight_offset"] = torch.zeros_like(s)
+                    for k in (key, base + ".weight_scale", base + ".weight_offset"):
+                        desc[k] = "W8A8_DYNAMIC"
+                else:
+                    tensors[key] = t
+                    desc[key] = "FLOAT"
+    save_file(tensors, str(dst / "quant_model_weights-00001-of-00001.safetensors"))
+    (dst / "quant_model_description.json").write_text(json.dumps(desc, indent=1))
+    for f in Path(src).iterdir():
+        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json" and f.is_file():
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def reference_w8a8_experts(x, topk_ids, topk_weights, w13q, w13s, w2q, w2s) -> torch.Tensor:
+    """Token by token, expert by expert (ascending): int8 activations with per-token scales times int8
+    weights with per-channel scales, accumulated in int64. w13q int8 [E, H, 2I], w13s [E, 2I]; w2q [E, I, H]."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        acc = None
+        for e in sorted(topk_ids[t].tolist()):
+            k = topk_ids[t].tolist().index(e)
+            xq, xs = quantize_per_token(x[t:t + 1])
+            h = (xq.long() @ w13q[e].long()).float() * w13s[e].float()[None, :] * xs[:, None]
+            h = h.to(x.dtype)
+            inter = h.shape[1] // 2
+            a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+            aq, as_ = quantize_per_token(a)
+            o = ((aq.long() @ w2q[e].long()).float() * w2s[e].float()[None, :] * as_[:, None]).to(x.dtype)
+            o = o * topk_weights[t, k].to(x.dtype)
+            acc = o if acc is None else acc + o
+        out[t] = acc[0]
+    return out
