@@ -99,5 +99,10 @@ def epplat_eplb_policies() -> list[Registration]:
 
     ``load()`` returns a function ``(weight, num_replicas, num_groups, num_nodes,
     num_gpus) -> (phy2log, log2phy, logcnt)`` computing a new expert placement from
-    per-expert load.
+    per-expert load ``weight`` [MoE layers, logical experts] (the tokens each expert got
+    over the last window, summed over the EP group). ``phy2log`` [layers, num_replicas]
+    names the logical expert of each physical slot, slots numbered GPU by GPU; epplat
+    derives the routing tables from it and moves only the experts whose slot changes.
+    A policy that declares a keyword ``old_phy2log`` also gets the current placement,
+    to weigh migration cost. It runs on EP rank 0, whose result every rank adopts.
     """

@@ -111,3 +111,16 @@ def test_equals_deepseek_reference(weight, args, phy2log, log2phy, logcnt):
 def test_registered_as_the_default_policy():
     reg = registry().get("eplb_policy", "default")
     assert reg.plugin == "epplat" and reg.load() is rebalance_experts
+
+
+def test_moves_keep_experts_in_place_and_copy_locally_first():
+    from epplat.core.moe.eplb_transfer import keep_in_place, plan_moves
+    old = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1]])          # 2 ranks x 5 slots
+    new = torch.tensor([[3, 0, 0, 2, 1, 7, 4, 5, 6, 0]])
+    aligned = keep_in_place(old, new, 5)
+    assert aligned.tolist() == [[0, 1, 2, 3, 0, 5, 6, 7, 0, 4]]   # same experts per rank, fewest changes
+    moves = plan_moves(old, aligned, 5)
+    # slot 4 gets expert 0 from slot 0 (same rank); slot 9 gets expert 4 from rank 0's slot 4
+    assert [(m.src, m.dst) for m in moves] == [(0, 4), (4, 9)]
+    assert len(plan_moves(old, new, 5)) == 10                    # without the alignment: every slot
+    assert plan_moves(old, old, 5) == []

@@ -135,6 +135,8 @@ class ModelRunner:
             why = "expert GEMMs in float32 synchronise with the host; use --dtype bfloat16"
         elif self.ps.ep_size > 1:
             why = "expert-parallel steps exchange data-dependent token counts"
+        elif self.eplb is not None:
+            why = "EPLB changes the expert placement at run time"
         if why and self.graph.replays_kernels:
             logger.warning("CUDA graphs off (running eagerly): %s", why)
             return

@@ -16,6 +16,7 @@ the new placement together at the first step where it is.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -43,6 +44,13 @@ def expert_bytes(layer) -> int:
     return (layer.w13[0].numel() + layer.w2[0].numel()) * layer.w13.element_size()
 
 
+def _takes(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class EplbState:
     def __init__(self, cfg, layers: list, expert_map, policy, group=None, num_groups: int = 1, num_nodes: int = 1):
         """cfg: EPLBConfig; layers: the MoE layers; group: the EP process group (None: one process)."""
@@ -56,6 +64,7 @@ class EplbState:
         self.window = torch.zeros(cfg.window_size, len(layers), slots, dtype=torch.int32, device=dev)
         self.steps = 0
         self.rebalances = 0
+        self.last: Optional[dict] = None      # figures of the last rebalance
         self.pending: Optional[threading.Thread] = None
         self._result = None
         self.group = group
@@ -82,7 +91,7 @@ class EplbState:
         if self.cfg.log_balancedness and self.steps % self.cfg.window_size == 0:
             self._log_balancedness()
         if self.steps % self.cfg.step_interval == 0 and self.pending is None:
-            self._start()
+            self.rebalance()
 
     def reset(self) -> None:
         self.window.zero_()
@@ -97,20 +106,27 @@ class EplbState:
             dist.all_reduce(load, group=group)
         return load.cpu()
 
-    def _log_balancedness(self) -> None:
+    def window_balancedness(self) -> tuple[float, int]:
+        """(balancedness, tokens routed) over the window, for the whole EP group (a collective)."""
         load = self._window_load(self.ctrl_group)
+        return balancedness(load, self.map.ep_size), int(load.sum())
+
+    def _log_balancedness(self) -> None:
+        value, tokens = self.window_balancedness()
         if self.map.ep_rank == 0:
             logger.info("EPLB balancedness %.4f over the last %d steps (mean/max tokens per EP rank, %d tokens "
-                        "routed)", balancedness(load, self.map.ep_size), self.cfg.window_size, int(load.sum()))
+                        "routed)", value, self.cfg.window_size, tokens)
 
     # -- rebalancing ----------------------------------------------------------------------------
-    def _start(self) -> None:
+    def rebalance(self) -> None:
+        """Start a rebalance now (every EP rank calls it at the same step); without use_async it
+        also finishes here, else a later ``end_step`` commits it."""
         old = torch.stack([layer.phy2log for layer in self.layers])
         window = self.window.clone()
         if not self.cfg.use_async:
             t0 = time.perf_counter()
             self._result = self._compute_and_move(window, old)
-            self._commit(pause=time.perf_counter() - t0)
+            self._commit(pause=time.perf_counter() - t0)     # the whole rebalance stalls this step
             return
         self.pending = threading.Thread(target=self._run_async, args=(window, old), name="eplb-transfer",
                                         daemon=True)
@@ -131,8 +147,7 @@ class EplbState:
             return
         self.pending.join()
         self.pending = None
-        t0 = time.perf_counter()
-        self._commit(pause=time.perf_counter() - t0, overlapped=time.perf_counter() - self._t0)
+        self._commit(pause=0.0, overlapped=time.perf_counter() - self._t0)
 
     def _compute_and_move(self, window: torch.Tensor, old: torch.Tensor):
         """All-reduce the load, run the policy on EP rank 0, broadcast its placement, move weights."""
@@ -151,7 +166,7 @@ class EplbState:
             new = self._run_policy(logical, old)
         if self.xfer_group is not None:
             dev = "cpu" if dist.get_backend(self.xfer_group) == "gloo" else self.layers[0].w13.device
-            buf = new.to(dev)
+            buf = new.clone().to(dev)     # never broadcast into `old`
             dist.broadcast(buf, src=dist.get_global_rank(self.xfer_group, 0), group=self.xfer_group)
             new = buf.cpu()
         new = eplb_transfer.keep_in_place(old, new, self.map.num_local)
@@ -163,9 +178,10 @@ class EplbState:
     def _run_policy(self, logical: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """The policy's phy2log, checked; the old placement (no move) when it fails or is invalid."""
         shape = (old.shape[0], self.map.num_physical)
+        extra = {"old_phy2log": old.clone()} if _takes(self.policy, "old_phy2log") else {}
         try:
             new = self.policy(logical, self.map.num_physical, self.num_groups, self.num_nodes,
-                              self.map.ep_size)[0]
+                              self.map.ep_size, **extra)[0]
             new = torch.as_tensor(new, dtype=torch.long).cpu()
             if tuple(new.shape) != shape:
                 raise ValueError(f"phy2log has shape {tuple(new.shape)}, expected {shape}")
@@ -183,9 +199,13 @@ class EplbState:
         if isinstance(result, Exception):
             raise result
         new, moves, staged, before, took = result
+        t0 = time.perf_counter()
         eplb_transfer.commit(staged, self.layers, new)
         self.reset()
         self.rebalances += 1
+        pause += time.perf_counter() - t0
+        self.last = {"moves": len(moves), "balancedness_before": before, "transfer_s": took, "pause_s": pause,
+                     "overlapped_s": overlapped}
         if self.map.ep_rank == 0:
             per = expert_bytes(self.layers[0])
             how = (f"transfer overlapped {overlapped * 1000:.1f} ms of steps, commit paused {pause * 1000:.1f} ms"

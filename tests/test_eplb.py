@@ -1,0 +1,181 @@
+"""EPLB end to end on the cpu platform: real `epplat serve` processes over gloo, a checkpoint whose
+router is skewed on purpose, small step_interval / window_size. After rebalancing, the measured
+balancedness rises, each rank's expert weights match the new placement (dumped by every rank
+after each rebalance), and greedy tokens equal transformers' before, during and after."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from safetensors import safe_open
+
+from hf_oracle import hf_greedy
+from server_utils import Server
+
+POOL = [[(i * 37 + j * 11) % 2000 + 3 for j in range(24)] for i in range(16)]   # prefill-heavy prompts
+SHORT = 4
+LONG_PROMPT, LONG = [11, 222, 333, 44, 5], 48
+
+
+@pytest.fixture(scope="module")
+def skewed_dir(tmp_path_factory):
+    from epplat.core.model.make_model import make_model
+    return make_model("qwen3_moe", tmp_path_factory.mktemp("skewed"), layers=2, hidden=64, experts=8, top_k=2,
+                      heads=4, kv_heads=2, head_dim=32, moe_intermediate=64, vocab_size=2048, seed=5,
+                      router_skew=1.5)
+
+
+@pytest.fixture(scope="module")
+def expected(skewed_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(skewed_dir)
+    short = [tok.decode(r, skip_special_tokens=True) for r in hf_greedy(skewed_dir, POOL, SHORT, ignore_eos=True)]
+    long = tok.decode(hf_greedy(skewed_dir, [LONG_PROMPT], LONG, ignore_eos=True)[0], skip_special_tokens=True)
+    return short, long
+
+
+def _rebalances(log: str) -> list[float]:
+    """The 'balancedness before' of each rebalance, in order."""
+    return [float(b) for b in re.findall(r"EPLB rebalance \d+ at step \d+: balancedness ([\d.]+) before", log)]
+
+
+def _batch(client, model, prompts, expected):
+    import concurrent.futures as cf
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        outs = list(pool.map(lambda p: client.completions.create(
+            model=model, prompt=p, max_tokens=SHORT, temperature=0, extra_body={"ignore_eos": True}
+        ).choices[0].text, prompts))
+    assert outs == expected
+
+
+def _check_dumps(dump: Path, model_dir: Path, ep_size: int, slots_per_rank: int) -> None:
+    """Every rank's latest dumped weights equal the checkpoint's experts its placement names."""
+    ckpt = {}
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            ckpt.update({k: fh.get_tensor(k) for k in fh.keys() if ".experts." in k})
+    moved = False
+    for rank in range(ep_size):
+        files = sorted(dump.glob(f"rank{rank}-rebalance*.safetensors"),
+                       key=lambda p: int(re.search(r"rebalance(\d+)", p.name).group(1)))
+        assert files, f"rank {rank} dumped nothing"
+        with safe_open(str(files[-1]), "pt") as fh:
+            for layer in range(2):
+                phy2log = fh.get_tensor(f"{layer}.phy2log")
+                w13, w2 = fh.get_tensor(f"{layer}.w13"), fh.get_tensor(f"{layer}.w2")
+                mine = phy2log[rank * slots_per_rank:(rank + 1) * slots_per_rank].tolist()
+                initial = [(rank * slots_per_rank + s) % 8 for s in range(slots_per_rank)]
+                moved |= mine != initial
+                for s, e in enumerate(mine):
+                    p = f"model.layers.{layer}.mlp.experts.{e}."
+                    gate_up = torch.cat([ckpt[p + "gate_proj.weight"].t(), ckpt[p + "up_proj.weight"].t()], dim=1)
+                    assert torch.equal(w13[s], gate_up), (rank, layer, s, e)
+                    assert torch.equal(w2[s], ckpt[p + "down_proj.weight"].t()), (rank, layer, s, e)
+    assert moved, "no rank's placement changed"
+
+
+def _serve_through_rebalances(s: Server, model: str, expected) -> None:
+    short, long = expected
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    # before: the first rebalance is at step 16; one batch takes about SHORT steps
+    _batch(client, model, POOL[:8], short[:8])
+    assert "EPLB rebalance" not in s.output()
+    # during: a long stream spans the rebalances while batches keep the load (and the steps) going
+    result = {}
+    stream = threading.Thread(target=lambda: result.setdefault("text", client.completions.create(
+        model=model, prompt=LONG_PROMPT, max_tokens=LONG, temperature=0, extra_body={"ignore_eos": True}
+    ).choices[0].text))
+    stream.start()
+    i, deadline = 0, time.time() + 150
+    while len(_rebalances(s.output())) < 3 and time.time() < deadline:
+        half = 8 * (i % 2)
+        _batch(client, model, POOL[half:half + 8], short[half:half + 8])
+        i += 1
+    stream.join(120)
+    assert result.get("text") == long
+    before = _rebalances(s.output())
+    assert len(before) >= 3, s.output()[-3000:]
+    # after
+    _batch(client, model, POOL[8:], short[8:])
+    # the first window ran on the initial (skewed) placement, the later ones on rebalanced ones
+    assert before[0] < 0.9 and min(before[1:]) > before[0] + 0.08, before
+
+
+def test_dp2_ep_rebalances_with_redundant_experts(skewed_dir, expected, tmp_path):
+    cfg = {"window_size": 16, "step_interval": 16, "log_balancedness": True, "num_redundant_experts": 2}
+    with Server(str(skewed_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
+                "--enable-eplb", "--eplb-config", json.dumps(cfg),
+                env={"EPPLAT_EPLB_DUMP_DIR": str(tmp_path)}) as s:
+        log = s.output()
+        assert "EP rank 1/2 holds physical experts 5-9 of 10 (logical experts [5, 6, 7, 0, 1])" in log
+        assert re.search(r"EPLB: 2 redundant experts take [\d.]+ MiB per EP rank \(2 MoE layers x 49152 bytes "
+                         r"per expert x 2 redundant / 2 EP ranks\)", log)
+        _serve_through_rebalances(s, str(skewed_dir), expected)
+        assert "EPLB balancedness" in s.output()
+    _check_dumps(tmp_path, skewed_dir, ep_size=2, slots_per_rank=5)
+
+
+def test_dp2_tp2_ep_async_rebalance(skewed_dir, expected, tmp_path):
+    with Server(str(skewed_dir), "--dtype", "float32", "-dp", "2", "-tp", "2", "-ep", "--max-model-len", "256",
+                "--enable-eplb", "--eplb-config.window_size", "16", "--eplb-config.step_interval", "16",
+                "--eplb-config.use_async", "true",       # no redundant experts: a permutation of the 8
+                env={"EPPLAT_EPLB_DUMP_DIR": str(tmp_path)}, timeout=180) as s:
+        _serve_through_rebalances(s, str(skewed_dir), expected)
+        assert "transfer overlapped" in s.output()
+    _check_dumps(tmp_path, skewed_dir, ep_size=4, slots_per_rank=2)
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "epplat-example-eplb"
+
+
+def test_third_party_eplb_policy_plugin(skewed_dir, expected, tmp_path):
+    """examples/epplat-example-eplb pip-installed: listed, selected by name, weighs migration cost."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(EXAMPLE)], check=True)
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    listing = subprocess.run([sys.executable, "-m", "epplat.cli", "plugins"], capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True).stdout
+    line = next(ln for ln in listing.splitlines() if ln.strip().startswith("sticky"))
+    assert "epplat-example-eplb" in line and "usable" in line
+    cfg = {"policy": "sticky", "window_size": 16, "step_interval": 16}
+    with Server(str(skewed_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
+                "--enable-eplb", "--eplb-config", json.dumps(cfg), env=env) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        short = expected[0]
+        i, deadline = 0, time.time() + 90
+        while len(_rebalances(s.output())) < 3 and time.time() < deadline:
+            half = 8 * (i % 2)
+            _batch(client, str(skewed_dir), POOL[half:half + 8], short[half:half + 8])
+            i += 1
+        log = s.output()
+    keeps = [int(k) for k in re.findall(r"sticky EPLB policy: (\d) of 2 layers keep their placement", log)]
+    moves = [int(m) for m in re.findall(r"EPLB rebalance \d+ at step \d+: .*?; (\d+) expert moves", log)]
+    assert len(keeps) >= 3 and len(moves) >= 3, log[-3000:]
+    # the first rebalance pays off on the skewed load; once balanced, layers stay where they are
+    assert keeps[0] < 2 and moves[0] > 0 and keeps[-1] == 2 and moves[-1] == 0, (keeps, moves)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--enable-eplb"], "add --enable-expert-parallel"),
+    (["-ep", "--eplb-config", '{"window": 5}'], "unknown key 'window'"),
+    (["-ep", "--enable-eplb", "--eplb-config.step_interval", "0"], "step_interval"),
+    (["-ep", "--enable-eplb", "--eplb-config", '{"policy": "nope"}'], "unknown eplb policy 'nope'"),
+    (["-dp", "2", "-ep", "--enable-eplb", "--eplb-config.num_redundant_experts", "1"], "8 + 1 redundant experts"),
+])
+def test_bad_eplb_flags_are_one_line(skewed_dir, args, needle):
+    r = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(skewed_dir), *args],
+                       capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert r.returncode != 0 and len(errors) == 1 and needle in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
