@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 from epplat.hookspecs import Registration, hookimpl
 
 
@@ -27,7 +25,14 @@ def _torchair():
 
 
 def _torchair_check():
-    return _check() or (None if importlib.util.find_spec("torchair") else "torchair not installed")
+    why = _check()
+    if why:
+        return why
+    try:
+        import torchair  # noqa: F401  (ships with torch_npu, importable once torch_npu is)
+    except ImportError as e:
+        return f"torchair not importable ({e}); it ships with torch_npu"
+    return None
 
 
 def _w8a8():
