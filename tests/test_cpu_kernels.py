@@ -50,8 +50,8 @@ def test_moe_experts_decline_what_they_do_not_take():
     w13, w2 = torch.randn(2, 64, 64), torch.randn(2, 32, 64)
     assert cpu_kernels.moe_experts(x, ids, w, w13, w2, F.gelu) is None            # not SiLU
     assert cpu_kernels.moe_experts(x.bfloat16(), ids, w, w13.bfloat16(), w2.bfloat16(), F.silu) is None
-    big = torch.randn(64, 64)                                                      # prefill-sized: MKL
-    assert cpu_kernels.moe_experts(big, torch.zeros(64, 2, dtype=torch.long), torch.ones(64, 2), w13, w2,
+    big = torch.randn(1024, 64)                                                    # prefill-sized: MKL
+    assert cpu_kernels.moe_experts(big, torch.zeros(1024, 2, dtype=torch.long), torch.ones(1024, 2), w13, w2,
                                    F.silu) is None
 
 
