@@ -27,7 +27,7 @@ def torch_experts(*args):
             EXPERT_KERNELS["cpu"] = saved
 
 
-@pytest.mark.parametrize("rows,experts,k,hidden,inter", [(1, 8, 2, 64, 32), (5, 16, 4, 256, 128),
+@pytest.mark.parametrize("rows,experts,k,hidden,inter", [(1, 8, 2, 64, 32), (5, 16, 4, 256, 128), (9, 8, 2, 128, 16),
                                                           (16, 16, 4, 256, 256), (3, 4, 3, 32, 16)])
 def test_moe_experts_match_torch(rows, experts, k, hidden, inter):
     g = torch.Generator().manual_seed(rows)

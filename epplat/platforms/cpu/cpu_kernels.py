@@ -86,6 +86,7 @@ def load() -> Optional[ctypes.CDLL]:
     lib.moe_experts.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, ptr, i64,
                                      ctypes.c_int]
+    lib.moe_work_floats.argtypes, lib.moe_work_floats.restype = [i64, i64], i64
     lib.linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.rms_norm.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, f32, ptr]
     lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
@@ -108,7 +109,7 @@ def moe_experts(x, topk_ids, topk_weights, w13, w2, act) -> Optional[torch.Tenso
     weights = topk_weights.to(torch.float32).contiguous()
     threads = THREADS
     out = torch.empty_like(x)
-    scratch = torch.empty(rows * k * hidden + threads * 4 * (hidden + 3 * inter2 // 2), dtype=torch.float32)
+    scratch = torch.empty(rows * k * hidden + threads * _lib.moe_work_floats(hidden, inter2 // 2), dtype=torch.float32)
     _lib.moe_experts(x.data_ptr(), rows, hidden, ids.data_ptr(), weights.data_ptr(), k, w13.data_ptr(),
                      w2.data_ptr(), num_experts, inter2 // 2, out.data_ptr(), scratch.data_ptr(), threads)
     return out

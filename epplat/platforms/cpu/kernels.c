@@ -48,6 +48,10 @@ static inline __attribute__((always_inline)) void axpy2(const float *X, int ldx,
     if (R > 2) { c0 = _mm256_broadcast_ss(X + 2 * ldx + k); c1 = _mm256_broadcast_ss(X + 2 * ldx + k + 1); }
     if (R > 3) { d0 = _mm256_broadcast_ss(X + 3 * ldx + k); d1 = _mm256_broadcast_ss(X + 3 * ldx + k + 1); }
     for (int j = 0; j < N; j += 8) {
+        if (!(j & 15)) {   /* the rows 8 ahead: the hardware prefetcher alone leaves bandwidth unused */
+            _mm_prefetch((const char *)(w0 + 8 * (size_t)N + j), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + 8 * (size_t)N + j), _MM_HINT_T0);
+        }
         __m256 u = _mm256_loadu_ps(w0 + j), v = _mm256_loadu_ps(w1 + j);
         float *y = Y + j;
         _mm256_storeu_ps(y, _mm256_fmadd_ps(a1, v, _mm256_fmadd_ps(a0, u, _mm256_loadu_ps(y))));
@@ -71,8 +75,15 @@ static void small_gemm(const float *X, int ldx, const float *W, int N, float *Y,
     }
 }
 
+/* Row padding of the per-thread buffers: rows 4 KiB apart would alias in the store-to-load
+ * forwarding check (a load of row r+2 waits on the store to row r). */
+#define PAD 16
+
+/* floats of per-thread work space moe_experts needs */
+int64_t moe_work_floats(int64_t H, int64_t I) { return 4 * (2 * (H + PAD) + (2 * I + PAD) + (I + PAD)); }
+
 /* out[T, H] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over ids >= 0.
- * scratch: T*K*H + threads*4*(H + 3I) floats. Returns 0. */
+ * scratch: T*K*H + threads * moe_work_floats(H, I) floats. Returns 0. */
 int moe_experts(const float *x, int64_t T, int64_t H, const int64_t *ids, const float *weights, int64_t K,
                 const float *w13, const float *w2, int64_t E, int64_t I, float *out, float *scratch,
                 int threads) {
@@ -84,31 +95,31 @@ int moe_experts(const float *x, int64_t T, int64_t H, const int64_t *ids, const 
     memcpy(fill, count, sizeof(int64_t) * (E + 1));
     for (int64_t i = 0; i < n; i++) if (ids[i] >= 0) rows[fill[ids[i]]++] = i;   /* (t, k) pairs by expert */
     float *buf = scratch, *work = scratch + n * H;
+    const int64_t lx = H + PAD, lh = 2 * I + PAD, la = I + PAD;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t e = 0; e < E; e++) {
 #ifdef _OPENMP
-        float *xs = work + (size_t)omp_get_thread_num() * 4 * (H + 3 * I);
+        float *xs = work + (size_t)omp_get_thread_num() * moe_work_floats(H, I);
 #else
         float *xs = work;
 #endif
-        float *h = xs + 4 * H, *act = h + 4 * 2 * I;
+        float *h = xs + 4 * lx, *act = h + 4 * lh, *y = act + 4 * la;
         const float *we13 = w13 + (size_t)e * H * 2 * I, *we2 = w2 + (size_t)e * I * H;
         for (int64_t s = count[e]; s < count[e + 1]; s += 4) {
             int R = (int)(count[e + 1] - s < 4 ? count[e + 1] - s : 4);
-            for (int r = 0; r < R; r++) memcpy(xs + r * H, x + (rows[s + r] / K) * H, sizeof(float) * H);
-            small_gemm(xs, (int)H, we13, (int)(2 * I), h, (int)(2 * I), (int)H, R);
+            for (int r = 0; r < R; r++) memcpy(xs + r * lx, x + (rows[s + r] / K) * H, sizeof(float) * H);
+            small_gemm(xs, (int)lx, we13, (int)(2 * I), h, (int)lh, (int)H, R);
             for (int r = 0; r < R; r++)
                 for (int64_t i = 0; i < I; i += 8) {   /* silu(gate) * up */
-                    __m256 g = _mm256_loadu_ps(h + r * 2 * I + i), u = _mm256_loadu_ps(h + r * 2 * I + I + i);
+                    __m256 g = _mm256_loadu_ps(h + r * lh + i), u = _mm256_loadu_ps(h + r * lh + I + i);
                     __m256 sg = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-                    _mm256_storeu_ps(act + r * I + i, _mm256_mul_ps(sg, u));
+                    _mm256_storeu_ps(act + r * la + i, _mm256_mul_ps(sg, u));
                 }
-            float *y = h;   /* reuse: R x H */
-            small_gemm(act, (int)I, we2, (int)H, y, (int)H, (int)I, R);
+            small_gemm(act, (int)la, we2, (int)H, y, (int)lx, (int)I, R);
             for (int r = 0; r < R; r++) {
                 float wt = weights[rows[s + r]];
                 float *dst = buf + rows[s + r] * H;
-                for (int64_t j = 0; j < H; j++) dst[j] = y[r * H + j] * wt;
+                for (int64_t j = 0; j < H; j++) dst[j] = y[r * lx + j] * wt;
             }
         }
     }
