@@ -173,6 +173,9 @@ def engine_config_from_args(args) -> EngineConfig:
                           gpu_memory_utilization=args.gpu_memory_utilization),
         platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config)
     reg.load("platform", platform).apply_additional_config(cfg)
+    if args.quantization:   # the method checks the checkpoint's quantization files before any engine starts
+        from epplat.core.model.quant import load_quant_method
+        load_quant_method(cfg, architecture(hf).canonical_name, platform)
     return cfg
 
 

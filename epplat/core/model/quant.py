@@ -1,7 +1,8 @@
 """The quantization interface (``--quantization NAME``, the ``quantization`` hook).
 
 A :class:`QuantMethod` is made per engine process from the engine config and the
-architecture's checkpoint-name mapping. It takes part in building the model in four
+architecture's checkpoint-name mapping (and once in ``epplat serve``, whose constructor
+call checks the checkpoint before any engine starts). It takes part in building the model in four
 steps, all optional:
 
     quant.process_model(model)           # after construction: swap parameters (int8, fp8, scales)
