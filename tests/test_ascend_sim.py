@@ -193,3 +193,11 @@ def test_serve_dp2_ep_on_simulated_npu_matches_transformers(qwen3_moe_dir):
     assert "EP rank 0/2 holds experts 0-3 of 8" in log and "EP rank 1/2 holds experts 4-7 of 8" in log
     assert "[DP rank 1] NPU KV cache size" in log
     assert "HCCL environment: HCCL_IF_IP=127.0.0.1 GLOO_SOCKET_IFNAME=lo HCCL_BUFFSIZE=1024" in log
+
+
+def test_npu_memory_budget_too_small_is_one_line(qwen3_moe_dir):
+    # the simulated NPU reports the host's memory, all of it used outside torch
+    r = epplat("serve", str(qwen3_moe_dir), "--platform", "ascend", "--gpu-memory-utilization", "0.001",
+               "--max-model-len", "256", env=SIM_ENV)
+    one_error_line(r, "no NPU memory left for the KV cache: raise --gpu-memory-utilization (0.001)")
+    assert "Memory profiling:" in r.stderr and "outside torch" in r.stderr

@@ -74,10 +74,31 @@ class AscendPlatform(Platform):
         return torch.device("npu", local_rank)
 
     def kv_cache_bytes(self, cache_cfg, weight_bytes, device, profile=None) -> int:
+        """--gpu-memory-utilization of the NPU, less weights, the peak activations of a profiling run of
+        the largest step, and memory outside torch (other processes, HCCL buffers, the runtime)."""
         if cache_cfg.kv_cache_memory_bytes:
             return cache_cfg.kv_cache_memory_bytes
-        free, total = torch.npu.mem_get_info(device)
-        return max(0, int(total * cache_cfg.gpu_memory_utilization - (total - free)))
+        from epplat.config import ConfigError
+        npu, gib = torch.npu, 1 << 30
+        npu.synchronize(device)
+        npu.empty_cache()
+        npu.reset_peak_memory_stats(device)
+        base = npu.memory_allocated(device)
+        scratch = profile() if profile else 0
+        npu.synchronize(device)
+        activations = max(0, npu.max_memory_allocated(device) - base - scratch)
+        npu.empty_cache()
+        free, total = npu.mem_get_info(device)
+        outside = total - free - npu.memory_reserved(device)
+        budget = int(total * cache_cfg.gpu_memory_utilization - npu.memory_allocated(device) - activations - outside)
+        logger.info("Memory profiling: %.2f GiB of %.2f GiB usable (--gpu-memory-utilization %.2f); weights %.2f GiB, "
+                    "peak activations %.2f GiB, outside torch %.2f GiB; available KV cache memory %.2f GiB",
+                    total * cache_cfg.gpu_memory_utilization / gib, total / gib, cache_cfg.gpu_memory_utilization,
+                    weight_bytes / gib, activations / gib, outside / gib, max(budget, 0) / gib)
+        if budget <= 0:
+            raise ConfigError(f"no NPU memory left for the KV cache: raise --gpu-memory-utilization "
+                              f"({cache_cfg.gpu_memory_utilization}) or lower --max-num-batched-tokens")
+        return budget
 
     def synchronize(self) -> None:
         torch.npu.synchronize()

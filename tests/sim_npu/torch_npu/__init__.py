@@ -86,6 +86,9 @@ npu.current_device = lambda: _current[0]
 npu.synchronize = lambda device=None: None
 npu.mem_get_info = _mem_get_info
 npu.empty_cache = lambda: None
+# the CPU has no allocator statistics: torch holds nothing "on the device", all used memory is outside it
+npu.reset_peak_memory_stats = lambda device=None: None
+npu.memory_allocated = npu.max_memory_allocated = npu.memory_reserved = lambda device=None: 0
 npu.set_compile_mode = lambda jit_compile=False: None
 npu.manual_seed = npu.manual_seed_all = lambda seed: None    # CPU tensors follow torch.manual_seed
 npu._is_in_bad_fork = lambda: False
