@@ -135,7 +135,13 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16, chunk: int = 16) -> torch.Tensor:
+    """q * scale computed in float32 and rounded once to dtype, `chunk` matrices at a time (the
+    float32 temporary of 128 experts would be 1.6 GB)."""
     *lead, kdim, ndim = q.shape
-    blocks = q.to(dtype).reshape(*lead, kdim // BLOCK, BLOCK, ndim // BLOCK, BLOCK)
-    return (blocks * scale.to(dtype)[..., :, None, :, None]).reshape(q.shape)
+    flat_q, flat_s = q.reshape(-1, kdim, ndim), scale.reshape(-1, kdim // BLOCK, ndim // BLOCK)
+    out = torch.empty(flat_q.shape, dtype=dtype, device=q.device)
+    for i in range(0, flat_q.shape[0], chunk):
+        blocks = flat_q[i:i + chunk].to(torch.float32).reshape(-1, kdim // BLOCK, BLOCK, ndim // BLOCK, BLOCK)
+        out[i:i + chunk] = (blocks * flat_s[i:i + chunk, :, None, :, None]).reshape(-1, kdim, ndim)
+    return out.reshape(q.shape)
