@@ -166,16 +166,45 @@ def test_third_party_eplb_policy_plugin(skewed_dir, expected, tmp_path):
     assert keeps[0] < 2 and moves[0] > 0 and keeps[-1] == 2 and moves[-1] == 0, (keeps, moves)
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--enable-eplb"], "add --enable-expert-parallel"),
-    (["-ep", "--eplb-config", '{"window": 5}'], "unknown key 'window'"),
-    (["-ep", "--enable-eplb", "--eplb-config.step_interval", "0"], "step_interval"),
-    (["-ep", "--enable-eplb", "--eplb-config", '{"policy": "nope"}'], "unknown eplb policy 'nope'"),
-    (["-dp", "2", "-ep", "--enable-eplb", "--eplb-config.num_redundant_experts", "1"], "8 + 1 redundant experts"),
-])
-def test_bad_eplb_flags_are_one_line(skewed_dir, args, needle):
-    r = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(skewed_dir), *args],
+def test_bad_eplb_flag_is_one_line(skewed_dir):
+    r = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(skewed_dir), "--enable-eplb"],
                        capture_output=True, text=True, timeout=120)
-    errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
-    assert r.returncode != 0 and len(errors) == 1 and needle in errors[0], r.stderr
-    assert "Traceback" not in r.stderr
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "epplat serve: error: --enable-eplb balances experts over expert-parallel ranks: add --enable-expert-parallel"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-ep", "--eplb-config", '{"window": 5}'], "--eplb-config: unknown key 'window'; valid keys: window_size,"),
+    (["-ep", "--eplb-config", "{window_size: 5}"], "--eplb-config is not valid JSON"),
+    (["-ep", "--enable-eplb", "--eplb-config.step_interval", "0"], "--eplb-config: Expected `int` >= 1 - at "
+                                                                    "`$.step_interval`"),
+    (["-ep", "--enable-eplb", "--eplb-config.use_async", "maybe"], "`$.use_async`"),
+    (["-ep", "--enable-eplb", "--eplb-config", '{"policy": "nope"}'], "unknown eplb policy 'nope'; available:"),
+    (["-ep", "--eplb-config.num_redundant_experts", "2"], "num_redundant_experts needs --enable-eplb"),
+    (["-dp", "2", "-ep", "--enable-eplb", "--eplb-config.num_redundant_experts", "1"],
+     "8 + 1 redundant experts do not divide over EP size 2"),
+])
+def test_bad_eplb_config_values(skewed_dir, args, needle):
+    """The same checks `epplat serve` runs before starting anything (each error is one line)."""
+    from epplat.cli import build_parser
+    from epplat.config import ConfigError
+    from epplat.plugins import PluginError
+    from epplat.serve import engine_config_from_args
+    parsed = build_parser().parse_args(["serve", str(skewed_dir), *args])
+    with pytest.raises((ConfigError, PluginError)) as e:
+        engine_config_from_args(parsed)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_eplb_config_defaults_and_dotted_flags(skewed_dir):
+    from epplat.cli import build_parser
+    from epplat.serve import engine_config_from_args
+    cfg = engine_config_from_args(build_parser().parse_args(["serve", str(skewed_dir), "-ep", "--enable-eplb"]))
+    e = cfg.parallel.eplb
+    assert cfg.parallel.enable_eplb and (e.window_size, e.step_interval, e.log_balancedness, e.num_redundant_experts,
+                                         e.use_async, e.policy) == (1000, 3000, False, 0, False, "default")
+    cfg = engine_config_from_args(build_parser().parse_args([
+        "serve", str(skewed_dir), "-ep", "--enable-eplb", "--eplb-config", '{"window_size": 10, "step_interval": 7}',
+        "--eplb-config.window_size", "20", "--eplb-config.log_balancedness", "true"]))
+    e = cfg.parallel.eplb
+    assert (e.window_size, e.step_interval, e.log_balancedness) == (20, 7, True)   # dotted flags win
