@@ -1,7 +1,7 @@
 """SIMULATION of torch_npu for tests (see ../README.md): the names epplat calls, computed on the CPU.
 
-"npu" tensors are CPU tensors (a torch function mode rewrites device="npu[:i]" to the
-CPU in the importing thread), the "hccl" torch.distributed backend is a gloo process
+"npu" is torch's PrivateUse1 device type whose allocations are CPU memory (tensors made
+"on the npu" are CPU tensors), the "hccl" torch.distributed backend is a gloo process
 group, and the quantized ops do their documented integer arithmetic in plain torch.
 """
 
@@ -14,32 +14,11 @@ import types
 
 import torch
 import torch.distributed as dist
-from torch.overrides import TorchFunctionMode
 
 if os.environ.get("SIM_NPU_BROKEN_CANN"):
     raise ImportError("libhccl.so: cannot open shared object file: No such file or directory")
 
 SIMULATED = True
-_CPU = torch.device("cpu")
-
-
-def _to_cpu(d):
-    if isinstance(d, torch.device) and d.type == "npu":
-        return _CPU
-    if isinstance(d, str) and d.split(":")[0] == "npu":
-        return "cpu"
-    return d
-
-
-class _NpuOnCpu(TorchFunctionMode):
-    """Every torch call that names an "npu" device gets the CPU instead."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if "device" in kwargs:
-            kwargs["device"] = _to_cpu(kwargs["device"])
-        return func(*(_to_cpu(a) for a in args), **kwargs)
-
 
 # -- torch.npu -------------------------------------------------------------------------------
 npu = types.ModuleType("torch_npu.npu")
@@ -59,24 +38,12 @@ def _set_device(device) -> None:
     if not 0 <= idx < _device_count():
         raise RuntimeError(f"Invalid device ID {idx}")
     _current[0] = idx
-    _enter_mode()   # the calling thread computes on this device from now on
 
 
 def _mem_get_info(device=None):
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     return free, total
-
-
-import threading  # noqa: E402
-
-_tls = threading.local()
-
-
-def _enter_mode() -> None:
-    if not getattr(_tls, "mode", None):
-        _tls.mode = _NpuOnCpu()
-        _tls.mode.__enter__()
 
 
 npu.is_available = _is_available
@@ -97,6 +64,7 @@ sys.modules["torch_npu.npu"] = npu
 # torch's own hooks for a device type implemented in Python ("npu" has no kernels of its own here)
 from torch.utils.backend_registration import _DummyPrivateUse1Hook, _setup_privateuseone_for_python_backend  # noqa
 
+
 class _NoRuntime(_DummyPrivateUse1Hook):
     """No device runtime behind "npu": torch's own accelerator queries (streams, barrier devices) see the CPU."""
 
@@ -105,8 +73,14 @@ class _NoRuntime(_DummyPrivateUse1Hook):
 
 
 _setup_privateuseone_for_python_backend(rename="npu", backend_module=npu, hook=_NoRuntime())
-torch.Tensor.npu = lambda self, device=None, non_blocking=False: self
-_enter_mode()
+torch.Tensor.npu = lambda self, device=None, non_blocking=False: self.to("npu")
+
+# "npu" memory is CPU memory: the two allocation kernels every factory, .to("npu") and copy go through
+_aten = torch.library.Library("aten", "IMPL", "PrivateUse1")
+_aten.impl("empty.memory_format", lambda size, dtype=None, layout=None, device=None, pin_memory=None,
+           memory_format=None: torch.empty(size, dtype=dtype, layout=layout, device="cpu", memory_format=memory_format))
+_aten.impl("empty_strided", lambda size, stride, dtype=None, layout=None, device=None, pin_memory=None:
+           torch.empty_strided(size, stride, dtype=dtype, layout=layout, device="cpu"))
 
 
 # -- "hccl": gloo underneath -------------------------------------------------------------------
