@@ -143,8 +143,6 @@ def test_additional_config_parsing():
      "platform 'cpu' takes no keys; got torchair_graph_config"),
     (["--platform", "ascend", "--additional-config", '{"torchair_graph_config": {"enabled": true, "x": 1}}'],
      SIM_ENV, "unknown field `x`"),
-    (["--platform", "ascend", "--enforce-eager", "--additional-config",
-      '{"torchair_graph_config": {"enabled": true}}'], SIM_ENV, "exclude each other"),
     (["--platform", "ascend", "--max-model-len", "2048", "--max-num-batched-tokens", "512", "--additional-config",
       '{"ascend_scheduler_config": {"enabled": true}}'], SIM_ENV, "ascend_scheduler_config runs prefills whole"),
 ])
@@ -226,3 +224,38 @@ def test_torchair_graphs_dp2_ep_decode_equal_to_eager(qwen3_moe_dir):
         assert complete(s.url) == eager
         log = s.output()
     assert log.count("torchair graphs for decode batch sizes [2]") == 2
+
+
+_CACHED_GRAPHS = r'''
+import sys, torch, torch_npu, torchair
+from epplat.config import CacheConfig, EngineConfig, ModelConfig
+from epplat.core.engine.core import init_kv_cache
+from epplat.core.engine.model_runner import ModelInput, ModelRunner
+from epplat.core.model.attention import build_attn_metadata
+from epplat.plugins import registry
+cfg = EngineConfig(model=ModelConfig(model=sys.argv[1], dtype="bfloat16"), platform="ascend",
+                   cache=CacheConfig(kv_cache_memory_bytes=64 << 20), additional_config={"torchair_graph_config": {
+                       "enabled": True, "graph_batch_sizes": [1, 4], "use_cached_graph": True}})
+platform = registry().load("platform", "ascend")()
+platform.configure(cfg)
+runner = ModelRunner(cfg, platform, platform.device(0))
+init_kv_cache(runner, cfg, runner.ps)
+mi = ModelInput([5, 9, 11], [3, 7, 2], [(4, 1, [0]), (8, 1, [1]), (3, 1, [2])])   # 3 decodes: padded to 4
+graph = runner.forward(mi)
+with torch.inference_mode():
+    eager = runner.model(torch.tensor(mi.token_ids), torch.tensor(mi.positions),
+                         build_attn_metadata(mi.seqs, runner.block_size, runner.device, runner.pad_block))
+assert torch.equal(graph, eager), (graph - eager).abs().max()
+names = [c[1] for c in torchair.calls if c[0] == "cache_compile"]
+configs = [c[2] for c in torchair.calls if c[0] == "cache_compile"]
+assert names == ["forward_decode_bs4", "forward_decode_bs1"], names
+assert all(c.experimental_config.frozen_parameter for c in configs)
+assert torchair.calls[0] == ("patch_for_hcom",)
+print("ok")
+'''
+
+
+def test_torchair_cached_graphs_per_batch_size(qwen3_moe_dir):
+    r = subprocess.run([sys.executable, "-c", _CACHED_GRAPHS, str(qwen3_moe_dir)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, **SIM_ENV})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
