@@ -62,6 +62,9 @@ def main():
     p.add_argument("--tiles", nargs="*", default=["16-64-64-64-64-6-4", "16-128-64-128-64-4-4", "16-64-256-64-128-3-4",
                                                    "16-32-128-32-128-4-4", "16-64-128-128-128-4-8"],
                    help="Triton tile configurations also tried at decode sizes (bm-bn1-bk1-bn2-bk2-stages-warps)")
+    p.add_argument("--fp8-tiles", nargs="*", type=lambda s: tuple(int(v) for v in s.split("-")),
+                   default=[(128, 3, 4), (64, 4, 4), (64, 5, 4), (128, 4, 8), (64, 3, 8), (64, 2, 4)],
+                   help="fp8 kernel configurations also tried (bn-stages-warps)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, dt = torch.device("cuda", 0), torch.bfloat16
@@ -94,6 +97,11 @@ def main():
                 x, ids, w, q13, q2, F.silu, w13_scale=s13, w2_scale=s2)
             row["fp8_rel_err"] = _rel(run8(*fsets[0]).float(), ref)
             row["fp8_ms"] = graph_time(run8, fsets)
+            for bn, st, wp in a.fp8_tiles:
+                row[f"fp8_{bn}-{st}-{wp}_ms"] = graph_time(
+                    lambda x, ids, w, q13, q2, s13, s2, c=(bn, st, wp): fp8_moe.fp8_experts(
+                        x, ids, w, q13, q2, F.silu, w13_scale=s13, w2_scale=s2, bn=c[0], stages=c[1], warps=c[2]),
+                    fsets)
         hit = e * (1 - (1 - k / e) ** t)
         nbytes = hit * 3 * h * i * 2 + 2 * t * h * 2
         row["roofline_ms"] = max(nbytes / bw, 2 * t * k * 3 * h * i / flops) * 1e3
@@ -118,8 +126,11 @@ def main():
     print(f"fp8 experts (weights 1 byte + block scales): {'tokens':>6}{'fp8 roofline':>14}{'fp8':>9}{'/roof':>7}"
           f"{'vs bf16 triton':>16}")
     for r in fp8_rows:
+        sweep = {kk: v for kk, v in r.items() if kk.startswith("fp8_") and kk.count("-") == 2}
+        best = min(sweep, key=sweep.get) if sweep else None
         print(f"{'':>45}{r['tokens']:>6}{r['fp8_roofline_ms']:>14.4f}{r['fp8_ms']:>9.4f}"
-              f"{r['fp8_roofline_ms'] / r['fp8_ms'] * 100:>6.0f}%{r['triton_ms'] / r['fp8_ms']:>15.2f}x")
+              f"{r['fp8_roofline_ms'] / r['fp8_ms'] * 100:>6.0f}%{r['triton_ms'] / r['fp8_ms']:>15.2f}x"
+              + (f"   best {best} {sweep[best]:.4f}" if best else ""))
     errs = {k2: max(r[k2] for r in rows if k2 in r) for r0 in rows for k2 in r0 if k2.endswith("rel_err")}
     print("max relative error vs float32:", {k2: f"{v:.2e}" for k2, v in errs.items()})
     if a.out:

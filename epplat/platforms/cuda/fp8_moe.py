@@ -98,7 +98,8 @@ def _fp8_down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, y_ptr, num_assign, h
 MAX_FP8_ASSIGNMENTS = 4 * MAX_ASSIGNMENTS
 
 
-def fp8_experts(x, topk_ids, topk_weights, w13, w2, act, *, w13_scale, w2_scale, bn: int = 64):
+def fp8_experts(x, topk_ids, topk_weights, w13, w2, act, *, w13_scale, w2_scale, bn: int = 64, stages: int = 3,
+                warps: int = 4):
     """reference_experts' sum with fp8 block-scaled w13/w2 (see the module docstring)."""
     name = getattr(act, "__name__", "")
     rows, k = topk_ids.shape
@@ -116,10 +117,11 @@ def fp8_experts(x, topk_ids, topk_weights, w13, w2, act, *, w13_scale, w2_scale,
     h = torch.empty((num_assign, inter), dtype=torch.bfloat16, device=x.device)
     _fp8_gate_up_kernel[(progs, inter // bn)](x, ids, w13, w13_scale, h, num_assign, hidden, inter, w13.stride(0),
                                               w13_scale.stride(0), k, _ACTS[name], bm, bn, by_slot, _SCAN,
-                                              num_warps=4, num_stages=3)
+                                              num_warps=warps, num_stages=stages)
     y = torch.empty((num_assign, hidden), dtype=x.dtype, device=x.device)
     _fp8_down_kernel[(progs, hidden // bn)](h, ids, tw, w2, w2_scale, y, num_assign, hidden, inter, w2.stride(0),
-                                            w2_scale.stride(0), bm, bn, by_slot, _SCAN, num_warps=4, num_stages=3)
+                                            w2_scale.stride(0), bm, bn, by_slot, _SCAN, num_warps=warps,
+                                            num_stages=stages)
     out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
     _sum_kernel[(rows, triton.cdiv(hidden, 1024))](y, ids, out, hidden, k, 1024, num_warps=4)
     return out
