@@ -111,10 +111,10 @@ def _serve_through_rebalances(s: Server, model: str, expected) -> None:
     assert before[0] < 0.9 and min(before[1:]) > before[0] + 0.08, before
 
 
-def test_dp2_ep_rebalances_with_redundant_experts(skewed_dir, expected, tmp_path):
+def test_dp2_ep_naive_backend_rebalances_with_redundant_experts(skewed_dir, expected, tmp_path):
     cfg = {"window_size": 16, "step_interval": 16, "log_balancedness": True, "num_redundant_experts": 2}
     with Server(str(skewed_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
-                "--enable-eplb", "--eplb-config", json.dumps(cfg),
+                "--all2all-backend", "naive", "--enable-eplb", "--eplb-config", json.dumps(cfg),
                 env={"EPPLAT_EPLB_DUMP_DIR": str(tmp_path)}) as s:
         log = s.output()
         assert "EP rank 1/2 holds physical experts 5-9 of 10 (logical experts [5, 6, 7, 0, 1])" in log
@@ -143,7 +143,8 @@ def test_third_party_eplb_policy_plugin(skewed_dir, expected, tmp_path):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(site), str(EXAMPLE)], check=True)
-    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "EPPLAT_STICKY_MIN_GAIN": "0.1"}
     listing = subprocess.run([sys.executable, "-m", "epplat.cli", "plugins"], capture_output=True, text=True,
                              env={**os.environ, **env}, check=True).stdout
     line = next(ln for ln in listing.splitlines() if ln.strip().startswith("sticky"))
@@ -162,8 +163,10 @@ def test_third_party_eplb_policy_plugin(skewed_dir, expected, tmp_path):
     keeps = [int(k) for k in re.findall(r"sticky EPLB policy: (\d) of 2 layers keep their placement", log)]
     moves = [int(m) for m in re.findall(r"EPLB rebalance \d+ at step \d+: .*?; (\d+) expert moves", log)]
     assert len(keeps) >= 3 and len(moves) >= 3, log[-3000:]
-    # the first rebalance pays off on the skewed load; once balanced, layers stay where they are
-    assert keeps[0] < 2 and moves[0] > 0 and keeps[-1] == 2 and moves[-1] == 0, (keeps, moves)
+    # the first rebalance pays off on the skewed load; once balanced, layers mostly stay where they
+    # are, and a rebalance where every layer keeps its placement moves nothing
+    assert keeps[0] < 2 and moves[0] > 0, (keeps, moves)
+    assert 2 in keeps[1:] and all(m == 0 for k, m in zip(keeps, moves) if k == 2), (keeps, moves)
 
 
 def test_bad_eplb_flag_is_one_line(skewed_dir):

@@ -97,9 +97,9 @@ class EplbState:
         self.window.zero_()
         self.pass_load.zero_()
 
-    def _window_load(self, group) -> torch.Tensor:
+    def _window_load(self, group, window: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[L, slots] tokens per slot over the window, summed over the EP group, on the CPU."""
-        load = self.window.sum(0, dtype=torch.int64)
+        load = (self.window if window is None else window).sum(0, dtype=torch.int64)
         if group is not None:
             if dist.get_backend(group) == "gloo":
                 load = load.cpu()
@@ -152,12 +152,7 @@ class EplbState:
     def _compute_and_move(self, window: torch.Tensor, old: torch.Tensor):
         """All-reduce the load, run the policy on EP rank 0, broadcast its placement, move weights."""
         t0 = time.perf_counter()
-        load = window.sum(0, dtype=torch.int64)
-        if self.xfer_group is not None:
-            if dist.get_backend(self.xfer_group) == "gloo":
-                load = load.cpu()
-            dist.all_reduce(load, group=self.xfer_group)
-        load = load.cpu()
+        load = self._window_load(self.xfer_group, window)
         before = balancedness(load, self.map.ep_size)
         logical = torch.zeros(old.shape[0], self.map.num_experts, dtype=torch.float64)
         logical.scatter_add_(1, old, load.double())
