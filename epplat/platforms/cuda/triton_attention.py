@@ -17,13 +17,13 @@ _TARGET_PROGRAMS = 2 * 132   # about two waves of an H100/H200's SMs
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_ptr, scale,
                          table_stride, q_stride, kv_heads: tl.constexpr, group: tl.constexpr,
                          splits: tl.constexpr, GROUP_P: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-                         IEEE: tl.constexpr, MIN_BLOCKS: tl.constexpr):
+                         IEEE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     length = tl.load(lens_ptr + b)
     nblocks = tl.cdiv(length, BLOCK)
-    per = tl.maximum(tl.cdiv(nblocks, splits), MIN_BLOCKS)   # short contexts: fewer, longer slices
+    per = tl.cdiv(nblocks, splits)
     start = sp * per
     end = tl.minimum(start + per, nblocks)
     g = tl.arange(0, GROUP_P)
@@ -96,7 +96,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     lse = torch.empty((b, kvh, splits, gp), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(b, kvh, splits)](q.contiguous(), k_cache, v_cache, tables, lens, mid, lse, scale,
                                            tables.stride(0), h * d, kvh, group, splits, gp, block, d,
-                                           q.dtype == torch.float32, 4)
+                                           q.dtype == torch.float32)
     out = torch.empty_like(q)
     _merge_kernel[(b, h)](mid, lse, out, kvh, group, splits, triton.next_power_of_2(splits), gp, d)
     return out
