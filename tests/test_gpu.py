@@ -325,3 +325,35 @@ def test_missing_all2all_packages_fail_on_selection_with_one_line(name, package)
     with pytest.raises(PluginError, match=f"{package} not installed") as e:
         registry().load("all2all", name, "cuda")
     assert "\n" not in str(e.value)
+
+
+def test_dp2_ep_nvshmem_backend_greedy_equals_transformers(qwen3_moe_dir):
+    """DP=2 + EP over the nvshmem backend, through `epplat serve` (float32): transformers' greedy
+    tokens. (tests/test_parallel.py runs TP=2 and DP=2 + EP with the NCCL backends on the cuda
+    platform when it finds the GPUs.)"""
+    import asyncio
+
+    import openai
+    from transformers import AutoTokenizer
+
+    from epplat.platforms.cuda.all2all_nvshmem import check
+    from hf_oracle import hf_greedy
+    from server_utils import Server
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    if check():
+        pytest.skip(check())
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    want = [tok.decode(r, skip_special_tokens=True) for r in hf_greedy(qwen3_moe_dir, PROMPTS, 8, ignore_eos=True)]
+
+    async def complete(url):
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        rs = await asyncio.gather(*(c.completions.create(model=str(qwen3_moe_dir), prompt=p, max_tokens=8,
+                                                         temperature=0, extra_body={"ignore_eos": True})
+                                    for p in PROMPTS))
+        return [r.choices[0].text for r in rs]
+    with Server(str(qwen3_moe_dir), "--platform", "cuda", "--dtype", "float32", "--data-parallel-size", "2",
+                "--enable-expert-parallel", "--all2all-backend", "nvshmem", "--max-model-len", "256",
+                env={"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                     "NVSHMEM_DISABLE_NVLS": "1"}) as s:
+        assert asyncio.run(complete(s.url)) == want
