@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
-# Stages: tests decode decode-fp8 moe serve (default: tests decode moe). Writes JSON and logs under $OUT.
+# Stages: tests decode decode-fp8 moe serve serve-fp8 (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA").
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -23,6 +23,8 @@ for s in $stages; do
               | tee "$OUT/decode_fp8.log" | tail -8 ;;
     moe)    python3 benchmarks/moe_layer_bench.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | tail -40 ;;
     serve)  python3 benchmarks/serve_1gpu.py --out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
+    serve-fp8) python3 benchmarks/serve_1gpu.py --epplat-arg=--quantization --epplat-arg=fp8 --skip-transformers \
+              --out "$OUT/serve_fp8.json" 2>&1 | tee "$OUT/serve_fp8.log" | tail -12 ;;
     *) echo "unknown stage $s" ;;
   esac
   echo "=== $s took $(( $(date +%s) - t0 )) s"

@@ -214,6 +214,15 @@ def test_cuda_graphs_give_the_eager_tokens(qwen3_moe_dir):
     assert _greedy(graphed) == _greedy(_core(qwen3_moe_dir, eager=True))
 
 
+def test_fp8_cuda_graphs_give_the_eager_tokens(tmp_path):
+    from epplat.core.model.make_model import make_model
+    model_dir = make_model("qwen3_moe", tmp_path / "m", hidden=256, moe_intermediate=128, experts=8, top_k=2,
+                           heads=4, kv_heads=2, head_dim=64, layers=2, seed=3, dtype="bfloat16")
+    graphed = _core(model_dir, eager=False, quantization="fp8")
+    assert graphed.runner.graph.sizes, "no CUDA graph was captured"
+    assert _greedy(graphed) == _greedy(_core(model_dir, eager=True, quantization="fp8"))
+
+
 def test_bf16_logits_within_tolerance_of_the_fp32_reference(tmp_path):
     """bfloat16 logits within 10% of the float32 reference's spread, and no further from it than
     transformers' own bfloat16 run. (The tiny fixture models are unusable here: their top-k routing
