@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import torch
@@ -47,6 +48,12 @@ def expected(skewed_dir):
 def _rebalances(log: str) -> list[float]:
     """The 'balancedness before' of each rebalance, in order."""
     return [float(b) for b in re.findall(r"EPLB rebalance \d+ at step \d+: balancedness ([\d.]+) before", log)]
+
+
+def _metrics(url) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    return {s.name: s.value for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+            for s in fam.samples if s.name.startswith("epplat:eplb_")}
 
 
 def _batch(client, model, prompts, expected):
@@ -122,9 +129,14 @@ def test_dp2_ep_naive_backend_rebalances_with_redundant_experts(skewed_dir, expe
                          r"per expert x 2 redundant / 2 EP ranks\)", log)
         _serve_through_rebalances(s, str(skewed_dir), expected)
         assert "EPLB balancedness" in s.output()
+        first = _rebalances(s.output())[0]
+        gauges = _metrics(s.url)
+        assert gauges["epplat:eplb_rebalances"] >= 3 and gauges["epplat:eplb_balancedness"] > first + 0.08
     _check_dumps(tmp_path, skewed_dir, ep_size=2, slots_per_rank=5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 4,
+                    reason="DP=2 x TP=2 on the cuda platform needs 4 GPUs")
 def test_dp2_tp2_ep_async_rebalance(skewed_dir, expected, tmp_path):
     with Server(str(skewed_dir), "--dtype", "float32", "-dp", "2", "-tp", "2", "-ep", "--max-model-len", "256",
                 "--enable-eplb", "--eplb-config.window_size", "16", "--eplb-config.step_interval", "16",

@@ -103,6 +103,9 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
+        eplb = self.runner.eplb
         return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting), kv_usage=self.blocks.usage,
                            num_preemptions=s.num_preemptions, num_free_blocks=self.blocks.num_free,
-                           num_total_blocks=self.num_blocks, num_requests_received=self.num_received)
+                           num_total_blocks=self.num_blocks, num_requests_received=self.num_received,
+                           eplb_balancedness=eplb.measured if eplb else -1.0,
+                           eplb_rebalances=eplb.rebalances if eplb else 0)

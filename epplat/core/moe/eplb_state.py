@@ -64,6 +64,7 @@ class EplbState:
         self.window = torch.zeros(cfg.window_size, len(layers), slots, dtype=torch.int32, device=dev)
         self.steps = 0
         self.rebalances = 0
+        self.measured = -1.0                  # last balancedness measured (EP rank 0), -1: none yet
         self.last: Optional[dict] = None      # figures of the last rebalance
         self.pending: Optional[threading.Thread] = None
         self._result = None
@@ -113,6 +114,7 @@ class EplbState:
 
     def _log_balancedness(self) -> None:
         value, tokens = self.window_balancedness()
+        self.measured = value
         if self.map.ep_rank == 0:
             logger.info("EPLB balancedness %.4f over the last %d steps (mean/max tokens per EP rank, %d tokens "
                         "routed)", value, self.cfg.window_size, tokens)
@@ -198,6 +200,7 @@ class EplbState:
         eplb_transfer.commit(staged, self.layers, new)
         self.reset()
         self.rebalances += 1
+        self.measured = before
         pause += time.perf_counter() - t0
         self.last = {"moves": len(moves), "balancedness_before": before, "transfer_s": took, "pause_s": pause,
                      "overlapped_s": overlapped}

@@ -41,6 +41,11 @@ class Metrics:
                                  registry=r).labels(model_name)
         self.engine_requests = Gauge("epplat:engine_requests_received", "Requests each DP rank's engine received.",
                                      m + ["dp_rank"], registry=r).labels
+        self.eplb_balancedness = Gauge("epplat:eplb_balancedness", "EPLB: mean/max tokens per EP rank, last "
+                                       "measured (a window with log_balancedness, or before a rebalance).", m,
+                                       registry=r).labels(model_name)
+        self.eplb_rebalances = Gauge("epplat:eplb_rebalances", "EPLB rebalances since the engines started.", m,
+                                     registry=r).labels(model_name)
         self.ttft = Histogram("epplat:time_to_first_token_seconds", "Time to first token in seconds.", m,
                               buckets=_TTFT, registry=r).labels(model_name)
         self.itl = Histogram("epplat:inter_token_latency_seconds", "Time between output tokens in seconds.", m,
@@ -63,6 +68,9 @@ class Metrics:
             self.preemptions.set(stats.num_preemptions)
         for rank, st in (per_engine or {}).items():
             self.engine_requests(self.model, str(rank)).set(st.num_requests_received)
+            if st.eplb_balancedness >= 0:      # measured on EP rank 0 (DP rank 0) only
+                self.eplb_balancedness.set(st.eplb_balancedness)
+                self.eplb_rebalances.set(st.eplb_rebalances)
         return generate_latest(self.registry)
 
 
