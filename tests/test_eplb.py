@@ -151,19 +151,21 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "epplat-example-
 
 
 def test_third_party_eplb_policy_plugin(skewed_dir, expected, tmp_path):
-    """examples/epplat-example-eplb pip-installed: listed, selected by name, weighs migration cost."""
+    """examples/epplat-example-eplb pip-installed: listed, selected by name, weighs migration cost
+    (served over examples/epplat-example-all2all, with redundant experts)."""
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(EXAMPLE)], check=True)
+                    "--target", str(site), str(EXAMPLE), str(EXAMPLE.parent / "epplat-example-all2all")], check=True)
     env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
            "EPPLAT_STICKY_MIN_GAIN": "0.1"}
     listing = subprocess.run([sys.executable, "-m", "epplat.cli", "plugins"], capture_output=True, text=True,
                              env={**os.environ, **env}, check=True).stdout
     line = next(ln for ln in listing.splitlines() if ln.strip().startswith("sticky"))
     assert "epplat-example-eplb" in line and "usable" in line
-    cfg = {"policy": "sticky", "window_size": 16, "step_interval": 16}
+    cfg = {"policy": "sticky", "window_size": 16, "step_interval": 16, "num_redundant_experts": 2}
+    # with the example all2all plugin too: third-party backends see physical expert (slot) ids
     with Server(str(skewed_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
-                "--enable-eplb", "--eplb-config", json.dumps(cfg), env=env) as s:
+                "--all2all-backend", "all_to_all", "--enable-eplb", "--eplb-config", json.dumps(cfg), env=env) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
         short = expected[0]
         i, deadline = 0, time.time() + 90
