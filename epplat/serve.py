@@ -14,7 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from epplat.config import DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, ModelConfig, ParallelConfig,
+                           SchedulerConfig)
 from epplat.plugins import PluginError, registry
 
 logger = logging.getLogger("epplat.serve")
