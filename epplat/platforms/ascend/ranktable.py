@@ -103,7 +103,9 @@ def check(table) -> str:
             f"{len(table['decode_device_list'])} decode device(s){', A3 super pod' if a3 else ''}")
 
 
-def check_file(path: str) -> str:
+def load(path: str) -> dict:
+    """The ranktable at `path`, checked (what the LLMDataDist KV connector reads, from
+    DISAGGREGATED_PREFILL_RANK_TABLE_PATH); RanktableError with one line otherwise."""
     try:
         with open(path) as f:
             table = json.load(f)
@@ -111,4 +113,9 @@ def check_file(path: str) -> str:
         raise RanktableError(f"cannot read {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise RanktableError(f"{path} is not valid JSON: {e}") from None
-    return check(table)
+    check(table)
+    return table
+
+
+def check_file(path: str) -> str:
+    return check(load(path))
