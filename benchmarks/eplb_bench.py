@@ -106,7 +106,7 @@ def run_rank(rank: int, args, port: int, out_q) -> None:
 
     def slowest(expert_s: list[float]) -> float:
         """Mean per-step expert ms of the slowest rank."""
-        t = torch.tensor([statistics.mean(expert_s)], dtype=torch.float64)
+        t = torch.tensor([statistics.mean(expert_s)], dtype=torch.float64, device=dev)   # NCCL: on the GPU
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return round(float(t) * 1e3, 2)
 
