@@ -82,8 +82,9 @@ def run_rank(rank: int, args, port: int, out_q) -> None:
         torch.manual_seed(0)
         layers = []
         for _ in range(args.layers):
-            layer = FusedMoE(args.hidden, args.inter, args.experts, args.top_k, True, ACTIVATIONS["silu"], a2a,
-                             dtype).to(dev)
+            with torch.device(dev):   # placement tables live where the router runs
+                layer = FusedMoE(args.hidden, args.inter, args.experts, args.top_k, True, ACTIVATIONS["silu"],
+                                 a2a, dtype)
             for p in (layer.w13, layer.w2):
                 p.data.normal_(0, args.hidden ** -0.5)
             for s, e in enumerate(layer.local_logical_ids()):   # a marker: which expert a slot holds
