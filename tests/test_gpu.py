@@ -340,18 +340,18 @@ def test_dp2_ep_nvshmem_backend_greedy_equals_transformers(qwen3_moe_dir):
     """DP=2 + EP over the nvshmem backend, through `epplat serve` (float32): transformers' greedy
     tokens. (tests/test_parallel.py runs TP=2 and DP=2 + EP with the NCCL backends on the cuda
     platform when it finds the GPUs.)"""
+    from epplat.platforms.cuda.all2all_nvshmem import check
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    if check():
+        pytest.skip(check())
     import asyncio
 
     import openai
     from transformers import AutoTokenizer
 
-    from epplat.platforms.cuda.all2all_nvshmem import check
     from hf_oracle import hf_greedy
     from server_utils import Server
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
-    if check():
-        pytest.skip(check())
     tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
     want = [tok.decode(r, skip_special_tokens=True) for r in hf_greedy(qwen3_moe_dir, PROMPTS, 8, ignore_eos=True)]
 
