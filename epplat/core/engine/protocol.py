@@ -99,7 +99,7 @@ class EngineStats(msgspec.Struct):
     num_free_blocks: int = 0
     num_total_blocks: int = 0
     num_requests_received: int = 0
-    eplb_balancedness: float = -1.0     # EPLB: last measured mean/max tokens per EP rank (-1: none)
+    eplb_balancedness: float = -1.0     # EPLB: last measured mean/max tokens per EP rank, group-wide (-1: none)
     eplb_rebalances: int = 0
 
 

@@ -64,7 +64,7 @@ class EplbState:
         self.window = torch.zeros(cfg.window_size, len(layers), slots, dtype=torch.int32, device=dev)
         self.steps = 0
         self.rebalances = 0
-        self.measured = -1.0                  # last balancedness measured (EP rank 0), -1: none yet
+        self.measured = -1.0                  # last balancedness measured (over the EP group), -1: none yet
         self.last: Optional[dict] = None      # figures of the last rebalance
         self.pending: Optional[threading.Thread] = None
         self._result = None

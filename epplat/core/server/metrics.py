@@ -68,7 +68,7 @@ class Metrics:
             self.preemptions.set(stats.num_preemptions)
         for rank, st in (per_engine or {}).items():
             self.engine_requests(self.model, str(rank)).set(st.num_requests_received)
-            if st.eplb_balancedness >= 0:      # measured on EP rank 0 (DP rank 0) only
+            if st.eplb_balancedness >= 0:      # the same on every rank: measured over the whole EP group
                 self.eplb_balancedness.set(st.eplb_balancedness)
                 self.eplb_rebalances.set(st.eplb_rebalances)
         return generate_latest(self.registry)
