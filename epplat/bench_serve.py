@@ -30,6 +30,8 @@ from typing import Optional, Union
 
 import httpx
 
+from epplat.sse_client import HTTPStatusError, SSEClient
+
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 
@@ -111,43 +113,41 @@ def _is_token_chunk(chunk: dict, chat: bool) -> bool:
     return not ("role" in delta and not delta.get("content") and not c.get("finish_reason"))
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict, chat: bool) -> RequestResult:
+async def _one(client: SSEClient, path: str, body: dict, chat: bool) -> RequestResult:
     res = RequestResult()
     start = last = time.perf_counter()
     try:
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                text = (await r.aread()).decode(errors="replace")
-                try:
-                    text = json.loads(text)["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    pass
-                res.error = f"HTTP {r.status_code}: {text[:300]}"
+        async for line in client.post_lines(path, body):
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if chunk.get("error"):
+                res.error = f"error in the stream: {chunk['error']}"[:300]
                 return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if chunk.get("error"):
-                    res.error = f"error in the stream: {chunk['error']}"[:300]
-                    return res
-                now = time.perf_counter()
-                if _is_token_chunk(chunk, chat):
-                    if res.ttft == 0.0:
-                        res.ttft = now - start
-                    else:
-                        res.itl.append(now - last)
-                    last = now
-                if chunk.get("usage"):
-                    res.output_tokens = chunk["usage"].get("completion_tokens") or 0
-                    res.prompt_tokens = chunk["usage"].get("prompt_tokens") or 0
+            now = time.perf_counter()
+            if _is_token_chunk(chunk, chat):
+                if res.ttft == 0.0:
+                    res.ttft = now - start
+                else:
+                    res.itl.append(now - last)
+                last = now
+            if chunk.get("usage"):
+                res.output_tokens = chunk["usage"].get("completion_tokens") or 0
+                res.prompt_tokens = chunk["usage"].get("prompt_tokens") or 0
         res.latency = time.perf_counter() - start
         res.ok = res.output_tokens > 0 and res.ttft > 0.0
         if not res.ok:
             res.error = "no tokens or no usage in the stream"
+    except HTTPStatusError as e:
+        text = e.body
+        try:
+            text = json.loads(text)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        res.error = f"HTTP {e.status}: {text[:300]}"
     except Exception as e:  # noqa: BLE001 - any failure is this request's, never the run's
         res.error = f"{type(e).__name__}: {e}"[:300]
     return res
@@ -165,32 +165,28 @@ def _body(model: str, prompt, output_len: int, chat: bool) -> dict:
 
 async def _run(base_url, model, prompts, output_len, concurrency, request_rate, seed, headers, endpoint, warmup):
     chat = endpoint.rstrip("/").endswith("chat/completions")
-    url = base_url + endpoint
-    n = concurrency or len(prompts)
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     sem = asyncio.Semaphore(concurrency) if concurrency else None
     rng = random.Random(seed)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0, connect=30.0), limits=limits, headers=headers,
-                                 trust_env=False) as client:
-        if warmup:  # one untimed request, as vLLM's "initial test run": fail fast on a bad setup
-            test = await _one(client, url, _body(model, prompts[0], min(output_len, 4), chat), chat)
-            if not test.ok:
-                raise RuntimeError(f"the initial test request failed: {test.error}")
+    client = SSEClient(base_url, headers)
+    if warmup:  # one untimed request, as vLLM's "initial test run": fail fast on a bad setup
+        test = await _one(client, endpoint, _body(model, prompts[0], min(output_len, 4), chat), chat)
+        if not test.ok:
+            raise RuntimeError(f"the initial test request failed: {test.error}")
 
-        async def limited(p):
-            if sem is None:
-                return await _one(client, url, _body(model, p, output_len, chat), chat)
-            async with sem:
-                return await _one(client, url, _body(model, p, output_len, chat), chat)
+    async def limited(p):
+        if sem is None:
+            return await _one(client, endpoint, _body(model, p, output_len, chat), chat)
+        async with sem:
+            return await _one(client, endpoint, _body(model, p, output_len, chat), chat)
 
-        tasks = []
-        start = time.perf_counter()
-        for p in prompts:
-            tasks.append(asyncio.create_task(limited(p)))
-            if math.isfinite(request_rate) and request_rate > 0:
-                await asyncio.sleep(rng.expovariate(request_rate))
-        results = await asyncio.gather(*tasks)
-        return results, time.perf_counter() - start
+    tasks = []
+    start = time.perf_counter()
+    for p in prompts:
+        tasks.append(asyncio.create_task(limited(p)))
+        if math.isfinite(request_rate) and request_rate > 0:
+            await asyncio.sleep(rng.expovariate(request_rate))
+    results = await asyncio.gather(*tasks)
+    return results, time.perf_counter() - start
 
 
 def percentile(xs, q: float) -> float:
