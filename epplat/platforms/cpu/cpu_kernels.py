@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 # Above this many rows per local expert on average (prefill), MKL's grouped GEMMs are faster.
-MAX_ROWS_PER_EXPERT = 128
+MAX_ROWS_PER_EXPERT = 256
 # Above this many rows, MKL's GEMM is faster than reading each weight row once.
 MAX_LINEAR_ROWS = 32
 
