@@ -3,8 +3,8 @@
  * called through ctypes on raw tensor pointers; no torch headers.
  *
  * moe_experts: rows grouped by expert in C (a counting sort), each expert's rows run through
- *   gate/up -> silu(gate)*up -> down in blocks of 4 rows that stream every weight row once
- *   per block; a token's k outputs are summed in ascending expert order (as the
+ *   gate/up -> silu(gate)*up -> down in blocks of up to 8 rows that stream every weight row
+ *   once per block; a token's k outputs are summed in ascending expert order (as the
  *   Hugging Face reference loop does). Weights are input-major: w13 [E, H, 2I], w2 [E, I, H].
  * linear: x @ w^T for a few rows, each weight row read once (MKL packs the weights on
  *   every call, which costs more than the product at decode sizes).
@@ -38,30 +38,31 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
 }
 
-/* Y[r, :] += x[r, k] * W[k, :] + x[r, k+1] * W[k+1, :] for r < R (R <= 4), N a multiple of 8.
- * Two weight rows stream through per call; the R output rows stay in L1. */
+/* Y[r, :] += x[r, k] * W[k, :] + x[r, k+1] * W[k+1, :] for r < R (R <= 8), N a multiple of 8.
+ * Two weight rows stream through per call, once for all R rows; the outputs stay in L1. */
 static inline __attribute__((always_inline)) void axpy2(const float *X, int ldx, int k, const float *w0,
                                                          const float *w1, float *Y, int ldy, int N, const int R) {
-    __m256 a0 = _mm256_broadcast_ss(X + k), a1 = _mm256_broadcast_ss(X + k + 1);
-    __m256 b0 = a0, b1 = a1, c0 = a0, c1 = a1, d0 = a0, d1 = a1;
-    if (R > 1) { b0 = _mm256_broadcast_ss(X + ldx + k); b1 = _mm256_broadcast_ss(X + ldx + k + 1); }
-    if (R > 2) { c0 = _mm256_broadcast_ss(X + 2 * ldx + k); c1 = _mm256_broadcast_ss(X + 2 * ldx + k + 1); }
-    if (R > 3) { d0 = _mm256_broadcast_ss(X + 3 * ldx + k); d1 = _mm256_broadcast_ss(X + 3 * ldx + k + 1); }
+    __m256 a[8], b[8];
+    for (int r = 0; r < R; r++) {
+        a[r] = _mm256_broadcast_ss(X + r * ldx + k);
+        b[r] = _mm256_broadcast_ss(X + r * ldx + k + 1);
+    }
     for (int j = 0; j < N; j += 8) {
         if (!(j & 15)) {   /* the rows 8 ahead: the hardware prefetcher alone leaves bandwidth unused */
             _mm_prefetch((const char *)(w0 + 8 * (size_t)N + j), _MM_HINT_T0);
             _mm_prefetch((const char *)(w1 + 8 * (size_t)N + j), _MM_HINT_T0);
         }
         __m256 u = _mm256_loadu_ps(w0 + j), v = _mm256_loadu_ps(w1 + j);
-        float *y = Y + j;
-        _mm256_storeu_ps(y, _mm256_fmadd_ps(a1, v, _mm256_fmadd_ps(a0, u, _mm256_loadu_ps(y))));
-        if (R > 1) { y += ldy; _mm256_storeu_ps(y, _mm256_fmadd_ps(b1, v, _mm256_fmadd_ps(b0, u, _mm256_loadu_ps(y)))); }
-        if (R > 2) { y += ldy; _mm256_storeu_ps(y, _mm256_fmadd_ps(c1, v, _mm256_fmadd_ps(c0, u, _mm256_loadu_ps(y)))); }
-        if (R > 3) { y += ldy; _mm256_storeu_ps(y, _mm256_fmadd_ps(d1, v, _mm256_fmadd_ps(d0, u, _mm256_loadu_ps(y)))); }
+        for (int r = 0; r < R; r++) {
+            float *y = Y + r * ldy + j;
+            _mm256_storeu_ps(y, _mm256_fmadd_ps(b[r], v, _mm256_fmadd_ps(a[r], u, _mm256_loadu_ps(y))));
+        }
     }
 }
 
-/* Y[R, N] = X[R, K] @ W[K, N] for R <= 4, K even, N a multiple of 8: W streams once, row by row. */
+#define ROWS 8   /* rows of one expert that share a pass over its weights */
+
+/* Y[R, N] = X[R, K] @ W[K, N] for R <= ROWS, K even, N a multiple of 8: W streams once, row by row. */
 static void small_gemm(const float *X, int ldx, const float *W, int N, float *Y, int ldy, int K, int R) {
     for (int r = 0; r < R; r++) memset(Y + (size_t)r * ldy, 0, sizeof(float) * N);
     for (int k = 0; k < K; k += 2) {
@@ -70,7 +71,11 @@ static void small_gemm(const float *X, int ldx, const float *W, int N, float *Y,
             case 1: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 1); break;
             case 2: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 2); break;
             case 3: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 3); break;
-            default: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 4); break;
+            case 4: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 4); break;
+            case 5: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 5); break;
+            case 6: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 6); break;
+            case 7: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 7); break;
+            default: axpy2(X, ldx, k, w0, w1, Y, ldy, N, 8); break;
         }
     }
 }
@@ -80,7 +85,7 @@ static void small_gemm(const float *X, int ldx, const float *W, int N, float *Y,
 #define PAD 16
 
 /* floats of per-thread work space moe_experts needs */
-int64_t moe_work_floats(int64_t H, int64_t I) { return 4 * (2 * (H + PAD) + (2 * I + PAD) + (I + PAD)); }
+int64_t moe_work_floats(int64_t H, int64_t I) { return ROWS * (2 * (H + PAD) + (2 * I + PAD) + (I + PAD)); }
 
 /* out[T, H] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over ids >= 0.
  * scratch: T*K*H + threads * moe_work_floats(H, I) floats. Returns 0. */
@@ -103,10 +108,10 @@ int moe_experts(const float *x, int64_t T, int64_t H, const int64_t *ids, const 
 #else
         float *xs = work;
 #endif
-        float *h = xs + 4 * lx, *act = h + 4 * lh, *y = act + 4 * la;
+        float *h = xs + ROWS * lx, *act = h + ROWS * lh, *y = act + ROWS * la;
         const float *we13 = w13 + (size_t)e * H * 2 * I, *we2 = w2 + (size_t)e * I * H;
-        for (int64_t s = count[e]; s < count[e + 1]; s += 4) {
-            int R = (int)(count[e + 1] - s < 4 ? count[e + 1] - s : 4);
+        for (int64_t s = count[e]; s < count[e + 1]; s += ROWS) {
+            int R = (int)(count[e + 1] - s < ROWS ? count[e + 1] - s : ROWS);
             for (int r = 0; r < R; r++) memcpy(xs + r * lx, x + (rows[s + r] / K) * H, sizeof(float) * H);
             small_gemm(xs, (int)lx, we13, (int)(2 * I), h, (int)lh, (int)H, R);
             for (int r = 0; r < R; r++)
