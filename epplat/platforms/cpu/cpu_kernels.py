@@ -4,7 +4,8 @@ The shared library is cached under ``$EPPLAT_CACHE_DIR/kernels`` (default
 ``~/.cache/epplat/kernels``) by a hash of the source and flags; building takes about a
 second. The wrappers take the same arguments as the portable torch paths they stand in
 for and return None for inputs they do not handle (non-float32, shapes off the 8/16
-grid, large batches where MKL's GEMMs win), so the caller runs the torch path then.
+grid, linears over more rows than the few where MKL's per-call weight packing loses),
+so the caller runs the torch path then.
 When no compiler (or no AVX2/FMA) is there, :func:`load` logs one warning and the
 platform keeps the torch paths.
 """
@@ -27,8 +28,6 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-# Above this many rows per local expert on average (prefill), MKL's grouped GEMMs are faster.
-MAX_ROWS_PER_EXPERT = 256
 # Above this many rows, MKL's GEMM is faster than reading each weight row once.
 MAX_LINEAR_ROWS = 32
 
@@ -99,11 +98,10 @@ def _f32(*ts) -> bool:
 
 
 def moe_experts(x, topk_ids, topk_weights, w13, w2, act) -> Optional[torch.Tensor]:
-    """reference_experts for small float32 batches with SiLU-gated experts; None otherwise."""
+    """reference_experts for float32 SiLU-gated experts (decode and prefill); None otherwise."""
     rows, k = topk_ids.shape
     num_experts, hidden, inter2 = w13.shape
-    if (act is not torch.nn.functional.silu or not _f32(x, w13, w2) or hidden % 16 or inter2 % 32
-            or rows * k > MAX_ROWS_PER_EXPERT * num_experts):
+    if act is not torch.nn.functional.silu or not _f32(x, w13, w2) or hidden % 16 or inter2 % 32:
         return None
     ids = topk_ids.to(torch.int64).contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
