@@ -86,6 +86,8 @@ def test_the_cpu_platform_registers_them():
     assert layers.LINEAR_KERNELS["cpu"] is cpu_kernels.linear
     assert EXPERT_KERNELS["cpu"] is cpu_kernels.moe_experts
     assert layers.NORM_KERNELS["cpu"] is cpu_kernels.rms_norm and layers.ROPE_KERNELS["cpu"] is cpu_kernels.rope
+    from epplat.core.moe.layer import ROUTE_KERNELS
+    assert ROUTE_KERNELS["cpu"] is cpu_kernels.route_topk
 
 
 def test_rms_norm_and_rope_match_torch_on_strided_views():
@@ -109,3 +111,16 @@ def test_rms_norm_and_rope_match_torch_on_strided_views():
     got = cpu_kernels.rope(pos, q, k, rope.cos, rope.sin)
     torch.testing.assert_close(got[0], ref_r[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], ref_r[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_route_topk_matches_softmax_topk(renormalize):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(33, 16, generator=g) * 3
+    weights, ids = cpu_kernels.route_topk(logits, 4, renormalize, torch.float32)
+    probs = torch.softmax(logits, dim=-1)
+    ref_w, ref_ids = torch.topk(probs, 4, dim=-1)
+    if renormalize:
+        ref_w = ref_w / ref_w.sum(dim=-1, keepdim=True)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_w, rtol=1e-5, atol=1e-6)

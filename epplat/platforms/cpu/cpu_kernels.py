@@ -87,6 +87,7 @@ def load() -> Optional[ctypes.CDLL]:
                                      ctypes.c_int]
     lib.moe_work_floats.argtypes, lib.moe_work_floats.restype = [i64, i64], i64
     lib.linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.route_topk.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
     lib.rms_norm.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, f32, ptr]
     lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
     _lib = lib
@@ -181,3 +182,13 @@ def rope(positions, q, k, cos, sin) -> Optional[tuple[torch.Tensor, torch.Tensor
         _lib.rope(x.data_ptr(), *r, x.shape[-1], pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr())
         outs.append(out)
     return outs[0], outs[1]
+
+
+def route_topk(logits, top_k: int, renormalize: bool, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax routing: (weights [T, top_k] in ``dtype``, expert ids [T, top_k]), as FusedMoE.route."""
+    logits = logits.float().contiguous()
+    t, e = logits.shape
+    weights = torch.empty(t, top_k, dtype=torch.float32)
+    ids = torch.empty(t, top_k, dtype=torch.int64)
+    _lib.route_topk(logits.data_ptr(), t, e, top_k, int(renormalize), weights.data_ptr(), ids.data_ptr())
+    return weights.to(dtype), ids

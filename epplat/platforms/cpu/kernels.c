@@ -10,6 +10,7 @@
  *   every call, which costs more than the product at decode sizes).
  * decode_attention: one query token per sequence against keys read straight from the paged
  *   cache [blocks, block_size, kv_heads, D] (no gather copy), exact two-pass softmax.
+ * route_topk: softmax routing with top-k selection and renormalisation.
  * rms_norm, rope: the per-row float32 arithmetic of RMSNorm and neox rotary embedding,
  *   reading strided heads so q/k views of the fused qkv need no copy first. */
 #include <math.h>
@@ -282,5 +283,32 @@ int rope(const float *x, int64_t T, int64_t H, int64_t s0, int64_t s1, int64_t D
             }
         }
     }
+    return 0;
+}
+
+/* Router: softmax over E logits per token, the K largest probabilities (ties to the lower
+ * expert id), renormalised over those K when renorm is set. */
+int route_topk(const float *logits, int64_t T, int64_t E, int64_t K, int renorm, float *weights, int64_t *ids) {
+    float *p = malloc(sizeof(float) * E);
+    for (int64_t t = 0; t < T; t++) {
+        const float *row = logits + t * E;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t e = 0; e < E; e++) mx = row[e] > mx ? row[e] : mx;
+        for (int64_t e = 0; e < E; e++) { p[e] = expf(row[e] - mx); sum += p[e]; }
+        for (int64_t e = 0; e < E; e++) p[e] /= sum;
+        float picked = 0.0f;
+        for (int64_t j = 0; j < K; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+            ids[t * K + j] = best;
+            weights[t * K + j] = p[best];
+            picked += p[best];
+            p[best] = -1.0f;
+        }
+        if (renorm)
+            for (int64_t j = 0; j < K; j++) weights[t * K + j] /= picked;
+    }
+    free(p);
     return 0;
 }

@@ -24,12 +24,13 @@ class CpuPlatform(Platform):
         self.max_threads = torch.get_num_threads()
         if cpu_kernels.load() is not None:   # the C kernels stand in for torch ops where they win
             from epplat.core.model import attention, layers
-            from epplat.core.moe import experts
+            from epplat.core.moe import experts, layer
             attention.DECODE_KERNELS["cpu"] = cpu_kernels.decode_attention
             layers.LINEAR_KERNELS["cpu"] = cpu_kernels.linear
             layers.NORM_KERNELS["cpu"] = cpu_kernels.rms_norm
             layers.ROPE_KERNELS["cpu"] = cpu_kernels.rope
             experts.EXPERT_KERNELS["cpu"] = cpu_kernels.moe_experts
+            layer.ROUTE_KERNELS["cpu"] = cpu_kernels.route_topk
 
     def before_step(self, num_tokens: int) -> None:
         cpu_kernels.THREADS = self.max_threads
