@@ -6,6 +6,7 @@ tokens into an in-process engine core (after one warm-up prefill), and times the
 the other on the same checkpoint; EPPLAT_CPU_KERNELS=0 turns the kernels off.
 
     python benchmarks/cpu_step.py --batch 16 --prompt 128
+    python benchmarks/cpu_step.py --experts      # the expert computation alone
 """
 
 from __future__ import annotations
@@ -59,16 +60,59 @@ def measure(model_dir: str, batch: int, prompt: int, steps: int) -> dict:
             "decode_median_ms": statistics.median(times) * 1e3, "tokens": tokens}
 
 
+def experts_alone(threads: int) -> list[str]:
+    """The MoE experts of the benchmark shape (4 layers, 16 experts, hidden 256, width 256, top-4)
+    alone: kernel against torch's grouped GEMMs, and a plain read of the same weights."""
+    import torch
+    import torch.nn.functional as F
+
+    from epplat.core.moe.experts import EXPERT_KERNELS, reference_experts
+    from epplat.platforms.cpu import cpu_kernels
+    cpu_kernels.load()
+    EXPERT_KERNELS.pop("cpu", None)
+    torch.set_num_threads(threads)
+    cpu_kernels.THREADS = threads
+    g = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(16, 256, 512, generator=g), torch.randn(16, 256, 256, generator=g)) for _ in range(4)]
+    nbytes = sum(w.numel() * 4 for pair in layers for w in pair)
+
+    def best(fn, n=15):
+        fn()
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    lines = []
+    for tokens in (16, 2048):
+        x = torch.randn(tokens, 256, generator=g)
+        ids = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(tokens)])
+        w = torch.rand(tokens, 4, generator=g)
+        ref = best(lambda: [reference_experts(x, ids, w, a, b, F.silu) for a, b in layers])
+        ker = best(lambda: [cpu_kernels.moe_experts(x, ids, w, a, b, F.silu) for a, b in layers])
+        lines.append(f"experts, {tokens} tokens, 4 layers: torch {ref * 1e3:.2f} ms, kernel {ker * 1e3:.2f} ms "
+                     f"({nbytes / ker / 1e9:.1f} GB/s of weights)")
+    read = best(lambda: [(a.sum(), b.sum()) for a, b in layers])
+    lines.append(f"plain read (sum) of the same {nbytes / 1e6:.0f} MB: {read * 1e3:.2f} ms ({nbytes / read / 1e9:.1f} GB/s)")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default=None)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--experts", action="store_true", help="time the MoE experts alone instead")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.model_dir, args.batch, args.prompt, args.steps)))
+        return 0
+    if args.experts:
+        print("\n".join(experts_alone(torch_threads())))
         return 0
     if args.model_dir is None:
         args.model_dir = tempfile.mkdtemp(prefix="epplat-cpu-step-")
