@@ -46,6 +46,13 @@ def _needs(package: str, install: str):
     return lambda: _check() or (None if importlib.util.find_spec(package) else f"{package} not installed ({install})")
 
 
+def _deepep(name: str):
+    def load():
+        from epplat.platforms.cuda import all2all_deepep
+        return getattr(all2all_deepep, name)
+    return load
+
+
 def _no_adapter(package: str):
     def load():
         from epplat.plugins import PluginError
@@ -60,10 +67,10 @@ def epplat_all2all_backends():
         Registration("nvshmem", _nvshmem, check=_nvshmem_check, platforms=("cuda",),
                      help="(token, expert) pairs over NVSHMEM symmetric memory (torch all_to_all_vdev), "
                           "device-side split sizes"),
-        Registration("deepep_high_throughput", _no_adapter("deep_ep"), platforms=("cuda",),
+        Registration("deepep_high_throughput", _deepep("DeepEPHighThroughput"), platforms=("cuda",),
                      check=_needs("deep_ep", "build DeepEP from github.com/deepseek-ai/DeepEP"),
                      help="DeepEP normal kernels (prefill); needs deep_ep"),
-        Registration("deepep_low_latency", _no_adapter("deep_ep"), platforms=("cuda",),
+        Registration("deepep_low_latency", _deepep("DeepEPLowLatency"), platforms=("cuda",),
                      check=_needs("deep_ep", "build DeepEP from github.com/deepseek-ai/DeepEP"),
                      help="DeepEP low-latency kernels (decode); needs deep_ep"),
         Registration("pplx", _no_adapter("pplx_kernels"), platforms=("cuda",),

@@ -1,0 +1,80 @@
+"""The DeepEP all2all backends (epplat/platforms/cuda/all2all_deepep.py) on a *simulation* of
+``deep_ep`` (tests/sim_deepep: DeepEP's Buffer API over gloo, no GPU): two EP ranks as real
+processes, uneven and empty batches; dispatch -> this rank's experts -> combine must equal all
+experts computed locally. The real package runs only on GPUs; this checks how the backends use
+its API, not the kernels."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+SIM = os.path.join(os.path.dirname(__file__), "sim_deepep")
+
+
+def _rank(rank, world, port, name, errors):
+    sys.path.insert(0, SIM)
+    try:
+        import torch.distributed as dist
+        import torch.nn.functional as F
+
+        import deep_ep
+        from epplat.config import ConfigError
+        from epplat.core.moe.all2all import ExpertMap
+        from epplat.core.moe.experts import reference_experts
+        from epplat.platforms.cuda import all2all_deepep
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        emap = ExpertMap(8, rank, world)
+        backend = getattr(all2all_deepep, name)(emap, group=dist.group.WORLD, device=torch.device("cpu"))
+        g = torch.Generator().manual_seed(0)
+        w13 = (torch.randn(8, 64, 96, generator=g) / 8).bfloat16()
+        w2 = (torch.randn(8, 48, 64, generator=g) / 7).bfloat16()
+        mine = slice(emap.local_ids.start, emap.local_ids.stop)
+        for tokens in ((5, 9), (0, 3), (12, 12)):
+            t = tokens[rank]
+            backend.set_step_tokens(list(tokens))
+            x = torch.randn(t, 64).bfloat16()
+            ids = torch.rand(t, 8).topk(2, dim=-1).indices
+            w = torch.softmax(torch.randn(t, 2), -1).bfloat16()
+            recv = backend.dispatch(x, ids, w)
+            y = reference_experts(recv.x, recv.topk_ids, recv.topk_weights, w13[mine], w2[mine], F.silu) \
+                if recv.x.shape[0] else recv.x
+            out = backend.combine(y)
+            assert out.shape == (t, 64)
+            if t:
+                torch.testing.assert_close(out.float(), reference_experts(x, ids, w, w13, w2, F.silu).float(),
+                                           atol=2e-2, rtol=2e-2)
+        made = [c for c in deep_ep.calls if c[0] == "Buffer"]
+        assert len(made) == 1 and made[0][1]["low_latency_mode"] == (name == "DeepEPLowLatency"), made
+        try:
+            backend.dispatch(torch.randn(2, 64), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
+            raise AssertionError("float32 activations were accepted")
+        except ConfigError as e:
+            assert "bfloat16" in str(e)
+        dist.destroy_process_group()
+    except Exception as e:   # reported to the parent, which fails the test with it
+        import traceback
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+
+
+@pytest.mark.parametrize("name", ["DeepEPHighThroughput", "DeepEPLowLatency"])
+def test_deepep_backend_on_a_simulated_deep_ep(name):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, name, errors)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures and all(p.exitcode == 0 for p in procs), "\n".join(failures)
