@@ -124,3 +124,15 @@ def test_route_topk_matches_softmax_topk(renormalize):
         ref_w = ref_w / ref_w.sum(dim=-1, keepdim=True)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights, ref_w, rtol=1e-5, atol=1e-6)
+
+
+def test_write_kv_fills_the_slots():
+    g = torch.Generator().manual_seed(2)
+    kc, vc = torch.zeros(8, 4, 2, 16), torch.zeros(8, 4, 2, 16)
+    k, v = torch.randn(5, 2, 16, generator=g), torch.randn(5, 2, 16, generator=g)
+    slots = torch.tensor([3, 0, 31, 17, 9])
+    assert cpu_kernels.write_kv(k, v, kc, vc, slots)
+    torch.testing.assert_close(kc.view(-1, 2, 16)[slots], k, rtol=0, atol=0)
+    torch.testing.assert_close(vc.view(-1, 2, 16)[slots], v, rtol=0, atol=0)
+    assert torch.count_nonzero(kc.view(-1, 2, 16)[[1, 2, 4]]) == 0
+    assert not cpu_kernels.write_kv(k.bfloat16(), v.bfloat16(), kc.bfloat16(), vc.bfloat16(), slots)

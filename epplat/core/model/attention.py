@@ -38,6 +38,8 @@ class AttnMetadata:
 
 # device type -> decode kernel(q, k_cache, v_cache, tables, lens, scale); platforms register theirs
 DECODE_KERNELS: dict = {}
+# device type -> kernel(k, v, k_cache, v_cache, slot_mapping) -> bool, writing the new keys/values
+KV_WRITE_KERNELS: dict = {}
 
 
 def build_attn_metadata(seqs, block_size: int, device, pad_block: int) -> AttnMetadata:
@@ -77,8 +79,10 @@ def paged_attention(q, k, v, kv_cache, meta: AttnMetadata, scale: float) -> torc
     """q: [T, H, D], k/v: [T, KVH, D]; writes k/v into the cache and returns [T, H, D]."""
     k_cache, v_cache = kv_cache
     kvh, d = k.shape[1], k.shape[2]
-    k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+    write = KV_WRITE_KERNELS.get(k.device.type)
+    if write is None or not write(k, v, k_cache, v_cache, meta.slot_mapping):
+        k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     gqa = q.shape[1] != kvh
     b = meta.num_decodes

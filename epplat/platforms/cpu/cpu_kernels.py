@@ -87,6 +87,7 @@ def load() -> Optional[ctypes.CDLL]:
                                      ctypes.c_int]
     lib.moe_work_floats.argtypes, lib.moe_work_floats.restype = [i64, i64], i64
     lib.linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.write_kv.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr]
     lib.route_topk.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
     lib.rms_norm.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, f32, ptr]
     lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
@@ -192,3 +193,13 @@ def route_topk(logits, top_k: int, renormalize: bool, dtype) -> tuple[torch.Tens
     ids = torch.empty(t, top_k, dtype=torch.int64)
     _lib.route_topk(logits.data_ptr(), t, e, top_k, int(renormalize), weights.data_ptr(), ids.data_ptr())
     return weights.to(dtype), ids
+
+
+def write_kv(k, v, k_cache, v_cache, slots) -> bool:
+    """Copy k/v [T, KVH, D] into the cache slots (float32, contiguous); False when it does not take them."""
+    if not _f32(k, v, k_cache, v_cache):
+        return False
+    slots = slots.to(torch.int64).contiguous()
+    row = k.shape[1] * k.shape[2]
+    _lib.write_kv(k.data_ptr(), v.data_ptr(), k.shape[0], row, slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr())
+    return True

@@ -10,6 +10,7 @@
  *   every call, which costs more than the product at decode sizes).
  * decode_attention: one query token per sequence against keys read straight from the paged
  *   cache [blocks, block_size, kv_heads, D] (no gather copy), exact two-pass softmax.
+ * write_kv: new keys and values into their paged-cache slots.
  * route_topk: softmax routing with top-k selection and renormalisation.
  * rms_norm, rope: the per-row float32 arithmetic of RMSNorm and neox rotary embedding,
  *   reading strided heads so q/k views of the fused qkv need no copy first. */
@@ -310,5 +311,14 @@ int route_topk(const float *logits, int64_t T, int64_t E, int64_t K, int renorm,
             for (int64_t j = 0; j < K; j++) weights[t * K + j] /= picked;
     }
     free(p);
+    return 0;
+}
+
+/* The new tokens' keys and values ([T, row] each) into their cache slots. */
+int write_kv(const float *k, const float *v, int64_t T, int64_t row, const int64_t *slots, float *kc, float *vc) {
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(kc + slots[t] * row, k + t * row, sizeof(float) * row);
+        memcpy(vc + slots[t] * row, v + t * row, sizeof(float) * row);
+    }
     return 0;
 }

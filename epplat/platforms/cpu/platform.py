@@ -26,6 +26,7 @@ class CpuPlatform(Platform):
             from epplat.core.model import attention, layers
             from epplat.core.moe import experts, layer
             attention.DECODE_KERNELS["cpu"] = cpu_kernels.decode_attention
+            attention.KV_WRITE_KERNELS["cpu"] = cpu_kernels.write_kv
             layers.LINEAR_KERNELS["cpu"] = cpu_kernels.linear
             layers.NORM_KERNELS["cpu"] = cpu_kernels.rms_norm
             layers.ROPE_KERNELS["cpu"] = cpu_kernels.rope
