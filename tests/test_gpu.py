@@ -63,6 +63,18 @@ def test_triton_experts_match_a_float64_reference(tokens, dtype):
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
 
 
+def test_kv_write_kernel_matches_index_copy():
+    from epplat.platforms.cuda.triton_attention import write_kv
+    k, v = torch.randn(2, 7, 4, 128, device="cuda", dtype=torch.bfloat16)
+    kc, vc = torch.randn(2, 20, 16, 4, 128, device="cuda", dtype=torch.bfloat16)
+    cache = [kc, vc, kc.clone(), vc.clone()]
+    slots = torch.randperm(320, device="cuda")[:7]
+    assert write_kv(k, v, cache[0], cache[1], slots)
+    cache[2].view(-1, 4, 128).index_copy_(0, slots, k)
+    cache[3].view(-1, 4, 128).index_copy_(0, slots, v)
+    assert torch.equal(cache[0], cache[2]) and torch.equal(cache[1], cache[3])
+
+
 def test_fused_topk_rms_norm_and_rope_match_the_torch_code():
     from epplat.core.model.layers import RMSNorm, RotaryEmbedding
     from epplat.platforms.cuda.triton_moe import fused_topk

@@ -26,8 +26,9 @@ class CudaPlatform(Platform):
             from epplat.core.model import attention, layers
             from epplat.core.moe import experts, layer
             from epplat.platforms.cuda import triton_moe, triton_norm
-            from epplat.platforms.cuda.triton_attention import decode_attention
+            from epplat.platforms.cuda.triton_attention import decode_attention, write_kv
             attention.DECODE_KERNELS["cuda"] = decode_attention
+            attention.KV_WRITE_KERNELS["cuda"] = write_kv
             layers.NORM_KERNELS["cuda"] = triton_norm.rms_norm
             layers.ROPE_KERNELS["cuda"] = triton_norm.rope
             layer.ROUTE_KERNELS["cuda"] = triton_moe.fused_topk

@@ -100,3 +100,26 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     _merge_kernel[(b, h)](mid, lse, out, kvh, group, splits, triton.next_power_of_2(splits), gp, d)
     return out
+
+
+@triton.jit
+def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ROW: tl.constexpr, ROW_P: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    i = tl.arange(0, ROW_P)
+    m = i < ROW
+    tl.store(kc_ptr + slot * ROW + i, tl.load(k_ptr + t.to(tl.int64) * ROW + i, mask=m), mask=m)
+    tl.store(vc_ptr + slot * ROW + i, tl.load(v_ptr + t.to(tl.int64) * ROW + i, mask=m), mask=m)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> bool:
+    """The step's new keys and values [T, KVH, D] into their cache slots, both in one launch (the
+    torch path is two index_copy_ kernels). False for layouts it does not take."""
+    if not (k.is_contiguous() and v.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and k.dtype == k_cache.dtype and v.dtype == v_cache.dtype):
+        return False
+    t, row = k.shape[0], k.shape[1] * k.shape[2]
+    if t:
+        _kv_write_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, row, triton.next_power_of_2(row), num_warps=4)
+    return True
