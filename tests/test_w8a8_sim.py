@@ -1,7 +1,8 @@
 """W8A8 (`--quantization ascend`) on the SIMULATED torch_npu (tests/sim_npu): the expert GEMMs through
-npu_dynamic_quant / npu_grouped_matmul agree with a plain-torch reference of the same integer arithmetic;
-a msModelSlim-layout checkpoint loads through the real loader (int8 weights, scales placed per EP rank)
-and serves the same greedy tokens with DP=2 + EP as in one process; bad checkpoints are one line."""
+npu_dynamic_quant / npu_grouped_matmul and the linear ones through npu_quant_matmul agree with a
+plain-torch reference of the same integer arithmetic; a msModelSlim-layout checkpoint (int8 experts,
+q/k/v/o and a dense MLP) loads through the real loader, its linears sliced per TP rank, and serves the
+same greedy tokens with DP=2 + EP as in one process; bad checkpoints are one line."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 import torch
 
 from server_utils import Server
-from w8a8_checkpoint import quantize_per_channel, reference_w8a8_experts, write_w8a8_checkpoint
+from w8a8_checkpoint import (EXPERT_WEIGHT, quantize_per_channel, reference_w8a8_experts, reference_w8a8_linear,
+                             write_w8a8_checkpoint)
 
 SIM = str(Path(__file__).resolve().parent / "sim_npu")
 SIM_ENV = {"PYTHONPATH": os.pathsep.join([SIM, os.environ.get("PYTHONPATH", "")])}
@@ -61,9 +63,111 @@ def test_w8a8_experts_match_integer_reference(tmp_path, dtype):
     assert out.dtype == dtype and not torch.equal(out, torch.zeros_like(out))
 
 
+def _linear_worker(_rank: int, case_path: str) -> None:
+    sys.path.insert(0, SIM)
+    import torch_npu  # noqa: F401  (the simulation)
+
+    from epplat.platforms.ascend.w8a8 import w8a8_linear
+    c = torch.load(case_path)
+    # the layer keeps the int8 weight input-major ([in, out]), as npu_quant_matmul's x2
+    torch.save([w8a8_linear(c["x"], c["wq"].t().contiguous(), c["ws"].reshape(-1).to(c["x"].dtype), bias)
+                for bias in (None, c["bias"])], case_path + ".out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_linear_matches_integer_reference(tmp_path, dtype):
+    torch.manual_seed(1)
+    wq, ws = quantize_per_channel(torch.randn(40, 96))
+    x, bias = (torch.randn(7, 96) * 3).to(dtype), torch.randn(40).to(dtype)
+    x[2] *= 50                                        # per-token scales: one loud row does not flatten the others
+    case = tmp_path / "case.pt"
+    torch.save(dict(x=x, wq=wq, ws=ws, bias=bias), case)
+    torch.multiprocessing.spawn(_linear_worker, args=(str(case),), nprocs=1)
+    plain, biased = torch.load(str(case) + ".out")
+    ref = reference_w8a8_linear(x, wq, ws.to(dtype))
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(plain, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(biased, ref + bias, rtol=tol, atol=tol)
+    # int8 arithmetic, not the float GEMM: in float32 the float result is far outside the tolerance
+    exact = x.float() @ (wq.float() * ws).t()
+    assert plain.dtype == dtype and (dtype != torch.float32 or (plain - exact).abs().max() > 100 * tol)
+
+
+def _tp_worker(_rank: int, model_dir: str, out_path: str) -> None:
+    """Load the W8A8 checkpoint with the real loader as TP=1 and as TP ranks 0 and 1 of 2, and run the
+    layer-0 linears of each (no process groups: the partial sums of the row-parallel GEMMs are returned)."""
+    sys.path.insert(0, SIM)
+    import torch_npu  # noqa: F401  (the simulation)
+    from types import SimpleNamespace
+
+    from epplat.core.distributed.parallel_state import ParallelState
+    from epplat.core.model import qwen3_moe
+    from epplat.core.model.decoder import MoEForCausalLM
+    from epplat.core.model.layers import gated_act
+    from epplat.core.model.loader import load_checkpoint
+    from epplat.core.moe.all2all import All2AllBackend, ExpertMap
+    from epplat.platforms.ascend.w8a8 import AscendW8A8
+
+    hf = json.loads((Path(model_dir) / "config.json").read_text())
+    mcfg = qwen3_moe.parse_config(hf)
+    cfg = SimpleNamespace(model=SimpleNamespace(model=model_dir), parallel=SimpleNamespace(enable_eplb=False))
+    torch.manual_seed(3)
+    x = torch.randn(5, mcfg.hidden_size)
+    o_in = torch.randn(5, mcfg.num_heads * mcfg.head_dim)
+    results = {}
+    for tp, rank in ((1, 0), (2, 0), (2, 1)):
+        model = MoEForCausalLM(mcfg, All2AllBackend(ExpertMap(mcfg.num_experts)), torch.float32,
+                               ParallelState(tp_rank=rank, tp_size=tp))
+        quant = AscendW8A8(cfg, qwen3_moe.canonical_name)
+        quant.process_model(model)
+        load_checkpoint(model, model_dir, qwen3_moe.canonical_name, "cpu", show_progress=False, quant=quant)
+        quant.after_loading(model)
+        attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+        h = attn.h * attn.d
+        results[(tp, rank)] = dict(
+            qkv=attn.qkv.detach().clone(), qkv_scale=attn.qkv_scale.detach().clone(), o=attn.o_proj.detach().clone(),
+            o_scale=attn.o_proj_scale.detach().clone(), gate_up=mlp.gate_up.detach().clone(),
+            down=mlp.down.detach().clone(), down_scale=mlp.down_scale.detach().clone(),
+            qkv_out=attn.project("qkv", x), o_out=attn.project("o_proj", o_in[:, rank * h:(rank + 1) * h]),
+            mlp_out=mlp.project("down", gated_act(mlp.project("gate_up", x), mlp.act)))
+    torch.save(results, out_path)
+
+
+def test_w8a8_linears_shard_over_tp(w8a8_dir, tmp_path):
+    out = tmp_path / "tp.pt"
+    torch.multiprocessing.spawn(_tp_worker, args=(str(w8a8_dir), str(out)), nprocs=1)
+    r = torch.load(out)
+    full, r0, r1 = r[(1, 0)], r[(2, 0)], r[(2, 1)]
+    from safetensors.torch import load_file
+    ck = load_file(str(w8a8_dir / "quant_model_weights-00001-of-00001.safetensors"))
+    p = "model.layers.0."
+    q, k, v = (ck[p + f"self_attn.{n}_proj.weight"] for n in "qkv")
+    assert full["qkv"].dtype == torch.int8 and torch.equal(full["qkv"], torch.cat([q, k, v]).t())
+    # 4 heads / 2 KV heads of 32: rank 1 holds q rows 64-127 and KV head 1 (rows 32-63 of k and v)
+    assert torch.equal(r1["qkv"], torch.cat([q[64:], k[32:], v[32:]]).t())
+    qs, ks, vs = (ck[p + f"self_attn.{n}_proj.weight_scale"].reshape(-1) for n in "qkv")
+    assert torch.equal(r1["qkv_scale"], torch.cat([qs[64:], ks[32:], vs[32:]]))
+    o = ck[p + "self_attn.o_proj.weight"]
+    assert torch.equal(r0["o"], o[:, :64].t()) and torch.equal(r1["o"], o[:, 64:].t())
+    assert torch.equal(r0["o_scale"], full["o_scale"]) and torch.equal(r1["o_scale"], full["o_scale"])
+    gate, up, down = (ck[p + f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
+    inter = gate.shape[0] // 2
+    assert torch.equal(r1["gate_up"], torch.cat([gate[inter:], up[inter:]]).t())
+    assert torch.equal(r1["down"], down[:, inter:].t()) and torch.equal(r1["down_scale"], full["down_scale"])
+    # column-parallel outputs are the TP=1 output's columns, exactly (the same per-token quantization)
+    qn, kn = 128, 64
+    torch.testing.assert_close(r1["qkv_out"], torch.cat([full["qkv_out"][:, 64:qn], full["qkv_out"][:, qn + 32:qn + kn],
+                                                         full["qkv_out"][:, qn + kn + 32:]], dim=1), rtol=0, atol=0)
+    # row-parallel partial sums add up to the TP=1 output up to each rank's own activation quantization
+    for name in ("o_out", "mlp_out"):
+        total, ref = r0[name] + r1[name], full[name]
+        assert (total - ref).abs().max() < 0.05 * ref.abs().max(), name
+
+
 @pytest.fixture(scope="module")
 def w8a8_dir(qwen3_moe_dir, tmp_path_factory):
-    return write_w8a8_checkpoint(Path(qwen3_moe_dir), tmp_path_factory.mktemp("qwen3_moe_w8a8"))
+    # layer 0 dense (msModelSlim quantizes its gate/up/down too), layer 1 MoE; q/k/v/o quantized in both
+    return write_w8a8_checkpoint(Path(qwen3_moe_dir), tmp_path_factory.mktemp("qwen3_moe_w8a8"), dense_layers=(0,))
 
 
 PROMPTS = [[5, 17, 99, 230, 7, 64, 300, 12], [400, 401, 402], list(range(100, 130)), [1500, 1200, 900]]
@@ -93,8 +197,8 @@ def test_w8a8_checkpoint_serves_the_same_tokens_with_dp2_ep(w8a8_dir):
     m1 = re.search(r"model weights take ([\d.]+) GiB", log1)
     assert m1 and "EP rank 1/2 holds experts 4-7 of 8" in log2
     ep = [int(b) for b in re.findall(r"resident expert bytes (\d+) of", log2)]
-    # 2 layers x 4 local experts x (64*128 + 64*64) int8 bytes
-    assert ep == [2 * 4 * (64 * 128 + 64 * 64)] * 2, ep
+    # 1 MoE layer x 4 local experts x (64*128 + 64*64) int8 bytes
+    assert ep == [4 * (64 * 128 + 64 * 64)] * 2, ep
 
 
 def test_bad_w8a8_inputs_are_one_line(qwen3_moe_dir, w8a8_dir, tmp_path):
@@ -112,12 +216,27 @@ def test_bad_w8a8_inputs_are_one_line(qwen3_moe_dir, w8a8_dir, tmp_path):
              "--quantization 'ascend' runs on ascend, not on platform 'cpu'")
     one_line(serve(qwen3_moe_dir, "--platform", "ascend", "--quantization", "ascend"),
              "needs quant_model_description.json")
-    attn = tmp_path / "attn"
-    write_w8a8_checkpoint(Path(qwen3_moe_dir), attn)
-    desc = json.loads((attn / "quant_model_description.json").read_text())
-    desc["model.layers.0.self_attn.q_proj.weight"] = "W8A8_DYNAMIC"
-    (attn / "quant_model_description.json").write_text(json.dumps(desc))
-    one_line(serve(attn, "--platform", "ascend", "--quantization", "ascend"), "quantizes the MoE expert weights only")
-    desc["model.layers.0.self_attn.q_proj.weight"] = "W8A8"
-    (attn / "quant_model_description.json").write_text(json.dumps(desc))
-    one_line(serve(attn, "--platform", "ascend", "--quantization", "ascend"), "is 'W8A8'; --quantization ascend serves")
+    bad = tmp_path / "bad"
+    write_w8a8_checkpoint(Path(qwen3_moe_dir), bad)
+    desc_path = bad / "quant_model_description.json"
+    desc = json.loads(desc_path.read_text())
+
+    def with_desc(**changes):
+        desc_path.write_text(json.dumps({**desc, **{k.replace("__", "."): v for k, v in changes.items()}}))
+        return bad
+
+    one_line(serve(with_desc(lm_head__weight="W8A8_DYNAMIC"), "--platform", "ascend", "--quantization", "ascend"),
+             "keep the embeddings, norms, router gate and lm_head FLOAT")
+    one_line(serve(with_desc(model__layers__1__self_attn__k_proj__weight="FLOAT"), "--platform", "ascend",
+                   "--quantization", "ascend"), "layer 1 quantizes q_proj but not k_proj")
+    one_line(serve(with_desc(model__layers__0__self_attn__q_proj__weight="W8A8"), "--platform", "ascend",
+                   "--quantization", "ascend"), "is static 'W8A8' (input_scale/deq_scale)")
+    # a float tensor marked W8A8_DYNAMIC, and a quantized linear without its scale
+    plain = write_w8a8_checkpoint(Path(qwen3_moe_dir), tmp_path / "experts_only", quantize=EXPERT_WEIGHT)
+    pdesc = json.loads((plain / "quant_model_description.json").read_text())
+    (plain / "quant_model_description.json").write_text(
+        json.dumps({**pdesc, "model.layers.0.mlp.down_proj.weight": "W8A8_DYNAMIC"}))
+    one_line(serve(plain, "--platform", "ascend", "--quantization", "ascend"), "layer 0 has no dense MLP")
+    (plain / "quant_model_description.json").write_text(
+        json.dumps({**pdesc, "model.layers.0.self_attn.o_proj.weight": "W8A8_DYNAMIC"}))
+    one_line(serve(plain, "--platform", "ascend", "--quantization", "ascend"), "torch.float32, not int8")

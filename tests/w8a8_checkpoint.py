@@ -1,6 +1,7 @@
 """Test helper: turn a float checkpoint into msModelSlim's W8A8_DYNAMIC layout (what `--quantization ascend`
-reads), quantizing the MoE expert weights per output channel; and the plain-torch integer arithmetic
-those weights are served with, as the reference for the engine's NPU path."""
+reads), quantizing the MoE expert weights and the attention / dense MLP projections per output channel
+(optionally turning MoE layers into dense ones first); and the plain-torch integer arithmetic those
+weights are served with, as the reference for the engine's NPU path."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 EXPERT_WEIGHT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+# what msModelSlim quantizes: the experts, q/k/v/o and the dense MLPs (not embeddings, norms, router, lm_head)
+LINEAR_WEIGHT = re.compile(r"(\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)|\.self_attn\.[qkvo]_proj"
+                           r"|\.mlp\.(gate|up|down)_proj)\.weight$")
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,29 +32,60 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x.float() / scale[:, None]).clamp(-128, 127).to(torch.int8), scale
 
 
-def write_w8a8_checkpoint(src: Path, dst: Path, quantize=EXPERT_WEIGHT) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    tensors, desc = {}, {"model_quant_type": "W8A8_DYNAMIC"}
+def _float_tensors(src: Path, dense_layers, inter: int, hidden: int):
+    """The checkpoint's tensors in file order; the MoE MLPs of `dense_layers` replaced by random dense ones."""
+    g = torch.Generator().manual_seed(7)
     for path in sorted(Path(src).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                t = f.get_tensor(key)
-                if quantize.search(key):
-                    q, s = quantize_per_channel(t)
-                    base = key[: -len(".weight")]
-                    tensors[key], tensors[base + ".weight_scale"] = q, s
-                    tensors[base + ".weight_offset"] = torch.zeros_like(s)
-                    for k in (key, base + ".weight_scale", base + ".weight_offset"):
-                        desc[k] = "W8A8_DYNAMIC"
-                else:
-                    tensors[key] = t
-                    desc[key] = "FLOAT"
+                m = re.match(r"model\.layers\.(\d+)\.mlp\.", key)
+                if m and int(m.group(1)) in dense_layers:
+                    if key.endswith(".mlp.gate.weight"):        # once per layer
+                        p, dt = key[: -len("gate.weight")], f.get_tensor(key).dtype
+                        for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                                            ("down_proj", (hidden, inter))):
+                            w = torch.randn(shape, generator=g) / shape[1] ** 0.5
+                            yield f"{p}{name}.weight", w.to(dt)
+                    continue
+                yield key, f.get_tensor(key)
+
+
+def write_w8a8_checkpoint(src: Path, dst: Path, quantize=LINEAR_WEIGHT, dense_layers=()) -> Path:
+    """`dense_layers`: layers whose MoE MLP becomes a random dense MLP (config.json's mlp_only_layers)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors, desc = {}, {"model_quant_type": "W8A8_DYNAMIC"}
+    hf = json.loads((Path(src) / "config.json").read_text())
+    for key, t in _float_tensors(src, set(dense_layers), hf["intermediate_size"], hf["hidden_size"]):
+        if quantize.search(key):
+            q, s = quantize_per_channel(t)
+            base = key[: -len(".weight")]
+            tensors[key], tensors[base + ".weight_scale"] = q, s
+            tensors[base + ".weight_offset"] = torch.zeros_like(s)
+            for k in (key, base + ".weight_scale", base + ".weight_offset"):
+                desc[k] = "W8A8_DYNAMIC"
+        else:
+            tensors[key] = t
+            desc[key] = "FLOAT"
     save_file(tensors, str(dst / "quant_model_weights-00001-of-00001.safetensors"))
     (dst / "quant_model_description.json").write_text(json.dumps(desc, indent=1))
     for f in Path(src).iterdir():
         if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json" and f.is_file():
             shutil.copy(f, dst / f.name)
+    if dense_layers:
+        hf["mlp_only_layers"] = sorted(dense_layers)
+        (dst / "config.json").write_text(json.dumps(hf, indent=2))
     return dst
+
+
+def reference_w8a8_linear(x, wq, ws, bias=None) -> torch.Tensor:
+    """Token by token: int8 x (per-token scale) times int8 wq [out, in] (per-channel scale ws [out, 1]),
+    summed in int64, scaled in float32, in x's dtype (+ bias)."""
+    out = torch.empty(x.shape[0], wq.shape[0], dtype=x.dtype)
+    for t in range(x.shape[0]):
+        xq, xs = quantize_per_token(x[t:t + 1])
+        acc = (xq.long() @ wq.long().t()).float()
+        out[t] = (acc * ws.float().reshape(1, -1) * xs[:, None]).to(x.dtype)[0]
+    return out if bias is None else out + bias
 
 
 def reference_w8a8_experts(x, topk_ids, topk_weights, w13q, w13s, w2q, w2s) -> torch.Tensor:

@@ -65,7 +65,15 @@ def _tp_all_reduce(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
     return x
 
 
-class Attention(nn.Module):
+class Projections(nn.Module):
+    """A module whose linear layers are parameters ``NAME`` [out, in] (with ``NAME_bias`` where it has one),
+    run as ``self.project(NAME, x)``; a quantization method may replace ``project`` on the instance."""
+
+    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, getattr(self, name), getattr(self, name + "_bias", None))
+
+
+class Attention(Projections):
     """Self-attention, heads sharded over the TP group (KV heads replicated when fewer than TP ranks)."""
 
     def __init__(self, cfg: DecoderConfig, rope: RotaryEmbedding, ps: ParallelState, dtype):
@@ -89,21 +97,23 @@ class Attention(nn.Module):
         self.kv_cache: Optional[tuple] = None
 
     def forward(self, x, positions, meta: AttnMetadata):
-        qkv = linear(x, self.qkv, self.qkv_bias)
+        qkv = self.project("qkv", x)
         q, k, v = qkv.split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
         q, k, v = q.view(-1, self.h, self.d), k.view(-1, self.kvh, self.d), v.view(-1, self.kvh, self.d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k)
         o = paged_attention(q, k, v.contiguous(), self.kv_cache, meta, self.scale)
-        return _tp_all_reduce(linear(o.reshape(-1, self.h * self.d), self.o_proj), self.ps)
+        return _tp_all_reduce(self.project("o_proj", o.reshape(-1, self.h * self.d)), self.ps)
 
-    def load(self, name: str, t: torch.Tensor):
+    def load(self, name: str, t: torch.Tensor, into: Optional[torch.Tensor] = None):
+        """Copy this rank's part of checkpoint tensor `name`; `into` takes q/k/v's rows instead of qkv
+        (a quantization method's per-output-channel scales)."""
         d, q, kv = self.d, self.h * self.d, self.kvh * self.d
         rows = {"q": (self.q_start * d, q, 0), "k": (self.kv_start * d, kv, q), "v": (self.kv_start * d, kv, q + kv)}
         if name in ("q_proj", "k_proj", "v_proj", "q_proj_bias", "k_proj_bias", "v_proj_bias"):
             src, n, dst_start = rows[name[0]]
-            dst = self.qkv if not name.endswith("bias") else self.qkv_bias
+            dst = into if into is not None else self.qkv if not name.endswith("bias") else self.qkv_bias
             dst.data[dst_start:dst_start + n].copy_(t[src:src + n])
         elif name == "o_proj":
             self.o_proj.data.copy_(t[:, self.q_start * d:self.q_start * d + q])
@@ -113,7 +123,7 @@ class Attention(nn.Module):
             raise KeyError(name)
 
 
-class DenseMLP(nn.Module):
+class DenseMLP(Projections):
     """A gated MLP, its intermediate dimension sharded over the TP group."""
 
     def __init__(self, hidden: int, inter: int, act, ps: ParallelState, dtype):
@@ -126,14 +136,16 @@ class DenseMLP(nn.Module):
         self.down = _param(hidden, self.inter, dtype=dtype)
 
     def forward(self, x):
-        return _tp_all_reduce(linear(gated_act(linear(x, self.gate_up), self.act), self.down), self.ps)
+        return _tp_all_reduce(self.project("down", gated_act(self.project("gate_up", x), self.act)), self.ps)
 
-    def load(self, name: str, t: torch.Tensor):
+    def load(self, name: str, t: torch.Tensor, into: Optional[torch.Tensor] = None):
+        """Copy this rank's part of checkpoint tensor `name`; `into` takes gate/up's rows instead of gate_up."""
         part = t[self.start:self.start + self.inter] if name != "down_proj" else t[:, self.start:self.start + self.inter]
+        dst = self.gate_up if into is None else into
         if name == "gate_proj":
-            self.gate_up.data[: self.inter].copy_(part)
+            dst.data[: self.inter].copy_(part)
         elif name == "up_proj":
-            self.gate_up.data[self.inter:].copy_(part)
+            dst.data[self.inter:].copy_(part)
         elif name == "down_proj":
             self.down.data.copy_(part)
         else:

@@ -103,10 +103,14 @@ def npu_dynamic_quant(input, *, smooth_scales=None, group_index=None, dst_type=N
     return y, scale
 
 
-def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None, **_):
+def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None):
     """int8 x1 [m, k] @ int8 x2 [k, n], int32 accumulation, * scale [n] (* pertoken_scale [m])."""
     if x1.dtype != torch.int8 or x2.dtype != torch.int8:
         raise RuntimeError("npu_quant_matmul: x1 and x2 must be int8")
+    if scale.dim() != 1 or scale.numel() not in (1, x2.shape[-1]):
+        raise RuntimeError(f"npu_quant_matmul: scale must be 1-d of 1 or n={x2.shape[-1]}, got {list(scale.shape)}")
+    if pertoken_scale is not None and (pertoken_scale.dim() != 1 or pertoken_scale.numel() != x1.shape[0]):
+        raise RuntimeError(f"npu_quant_matmul: pertoken_scale must be 1-d of m={x1.shape[0]}")
     acc = torch.matmul(x1.to(torch.int32), x2.to(torch.int32)).to(torch.float32)
     out = acc * scale.float().reshape(1, -1)
     if pertoken_scale is not None:
