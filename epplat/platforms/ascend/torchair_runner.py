@@ -13,28 +13,23 @@ there instead of failing, so capture is allowed for every dtype and for EP.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import types
 
 import torch
 
-from epplat.core.engine.graph import GraphRunner
-from epplat.core.model.attention import AttnMetadata
+from epplat.core.engine.graph import StaticDecodeRunner
 
 logger = logging.getLogger(__name__)
 
 
-class TorchairGraphRunner(GraphRunner):
-    captures = True
+class TorchairGraphRunner(StaticDecodeRunner):
     replays_kernels = False
 
     def __init__(self, model, device):
         super().__init__(model, device)
         from epplat.platforms.ascend.ascend_config import current
         self.opts = current().torchair_graph_config
-        self.graphs: dict[int, object] = {}
-        self.sizes: list[int] = []
 
     def compiler_config(self):
         import torchair
@@ -61,13 +56,7 @@ class TorchairGraphRunner(GraphRunner):
         import torchair
         torchair.patch_for_hcom()             # collectives inside the graphs become HCCL graph ops
         sizes = sorted(set(self.opts.graph_batch_sizes or batch_sizes))
-        g_max, dev = sizes[-1], self.device
-        self.ids = torch.zeros(g_max, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(g_max, dtype=torch.long, device=dev)
-        self.slots = torch.full((g_max,), scratch_slot, dtype=torch.long, device=dev)
-        self.tables = torch.full((g_max, max_blocks_per_seq), pad_block, dtype=torch.int32, device=dev)
-        self.lens = torch.ones(g_max, dtype=torch.int32, device=dev)
-        self.scratch_slot, self.pad_block = scratch_slot, pad_block
+        self._allocate(sizes[-1], max_blocks_per_seq, pad_block, scratch_slot)
         shared: list = []
         with torch.inference_mode():
             for g in reversed(sizes):          # largest first, as vllm-ascend compiles them
@@ -78,21 +67,8 @@ class TorchairGraphRunner(GraphRunner):
         logger.info("torchair graphs for decode batch sizes %s%s", sizes,
                     " (cached graphs)" if self.opts.use_cached_graph else "")
 
-    def _meta(self, g: int) -> AttnMetadata:
-        return AttnMetadata(self.slots[:g], num_decodes=g, decode_tables=self.tables[:g], decode_lens=self.lens[:g])
-
-    def forward(self, input_ids, positions, meta: AttnMetadata):
-        b = input_ids.shape[0]
-        if meta.prefills or meta.num_decodes != b or not self.sizes or b > self.sizes[-1] or b == 0:
+    def forward(self, input_ids, positions, meta):
+        g = self._stage(input_ids, positions, meta)
+        if g is None:
             return self.model(input_ids, positions, meta)
-        g = self.sizes[bisect.bisect_left(self.sizes, b)]
-        w = meta.decode_tables.shape[1]
-        self.ids[:b].copy_(input_ids)
-        self.pos[:b].copy_(positions)
-        self.slots[:b].copy_(meta.slot_mapping)
-        self.slots[b:g].fill_(self.scratch_slot)
-        self.tables[:g].fill_(self.pad_block)
-        self.tables[:b, :w].copy_(meta.decode_tables)
-        self.lens[:b].copy_(meta.decode_lens)
-        self.lens[b:g].fill_(1)
-        return self.graphs[g](self.ids[:g], self.pos[:g], self._meta(g))[:b]
+        return self.graphs[g](self.ids[:g], self.pos[:g], self._meta(g))[:input_ids.shape[0]]
