@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from epplat.core.model.demo import cache_dir
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -38,18 +40,13 @@ _lib: Optional[ctypes.CDLL] = None
 _tried = False
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("EPPLAT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "epplat")
-    return Path(root) / "kernels"
-
-
 def _build() -> Path:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise RuntimeError("no C compiler found (install gcc or set CC)")
     src = SOURCE.read_bytes()
     tag = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"epplat_cpu_{tag}.so"
+    out = cache_dir() / "kernels" / f"epplat_cpu_{tag}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +100,8 @@ def moe_experts(x, topk_ids, topk_weights, w13, w2, act) -> Optional[torch.Tenso
     """reference_experts for float32 SiLU-gated experts (decode and prefill); None otherwise."""
     rows, k = topk_ids.shape
     num_experts, hidden, inter2 = w13.shape
-    if act is not torch.nn.functional.silu or not _f32(x, w13, w2) or hidden % 16 or inter2 % 32:
+    # k <= 64: the kernel orders a token's experts in a fixed 64-entry array
+    if act is not torch.nn.functional.silu or not _f32(x, w13, w2) or hidden % 16 or inter2 % 32 or k > 64:
         return None
     ids = topk_ids.to(torch.int64).contiguous()
     weights = topk_weights.to(torch.float32).contiguous()

@@ -134,7 +134,7 @@ int moe_experts(const float *x, int64_t T, int64_t H, const int64_t *ids, const 
     for (int64_t t = 0; t < T; t++) {
         int64_t order[64];
         int m = 0;
-        for (int64_t k = 0; k < K && k < 64; k++) {           /* this token's experts, ascending */
+        for (int64_t k = 0; k < K; k++) {           /* this token's experts, ascending (K <= 64: the caller checks) */
             if (ids[t * K + k] < 0) continue;
             int p = m++;
             while (p > 0 && ids[t * K + order[p - 1]] > ids[t * K + k]) { order[p] = order[p - 1]; p--; }
