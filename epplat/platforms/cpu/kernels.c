@@ -3,9 +3,11 @@
  * called through ctypes on raw tensor pointers; no torch headers.
  *
  * moe_experts: rows grouped by expert in C (a counting sort), each expert's rows run through
- *   gate/up -> silu(gate)*up -> down in blocks of up to 8 rows that stream every weight row
- *   once per block; a token's k outputs are summed in ascending expert order (as the
- *   Hugging Face reference loop does). Weights are input-major: w13 [E, H, 2I], w2 [E, I, H].
+ *   gate/up -> silu(gate)*up -> down; a few rows (decode) in blocks of up to 8 that stream
+ *   every weight row once per block, many rows (prefill) in chunks of 48 through a
+ *   register-blocked 6x16 GEMM; a token's k outputs are summed in ascending expert order (as
+ *   the Hugging Face reference loop does). Weights are input-major: w13 [E, H, 2I], w2 [E, I, H].
+ *   Both GEMMs accumulate over k in order with one FMA per term, so they agree bit for bit.
  * linear: x @ w^T for a few rows, each weight row read once (MKL packs the weights on
  *   every call, which costs more than the product at decode sizes).
  * decode_attention: one query token per sequence against keys read straight from the paged
@@ -82,12 +84,61 @@ static void small_gemm(const float *X, int ldx, const float *W, int N, float *Y,
     }
 }
 
+/* Y[R, 16] = X[R, K] @ W[K, 16] (W row stride ldw) for R <= 6 rows: the 12 accumulators stay
+ * in registers over the whole K loop, each term one FMA in k order. */
+static inline __attribute__((always_inline)) void tile6x16(const float *X, int ldx, const float *W, int ldw,
+                                                            float *Y, int ldy, int K, const int R) {
+    __m256 c0[6], c1[6];
+    for (int r = 0; r < R; r++) c0[r] = c1[r] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m256 b0 = _mm256_loadu_ps(W + (size_t)k * ldw), b1 = _mm256_loadu_ps(W + (size_t)k * ldw + 8);
+        for (int r = 0; r < R; r++) {
+            __m256 a = _mm256_broadcast_ss(X + r * ldx + k);
+            c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+            c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(Y + r * ldy, c0[r]);
+        _mm256_storeu_ps(Y + r * ldy + 8, c1[r]);
+    }
+}
+
+/* Y[R, N] = X[R, K] @ W[K, N] for many rows, N a multiple of 16: each 16-column panel of W is
+ * copied into `panel` (K x 16, contiguous, so it stays in L1) and every 6-row tile of X
+ * passes over it. */
+static void tiled_gemm(const float *X, int ldx, const float *W, int N, float *Y, int ldy, int K, int R,
+                       float *panel) {
+    for (int j = 0; j < N; j += 16) {
+        for (int k = 0; k < K; k++) {
+            _mm256_storeu_ps(panel + 16 * k, _mm256_loadu_ps(W + (size_t)k * N + j));
+            _mm256_storeu_ps(panel + 16 * k + 8, _mm256_loadu_ps(W + (size_t)k * N + j + 8));
+        }
+        for (int r = 0; r < R; r += 6) {
+            const float *x = X + (size_t)r * ldx;
+            float *y = Y + (size_t)r * ldy + j;
+            switch (R - r < 6 ? R - r : 6) {
+                case 1: tile6x16(x, ldx, panel, 16, y, ldy, K, 1); break;
+                case 2: tile6x16(x, ldx, panel, 16, y, ldy, K, 2); break;
+                case 3: tile6x16(x, ldx, panel, 16, y, ldy, K, 3); break;
+                case 4: tile6x16(x, ldx, panel, 16, y, ldy, K, 4); break;
+                case 5: tile6x16(x, ldx, panel, 16, y, ldy, K, 5); break;
+                default: tile6x16(x, ldx, panel, 16, y, ldy, K, 6); break;
+            }
+        }
+    }
+}
+
+#define CHUNK 96   /* rows of one expert per task when it has many (prefill) */
+
 /* Row padding of the per-thread buffers: rows 4 KiB apart would alias in the store-to-load
  * forwarding check (a load of row r+2 waits on the store to row r). */
 #define PAD 16
 
 /* floats of per-thread work space moe_experts needs */
-int64_t moe_work_floats(int64_t H, int64_t I) { return ROWS * (2 * (H + PAD) + (2 * I + PAD) + (I + PAD)); }
+int64_t moe_work_floats(int64_t H, int64_t I) {
+    return CHUNK * (2 * (H + PAD) + (2 * I + PAD) + (I + PAD)) + 16 * (H > I ? H : I);
+}
 
 /* out[T, H] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over ids >= 0.
  * scratch: T*K*H + threads * moe_work_floats(H, I) floats. Returns 0. */
@@ -101,33 +152,44 @@ int moe_experts(const float *x, int64_t T, int64_t H, const int64_t *ids, const 
     int64_t *fill = malloc(sizeof(int64_t) * (E + 1));
     memcpy(fill, count, sizeof(int64_t) * (E + 1));
     for (int64_t i = 0; i < n; i++) if (ids[i] >= 0) rows[fill[ids[i]]++] = i;   /* (t, k) pairs by expert */
+    /* tasks: (expert, first row, rows): blocks of ROWS for experts with few rows, CHUNK for many */
+    int64_t ntask = 0, *task = malloc(sizeof(int64_t) * 3 * (n + E + 1));
+    for (int64_t e = 0; e < E; e++) {
+        int64_t len = count[e + 1] - count[e], step = len >= 2 * ROWS ? CHUNK : ROWS;
+        for (int64_t s = count[e]; s < count[e + 1]; s += step) {
+            task[3 * ntask] = e; task[3 * ntask + 1] = s;
+            task[3 * ntask + 2] = count[e + 1] - s < step ? count[e + 1] - s : step;
+            ntask++;
+        }
+    }
     float *buf = scratch, *work = scratch + n * H;
     const int64_t lx = H + PAD, lh = 2 * I + PAD, la = I + PAD;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t e = 0; e < E; e++) {
+    for (int64_t tk = 0; tk < ntask; tk++) {
 #ifdef _OPENMP
         float *xs = work + (size_t)omp_get_thread_num() * moe_work_floats(H, I);
 #else
         float *xs = work;
 #endif
-        float *h = xs + ROWS * lx, *act = h + ROWS * lh, *y = act + ROWS * la;
+        int64_t e = task[3 * tk], s = task[3 * tk + 1];
+        int R = (int)task[3 * tk + 2];
+        float *h = xs + CHUNK * lx, *act = h + CHUNK * lh, *y = act + CHUNK * la, *panel = y + CHUNK * lx;
         const float *we13 = w13 + (size_t)e * H * 2 * I, *we2 = w2 + (size_t)e * I * H;
-        for (int64_t s = count[e]; s < count[e + 1]; s += ROWS) {
-            int R = (int)(count[e + 1] - s < ROWS ? count[e + 1] - s : ROWS);
-            for (int r = 0; r < R; r++) memcpy(xs + r * lx, x + (rows[s + r] / K) * H, sizeof(float) * H);
-            small_gemm(xs, (int)lx, we13, (int)(2 * I), h, (int)lh, (int)H, R);
-            for (int r = 0; r < R; r++)
-                for (int64_t i = 0; i < I; i += 8) {   /* silu(gate) * up */
-                    __m256 g = _mm256_loadu_ps(h + r * lh + i), u = _mm256_loadu_ps(h + r * lh + I + i);
-                    __m256 sg = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-                    _mm256_storeu_ps(act + r * la + i, _mm256_mul_ps(sg, u));
-                }
-            small_gemm(act, (int)la, we2, (int)H, y, (int)lx, (int)I, R);
-            for (int r = 0; r < R; r++) {
-                float wt = weights[rows[s + r]];
-                float *dst = buf + rows[s + r] * H;
-                for (int64_t j = 0; j < H; j++) dst[j] = y[r * lx + j] * wt;
+        for (int r = 0; r < R; r++) memcpy(xs + r * lx, x + (rows[s + r] / K) * H, sizeof(float) * H);
+        if (R > ROWS) tiled_gemm(xs, (int)lx, we13, (int)(2 * I), h, (int)lh, (int)H, R, panel);
+        else small_gemm(xs, (int)lx, we13, (int)(2 * I), h, (int)lh, (int)H, R);
+        for (int r = 0; r < R; r++)
+            for (int64_t i = 0; i < I; i += 8) {   /* silu(gate) * up */
+                __m256 g = _mm256_loadu_ps(h + r * lh + i), u = _mm256_loadu_ps(h + r * lh + I + i);
+                __m256 sg = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+                _mm256_storeu_ps(act + r * la + i, _mm256_mul_ps(sg, u));
             }
+        if (R > ROWS) tiled_gemm(act, (int)la, we2, (int)H, y, (int)lx, (int)I, R, panel);
+        else small_gemm(act, (int)la, we2, (int)H, y, (int)lx, (int)I, R);
+        for (int r = 0; r < R; r++) {
+            float wt = weights[rows[s + r]];
+            float *dst = buf + rows[s + r] * H;
+            for (int64_t j = 0; j < H; j++) dst[j] = y[r * lx + j] * wt;
         }
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -148,7 +210,7 @@ int moe_experts(const float *x, int64_t T, int64_t H, const int64_t *ids, const 
             for (int64_t c = 0; c < H; c++) o[c] += src[c];
         }
     }
-    free(count); free(rows); free(fill);
+    free(count); free(rows); free(fill); free(task);
     return 0;
 }
 
