@@ -1,5 +1,6 @@
 """The cpu platform's C kernels (built with the system compiler) against the torch code they
-stand in for: MoE experts, x @ w^T for a few rows, and paged decode attention."""
+stand in for: MoE experts, x @ w^T for a few rows, paged decode attention, norms, rope,
+routing, KV writes, and the one-call decode layer against the same layer's modules."""
 
 from __future__ import annotations
 
@@ -101,6 +102,9 @@ def test_the_cpu_platform_registers_them():
     assert layers.NORM_KERNELS["cpu"] is cpu_kernels.rms_norm and layers.ROPE_KERNELS["cpu"] is cpu_kernels.rope
     from epplat.core.moe.layer import ROUTE_KERNELS
     assert ROUTE_KERNELS["cpu"] is cpu_kernels.route_topk
+    from epplat.core.model.decoder import LAYER_KERNELS
+    from epplat.platforms.cpu.fused_layer import decode_layer
+    assert LAYER_KERNELS["cpu"] is decode_layer
 
 
 def test_rms_norm_and_rope_match_torch_on_strided_views():
@@ -149,3 +153,57 @@ def test_write_kv_fills_the_slots():
     torch.testing.assert_close(vc.view(-1, 2, 16)[slots], v, rtol=0, atol=0)
     assert torch.count_nonzero(kc.view(-1, 2, 16)[[1, 2, 4]]) == 0
     assert not cpu_kernels.write_kv(k.bfloat16(), v.bfloat16(), kc.bfloat16(), vc.bfloat16(), slots)
+
+
+def _decoder_layer(qk_norm: bool, all2all=None):
+    from epplat.core.model.decoder import DecoderConfig, DecoderLayer
+    from epplat.core.model.layers import RotaryEmbedding
+    from epplat.core.moe.all2all import ExpertMap
+    from epplat.core.moe.all2all_torch import AllGatherReduceScatter
+    from epplat.core.distributed.parallel_state import ParallelState
+    cfg = DecoderConfig(vocab_size=64, hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32,
+                        max_position=256, rope_theta=1e6, rms_norm_eps=1e-6, num_experts=8, top_k=3,
+                        moe_intermediate_size=64, intermediate_size=0, qk_norm=qk_norm)
+    a2a = all2all or AllGatherReduceScatter(ExpertMap(8))
+    layer = DecoderLayer(cfg, 0, RotaryEmbedding(32, 256, 1e6), a2a, ParallelState(), torch.float32)
+    g = torch.Generator().manual_seed(int(qk_norm))
+    for p in layer.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    blocks = 40
+    shape = (blocks + 2, 16, 2, 32)
+    layer.self_attn.kv_cache = (torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    return layer
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_fused_decode_layer_gives_the_modules_bits(qk_norm):
+    """The cpu platform's one-call decode layer against the same layer run module by module."""
+    from epplat.core.model import decoder
+    from epplat.core.model.attention import build_attn_metadata
+    from epplat.platforms.cpu import fused_layer
+    CpuPlatform()
+    layer = _decoder_layer(qk_norm)
+    g = torch.Generator().manual_seed(3)
+    lens = [5, 16, 17, 40, 33]
+    seqs = [(n, 1, list(range(i * 8, i * 8 + 8))) for i, n in enumerate(lens)]
+    meta = build_attn_metadata(seqs, 16, torch.device("cpu"), pad_block=40)
+    x = torch.randn(len(lens), 128, generator=g)
+    pos = torch.tensor([n - 1 for n in lens])
+    caches = [t.clone() for t in layer.self_attn.kv_cache]
+    fused = fused_layer.decode_layer(layer, x, pos, meta)
+    assert fused is not None
+    fused_caches = layer.self_attn.kv_cache
+    layer.self_attn.kv_cache = tuple(caches)
+    saved = decoder.LAYER_KERNELS.pop("cpu")
+    try:
+        ref = layer(x, pos, meta)
+    finally:
+        decoder.LAYER_KERNELS["cpu"] = saved
+    assert torch.equal(fused, ref)
+    assert all(torch.equal(a, b) for a, b in zip(fused_caches, layer.self_attn.kv_cache))
+    # what it does not take: a prefill chunk, and an all2all backend that is not torch's own
+    prefill = build_attn_metadata([(4, 4, [0])], 16, torch.device("cpu"), pad_block=40)
+    assert fused_layer.decode_layer(layer, x[:4], torch.arange(4), prefill) is None
+
+    from epplat.core.moe.all2all import All2AllBackend, ExpertMap
+    assert fused_layer.decode_layer(_decoder_layer(qk_norm, All2AllBackend(ExpertMap(8))), x, pos, meta) is None

@@ -170,12 +170,20 @@ class DecoderLayer(nn.Module):
                                 tp_size=tp)
 
     def forward(self, x, positions, meta):
+        kernel = LAYER_KERNELS.get(x.device.type)
+        out = kernel(self, x, positions, meta) if kernel else None
+        if out is not None:
+            return out
         x = x + self.self_attn(self.input_layernorm(x), positions, meta)
         h = self.mlp(self.post_attention_layernorm(x))
         if isinstance(self.mlp, FusedMoE) and self.mlp.tp_size > 1:
             h = _tp_all_reduce(h, self.ps)
         return x + h
 
+
+# device type -> kernel(layer, x, positions, meta) running a whole DecoderLayer, or returning
+# None for what it does not take; the cpu platform registers one for decode steps
+LAYER_KERNELS: dict = {}
 
 _EXPERT = re.compile(r"experts\.(\d+)\.(gate|up|down)$")
 

@@ -88,6 +88,11 @@ def load() -> Optional[ctypes.CDLL]:
     lib.route_topk.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
     lib.rms_norm.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, f32, ptr]
     lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
+    lib.decode_layer_floats.argtypes = [i64] * 9 + [ctypes.c_int]
+    lib.decode_layer_floats.restype = i64
+    lib.decode_layer.argtypes = ([ptr, i64, i64, ptr, ptr, f32, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
+                                 + [ptr] * 5 + [i64, i64, f32, ptr, ptr, i64, i64, ctypes.c_int, ptr, ptr, i64, ptr,
+                                                ctypes.c_int])
     _lib = lib
     return lib
 

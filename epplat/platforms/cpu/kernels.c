@@ -1,6 +1,6 @@
-/* CPU kernels of the cpu platform: float32 MoE experts for decode-sized batches and paged
- * decode attention. Built with the system C compiler on first use (see cpu_kernels.py) and
- * called through ctypes on raw tensor pointers; no torch headers.
+/* CPU kernels of the cpu platform: float32 MoE experts, small linears, paged decode attention
+ * and the per-row ops of a decoder layer. Built with the system C compiler on first use (see
+ * cpu_kernels.py) and called through ctypes on raw tensor pointers; no torch headers.
  *
  * moe_experts: rows grouped by expert in C (a counting sort), each expert's rows run through
  *   gate/up -> silu(gate)*up -> down; a few rows (decode) in blocks of up to 8 that stream
@@ -15,7 +15,9 @@
  * write_kv: new keys and values into their paged-cache slots.
  * route_topk: softmax routing with top-k selection and renormalisation.
  * rms_norm, rope: the per-row float32 arithmetic of RMSNorm and neox rotary embedding,
- *   reading strided heads so q/k views of the fused qkv need no copy first. */
+ *   reading strided heads so q/k views of the fused qkv need no copy first.
+ * decode_layer: a whole MoE decoder layer of a decode step, calling the kernels above in
+ *   the order the layer's modules do (see fused_layer.py). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -408,5 +410,58 @@ int write_kv(const float *k, const float *v, int64_t T, int64_t row, const int64
         memcpy(kc + slots[t] * row, k + t * row, sizeof(float) * row);
         memcpy(vc + slots[t] * row, v + t * row, sizeof(float) * row);
     }
+    return 0;
+}
+
+/* One decoder layer of a decode step (T tokens, one per sequence), in place on the residual
+ * stream x [T, Hd]: the same kernels, in the same order, as the layer's modules call one by
+ * one, without returning to Python in between:
+ *   h = rms(x) ln1; qkv = h Wqkv^T (+b); q, k = rope(q_norm(q), k_norm(k)); cache <- k, v;
+ *   x += attention(q) Wo^T; h = rms(x) ln2; weights, ids = topk(softmax(h Wgate^T));
+ *   x += experts(h).
+ * qn/kn NULL: no q/k norm. scratch: decode_layer_floats(...) floats. */
+int64_t decode_layer_floats(int64_t T, int64_t Hd, int64_t Hq, int64_t KVH, int64_t D, int64_t E, int64_t K,
+                            int64_t I, int64_t max_len, int threads) {
+    int64_t row = (Hq + 2 * KVH) * D;
+    return 3 * T * Hd + T * row + 2 * T * (Hq + KVH) * D + T * KVH * D + T * Hq * D + threads * Hq * max_len
+           + T * E + T * K + 2 * T * K + T * K * Hd + threads * moe_work_floats(Hd, I) + 64;
+}
+
+int decode_layer(float *x, int64_t T, int64_t Hd, const float *ln1, const float *ln2, float eps,
+                 const float *wqkv, const float *bqkv, int64_t Hq, int64_t KVH, int64_t D,
+                 const float *qn, const float *kn, const int64_t *pos, const float *cos_t, const float *sin_t,
+                 float *kc, float *vc, const int64_t *slots, const int64_t *tables, const int64_t *lens,
+                 int64_t bs, int64_t W, float scale, const float *wo, const float *wgate, int64_t E, int64_t K,
+                 int renorm, const float *w13, const float *w2, int64_t I, float *scratch, int threads) {
+    int64_t row = (Hq + 2 * KVH) * D, max_len = W * bs;
+    float *h = scratch, *o = h + T * Hd, *y = o + T * Hd, *qkv = y + T * Hd;
+    float *qn_out = qkv + T * row, *kn_out = qn_out + T * Hq * D;
+    float *qr = kn_out + T * KVH * D, *kr = qr + T * Hq * D, *vv = kr + T * KVH * D;
+    float *att = vv + T * KVH * D, *att_scratch = att + T * Hq * D;
+    float *logits = att_scratch + threads * Hq * max_len, *wts = logits + T * E;
+    int64_t *ids = (int64_t *)(((uintptr_t)(wts + T * K) + 7) & ~(uintptr_t)7);
+    float *moe_scratch = (float *)(ids + T * K);
+
+    rms_norm(x, T, 1, Hd, 0, Hd, ln1, eps, h);
+    linear(h, T, Hd, wqkv, row, bqkv, qkv, threads);
+    const float *q = qkv, *k = qkv + Hq * D;
+    int64_t qs0 = row, qs1 = D, ks0 = row, ks1 = D;
+    if (qn) {
+        rms_norm(qkv, T, Hq, row, D, D, qn, eps, qn_out);
+        rms_norm(qkv + Hq * D, T, KVH, row, D, D, kn, eps, kn_out);
+        q = qn_out; k = kn_out; qs0 = Hq * D; ks0 = KVH * D;
+    }
+    rope(q, T, Hq, qs0, qs1, D, pos, cos_t, sin_t, qr);
+    rope(k, T, KVH, ks0, ks1, D, pos, cos_t, sin_t, kr);
+    for (int64_t t = 0; t < T; t++) memcpy(vv + t * KVH * D, qkv + t * row + (Hq + KVH) * D, sizeof(float) * KVH * D);
+    write_kv(kr, vv, T, KVH * D, slots, kc, vc);
+    decode_attention(qr, kc, vc, tables, lens, T, Hq, KVH, D, bs, W, scale, att, att_scratch, max_len, threads);
+    linear(att, T, Hq * D, wo, Hd, NULL, o, threads);
+    for (int64_t i = 0; i < T * Hd; i++) x[i] += o[i];
+    rms_norm(x, T, 1, Hd, 0, Hd, ln2, eps, h);
+    linear(h, T, Hd, wgate, E, NULL, logits, threads);
+    route_topk(logits, T, E, K, renorm, wts, ids);
+    moe_experts(h, T, Hd, ids, wts, K, w13, w2, E, I, y, moe_scratch, threads);
+    for (int64_t i = 0; i < T * Hd; i++) x[i] += y[i];
     return 0;
 }

@@ -23,8 +23,9 @@ class CpuPlatform(Platform):
     def __init__(self):
         self.max_threads = torch.get_num_threads()
         if cpu_kernels.load() is not None:   # the C kernels stand in for torch ops where they win
-            from epplat.core.model import attention, layers
+            from epplat.core.model import attention, decoder, layers
             from epplat.core.moe import experts, layer
+            from epplat.platforms.cpu import fused_layer
             attention.DECODE_KERNELS["cpu"] = cpu_kernels.decode_attention
             attention.KV_WRITE_KERNELS["cpu"] = cpu_kernels.write_kv
             layers.LINEAR_KERNELS["cpu"] = cpu_kernels.linear
@@ -32,6 +33,7 @@ class CpuPlatform(Platform):
             layers.ROPE_KERNELS["cpu"] = cpu_kernels.rope
             experts.EXPERT_KERNELS["cpu"] = cpu_kernels.moe_experts
             layer.ROUTE_KERNELS["cpu"] = cpu_kernels.route_topk
+            decoder.LAYER_KERNELS["cpu"] = fused_layer.decode_layer
 
     def before_step(self, num_tokens: int) -> None:
         cpu_kernels.THREADS = self.max_threads
