@@ -5,6 +5,20 @@ from __future__ import annotations
 from typing import Optional
 
 
+def _decoder(tokenizer):
+    """decode(ids, skip_special_tokens) -> str: the Rust tokenizer's own decode where
+    ``tokenizer.decode`` adds nothing to it (a fast tokenizer without the clean-up pass),
+    skipping transformers' per-call wrapping; else ``tokenizer.decode``."""
+    from transformers import PreTrainedTokenizerFast
+    rust = getattr(tokenizer, "_tokenizer", None)
+    plain = (isinstance(tokenizer, PreTrainedTokenizerFast) and rust is not None
+             and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+             and not getattr(tokenizer, "clean_up_tokenization_spaces", True))
+    if plain:
+        return lambda ids, skip: rust.decode(ids, skip_special_tokens=skip)
+    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without re-decoding everything.
 
@@ -16,7 +30,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, stop: list[str], skip_special_tokens: bool = True,
                  include_stop_str_in_output: bool = False):
-        self.tok = tokenizer
+        self.decode = _decoder(tokenizer)
         self.skip = skip_special_tokens
         self.stop = [s for s in stop if s]
         self.include_stop = include_stop_str_in_output
@@ -33,8 +47,8 @@ class IncrementalDetokenizer:
         ``final`` flushes an incomplete UTF-8 tail as U+FFFD, as a full decode would.
         """
         self.ids.extend(token_ids)
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)
-        new = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip)
+        prefix = self.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        new = self.decode(self.ids[self.prefix_offset:], self.skip)
         if len(new) <= len(prefix) or (new.endswith("\ufffd") and not final):
             return None
         old_len = len(self.text)

@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, Optional, Union
 
 import msgspec
 from fastapi import Request
@@ -27,6 +27,7 @@ logger = logging.getLogger("epplat.server")
 
 DISCONNECT_POLL_S = 0.1
 _MIN_LOGPROB = -9999.0   # JSON has no -inf; vLLM clamps the same way
+_encode = msgspec.json.Encoder().encode
 
 
 @dataclass
@@ -94,6 +95,14 @@ class OpenAIServing:
         def chunk(choices, usage=None):
             return CompletionStreamResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
 
+        def plain(i, text, out, usage):    # the common chunk (no logprobs), as pydantic would write it
+            body = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": out.finish_reason,
+                                 "stop_reason": out.stop_reason}]}
+            if usage is not None:
+                body["usage"] = usage.model_dump()
+            return _encode(body)
+
         offsets = [len(e) for e in echo]
         started = [False] * len(jobs)
         num_tokens = [0] * len(jobs)
@@ -101,12 +110,13 @@ class OpenAIServing:
             text = out.text if started[i] else echo[i] + out.text
             started[i] = True
             num_tokens[i] += len(out.token_ids)
-            lp = None
-            if req.logprobs is not None:
-                lp, offsets[i] = self._completion_logprobs(out.logprobs or [], offsets[i])
+            usage = UsageInfo.of(len(jobs[i].prompt_ids), num_tokens[i]) if req.continuous_usage else None
+            if req.logprobs is None:
+                yield plain(i, text, out, usage)
+                continue
+            lp, offsets[i] = self._completion_logprobs(out.logprobs or [], offsets[i])
             yield chunk([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=out.finish_reason,
-                                          stop_reason=out.stop_reason)],
-                        UsageInfo.of(len(jobs[i].prompt_ids), num_tokens[i]) if req.continuous_usage else None)
+                                          stop_reason=out.stop_reason)], usage)
         if req.include_usage:
             yield chunk([], UsageInfo.of(sum(len(j.prompt_ids) for j in jobs[::req.n]), sum(num_tokens)))
 
@@ -228,6 +238,22 @@ class OpenAIServing:
         Closing this generator (the client left) cancels the jobs, which aborts them in the engine.
         An exception from any job ends the whole response with it.
         """
+        if len(jobs) == 1:                  # one choice: no task and queue in between
+            job = jobs[0]
+            track, reason = self.metrics.track(arrival), "abort"
+            try:
+                async with contextlib.aclosing(self.client.generate(job.request_id, job.prompt_ids,
+                                                                    job.params)) as outputs:
+                    async for out in outputs:
+                        track.output(len(out.token_ids))
+                        reason = out.finish_reason or reason
+                        yield 0, out
+            except Exception:
+                reason = "error"
+                raise
+            finally:
+                track.finish(reason, len(job.prompt_ids))
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(job: _Job):
@@ -293,13 +319,15 @@ class OpenAIServing:
         return choices
 
     @staticmethod
-    def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
-        """`data: {json}` events and a last `data: [DONE]`; an error mid-stream becomes an error event."""
+    def _sse(chunks: AsyncIterator[Union[BaseModel, bytes]]) -> StreamingResponse:
+        """`data: {json}` events (chunks are models or their JSON) and a last `data: [DONE]`; an
+        error mid-stream becomes an error event."""
         async def events():
             async with contextlib.aclosing(chunks):
                 try:
                     async for chunk in chunks:
-                        yield f"data: {chunk.model_dump_json()}\n\n"
+                        body = chunk if isinstance(chunk, bytes) else chunk.model_dump_json().encode()
+                        yield b"data: " + body + b"\n\n"
                 except Exception as e:
                     logger.error("streaming request failed: %s: %s", type(e).__name__, e)
                     err = e if isinstance(e, APIError) else APIError(500, f"{type(e).__name__}: {e}")
