@@ -101,8 +101,11 @@ def paged_attention(q, k, v, kv_cache, meta: AttnMetadata, scale: float) -> torc
                                            scale=scale, enable_gqa=gqa)
         out[:b] = o.squeeze(2)
     for p in meta.prefills:
-        keys = k_cache.index_select(0, p.block_table).view(-1, kvh, d)[: p.context_len].transpose(0, 1)[None]
-        vals = v_cache.index_select(0, p.block_table).view(-1, kvh, d)[: p.context_len].transpose(0, 1)[None]
+        if p.context_len == p.q_end - p.q_start:     # nothing cached before this chunk: its own keys
+            keys, vals = k[p.q_start:p.q_end].transpose(0, 1)[None], v[p.q_start:p.q_end].transpose(0, 1)[None]
+        else:
+            keys = k_cache.index_select(0, p.block_table).view(-1, kvh, d)[: p.context_len].transpose(0, 1)[None]
+            vals = v_cache.index_select(0, p.block_table).view(-1, kvh, d)[: p.context_len].transpose(0, 1)[None]
         qp = q[p.q_start:p.q_end].transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=p.mask, is_causal=p.mask is None,
                                            scale=scale, enable_gqa=gqa)
