@@ -95,6 +95,19 @@ def test_streaming_with_usage_equals_non_streaming(client):
     assert sum(1 for c in chunks if c.choices) > 2
 
 
+@pytest.mark.parametrize("finish_reason,stop_reason,usage", [(None, None, None), ("stop", "\n\n", (3, 4)),
+                                                             ("length", 7, None)])
+def test_streamed_completion_chunks_are_the_models_bytes(finish_reason, stop_reason, usage):
+    """The msgspec-encoded chunk the stream sends per token against the pydantic model it stands in for."""
+    from epplat.core.server.protocol import CompletionChoice, CompletionStreamResponse, UsageInfo
+    from epplat.core.server.serving import completion_chunk_json
+    usage = UsageInfo.of(*usage) if usage else None
+    text = 'a "quoted" \u00e9 \\ tab\t'
+    want = CompletionStreamResponse(id="cmpl-1", created=5, model="m", usage=usage, choices=[
+        CompletionChoice(index=2, text=text, finish_reason=finish_reason, stop_reason=stop_reason)]).model_dump_json()
+    assert completion_chunk_json("cmpl-1", 5, "m", 2, text, finish_reason, stop_reason, usage) == want.encode()
+
+
 def test_chat_uses_the_template_and_matches_transformers(client, qwen3_moe_dir):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)

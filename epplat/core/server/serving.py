@@ -95,14 +95,6 @@ class OpenAIServing:
         def chunk(choices, usage=None):
             return CompletionStreamResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
 
-        def plain(i, text, out, usage):    # the common chunk (no logprobs), as pydantic would write it
-            body = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": out.finish_reason,
-                                 "stop_reason": out.stop_reason}]}
-            if usage is not None:
-                body["usage"] = usage.model_dump()
-            return _encode(body)
-
         offsets = [len(e) for e in echo]
         started = [False] * len(jobs)
         num_tokens = [0] * len(jobs)
@@ -112,7 +104,7 @@ class OpenAIServing:
             num_tokens[i] += len(out.token_ids)
             usage = UsageInfo.of(len(jobs[i].prompt_ids), num_tokens[i]) if req.continuous_usage else None
             if req.logprobs is None:
-                yield plain(i, text, out, usage)
+                yield completion_chunk_json(rid, created, model, i, text, out.finish_reason, out.stop_reason, usage)
                 continue
             lp, offsets[i] = self._completion_logprobs(out.logprobs or [], offsets[i])
             yield chunk([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=out.finish_reason,
@@ -232,6 +224,22 @@ class OpenAIServing:
         return jobs
 
     # -- running engine requests -----------------------------------------------------------
+    async def _tracked(self, job: _Job, arrival: float):
+        """One job's output deltas from the engine, counted into the metrics as they come."""
+        track, reason = self.metrics.track(arrival), "abort"
+        try:
+            async with contextlib.aclosing(self.client.generate(job.request_id, job.prompt_ids,
+                                                                job.params)) as outputs:
+                async for out in outputs:
+                    track.output(len(out.token_ids))
+                    reason = out.finish_reason or reason
+                    yield out
+        except Exception:
+            reason = "error"
+            raise
+        finally:
+            track.finish(reason, len(job.prompt_ids))
+
     async def _merged(self, jobs: list[_Job], arrival: float):
         """Run every job concurrently; yield (choice index, output delta) as they come.
 
@@ -239,35 +247,20 @@ class OpenAIServing:
         An exception from any job ends the whole response with it.
         """
         if len(jobs) == 1:                  # one choice: no task and queue in between
-            job = jobs[0]
-            track, reason = self.metrics.track(arrival), "abort"
-            try:
-                async with contextlib.aclosing(self.client.generate(job.request_id, job.prompt_ids,
-                                                                    job.params)) as outputs:
-                    async for out in outputs:
-                        track.output(len(out.token_ids))
-                        reason = out.finish_reason or reason
-                        yield 0, out
-            except Exception:
-                reason = "error"
-                raise
-            finally:
-                track.finish(reason, len(job.prompt_ids))
+            async with contextlib.aclosing(self._tracked(jobs[0], arrival)) as outputs:
+                async for out in outputs:
+                    yield 0, out
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(job: _Job):
-            track, reason = self.metrics.track(arrival), "abort"
             try:
-                async for out in self.client.generate(job.request_id, job.prompt_ids, job.params):
-                    track.output(len(out.token_ids))
-                    reason = out.finish_reason or reason
-                    queue.put_nowait((job.index, out))
+                async with contextlib.aclosing(self._tracked(job, arrival)) as outputs:
+                    async for out in outputs:
+                        queue.put_nowait((job.index, out))
             except Exception as e:
-                reason = "error"
                 queue.put_nowait((job.index, e))
             finally:
-                track.finish(reason, len(job.prompt_ids))
                 queue.put_nowait((job.index, None))
 
         tasks = [asyncio.create_task(pump(job)) for job in jobs]
@@ -334,6 +327,18 @@ class OpenAIServing:
                     yield f"data: {err.body().model_dump_json()}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def completion_chunk_json(rid: str, created: int, model: str, index: int, text: str, finish_reason, stop_reason,
+                          usage: Optional[UsageInfo]) -> bytes:
+    """A streamed completion chunk without logprobs: the bytes CompletionStreamResponse's
+    model_dump_json gives, encoded by msgspec without building the pydantic models per token."""
+    body = {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
+                         "stop_reason": stop_reason}]}
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return _encode(body)
 
 
 def _json(body: BaseModel) -> Response:
