@@ -45,6 +45,7 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
         yield
 
     app = FastAPI(title="epplat", version=__version__, lifespan=lifespan)
+    app.state.engine_client = client
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def check_api_key(request: Request):
@@ -74,7 +75,7 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
     @app.exception_handler(Exception)
     async def _internal_error(_, exc: Exception):
         # starlette re-raises it after this response, and uvicorn logs the traceback
-        return error_response(APIError(500, f"{type(exc).__name__}: {exc}"))
+        return error_response(exc)
 
     @app.get("/health")
     async def health():
@@ -98,7 +99,11 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
                 logger.warning("engine stats unavailable: %s", e)
         return Response(metrics.render(stats, per_engine), media_type=CONTENT_TYPE)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    async def check_engine():
+        if not client.healthy:
+            raise APIError(503, "The engine is not available; the server is shutting down to be restarted.")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key), Depends(check_engine)])
 
     @v1.get("/models")
     async def models():
@@ -119,23 +124,34 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
     return app
 
 
-def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info", reuse_port: bool = False,
-               timeout_graceful_shutdown: float = 5.0) -> None:
-    """Serve `app` with uvicorn until SIGINT / SIGTERM.
-
-    On a signal uvicorn stops accepting, lets running requests finish for up to
-    `timeout_graceful_shutdown` seconds, then cancels them (which aborts their engine
-    requests). With reuse_port several API server processes share the port.
-    """
-    import uvicorn
-
+def bind_http_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """The API server's TCP socket, bound to `host` only (not yet listening); OSError with one line."""
     host = host or "0.0.0.0"
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
+    if reuse_port:          # several API server processes share the port
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    url = f"http://[{host}]:{sock.getsockname()[1]}" if ":" in host else f"http://{host}:{sock.getsockname()[1]}"
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def run_server(app: FastAPI, sock: socket.socket, *, log_level: str = "info",
+               timeout_graceful_shutdown: float = 5.0) -> None:
+    """Serve `app` with uvicorn on the bound `sock` until SIGINT / SIGTERM, or until the engines die.
+
+    On a signal uvicorn stops accepting, lets running requests finish for up to
+    `timeout_graceful_shutdown` seconds, then cancels them (which aborts their engine
+    requests). When the engine client finds its engines dead, the server stops the same way
+    (its requests have already ended with errors) so that a supervisor can restart it.
+    """
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
     logger.info("Starting epplat API server on %s", url)
 
     class Server(uvicorn.Server):
@@ -146,7 +162,11 @@ def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info", r
 
     config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5,
                             timeout_graceful_shutdown=timeout_graceful_shutdown)
+    server = Server(config)
+    client = getattr(app.state, "engine_client", None)
+    if client is not None and hasattr(client, "on_dead"):
+        client.on_dead.append(lambda: setattr(server, "should_exit", True))
     try:
-        Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         sock.close()

@@ -42,7 +42,7 @@ class APIError(Exception):
 def error_response(exc: BaseException) -> JSONResponse:
     """Any exception as an OpenAI-style JSON error: an APIError keeps its status, anything else is a 500."""
     if not isinstance(exc, APIError):
-        exc = APIError(500, str(exc) or type(exc).__name__)
+        exc = APIError(500, "Internal server error.")   # its text is logged, never sent
     return JSONResponse(exc.body().model_dump(), status_code=exc.status)
 
 

@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from epplat.core.engine.client import EngineError
 from epplat.core.engine.protocol import SamplingParams
 from epplat.core.server.metrics import Metrics
 from epplat.core.server.protocol import (
@@ -307,8 +308,8 @@ class OpenAIServing:
         except APIError:
             raise
         except Exception as e:
-            logger.error("request %s failed: %s", jobs[0].request_id.rsplit("-", 1)[0], e)
-            raise APIError(500, f"{type(e).__name__}: {e}") from e
+            logger.error("request %s failed: %s: %s", jobs[0].request_id.rsplit("-", 1)[0], type(e).__name__, e)
+            raise public_error(e) from e
         return choices
 
     @staticmethod
@@ -323,7 +324,7 @@ class OpenAIServing:
                         yield b"data: " + body + b"\n\n"
                 except Exception as e:
                     logger.error("streaming request failed: %s: %s", type(e).__name__, e)
-                    err = e if isinstance(e, APIError) else APIError(500, f"{type(e).__name__}: {e}")
+                    err = e if isinstance(e, APIError) else public_error(e)
                     yield f"data: {err.body().model_dump_json()}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -339,6 +340,13 @@ def completion_chunk_json(rid: str, created: int, model: str, index: int, text: 
     if usage is not None:
         body["usage"] = usage.model_dump()
     return _encode(body)
+
+
+def public_error(e: Exception) -> APIError:
+    """What a client is told of an internal failure: its kind, never its text (which is logged)."""
+    if isinstance(e, EngineError):
+        return APIError(503, "The engine is not available; the server is shutting down to be restarted.")
+    return APIError(500, "Internal server error.")
 
 
 def _json(body: BaseModel) -> Response:
