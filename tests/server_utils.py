@@ -19,11 +19,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def group_pids(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group (a Server's, as it starts a new session)."""
+    pids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(p))
+    return pids
+
+
 class Server:
     """`epplat serve MODEL ARGS...` as a subprocess; its log is kept for failure messages."""
 
-    def __init__(self, model: str | None, *args: str, env: dict | None = None, timeout: float = 120.0):
-        self.port = free_port()
+    def __init__(self, model: str | None, *args: str, env: dict | None = None, timeout: float = 120.0,
+                 port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="epplat-serve-", suffix=".log", delete=False)
         if "--num-gpu-blocks-override" not in args and "--kv-cache-memory-bytes" not in args:

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from hf_oracle import hf_greedy
-from server_utils import Server, free_port
+from server_utils import Server, free_port, group_pids
 
 PROMPTS = [[5, 17, 99, 230, 7, 64, 300, 12], [400, 401, 402], list(range(100, 130)), [3, 9],
            [1500, 1200, 900], [77] * 6, [1024, 12, 512], [250, 260, 270, 280]]
@@ -50,19 +50,6 @@ def per_rank_requests(url) -> dict[str, float]:
             if s.name == "epplat:engine_requests_received":
                 out[s.labels["dp_rank"]] = s.value
     return out
-
-
-def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(p))
-    return pids
 
 
 def cpu_seconds(pids) -> float:
@@ -148,12 +135,13 @@ def test_two_nodes_on_loopback_and_shutdown(qwen3_moe_dir, expected):
               "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(port),
               "--enable-expert-parallel", "--max-model-len", "256"]
     # on a GPU host the two "nodes" must not share a GPU (NCCL refuses two ranks on one device)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "1"}
+    secret = {"EPPLAT_INTERNAL_SECRET": "test-deployment-secret"}   # both nodes share it
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "1", **secret}
     headless = subprocess.Popen([sys.executable, "-m", "epplat.cli", "serve", str(qwen3_moe_dir), "--headless",
                                  "--data-parallel-start-rank", "1", *common], env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with Server(str(qwen3_moe_dir), *common, env={"CUDA_VISIBLE_DEVICES": "0"}) as primary:
+        with Server(str(qwen3_moe_dir), *common, env={"CUDA_VISIBLE_DEVICES": "0", **secret}) as primary:
             assert complete(primary.url, str(qwen3_moe_dir)) == expected
             assert per_rank_requests(primary.url).get("1", 0) > 0
         # SIGTERM on the primary (Server.stop) stops the headless node's engines too
@@ -173,12 +161,14 @@ def test_external_load_balancing(qwen3_moe_dir, expected):
               "--data-parallel-rpc-port", str(port), "--enable-expert-parallel", "--max-model-len", "256"]
     import threading
     servers = {}
+    secret = "test-deployment-secret"
     t = threading.Thread(target=lambda: servers.setdefault(1, Server(
-        str(qwen3_moe_dir), *common, env={"EPPLAT_DP_RANK": "1", "CUDA_VISIBLE_DEVICES": "1"})))
+        str(qwen3_moe_dir), *common, env={"EPPLAT_DP_RANK": "1", "CUDA_VISIBLE_DEVICES": "1",
+                                          "EPPLAT_INTERNAL_SECRET": secret})))
     t.start()
     try:
         servers[0] = Server(str(qwen3_moe_dir), *common, "--data-parallel-rank", "0",
-                            env={"CUDA_VISIBLE_DEVICES": "0"})
+                            env={"CUDA_VISIBLE_DEVICES": "0", "EPPLAT_INTERNAL_SECRET": secret})
         t.join(120)
         half = len(PROMPTS) // 2
         assert complete(servers[0].url, str(qwen3_moe_dir), PROMPTS[:half]) == expected[:half]

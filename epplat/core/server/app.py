@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import socket
@@ -22,6 +23,8 @@ from epplat.core.server.protocol import (
 from epplat.core.server.serving import OpenAIServing
 
 logger = logging.getLogger("epplat.server")
+
+DEAD_EXIT_DELAY_S = 2.0
 
 
 def build_app(client, *, served_model_names: list[str], api_key: Optional[str] = None,
@@ -165,7 +168,10 @@ def run_server(app: FastAPI, sock: socket.socket, *, log_level: str = "info",
     server = Server(config)
     client = getattr(app.state, "engine_client", None)
     if client is not None and hasattr(client, "on_dead"):
-        client.on_dead.append(lambda: setattr(server, "should_exit", True))
+        # /health and new requests answer 503 for a moment before the server goes (a load balancer
+        # polling /health sees why); in-flight requests have already ended with their errors
+        client.on_dead.append(lambda: asyncio.get_running_loop().call_later(
+            DEAD_EXIT_DELAY_S, lambda: setattr(server, "should_exit", True)))
     try:
         server.run(sockets=[sock])
     finally:
