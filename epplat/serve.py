@@ -146,6 +146,18 @@ def add_cli(sub) -> None:
                      help="a collective (all_gather, all2all) that takes longer fails its engine")
     rel.add_argument("--shutdown-timeout", type=_int_range(0), default=_env_int("SHUTDOWN_TIMEOUT", 30),
                      help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled")
+    rel.add_argument("--max-request-body-size", type=_int_range(1), default=16 << 20,
+                     help="larger request bodies get 413 while being read (bytes; 16M by default)")
+    rel.add_argument("--tokenizer-pool-size", type=_int_range(1), default=1,
+                     help="processes that tokenize long prompts (and threads that render chat templates) "
+                          "beside the API server's event loop")
+    rel.add_argument("--max-choices-per-request", type=_int_range(1), default=128,
+                     help="most prompts x n one request may ask for")
+    rel.add_argument("--trust-request-chat-template", action="store_true",
+                     help="accept chat templates sent in requests (chat_template); refused by default")
+    rel.add_argument("--forwarded-allow-ips", default=None,
+                     help="comma-separated addresses (or *) of proxies whose X-Forwarded-For/-Proto headers "
+                          "are believed; none by default")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.set_defaults(func=run)
@@ -366,7 +378,10 @@ def _serve(args, cfg: EngineConfig) -> int:
 def _server_opts(args) -> dict:
     return {"host": args.host, "port": args.port, "api_key": args.api_key,
             "served_model_name": args.served_model_name, "log_level": args.uvicorn_log_level,
-            "shutdown_timeout": args.shutdown_timeout}
+            "shutdown_timeout": args.shutdown_timeout, "max_body_bytes": args.max_request_body_size,
+            "tokenizer_pool_size": args.tokenizer_pool_size, "max_choices": args.max_choices_per_request,
+            "trust_request_chat_template": args.trust_request_chat_template,
+            "forwarded_allow_ips": args.forwarded_allow_ips}
 
 
 def _wait(procs, servers) -> int:
@@ -411,11 +426,14 @@ def run_api_server(cfg_json: bytes, index: int, engine_ranks: list[int], opts: d
     client = EngineClient(cfg, tokenizer, eos_token_ids(cfg.model.model, tokenizer), client_index=index,
                           engine_ranks=engine_ranks, procs=procs)
     names = opts["served_model_name"] or [cfg.model.model]
-    app = build_app(client, served_model_names=names, api_key=opts["api_key"])
+    app = build_app(client, served_model_names=names, api_key=opts["api_key"],
+                    **{k: opts[k] for k in ("tokenizer_pool_size", "max_choices", "trust_request_chat_template",
+                                            "max_body_bytes")})
     if sock is None:
         sock = bind_http_socket(opts["host"], opts["port"], reuse_port=True)
     try:
-        run_server(app, sock, log_level=opts["log_level"], timeout_graceful_shutdown=opts["shutdown_timeout"])
+        run_server(app, sock, log_level=opts["log_level"], timeout_graceful_shutdown=opts["shutdown_timeout"],
+                   forwarded_allow_ips=opts["forwarded_allow_ips"])
     finally:
         client.shutdown()
     if client.dead_reason is not None:

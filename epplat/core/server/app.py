@@ -3,59 +3,70 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
+import functools
+import json
 import logging
 import socket
 import time
 from contextlib import asynccontextmanager
 from typing import Optional
 
+import msgspec
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from epplat import __version__
 from epplat.core.engine.client import sum_stats
 from epplat.core.server.metrics import CONTENT_TYPE, Metrics
 from epplat.core.server.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_response)
+    APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, error_response)
+from epplat.core.server.request_gate import RequestGate
 from epplat.core.server.serving import OpenAIServing
+from epplat.core.server.tokenizer_pool import TokenizerPool
 
 logger = logging.getLogger("epplat.server")
 
 DEAD_EXIT_DELAY_S = 2.0
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+_decode_json = msgspec.json.Decoder().decode
 
 
 def build_app(client, *, served_model_names: list[str], api_key: Optional[str] = None,
-              max_model_len: Optional[int] = None, model_path: Optional[str] = None) -> FastAPI:
+              max_model_len: Optional[int] = None, model_path: Optional[str] = None, tokenizer_pool_size: int = 1,
+              max_choices: int = 128, trust_request_chat_template: bool = False,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible app over an engine client.
 
     max_model_len: the context limit requests are checked against; None reads
     ``client.max_model_len`` per request (the engine client learns it when its engines are up).
     model_path: the checkpoint, shown as each model's ``root`` in /v1/models.
+    The other options are the flags of the same names (serve.py).
     """
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
     metrics = Metrics(served_model_names[0])
-    serving = OpenAIServing(client, served_model_names, metrics, max_model_len)
+    pool = TokenizerPool(client.tokenizer, tokenizer_pool_size)
+    serving = OpenAIServing(client, served_model_names, metrics, max_model_len, tokenizer_pool=pool,
+                            max_choices=max_choices, trust_request_chat_template=trust_request_chat_template)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_app):
+        pool.warm_up()
         if hasattr(client, "start"):      # the engine client connects to its engines in this event loop
             await client.start()
-        yield
+        try:
+            yield
+        finally:
+            pool.shutdown()
 
     app = FastAPI(title="epplat", version=__version__, lifespan=lifespan)
     app.state.engine_client = client
-    expected = f"Bearer {api_key}".encode() if api_key else None
-
-    async def check_api_key(request: Request):
-        # a dependency, not an HTTP middleware: BaseHTTPMiddleware hides client disconnects
-        if expected is not None and not hmac.compare_digest(
-                request.headers.get("Authorization", "").encode(), expected):
-            raise APIError(401, "Unauthorized: a valid API key is required (Authorization: Bearer ...).")
+    app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
@@ -80,7 +91,7 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
         # starlette re-raises it after this response, and uvicorn logs the traceback
         return error_response(exc)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "The engines are dead or do not answer"}})
     async def health():
         return Response(status_code=200 if client.healthy else 503)
 
@@ -106,7 +117,8 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
         if not client.healthy:
             raise APIError(503, "The engine is not available; the server is shutting down to be restarted.")
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key), Depends(check_engine)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_engine)], route_class=_MsgspecJSONRoute,
+                   responses=_ERRORS)
 
     @v1.get("/models")
     async def models():
@@ -115,16 +127,58 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
                       max_model_len=serving.max_model_len) for name in served_model_names]).model_dump_json(),
             media_type="application/json")
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=_STREAMS)
     async def completions(req: CompletionRequest, raw: Request):
         return await serving.completions(req, raw)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=_STREAMS)
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         return await serving.chat(req, raw)
 
     app.include_router(v1)
+    app.openapi = functools.partial(_openapi_without_422, app)
     return app
+
+
+# what the OpenAPI schema says the /v1 routes answer besides 200 (400, never FastAPI's 422)
+_ERRORS = {code: {"model": ErrorResponse, "description": what} for code, what in (
+    (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model"),
+    (413, "Request body too large"), (503, "Engine not available"))}
+_STREAMS = {200: {"description": "A JSON body, or server-sent events with `stream: true`",
+                  "content": {"application/json": {}, "text/event-stream": {}}}}
+
+
+def _openapi_without_422(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+class _MsgspecJSONRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            try:     # several times faster than json.loads, and no Infinity / NaN
+                self._json = _decode_json(await self.body())
+            except msgspec.DecodeError as e:
+                raise json.JSONDecodeError(str(e), "", 0) from None
+        return self._json
+
+
+class _MsgspecJSONRoute(APIRoute):
+    """Request bodies parsed by msgspec (FastAPI's own handler then validates them)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            return await handler(_MsgspecJSONRequest(request.scope, request.receive))
+        return route
 
 
 def bind_http_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -143,13 +197,14 @@ def bind_http_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
 
 
 def run_server(app: FastAPI, sock: socket.socket, *, log_level: str = "info",
-               timeout_graceful_shutdown: float = 5.0) -> None:
+               timeout_graceful_shutdown: float = 5.0, forwarded_allow_ips: Optional[str] = None) -> None:
     """Serve `app` with uvicorn on the bound `sock` until SIGINT / SIGTERM, or until the engines die.
 
     On a signal uvicorn stops accepting, lets running requests finish for up to
     `timeout_graceful_shutdown` seconds, then cancels them (which aborts their engine
     requests). When the engine client finds its engines dead, the server stops the same way
     (its requests have already ended with errors) so that a supervisor can restart it.
+    X-Forwarded-For / -Proto are believed only from `forwarded_allow_ips` (none by default).
     """
     import uvicorn
 
@@ -164,7 +219,8 @@ def run_server(app: FastAPI, sock: socket.socket, *, log_level: str = "info",
             logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
 
     config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=timeout_graceful_shutdown)
+                            timeout_graceful_shutdown=timeout_graceful_shutdown,
+                            proxy_headers=forwarded_allow_ips is not None, forwarded_allow_ips=forwarded_allow_ips)
     server = Server(config)
     client = getattr(app.state, "engine_client", None)
     if client is not None and hasattr(client, "on_dead"):
