@@ -15,7 +15,7 @@ import msgspec
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -84,14 +84,18 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, exc: StarletteHTTPException):
-        return error_response(APIError(exc.status_code, str(exc.detail)))
+        response = error_response(APIError(exc.status_code, str(exc.detail)))
+        response.headers.update(exc.headers or {})     # 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def _internal_error(_, exc: Exception):
         # starlette re-raises it after this response, and uvicorn logs the traceback
         return error_response(exc)
 
-    @app.get("/health", responses={503: {"description": "The engines are dead or do not answer"}})
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "Serving (empty body)"},
+                        503: {"description": "The engines are dead or do not answer (empty body)"}})
     async def health():
         return Response(status_code=200 if client.healthy else 503)
 
@@ -99,7 +103,7 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
     async def version():
         return {"version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         stats, per_engine = None, None
         if client.healthy:

@@ -68,7 +68,8 @@ _UNSUPPORTED = ("logit_bias", "prompt_logprobs", "min_tokens", "truncate_prompt_
 class _SamplingRequest(BaseModel):
     """Fields common to completions and chat completions; unknown fields are ignored, as in vLLM."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)   # JSON has no Infinity / NaN
+    # JSON has no Infinity / NaN; strict: "16" is not a number, nor 1 a boolean (what the schema says)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
     model: Optional[str] = None
     temperature: Optional[float] = Field(default=None, ge=0.0)
