@@ -5,20 +5,18 @@ DeepseekV3ForCausalLM on `epplat make-model` checkpoints, and the KV cache holds
 
 from __future__ import annotations
 
-import asyncio
 import re
 
-import openai
 import pytest
 import torch
 
 from hf_oracle import hf_greedy
 from server_utils import Server
+from test_parallel import MAX_TOKENS, complete
 
 # the long prompt is prefilled in chunks of 32 (a chunk attending to cached latents)
 PROMPTS = [[5, 17, 99, 230, 7, 64, 300, 12], [400, 401, 402], list(range(100, 170)), [3, 9],
            [1500, 1200, 900], [77] * 6, [1024, 12, 512], [250, 260, 270, 280]]
-MAX_TOKENS = 8
 DIMS = dict(layers=2, hidden=64, top_k=2, heads=4, head_dim=16, moe_intermediate=32, intermediate=96,
             kv_lora_rank=32, rope_head_dim=8, vocab_size=2048)
 
@@ -44,15 +42,6 @@ def expected(model_dir, prompts=PROMPTS):
     return [tok.decode(r, skip_special_tokens=True) for r in hf_greedy(model_dir, prompts, MAX_TOKENS, ignore_eos=True)]
 
 
-def complete(url, model, prompts=PROMPTS):
-    async def go():
-        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        rs = await asyncio.gather(*(c.completions.create(model=model, prompt=p, max_tokens=MAX_TOKENS, temperature=0,
-                                                         extra_body={"ignore_eos": True}) for p in prompts))
-        return [r.choices[0].text for r in rs]
-    return asyncio.run(go())
-
-
 def test_checkpoints_load_in_transformers_with_every_tensor(v2_dir, v3_dir):
     from transformers import AutoModelForCausalLM
     for d, cls in ((v2_dir, "DeepseekV2ForCausalLM"), (v3_dir, "DeepseekV3ForCausalLM")):
@@ -70,7 +59,7 @@ def test_single_process_matches_transformers_and_caches_the_latent(arch, request
     # (decompressed keys and values would take 2 x 2 x 4 heads x 24 x 4 = 1536 bytes per token)
     with Server(str(model_dir), "--dtype", "float32", "--max-model-len", "256", "--max-num-batched-tokens", "32",
                 "--kv-cache-memory-bytes", "3276800", "--served-model-name", "ds") as s:
-        assert complete(s.url, "ds") == expected(model_dir)
+        assert complete(s.url, "ds", PROMPTS) == expected(model_dir)
         log = s.output()
     assert "KV cache size: 10,240 tokens" in log, log
     assert re.search(r"Maximum concurrency for 256 tokens per request: 40\.00x", log), log

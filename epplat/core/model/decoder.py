@@ -160,22 +160,27 @@ class DenseMLP(Projections):
             raise KeyError(name)
 
 
+def layer_mlp(cfg: DecoderConfig, idx: int, act, all2all: All2AllBackend, ps: ParallelState, dtype, routing=None):
+    """Layer idx's dense MLP or routed experts (``routing``: a DeepSeek-style router)."""
+    if idx in cfg.dense_layers or cfg.num_experts == 0:
+        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, act, ps, dtype)
+    tp = 1 if ps.ep else ps.tp_size      # without EP, every TP rank holds a 1/TP slice of every expert
+    return FusedMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob,
+                    act, all2all, dtype, tp_rank=ps.tp_rank if tp > 1 else 0, tp_size=tp, routing=routing)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, idx: int, rope, all2all: All2AllBackend, ps: ParallelState, dtype):
+    attention_class = Attention
+
+    def __init__(self, cfg: DecoderConfig, idx: int, rope, all2all: All2AllBackend, ps: ParallelState, dtype,
+                 routing=None):
         super().__init__()
         act = ACTIVATIONS[cfg.act]
         self.ps = ps
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, rope, ps, dtype)
-        if idx in cfg.dense_layers or cfg.num_experts == 0:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, act, ps, dtype)
-        else:
-            # without EP, every TP rank holds a 1/TP slice of every expert
-            tp = 1 if ps.ep else ps.tp_size
-            self.mlp = FusedMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k,
-                                cfg.norm_topk_prob, act, all2all, dtype, tp_rank=ps.tp_rank if tp > 1 else 0,
-                                tp_size=tp)
+        self.self_attn = self.attention_class(cfg, rope, ps, dtype)
+        self.mlp = layer_mlp(cfg, idx, act, all2all, ps, dtype, routing)
 
     def forward(self, x, positions, meta):
         kernel = LAYER_KERNELS.get(x.device.type)

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from epplat.core.model.decoder import DecoderConfig, DenseMLP, MoEForCausalLM, _tp_all_reduce
-from epplat.core.model.layers import ACTIVATIONS, RMSNorm
+from epplat.core.model.decoder import DecoderConfig, DecoderLayer, DenseMLP, MoEForCausalLM, _tp_all_reduce
+from epplat.core.model.layers import ACTIVATIONS
 from epplat.core.model.mla import MLAttention
 from epplat.core.model.rope_yarn import DeepseekRotary, rope_type
 from epplat.core.moe.layer import FusedMoE
@@ -89,28 +89,18 @@ def canonical_name(name: str) -> str:
     return name
 
 
-class DeepseekDecoderLayer(nn.Module):
+class DeepseekDecoderLayer(DecoderLayer):
     """MLA, then a dense MLP (the first layers) or routed experts plus shared experts."""
 
+    attention_class = MLAttention
+
     def __init__(self, cfg: DeepseekConfig, idx: int, rope, all2all, ps, dtype):
-        super().__init__()
-        act = ACTIVATIONS[cfg.act]
-        self.ps = ps
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = MLAttention(cfg, rope, ps, dtype)
+        super().__init__(cfg, idx, rope, all2all, ps, dtype, routing=cfg.routing)
         self.shared_experts = None
-        if idx in cfg.dense_layers or cfg.num_experts == 0:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, act, ps, dtype)
-            return
-        tp = 1 if ps.ep else ps.tp_size      # without EP, every TP rank holds a 1/TP slice of every expert
-        self.mlp = FusedMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k,
-                            cfg.norm_topk_prob, act, all2all, dtype, tp_rank=ps.tp_rank if tp > 1 else 0,
-                            tp_size=tp, routing=cfg.routing)
-        if cfg.n_shared_experts:
+        if isinstance(self.mlp, FusedMoE) and cfg.n_shared_experts:
             # replicated over EP; split over the TP group like a dense MLP
             self.shared_experts = DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
-                                           act, ps, dtype)
+                                           ACTIVATIONS[cfg.act], ps, dtype)
 
     def forward(self, x, positions, meta):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta)
