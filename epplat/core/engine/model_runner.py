@@ -34,13 +34,15 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(requested: str, hf: dict, platform: str) -> torch.dtype:
+def resolve_dtype(requested: str, hf: dict, platform: str) -> tuple[torch.dtype, Optional[str]]:
+    """The dtype to compute in, and a line to say when it is not the one asked for."""
     if requested != "auto":
-        return _DTYPES[requested]
+        return _DTYPES[requested], None
     ckpt = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    if platform == "cpu" and ckpt == "float16":
-        return torch.bfloat16   # CPU half GEMMs are slow; vLLM does the same
-    return _DTYPES.get(ckpt, torch.float32)
+    if platform == "cpu" and ckpt == "float16":   # CPU half GEMMs are slow; vLLM does the same
+        return torch.bfloat16, ("--dtype auto: the float16 checkpoint runs in bfloat16 on the cpu platform "
+                                "(float16 GEMMs are slow there); --dtype float16 keeps float16")
+    return _DTYPES.get(ckpt, torch.float32), None
 
 
 class ModelInput(msgspec.Struct, array_like=True):
@@ -60,7 +62,10 @@ class ModelRunner:
         arch = architecture(hf)
         self.arch = arch
         self.model_cfg = arch.parse_config(hf)
-        self.dtype = resolve_dtype(cfg.model.dtype, hf, platform.name)
+        self.dtype, dtype_note = resolve_dtype(cfg.model.dtype, hf, platform.name)
+        if ps.rank == 0:      # said once, by the first engine process
+            for note in filter(None, (dtype_note, platform.slower_path(self.dtype))):
+                logger.warning(note)
         reg = registry()
         backend_name = cfg.parallel.all2all_backend or platform.default_all2all
         backend_cls = reg.load("all2all", backend_name, platform.name)
