@@ -8,6 +8,7 @@ prompt (or recomputation) is complete after this step.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from typing import Optional
@@ -75,7 +76,7 @@ class ModelRunner:
         torch.manual_seed(cfg.model.seed)
         t0 = time.time()
         with torch.device(device):
-            self.model = MoEForCausalLM(self.model_cfg, self.all2all, self.dtype, ps)
+            self.model = getattr(arch, "MODEL", MoEForCausalLM)(self.model_cfg, self.all2all, self.dtype, ps)
         quant = load_quant_method(cfg, arch.canonical_name, platform.name)
         if quant:
             quant.process_model(self.model)
@@ -117,19 +118,17 @@ class ModelRunner:
                    for p in (layer.mlp.w13, layer.mlp.w2))
 
     def kv_bytes_per_block(self) -> int:
-        c = self.model_cfg
+        """Every layer's KV cache tensors (an MLA layer: one latent "head") for one block."""
         elt = torch.tensor([], dtype=self.dtype).element_size()
-        kvh = self.model.layers[0].self_attn.kvh
-        return 2 * c.num_layers * self.block_size * kvh * c.head_dim * elt
+        return sum(math.prod(s) for layer in self.model.layers
+                   for s in layer.self_attn.kv_cache_shapes(1, self.block_size)) * elt
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """num_blocks usable blocks, then a zero pad block and a scratch block (graph padding writes)."""
-        c = self.model_cfg
         self.pad_block = num_blocks
-        shape = (num_blocks + 2, self.block_size, self.model.layers[0].self_attn.kvh, c.head_dim)
         for layer in self.model.layers:
-            kv = (self.platform.zeros(shape, self.dtype, self.device), self.platform.zeros(shape, self.dtype, self.device))
-            layer.self_attn.kv_cache = kv
+            layer.self_attn.kv_cache = tuple(self.platform.zeros(s, self.dtype, self.device) for s in
+                                             layer.self_attn.kv_cache_shapes(num_blocks + 2, self.block_size))
 
     def capture_graphs(self, max_model_len: int) -> None:
         """Capture decode steps when the graph runner can (after the KV cache exists)."""
