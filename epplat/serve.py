@@ -236,7 +236,7 @@ def _check_layout(mc, par: ParallelConfig) -> None:
                           f"--tensor-parallel-size {tp}")
     if par.enable_expert_parallel:
         redundant = par.eplb.num_redundant_experts
-        if (mc.num_experts + redundant) % world:
+        if par.enable_eplb and (mc.num_experts + redundant) % world:   # otherwise the first ranks hold one more
             extra = f" + {redundant} redundant" if redundant else ""
             raise ConfigError(f"{mc.num_experts}{extra} experts do not divide over EP size {world} "
                               f"(tensor-parallel-size x data-parallel-size)")
