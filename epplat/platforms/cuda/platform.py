@@ -19,20 +19,21 @@ class CudaPlatform(Platform):
     device_type = "cuda"
     dist_backend = "nccl"
     default_graph_runner = "cuda_graphs"
+    compiles_kernels = True      # Triton: the engine warms every kernel variant up before serving
 
     def __init__(self):
         import importlib.util
         if importlib.util.find_spec("triton"):
             from epplat.core.model import attention, layers
             from epplat.core.moe import experts, layer
-            from epplat.platforms.cuda import triton_moe, triton_norm
+            from epplat.platforms.cuda import triton_moe, triton_moe_sorted, triton_norm
             from epplat.platforms.cuda.triton_attention import decode_attention, write_kv
             attention.DECODE_KERNELS["cuda"] = decode_attention
             attention.KV_WRITE_KERNELS["cuda"] = write_kv
             layers.NORM_KERNELS["cuda"] = triton_norm.rms_norm
             layers.ROPE_KERNELS["cuda"] = triton_norm.rope
             layer.ROUTE_KERNELS["cuda"] = triton_moe.fused_topk
-            experts.EXPERT_KERNELS["cuda"] = triton_moe.cuda_experts
+            experts.EXPERT_KERNELS["cuda"] = triton_moe_sorted.cuda_experts
 
     @classmethod
     def check(cls) -> Optional[str]:
