@@ -2,10 +2,11 @@
 sorted by expert, with the permutation fused into its loads and stores.
 
 ``triton_moe.py`` rescans the routing ids in every program, which costs nothing at decode
-sizes and too much at thousands of tokens. Here a few device-side torch ops (no host sync,
-so CUDA graphs can capture it) sort the assignments by expert once and pad each expert's
-run to a whole tile of BM rows; then:
+sizes and too much at thousands of tokens. Here the assignments are grouped by expert once,
+on the device (no host sync, so CUDA graphs can capture it), each expert's run padded to a
+whole tile of BM rows; then:
 
+0. ``sort_by_expert``: three small kernels (count with atomics, pad and place the tiles, scatter);
 1. ``_sorted_gate_up_kernel``: one program per (BM-row tile, output tile); the tile's rows
    gather their token rows of x straight from the unpermuted activations (no permuted
    copy), multiply by the tile's expert's gate and up columns, and store act(g) * u in
@@ -46,9 +47,15 @@ class SortedTiles(NamedTuple):
 
 
 def _tiles(num_assign: int, experts: int) -> SortedTiles:
-    """Narrower row tiles while experts get few rows each (less padding)."""
+    """Tiles by rows per expert, from the sweep of benchmarks/moe_layer_bench.py on an H200 (hidden
+    2048, width 768): narrow row tiles while experts get few rows (less padding), then 128-row
+    tiles with 8 warps, gate/up 128 columns wide from 256 rows per expert."""
     per_expert = num_assign / max(1, experts)
-    return SortedTiles(bm=16 if per_expert <= 16 else 32 if per_expert <= 48 else 64 if per_expert <= 256 else 128)
+    if per_expert <= 8:
+        return SortedTiles(bm=16)
+    if per_expert <= 32:
+        return SortedTiles(bm=64)
+    return SortedTiles(128, 64 if per_expert <= 128 else 128, 64, 128, 64, 3, 8)
 
 
 @triton.jit
@@ -112,31 +119,64 @@ def _sorted_down_kernel(h_ptr, rows_ptr, tile_expert_ptr, tw_ptr, w_ptr, y_ptr, 
              mask=valid[:, None] & nmask[None, :])
 
 
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, slot_ptr, num_assign, BLOCK: tl.constexpr):
+    """counts[e] += 1 for each assignment routed to e; slot[a]: its place among them (atomic
+    order, so rows of one expert sit in any order: each row's products are the same wherever
+    it sits in a tile)."""
+    a = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    e = tl.load(ids_ptr + a, mask=a < num_assign, other=-1)
+    here = e >= 0
+    slot = tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=here)
+    tl.store(slot_ptr + a, slot, mask=here)
+
+
+@triton.jit
+def _tile_kernel(counts_ptr, pstart_ptr, tile_expert_ptr, experts, tiles, BM: tl.constexpr, EP: tl.constexpr,
+                 TB: tl.constexpr):
+    """One program: each expert's run padded to whole tiles, where it starts, and which expert
+    each tile belongs to (-1 past the last)."""
+    e = tl.arange(0, EP)
+    c = tl.load(counts_ptr + e, mask=e < experts, other=0)
+    padded = (c + BM - 1) // BM * BM
+    pend = tl.cumsum(padded, axis=0)
+    tl.store(pstart_ptr + e, pend - padded, mask=e < experts)
+    total = tl.sum(padded, axis=0)
+    for t0 in range(0, tiles, TB):
+        t = t0 + tl.arange(0, TB)
+        first = t * BM
+        owner = tl.sum((pend[None, :] <= first[:, None]).to(tl.int32), axis=1)
+        tl.store(tile_expert_ptr + t, tl.where(first < total, owner, -1), mask=t < tiles)
+
+
+@triton.jit
+def _place_kernel(ids_ptr, slot_ptr, pstart_ptr, rows_ptr, num_assign, BLOCK: tl.constexpr):
+    a = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    e = tl.load(ids_ptr + a, mask=a < num_assign, other=-1)
+    here = e >= 0
+    pos = tl.load(pstart_ptr + e, mask=here, other=0) + tl.load(slot_ptr + a, mask=here, other=0)
+    tl.store(rows_ptr + pos, a, mask=here)
+
+
 def sort_by_expert(ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids: [A] local expert of each assignment (-1: held elsewhere). Returns (rows, tile_expert):
-    rows [P] the assignment indices grouped by expert, each expert's run padded with ``A`` to a
-    multiple of bm; tile_expert [P / bm] the expert of each tile, -1 past the last. P is a
-    bound fixed by A (A + experts * (bm - 1), rounded up to bm), so no host sync."""
+    rows [P] int32, the assignment indices grouped by expert, each expert's run padded with A to
+    a multiple of bm; tile_expert [P / bm] int32, the expert of each tile, -1 past the last. P is
+    a bound fixed by A (A + experts * (bm - 1), rounded up to bm), so there is no host sync;
+    three launches besides two fills."""
     a = ids.numel()
     dev = ids.device
-    key = torch.where(ids < 0, experts, ids)
-    counts = torch.zeros(experts + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
-    padded = (counts[:experts] + bm - 1) // bm * bm
-    pend = padded.cumsum(0)
-    pstart = pend - padded
-    start = counts.cumsum(0) - counts
-    order = torch.argsort(key, stable=True)
-    skey = key.index_select(0, order)
-    here = skey < experts
-    skey_c = skey.clamp(max=experts - 1)
-    dest = pstart.index_select(0, skey_c) + torch.arange(a, device=dev) - start.index_select(0, skey)
     tiles = triton.cdiv(a + experts * (bm - 1), bm)
-    rows = torch.full((tiles * bm,), a, dtype=torch.int64, device=dev)
-    dest = torch.where(here, dest, tiles * bm)          # assignments held elsewhere: dropped below
-    rows = torch.cat([rows, rows.new_empty(1)]).index_copy_(0, dest, order)[:-1]
-    first = torch.arange(tiles, device=dev) * bm
-    tile_expert = torch.searchsorted(pend, first, right=True)
-    tile_expert = torch.where(first < pend[-1], tile_expert, -1)
+    counts = torch.zeros(experts, dtype=torch.int32, device=dev)
+    slot = torch.empty(a, dtype=torch.int32, device=dev)
+    pstart = torch.empty(experts, dtype=torch.int32, device=dev)
+    rows = torch.full((tiles * bm,), a, dtype=torch.int32, device=dev)
+    tile_expert = torch.empty(tiles, dtype=torch.int32, device=dev)
+    grid = (triton.cdiv(a, 1024),)
+    _count_kernel[grid](ids, counts, slot, a, 1024, num_warps=4)
+    _tile_kernel[(1,)](counts, pstart, tile_expert, experts, tiles, bm, triton.next_power_of_2(experts), 64,
+                       num_warps=4)
+    _place_kernel[grid](ids, slot, pstart, rows, a, 1024, num_warps=4)
     return rows, tile_expert
 
 
@@ -151,7 +191,7 @@ def sorted_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Sort
     num_assign = rows_n * k
     t = tiles or _tiles(num_assign, experts)
     x = x.contiguous()
-    ids = topk_ids.reshape(-1)
+    ids = topk_ids.reshape(-1).contiguous()
     tw = topk_weights.reshape(-1).contiguous()
     rows, tile_expert = sort_by_expert(ids, experts, t.bm)
     h = torch.empty((rows.numel(), inter), dtype=x.dtype, device=x.device)
@@ -163,7 +203,7 @@ def sorted_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Sort
         h, rows, tile_expert, tw, w2, y, num_assign, hidden, inter, w2.stride(0), t.bm, t.bn2, t.bk2,
         num_warps=t.warps, num_stages=t.stages)
     out = torch.empty((rows_n, hidden), dtype=x.dtype, device=x.device)
-    _sum_kernel[(rows_n, triton.cdiv(hidden, 1024))](y, ids.contiguous(), out, hidden, k, 1024, num_warps=4)
+    _sum_kernel[(rows_n, triton.cdiv(hidden, 1024))](y, ids, out, hidden, k, 1024, num_warps=4)
     return out
 
 
