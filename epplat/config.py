@@ -151,6 +151,7 @@ class SchedulerConfig(msgspec.Struct):
 
 class CacheConfig(msgspec.Struct):
     block_size: int = 16
+    enable_prefix_caching: bool = True
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory_bytes: Optional[int] = None
     gpu_memory_utilization: float = 0.9

@@ -125,6 +125,8 @@ def add_cli(sub) -> None:
     p.add_argument("--additional-config", type=_json_object, default={},
                    help="platform-specific options as JSON (ascend: vllm-ascend's torchair_graph_config, ...)")
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of cached prompt prefixes (default: on)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.set_defaults(func=run)
@@ -171,7 +173,8 @@ def engine_config_from_args(args) -> EngineConfig:
         model=mcfg, parallel=parallel,
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched,
                                   enable_chunked_prefill=args.enable_chunked_prefill),
-        cache=CacheConfig(block_size=args.block_size, num_gpu_blocks_override=args.num_gpu_blocks_override,
+        cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+                          num_gpu_blocks_override=args.num_gpu_blocks_override,
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config)
@@ -235,7 +238,7 @@ def _check_layout(mc, par: ParallelConfig) -> None:
                           f"--tensor-parallel-size {tp}")
     if par.enable_expert_parallel:
         redundant = par.eplb.num_redundant_experts
-        if (mc.num_experts + redundant) % world:
+        if par.enable_eplb and (mc.num_experts + redundant) % world:   # otherwise the first ranks hold one more
             extra = f" + {redundant} redundant" if redundant else ""
             raise ConfigError(f"{mc.num_experts}{extra} experts do not divide over EP size {world} "
                               f"(tensor-parallel-size x data-parallel-size)")

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from hf_oracle import hf_greedy
+from plugin_listing import plugin_statuses
 from server_utils import Server
 
 POOL = [[(i * 37 + j * 11) % 2000 + 3 for j in range(24)] for i in range(16)]   # prefill-heavy prompts
@@ -160,8 +161,7 @@ def test_third_party_eplb_policy_plugin(skewed_dir, expected, tmp_path):
            "EPPLAT_STICKY_MIN_GAIN": "0.1"}
     listing = subprocess.run([sys.executable, "-m", "epplat.cli", "plugins"], capture_output=True, text=True,
                              env={**os.environ, **env}, check=True).stdout
-    line = next(ln for ln in listing.splitlines() if ln.strip().startswith("sticky"))
-    assert "epplat-example-eplb" in line and "usable" in line
+    assert plugin_statuses(listing)["sticky"] == ("epplat-example-eplb", "usable")
     cfg = {"policy": "sticky", "window_size": 16, "step_interval": 16, "num_redundant_experts": 2}
     # with the example all2all plugin too: third-party backends see physical expert (slot) ids
     with Server(str(skewed_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",

@@ -16,6 +16,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from hf_oracle import hf_greedy
 from server_utils import Server, free_port
@@ -33,13 +34,19 @@ def expected(qwen3_moe_dir):
             for r in hf_greedy(qwen3_moe_dir, PROMPTS, MAX_TOKENS, ignore_eos=True)]
 
 
-def complete(url, model, prompts=PROMPTS):
+def complete(url, model, prompts=PROMPTS, max_tokens=MAX_TOKENS):
     async def go():
         c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        rs = await asyncio.gather(*(c.completions.create(model=model, prompt=p, max_tokens=MAX_TOKENS, temperature=0,
+        rs = await asyncio.gather(*(c.completions.create(model=model, prompt=p, max_tokens=max_tokens, temperature=0,
                                                          extra_body={"ignore_eos": True}) for p in prompts))
         return [r.choices[0].text for r in rs]
     return asyncio.run(go())
+
+
+def metric(url, name) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    return sum(s.value for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+               for s in fam.samples if s.name == name)
 
 
 def per_rank_requests(url) -> dict[str, float]:
@@ -95,6 +102,60 @@ def rpc_port() -> int:
             for s in socks:
                 s.close()
     raise RuntimeError("no free port range")
+
+
+# A KV cache of 10 blocks of 8 tokens per engine and 16-token steps: the 30-token prompt is
+# prefilled in chunks, and 16 new tokens for four requests an engine do not fit, so requests
+# are preempted and recomputed.
+TIGHT = ["--max-model-len", "64", "--block-size", "8", "--num-gpu-blocks-override", "10",
+         "--max-num-batched-tokens", "16"]
+LONG = 16
+
+
+def expected_texts(model_dir, prompts, max_tokens):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [tok.decode(r, skip_special_tokens=True) for r in hf_greedy(model_dir, prompts, max_tokens, ignore_eos=True)]
+
+
+def check_logprobs_of_every_token(url, model_dir, prompt, n=6, top=3):
+    """Greedy with logprobs: every token's logprob and top alternatives equal transformers' on the
+    whole sequence (not only the first token's)."""
+    from transformers import AutoModelForCausalLM
+    c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    r = c.completions.create(model=str(model_dir), prompt=prompt, max_tokens=n, temperature=0, logprobs=top,
+                             extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    new = hf_greedy(model_dir, [prompt], n, ignore_eos=True)[0]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + new])).logits[0, len(prompt) - 1:-1].float(), -1)
+    assert len(lp.token_logprobs) == n
+    for i in range(n):
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[i, new[i]]), abs=2e-4), i
+        assert sorted(lp.top_logprobs[i].values(), reverse=True)[:top] == pytest.approx(
+            ref[i].topk(top).values.tolist(), abs=2e-4), i
+
+
+@pytest.mark.slow
+def test_mixtral_dp2_x_tp2_without_ep_chunked_preempted_and_logprobs(mixtral_dir):
+    want = expected_texts(mixtral_dir, PROMPTS, LONG)
+    with Server(str(mixtral_dir), "--dtype", "float32", "-dp", "2", "-tp", "2", *TIGHT, timeout=180) as s:
+        assert complete(s.url, str(mixtral_dir), max_tokens=LONG) == want
+        assert metric(s.url, "epplat:num_preemptions_total") > 0
+        assert set(per_rank_requests(s.url)) == {"0", "1"}
+        assert "EP rank" not in s.output()
+        check_logprobs_of_every_token(s.url, mixtral_dir, PROMPTS[0])
+
+
+def test_tp2_with_ep_chunked_and_preempted(qwen3_moe_dir):
+    want = expected_texts(qwen3_moe_dir, PROMPTS, LONG)
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "-tp", "2", "-ep", *TIGHT) as s:
+        assert complete(s.url, str(qwen3_moe_dir), max_tokens=LONG) == want
+        assert metric(s.url, "epplat:num_preemptions_total") > 0
+        log = s.output()
+        assert "EP rank 0/2 holds experts 0-3 of 8" in log and "EP rank 1/2 holds experts 4-7 of 8" in log
+        check_logprobs_of_every_token(s.url, qwen3_moe_dir, PROMPTS[2])
 
 
 def test_tensor_parallel_2(qwen3_moe_dir, expected):
@@ -190,7 +251,7 @@ def test_external_load_balancing(qwen3_moe_dir, expected):
             s.stop()
 
 
-def test_a_dying_rank_fails_health_and_in_flight_requests(qwen3_moe_dir):
+def test_least_loaded_routing_then_a_dying_rank_fails_health_and_in_flight_requests(qwen3_moe_dir, expected):
     with Server(str(qwen3_moe_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "4096") as s:
         pid = int(re.search(r"engine \(DP rank 1, pid (\d+)\) ready", s.output()).group(1))
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
@@ -200,6 +261,12 @@ def test_a_dying_rank_fails_health_and_in_flight_requests(qwen3_moe_dir):
         try:
             for chunk in stream:
                 got += 1
+                if got == 2:
+                    # the long request holds one rank; least-loaded routing sends each of these to the other
+                    busy = next(r for r, v in per_rank_requests(s.url).items() if v == 1)
+                    for p, want in zip(PROMPTS[:3], expected[:3]):
+                        assert complete(s.url, str(qwen3_moe_dir), [p]) == [want]
+                    assert per_rank_requests(s.url) == {busy: 1, str(1 - int(busy)): 3}
                 if got == 5:
                     os.kill(pid, signal.SIGKILL)
                 if chunk.choices and chunk.choices[0].finish_reason:
@@ -207,14 +274,11 @@ def test_a_dying_rank_fails_health_and_in_flight_requests(qwen3_moe_dir):
         except (openai.APIError, httpx.HTTPError) as e:
             error = e
         assert error is not None and not finished, f"stream ended normally after {got} chunks"
-        assert time.time() - t0 < 30
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            try:
-                if httpx.get(s.url + "/health", timeout=2).status_code == 503:
-                    break
-            except httpx.HTTPError:
-                break
+        assert time.time() - t0 < 60
+        deadline, status = time.time() + 15, None
+        while time.time() < deadline and status != 503:
+            # a refused connection raises here: the API server must stay up and answer 503
+            status = httpx.get(s.url + "/health", timeout=2).status_code
             time.sleep(0.2)
-        else:
-            pytest.fail("/health still 200 after a rank died")
+        assert status == 503, f"/health answered {status} after a rank died"
+        assert s.proc.poll() is None

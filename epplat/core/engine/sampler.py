@@ -134,7 +134,7 @@ def _narrowed(x: torch.Tensor, reqs: list[Request], rows: list[int]) -> list[Fil
             norm = torch.where(nk, full_norm if sub is None else full_norm[sub], norm)
         probs = (vals - norm[:, None]).exp()
         tp = top_p if sub is None else top_p[sub]
-        drop = (probs.cumsum(dim=-1) - probs) >= tp[:, None]   # mass strictly before each token
+        drop = ((probs.cumsum(dim=-1) - probs) >= tp[:, None]) & (tp[:, None] < 1)   # mass before each token
         drop[:, 0] = False
         # a row without top-k is complete when its selection holds top_p of the mass: every token
         # past it then has at least that much before it
