@@ -13,10 +13,11 @@ import signal
 import sys
 import tempfile
 import time
+from typing import Optional
 from pathlib import Path
 
 from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, ModelConfig, ParallelConfig,
-                           SchedulerConfig)
+                           SchedulerConfig, SpeculativeConfig)
 from epplat.plugins import PluginError, registry
 
 logger = logging.getLogger("epplat.serve")
@@ -100,7 +101,8 @@ def add_cli(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--max-model-len", type=_int_range(1), default=None)
     p.add_argument("--max-num-seqs", type=_int_range(1), default=256)
-    p.add_argument("--max-num-batched-tokens", type=_int_range(1), default=None)
+    p.add_argument("--max-num-batched-tokens", type=_int_range(1), default=None,
+                   help="tokens a step may schedule (default 2048; 16384 on cuda)")
     p.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128], default=16)
     p.add_argument("--num-gpu-blocks-override", type=_int_range(1), default=None,
                    help="use this many KV cache blocks instead of sizing from memory")
@@ -135,6 +137,8 @@ def add_cli(sub) -> None:
     p.add_argument("--quantization", "-q", default=None, help="quantization method (see `epplat plugins`)")
     p.add_argument("--additional-config", type=_json_object, default={},
                    help="platform-specific options as JSON (ascend: vllm-ascend's torchair_graph_config, ...)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "deepseek_mtp", "num_speculative_tokens": 1}\'')
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of cached prompt prefixes (default: on)")
@@ -191,7 +195,8 @@ def engine_config_from_args(args) -> EngineConfig:
         logger.info("--all2all-backend %s is used for the MoE layers' (single-rank) dispatch; "
                     "add --enable-expert-parallel to spread experts over ranks", args.all2all_backend)
     max_len = args.max_model_len or hf.get("max_position_embeddings") or 2048
-    batched = args.max_num_batched_tokens or max(2048, args.max_num_seqs)
+    default_batched = getattr(reg.load("platform", platform), "default_max_num_batched_tokens", 2048)
+    batched = args.max_num_batched_tokens or max(default_batched, args.max_num_seqs)
     if not args.enable_chunked_prefill and batched < max_len:
         raise ConfigError(f"--max-num-batched-tokens ({batched}) is smaller than --max-model-len ({max_len}); "
                           "enable chunked prefill or raise it")
@@ -207,12 +212,27 @@ def engine_config_from_args(args) -> EngineConfig:
                           num_gpu_blocks_override=args.num_gpu_blocks_override,
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
-        platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config)
+        platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config,
+        speculative=speculative_config_from_args(args, hf, parallel))
     reg.load("platform", platform).apply_additional_config(cfg)
     if args.quantization:   # the method checks the checkpoint's quantization files before any engine starts
         from epplat.core.model.quant import load_quant_method
         load_quant_method(cfg, architecture(hf).canonical_name, platform)
     return cfg
+
+
+def speculative_config_from_args(args, hf: dict, par: ParallelConfig) -> Optional[SpeculativeConfig]:
+    if args.speculative_config is None:
+        return None
+    spec = SpeculativeConfig.parse(args.speculative_config)
+    if not hf.get("num_nextn_predict_layers"):
+        raise ConfigError(f"--speculative-config method {spec.method!r} drafts with the checkpoint's MTP layer; "
+                          f"{hf.get('architectures')} checkpoint {args.model_flag or args.model!r} has none "
+                          "(num_nextn_predict_layers)")
+    if par.world_size > 1:
+        raise ConfigError("--speculative-config runs on one engine process for now: drop --tensor-parallel-size "
+                          "and --data-parallel-size")
+    return spec
 
 
 def parallel_config_from_args(args) -> ParallelConfig:
@@ -274,7 +294,7 @@ def _check_layout(mc, par: ParallelConfig) -> None:
                           f"--tensor-parallel-size {tp}")
     if par.enable_expert_parallel:
         redundant = par.eplb.num_redundant_experts
-        if (mc.num_experts + redundant) % world:
+        if par.enable_eplb and (mc.num_experts + redundant) % world:   # otherwise the first ranks hold one more
             extra = f" + {redundant} redundant" if redundant else ""
             raise ConfigError(f"{mc.num_experts}{extra} experts do not divide over EP size {world} "
                               f"(tensor-parallel-size x data-parallel-size)")

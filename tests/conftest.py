@@ -14,6 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from hf_oracle import hf_greedy  # noqa: E402,F401  (tests import it from hf_oracle or use it from here)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a multi-process layout test of 30 s or more on 2 cores; in the "
+                                       "default run (deselect with -m 'not slow')")
+
+
 @pytest.fixture(scope="session")
 def qwen3_moe_dir(tmp_path_factory):
     from epplat.core.model.make_model import make_model

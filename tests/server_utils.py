@@ -13,12 +13,18 @@ import time
 import httpx
 
 
+# every server and headless node a test starts belongs to one deployment: multi-node layouts
+# need the same internal secret on each node (a single node generates its own when this is "")
+DEPLOYMENT = {"EPPLAT_INTERNAL_SECRET": "epplat-tests"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+<<<<<<< HEAD
 def group_pids(pgid: int) -> list[int]:
     """The live (not zombie) processes of a process group (a Server's, as it starts a new session)."""
     pids = []
@@ -31,6 +37,41 @@ def group_pids(pgid: int) -> list[int]:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 pids.append(int(p))
     return pids
+=======
+def rpc_port() -> int:
+    """A base port for --data-parallel-rpc-port with the ports epplat derives from it (+1, +2, +10..+13) free."""
+    for _ in range(100):
+        base = free_port()
+        if base > 65000:
+            continue
+        try:
+            socks = []
+            for off in (0, 1, 2, 10, 11, 12, 13):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + off))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def start_headless(model: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`epplat serve MODEL --headless ARGS...`: a second node's engines, in their own process group
+    (end it with ``kill_headless`` if the primary's shutdown did not)."""
+    return subprocess.Popen([sys.executable, "-m", "epplat.cli", "serve", model, "--headless", *args],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **DEPLOYMENT, **(env or {})}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_headless(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+>>>>>>> main
 
 
 class Server:
@@ -46,7 +87,7 @@ class Server:
         cmd = [sys.executable, "-m", "epplat.cli", "serve", *([model] if model else []),
                "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **DEPLOYMENT, **(env or {})},
                                      start_new_session=True)
         self._wait_healthy(timeout)
 

@@ -22,6 +22,7 @@ from epplat.core.engine.frame_auth import FrameAuth
 from server_utils import Server, group_pids
 
 DP2_EP = ("--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256")
+GENERATED_SECRET = {"EPPLAT_INTERNAL_SECRET": ""}     # single node: the server makes its own
 
 
 class Stream(threading.Thread):
@@ -78,7 +79,7 @@ def greedy(url: str) -> str:
 
 
 def test_sigkill_leaves_no_engine_a_restart_serves_and_sigterm_drains(qwen3_moe_dir):
-    first = Server(str(qwen3_moe_dir), *DP2_EP)
+    first = Server(str(qwen3_moe_dir), *DP2_EP, env=GENERATED_SECRET)
     try:
         streams = [Stream(first.url, 200) for _ in range(2)]
         assert all(s.started.wait(60) for s in streams) and all(s.chunks for s in streams), first.output()
@@ -91,7 +92,7 @@ def test_sigkill_leaves_no_engine_a_restart_serves_and_sigterm_drains(qwen3_moe_
         if group_pids(first.proc.pid):
             os.killpg(first.proc.pid, signal.SIGKILL)
 
-    with Server(str(qwen3_moe_dir), *DP2_EP, port=first.port) as again:   # same flags, same port
+    with Server(str(qwen3_moe_dir), *DP2_EP, port=first.port, env=GENERATED_SECRET) as again:   # same flags, same port
         streams = [Stream(again.url, 120) for _ in range(2)]
         assert all(s.started.wait(60) for s in streams)
         os.killpg(again.proc.pid, signal.SIGTERM)     # to the whole group, as systemd does
@@ -104,7 +105,7 @@ def test_sigkill_leaves_no_engine_a_restart_serves_and_sigterm_drains(qwen3_moe_
 
 
 def test_bad_frames_are_dropped_and_a_stopped_engine_ends_the_server(qwen3_moe_dir):
-    s = Server(str(qwen3_moe_dir), *DP2_EP, env={"EPPLAT_ENGINE_ITERATION_TIMEOUT_S": "3"})
+    s = Server(str(qwen3_moe_dir), *DP2_EP, env={"EPPLAT_ENGINE_ITERATION_TIMEOUT_S": "3", **GENERATED_SECRET})
     try:
         before = greedy(s.url)
         folder, ctx = ipc_dir(s), zmq.Context()

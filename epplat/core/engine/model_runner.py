@@ -8,6 +8,7 @@ prompt (or recomputation) is complete after this step.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from typing import Optional
@@ -62,6 +63,8 @@ class ModelRunner:
         self.arch = arch
         self.model_cfg = arch.parse_config(hf)
         self.dtype, dtype_note = resolve_dtype(cfg.model.dtype, hf, platform.name)
+        if cfg.speculative is not None:
+            self.model_cfg.use_mtp = True          # deepseek_mtp: the model also builds its MTP layer
         if ps.rank == 0:      # said once, by the first engine process
             for note in filter(None, (dtype_note, platform.slower_path(self.dtype))):
                 logger.warning(note)
@@ -75,7 +78,7 @@ class ModelRunner:
         torch.manual_seed(cfg.model.seed)
         t0 = time.time()
         with torch.device(device):
-            self.model = MoEForCausalLM(self.model_cfg, self.all2all, self.dtype, ps)
+            self.model = getattr(arch, "MODEL", MoEForCausalLM)(self.model_cfg, self.all2all, self.dtype, ps)
         quant = load_quant_method(cfg, arch.canonical_name, platform.name)
         if quant:
             quant.process_model(self.model)
@@ -100,6 +103,8 @@ class ModelRunner:
         runner = "eager" if cfg.enforce_eager else platform.default_graph_runner
         self.graph = reg.load("graph_runner", runner, platform.name)(self.model, device)
         self.block_size = cfg.cache.block_size
+        self.drafter = None                        # set by the engine core with --speculative-config
+        self.rows: list = []                       # (request, first row, first position) of the last step
 
     def _eplb_state(self, emap: ExpertMap):
         from epplat.core.moe.eplb_state import EplbState
@@ -117,19 +122,17 @@ class ModelRunner:
                    for p in (layer.mlp.w13, layer.mlp.w2))
 
     def kv_bytes_per_block(self) -> int:
-        c = self.model_cfg
+        """Every layer's KV cache tensors (an MLA layer: one latent "head") for one block."""
         elt = torch.tensor([], dtype=self.dtype).element_size()
-        kvh = self.model.layers[0].self_attn.kvh
-        return 2 * c.num_layers * self.block_size * kvh * c.head_dim * elt
+        return sum(math.prod(s) for attn in self.model.kv_layers()
+                   for s in attn.kv_cache_shapes(1, self.block_size)) * elt
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """num_blocks usable blocks, then a zero pad block and a scratch block (graph padding writes)."""
-        c = self.model_cfg
         self.pad_block = num_blocks
-        shape = (num_blocks + 2, self.block_size, self.model.layers[0].self_attn.kvh, c.head_dim)
-        for layer in self.model.layers:
-            kv = (self.platform.zeros(shape, self.dtype, self.device), self.platform.zeros(shape, self.dtype, self.device))
-            layer.self_attn.kv_cache = kv
+        for attn in self.model.kv_layers():
+            attn.kv_cache = tuple(self.platform.zeros(s, self.dtype, self.device)
+                                  for s in attn.kv_cache_shapes(num_blocks + 2, self.block_size))
 
     def capture_graphs(self, max_model_len: int) -> None:
         """Capture decode steps when the graph runner can (after the KV cache exists)."""
@@ -150,6 +153,34 @@ class ModelRunner:
         self.graph.capture(sizes, -(-max_model_len // self.block_size), self.pad_block,
                            (self.pad_block + 1) * self.block_size)
         logger.info("Graph capturing finished in %.1f s", time.time() - t0)
+
+    @torch.inference_mode()
+    def warm_up(self, max_model_len: int) -> None:
+        """Run steps of every size class the kernels specialise on (prefill chunks of 1 to
+        max_num_batched_tokens tokens, decode batches mixed with a prefill chunk) into the scratch
+        block, so that no request pays a kernel compile. Only for platforms whose kernels compile
+        on first use (``compiles_kernels``)."""
+        if not getattr(self.platform, "compiles_kernels", False):
+            return
+        t0 = time.time()
+        sched, scratch = self.cfg.scheduler, self.pad_block + 1
+        sizes = sorted({n for p in range(20) for n in (1 << p, 3 << p >> 1) if n <= sched.max_num_batched_tokens})
+        steps = []
+        for n in sizes:
+            lens = [min(max_model_len, n - i) for i in range(0, n, max_model_len)]
+            steps.append([(m, m) for m in lens])
+        steps += [[(1, 1)] * b + [(2, 2)] for b in sizes if b < sched.max_num_seqs and b + 2 <= sched.max_num_batched_tokens]
+        eplb, self.eplb = self.eplb, None
+        try:
+            for seqs in steps:
+                total = sum(q for _, q in seqs)
+                self.forward(ModelInput([0] * total, [p for c, q in seqs for p in range(c - q, c)],
+                                        [(c, q, [scratch] * -(-c // self.block_size)) for c, q in seqs],
+                                        [total] * self.ps.ep_size if self.ps.ep_size > 1 else None))
+        finally:
+            self.eplb = eplb
+        self.platform.synchronize()
+        logger.info("Kernel warm-up (%d step shapes) took %.1f s", len(steps), time.time() - t0)
 
     @torch.inference_mode()
     def profile_run(self, max_model_len: int) -> int:
@@ -176,8 +207,8 @@ class ModelRunner:
                 eplb.reset()
         self.model.compute_logits(hidden[-min(len(hidden), self.cfg.scheduler.max_num_seqs):])
         scratch = (nblk + 2) * self.kv_bytes_per_block()
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None
+        for attn in self.model.kv_layers():
+            attn.kv_cache = None
         return scratch
 
     def num_blocks_from_memory(self, max_model_len: int) -> int:
@@ -195,13 +226,17 @@ class ModelRunner:
         """Lay a scheduled batch out as a ModelInput (decodes first); returns it and who samples where."""
         batch = sorted(batch, key=lambda rn: rn[1] != 1)
         ids, pos, seqs, sample_rows, sample_reqs = [], [], [], [], []
+        self.rows = []
         for req, n in batch:
             start = req.num_computed
-            ids.extend(req.token_ids[start:start + n])
+            self.rows.append((req, len(ids), start))
+            # speculative drafts follow the request's tokens; every one of them is sampled at too
+            tokens = req.token_ids + req.spec_token_ids if req.spec_token_ids else req.token_ids
+            ids.extend(tokens[start:start + n])
             pos.extend(range(start, start + n))
             seqs.append((start + n, n, req.block_table))
-            if start + n == req.num_tokens:
-                sample_rows.append(len(ids) - 1)
+            for p in range(max(start, req.num_tokens - 1), start + n):
+                sample_rows.append(len(ids) - (start + n - p))
                 sample_reqs.append(req)
         return ModelInput(ids, pos, seqs, ep_counts), sample_rows, sample_reqs
 
@@ -221,7 +256,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Request, int]], ep_counts=None, publish=None):
-        """Run one step; returns {request_id: (token, logprobs)} for requests that sampled.
+        """Run one step; returns {request_id: [(token, logprobs), ...]} for requests that sampled (one
+        pair, or with speculative drafts one per draft and one after them).
 
         ``publish(model_input)`` sends the step to this DP rank's TP workers first.
         """
@@ -229,10 +265,11 @@ class ModelRunner:
         if publish is not None:
             publish(mi)
         hidden = self.forward(mi)
-        out = {}
+        self.hidden = hidden if self.drafter is not None else None
+        out: dict = {}
         if sample_reqs:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
             tokens, logprobs = sample(logits, sample_reqs)
             for req, tok, lp in zip(sample_reqs, tokens, logprobs):
-                out[req.request_id] = (tok, lp)
+                out.setdefault(req.request_id, []).append((tok, lp))
         return out
