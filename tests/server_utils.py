@@ -63,8 +63,8 @@ def start_headless(model: str, *args: str, env: dict | None = None) -> subproces
     """`epplat serve MODEL --headless ARGS...`: a second node's engines, in their own process group
     (end it with ``kill_headless`` if the primary's shutdown did not)."""
     return subprocess.Popen([sys.executable, "-m", "epplat.cli", "serve", model, "--headless", *args],
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **DEPLOYMENT, **(env or {})}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **DEPLOYMENT, **(env or {})},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def kill_headless(proc: subprocess.Popen) -> None:
