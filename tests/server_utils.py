@@ -24,7 +24,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-<<<<<<< HEAD
 def group_pids(pgid: int) -> list[int]:
     """The live (not zombie) processes of a process group (a Server's, as it starts a new session)."""
     pids = []
@@ -37,7 +36,8 @@ def group_pids(pgid: int) -> list[int]:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 pids.append(int(p))
     return pids
-=======
+
+
 def rpc_port() -> int:
     """A base port for --data-parallel-rpc-port with the ports epplat derives from it (+1, +2, +10..+13) free."""
     for _ in range(100):
@@ -71,7 +71,6 @@ def kill_headless(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
->>>>>>> main
 
 
 class Server:
