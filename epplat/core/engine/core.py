@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
+import msgspec
 import torch
 import torch.distributed as dist
 
 from epplat.config import ConfigError, EngineConfig
+from epplat.connectors.base import KVConnectorRole
+from epplat.connectors.loader import make_connector
 from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.engine.block_manager import BlockManager
 from epplat.core.engine.model_runner import ModelRunner
@@ -36,6 +40,7 @@ def init_kv_cache(runner: ModelRunner, cfg: EngineConfig, ps: ParallelState) -> 
         raise ConfigError(f"the KV cache holds {tokens} tokens, fewer than --max-model-len "
                           f"{max_model_len}; lower --max-model-len or give the KV cache more memory")
     runner.allocate_kv_cache(num_blocks)
+    runner.attach_kv_connector()
     runner.capture_graphs(max_model_len)
     if ps.is_driver:
         prefix = runner.platform.log_prefix()
@@ -54,10 +59,12 @@ class EngineCore:
         self.runner = runner or ModelRunner(cfg, platform, device, self.ps)
         self.num_blocks, self.max_model_len = init_kv_cache(self.runner, cfg, self.ps)
         self.blocks = BlockManager(self.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(cfg.scheduler, self.blocks)
+        self.kv_connector = make_connector(cfg, KVConnectorRole.SCHEDULER, self.ps.dp_rank)
+        self.scheduler = Scheduler(cfg.scheduler, self.blocks, self.kv_connector)
         self.client_of: dict[str, int] = {}
         self.num_received = 0
         self.stat_log = StatLog(self.ps.dp_rank)
+        self.num_prompt_tokens_computed = 0
 
     def add_request(self, er: EngineRequest) -> None:
         self.num_received += 1
@@ -75,19 +82,45 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def kv_pending(self) -> bool:
+        """Requests waiting on KV transfers (loads in flight, blocks held for another engine)."""
+        return self.scheduler.kv_pending()
+
+    def poll_kv(self) -> None:
+        """Between steps: hand the workers what the connector decided since the last step, and take their
+        report of finished KV transfers (this process's worker side)."""
+        worker = self.runner.kv_connector
+        if worker is None or not self.scheduler.kv_pending():
+            return
+        meta = self.kv_connector.build_connector_meta()
+        if meta != type(meta)():
+            worker.start_load_kv(meta)
+        self.scheduler.kv_finished(*worker.get_finished(), worker.get_failed_loads())
+
     def schedule(self):
+        self.poll_kv()
         return self.scheduler.schedule()
+
+    def _kv_meta(self) -> Optional[bytes]:
+        if self.kv_connector is None:
+            return None
+        return msgspec.msgpack.encode(self.kv_connector.build_connector_meta())
 
     def run(self, batch, ep_counts=None, publish=None) -> list[EngineOutput]:
         """Execute a scheduled batch. In a DP wave an empty batch still runs the (empty) forward,
         so this rank takes part in the MoE collectives, unless no rank has tokens."""
+        kv_meta = self._kv_meta()
         if not batch:
             if ep_counts and any(ep_counts):
-                self.runner.execute([], ep_counts, publish)
+                self.runner.execute([], ep_counts, publish, kv_meta)
+            elif kv_meta is not None:
+                self.runner.kv_start_load(kv_meta)      # asynchronous loads start with no step to ride on
             return []
-        sampled = self.runner.execute(batch, ep_counts, publish)
+        sampled = self.runner.execute(batch, ep_counts, publish, kv_meta)
         outputs = []
-        prompt_tokens = sum(n for req, n in batch if req.num_computed < req.prompt_len)
+        prompt_tokens = sum(min(n, req.prompt_len - req.num_computed) for req, n in batch
+                            if req.num_computed < req.prompt_len)
+        self.num_prompt_tokens_computed += prompt_tokens
         for req, n in batch:
             req.num_computed += n
             self.blocks.cache_full_blocks(req)
@@ -95,11 +128,12 @@ class EngineCore:
                 continue
             tok, lp = sampled[req.request_id]
             req.append(tok, self.max_model_len)
-            outputs.append(EngineOutput(req.request_id, [tok], logprobs=[lp] if lp else None,
-                                        finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-                                        num_prompt_tokens=req.prompt_len, num_cached_tokens=req.num_cached_tokens))
             if req.finish_reason:
                 self.scheduler.finish(req)
+            outputs.append(EngineOutput(req.request_id, [tok], logprobs=[lp] if lp else None,
+                                        finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                                        num_prompt_tokens=req.prompt_len, num_cached_tokens=req.num_cached_tokens,
+                                        kv_transfer_params=req.kv_transfer_out))
         self.stat_log.step(prompt_tokens, len(outputs), self.scheduler, self.blocks)
         return outputs
 
@@ -114,4 +148,5 @@ class EngineCore:
                            num_total_blocks=self.num_blocks, num_requests_received=self.num_received,
                            eplb_balancedness=eplb.measured if eplb else -1.0,
                            eplb_rebalances=eplb.rebalances if eplb else 0,
-                           prefix_cache_queries=self.blocks.queries, prefix_cache_hits=self.blocks.hits)
+                           prefix_cache_queries=self.blocks.queries, prefix_cache_hits=self.blocks.hits,
+                           num_prompt_tokens_computed=self.num_prompt_tokens_computed)
