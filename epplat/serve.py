@@ -88,7 +88,8 @@ def add_cli(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--max-model-len", type=_int_range(1), default=None)
     p.add_argument("--max-num-seqs", type=_int_range(1), default=256)
-    p.add_argument("--max-num-batched-tokens", type=_int_range(1), default=None)
+    p.add_argument("--max-num-batched-tokens", type=_int_range(1), default=None,
+                   help="tokens a step may schedule (default 2048; 16384 on cuda)")
     p.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128], default=16)
     p.add_argument("--num-gpu-blocks-override", type=_int_range(1), default=None,
                    help="use this many KV cache blocks instead of sizing from memory")
@@ -162,7 +163,8 @@ def engine_config_from_args(args) -> EngineConfig:
         logger.info("--all2all-backend %s is used for the MoE layers' (single-rank) dispatch; "
                     "add --enable-expert-parallel to spread experts over ranks", args.all2all_backend)
     max_len = args.max_model_len or hf.get("max_position_embeddings") or 2048
-    batched = args.max_num_batched_tokens or max(2048, args.max_num_seqs)
+    default_batched = getattr(reg.load("platform", platform), "default_max_num_batched_tokens", 2048)
+    batched = args.max_num_batched_tokens or max(default_batched, args.max_num_seqs)
     if not args.enable_chunked_prefill and batched < max_len:
         raise ConfigError(f"--max-num-batched-tokens ({batched}) is smaller than --max-model-len ({max_len}); "
                           "enable chunked prefill or raise it")
@@ -243,7 +245,7 @@ def _check_layout(mc, par: ParallelConfig) -> None:
                           f"--tensor-parallel-size {tp}")
     if par.enable_expert_parallel:
         redundant = par.eplb.num_redundant_experts
-        if (mc.num_experts + redundant) % world:
+        if par.enable_eplb and (mc.num_experts + redundant) % world:   # otherwise the first ranks hold one more
             extra = f" + {redundant} redundant" if redundant else ""
             raise ConfigError(f"{mc.num_experts}{extra} experts do not divide over EP size {world} "
                               f"(tensor-parallel-size x data-parallel-size)")

@@ -19,6 +19,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rpc_port() -> int:
+    """A base port for --data-parallel-rpc-port with the ports epplat derives from it (+1, +2, +10..+13) free."""
+    for _ in range(100):
+        base = free_port()
+        if base > 65000:
+            continue
+        try:
+            socks = []
+            for off in (0, 1, 2, 10, 11, 12, 13):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + off))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def start_headless(model: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`epplat serve MODEL --headless ARGS...`: a second node's engines, in their own process group
+    (end it with ``kill_headless`` if the primary's shutdown did not)."""
+    return subprocess.Popen([sys.executable, "-m", "epplat.cli", "serve", model, "--headless", *args],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_headless(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class Server:
     """`epplat serve MODEL ARGS...` as a subprocess; its log is kept for failure messages."""
 

@@ -82,7 +82,7 @@ def test_checkpoint_missing_a_tensor_is_one_error_line(mixtral_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["-dp", "3", "-ep"], "8 experts do not divide over EP size 3"),
+    (["-dp", "3", "-ep", "--enable-eplb"], "8 experts do not divide over EP size 3"),   # EPLB: even counts
     (["-tp", "3"], "do not divide over --tensor-parallel-size 3"),
     (["-dp", "2", "--data-parallel-start-rank", "1", "--data-parallel-address", "127.0.0.1"], "runs --headless"),
     (["-dp", "2", "--data-parallel-size-local", "1"], "need --data-parallel-address"),

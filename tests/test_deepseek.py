@@ -5,6 +5,7 @@ DeepseekV3ForCausalLM on `epplat make-model` checkpoints, and the KV cache holds
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -63,3 +64,54 @@ def test_single_process_matches_transformers_and_caches_the_latent(arch, request
         log = s.output()
     assert "KV cache size: 10,240 tokens" in log, log
     assert re.search(r"Maximum concurrency for 256 tokens per request: 40\.00x", log), log
+
+
+@pytest.fixture(scope="module")
+def v3_uneven_dir(tmp_path_factory):
+    """10 routed experts in 2 groups: over 4 EP ranks the first two hold 3, the others 2."""
+    from epplat.core.model.make_model import make_model
+    return make_model("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3_uneven"), experts=10, seed=5,
+                      q_lora_rank=32, n_group=2, topk_group=1, **DIMS)
+
+
+def test_tensor_parallel_2_splits_mla_heads(v2_dir):
+    with Server(str(v2_dir), "--dtype", "float32", "-tp", "2", "--max-model-len", "256",
+                "--max-num-batched-tokens", "32", "--served-model-name", "ds") as s:
+        assert complete(s.url, "ds", PROMPTS) == expected(v2_dir)
+
+
+def test_dp2_tp2_ep_with_experts_that_do_not_divide(v3_uneven_dir):
+    with Server(str(v3_uneven_dir), "--dtype", "float32", "-dp", "2", "-tp", "2", "-ep", "--max-model-len", "256",
+                "--served-model-name", "ds", timeout=180) as s:
+        assert complete(s.url, "ds", PROMPTS) == expected(v3_uneven_dir)
+        log = s.output()
+    for needle in ("EP rank 0/4 holds experts 0-2 of 10", "EP rank 1/4 holds experts 3-5 of 10",
+                   "EP rank 2/4 holds experts 6-7 of 10", "EP rank 3/4 holds experts 8-9 of 10"):
+        assert needle in log, log
+
+
+def test_dp2_ep_eplb_with_redundant_experts(v3_dir):
+    cfg = {"window_size": 8, "step_interval": 8, "num_redundant_experts": 2}
+    with Server(str(v3_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
+                "--enable-eplb", "--eplb-config", json.dumps(cfg), "--served-model-name", "ds") as s:
+        assert "EP rank 1/2 holds physical experts 5-9 of 10 (logical experts [5, 6, 7, 0, 1])" in s.output()
+        want = expected(v3_dir)
+        for _ in range(3):                       # before, during and after rebalances
+            assert complete(s.url, "ds", PROMPTS) == want
+        assert re.search(r"EPLB rebalance \d+ at step", s.output()), s.output()[-3000:]
+
+
+def test_expert_map_gives_the_first_ranks_one_more_and_even_backends_refuse():
+    from epplat.core.moe.all2all import All2AllBackend, ExpertMap
+    assert [list(ExpertMap(10, r, 4).local_ids) for r in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert ExpertMap(8, 2, 3, num_redundant=1).local_ids == range(6, 9)
+    with pytest.raises(ValueError, match="the base all2all backend needs the 10 experts to divide over the 4 EP"):
+        All2AllBackend(ExpertMap(10, 0, 4))
+
+
+def test_qwen3_dp3_ep_naive_with_experts_that_do_not_divide(qwen3_moe_dir):
+    """Not DeepSeek only: 8 Qwen3-MoE experts over 3 EP ranks (3, 3, 2)."""
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "-dp", "3", "-ep", "--all2all-backend", "naive",
+                "--max-model-len", "256", "--served-model-name", "q", timeout=180) as s:
+        assert complete(s.url, "q", PROMPTS[:4]) == expected(qwen3_moe_dir, PROMPTS[:4])
+        assert "EP rank 2/3 holds experts 6-7 of 8" in s.output()
