@@ -106,6 +106,9 @@ class EngineStats(msgspec.Struct):
     prefix_cache_queries: int = 0       # prompt tokens looked up in the prefix cache since the engine started
     prefix_cache_hits: int = 0          # of which were found there
     num_prompt_tokens_computed: int = 0 # prompt tokens this engine computed (not cached, not received)
+    spec_num_drafts: int = 0            # speculative decoding totals (vLLM's spec_decode_num_*)
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 class EngineOutputs(msgspec.Struct, tag="outputs"):

@@ -23,8 +23,9 @@ from epplat.core.engine.request import Request, Status
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, connector=None):
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, lookahead: int = 0, connector=None):
         self.cfg, self.blocks, self.connector = cfg, blocks, connector
+        self.lookahead = lookahead    # KV slots a running request gets beyond its step (speculative drafting)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -90,6 +91,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.blocks.release(req)
         req.num_computed = 0
+        req.spec_token_ids = []
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1
@@ -101,8 +103,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
-            while not self.blocks.allocate(req, n):
+            n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed, budget)
+            while not self.blocks.allocate(req, n + self.lookahead):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True

@@ -1,6 +1,6 @@
 """Prometheus metrics for /metrics, with vLLM's metric names under the ``epplat:`` prefix.
 
-The prefix cache counters are exported under vLLM's own names as well (``vllm:prefix_cache_queries``,
+The prefix cache counters are also exported under vLLM's own names (``vllm:prefix_cache_queries``,
 ``vllm:prefix_cache_hits``), which dashboards read for the hit rate."""
 
 from __future__ import annotations
@@ -49,15 +49,18 @@ class Metrics:
                                        registry=r).labels(model_name)
         self.eplb_rebalances = Gauge("epplat:eplb_rebalances", "EPLB rebalances since the engines started.", m,
                                      registry=r).labels(model_name)
-        # engine totals, fed as differences (see _advance): (stats field, counters it advances)
-        self._totals = [(f"prefix_cache_{what}", [Counter(f"{ns}:prefix_cache_{what}", f"Prefix cache: prompt tokens "
-                                                          f"{doc}.", m, registry=r).labels(model_name)
-                                                  for ns in ("epplat", "vllm")])
-                        for what, doc in (("queries", "looked up"), ("hits", "found cached"))]
-        self._totals.append(("num_prompt_tokens_computed", [Counter(
+        self.prefix_cache = [Counter(f"{ns}:prefix_cache_{what}", f"Prefix cache: prompt tokens {doc}.", m,
+                                     registry=r).labels(model_name)
+                             for ns in ("epplat", "vllm")
+                             for what, doc in (("queries", "looked up"), ("hits", "found cached"))]
+        self.spec_decode = [Counter(f"epplat:spec_decode_num_{what}", f"Speculative decoding: {doc}.", m,
+                                    registry=r).labels(model_name)
+                            for what, doc in (("drafts", "draft proposals"), ("draft_tokens", "draft tokens proposed"),
+                                              ("accepted_tokens", "draft tokens accepted"))]
+        self.prompt_tokens_computed = Counter(
             "epplat:prompt_tokens_computed", "Prompt tokens whose KV the engines computed (neither found in the "
-            "prefix cache nor received through a KV connector).", m, registry=r).labels(model_name)]))
-        self._seen: dict[str, int] = {}
+            "prefix cache nor received through a KV connector).", m, registry=r).labels(model_name)
+        self._seen: dict = {}
         self.ttft = Histogram("epplat:time_to_first_token_seconds", "Time to first token in seconds.", m,
                               buckets=_TTFT, registry=r).labels(model_name)
         self.itl = Histogram("epplat:inter_token_latency_seconds", "Time between output tokens in seconds.", m,
@@ -78,7 +81,11 @@ class Metrics:
             self.waiting.set(stats.num_waiting)
             self.kv_usage.set(stats.kv_usage)
             self.preemptions.set(stats.num_preemptions)
-            self._advance(stats)
+            q, h = stats.prefix_cache_queries, stats.prefix_cache_hits
+            self._advance("prefix", self.prefix_cache, (q, h, q, h))
+            self._advance("spec", self.spec_decode,
+                          (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens))
+            self._advance("computed", [self.prompt_tokens_computed], (stats.num_prompt_tokens_computed,))
         for rank, st in (per_engine or {}).items():
             self.engine_requests(self.model, str(rank)).set(st.num_requests_received)
             if st.eplb_balancedness >= 0:      # the same on every rank: measured over the whole EP group
@@ -86,15 +93,14 @@ class Metrics:
                 self.eplb_rebalances.set(st.eplb_rebalances)
         return generate_latest(self.registry)
 
-    def _advance(self, stats) -> None:
-        """The engines report totals; counters advance by what is new since the last render (an engine that
-        restarted from zero adds from zero again)."""
-        for field, counters in self._totals:
-            total = getattr(stats, field)
-            seen = self._seen.get(field, 0)
-            self._seen[field] = total
-            for c in counters:
-                c.inc(total - seen if total >= seen else total)
+    def _advance(self, key: str, counters: list, totals: tuple) -> None:
+        """The engines report totals; the counters advance by what is new since the last render (an engine
+        that restarted from zero adds from zero again)."""
+        seen = self._seen.get(key, (0,) * len(totals))
+        deltas = [t - s for t, s in zip(totals, seen)] if all(t >= s for t, s in zip(totals, seen)) else totals
+        self._seen[key] = totals
+        for counter, d in zip(counters, deltas):
+            counter.inc(d)
 
 
 class RequestTracker:
