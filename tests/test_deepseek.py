@@ -191,3 +191,14 @@ def test_speculative_config_needs_mtp_layers_one_error_line(v3_dir):
                        capture_output=True, text=True, timeout=120)
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
     assert r.returncode != 0 and len(errors) == 1 and "has none (num_nextn_predict_layers)" in errors[0], r.stderr
+
+
+def test_ascend_simulation_dp2_ep_hccl(v3_dir):
+    """The ascend platform's path (SIMULATED torch_npu / HCCL, tests/sim_npu): DP=2 + EP over the hccl all2all."""
+    from test_ascend_sim import SIM_ENV
+    env = {**SIM_ENV, "HCCL_IF_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    with Server(str(v3_dir), "--platform", "ascend", "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
+                "--served-model-name", "ds", env=env) as s:
+        assert complete(s.url, "ds", PROMPTS) == expected(v3_dir)
+        log = s.output()
+    assert "platform ascend" in log and log.count("all2all hccl") == 2, log
