@@ -66,81 +66,77 @@ class Filtered(NamedTuple):
     ids: Optional[torch.Tensor]
 
 
+def _narrow(p, vocab: int) -> bool:
+    return 0 < p.top_k < vocab or p.top_p < 1.0
+
+
 def filtered(logits: torch.Tensor, reqs: list[Request]) -> list[Filtered]:
     """The sampling distribution of every row, in groups of rows that share a way of computing it."""
     logits = logits.float()
     vocab = logits.shape[1]
     plain, narrow, seeded = [], [], []
     for i, r in enumerate(reqs):
-        p = r.params
-        if r.generator is not None:
-            seeded.append([i])
-        elif 0 < p.top_k < vocab or p.top_p < 1.0:
-            narrow.append(i)
-        else:
-            plain.append(i)
+        (seeded.append([i]) if r.generator is not None else (narrow if _narrow(r.params, vocab) else plain).append(i))
     out = []
     for rows in [g for g in (plain, narrow) if g] + seeded:
-        sub = [reqs[i] for i in rows]
+        sub = [r.params for r in (reqs[i] for i in rows)]
         x = logits[rows] if len(rows) < len(reqs) else logits
-        temps = [r.params.temperature for r in sub]
-        if any(t != 1.0 for t in temps):
-            x = x / torch.tensor(temps, device=x.device)[:, None]
-        if all(0 >= r.params.top_k or r.params.top_k >= vocab for r in sub) and all(r.params.top_p >= 1.0 for r in sub):
-            out.append(Filtered(rows, _exp_min_p(x, sub), None))
+        is_narrow = _narrow(sub[0], vocab)
+        prm = None
+        if is_narrow or any(p.temperature != 1.0 or p.min_p > 0 for p in sub):
+            # one host-to-device copy a group: temperature, top_p, log(min_p), top_k, no top-k
+            prm = torch.tensor([[p.temperature, p.top_p, math.log(p.min_p) if p.min_p > 0 else -math.inf,
+                                 p.top_k if 0 < p.top_k < vocab else vocab, not 0 < p.top_k < vocab] for p in sub],
+                               dtype=torch.float32, device=x.device)
+            if any(p.temperature != 1.0 for p in sub):
+                x = x / prm[:, 0:1]
+        if is_narrow:
+            out.extend(_narrowed(x, [p.top_k if 0 < p.top_k < vocab else 0 for p in sub], rows, prm))
         else:
-            out.extend(_narrowed(x, sub, rows))
+            out.append(Filtered(rows, _exp_min_p(x, prm[:, 2:3] if any(p.min_p > 0 for p in sub) else None), None))
     return out
 
 
-def _exp_min_p(x: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """exp(x - max) over the vocabulary (the softmax, not yet normalized), zero where min-p drops."""
-    e = (x - x.amax(dim=-1, keepdim=True)).exp_()
-    min_p = [r.params.min_p for r in reqs]
-    if any(m > 0 for m in min_p):
-        e.masked_fill_(e < torch.tensor(min_p, device=x.device)[:, None], 0.0)
-    return e
+def _exp_min_p(x: torch.Tensor, floor: Optional[torch.Tensor]) -> torch.Tensor:
+    """exp(x - max) over the vocabulary (the softmax, not yet normalized), zero where min-p drops
+    (x - max below log(min_p))."""
+    d = x - x.amax(dim=-1, keepdim=True)
+    if floor is not None:
+        d.masked_fill_(d < floor, float("-inf"))
+    return d.exp_()
 
 
-def _narrowed(x: torch.Tensor, reqs: list[Request], rows: list[int]) -> list[Filtered]:
-    """Rows with top-k or top-p over their best tokens only (a partial selection)."""
+def _narrowed(x: torch.Tensor, top_k: list[int], rows: list[int], prm: torch.Tensor) -> list[Filtered]:
+    """Rows with top-k (0: none) or top-p over their best tokens only (a partial selection)."""
     vocab = x.shape[1]
     dev = x.device
-    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in reqs]
-    top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
-    min_p = [r.params.min_p for r in reqs]
-    floor = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p], device=dev)
     no_k = [k == 0 for k in top_k]
     # with no top-k, top-p renormalizes over every min-p survivor of the vocabulary
     full_norm = None
     if any(no_k):
-        full_norm = x.masked_fill(x < x.amax(dim=-1, keepdim=True) + floor[:, None], float("-inf")).logsumexp(-1)
+        full_norm = x.masked_fill(x < x.amax(dim=-1, keepdim=True) + prm[:, 2:3], float("-inf")).logsumexp(-1)
     width = max([k for k in top_k if k] + ([min(vocab, FIRST_CANDIDATES)] if any(no_k) else []))
-    todo = list(range(len(reqs)))
+    todo = list(range(len(rows)))
     out = []
     while todo:
-        sub = torch.tensor(todo, device=dev) if len(todo) < len(reqs) else None
-        xs = x if sub is None else x[sub]
+        sub = torch.tensor(todo, device=dev) if len(todo) < len(rows) else None
+        xs, p = (x, prm) if sub is None else (x[sub], prm[sub])
         vals, ids = xs.topk(width, dim=-1) if width < vocab else xs.sort(dim=-1, descending=True)
-        ranks = torch.arange(width, device=dev)[None, :]
-        k = torch.tensor([top_k[i] or vocab for i in todo], device=dev)
-        fl = floor if sub is None else floor[sub]
-        drop = (vals < vals[:, :1] + fl[:, None]) | (ranks >= k[:, None])
+        drop = (vals < vals[:, :1] + p[:, 2:3]) | (torch.arange(width, device=dev)[None, :] >= p[:, 3:4])
         drop[:, 0] = False
         vals = vals.masked_fill(drop, float("-inf"))
         norm = vals.logsumexp(-1)
         if full_norm is not None:
-            nk = torch.tensor([no_k[i] for i in todo], device=dev)
-            norm = torch.where(nk, full_norm if sub is None else full_norm[sub], norm)
+            norm = torch.where(p[:, 4] > 0, full_norm if sub is None else full_norm[sub], norm)
         probs = (vals - norm[:, None]).exp()
-        tp = top_p if sub is None else top_p[sub]
-        drop = ((probs.cumsum(dim=-1) - probs) >= tp[:, None]) & (tp[:, None] < 1)   # mass before each token
+        tp = p[:, 1:2]
+        drop = ((probs.cumsum(dim=-1) - probs) >= tp) & (tp < 1)   # mass strictly before each token
         drop[:, 0] = False
         # a row without top-k is complete when its selection holds top_p of the mass: every token
         # past it then has at least that much before it
         complete = [True] * len(todo)
         if width < vocab and any(no_k[i] for i in todo):
-            held = (probs.sum(dim=-1) >= tp).tolist()
+            held = (probs.sum(dim=-1) >= tp[:, 0]).tolist()
             complete = [held[j] or not no_k[i] for j, i in enumerate(todo)]
         probs = probs.masked_fill(drop, 0.0)
         done = [j for j, c in enumerate(complete) if c]

@@ -20,58 +20,43 @@ Tiles of experts nobody routed to are never launched past their first id load.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from epplat.platforms.cuda.triton_moe import _ACTS, MAX_ASSIGNMENTS, _sum_kernel, triton_experts
+from epplat.platforms.cuda.triton_moe import _ACTS, MAX_ASSIGNMENTS, Tiles, _sum_kernel, triton_experts
 
 
-class SortedTiles(NamedTuple):
-    bm: int = 64         # rows of a tile (one expert's)
-    bn1: int = 64        # gate/up columns per program (each of gate and up)
-    bk1: int = 64        # hidden (reduction) step of the gate/up GEMM
-    bn2: int = 128       # output columns per program of the down GEMM
-    bk2: int = 64        # expert-width (reduction) step of the down GEMM
-    stages: int = 4
-    warps: int = 4
-
-    @classmethod
-    def parse(cls, text: str) -> "SortedTiles":
-        return cls(*(int(v) for v in text.split("-")))
-
-    def __str__(self):
-        return "-".join(str(v) for v in self)
-
-
-def _tiles(num_assign: int, experts: int) -> SortedTiles:
+def _tiles(num_assign: int, experts: int) -> Tiles:
     """Tiles by rows per expert, from the sweep of benchmarks/moe_layer_bench.py on an H200 (hidden
     2048, width 768): narrow row tiles while experts get few rows (less padding), then 128-row
     tiles with 8 warps, gate/up 128 columns wide from 256 rows per expert."""
     per_expert = num_assign / max(1, experts)
-    if per_expert <= 8:
-        return SortedTiles(bm=16)
     if per_expert <= 32:
-        return SortedTiles(bm=64)
-    return SortedTiles(128, 64 if per_expert <= 128 else 128, 64, 128, 64, 3, 8)
+        return Tiles(16 if per_expert <= 8 else 64, 64, 64, 128, 64, 4, 4)
+    return Tiles(128, 64 if per_expert <= 128 else 128, 64, 128, 64, 3, 8)
+
+
+@triton.jit
+def _tile_rows(rows_ptr, tile_expert_ptr, num_assign, BM: tl.constexpr):
+    """(expert, positions, assignment rows, which rows are real) of this program's tile."""
+    e = tl.load(tile_expert_ptr + tl.program_id(1))
+    m = tl.program_id(1) * BM + tl.arange(0, BM)
+    rows = tl.load(rows_ptr + m)
+    return e, m, rows, rows < num_assign
 
 
 @triton.jit
 def _sorted_gate_up_kernel(x_ptr, rows_ptr, tile_expert_ptr, w_ptr, h_ptr, num_assign, hidden, inter, stride_we,
                            K: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    tile = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile)
+    e, m, rows, valid = _tile_rows(rows_ptr, tile_expert_ptr, num_assign, BM)
     if e < 0:
         return
-    m = tile * BM + tl.arange(0, BM)
-    rows = tl.load(rows_ptr + m)
-    valid = rows < num_assign
     tok = (rows // K).to(tl.int64)
-    n = pid_n * BN + tl.arange(0, BN)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < inter
     w_base = w_ptr + e.to(tl.int64) * stride_we
     acc_g = tl.zeros([BM, BN], tl.float32)
@@ -95,15 +80,10 @@ def _sorted_gate_up_kernel(x_ptr, rows_ptr, tile_expert_ptr, w_ptr, h_ptr, num_a
 @triton.jit
 def _sorted_down_kernel(h_ptr, rows_ptr, tile_expert_ptr, tw_ptr, w_ptr, y_ptr, num_assign, hidden, inter,
                         stride_we, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    tile = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile)
+    e, m, rows, valid = _tile_rows(rows_ptr, tile_expert_ptr, num_assign, BM)
     if e < 0:
         return
-    m = tile * BM + tl.arange(0, BM)
-    rows = tl.load(rows_ptr + m)
-    valid = rows < num_assign
-    n = pid_n * BN + tl.arange(0, BN)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < hidden
     w_base = w_ptr + e.to(tl.int64) * stride_we
     acc = tl.zeros([BM, BN], tl.float32)
@@ -180,7 +160,7 @@ def sort_by_expert(ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tens
     return rows, tile_expert
 
 
-def sorted_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[SortedTiles] = None):
+def sorted_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tiles] = None):
     """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) for bf16/fp16; ids local, -1 = held elsewhere.
     None for activations or dtypes it does not take."""
     name = getattr(act, "__name__", "")
