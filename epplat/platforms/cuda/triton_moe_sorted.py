@@ -32,11 +32,13 @@ from epplat.platforms.cuda.triton_moe import _ACTS, MAX_ASSIGNMENTS, Tiles, _sum
 def _tiles(num_assign: int, experts: int) -> Tiles:
     """Tiles by rows per expert, from the sweep of benchmarks/moe_layer_bench.py on an H200 (hidden
     2048, width 768): narrow row tiles while experts get few rows (less padding), then 128-row
-    tiles with 8 warps, gate/up 128 columns wide from 256 rows per expert."""
+    tiles with 8 warps, gate/up 128 columns wide from 128 rows per expert, down 256 from 256."""
     per_expert = num_assign / max(1, experts)
     if per_expert <= 32:
         return Tiles(16 if per_expert <= 8 else 64, 64, 64, 128, 64, 4, 4)
-    return Tiles(128, 64 if per_expert <= 128 else 128, 64, 128, 64, 3, 8)
+    if per_expert <= 128:
+        return Tiles(128, 64, 64, 128, 64, 3, 8)
+    return Tiles(128, 128, 64, 128 if per_expert <= 256 else 256, 64, 3, 8)
 
 
 @triton.jit
