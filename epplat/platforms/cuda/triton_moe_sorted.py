@@ -15,7 +15,9 @@ whole tile of BM rows; then:
    routing weight, stored back at each assignment's own row (the unpermute is its store);
 3. ``triton_moe._sum_kernel``: each token's sum over its k rows.
 
-Tiles of experts nobody routed to are never launched past their first id load.
+Tiles of experts nobody routed to are never launched past their first id load. Step-size
+arguments are not specialised on (``do_not_specialize``): Triton would otherwise compile a
+variant per divisibility of the token count, which the warm-up before serving cannot cover.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _tile_rows(rows_ptr, tile_expert_ptr, num_assign, BM: tl.constexpr):
     return e, m, rows, rows < num_assign
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assign"])
 def _sorted_gate_up_kernel(x_ptr, rows_ptr, tile_expert_ptr, w_ptr, h_ptr, num_assign, hidden, inter, stride_we,
                            K: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BK: tl.constexpr):
@@ -79,7 +81,7 @@ def _sorted_gate_up_kernel(x_ptr, rows_ptr, tile_expert_ptr, w_ptr, h_ptr, num_a
              mask=nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assign"])
 def _sorted_down_kernel(h_ptr, rows_ptr, tile_expert_ptr, tw_ptr, w_ptr, y_ptr, num_assign, hidden, inter,
                         stride_we, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     e, m, rows, valid = _tile_rows(rows_ptr, tile_expert_ptr, num_assign, BM)
@@ -101,7 +103,7 @@ def _sorted_down_kernel(h_ptr, rows_ptr, tile_expert_ptr, tw_ptr, w_ptr, y_ptr, 
              mask=valid[:, None] & nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assign"])
 def _count_kernel(ids_ptr, counts_ptr, slot_ptr, num_assign, BLOCK: tl.constexpr):
     """counts[e] += 1 for each assignment routed to e; slot[a]: its place among them (atomic
     order, so rows of one expert sit in any order: each row's products are the same wherever
@@ -113,7 +115,7 @@ def _count_kernel(ids_ptr, counts_ptr, slot_ptr, num_assign, BLOCK: tl.constexpr
     tl.store(slot_ptr + a, slot, mask=here)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles"])
 def _tile_kernel(counts_ptr, pstart_ptr, tile_expert_ptr, experts, tiles, BM: tl.constexpr, EP: tl.constexpr,
                  TB: tl.constexpr):
     """One program: each expert's run padded to whole tiles, where it starts, and which expert
@@ -131,7 +133,7 @@ def _tile_kernel(counts_ptr, pstart_ptr, tile_expert_ptr, experts, tiles, BM: tl
         tl.store(tile_expert_ptr + t, tl.where(first < total, owner, -1), mask=t < tiles)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assign"])
 def _place_kernel(ids_ptr, slot_ptr, pstart_ptr, rows_ptr, num_assign, BLOCK: tl.constexpr):
     a = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     e = tl.load(ids_ptr + a, mask=a < num_assign, other=-1)
