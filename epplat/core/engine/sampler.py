@@ -91,7 +91,8 @@ def filtered(logits: torch.Tensor, reqs: list[Request]) -> list[Filtered]:
             if any(p.temperature != 1.0 for p in sub):
                 x = x / prm[:, 0:1]
         if is_narrow:
-            out.extend(_narrowed(x, [p.top_k if 0 < p.top_k < vocab else 0 for p in sub], rows, prm))
+            out.extend(_narrowed(x, [p.top_k if 0 < p.top_k < vocab else 0 for p in sub], rows, prm,
+                                 any(p.min_p > 0 for p in sub), any(p.top_p < 1.0 for p in sub)))
         else:
             out.append(Filtered(rows, _exp_min_p(x, prm[:, 2:3] if any(p.min_p > 0 for p in sub) else None), None))
     return out
@@ -106,15 +107,19 @@ def _exp_min_p(x: torch.Tensor, floor: Optional[torch.Tensor]) -> torch.Tensor:
     return d.exp_()
 
 
-def _narrowed(x: torch.Tensor, top_k: list[int], rows: list[int], prm: torch.Tensor) -> list[Filtered]:
-    """Rows with top-k (0: none) or top-p over their best tokens only (a partial selection)."""
+def _narrowed(x: torch.Tensor, top_k: list[int], rows: list[int], prm: torch.Tensor, min_p: bool,
+              top_p: bool) -> list[Filtered]:
+    """Rows with top-k (0: none) or top-p over their best tokens only (a partial selection);
+    min_p / top_p: whether any row has one. Weights are exp(logit - row max): nothing is
+    normalized, and top-p compares running weight with top_p times the mass."""
     vocab = x.shape[1]
     dev = x.device
     no_k = [k == 0 for k in top_k]
-    # with no top-k, top-p renormalizes over every min-p survivor of the vocabulary
-    full_norm = None
+    # with no top-k, top-p measures mass against every min-p survivor of the vocabulary
+    full_mass = None
     if any(no_k):
-        full_norm = x.masked_fill(x < x.amax(dim=-1, keepdim=True) + prm[:, 2:3], float("-inf")).logsumexp(-1)
+        d = x - x.amax(dim=-1, keepdim=True)
+        full_mass = d.masked_fill_(d < prm[:, 2:3], float("-inf")).exp_().sum(dim=-1)
     width = max([k for k in top_k if k] + ([min(vocab, FIRST_CANDIDATES)] if any(no_k) else []))
     todo = list(range(len(rows)))
     out = []
@@ -122,29 +127,33 @@ def _narrowed(x: torch.Tensor, top_k: list[int], rows: list[int], prm: torch.Ten
         sub = torch.tensor(todo, device=dev) if len(todo) < len(rows) else None
         xs, p = (x, prm) if sub is None else (x[sub], prm[sub])
         vals, ids = xs.topk(width, dim=-1) if width < vocab else xs.sort(dim=-1, descending=True)
-        drop = (vals < vals[:, :1] + p[:, 2:3]) | (torch.arange(width, device=dev)[None, :] >= p[:, 3:4])
+        d = vals - vals[:, :1]
+        drop = torch.arange(width, device=dev)[None, :] >= p[:, 3:4]
+        if min_p:
+            drop |= d < p[:, 2:3]
         drop[:, 0] = False
-        vals = vals.masked_fill(drop, float("-inf"))
-        norm = vals.logsumexp(-1)
-        if full_norm is not None:
-            norm = torch.where(p[:, 4] > 0, full_norm if sub is None else full_norm[sub], norm)
-        probs = (vals - norm[:, None]).exp()
-        tp = p[:, 1:2]
-        drop = ((probs.cumsum(dim=-1) - probs) >= tp) & (tp < 1)   # mass strictly before each token
-        drop[:, 0] = False
-        # a row without top-k is complete when its selection holds top_p of the mass: every token
-        # past it then has at least that much before it
+        w = d.masked_fill_(drop, float("-inf")).exp_()
         complete = [True] * len(todo)
-        if width < vocab and any(no_k[i] for i in todo):
-            held = (probs.sum(dim=-1) >= tp[:, 0]).tolist()
-            complete = [held[j] or not no_k[i] for j, i in enumerate(todo)]
-        probs = probs.masked_fill(drop, 0.0)
+        if top_p:
+            mass = w.sum(dim=-1)
+            if full_mass is not None:
+                mass = torch.where(p[:, 4] > 0, full_mass if sub is None else full_mass[sub], mass)
+            tp = p[:, 1:2] * mass[:, None]
+            cum = w.cumsum(dim=-1)
+            drop = ((cum - w) >= tp) & (p[:, 1:2] < 1)      # mass strictly before each token
+            drop[:, 0] = False
+            # a row without top-k is complete when its selection holds top_p of the mass: every
+            # token past it then has at least that much before it
+            if width < vocab and any(no_k[i] for i in todo):
+                held = (cum[:, -1] >= tp[:, 0]).tolist()
+                complete = [held[j] or not no_k[i] for j, i in enumerate(todo)]
+            w = w.masked_fill_(drop, 0.0)
         done = [j for j, c in enumerate(complete) if c]
         if len(done) == len(todo):
-            out.append(Filtered([rows[i] for i in todo], probs, ids))
+            out.append(Filtered([rows[i] for i in todo], w, ids))
         elif done:
-            d = torch.tensor(done, device=dev)
-            out.append(Filtered([rows[todo[j]] for j in done], probs[d], ids[d]))
+            dn = torch.tensor(done, device=dev)
+            out.append(Filtered([rows[todo[j]] for j in done], w[dn], ids[dn]))
         todo = [i for j, i in enumerate(todo) if not complete[j]]
         width = min(vocab, width * WIDEN)
     return out
@@ -180,13 +189,12 @@ def _draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Te
     u * total (a column without mass never does). An exponential race would need a random
     number per column, and drawing those costs more than the rest of the sampler on a CPU."""
     cum = probs.cumsum(dim=-1)
-    total = cum[:, -1:]
     if generator is not None:
         u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device)
     else:
         u = torch.rand(probs.shape[0], 1, device=probs.device)
-    target = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
-    return torch.searchsorted(cum, target, right=True).squeeze(1)
+    # u < 1 - 2^-23 keeps u * total below total after rounding, so some column passes it
+    return torch.searchsorted(cum, u.mul_(1 - 2 ** -23).mul_(cum[:, -1:]), right=True).squeeze(1)
 
 
 def _token_logprobs(lp: torch.Tensor, token: int, n: int) -> list[TokenLogprob]:
