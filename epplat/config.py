@@ -80,6 +80,38 @@ class EPLBConfig(msgspec.Struct, forbid_unknown_fields=True):
             raise ConfigError(f"--eplb-config: {e}") from None
 
 
+SPECULATIVE_METHODS = ("deepseek_mtp", "mtp")   # vLLM's names of the checkpoint's own MTP layer
+
+
+class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``--speculative-config``: vLLM's keys for drafting with the checkpoint's MTP layer."""
+
+    method: str
+    num_speculative_tokens: Annotated[int, msgspec.Meta(ge=1, le=16)]
+
+    @staticmethod
+    def parse(text: str) -> "SpeculativeConfig":
+        example = '\'{"method": "deepseek_mtp", "num_speculative_tokens": 1}\''
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--speculative-config is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--speculative-config must be a JSON object, e.g. {example}")
+        unknown = sorted(set(raw) - set(SpeculativeConfig.__struct_fields__))
+        if unknown:
+            raise ConfigError(f"--speculative-config: unknown key {unknown[0]!r}; valid keys: "
+                              f"{', '.join(SpeculativeConfig.__struct_fields__)}")
+        try:
+            spec = msgspec.convert(raw, SpeculativeConfig)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"--speculative-config: {e}, e.g. {example}") from None
+        if spec.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"--speculative-config: method {spec.method!r} is not supported; "
+                              f"supported: {', '.join(SPECULATIVE_METHODS)}")
+        return spec
+
+
 class ParallelConfig(msgspec.Struct):
     """The parallel layout, with vLLM's flag names.
 
@@ -165,6 +197,7 @@ class EngineConfig(msgspec.Struct):
     platform: str = "cpu"
     enforce_eager: bool = False
     additional_config: dict = msgspec.field(default_factory=dict)  # --additional-config: platform-specific keys
+    speculative: Optional[SpeculativeConfig] = None               # --speculative-config
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)

@@ -12,10 +12,11 @@ import signal
 import sys
 import tempfile
 import time
+from typing import Optional
 from pathlib import Path
 
 from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, ModelConfig, ParallelConfig,
-                           SchedulerConfig)
+                           SchedulerConfig, SpeculativeConfig)
 from epplat.plugins import PluginError, registry
 
 logger = logging.getLogger("epplat.serve")
@@ -124,6 +125,8 @@ def add_cli(sub) -> None:
     p.add_argument("--quantization", "-q", default=None, help="quantization method (see `epplat plugins`)")
     p.add_argument("--additional-config", type=_json_object, default={},
                    help="platform-specific options as JSON (ascend: vllm-ascend's torchair_graph_config, ...)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "deepseek_mtp", "num_speculative_tokens": 1}\'')
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of cached prompt prefixes (default: on)")
@@ -177,12 +180,27 @@ def engine_config_from_args(args) -> EngineConfig:
                           num_gpu_blocks_override=args.num_gpu_blocks_override,
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
-        platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config)
+        platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config,
+        speculative=speculative_config_from_args(args, hf, parallel))
     reg.load("platform", platform).apply_additional_config(cfg)
     if args.quantization:   # the method checks the checkpoint's quantization files before any engine starts
         from epplat.core.model.quant import load_quant_method
         load_quant_method(cfg, architecture(hf).canonical_name, platform)
     return cfg
+
+
+def speculative_config_from_args(args, hf: dict, par: ParallelConfig) -> Optional[SpeculativeConfig]:
+    if args.speculative_config is None:
+        return None
+    spec = SpeculativeConfig.parse(args.speculative_config)
+    if not hf.get("num_nextn_predict_layers"):
+        raise ConfigError(f"--speculative-config method {spec.method!r} drafts with the checkpoint's MTP layer; "
+                          f"{hf.get('architectures')} checkpoint {args.model_flag or args.model!r} has none "
+                          "(num_nextn_predict_layers)")
+    if par.world_size > 1:
+        raise ConfigError("--speculative-config runs on one engine process for now: drop --tensor-parallel-size "
+                          "and --data-parallel-size")
+    return spec
 
 
 def parallel_config_from_args(args) -> ParallelConfig:
