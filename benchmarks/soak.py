@@ -8,9 +8,9 @@ model, an empty prompt, a caller chat template, a too-long prompt) that must get
 OpenAI-style 4xx. Every request is counted as completed, failed as expected or lost
 (anything else: a 5xx, a dropped connection, a wrong token count, a timeout); the target
 is 0 lost. After the load the engines must drain back to 0 running requests and 0 KV
-cache use (dropped streams aborted). Prints the counts, the API server's and engines'
-memory (RSS) at start and end, and the inter-token latency (ITL) percentiles of the
-streams; --out writes them as JSON.
+cache use (dropped streams aborted). Prints the counts, the memory (RSS) of the API
+server, each engine and the other children every 30 s, and the inter-token latency (ITL)
+percentiles of the streams; --out writes them as JSON.
 
     python benchmarks/soak.py --duration 300 --concurrency 32 --out soak.json
 """
@@ -22,7 +22,9 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
+import threading
 import socket
 import statistics
 import subprocess
@@ -74,9 +76,14 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def memory(pid: int) -> dict:
-    return {"api_server_mib": round(rss_mib(pid), 1),
-            "children_mib": round(sum(rss_mib(c) for c in children(pid)), 1)}
+def memory(pid: int, log: str) -> dict:
+    """RSS in MiB of the API server (the launcher), each engine, and its other children
+    (the tokenizer worker, multiprocessing's resource tracker)."""
+    engines = {int(p): f"engine_dp{r}" for r, p in re.findall(r"engine \(DP rank (\d+), pid (\d+)\) ready", log)}
+    out = {"api_server": round(rss_mib(pid), 1)}
+    for c in sorted(children(pid)):
+        out[engines.get(c, f"other_{c}")] = round(rss_mib(c), 1)
+    return out
 
 
 class Tally:
@@ -92,7 +99,7 @@ class Tally:
 async def one(client: httpx.AsyncClient, kind: str, rng: random.Random, tally: Tally) -> None:
     tally.sent[kind] += 1
     max_tokens = rng.randint(8, 64)
-    prompt = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "moe"]) for _ in range(rng.randint(4, 200)))
+    prompt = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "moe"]) for _ in range(rng.randint(4, 60)))
     common = {"max_tokens": max_tokens, "ignore_eos": True, "temperature": rng.choice([0, 0.8])}
     try:
         if kind == "bad":
@@ -207,20 +214,32 @@ def main() -> int:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        start_mem = memory(server.pid)
+        log_path = tmp / "server.log"
+        samples, stop = [], threading.Event()
+
+        def sample():      # memory every 30 s of the load: a leak grows steadily, a warming cache levels off
+            while True:
+                samples.append({"t_s": round(time.time() - t1), **memory(server.pid, log_path.read_text())})
+                if stop.wait(30):
+                    return
+
         t1 = time.time()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         tally = asyncio.run(load(url, args.duration, args.concurrency, args.seed))
         wall = time.time() - t1
+        stop.set()
+        sampler.join()
         idle = engines_idle(url)
-        end_mem = memory(server.pid)
+        samples.append({"t_s": round(time.time() - t1), **memory(server.pid, log_path.read_text())})
         result = {
             "command": " ".join(cmd), "duration_s": round(wall, 1), "concurrency": args.concurrency,
             "sent": sum(tally.sent.values()), "sent_by_kind": dict(tally.sent),
             "completed": tally.outcome["completed"], "failed_as_expected": tally.outcome["failed_as_expected"],
             "lost": tally.outcome["lost"], "lost_examples": tally.lost[:10],
-            "memory_start": start_mem, "memory_end": end_mem, "engines_after": idle,
+            "memory_mib": samples, "engines_after": idle,
             "itl_ms": {f"p{q}": round(percentile(tally.itl, q), 2) for q in (50, 90, 99)},
-            "itl_samples": len(tally.itl), "server_log": str(tmp / "server.log"),
+            "itl_samples": len(tally.itl), "server_log": str(log_path),
         }
         print(json.dumps(result, indent=2))
         if args.out:

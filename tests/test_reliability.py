@@ -155,3 +155,51 @@ def test_bad_frames_are_dropped_and_a_stopped_engine_ends_the_server(qwen3_moe_d
         s.stop()
         if group_pids(s.proc.pid):
             os.killpg(s.proc.pid, signal.SIGKILL)
+
+
+def _rank(rank: int, port: int, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from epplat.config import ParallelConfig
+    from epplat.core.distributed.parallel_state import init_parallel
+    par = ParallelConfig(data_parallel_size=2, data_parallel_rpc_port=port, distributed_timeout_seconds=3,
+                         enable_expert_parallel=True)
+    ps = init_parallel(par, rank, "gloo")
+    gathered = [torch.zeros(1) for _ in range(2)]
+    dist.all_gather(gathered, torch.ones(1), group=ps.dp_group)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)          # a wedged peer
+    results.put(("listeners", tcp_listeners(port)))
+    t0 = time.time()
+    try:
+        dist.all_gather(gathered, torch.ones(1), group=ps.dp_group)
+        results.put(("returned", time.time() - t0))
+    except RuntimeError:
+        results.put(("timed out", time.time() - t0))
+
+
+def tcp_listeners(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp has them) listening on `port`."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return [r[1].split(":")[0] for r in rows if r[3] == "0A" and int(r[1].split(":")[1], 16) == port]
+
+
+def test_the_store_binds_its_address_only_and_a_stopped_peer_times_a_collective_out():
+    import multiprocessing
+
+    from server_utils import rpc_port
+    ctx = multiprocessing.get_context("spawn")
+    results, port = ctx.Queue(), rpc_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, results), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=120) for _ in range(2))
+        assert got["listeners"] == ["0100007F"]            # 127.0.0.1, not 0.0.0.0
+        assert 2.5 < got["timed out"] < 15                  # --distributed-timeout-seconds 3, not hours
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()

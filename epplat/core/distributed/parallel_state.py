@@ -52,6 +52,15 @@ class ParallelState:
         return self.world_group if self.ep else None
 
 
+_timeout: Optional[datetime.timedelta] = None
+
+
+def collective_timeout() -> Optional[datetime.timedelta]:
+    """--distributed-timeout-seconds, for groups made after init_parallel (torch's default for a new
+    group is 30 minutes, whatever the world's timeout)."""
+    return _timeout
+
+
 def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
     """Join the world (store at data_parallel_address:data_parallel_rpc_port) and make the groups."""
     tp, dp = parallel.tensor_parallel_size, parallel.data_parallel_size
@@ -59,7 +68,8 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
                        dp_size=dp, ep=parallel.enable_expert_parallel)
     if st.world_size == 1:
         return st
-    timeout = datetime.timedelta(seconds=parallel.distributed_timeout_seconds)
+    global _timeout
+    timeout = _timeout = datetime.timedelta(seconds=parallel.distributed_timeout_seconds)
     init = parallel.dist_init_method()
     store = None if init else _tcp_store(parallel, rank, st.world_size, timeout)
     dist.init_process_group(backend, init_method=init, store=store, rank=rank, world_size=st.world_size,
@@ -67,10 +77,10 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
     st.world_group = dist.group.WORLD
     for d in range(dp):
         ranks = list(range(d * tp, (d + 1) * tp))
-        g, cpu = dist.new_group(ranks), dist.new_group(ranks, backend="gloo")
+        g, cpu = dist.new_group(ranks, timeout=timeout), dist.new_group(ranks, backend="gloo", timeout=timeout)
         if d == st.dp_rank:
             st.tp_group, st.tp_cpu_group = g, cpu
-    drivers = dist.new_group([d * tp for d in range(dp)], backend="gloo")
+    drivers = dist.new_group([d * tp for d in range(dp)], backend="gloo", timeout=timeout)
     if st.is_driver:
         st.dp_group = drivers
     if tp == 1:

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from epplat.core.distributed.parallel_state import collective_timeout
 from epplat.core.moe import eplb_transfer
 from epplat.core.moe.layer import replica_tables
 
@@ -73,8 +74,9 @@ class EplbState:
         self.xfer_group = self.ctrl_group = None
         if group is not None:   # own groups: the transfer thread must not interleave with step collectives
             ranks = dist.get_process_group_ranks(group)
-            self.xfer_group = dist.new_group(ranks)
-            self.ctrl_group = dist.new_group(ranks, backend="gloo")
+            timeout = collective_timeout()
+            self.xfer_group = dist.new_group(ranks, timeout=timeout)
+            self.ctrl_group = dist.new_group(ranks, backend="gloo", timeout=timeout)
         if expert_map.num_redundant and expert_map.ep_rank == 0:
             per = expert_bytes(layers[0])
             logger.info("EPLB: %d redundant experts take %.2f MiB per EP rank (%d MoE layers x %d bytes per "
