@@ -390,12 +390,13 @@ def _serve(args, cfg: EngineConfig) -> int:
             return run_api_server(cfg.to_json(), index, engine_ranks, _server_opts(args), procs, http)
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")
-        servers = [ctx.Process(target=run_api_server, name=f"APIServer_{i}", daemon=True,
+        # not daemonic, as each starts its tokenizer workers; they die with this launcher (lifeline.py)
+        servers = [ctx.Process(target=run_api_server, name=f"APIServer_{i}", daemon=False,
                                args=(cfg.to_json(), i, engine_ranks, _server_opts(args), None, None, os.getpid()))
                    for i in range(par.api_server_count)]
         for s in servers:
             s.start()
-        return _wait(procs, servers)
+        return _wait(procs, servers, args.shutdown_timeout + 5)
     finally:
         stop_engines(procs)
         if http is not None:
@@ -411,8 +412,9 @@ def _server_opts(args) -> dict:
             "forwarded_allow_ips": args.forwarded_allow_ips}
 
 
-def _wait(procs, servers) -> int:
-    """Block until SIGINT/SIGTERM or until any child exits; then everything is stopped."""
+def _wait(procs, servers, grace: float = 10.0) -> int:
+    """Block until SIGINT/SIGTERM or until any child exits; then everything is stopped (API
+    servers get `grace` seconds to drain)."""
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(1))
@@ -425,7 +427,7 @@ def _wait(procs, servers) -> int:
             break
         time.sleep(0.2)
     from epplat.core.distributed.launcher import stop_engines
-    stop_engines(servers)
+    stop_engines(servers, grace)
     return 0 if stop else 1
 
 

@@ -53,15 +53,15 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0) -> list[multiproces
     return procs
 
 
-def stop_engines(procs) -> None:
+def stop_engines(procs, grace: float = 10.0) -> None:
     """Stop and reap each process. Engines ignore SIGTERM and SIGINT (a signal to the whole process
     group must not end them before the API server drained), hold nothing to flush, and may be
     stopped (SIGSTOP) or blocked in a collective: they get SIGKILL. Other children (API servers)
-    get SIGTERM first and SIGKILL after 10 s."""
+    get SIGTERM first and SIGKILL after `grace` seconds."""
     for p in procs:
         if p.is_alive():
             p.kill() if p.name.startswith("EngineCore") else p.terminate()
-    deadline = time.time() + 10
+    deadline = time.time() + grace
     for p in procs:
         p.join(max(0.1, deadline - time.time()))
         if p.is_alive():
