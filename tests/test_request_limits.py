@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -173,3 +174,26 @@ def test_openapi_schema_matches_the_server(server):
     # 2 cores. positive_data_acceptance is left out: rules JSON Schema cannot state (echo with
     # logprobs, a template that needs message content) rightly turn some schema-valid bodies into 400s
     assert p.returncode == 0, p.stdout[-6000:]
+
+
+def test_worker_tokenization_equals_the_tokenizers(qwen3_moe_dir):
+    """The pool's worker (the Rust tokenizer rebuilt from its JSON) gives transformers' ids."""
+    from transformers import AutoTokenizer
+
+    from epplat.core.server.tokenizer_pool import IN_PLACE_CHARS, TokenizerPool
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    words = ["hello", "world", "<|im_start|>", "<|endoftext|>", "  ", "\n", "ünï", "中文", "😀", "12345", "x" * 50]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(words) + rng.choice([" ", "", "\t"]) for _ in range(1500)) for _ in range(4)]
+    assert all(len(t) > IN_PLACE_CHARS for t in texts)
+
+    async def go():
+        pool = TokenizerPool(tok, 1)
+        try:
+            await pool.warm_up()
+            return [await pool.encode(t, special, 10**9) for t in texts for special in (True, False)]
+        finally:
+            pool.shutdown()
+    got = asyncio.run(go())
+    want = [tok.encode(t, add_special_tokens=special) for t in texts for special in (True, False)]
+    assert [ids for _, ids in got] == want and [n for n, _ in got] == [len(w) for w in want]

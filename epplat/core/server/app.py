@@ -56,9 +56,10 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
 
     @asynccontextmanager
     async def lifespan(_app):
-        pool.warm_up()
+        warm = asyncio.ensure_future(pool.warm_up())
         if hasattr(client, "start"):      # the engine client connects to its engines in this event loop
             await client.start()
+        await warm
         try:
             yield
         finally:

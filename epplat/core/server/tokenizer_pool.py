@@ -1,7 +1,9 @@
 """Prompt tokenization and chat-template rendering off the API server's event loop.
 
 Short prompts are tokenized in place (a round trip would cost more than the work). Long
-ones go to worker processes that load their own copy of the tokenizer: threads would not
+ones go to worker processes that hold their own copy of the tokenizer (the Rust tokenizer
+that transformers' fast tokenizer wraps, rebuilt from its JSON: no transformers import,
+so a worker is up in a fraction of a second; a slow tokenizer is loaded whole): threads would not
 do, as the tokenizer's Rust and C steps hold the GIL for long stretches (a 5 MB prompt
 held it for 0.75 s at a time) and /health would wait on them. A worker sends the ids back
 only when they fit the context; otherwise just their count, for the 400. Chat templates
@@ -25,18 +27,24 @@ IN_PLACE_CHARS = 4096
 _worker_tokenizer = None
 
 
-def _worker_init(model_dir: str, parent_pid: int) -> None:
+def _worker_init(rust_json: Optional[str], model_dir: str, parent_pid: int) -> None:
     from epplat.core.distributed.lifeline import die_with_parent
     die_with_parent(parent_pid)
     for sig in (signal.SIGINT, signal.SIGTERM):   # the API server decides when the pool stops
         signal.signal(sig, signal.SIG_IGN)
     global _worker_tokenizer
-    from transformers import AutoTokenizer
-    _worker_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if rust_json is not None:
+        from tokenizers import Tokenizer
+        rust = Tokenizer.from_str(rust_json)
+        _worker_tokenizer = lambda text, special: rust.encode(text, add_special_tokens=special).ids  # noqa: E731
+    else:
+        from transformers import AutoTokenizer
+        slow = AutoTokenizer.from_pretrained(model_dir)
+        _worker_tokenizer = lambda text, special: slow.encode(text, add_special_tokens=special)  # noqa: E731
 
 
 def _worker_encode(text: str, add_special_tokens: bool, limit: int) -> tuple[int, Optional[bytes]]:
-    ids = _worker_tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    ids = _worker_tokenizer(text, add_special_tokens)
     return len(ids), array("q", ids).tobytes() if len(ids) <= limit else None
 
 
@@ -45,14 +53,15 @@ class TokenizerPool:
 
     def __init__(self, tokenizer, size: int):
         self.tok, self.size = tokenizer, size
+        rust = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else None
         self._procs = ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"),
-                                          initializer=_worker_init, initargs=(tokenizer.name_or_path, os.getpid()))
+                                          initializer=_worker_init, initargs=(rust, tokenizer.name_or_path, os.getpid()))
         self._threads = ThreadPoolExecutor(size, thread_name_prefix="epplat-template")
 
-    def warm_up(self) -> None:
-        """Start the worker processes now rather than on the first long prompt."""
-        for _ in range(self.size):
-            self._procs.submit(_worker_encode, "", False, 0)
+    async def warm_up(self) -> None:
+        """Start the worker processes and wait until they are ready (before the server says healthy)."""
+        await asyncio.gather(*(asyncio.wrap_future(self._procs.submit(_worker_encode, "", False, 0))
+                               for _ in range(self.size)))
 
     async def encode(self, text: str, add_special_tokens: bool, limit: int) -> tuple[int, Optional[list[int]]]:
         """(number of tokens, the ids or None when there are more than `limit`)."""
