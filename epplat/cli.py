@@ -26,12 +26,12 @@ def build_parser() -> Parser:
     plugins_cli.add_cli(sub)
     from epplat.platforms.ascend import ranktable_cli
     ranktable_cli.add_cli(sub)
-    from epplat.core.model import make_model
+    from epplat.tools import make_model
     make_model.add_cli(sub)
     bench = sub.add_parser("bench", help="benchmarks (bench serve: load generator for a running server)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=Parser)
     try:
-        from epplat import bench_serve
+        from epplat.tools import bench_serve
         bench_serve.add_cli(bench_sub)
     except ImportError:
         pass

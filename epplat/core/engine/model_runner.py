@@ -53,6 +53,7 @@ class ModelInput(msgspec.Struct, array_like=True):
 
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, platform, device, ps: Optional[ParallelState] = None):
+        cfg.check()          # the same one-line errors for a config built in Python as for `epplat serve`
         self.cfg, self.platform, self.device = cfg, platform, device
         self.ps = ps = ps or ParallelState()
         hf = cfg.model.hf_config()

@@ -33,10 +33,6 @@ class ExpertMap:
     ep_size: int = 1
     num_redundant: int = 0
 
-    def __post_init__(self):
-        if self.num_physical % self.ep_size:
-            raise ValueError(f"{self.num_physical} experts do not divide over {self.ep_size} EP ranks")
-
     @property
     def num_physical(self) -> int:
         return self.num_experts + self.num_redundant

@@ -34,8 +34,6 @@ class FusedMoE(nn.Module):
         self.all2all = all2all
         self.expert_map = all2all.expert_map
         n_local = self.expert_map.num_local
-        if intermediate % tp_size:
-            raise ValueError(f"expert width {intermediate} does not split over {tp_size} TP ranks")
         self.tp_size = tp_size
         intermediate //= tp_size                   # without EP, TP ranks hold a slice of every expert
         self.slice = slice(tp_rank * intermediate, (tp_rank + 1) * intermediate)

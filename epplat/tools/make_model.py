@@ -138,7 +138,7 @@ def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts
     router row e by (e+1)^-a (normalised to mean 1): low-numbered experts then win top-k
     more often, a skewed expert load for load-balancing tests.
     """
-    from epplat.core.model.tokenizer_gen import save_tokenizer
+    from epplat.tools.tokenizer_gen import save_tokenizer
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     if dtype not in DTYPES:

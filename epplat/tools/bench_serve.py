@@ -30,7 +30,7 @@ from typing import Optional, Union
 
 import httpx
 
-from epplat.sse_client import HTTPStatusError, SSEClient
+from epplat.tools.sse_client import HTTPStatusError, SSEClient
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
