@@ -2,7 +2,8 @@
 
 Spawns WORLD processes (gloo on CPU, NCCL on CUDA). For each token count T, every rank
 routes T tokens of width HIDDEN to TOPK of EXPERTS experts (uniform random) and times
-`combine(dispatch(x))` of each registered all2all backend usable on the platform. The
+`combine(dispatch(x))` of each registered all2all backend usable on the platform; a backend
+that is not usable here, or that raises, is printed as such (never left out). The
 baseline moves the bytes the exchange must move at least — each (token, expert) row
 there and back — with two `all_to_all_single` calls.
 
@@ -47,7 +48,8 @@ def _worker(rank, args, port, out_q):
     from epplat.plugins import registry
     reg = registry()
     platform = "cuda" if device == "cuda" else "cpu"
-    names = [n for n in reg.names("all2all") if _usable(reg, n, platform)]
+    unusable = {n: why for n in reg.names("all2all") if (why := _unusable(reg, n, platform))}
+    names = [n for n in reg.names("all2all") if n not in unusable]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
     for hidden in args.hidden:
@@ -62,22 +64,27 @@ def _worker(rank, args, port, out_q):
             row["all_to_all_single"] = _time(lambda: (dist.all_to_all_single(recv, send),
                                                       dist.all_to_all_single(send, recv)), args.iters, device)
             for name in names:
-                backend = reg.load("all2all", name, platform)(ExpertMap(args.experts, rank, args.world),
-                                                               group=dist.group.WORLD, device=device)
-                row[name] = _time(lambda: backend.combine(backend.dispatch(x, ids, w).x), args.iters, device)
+                try:
+                    backend = reg.load("all2all", name, platform)(ExpertMap(args.experts, rank, args.world),
+                                                                   group=dist.group.WORLD, device=device)
+                    row[name] = _time(lambda: backend.combine(backend.dispatch(x, ids, w).x), args.iters, device)
+                except Exception as e:   # reported as a failed cell, with its reason below the table
+                    row[name] = f"{type(e).__name__}: {e}".splitlines()[0]
             rows.append(row)
     if rank == 0:
-        out_q.put(rows)
+        out_q.put({"rows": rows, "unusable": unusable})
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _usable(reg, name, platform):
+def _unusable(reg, name, platform):
+    """None when backend `name` can run on `platform`, else why not (one line)."""
+    from epplat.plugins import PluginError
     try:
         reg.get("all2all", name, platform)
-        return True
-    except Exception:
-        return False
+        return None
+    except PluginError as e:
+        return str(e)
 
 
 def main():
@@ -95,18 +102,25 @@ def main():
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     mp.start_processes(_worker, args=(args, args.port, q), nprocs=args.world, start_method="spawn", join=True)
-    rows = q.get()
+    result = q.get()
+    rows = result["rows"]
     names = [k for k in rows[0] if k not in ("tokens", "hidden")]
     print(f"{args.device}, {args.world} ranks, top-{args.topk} of {args.experts} experts; time of dispatch+combine "
           f"(ratio to all_to_all_single of the same rows)")
     print(f"{'tokens':>7}{'hidden':>8}" + "".join(f"{n:>30}" for n in names))
     for r in rows:
         base = r["all_to_all_single"]
-        cells = "".join(f"{r[n] * 1e6:>19.0f} us ({r[n] / base:4.2f}x)" for n in names)
+        cells = "".join(f"{'FAILED':>30}" if isinstance(r[n], str) else f"{r[n] * 1e6:>19.0f} us ({r[n] / base:4.2f}x)"
+                        for n in names)
         print(f"{r['tokens']:>7}{r['hidden']:>8}{cells}")
+    failed = {n: r[n] for r in rows for n in names if isinstance(r[n], str)}
+    for n, why in failed.items():
+        print(f"FAILED {n}: {why}")
+    for n, why in result["unusable"].items():
+        print(f"not measured {n}: {why}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"args": vars(args), **result}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,7 @@ class SchedulerConfig(msgspec.Struct):
 
 class CacheConfig(msgspec.Struct):
     block_size: int = 16
+    enable_prefix_caching: bool = True
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory_bytes: Optional[int] = None
     gpu_memory_utilization: float = 0.9
@@ -245,7 +246,7 @@ def check_layout(mc, par: ParallelConfig) -> None:
                           f"--tensor-parallel-size {tp}")
     if par.enable_expert_parallel:
         redundant = par.eplb.num_redundant_experts
-        if (mc.num_experts + redundant) % world:
+        if par.enable_eplb and (mc.num_experts + redundant) % world:   # otherwise the first ranks hold one more
             extra = f" + {redundant} redundant" if redundant else ""
             raise ConfigError(f"{mc.num_experts}{extra} experts do not divide over EP size {world} "
                               f"(tensor-parallel-size x data-parallel-size)")

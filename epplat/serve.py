@@ -124,6 +124,8 @@ def add_cli(sub) -> None:
     p.add_argument("--additional-config", type=_json_object, default={},
                    help="platform-specific options as JSON (ascend: vllm-ascend's torchair_graph_config, ...)")
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of cached prompt prefixes (default: on)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.set_defaults(func=run)
@@ -148,7 +150,8 @@ def engine_config_from_args(args) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens or max(2048, args.max_num_seqs),
                                   enable_chunked_prefill=args.enable_chunked_prefill),
-        cache=CacheConfig(block_size=args.block_size, num_gpu_blocks_override=args.num_gpu_blocks_override,
+        cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+                          num_gpu_blocks_override=args.num_gpu_blocks_override,
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config)

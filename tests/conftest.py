@@ -13,6 +13,11 @@ import simulations  # noqa: E402
 from hf_oracle import hf_greedy  # noqa: E402,F401  (tests import it from hf_oracle or use it from here)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a multi-process layout test of 30 s or more on 2 cores; in the "
+                                       "default run (deselect with -m 'not slow')")
+
+
 @pytest.fixture
 def simulation(monkeypatch):
     """``simulation("npu")`` puts that simulated library (tests/simulations) on ``sys.path`` for this

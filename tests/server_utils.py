@@ -19,6 +19,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rpc_port() -> int:
+    """A base port for --data-parallel-rpc-port with the ports epplat derives from it (+1, +2, +10..+13) free."""
+    for _ in range(100):
+        base = free_port()
+        if base > 65000:
+            continue
+        try:
+            socks = []
+            for off in (0, 1, 2, 10, 11, 12, 13):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + off))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
 class Server:
     """`epplat serve MODEL ARGS...` as a subprocess; its log is kept for failure messages."""
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from plugin_listing import plugin_statuses
+
 
 def epplat(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "epplat.cli", *args], capture_output=True, text=True,
@@ -53,14 +55,15 @@ def test_plugins_lists_every_kind_with_package_and_usability():
     for title in ("platforms:", "all2all backends:", "graph runners:", "quantization methods:",
                   "KV connectors:", "EPLB policies:"):
         assert title in out
-    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ") and ln.split()}
-    assert "epplat" in lines["cpu"] and "usable" in lines["cpu"]
-    assert "unusable: torch_npu not installed" in lines["ascend"]
+    st = plugin_statuses(out)
+    assert st["cpu"] == ("epplat", "usable")
+    assert st["ascend"][1].startswith("unusable: torch_npu not installed")
     import torch
     if not torch.cuda.is_available():
-        assert "unusable: no CUDA device visible" in lines["cuda"] or "torch built without CUDA" in lines["cuda"]
-    assert "usable" in lines["allgather_reducescatter"] and "usable" in lines["naive"]
-    assert "eager" in lines
+        assert st["cuda"][1] in ("unusable: no CUDA device visible", "unusable: torch built without CUDA")
+    assert st["allgather_reducescatter"][1] == "usable" and st["naive"][1] == "usable"
+    assert st["eager"][1] == "usable"
+    assert st["pplx"][1] == "unusable: epplat's adapter for pplx_kernels is not written yet"
 
 
 def test_checkpoint_missing_a_tensor_is_one_error_line(mixtral_dir, tmp_path):
@@ -79,7 +82,7 @@ def test_checkpoint_missing_a_tensor_is_one_error_line(mixtral_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["-dp", "3", "-ep"], "8 experts do not divide over EP size 3"),
+    (["-dp", "3", "-ep", "--enable-eplb"], "8 experts do not divide over EP size 3"),   # EPLB: even counts
     (["-tp", "3"], "do not divide over --tensor-parallel-size 3"),
     (["-dp", "2", "--data-parallel-start-rank", "1", "--data-parallel-address", "127.0.0.1"], "runs --headless"),
     (["-dp", "2", "--data-parallel-size-local", "1"], "need --data-parallel-address"),

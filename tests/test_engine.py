@@ -120,3 +120,38 @@ def test_logprobs_are_those_of_the_model(qwen3_moe_dir):
     assert math.isclose(first[0].logprob, float(ref[toks[0][0]]), abs_tol=1e-4)
     assert [e.token_id for e in first[1:]] == ref.topk(4).indices.tolist()
     assert [e.rank for e in first[1:]] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("ckpt_dtype", ["bfloat16", "float16"])
+def test_half_checkpoint_on_cpu_matches_transformers_in_bfloat16_and_says_why(ckpt_dtype, tmp_path, caplog):
+    """--dtype auto on a bf16 / fp16 checkpoint: bfloat16 on the cpu platform (fp16 said), the
+    C kernels' float32-only path said once; greedy tokens equal transformers' in bfloat16."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from epplat.tools.make_model import make_model
+    d = make_model("qwen3_moe", tmp_path / ckpt_dtype, layers=2, hidden=64, experts=8, top_k=2, heads=4, kv_heads=2,
+                   head_dim=32, moe_intermediate=64, vocab_size=2048, seed=3, dtype=ckpt_dtype)
+    cfg = EngineConfig(ModelConfig(str(d), dtype="auto"), cache=CacheConfig(kv_cache_memory_bytes=64 << 20))
+    with caplog.at_level(logging.WARNING):
+        core = EngineCore(cfg, CpuPlatform(), torch.device("cpu"))
+    assert core.runner.dtype == torch.bfloat16
+    notes = [r.getMessage() for r in caplog.records]
+    assert sum("C kernels take float32 only: in bfloat16" in n for n in notes) == 1, notes
+    assert sum("float16 checkpoint runs in bfloat16" in n for n in notes) == (ckpt_dtype == "float16"), notes
+    prompts = PROMPTS[:3]
+    got, _ = run(core, prompts, [greedy(8)] * len(prompts))
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+    for p, g in zip(prompts, got):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                              pad_token_id=hf.generation_config.pad_token_id)[0, len(p):].tolist()
+        assert g == ref
+
+
+def test_float32_on_cpu_says_nothing_about_slower_paths(qwen3_moe_dir, caplog):
+    import logging
+    with caplog.at_level(logging.WARNING):
+        make_core(qwen3_moe_dir)
+    assert not [r for r in caplog.records if "C kernels take float32" in r.getMessage()]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +22,8 @@ import torch
 from safetensors import safe_open
 
 from hf_oracle import hf_greedy
-from server_utils import Server
+from plugin_listing import plugin_statuses
+from server_utils import Server, rpc_port
 
 POOL = [[(i * 37 + j * 11) % 2000 + 3 for j in range(24)] for i in range(16)]   # prefill-heavy prompts
 SHORT = 4
@@ -160,8 +162,7 @@ def test_third_party_eplb_policy_plugin(skewed_dir, expected, tmp_path):
            "EPPLAT_STICKY_MIN_GAIN": "0.1"}
     listing = subprocess.run([sys.executable, "-m", "epplat.cli", "plugins"], capture_output=True, text=True,
                              env={**os.environ, **env}, check=True).stdout
-    line = next(ln for ln in listing.splitlines() if ln.strip().startswith("sticky"))
-    assert "epplat-example-eplb" in line and "usable" in line
+    assert plugin_statuses(listing)["sticky"] == ("epplat-example-eplb", "usable")
     cfg = {"policy": "sticky", "window_size": 16, "step_interval": 16, "num_redundant_experts": 2}
     # with the example all2all plugin too: third-party backends see physical expert (slot) ids
     with Server(str(skewed_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
@@ -181,6 +182,55 @@ def test_third_party_eplb_policy_plugin(skewed_dir, expected, tmp_path):
     # are, and a rebalance where every layer keeps its placement moves nothing
     assert keeps[0] < 2 and moves[0] > 0, (keeps, moves)
     assert 2 in keeps[1:] and all(m == 0 for k, m in zip(keeps, moves) if k == 2), (keeps, moves)
+
+
+def _two_node_flags(port: int) -> list[str]:
+    return ["--dtype", "float32", "-dp", "2", "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port",
+            str(port), "-ep", "--max-model-len", "256", "--enable-eplb", "--eplb-config.window_size", "16",
+            "--eplb-config.step_interval", "16"]
+
+
+@pytest.mark.slow
+def test_rebalances_over_a_headless_node(skewed_dir, expected, tmp_path):
+    """DP rank 1 on a second (headless) node: the two nodes rebalance together, tokens stay transformers'."""
+    common = [*_two_node_flags(rpc_port()), "--data-parallel-size-local", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "1", "EPPLAT_EPLB_DUMP_DIR": str(tmp_path)}
+    headless = subprocess.Popen([sys.executable, "-m", "epplat.cli", "serve", str(skewed_dir), "--headless",
+                                 "--data-parallel-start-rank", "1", *common], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with Server(str(skewed_dir), *common, env={"CUDA_VISIBLE_DEVICES": "0",
+                                                   "EPPLAT_EPLB_DUMP_DIR": str(tmp_path)}) as s:
+            _serve_through_rebalances(s, str(skewed_dir), expected)
+        headless.wait(30)
+    finally:
+        if headless.poll() is None:
+            os.killpg(headless.pid, signal.SIGKILL)
+    _check_dumps(tmp_path, skewed_dir, ep_size=2, slots_per_rank=4)
+
+
+@pytest.mark.slow
+def test_rebalances_under_external_load_balancing(skewed_dir, expected, tmp_path):
+    """One API server per DP rank (--data-parallel-rank): rebalancing driven by rank 0's load moves
+    rank 1's experts too, and rank 1's own server still answers with transformers' tokens."""
+    common = _two_node_flags(rpc_port())
+    servers = {}
+    dump = {"EPPLAT_EPLB_DUMP_DIR": str(tmp_path)}
+    t = threading.Thread(target=lambda: servers.setdefault(1, Server(
+        str(skewed_dir), *common, env={"EPPLAT_DP_RANK": "1", "CUDA_VISIBLE_DEVICES": "1", **dump})))
+    t.start()
+    try:
+        servers[0] = Server(str(skewed_dir), *common, "--data-parallel-rank", "0",
+                            env={"CUDA_VISIBLE_DEVICES": "0", **dump})
+        t.join(120)
+        _serve_through_rebalances(servers[0], str(skewed_dir), expected)
+        client = openai.OpenAI(base_url=servers[1].url + "/v1", api_key="x", max_retries=0, timeout=120)
+        _batch(client, str(skewed_dir), POOL[:8], expected[0][:8])
+    finally:
+        t.join(120)
+        for srv in servers.values():
+            srv.stop()
+    _check_dumps(tmp_path, skewed_dir, ep_size=2, slots_per_rank=4)
 
 
 def test_bad_eplb_flag_is_one_line(skewed_dir):

@@ -335,8 +335,7 @@ def test_nvshmem_all2all_matches_local_experts_on_two_ranks():
     assert not failures and all(p.exitcode == 0 for p in procs), failures
 
 
-@pytest.mark.parametrize("name,package", [("deepep_high_throughput", "deep_ep"), ("deepep_low_latency", "deep_ep"),
-                                          ("pplx", "pplx_kernels")])
+@pytest.mark.parametrize("name,package", [("deepep_high_throughput", "deep_ep"), ("deepep_low_latency", "deep_ep")])
 def test_missing_all2all_packages_fail_on_selection_with_one_line(name, package):
     import importlib.util
 
@@ -345,6 +344,13 @@ def test_missing_all2all_packages_fail_on_selection_with_one_line(name, package)
         pytest.skip(f"{package} is installed")
     with pytest.raises(PluginError, match=f"{package} not installed") as e:
         registry().load("all2all", name, "cuda")
+    assert "\n" not in str(e.value)
+
+
+def test_pplx_is_refused_on_selection_whether_or_not_pplx_kernels_imports():
+    from epplat.plugins import PluginError, registry
+    with pytest.raises(PluginError, match="adapter for pplx_kernels is not written yet") as e:
+        registry().load("all2all", "pplx", "cuda")
     assert "\n" not in str(e.value)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from epplat.plugins import PluginError, registry
 from hf_oracle import hf_greedy
+from plugin_listing import plugin_statuses
 from server_utils import Server
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "epplat-example-all2all"
@@ -46,8 +47,7 @@ def test_third_party_all2all_plugin(plugin_site, qwen3_moe_dir):
     env = {"PYTHONPATH": os.pathsep.join([str(plugin_site), os.environ.get("PYTHONPATH", "")])}
     listing = subprocess.run([sys.executable, "-m", "epplat.cli", "plugins"], capture_output=True, text=True,
                              env={**os.environ, **env}, check=True).stdout
-    line = next(ln for ln in listing.splitlines() if ln.strip().startswith("all_to_all"))
-    assert "epplat-example-all2all" in line and "usable" in line
+    assert plugin_statuses(listing)["all_to_all"] == ("epplat-example-all2all", "usable")
     prompts = [[5, 17, 99, 230, 7, 64], [400, 401, 402]]
     ref = hf_greedy(qwen3_moe_dir, prompts, 10, ignore_eos=True)
     with Server(str(qwen3_moe_dir), "--dtype", "float32", "--max-model-len", "256",

@@ -2,7 +2,8 @@
 npu_dynamic_quant / npu_grouped_matmul and the linear ones through npu_quant_matmul agree with a
 plain-torch reference of the same integer arithmetic; a msModelSlim-layout checkpoint (int8 experts,
 q/k/v/o and a dense MLP) loads through the real loader, its linears sliced per TP rank, and serves the
-same greedy tokens with DP=2 + EP as in one process; bad checkpoints are one line."""
+greedy tokens of transformers' model computing with that integer arithmetic, in one process and with
+DP=2 + EP; bad checkpoints are one line."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import pytest
 import torch
 
 import simulations
+from hf_oracle import hf_greedy
 from server_utils import Server
-from w8a8_checkpoint import (EXPERT_WEIGHT, quantize_per_channel, reference_w8a8_experts, reference_w8a8_linear,
-                             write_w8a8_checkpoint)
+from w8a8_checkpoint import (EXPERT_WEIGHT, quantize_per_channel, reference_w8a8_experts, reference_w8a8_greedy,
+                             reference_w8a8_linear, write_w8a8_checkpoint)
 
 SIM_ENV = simulations.env("npu")
 
@@ -182,12 +184,19 @@ def _complete(url, model):
     return asyncio.run(go())
 
 
-def test_w8a8_checkpoint_serves_the_same_tokens_with_dp2_ep(w8a8_dir):
+def test_w8a8_checkpoint_serves_the_reference_tokens_with_dp2_ep(w8a8_dir, tmp_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(w8a8_dir)
+    ref_ids = reference_w8a8_greedy(w8a8_dir, tmp_path / "reference", PROMPTS, 8)
+    # the oracle tells the int8 arithmetic from float GEMMs on the dequantized weights
+    assert ref_ids != hf_greedy(tmp_path / "reference", PROMPTS, 8, ignore_eos=True)
+    ref = [tok.decode(r, skip_special_tokens=True) for r in ref_ids]
     base = (str(w8a8_dir), "--platform", "ascend", "--quantization", "ascend", "--dtype", "float32",
             "--max-model-len", "256")
     with Server(*base, env=SIM_ENV) as s:
         single = _complete(s.url, str(w8a8_dir))
         log1 = s.output()
+    assert single == ref
     with Server(*base, "-dp", "2", "-ep", "--additional-config", '{"enable_weight_nz_layout": true}', env=SIM_ENV) as s:
         assert _complete(s.url, str(w8a8_dir)) == single
         log2 = s.output()

@@ -107,3 +107,52 @@ def reference_w8a8_experts(x, topk_ids, topk_weights, w13q, w13s, w2q, w2s) -> t
             acc = o if acc is None else acc + o
         out[t] = acc[0]
     return out
+
+
+class _ReferenceW8A8Linear(torch.nn.Module):
+    def __init__(self, wq, ws):
+        super().__init__()
+        self.wq, self.ws = wq, ws
+
+    def forward(self, x):
+        return reference_w8a8_linear(x.reshape(-1, x.shape[-1]), self.wq, self.ws).reshape(*x.shape[:-1], -1)
+
+
+def reference_w8a8_greedy(w8a8_dir: Path, workdir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The oracle for a W8A8 checkpoint: transformers' model of the same architecture (float32) whose
+    quantized projections and experts compute with the integer arithmetic above; greedy new tokens
+    (``ignore_eos``), one prompt at a time."""
+    from transformers import AutoModelForCausalLM
+    with safe_open(str(next(Path(w8a8_dir).glob("*.safetensors"))), "pt") as f:
+        ck = {k: f.get_tensor(k) for k in f.keys()}
+    # a float checkpoint for transformers to load (the quantized weights dequantized; every
+    # quantized module below is then replaced by the integer arithmetic on the int8 weights)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_file({k: (t.float() * ck[k[: -len(".weight")] + ".weight_scale"] if t.dtype == torch.int8 else t)
+               for k, t in ck.items() if not k.endswith((".weight_scale", ".weight_offset"))},
+              str(workdir / "model.safetensors"))
+    shutil.copy(Path(w8a8_dir) / "config.json", workdir / "config.json")
+    model = AutoModelForCausalLM.from_pretrained(workdir, dtype=torch.float32).eval()
+    quant = lambda key: (ck[key + ".weight"], ck[key + ".weight_scale"].reshape(-1))  # noqa: E731
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        for name in "qkvo":
+            setattr(layer.self_attn, f"{name}_proj", _ReferenceW8A8Linear(*quant(p + f"self_attn.{name}_proj")))
+        if hasattr(layer.mlp, "experts"):
+            e = range(layer.mlp.experts.num_experts)
+            gu = [(quant(p + f"mlp.experts.{j}.gate_proj"), quant(p + f"mlp.experts.{j}.up_proj")) for j in e]
+            w13q = torch.stack([torch.cat([g[0], u[0]]).t() for g, u in gu])
+            w13s = torch.stack([torch.cat([g[1], u[1]]) for g, u in gu])
+            down = [quant(p + f"mlp.experts.{j}.down_proj") for j in e]
+            w2q, w2s = torch.stack([d[0].t() for d in down]), torch.stack([d[1] for d in down])
+            layer.mlp.experts.forward = lambda x, ids, w, a=(w13q, w13s, w2q, w2s): reference_w8a8_experts(x, ids, w, *a)
+        else:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                setattr(layer.mlp, name, _ReferenceW8A8Linear(*quant(p + f"mlp.{name}")))
+    out = []
+    for ids in prompts:
+        with torch.no_grad():
+            g = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+                               pad_token_id=model.generation_config.pad_token_id)
+        out.append(g[0, len(ids):].tolist())
+    return out

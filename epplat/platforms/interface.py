@@ -51,5 +51,10 @@ class Platform:
     def synchronize(self) -> None:
         pass
 
+    def slower_path(self, dtype: torch.dtype) -> Optional[str]:
+        """Why this platform runs slower code than the flags imply (e.g. kernels that decline
+        `dtype`), said once at startup; None when it runs its fastest path."""
+        return None
+
     def log_prefix(self) -> str:
         return self.name.upper() if self.name == "cpu" else "GPU"

@@ -62,12 +62,15 @@ def _vocab(tok) -> list[int]:
     return [i for i in range(len(tok)) if i not in special]
 
 
-def random_prompts(tokenizer_dir: Union[str, object], num: int, input_len: int, seed: int = 0) -> list[list[int]]:
-    """``num`` lists of ``input_len`` random non-special token ids (a tokenizer or its directory)."""
+def random_prompts(tokenizer_dir: Union[str, object], num: int, input_len: int, seed: int = 0,
+                   prefix_len: int = 0) -> list[list[int]]:
+    """``num`` lists of ``input_len`` random non-special token ids (a tokenizer or its directory), each after
+    the same ``prefix_len`` random ones (vLLM's ``--random-prefix-len``: a shared system prompt)."""
     tok = load_tokenizer(tokenizer_dir) if isinstance(tokenizer_dir, str) else tokenizer_dir
     vocab = _vocab(tok)
     rng = random.Random(seed)
-    return [[rng.choice(vocab) for _ in range(input_len)] for _ in range(num)]
+    prefix = [rng.choice(vocab) for _ in range(prefix_len)]
+    return [prefix + [rng.choice(vocab) for _ in range(input_len)] for _ in range(num)]
 
 
 def random_text_prompts(tokenizer_dir: Union[str, object], num: int, input_len: int, seed: int = 0,
@@ -211,14 +214,17 @@ def served_models(base_url: str, api_key: Optional[str] = None) -> list[dict]:
 def run_benchmark(base_url: str, model: Optional[str] = None, *, num_prompts: int = 64, input_len: int = 128,
                   output_len: int = 64, concurrency: Optional[int] = None, request_rate: float = math.inf,
                   seed: int = 0, tokenizer_dir: Optional[str] = None, api_key: Optional[str] = None,
-                  endpoint: str = COMPLETIONS, prompt_as_token_ids: bool = True, warmup: bool = True) -> dict:
+                  endpoint: str = COMPLETIONS, prompt_as_token_ids: bool = True, warmup: bool = True,
+                  prefix_len: int = 0) -> dict:
     """Run the load against a live server; returns the metrics as a dict (latencies in ms).
 
     ``model`` defaults to the first served model; ``tokenizer_dir`` to that model's
     ``root`` (its checkpoint directory for both epplat and vLLM). With
     ``prompt_as_token_ids`` the prompt is the token-id list (exactly ``input_len``
     tokens on the server); otherwise, and always for the chat endpoint, a text that
-    re-encodes to ``input_len`` tokens (the chat template adds its own tokens).
+    re-encodes to ``input_len`` tokens (the chat template adds its own tokens). ``prefix_len``
+    shared tokens go before every token-id prompt (the warmup request is one of them, so the
+    shared prefix is in a prefix cache before the timed requests, as a deployed system prompt is).
     """
     base_url = base_url.rstrip("/")
     if model is None or tokenizer_dir is None:
@@ -231,7 +237,9 @@ def run_benchmark(base_url: str, model: Optional[str] = None, *, num_prompts: in
     chat = endpoint.rstrip("/").endswith("chat/completions")
     tok = load_tokenizer(tokenizer_dir)
     if prompt_as_token_ids and not chat:
-        prompts = random_prompts(tok, num_prompts, input_len, seed)
+        prompts = random_prompts(tok, num_prompts, input_len, seed, prefix_len)
+    elif prefix_len:
+        raise ValueError("a shared prefix (--random-prefix-len) needs token-id prompts on /v1/completions")
     else:
         prompts = random_text_prompts(tok, num_prompts, input_len, seed)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -247,7 +255,7 @@ def run_benchmark(base_url: str, model: Optional[str] = None, *, num_prompts: in
     ms = 1000.0
     out = {
         "model": model, "endpoint": endpoint, "prompt_as_token_ids": bool(prompt_as_token_ids and not chat),
-        "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
+        "num_prompts": num_prompts, "prefix_len": prefix_len, "input_len": input_len, "output_len": output_len,
         "max_concurrency": concurrency, "request_rate": request_rate if math.isfinite(request_rate) else "inf",
         "duration_s": duration, "completed": len(ok), "failed": len(results) - len(ok),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
@@ -303,6 +311,8 @@ def add_cli(sub) -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--random-input-len", type=int, default=128)
     p.add_argument("--random-output-len", type=int, default=64)
+    p.add_argument("--random-prefix-len", type=int, default=0,
+                   help="random tokens shared by every prompt, before its --random-input-len ones")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson (default: inf)")
     p.add_argument("--seed", type=int, default=0)
@@ -319,6 +329,9 @@ def _run_cli(args) -> int:
         if getattr(args, name) <= 0:
             print(f"epplat bench serve: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
+    if args.random_prefix_len < 0:
+        print("epplat bench serve: error: --random-prefix-len must be >= 0", file=sys.stderr)
+        return 2
     if args.max_concurrency is not None and args.max_concurrency <= 0:
         print("epplat bench serve: error: --max-concurrency must be positive", file=sys.stderr)
         return 2
@@ -331,7 +344,7 @@ def _run_cli(args) -> int:
                           output_len=args.random_output_len, concurrency=args.max_concurrency,
                           request_rate=args.request_rate, seed=args.seed, tokenizer_dir=args.tokenizer,
                           api_key=args.api_key, endpoint=args.endpoint, prompt_as_token_ids=not args.text_prompts,
-                          warmup=not args.no_warmup)
+                          warmup=not args.no_warmup, prefix_len=args.random_prefix_len)
     except httpx.HTTPError as e:
         print(f"epplat bench serve: error: cannot reach {url}: {e}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ small models repeat one token). The norm jitter makes a dropped norm weight visi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -27,7 +28,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ARCHS = ("qwen3_moe", "mixtral")
+from epplat.tools import make_deepseek
+
+ARCHS = ("qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
 
 
@@ -50,7 +53,9 @@ def _config(arch, *, layers, hidden, experts, top_k, heads, kv_heads, head_dim, 
 
 
 def tensor_specs(arch: str, c: dict) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, kind) of every checkpoint tensor, in file order; kind is 'norm', 'embed' or 'linear'."""
+    """(name, shape, kind) of every checkpoint tensor, in file order; kind is 'norm', 'embed', 'linear' or 'bias'."""
+    if arch.startswith("deepseek"):
+        return make_deepseek.tensor_specs(c)
     h, d, v = c["hidden_size"], c["head_dim"], c["vocab_size"]
     qh, kvh = c["num_attention_heads"], c["num_key_value_heads"]
     if arch == "qwen3_moe":
@@ -84,6 +89,8 @@ def make_tensor(name: str, shape, kind: str, seed: int, dtype: str, std: float |
     t = torch.randn(shape, generator=g)
     if kind == "norm":
         t = t.mul_(norm_std).add_(1.0)
+    elif kind == "bias":
+        t = t.mul_(0.1)
     elif std is not None:
         t = t.mul_(std)
     elif kind == "linear":
@@ -128,7 +135,7 @@ def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts
                heads: int = 4, kv_heads: int = 2, head_dim: int = 32, moe_intermediate: int | None = None,
                intermediate: int | None = None, vocab_size: int = 2048, max_position: int = 4096, seed: int = 0,
                dtype: str = "float32", max_shard_bytes: int | None = None, std: float | None = None,
-               norm_std: float = 0.1, workers: int | None = None, router_skew: float = 0.0) -> Path:
+               norm_std: float = 0.1, workers: int | None = None, router_skew: float = 0.0, **deepseek) -> Path:
     """Write a random-weight checkpoint to ``outdir`` (created if missing) and return its path.
 
     ``moe_intermediate`` defaults to ``hidden``; ``intermediate`` (the dense MLP size, which
@@ -136,7 +143,8 @@ def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts
     described in the module docstring; a number gives every matrix N(0, std^2). Weights are
     one file unless ``max_shard_bytes`` is set and exceeded. ``router_skew`` a > 0 scales
     router row e by (e+1)^-a (normalised to mean 1): low-numbered experts then win top-k
-    more often, a skewed expert load for load-balancing tests.
+    more often, a skewed expert load for load-balancing tests. DeepSeek architectures take
+    the keyword options of ``make_deepseek.OPTIONS`` (head_dim is their qk_nope / v head dim).
     """
     from epplat.tools.tokenizer_gen import save_tokenizer
     if arch not in ARCHS:
@@ -152,7 +160,11 @@ def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     ids = save_tokenizer(out, vocab_size, max_position)
-    cfg = _config(arch, layers=layers, hidden=hidden, experts=experts, top_k=top_k, heads=heads, kv_heads=kv_heads,
+    if bad := set(deepseek) - set(make_deepseek.OPTIONS if arch.startswith("deepseek") else ()):
+        raise ValueError(f"{arch} takes no option {', '.join(sorted(bad))}")
+    make_cfg = (functools.partial(make_deepseek.config, opts=deepseek) if arch.startswith("deepseek")
+                else _config)
+    cfg = make_cfg(arch, layers=layers, hidden=hidden, experts=experts, top_k=top_k, heads=heads, kv_heads=kv_heads,
                   head_dim=head_dim, moe_inter=moe_intermediate or hidden, inter=intermediate or 4 * hidden,
                   vocab=vocab_size, max_position=max_position, dtype=dtype, ids=ids)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -218,6 +230,16 @@ def _positive(s: str) -> int:
     return v
 
 
+def _non_negative(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{s!r} must not be negative")
+    return v
+
+
 def _positive_float(s: str) -> float:
     try:
         v = float(s)
@@ -238,6 +260,9 @@ def add_cli(subparsers) -> None:
                           ("--kv-heads", 2), ("--head-dim", 32), ("--moe-intermediate", None),
                           ("--intermediate", None), ("--vocab-size", 2048), ("--max-position", 4096)):
         p.add_argument(flag, type=_positive, default=default, metavar="N")
+    ds = p.add_argument_group("deepseek_v2 / deepseek_v3 (--head-dim is the qk_nope and v head dim)")
+    for opt in make_deepseek.OPTIONS:
+        ds.add_argument("--" + opt.replace("_", "-"), type=_non_negative, default=None, metavar="N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--std", type=_positive_float, default=None,
@@ -256,7 +281,8 @@ def _run(args) -> int:
                           moe_intermediate=args.moe_intermediate, intermediate=args.intermediate,
                           vocab_size=args.vocab_size, max_position=args.max_position, seed=args.seed,
                           dtype=args.dtype, max_shard_bytes=args.max_shard_size, std=args.std,
-                          router_skew=args.router_skew)
+                          router_skew=args.router_skew,
+                          **{o: getattr(args, o) for o in make_deepseek.OPTIONS if getattr(args, o) is not None})
     except (ValueError, OSError) as e:
         print(f"epplat make-model: error: {e}", file=sys.stderr)
         return 2

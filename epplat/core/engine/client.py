@@ -255,7 +255,7 @@ def sum_stats(per_engine: dict) -> P.EngineStats:
     total = P.EngineStats()
     for s in per_engine.values():
         for f in ("num_running", "num_waiting", "num_preemptions", "num_free_blocks", "num_total_blocks",
-                  "num_requests_received"):
+                  "num_requests_received", "prefix_cache_queries", "prefix_cache_hits"):
             setattr(total, f, getattr(total, f) + getattr(s, f))
     if per_engine:
         total.kv_usage = sum(s.kv_usage for s in per_engine.values()) / len(per_engine)

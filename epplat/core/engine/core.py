@@ -14,6 +14,7 @@ from epplat.core.engine.model_runner import ModelRunner
 from epplat.core.engine.protocol import EngineOutput, EngineRequest, EngineStats
 from epplat.core.engine.request import Request
 from epplat.core.engine.scheduler import Scheduler
+from epplat.core.engine.stat_log import StatLog
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +53,11 @@ class EngineCore:
         self.ps = ps or ParallelState()
         self.runner = runner or ModelRunner(cfg, platform, device, self.ps)
         self.num_blocks, self.max_model_len = init_kv_cache(self.runner, cfg, self.ps)
-        self.blocks = BlockManager(self.num_blocks, cfg.cache.block_size)
+        self.blocks = BlockManager(self.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
         self.client_of: dict[str, int] = {}
         self.num_received = 0
+        self.stat_log = StatLog(self.ps.dp_rank)
 
     def add_request(self, er: EngineRequest) -> None:
         self.num_received += 1
@@ -85,17 +87,20 @@ class EngineCore:
             return []
         sampled = self.runner.execute(batch, ep_counts, publish)
         outputs = []
+        prompt_tokens = sum(n for req, n in batch if req.num_computed < req.prompt_len)
         for req, n in batch:
             req.num_computed += n
+            self.blocks.cache_full_blocks(req)
             if req.request_id not in sampled:
                 continue
             tok, lp = sampled[req.request_id]
             req.append(tok, self.max_model_len)
             outputs.append(EngineOutput(req.request_id, [tok], logprobs=[lp] if lp else None,
                                         finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-                                        num_prompt_tokens=req.prompt_len))
+                                        num_prompt_tokens=req.prompt_len, num_cached_tokens=req.num_cached_tokens))
             if req.finish_reason:
                 self.scheduler.finish(req)
+        self.stat_log.step(prompt_tokens, len(outputs), self.scheduler, self.blocks)
         return outputs
 
     def step(self) -> list[EngineOutput]:
@@ -108,4 +113,5 @@ class EngineCore:
                            num_preemptions=s.num_preemptions, num_free_blocks=self.blocks.num_free,
                            num_total_blocks=self.num_blocks, num_requests_received=self.num_received,
                            eplb_balancedness=eplb.measured if eplb else -1.0,
-                           eplb_rebalances=eplb.rebalances if eplb else 0)
+                           eplb_rebalances=eplb.rebalances if eplb else 0,
+                           prefix_cache_queries=self.blocks.queries, prefix_cache_hits=self.blocks.hits)

@@ -8,6 +8,7 @@ prompt (or recomputation) is complete after this step.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from typing import Optional
@@ -33,13 +34,15 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(requested: str, hf: dict, platform: str) -> torch.dtype:
+def resolve_dtype(requested: str, hf: dict, platform: str) -> tuple[torch.dtype, Optional[str]]:
+    """The dtype to compute in, and a line to say when it is not the one asked for."""
     if requested != "auto":
-        return _DTYPES[requested]
+        return _DTYPES[requested], None
     ckpt = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    if platform == "cpu" and ckpt == "float16":
-        return torch.bfloat16   # CPU half GEMMs are slow; vLLM does the same
-    return _DTYPES.get(ckpt, torch.float32)
+    if platform == "cpu" and ckpt == "float16":   # CPU half GEMMs are slow; vLLM does the same
+        return torch.bfloat16, ("--dtype auto: the float16 checkpoint runs in bfloat16 on the cpu platform "
+                                "(float16 GEMMs are slow there); --dtype float16 keeps float16")
+    return _DTYPES.get(ckpt, torch.float32), None
 
 
 class ModelInput(msgspec.Struct, array_like=True):
@@ -60,7 +63,10 @@ class ModelRunner:
         arch = architecture(hf)
         self.arch = arch
         self.model_cfg = arch.parse_config(hf)
-        self.dtype = resolve_dtype(cfg.model.dtype, hf, platform.name)
+        self.dtype, dtype_note = resolve_dtype(cfg.model.dtype, hf, platform.name)
+        if ps.rank == 0:      # said once, by the first engine process
+            for note in filter(None, (dtype_note, platform.slower_path(self.dtype))):
+                logger.warning(note)
         reg = registry()
         backend_name = cfg.parallel.all2all_backend or platform.default_all2all
         backend_cls = reg.load("all2all", backend_name, platform.name)
@@ -71,7 +77,7 @@ class ModelRunner:
         torch.manual_seed(cfg.model.seed)
         t0 = time.time()
         with torch.device(device):
-            self.model = MoEForCausalLM(self.model_cfg, self.all2all, self.dtype, ps)
+            self.model = getattr(arch, "MODEL", MoEForCausalLM)(self.model_cfg, self.all2all, self.dtype, ps)
         quant = load_quant_method(cfg, arch.canonical_name, platform.name)
         if quant:
             quant.process_model(self.model)
@@ -113,19 +119,17 @@ class ModelRunner:
                    for p in (layer.mlp.w13, layer.mlp.w2))
 
     def kv_bytes_per_block(self) -> int:
-        c = self.model_cfg
+        """Every layer's KV cache tensors (an MLA layer: one latent "head") for one block."""
         elt = torch.tensor([], dtype=self.dtype).element_size()
-        kvh = self.model.layers[0].self_attn.kvh
-        return 2 * c.num_layers * self.block_size * kvh * c.head_dim * elt
+        return sum(math.prod(s) for layer in self.model.layers
+                   for s in layer.self_attn.kv_cache_shapes(1, self.block_size)) * elt
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """num_blocks usable blocks, then a zero pad block and a scratch block (graph padding writes)."""
-        c = self.model_cfg
         self.pad_block = num_blocks
-        shape = (num_blocks + 2, self.block_size, self.model.layers[0].self_attn.kvh, c.head_dim)
         for layer in self.model.layers:
-            kv = (self.platform.zeros(shape, self.dtype, self.device), self.platform.zeros(shape, self.dtype, self.device))
-            layer.self_attn.kv_cache = kv
+            layer.self_attn.kv_cache = tuple(self.platform.zeros(s, self.dtype, self.device) for s in
+                                             layer.self_attn.kv_cache_shapes(num_blocks + 2, self.block_size))
 
     def capture_graphs(self, max_model_len: int) -> None:
         """Capture decode steps when the graph runner can (after the KV cache exists)."""

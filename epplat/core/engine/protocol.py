@@ -101,6 +101,8 @@ class EngineStats(msgspec.Struct):
     num_requests_received: int = 0
     eplb_balancedness: float = -1.0     # EPLB: last measured mean/max tokens per EP rank, group-wide (-1: none)
     eplb_rebalances: int = 0
+    prefix_cache_queries: int = 0       # prompt tokens looked up in the prefix cache since the engine started
+    prefix_cache_hits: int = 0          # of which were found there
 
 
 class EngineOutputs(msgspec.Struct, tag="outputs"):

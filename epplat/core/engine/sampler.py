@@ -34,29 +34,41 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[O
     return token_list, logprobs
 
 
-def _sample_rows(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+def sampling_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """[B, V] in vocabulary order: the distribution each sampled row's token is drawn from.
+
+    vLLM's order and meanings: logits / temperature; min-p drops tokens less probable than
+    min_p times the most probable; top-k keeps the k most probable; top-p keeps the fewest
+    most probable tokens whose mass (after min-p and top-k) reaches top_p. The survivors
+    are renormalized. The most probable token always survives.
+    """
     dev = logits.device
     temp = torch.tensor([r.params.temperature for r in reqs], device=dev)
-    logits = logits / temp[:, None]
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    sorted_logits, sorted_idx = (logits.float() / temp[:, None]).sort(dim=-1, descending=True)
     vocab = logits.shape[1]
+    probs = sorted_logits.softmax(dim=-1)
+    min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
     top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in reqs], device=dev)
     ranks = torch.arange(vocab, device=dev)[None, :]
-    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
+    drop = (probs < min_p[:, None] * probs[:, :1]) | (ranks >= top_k[:, None])
+    drop[:, 0] = False
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
-    cum = probs.cumsum(dim=-1) - probs          # mass strictly before each token
-    drop = cum > top_p[:, None]
-    min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
-    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)  # mass before each token
     drop[:, 0] = False
     probs = probs.masked_fill(drop, 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(1, sorted_idx, probs)
+
+
+def _sample_rows(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """One draw per row from ``sampling_probs`` (exponential-race: argmax of p / Exp(1) noise)."""
+    probs = sampling_probs(logits, reqs)
     noise = torch.empty_like(probs).exponential_()
     for i, r in enumerate(reqs):
         if r.generator is not None:
-            noise[i] = torch.empty(vocab).exponential_(generator=r.generator).to(dev)
-    choice = (probs / noise).argmax(dim=-1)
-    return sorted_idx.gather(1, choice[:, None]).squeeze(1)
+            noise[i] = torch.empty(probs.shape[1]).exponential_(generator=r.generator).to(probs.device)
+    return (probs / noise).argmax(dim=-1)
 
 
 def _token_logprobs(lp: torch.Tensor, token: int, n: int) -> list[TokenLogprob]:

@@ -4,7 +4,8 @@ Each step has a token budget (``max_num_batched_tokens``). Running requests come
 first, in arrival order: a decode takes one token, an unfinished prefill the next
 chunk that fits. When the KV cache cannot grow, the most recently admitted running
 request is preempted (its blocks freed, to be recomputed later). Waiting requests
-are admitted while budget, ``max_num_seqs`` and free blocks allow.
+are admitted while budget, ``max_num_seqs`` and free blocks allow, each starting after the
+longest prefix of it found in the prefix cache.
 """
 
 from __future__ import annotations
@@ -77,11 +78,12 @@ class Scheduler:
             break
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
-            remaining = req.num_tokens - req.num_computed
+            hit = self.blocks.cached_prefix(req)
+            remaining = req.num_tokens - len(hit) * self.blocks.block_size
             n = min(remaining, budget)
             if n < remaining and not self.cfg.enable_chunked_prefill:
                 break
-            if not self.blocks.allocate(req, n):
+            if not self.blocks.admit(req, hit, n):
                 break
             self.waiting.popleft()
             req.status = Status.RUNNING

@@ -106,6 +106,14 @@ class Attention(Projections):
         o = paged_attention(q, k, v.contiguous(), self.kv_cache, meta, self.scale)
         return _tp_all_reduce(self.project("o_proj", o.reshape(-1, self.h * self.d)), self.ps)
 
+    def weight_names(self) -> set[str]:
+        names = {f"{x}_proj" for x in "qkvo"} | ({"q_norm", "k_norm"} if self.q_norm is not None else set())
+        return names | ({f"{x}_proj_bias" for x in "qkv"} if self.qkv_bias is not None else set())
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> list[tuple]:
+        """Shapes of this layer's KV cache tensors (keys, values)."""
+        return [(num_blocks, block_size, self.kvh, self.d)] * 2
+
     def load(self, name: str, t: torch.Tensor, into: Optional[torch.Tensor] = None):
         """Copy this rank's part of checkpoint tensor `name`; `into` takes q/k/v's rows instead of qkv
         (a quantization method's per-output-channel scales)."""
@@ -152,22 +160,27 @@ class DenseMLP(Projections):
             raise KeyError(name)
 
 
+def layer_mlp(cfg: DecoderConfig, idx: int, act, all2all: All2AllBackend, ps: ParallelState, dtype, routing=None):
+    """Layer idx's dense MLP or routed experts (``routing``: a DeepSeek-style router)."""
+    if idx in cfg.dense_layers or cfg.num_experts == 0:
+        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, act, ps, dtype)
+    tp = 1 if ps.ep else ps.tp_size      # without EP, every TP rank holds a 1/TP slice of every expert
+    return FusedMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob,
+                    act, all2all, dtype, tp_rank=ps.tp_rank if tp > 1 else 0, tp_size=tp, routing=routing)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, idx: int, rope, all2all: All2AllBackend, ps: ParallelState, dtype):
+    attention_class = Attention
+
+    def __init__(self, cfg: DecoderConfig, idx: int, rope, all2all: All2AllBackend, ps: ParallelState, dtype,
+                 routing=None):
         super().__init__()
         act = ACTIVATIONS[cfg.act]
         self.ps = ps
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, rope, ps, dtype)
-        if idx in cfg.dense_layers or cfg.num_experts == 0:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, act, ps, dtype)
-        else:
-            # without EP, every TP rank holds a 1/TP slice of every expert
-            tp = 1 if ps.ep else ps.tp_size
-            self.mlp = FusedMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k,
-                                cfg.norm_topk_prob, act, all2all, dtype, tp_rank=ps.tp_rank if tp > 1 else 0,
-                                tp_size=tp)
+        self.self_attn = self.attention_class(cfg, rope, ps, dtype)
+        self.mlp = layer_mlp(cfg, idx, act, all2all, ps, dtype, routing)
 
     def forward(self, x, positions, meta):
         kernel = LAYER_KERNELS.get(x.device.type)
@@ -189,17 +202,24 @@ _EXPERT = re.compile(r"experts\.(\d+)\.(gate|up|down)$")
 
 
 class MoEForCausalLM(nn.Module):
+    layer_class = DecoderLayer     # architectures with other layers (DeepSeek) subclass with theirs
+
     def __init__(self, cfg: DecoderConfig, all2all: All2AllBackend, dtype, ps: Optional[ParallelState] = None):
         super().__init__()
         self.cfg = cfg
         ps = ps or ParallelState()
-        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta)
+        rope = self.make_rope(cfg)
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope, all2all, ps, dtype) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.layer_class(cfg, i, rope, all2all, ps, dtype)
+                                    for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size,
                                                                                    dtype=dtype)
         self.rope = rope
+
+    @staticmethod
+    def make_rope(cfg):
+        return RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta)
 
     def forward(self, input_ids, positions, meta: AttnMetadata) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
@@ -244,11 +264,7 @@ class MoEForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
             names |= {p + "input_layernorm", p + "post_attention_layernorm"}
-            names |= {p + f"self_attn.{x}_proj" for x in "qkvo"}
-            if self.cfg.qk_norm:
-                names |= {p + "self_attn.q_norm", p + "self_attn.k_norm"}
-            if self.cfg.attention_bias:
-                names |= {p + f"self_attn.{x}_proj_bias" for x in "qkv"}
+            names |= {p + "self_attn." + n for n in layer.self_attn.weight_names()}
             if isinstance(layer.mlp, FusedMoE):
                 names.add(p + "mlp.gate")
                 names |= {p + f"mlp.experts.{e}.{w}" for e in layer.mlp.local_logical_ids()

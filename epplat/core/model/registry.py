@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from epplat.core.model import mixtral, qwen3_moe
+from epplat.core.model import deepseek, mixtral, qwen3_moe
 
 ARCHITECTURES = {
     "Qwen3MoeForCausalLM": qwen3_moe,
     "MixtralForCausalLM": mixtral,
+    "DeepseekV2ForCausalLM": deepseek,
+    "DeepseekV3ForCausalLM": deepseek,
 }
 
 

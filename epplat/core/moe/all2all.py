@@ -22,10 +22,11 @@ import torch
 class ExpertMap:
     """Which physical experts this EP rank holds: contiguous blocks, as vLLM places them.
 
-    There are ``num_experts + num_redundant`` physical experts (slots); rank r holds slots
-    ``[r * num_local, (r + 1) * num_local)``. Routers turn logical expert ids into slot ids
-    (each MoE layer keeps its own slot -> logical expert table), so the all2all backends
-    only ever see slot ids. Without redundant experts or EPLB, slot i holds logical expert i.
+    There are ``num_experts + num_redundant`` physical experts (slots), split into
+    contiguous blocks over the EP ranks; when they do not divide, the first ranks hold one
+    slot more (vLLM's placement). Routers turn logical expert ids into slot ids (each MoE
+    layer keeps its own slot -> logical expert table), so the all2all backends only ever
+    see slot ids. Without redundant experts or EPLB, slot i holds logical expert i.
     """
 
     num_experts: int
@@ -38,12 +39,28 @@ class ExpertMap:
         return self.num_experts + self.num_redundant
 
     @property
+    def even(self) -> bool:
+        """Whether every rank holds the same number of slots."""
+        return self.num_physical % self.ep_size == 0
+
+    def rank_range(self, rank: int) -> range:
+        base, extra = divmod(self.num_physical, self.ep_size)
+        start = rank * base + min(rank, extra)
+        return range(start, start + base + (rank < extra))
+
+    @property
     def num_local(self) -> int:
-        return self.num_physical // self.ep_size
+        return len(self.local_ids)
 
     @property
     def local_ids(self) -> range:
-        return range(self.ep_rank * self.num_local, (self.ep_rank + 1) * self.num_local)
+        return self.rank_range(self.ep_rank)
+
+    def require_even(self, what: str) -> None:
+        """For backends and features that need the same slot count on every rank."""
+        if not self.even:
+            raise ValueError(f"{what} needs the {self.num_physical} experts to divide over the {self.ep_size} "
+                             "EP ranks")
 
     def initial_phy2log(self) -> torch.Tensor:
         """[num_physical]: slot i holds logical expert i mod num_experts (redundant slots wrap around)."""
@@ -67,8 +84,13 @@ class All2AllBackend:
     """Base class of all2all backends; one instance serves every MoE layer of a model."""
 
     name = "base"
+    # whether the backend needs the same number of experts on every rank (a backend that places
+    # slots by rank = slot // per_rank); the torch.distributed backends take uneven counts
+    even_experts = True
 
     def __init__(self, expert_map: ExpertMap, group: Optional[object] = None, device=None):
+        if self.even_experts:
+            expert_map.require_even(f"the {self.name} all2all backend")
         self.expert_map = expert_map
         self.group = group
         self.device = device

@@ -25,6 +25,8 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 
 class _TorchDistBackend(All2AllBackend):
+    even_experts = False        # tokens reach every rank; g2l knows which slots are local
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.size = 1 if self.group is None else dist.get_world_size(self.group)

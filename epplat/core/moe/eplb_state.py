@@ -54,6 +54,7 @@ def _takes(fn, name: str) -> bool:
 class EplbState:
     def __init__(self, cfg, layers: list, expert_map, policy, group=None, num_groups: int = 1, num_nodes: int = 1):
         """cfg: EPLBConfig; layers: the MoE layers; group: the EP process group (None: one process)."""
+        expert_map.require_even("EPLB")
         self.cfg, self.layers, self.map, self.policy = cfg, layers, expert_map, policy
         self.num_groups, self.num_nodes = num_groups, num_nodes
         dev = layers[0].w13.device

@@ -10,6 +10,7 @@ from torch import nn
 from epplat.core.moe.all2all import All2AllBackend
 from epplat.core.model.layers import linear
 from epplat.core.moe.experts import reference_experts
+from epplat.core.moe.routing import GroupedTopK
 
 # device type -> fused (router logits, top_k, renormalize, dtype) -> (weights, ids); cuda: Triton
 ROUTE_KERNELS: dict = {}
@@ -28,8 +29,10 @@ class FusedMoE(nn.Module):
     """
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int,
-                 renormalize: bool, act, all2all: All2AllBackend, dtype, tp_rank: int = 0, tp_size: int = 1):
+                 renormalize: bool, act, all2all: All2AllBackend, dtype, tp_rank: int = 0, tp_size: int = 1,
+                 routing: Optional[GroupedTopK] = None):
         super().__init__()
+        self.routing = routing   # DeepSeek-style selection (epplat.core.moe.routing); None: top-k softmax
         self.top_k, self.renormalize, self.act = top_k, renormalize, act
         self.all2all = all2all
         self.expert_map = all2all.expert_map
@@ -41,6 +44,9 @@ class FusedMoE(nn.Module):
         self.gate = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
         self.w13 = nn.Parameter(torch.empty(n_local, hidden, 2 * intermediate, dtype=dtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(n_local, intermediate, hidden, dtype=dtype), requires_grad=False)
+        # the router's e_score_correction_bias [E] (noaux_tc), loaded with the weights
+        self.bias = (nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
+                     if routing is not None and routing.use_bias else None)
         self.experts = reference_experts       # the expert GEMMs; a quantization method may swap in its own
         self.log2phy: Optional[torch.Tensor] = None
         self.logcnt: Optional[torch.Tensor] = None
@@ -73,6 +79,9 @@ class FusedMoE(nn.Module):
         return ids
 
     def route(self, x: torch.Tensor):
+        if self.routing is not None:
+            weights, ids = self.routing(linear(x, self.gate), self.bias)
+            return weights.to(x.dtype), ids
         kernel = ROUTE_KERNELS.get(x.device.type)
         if kernel is not None:
             return kernel(linear(x, self.gate), self.top_k, self.renormalize, x.dtype)

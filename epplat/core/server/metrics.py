@@ -1,4 +1,7 @@
-"""Prometheus metrics for /metrics, with vLLM's metric names under the ``epplat:`` prefix."""
+"""Prometheus metrics for /metrics, with vLLM's metric names under the ``epplat:`` prefix.
+
+The prefix cache counters are also exported under vLLM's own names (``vllm:prefix_cache_queries``,
+``vllm:prefix_cache_hits``), which dashboards read for the hit rate."""
 
 from __future__ import annotations
 
@@ -46,6 +49,11 @@ class Metrics:
                                        registry=r).labels(model_name)
         self.eplb_rebalances = Gauge("epplat:eplb_rebalances", "EPLB rebalances since the engines started.", m,
                                      registry=r).labels(model_name)
+        self.prefix_cache = [Counter(f"{ns}:prefix_cache_{what}", f"Prefix cache: prompt tokens {doc}.", m,
+                                     registry=r).labels(model_name)
+                             for ns in ("epplat", "vllm")
+                             for what, doc in (("queries", "looked up"), ("hits", "found cached"))]
+        self._prefix_cache_seen = (0, 0)
         self.ttft = Histogram("epplat:time_to_first_token_seconds", "Time to first token in seconds.", m,
                               buckets=_TTFT, registry=r).labels(model_name)
         self.itl = Histogram("epplat:inter_token_latency_seconds", "Time between output tokens in seconds.", m,
@@ -66,12 +74,22 @@ class Metrics:
             self.waiting.set(stats.num_waiting)
             self.kv_usage.set(stats.kv_usage)
             self.preemptions.set(stats.num_preemptions)
+            self._count_prefix_cache(stats.prefix_cache_queries, stats.prefix_cache_hits)
         for rank, st in (per_engine or {}).items():
             self.engine_requests(self.model, str(rank)).set(st.num_requests_received)
             if st.eplb_balancedness >= 0:      # the same on every rank: measured over the whole EP group
                 self.eplb_balancedness.set(st.eplb_balancedness)
                 self.eplb_rebalances.set(st.eplb_rebalances)
         return generate_latest(self.registry)
+
+    def _count_prefix_cache(self, queries: int, hits: int) -> None:
+        """The engines report totals; the counters advance by what is new since the last render (an engine
+        that restarted from zero adds from zero again)."""
+        seen_q, seen_h = self._prefix_cache_seen
+        dq, dh = (queries - seen_q, hits - seen_h) if queries >= seen_q and hits >= seen_h else (queries, hits)
+        self._prefix_cache_seen = (queries, hits)
+        for counter, d in zip(self.prefix_cache, (dq, dh, dq, dh)):
+            counter.inc(d)
 
 
 class RequestTracker:

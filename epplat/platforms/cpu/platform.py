@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,6 +39,13 @@ class CpuPlatform(Platform):
     def before_step(self, num_tokens: int) -> None:
         cpu_kernels.THREADS = self.max_threads
         torch.set_num_threads(self.max_threads if num_tokens >= self.MULTI_THREAD_TOKENS else 1)
+
+    def slower_path(self, dtype: torch.dtype) -> Optional[str]:
+        if dtype != torch.float32 and cpu_kernels.load() is not None:
+            name = str(dtype).removeprefix("torch.")
+            return (f"the cpu platform's C kernels take float32 only: in {name} experts, attention, norms and "
+                    "linears run torch ops (slower); --dtype float32 runs the C kernels")
+        return None
 
     def kv_cache_bytes(self, cache_cfg, weight_bytes, device, profile=None) -> int:
         return cache_cfg.kv_cache_memory_bytes or cpu_kv_cache_bytes()

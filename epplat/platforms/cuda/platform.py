@@ -34,6 +34,13 @@ class CudaPlatform(Platform):
             layer.ROUTE_KERNELS["cuda"] = triton_moe.fused_topk
             experts.EXPERT_KERNELS["cuda"] = triton_moe.cuda_experts
 
+    def slower_path(self, dtype: torch.dtype) -> Optional[str]:
+        import importlib.util
+        if importlib.util.find_spec("triton") is None:
+            return ("triton not installed: attention, KV writes, norms, rope, routing and experts run torch "
+                    "ops (slower; pip install triton)")
+        return None
+
     @classmethod
     def check(cls) -> Optional[str]:
         if not torch.cuda.is_available():

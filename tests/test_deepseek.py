@@ -1,0 +1,117 @@
+"""DeepSeek-V2/V3 (MLA, DeepSeek routing, shared experts) served on the cpu platform: greedy
+tokens through HTTP and the openai client equal transformers' DeepseekV2ForCausalLM /
+DeepseekV3ForCausalLM on `epplat make-model` checkpoints, and the KV cache holds one latent
+"head" (kv_lora_rank + qk_rope_head_dim values) per token and layer."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from hf_oracle import hf_greedy
+from server_utils import Server
+from test_parallel import MAX_TOKENS, complete
+
+# the long prompt is prefilled in chunks of 32 (a chunk attending to cached latents)
+PROMPTS = [[5, 17, 99, 230, 7, 64, 300, 12], [400, 401, 402], list(range(100, 170)), [3, 9],
+           [1500, 1200, 900], [77] * 6, [1024, 12, 512], [250, 260, 270, 280]]
+DIMS = dict(layers=2, hidden=64, top_k=2, heads=4, head_dim=16, moe_intermediate=32, intermediate=96,
+            kv_lora_rank=32, rope_head_dim=8, vocab_size=2048)
+
+
+@pytest.fixture(scope="module")
+def v2_dir(tmp_path_factory):
+    """V2-Lite style: plain q projection, softmax routing, greedy top-k, two shared experts."""
+    from epplat.tools.make_model import make_model
+    return make_model("deepseek_v2", tmp_path_factory.mktemp("deepseek_v2"), experts=8, seed=3, **DIMS)
+
+
+@pytest.fixture(scope="module")
+def v3_dir(tmp_path_factory):
+    """V3 style: q_lora_rank, sigmoid + e_score_correction_bias, 4 groups (top 2), one shared expert."""
+    from epplat.tools.make_model import make_model
+    return make_model("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3"), experts=8, seed=4, q_lora_rank=32,
+                      **DIMS)
+
+
+def expected(model_dir, prompts=PROMPTS):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [tok.decode(r, skip_special_tokens=True) for r in hf_greedy(model_dir, prompts, MAX_TOKENS, ignore_eos=True)]
+
+
+def test_checkpoints_load_in_transformers_with_every_tensor(v2_dir, v3_dir):
+    from transformers import AutoModelForCausalLM
+    for d, cls in ((v2_dir, "DeepseekV2ForCausalLM"), (v3_dir, "DeepseekV3ForCausalLM")):
+        model, info = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, output_loading_info=True)
+        assert type(model).__name__ == cls and not any(info.values()), info
+    v3 = AutoModelForCausalLM.from_pretrained(v3_dir, dtype=torch.float32)
+    bias = v3.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.abs().sum() > 0                  # the correction bias is loaded, not left at zero
+
+
+@pytest.mark.parametrize("arch", ["v2", "v3"])
+def test_single_process_matches_transformers_and_caches_the_latent(arch, request):
+    model_dir = request.getfixturevalue(f"{arch}_dir")
+    # 2 layers x (32 latent + 8 rotary) float32 = 320 bytes per token: 10240 tokens in 3,276,800 bytes
+    # (decompressed keys and values would take 2 x 2 x 4 heads x 24 x 4 = 1536 bytes per token)
+    with Server(str(model_dir), "--dtype", "float32", "--max-model-len", "256", "--max-num-batched-tokens", "32",
+                "--kv-cache-memory-bytes", "3276800", "--served-model-name", "ds") as s:
+        assert complete(s.url, "ds", PROMPTS) == expected(model_dir)
+        log = s.output()
+    assert "KV cache size: 10,240 tokens" in log, log
+    assert re.search(r"Maximum concurrency for 256 tokens per request: 40\.00x", log), log
+
+
+@pytest.fixture(scope="module")
+def v3_uneven_dir(tmp_path_factory):
+    """10 routed experts in 2 groups: over 4 EP ranks the first two hold 3, the others 2."""
+    from epplat.tools.make_model import make_model
+    return make_model("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3_uneven"), experts=10, seed=5,
+                      q_lora_rank=32, n_group=2, topk_group=1, **DIMS)
+
+
+def test_tensor_parallel_2_splits_mla_heads(v2_dir):
+    with Server(str(v2_dir), "--dtype", "float32", "-tp", "2", "--max-model-len", "256",
+                "--max-num-batched-tokens", "32", "--served-model-name", "ds") as s:
+        assert complete(s.url, "ds", PROMPTS) == expected(v2_dir)
+
+
+def test_dp2_tp2_ep_with_experts_that_do_not_divide(v3_uneven_dir):
+    with Server(str(v3_uneven_dir), "--dtype", "float32", "-dp", "2", "-tp", "2", "-ep", "--max-model-len", "256",
+                "--served-model-name", "ds", timeout=180) as s:
+        assert complete(s.url, "ds", PROMPTS) == expected(v3_uneven_dir)
+        log = s.output()
+    for needle in ("EP rank 0/4 holds experts 0-2 of 10", "EP rank 1/4 holds experts 3-5 of 10",
+                   "EP rank 2/4 holds experts 6-7 of 10", "EP rank 3/4 holds experts 8-9 of 10"):
+        assert needle in log, log
+
+
+def test_dp2_ep_eplb_with_redundant_experts(v3_dir):
+    cfg = {"window_size": 8, "step_interval": 8, "num_redundant_experts": 2}
+    with Server(str(v3_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
+                "--enable-eplb", "--eplb-config", json.dumps(cfg), "--served-model-name", "ds") as s:
+        assert "EP rank 1/2 holds physical experts 5-9 of 10 (logical experts [5, 6, 7, 0, 1])" in s.output()
+        want = expected(v3_dir)
+        for _ in range(3):                       # before, during and after rebalances
+            assert complete(s.url, "ds", PROMPTS) == want
+        assert re.search(r"EPLB rebalance \d+ at step", s.output()), s.output()[-3000:]
+
+
+def test_expert_map_gives_the_first_ranks_one_more_and_even_backends_refuse():
+    from epplat.core.moe.all2all import All2AllBackend, ExpertMap
+    assert [list(ExpertMap(10, r, 4).local_ids) for r in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert ExpertMap(8, 2, 3, num_redundant=1).local_ids == range(6, 9)
+    with pytest.raises(ValueError, match="the base all2all backend needs the 10 experts to divide over the 4 EP"):
+        All2AllBackend(ExpertMap(10, 0, 4))
+
+
+def test_qwen3_dp3_ep_naive_with_experts_that_do_not_divide(qwen3_moe_dir):
+    """Not DeepSeek only: 8 Qwen3-MoE experts over 3 EP ranks (3, 3, 2)."""
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "-dp", "3", "-ep", "--all2all-backend", "naive",
+                "--max-model-len", "256", "--served-model-name", "q", timeout=180) as s:
+        assert complete(s.url, "q", PROMPTS[:4]) == expected(qwen3_moe_dir, PROMPTS[:4])
+        assert "EP rank 2/3 holds experts 6-7 of 8" in s.output()
