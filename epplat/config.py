@@ -250,9 +250,15 @@ def check_layout(mc, par: ParallelConfig) -> None:
             extra = f" + {redundant} redundant" if redundant else ""
             raise ConfigError(f"{mc.num_experts}{extra} experts do not divide over EP size {world} "
                               f"(tensor-parallel-size x data-parallel-size)")
-    elif mc.moe_intermediate_size % tp:
+    elif mc.num_experts and mc.moe_intermediate_size % tp:
         raise ConfigError(f"expert width {mc.moe_intermediate_size} does not divide over "
                           f"--tensor-parallel-size {tp}")
+    dense = [("intermediate size", mc.intermediate_size)] if mc.dense_layers or not mc.num_experts else []
+    if getattr(mc, "n_shared_experts", 0):       # DeepSeek's shared experts: a dense MLP split over TP
+        dense.append(("shared-expert width", mc.moe_intermediate_size * mc.n_shared_experts))
+    for what, width in dense:
+        if width % tp:
+            raise ConfigError(f"{what} {width} does not divide over --tensor-parallel-size {tp}")
 
 
 def cache_dir() -> Path:

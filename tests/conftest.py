@@ -4,6 +4,9 @@ transformers oracle (``hf_greedy``) that engine tests compare greedy tokens with
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -26,6 +29,22 @@ def simulation(monkeypatch):
         monkeypatch.syspath_prepend(simulations.path(name))
         return simulations.env(name)
     return use
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="session")
+def install_example(tmp_path_factory):
+    """``install_example("epplat-example-platform", ...)``: those examples/ packages pip-installed (no deps)
+    into a directory of their own; returns the environment that puts it on PYTHONPATH. The test
+    environment itself is left as it was."""
+    def install(*names: str) -> dict:
+        target = tmp_path_factory.mktemp("site")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), *(str(EXAMPLES / n) for n in names)], check=True)
+        return {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    return install
 
 
 @pytest.fixture(scope="session")

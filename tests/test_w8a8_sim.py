@@ -104,7 +104,7 @@ def _tp_worker(_rank: int, model_dir: str, out_path: str) -> None:
     from epplat.core.distributed.parallel_state import ParallelState
     from epplat.core.model import qwen3_moe
     from epplat.core.model.decoder import MoEForCausalLM
-    from epplat.core.model.layers import gated_act
+    from epplat.core.ops import gated_act
     from epplat.core.model.loader import load_checkpoint
     from epplat.core.moe.all2all import All2AllBackend, ExpertMap
     from epplat.platforms.ascend.w8a8 import AscendW8A8

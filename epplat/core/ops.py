@@ -1,9 +1,9 @@
 """The platform contract for compute: the ``Kernels`` record, and the torch ops every layer shares.
 
 A platform hands the engine one :class:`Kernels` record (``Platform.kernels``); the model
-runner passes it to the model, and every layer calls the record it was built with. Nothing
-is keyed by device type and nothing is registered in a module: two platforms in one process
-keep two records. Each field is optional: ``None`` runs the torch code of the layer that owns
+runner passes it to the model, and every layer keeps it as ``self.kernels`` and reads its
+field at call time. Nothing is keyed by device type and nothing is registered in a module:
+two platforms in one process keep two records. Each field is optional: ``None`` runs the torch code of the layer that owns
 the op, and a kernel may return ``None`` for inputs it does not take (a shape, a dtype), which
 runs the torch code too. The torch implementations are the reference the kernels must match.
 """
@@ -43,8 +43,8 @@ class Kernels:
     grouped_mm: Kernel = getattr(torch, "_grouped_mm", None)
     # (layer: DecoderLayer, x, positions, meta) -> x after the whole layer
     decoder_layer: Kernel = None
-    # DeepSeek MLA (not served yet; no layer calls it): (q_nope, q_pe, kv_c_cache, k_pe_cache, tables, lens,
-    # scale) -> [B, H, kv_lora_rank], the latent-space decode attention of vLLM's MLA backends
+    # DeepSeek MLA decode over the latent cache (weights absorbed, as vLLM's MLA backends do):
+    # (q_latent [B, H, r], q_pe [B, H, dr], cache [blocks, block, 1, r + dr], tables, lens, scale) -> [B, H, r]
     mla_decode_attention: Kernel = None
 
     def fields(self) -> dict[str, Callable]:
@@ -60,6 +60,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias=None, kernels: Kernels = TORCH
     kernel = kernels.linear
     out = kernel(x, w, bias) if kernel is not None else None
     return F.linear(x, w, bias) if out is None else out
+
+
+def bf16_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> Optional[torch.Tensor]:
+    """torch._grouped_mm for bfloat16 only (what it takes on GPUs and NPUs); None otherwise."""
+    return torch._grouped_mm(x, w, offs=offs) if x.dtype == torch.bfloat16 else None
+
+
+def bf16_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> Optional[torch.Tensor]:
+    """torch._grouped_mm for bfloat16 only (what it takes on GPUs and NPUs); None otherwise."""
+    return torch._grouped_mm(x, w, offs=offs) if x.dtype == torch.bfloat16 else None
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}

@@ -34,14 +34,16 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(requested: str, hf: dict, platform: str) -> tuple[torch.dtype, Optional[str]]:
-    """The dtype to compute in, and a line to say when it is not the one asked for."""
+def resolve_dtype(requested: str, hf: dict, platform) -> tuple[torch.dtype, Optional[str]]:
+    """The dtype to compute in, and a line to say when it is not the one asked for: --dtype auto serves
+    a float16 checkpoint in the platform's ``float16_dtype`` (bfloat16 on cpu, as vLLM does)."""
     if requested != "auto":
         return _DTYPES[requested], None
     ckpt = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    if platform == "cpu" and ckpt == "float16":   # CPU half GEMMs are slow; vLLM does the same
-        return torch.bfloat16, ("--dtype auto: the float16 checkpoint runs in bfloat16 on the cpu platform "
-                                "(float16 GEMMs are slow there); --dtype float16 keeps float16")
+    if ckpt == "float16" and platform.float16_dtype != torch.float16:
+        name = str(platform.float16_dtype).removeprefix("torch.")
+        return platform.float16_dtype, (f"--dtype auto: the float16 checkpoint runs in {name} on the {platform.name} "
+                                        "platform (float16 GEMMs are slow there); --dtype float16 keeps float16")
     return _DTYPES.get(ckpt, torch.float32), None
 
 
@@ -63,7 +65,8 @@ class ModelRunner:
         arch = architecture(hf)
         self.arch = arch
         self.model_cfg = arch.parse_config(hf)
-        self.dtype, dtype_note = resolve_dtype(cfg.model.dtype, hf, platform.name)
+        self.dtype, dtype_note = resolve_dtype(cfg.model.dtype, hf, platform)
+        self.kernels = platform.kernels     # the platform's Kernels record (epplat.core.ops), handed to the model
         if ps.rank == 0:      # said once, by the first engine process
             for note in filter(None, (dtype_note, platform.slower_path(self.dtype))):
                 logger.warning(note)
@@ -77,7 +80,8 @@ class ModelRunner:
         torch.manual_seed(cfg.model.seed)
         t0 = time.time()
         with torch.device(device):
-            self.model = getattr(arch, "MODEL", MoEForCausalLM)(self.model_cfg, self.all2all, self.dtype, ps)
+            self.model = getattr(arch, "MODEL", MoEForCausalLM)(self.model_cfg, self.all2all, self.dtype, ps,
+                                                                  self.kernels)
         quant = load_quant_method(cfg, arch.canonical_name, platform.name)
         if quant:
             quant.process_model(self.model)
@@ -211,7 +215,7 @@ class ModelRunner:
         dev = self.device
         if hasattr(self.all2all, "set_step_tokens"):
             self.all2all.set_step_tokens(mi.ep_counts)
-        meta = build_attn_metadata(mi.seqs, self.block_size, dev, self.pad_block)
+        meta = build_attn_metadata(mi.seqs, self.block_size, dev, self.pad_block, self.kernels)
         self.platform.before_step(len(mi.token_ids))
         hidden = self.graph.forward(torch.tensor(mi.token_ids, dtype=torch.long, device=dev),
                                     torch.tensor(mi.positions, dtype=torch.long, device=dev), meta)
