@@ -42,6 +42,41 @@ def copy_bandwidth(dev) -> float:
     return 2 * a.numel() * 20 / (time.perf_counter() - t)   # bytes read + written per second
 
 
+def build_model(a, dev, dtype, max_position: int) -> MoEForCausalLM:
+    """A random-weight model of the shape in ``a`` on the GPU, with the cuda platform's kernels."""
+    cfg = DecoderConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
+                        num_kv_heads=a.kv_heads, head_dim=a.head_dim, max_position=max_position,
+                        rope_theta=1e6, rms_norm_eps=1e-6, num_experts=a.experts, top_k=a.top_k,
+                        moe_intermediate_size=a.moe_intermediate, intermediate_size=0, qk_norm=True)
+    with torch.device(dev):
+        model = MoEForCausalLM(cfg, AllGatherReduceScatter(ExpertMap(a.experts), device=dev), dtype,
+                               kernels=CudaPlatform().kernels)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for prm in model.parameters():
+        prm.data.normal_(0, 0.02, generator=g) if prm.dim() > 1 else prm.data.fill_(1.0)
+    return model
+
+
+def set_kernels(model, kernels) -> None:
+    """Point every layer of a built model at another Kernels record (to time one path against another)."""
+    for m in model.modules():
+        if "kernels" in vars(m):
+            m.kernels = kernels
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    """The model-shape flags (Qwen3-30B-A3B by default)."""
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--moe-intermediate", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=151936)
+
+
 def timed(fn, iters=20):
     for _ in range(3):
         fn()
@@ -79,15 +114,7 @@ def step_times(model, runner, a, dev, nblocks, blocks_per_seq, profile_at) -> di
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=48)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--moe-intermediate", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=151936)
+    model_args(p)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--block-size", type=int, default=16)
@@ -100,16 +127,7 @@ def main():
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, dtype = torch.device("cuda", 0), torch.bfloat16
-    kernels = CudaPlatform().kernels   # the Triton kernels
-    cfg = DecoderConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
-                        num_kv_heads=a.kv_heads, head_dim=a.head_dim, max_position=a.context + 64,
-                        rope_theta=1e6, rms_norm_eps=1e-6, num_experts=a.experts, top_k=a.top_k,
-                        moe_intermediate_size=a.moe_intermediate, intermediate_size=0, qk_norm=True)
-    with torch.device(dev):
-        model = MoEForCausalLM(cfg, AllGatherReduceScatter(ExpertMap(a.experts), device=dev), dtype, kernels=kernels)
-    g = torch.Generator(device=dev).manual_seed(0)
-    for prm in model.parameters():
-        prm.data.normal_(0, 0.02, generator=g) if prm.dim() > 1 else prm.data.fill_(1.0)
+    model = build_model(a, dev, dtype, a.context + 64)
     bmax = max(a.batch)
     blocks_per_seq = -(-(a.context + 1) // a.block_size)
     nblocks = bmax * blocks_per_seq
@@ -137,10 +155,8 @@ def main():
         del runner
         torch.cuda.empty_cache()
         # torch's norm, rotary, routing and grouped-GEMM experts; the Triton attention stays
-        torch_ops = dataclasses.replace(kernels, rms_norm=None, rope=None, route=None, experts=half_experts)
-        for m in model.modules():
-            if "kernels" in vars(m):
-                m.kernels = torch_ops
+        set_kernels(model, dataclasses.replace(model.kernels, rms_norm=None, rope=None, route=None,
+                                               experts=half_experts))
         runner = CudaGraphRunner(model, dev)
         runner.capture(a.batch, blocks_per_seq, nblocks, (nblocks + 1) * a.block_size)
         torch_times = step_times(model, runner, a, dev, nblocks, blocks_per_seq, [])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
-# Stages: tests decode decode-fp8 moe serve serve-fp8 (default: tests decode moe). Writes JSON and logs under $OUT.
+# Stages: tests decode decode-fp8 moe prefill sampler serve serve-fp8 (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA").
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -22,6 +22,9 @@ for s in $stages; do
     decode-fp8) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --fp8 2>&1 \
               | tee "$OUT/decode_fp8.log" | tail -8 ;;
     moe)    python3 benchmarks/moe_layer_bench.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | tail -40 ;;
+    prefill) python3 benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --profile --out "$OUT/prefill.json" 2>&1 \
+              | tee "$OUT/prefill.log" | tail -30 ;;
+    sampler) python3 benchmarks/sampler_bench.py --device cuda --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -16 ;;
     serve)  python3 benchmarks/serve_1gpu.py --out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
     serve-fp8) python3 benchmarks/serve_1gpu.py --epplat-arg=--quantization --epplat-arg=fp8 --skip-transformers \
               --out "$OUT/serve_fp8.json" 2>&1 | tee "$OUT/serve_fp8.log" | tail -12 ;;

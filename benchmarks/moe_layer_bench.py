@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 
 from epplat.core.moe.experts import capturable_experts
-from epplat.platforms.cuda import fp8_moe, triton_moe
+from epplat.platforms.cuda import fp8_moe, triton_moe, triton_moe_sorted
 
 
 def ceilings(dev) -> tuple[float, float]:
@@ -57,7 +57,7 @@ def main():
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--moe-intermediate", type=int, default=768)
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096, 16384])
     p.add_argument("--layers", type=int, default=4, help="weight sets rotated through (defeats L2)")
     p.add_argument("--tiles", nargs="*", default=["16-64-64-64-64-6-4", "16-128-64-128-64-4-4", "16-64-256-64-128-3-4",
                                                    "16-32-128-32-128-4-4", "16-64-128-128-128-4-8"],
@@ -65,6 +65,10 @@ def main():
     p.add_argument("--fp8-tiles", nargs="*", type=lambda s: tuple(int(v) for v in s.split("-")),
                    default=[(128, 3, 4), (64, 4, 4), (64, 5, 4), (128, 4, 8), (64, 3, 8), (64, 2, 4)],
                    help="fp8 kernel configurations also tried (bn-stages-warps)")
+    p.add_argument("--sorted-tiles", nargs="*", default=[
+        "64-64-64-128-64-4-4", "128-64-64-128-64-3-8", "128-128-64-128-64-3-8", "64-128-64-128-64-3-4",
+        "128-64-64-64-64-4-4", "64-64-128-64-128-3-4", "32-64-64-64-64-4-4", "16-64-64-64-64-4-4"],
+        help="tiles of the expert-sorted Triton grouped GEMM tried from 64 tokens (bm-bn1-bk1-bn2-bk2-stages-warps)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, dt = torch.device("cuda", 0), torch.bfloat16
@@ -102,6 +106,14 @@ def main():
                     lambda x, ids, w, q13, q2, s13, s2, c=(bn, st, wp): fp8_moe.fp8_experts(
                         x, ids, w, q13, q2, F.silu, w13_scale=s13, w2_scale=s2, bn=c[0], stages=c[1], warps=c[2]),
                     fsets)
+        if t >= 64:
+            out = triton_moe_sorted.sorted_experts(x, ids, w, w13s[0], w2s[0], F.silu)
+            row["sorted_rel_err"] = _rel(out.float(), ref)
+            row["sorted_ms"] = graph_time(lambda *s: triton_moe_sorted.sorted_experts(*s, F.silu), sets)
+            for c in a.sorted_tiles:
+                tc = triton_moe_sorted.SortedTiles.parse(c)
+                row[f"sorted_{c}_ms"] = graph_time(
+                    lambda *s, tc=tc: triton_moe_sorted.sorted_experts(*s, F.silu, tiles=tc), sets)
         hit = e * (1 - (1 - k / e) ** t)
         nbytes = hit * 3 * h * i * 2 + 2 * t * h * 2
         row["roofline_ms"] = max(nbytes / bw, 2 * t * k * 3 * h * i / flops) * 1e3
@@ -131,6 +143,16 @@ def main():
         print(f"{'':>45}{r['tokens']:>6}{r['fp8_roofline_ms']:>14.4f}{r['fp8_ms']:>9.4f}"
               f"{r['fp8_roofline_ms'] / r['fp8_ms'] * 100:>6.0f}%{r['triton_ms'] / r['fp8_ms']:>15.2f}x"
               + (f"   best {best} {sweep[best]:.4f}" if best else ""))
+    print(f"expert-sorted Triton grouped GEMM (triton_moe_sorted): {'tokens':>6}{'roofline':>10}{'grouped_mm':>12}"
+          f"{'sorted':>9}{'/roof':>7}{'vs grouped':>12}   best tiles")
+    for r in rows:
+        if "sorted_ms" not in r:
+            continue
+        sweep = {c: r[f"sorted_{c}_ms"] for c in a.sorted_tiles}
+        best = min(sweep, key=sweep.get)
+        print(f"{'':>55}{r['tokens']:>6}{r['roofline_ms']:>10.4f}{r['grouped_ms']:>12.4f}{r['sorted_ms']:>9.4f}"
+              f"{r['roofline_ms'] / r['sorted_ms'] * 100:>6.0f}%{r['grouped_ms'] / r['sorted_ms']:>11.2f}x   "
+              f"{best} {sweep[best]:.4f}")
     errs = {k2: max(r[k2] for r in rows if k2 in r) for r0 in rows for k2 in r0 if k2.endswith("rel_err")}
     print("max relative error vs float32:", {k2: f"{v:.2e}" for k2, v in errs.items()})
     if a.out:

@@ -88,7 +88,8 @@ def add_cli(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--max-model-len", type=_int_range(1), default=None)
     p.add_argument("--max-num-seqs", type=_int_range(1), default=256)
-    p.add_argument("--max-num-batched-tokens", type=_int_range(1), default=None)
+    p.add_argument("--max-num-batched-tokens", type=_int_range(1), default=None,
+                   help="tokens a step may schedule (default 2048; 16384 on cuda)")
     p.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128], default=16)
     p.add_argument("--num-gpu-blocks-override", type=_int_range(1), default=None,
                    help="use this many KV cache blocks instead of sizing from memory")
@@ -145,10 +146,12 @@ def engine_config_from_args(args) -> EngineConfig:
     mcfg = ModelConfig(model=model, served_model_name=(args.served_model_name or [model])[0], dtype=args.dtype,
                        max_model_len=args.max_model_len, seed=args.seed, quantization=args.quantization)
     parallel = parallel_config_from_args(args)
+    default_batched = registry().load("platform", platform).default_max_num_batched_tokens
     cfg = EngineConfig(
         model=mcfg, parallel=parallel,
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens or max(2048, args.max_num_seqs),
+                                  max_num_batched_tokens=args.max_num_batched_tokens or max(default_batched,
+                                                                                            args.max_num_seqs),
                                   enable_chunked_prefill=args.enable_chunked_prefill),
         cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
                           num_gpu_blocks_override=args.num_gpu_blocks_override,

@@ -40,6 +40,20 @@ def rpc_port() -> int:
     raise RuntimeError("no free port range")
 
 
+def start_headless(model: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`epplat serve MODEL --headless ARGS...`: a second node's engines, in their own process group
+    (end it with ``kill_headless`` if the primary's shutdown did not)."""
+    return subprocess.Popen([sys.executable, "-m", "epplat.cli", "serve", model, "--headless", *args],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_headless(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class Server:
     """`epplat serve MODEL ARGS...` as a subprocess; its log is kept for failure messages."""
 

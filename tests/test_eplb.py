@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from safetensors import safe_open
 
 from hf_oracle import hf_greedy
 from plugin_listing import plugin_statuses
-from server_utils import Server, rpc_port
+from server_utils import Server, kill_headless, rpc_port, start_headless
 
 POOL = [[(i * 37 + j * 11) % 2000 + 3 for j in range(24)] for i in range(16)]   # prefill-heavy prompts
 SHORT = 4
@@ -187,18 +186,15 @@ def _two_node_flags(port: int) -> list[str]:
 def test_rebalances_over_a_headless_node(skewed_dir, expected, tmp_path):
     """DP rank 1 on a second (headless) node: the two nodes rebalance together, tokens stay transformers'."""
     common = [*_two_node_flags(rpc_port()), "--data-parallel-size-local", "1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "1", "EPPLAT_EPLB_DUMP_DIR": str(tmp_path)}
-    headless = subprocess.Popen([sys.executable, "-m", "epplat.cli", "serve", str(skewed_dir), "--headless",
-                                 "--data-parallel-start-rank", "1", *common], env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    headless = start_headless(str(skewed_dir), "--data-parallel-start-rank", "1", *common,
+                              env={"CUDA_VISIBLE_DEVICES": "1", "EPPLAT_EPLB_DUMP_DIR": str(tmp_path)})
     try:
         with Server(str(skewed_dir), *common, env={"CUDA_VISIBLE_DEVICES": "0",
                                                    "EPPLAT_EPLB_DUMP_DIR": str(tmp_path)}) as s:
             _serve_through_rebalances(s, str(skewed_dir), expected)
         headless.wait(30)
     finally:
-        if headless.poll() is None:
-            os.killpg(headless.pid, signal.SIGKILL)
+        kill_headless(headless)
     _check_dumps(tmp_path, skewed_dir, ep_size=2, slots_per_rank=4)
 
 

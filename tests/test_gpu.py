@@ -384,3 +384,29 @@ def test_dp2_ep_nvshmem_backend_greedy_equals_transformers(qwen3_moe_dir):
                 env={"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                      "NVSHMEM_DISABLE_NVLS": "1"}) as s:
         assert asyncio.run(complete(s.url)) == want
+
+
+@pytest.mark.parametrize("tokens", [40, 700])
+def test_expert_sorted_kernels_match_a_float64_reference(tokens):
+    """The prefill-sized expert path (triton_moe_sorted): experts of other ranks (-1) skipped,
+    experts nobody chose, fresh random inputs; relative error of bfloat16 operands under 1e-2,
+    and the cuda platform's dispatcher takes it above the decode-sized kernels' limit."""
+    from epplat.platforms.cuda import triton_moe, triton_moe_sorted
+    e, k, h, i = 32, 4, 256, 96
+    x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
+    ids = torch.rand(tokens, e - 4, device="cuda").topk(k, dim=-1).indices      # experts 28.. unused
+    ids = torch.where(ids >= 24, -1, ids)
+    w = torch.softmax(torch.randn(tokens, k, device="cuda"), -1).to(torch.bfloat16)
+    w13 = torch.randn(e, h, 2 * i, device="cuda", dtype=torch.bfloat16) / h ** 0.5
+    w2 = torch.randn(e, i, h, device="cuda", dtype=torch.bfloat16) / i ** 0.5
+    ref = _fp32_experts(x, ids, w, w13, w2)
+    for tiles in (None, triton_moe_sorted.SortedTiles(bm=16), triton_moe_sorted.SortedTiles(128, 64, 64, 128, 64, 3, 8)):
+        out = triton_moe_sorted.sorted_experts(x, ids, w, w13, w2, torch.nn.functional.silu, tiles).double()
+        assert torch.isfinite(out).all()
+        err = float((out - ref).norm() / ref.norm())
+        assert err < 1e-2, (tiles, err)
+    assert (tokens * k > triton_moe.MAX_ASSIGNMENTS) == (tokens == 700)
+    out = triton_moe_sorted.cuda_experts(x, ids, w, w13, w2, torch.nn.functional.silu).double()
+    assert float((out - ref).norm() / ref.norm()) < 1e-2
+    assert triton_moe_sorted.sorted_experts(x.float(), ids, w.float(), w13.float(), w2.float(),
+                                            torch.nn.functional.silu) is None

@@ -149,6 +149,21 @@ def test_n_greater_than_one_and_seeds(client):
     assert 3 <= r.usage.completion_tokens <= 36
 
 
+def test_sampling_rules_reach_the_sampler(client):
+    """Each filter, set through the API, narrows temperature-1.5 sampling to the greedy token (top_p
+    tiny, min_p 1, top_k 1); without one, the same seeded request samples something else.
+    (tests/test_sampling.py checks the rules' distributions themselves.)"""
+    def texts(**kw):
+        extra = {k: kw.pop(k) for k in ("top_k", "min_p") if k in kw}
+        r = client.completions.create(model="qwen-test", prompt=PROMPTS[5], max_tokens=6, n=3, seed=11,
+                                      extra_body={"ignore_eos": True, **extra}, **kw)
+        return [c.text for c in r.choices]
+    greedy = texts(temperature=0)[0]
+    assert texts(temperature=1.5) != [greedy] * 3
+    for rule in ({"top_p": 1e-6}, {"min_p": 1.0}, {"top_k": 1}):
+        assert texts(temperature=1.5, **rule) == [greedy] * 3, rule
+
+
 def test_logprobs(client):
     r = client.completions.create(model="qwen-test", prompt=PROMPTS[4], max_tokens=5, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs

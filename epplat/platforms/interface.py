@@ -16,6 +16,8 @@ class Platform:
     default_all2all = "allgather_reducescatter"
     default_graph_runner = "eager"
     float16_dtype = torch.float16   # what --dtype auto serves a float16 checkpoint in
+    default_max_num_batched_tokens = 2048   # --max-num-batched-tokens when not given
+    compiles_kernels = False        # True: the engine warms every kernel variant up before serving
     # the fast paths this platform hands the model (epplat.core.ops); an instance sets its own record
     kernels: Kernels = TORCH
 

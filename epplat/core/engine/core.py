@@ -37,6 +37,7 @@ def init_kv_cache(runner: ModelRunner, cfg: EngineConfig, ps: ParallelState) -> 
                           f"{max_model_len}; lower --max-model-len or give the KV cache more memory")
     runner.allocate_kv_cache(num_blocks)
     runner.capture_graphs(max_model_len)
+    runner.warm_up(max_model_len)
     if ps.is_driver:
         prefix = runner.platform.log_prefix()
         dp = f"[DP rank {ps.dp_rank}] " if ps.dp_size > 1 else ""

@@ -156,6 +156,34 @@ class ModelRunner:
         logger.info("Graph capturing finished in %.1f s", time.time() - t0)
 
     @torch.inference_mode()
+    def warm_up(self, max_model_len: int) -> None:
+        """Run steps of every size class the kernels specialise on (prefill chunks of 1 to
+        max_num_batched_tokens tokens, decode batches mixed with a prefill chunk) into the scratch
+        block, so that no request pays a kernel compile. Only for platforms whose kernels compile
+        on first use (``compiles_kernels``)."""
+        if not self.platform.compiles_kernels:
+            return
+        t0 = time.time()
+        sched, scratch = self.cfg.scheduler, self.pad_block + 1
+        sizes = sorted({n for p in range(20) for n in (1 << p, 3 << p >> 1) if n <= sched.max_num_batched_tokens})
+        steps = []
+        for n in sizes:
+            lens = [min(max_model_len, n - i) for i in range(0, n, max_model_len)]
+            steps.append([(m, m) for m in lens])
+        steps += [[(1, 1)] * b + [(2, 2)] for b in sizes if b < sched.max_num_seqs and b + 2 <= sched.max_num_batched_tokens]
+        eplb, self.eplb = self.eplb, None
+        try:
+            for seqs in steps:
+                total = sum(q for _, q in seqs)
+                self.forward(ModelInput([0] * total, [p for c, q in seqs for p in range(c - q, c)],
+                                        [(c, q, [scratch] * -(-c // self.block_size)) for c, q in seqs],
+                                        [total] * self.ps.ep_size if self.ps.ep_size > 1 else None))
+        finally:
+            self.eplb = eplb
+        self.platform.synchronize()
+        logger.info("Kernel warm-up (%d step shapes) took %.1f s", len(steps), time.time() - t0)
+
+    @torch.inference_mode()
     def profile_run(self, max_model_len: int) -> int:
         """The largest step (max_num_batched_tokens prompt tokens, split into sequences of at most
         max_model_len) into a scratch KV cache, so the platform can see peak activation memory.

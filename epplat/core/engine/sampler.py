@@ -1,29 +1,52 @@
 """Sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, and logprobs.
 
-Logprobs are those of the model's raw distribution (before temperature and
-filters), as vLLM returns by default. A seeded request draws its noise from its own
-generator, so its tokens do not depend on what else is in the batch.
+vLLM's order and meanings: logits / temperature; min-p drops tokens less probable than
+min_p times the most probable; top-k keeps the k most probable; top-p keeps the fewest
+most probable tokens whose mass (after min-p and top-k) reaches top_p; the survivors are
+renormalized and the most probable token always survives.
+
+No row sorts the vocabulary unless it must: rows with neither top-k nor top-p draw from
+the softmax over the vocabulary (min-p is a threshold on it); top-k rows look only at
+their k best tokens (``torch.topk``, a partial selection); top-p rows without top-k look
+at a few hundred best tokens and widen the selection only while those hold less than
+top_p of the mass (a full sort is the last of those widenings). Each draw takes one
+uniform number (inverse CDF over the row's running mass). A seeded request is sampled on its own with noise from
+its own generator, so its tokens do not depend on what else is in the batch.
+
+Logprobs are those of the model's raw distribution (before temperature and filters), as
+vLLM returns by default.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
 
 from epplat.core.engine.protocol import TokenLogprob
 from epplat.core.engine.request import Request
 
+# best tokens a top-p row without top-k looks at first; widened by WIDEN while they hold less
+# than top_p of the mass
+FIRST_CANDIDATES = 512
+WIDEN = 8
+
 
 def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[Optional[list[TokenLogprob]]]]:
     """logits: [B, V] float32, one row per request. Returns tokens and per-request logprobs."""
     logits = logits.float()
     greedy = [r.params.temperature <= 1e-5 for r in reqs]
-    tokens = logits.argmax(dim=-1)
-    if not all(greedy):
+    if all(greedy):
+        tokens = logits.argmax(dim=-1)
+    elif not any(greedy):
+        tokens = _sample_rows(logits, reqs)
+    else:
+        tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+        rows = [i for i, g in enumerate(greedy) if g]
+        tokens[rows] = logits[rows].argmax(dim=-1)
         rows = [i for i, g in enumerate(greedy) if not g]
-        sub = _sample_rows(logits[rows], [reqs[i] for i in rows])
-        tokens[rows] = sub
+        tokens[rows] = _sample_rows(logits[rows], [reqs[i] for i in rows])
     token_list = tokens.tolist()
     logprobs: list[Optional[list[TokenLogprob]]] = [None] * len(reqs)
     want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
@@ -34,41 +57,140 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[O
     return token_list, logprobs
 
 
-def sampling_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """[B, V] in vocabulary order: the distribution each sampled row's token is drawn from.
+class Filtered(NamedTuple):
+    """The distribution of some rows: probs[i, j] is proportional to the probability of token
+    ids[i, j] (of token j when ids is None) after the filters; every other token has none."""
 
-    vLLM's order and meanings: logits / temperature; min-p drops tokens less probable than
-    min_p times the most probable; top-k keeps the k most probable; top-p keeps the fewest
-    most probable tokens whose mass (after min-p and top-k) reaches top_p. The survivors
-    are renormalized. The most probable token always survives.
-    """
-    dev = logits.device
-    temp = torch.tensor([r.params.temperature for r in reqs], device=dev)
-    sorted_logits, sorted_idx = (logits.float() / temp[:, None]).sort(dim=-1, descending=True)
+    rows: list[int]
+    probs: torch.Tensor
+    ids: Optional[torch.Tensor]
+
+
+def filtered(logits: torch.Tensor, reqs: list[Request]) -> list[Filtered]:
+    """The sampling distribution of every row, in groups of rows that share a way of computing it."""
+    logits = logits.float()
     vocab = logits.shape[1]
-    probs = sorted_logits.softmax(dim=-1)
-    min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in reqs], device=dev)
-    ranks = torch.arange(vocab, device=dev)[None, :]
-    drop = (probs < min_p[:, None] * probs[:, :1]) | (ranks >= top_k[:, None])
-    drop[:, 0] = False
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    plain, narrow, seeded = [], [], []
+    for i, r in enumerate(reqs):
+        p = r.params
+        if r.generator is not None:
+            seeded.append([i])
+        elif 0 < p.top_k < vocab or p.top_p < 1.0:
+            narrow.append(i)
+        else:
+            plain.append(i)
+    out = []
+    for rows in [g for g in (plain, narrow) if g] + seeded:
+        sub = [reqs[i] for i in rows]
+        x = logits[rows] if len(rows) < len(reqs) else logits
+        temps = [r.params.temperature for r in sub]
+        if any(t != 1.0 for t in temps):
+            x = x / torch.tensor(temps, device=x.device)[:, None]
+        if all(0 >= r.params.top_k or r.params.top_k >= vocab for r in sub) and all(r.params.top_p >= 1.0 for r in sub):
+            out.append(Filtered(rows, _exp_min_p(x, sub), None))
+        else:
+            out.extend(_narrowed(x, sub, rows))
+    return out
+
+
+def _exp_min_p(x: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """exp(x - max) over the vocabulary (the softmax, not yet normalized), zero where min-p drops."""
+    e = (x - x.amax(dim=-1, keepdim=True)).exp_()
+    min_p = [r.params.min_p for r in reqs]
+    if any(m > 0 for m in min_p):
+        e.masked_fill_(e < torch.tensor(min_p, device=x.device)[:, None], 0.0)
+    return e
+
+
+def _narrowed(x: torch.Tensor, reqs: list[Request], rows: list[int]) -> list[Filtered]:
+    """Rows with top-k or top-p over their best tokens only (a partial selection)."""
+    vocab = x.shape[1]
+    dev = x.device
+    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in reqs]
     top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
-    drop = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)  # mass before each token
-    drop[:, 0] = False
-    probs = probs.masked_fill(drop, 0.0)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    return torch.zeros_like(probs).scatter_(1, sorted_idx, probs)
+    min_p = [r.params.min_p for r in reqs]
+    floor = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p], device=dev)
+    no_k = [k == 0 for k in top_k]
+    # with no top-k, top-p renormalizes over every min-p survivor of the vocabulary
+    full_norm = None
+    if any(no_k):
+        full_norm = x.masked_fill(x < x.amax(dim=-1, keepdim=True) + floor[:, None], float("-inf")).logsumexp(-1)
+    width = max([k for k in top_k if k] + ([min(vocab, FIRST_CANDIDATES)] if any(no_k) else []))
+    todo = list(range(len(reqs)))
+    out = []
+    while todo:
+        sub = torch.tensor(todo, device=dev) if len(todo) < len(reqs) else None
+        xs = x if sub is None else x[sub]
+        vals, ids = xs.topk(width, dim=-1) if width < vocab else xs.sort(dim=-1, descending=True)
+        ranks = torch.arange(width, device=dev)[None, :]
+        k = torch.tensor([top_k[i] or vocab for i in todo], device=dev)
+        fl = floor if sub is None else floor[sub]
+        drop = (vals < vals[:, :1] + fl[:, None]) | (ranks >= k[:, None])
+        drop[:, 0] = False
+        vals = vals.masked_fill(drop, float("-inf"))
+        norm = vals.logsumexp(-1)
+        if full_norm is not None:
+            nk = torch.tensor([no_k[i] for i in todo], device=dev)
+            norm = torch.where(nk, full_norm if sub is None else full_norm[sub], norm)
+        probs = (vals - norm[:, None]).exp()
+        tp = top_p if sub is None else top_p[sub]
+        drop = ((probs.cumsum(dim=-1) - probs) >= tp[:, None]) & (tp[:, None] < 1)   # mass before each token
+        drop[:, 0] = False
+        # a row without top-k is complete when its selection holds top_p of the mass: every token
+        # past it then has at least that much before it
+        complete = [True] * len(todo)
+        if width < vocab and any(no_k[i] for i in todo):
+            held = (probs.sum(dim=-1) >= tp).tolist()
+            complete = [held[j] or not no_k[i] for j, i in enumerate(todo)]
+        probs = probs.masked_fill(drop, 0.0)
+        done = [j for j, c in enumerate(complete) if c]
+        if len(done) == len(todo):
+            out.append(Filtered([rows[i] for i in todo], probs, ids))
+        elif done:
+            d = torch.tensor(done, device=dev)
+            out.append(Filtered([rows[todo[j]] for j in done], probs[d], ids[d]))
+        todo = [i for j, i in enumerate(todo) if not complete[j]]
+        width = min(vocab, width * WIDEN)
+    return out
+
+
+def sampling_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """[B, V] in vocabulary order: the distribution each row's token is drawn from."""
+    out = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    for f in filtered(logits, reqs):
+        rows = torch.tensor(f.rows, device=logits.device)
+        probs = f.probs / f.probs.sum(dim=-1, keepdim=True)
+        if f.ids is None:
+            out[rows] = probs
+        else:
+            out[rows] = torch.zeros_like(out[rows]).scatter_(1, f.ids, probs)
+    return out
 
 
 def _sample_rows(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """One draw per row from ``sampling_probs`` (exponential-race: argmax of p / Exp(1) noise)."""
-    probs = sampling_probs(logits, reqs)
-    noise = torch.empty_like(probs).exponential_()
-    for i, r in enumerate(reqs):
-        if r.generator is not None:
-            noise[i] = torch.empty(probs.shape[1]).exponential_(generator=r.generator).to(probs.device)
-    return (probs / noise).argmax(dim=-1)
+    """One draw per row from its ``filtered`` distribution."""
+    tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+    for f in filtered(logits, reqs):
+        choice = _draw(f.probs, reqs[f.rows[0]].generator)
+        tok = choice if f.ids is None else f.ids.gather(1, choice[:, None]).squeeze(1)
+        if len(f.rows) == len(reqs):
+            return tok
+        tokens[torch.tensor(f.rows, device=logits.device)] = tok
+    return tokens
+
+
+def _draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Inverse-CDF draws, one uniform number a row: the first column whose running mass passes
+    u * total (a column without mass never does). An exponential race would need a random
+    number per column, and drawing those costs more than the rest of the sampler on a CPU."""
+    cum = probs.cumsum(dim=-1)
+    total = cum[:, -1:]
+    if generator is not None:
+        u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device)
+    else:
+        u = torch.rand(probs.shape[0], 1, device=probs.device)
+    target = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cum, target, right=True).squeeze(1)
 
 
 def _token_logprobs(lp: torch.Tensor, token: int, n: int) -> list[TokenLogprob]:

@@ -8,8 +8,9 @@ the product times (activation scale x weight block scale) into a float32 accumul
 Weights are stored input-major like the bf16 ones: w13 [E, H, 2I], w2 [E, I, H], with
 scales [E, H/128, 2I/128] and [E, I/128, H/128] (w ~= q * scale).
 
-Above MAX_FP8_ASSIGNMENTS the weights are dequantized to bf16 per call and go through
-torch._grouped_mm (correct, not fast: prefill with fp8 is not optimised yet).
+Above MAX_FP8_ASSIGNMENTS the weights are dequantized to bf16 per call and go through the
+bf16 expert-sorted kernels (triton_moe_sorted; correct, not fast: prefill with fp8 is not
+optimised yet).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import triton.language as tl
 
 from epplat.core.moe.experts import capturable_experts
 from epplat.platforms.cuda.triton_moe import (_ACTS, _SCAN, MAX_ASSIGNMENTS, _my_expert, _routed_rows, _sum_kernel)
+from epplat.platforms.cuda.triton_moe_sorted import sorted_experts
 
 BLOCK = 128
 FP8_MAX = 448.0
@@ -106,8 +108,10 @@ def fp8_experts(x, topk_ids, topk_weights, w13, w2, act, *, w13_scale, w2_scale,
     experts, hidden, inter = w13.shape[0], w13.shape[1], w2.shape[1]
     num_assign = rows * k
     if num_assign > MAX_FP8_ASSIGNMENTS or name not in _ACTS:
-        return capturable_experts(x, topk_ids, topk_weights.to(torch.bfloat16), dequantize(w13, w13_scale),
-                                  dequantize(w2, w2_scale), act).to(x.dtype)
+        args = (x.to(torch.bfloat16), topk_ids, topk_weights.to(torch.bfloat16), dequantize(w13, w13_scale),
+                dequantize(w2, w2_scale), act)
+        out = sorted_experts(*args)
+        return (capturable_experts(*args) if out is None else out).to(x.dtype)
     x = x.contiguous()
     ids = topk_ids.reshape(-1).contiguous()
     tw = topk_weights.reshape(-1).contiguous()

@@ -91,7 +91,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return None
     group = h // kvh
     gp = max(16, triton.next_power_of_2(group))
-    splits = max(1, min(32, -(-_TARGET_PROGRAMS // (b * kvh))))
+    splits = min(32, 1 << ((-(-_TARGET_PROGRAMS // (b * kvh))).bit_length() - 1))   # powers of two: 6 variants
     mid = torch.empty((b, kvh, splits, gp, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((b, kvh, splits, gp), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(b, kvh, splits)](q.contiguous(), k_cache, v_cache, tables, lens, mid, lse, scale,

@@ -12,7 +12,7 @@ cost a few id loads and read no weights. Three launches:
 
 Rows stay in assignment order, so there is no unpermute. Every program rescans the
 ids, which is cheap at decode sizes and wasteful at prefill sizes: large batches go to
-``torch._grouped_mm`` (``capturable_experts``), see ``MAX_ASSIGNMENTS``.
+``triton_moe_sorted``, see ``MAX_ASSIGNMENTS``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from epplat.core.moe.experts import capturable_experts
-
-# above this many (token, expert) assignments the grouped GEMM wins: on an H100, Triton took
-# 0.44 ms against 0.56 at 512 assignments, 0.67 against 0.62 at 2048 (benchmarks/moe_layer_bench.py)
+# above this many (token, expert) assignments the rescans cost more than they save: on an H100,
+# Triton took 0.44 ms against grouped GEMM's 0.56 at 512 assignments, 0.67 against 0.62 at 2048
+# (benchmarks/moe_layer_bench.py)
 MAX_ASSIGNMENTS = 1024
 _ACTS = {"silu": 0, "gelu": 1}
 _SCAN = 256   # ids scanned per step when gathering an expert's rows
@@ -209,17 +208,6 @@ def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tile
     out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
     _sum_kernel[(rows, triton.cdiv(hidden, 1024))](y, ids, out, hidden, k, 1024, num_warps=4)
     return out
-
-
-def cuda_experts(x, topk_ids, topk_weights, w13, w2, act):
-    """The expert kernel the cuda platform registers: Triton at decode sizes, grouped GEMM above."""
-    if topk_ids.numel() <= MAX_ASSIGNMENTS and w13.is_cuda:
-        out = triton_experts(x, topk_ids, topk_weights, w13, w2, act)
-        if out is not None:
-            return out
-    if x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm"):
-        return capturable_experts(x, topk_ids, topk_weights, w13, w2, act)
-    return None
 
 
 @triton.jit

@@ -1,0 +1,105 @@
+"""The sampler's time per step against greedy, and against a full-vocabulary sort, side by side.
+
+For each batch size, times ``sample()`` (which ends in a host copy of the tokens, so device
+work is included) over a [batch, vocab] float32 logits tensor for greedy, temperature 1.0,
+top-k 50, top-p 0.9 and top-k 50 + top-p 0.9 rows, and the same temperature-1.0 and top-p
+draws through the sort-every-row sampler epplat had before (``full_sort``, below) in the
+same run. Logits are normal with std --logit-std (4 puts top-p 0.9 at ~500 tokens of 151,936).
+
+    python benchmarks/sampler_bench.py --device cpu --batch 1 4 16 64 256
+    python benchmarks/sampler_bench.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from epplat.core.engine.protocol import EngineRequest, SamplingParams
+from epplat.core.engine.request import Request
+from epplat.core.engine.sampler import sample
+
+CASES = {"greedy": dict(temperature=0.0), "temperature 1.0": dict(temperature=1.0),
+         "top-k 50": dict(temperature=1.0, top_k=50), "top-p 0.9": dict(temperature=1.0, top_p=0.9),
+         "top-k 50 + top-p 0.9": dict(temperature=1.0, top_k=50, top_p=0.9)}
+
+
+def full_sort(logits, reqs):
+    """The earlier sampler: every non-greedy row sorts the whole vocabulary."""
+    dev, vocab = logits.device, logits.shape[1]
+    temp = torch.tensor([r.params.temperature for r in reqs], device=dev)
+    sorted_logits, sorted_idx = (logits / temp[:, None]).sort(dim=-1, descending=True)
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in reqs], device=dev)
+    sorted_logits = sorted_logits.masked_fill(torch.arange(vocab, device=dev)[None, :] >= top_k[:, None],
+                                              float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
+    drop = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop[:, 0] = False
+    probs = probs.masked_fill(drop, 0.0)
+    choice = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    return sorted_idx.gather(1, choice[:, None]).squeeze(1).tolist()
+
+
+def timed(fn, dev, iters):
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), min(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--logit-std", type=float, default=4.0)
+    p.add_argument("--iters", type=int, default=0, help="timed repeats (default: 20 on cuda, 5 on cpu)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    dev = torch.device(a.device)
+    iters = a.iters or (20 if dev.type == "cuda" else 5)
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for b in a.batch:
+        logits = torch.randn(b, a.vocab, device=dev, generator=g) * a.logit_std
+        row = {"batch": b}
+        for name, params in CASES.items():
+            reqs = [Request(EngineRequest(str(i), [1], SamplingParams(**params))) for i in range(b)]
+            med, low = timed(lambda: sample(logits, reqs), dev, iters)
+            row[name], row["min " + name] = med * 1e3, low * 1e3
+            if name in ("temperature 1.0", "top-p 0.9"):
+                med, low = timed(lambda: full_sort(logits, reqs), dev, iters)
+                row[name + " (full sort)"], row["min " + name + " (full sort)"] = med * 1e3, low * 1e3
+        probs = (logits[0] / 1.0).softmax(-1).sort(descending=True).values.cumsum(-1)
+        row["top-p 0.9 tokens"] = int((probs < 0.9).sum()) + 1
+        rows.append(row)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"sampler on {name}, vocab {a.vocab}, logit std {a.logit_std}, median ms per sample() call, torch "
+          f"{torch.__version__}")
+    for title, cols in (("median", [c for c in rows[0] if c != "batch" and not c.startswith("min ")]),
+                        ("min", [c for c in rows[0] if c.startswith("min ")])):
+        print(f"{title} ms:\n{'batch':>6}" + "".join(f"{c.removeprefix('min ')[:22]:>23}" for c in cols))
+        for r in rows:
+            print(f"{r['batch']:>6}" + "".join(f"{r[c]:>23.3f}" if isinstance(r[c], float) else f"{r[c]:>23}"
+                                               for c in cols))
+    for k in ("", "min "):
+        print(f"{k or 'median '}temperature 1.0 / greedy: "
+              + ", ".join(f"batch {r['batch']} {r[k + 'temperature 1.0'] / r[k + 'greedy']:.2f}x" for r in rows))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"args": vars(a), "device": name, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
