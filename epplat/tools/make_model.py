@@ -220,24 +220,22 @@ def parse_size(s: str) -> int:
     return v
 
 
-def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{s!r} must be a positive integer")
-    return v
+def _int_at_least(lo: int):
+    """An argparse type: an integer >= lo (1: "positive", 0: "not negative")."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{s!r} must be a positive integer" if lo == 1 else
+                                             f"{s!r} must not be negative")
+        return v
+    parse.__name__ = "integer"
+    return parse
 
 
-def _non_negative(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{s!r} must not be negative")
-    return v
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
 def _positive_float(s: str) -> float:
