@@ -80,6 +80,38 @@ class EPLBConfig(msgspec.Struct, forbid_unknown_fields=True):
             raise ConfigError(f"--eplb-config: {e}") from None
 
 
+SPECULATIVE_METHODS = ("deepseek_mtp", "mtp")   # vLLM's names of the checkpoint's own MTP layer
+
+
+class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``--speculative-config``: vLLM's keys for drafting with the checkpoint's MTP layer."""
+
+    method: str
+    num_speculative_tokens: Annotated[int, msgspec.Meta(ge=1, le=16)]
+
+    @staticmethod
+    def parse(text: str) -> "SpeculativeConfig":
+        example = '\'{"method": "deepseek_mtp", "num_speculative_tokens": 1}\''
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--speculative-config is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--speculative-config must be a JSON object, e.g. {example}")
+        unknown = sorted(set(raw) - set(SpeculativeConfig.__struct_fields__))
+        if unknown:
+            raise ConfigError(f"--speculative-config: unknown key {unknown[0]!r}; valid keys: "
+                              f"{', '.join(SpeculativeConfig.__struct_fields__)}")
+        try:
+            spec = msgspec.convert(raw, SpeculativeConfig)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"--speculative-config: {e}, e.g. {example}") from None
+        if spec.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"--speculative-config: method {spec.method!r} is not supported; "
+                              f"supported: {', '.join(SPECULATIVE_METHODS)}")
+        return spec
+
+
 class ParallelConfig(msgspec.Struct):
     """The parallel layout, with vLLM's flag names.
 
@@ -197,6 +229,7 @@ class EngineConfig(msgspec.Struct):
     platform: str = "cpu"
     enforce_eager: bool = False
     additional_config: dict = msgspec.field(default_factory=dict)  # --additional-config: platform-specific keys
+    speculative: Optional[SpeculativeConfig] = None               # --speculative-config
 
     def check(self) -> None:
         """The checks that need the checkpoint and the plugins: the model is one epplat serves, the layout
@@ -228,6 +261,13 @@ class EngineConfig(msgspec.Struct):
             raise ConfigError(f"--max-num-batched-tokens ({batched}) is smaller than --max-model-len ({max_len}); "
                               "enable chunked prefill or raise it")
         check_layout(mc, par)
+        spec = self.speculative
+        if spec is not None and not hf.get("num_nextn_predict_layers"):
+            raise ConfigError(f"--speculative-config method {spec.method!r} drafts with the checkpoint's MTP layer; "
+                              f"{hf.get('architectures')} checkpoint {model!r} has none (num_nextn_predict_layers)")
+        if spec is not None and par.world_size > 1:
+            raise ConfigError("--speculative-config runs on one engine process for now: drop "
+                              "--tensor-parallel-size and --data-parallel-size")
         reg.load("platform", self.platform).apply_additional_config(self)
 
     def to_json(self) -> bytes:

@@ -12,10 +12,11 @@ import signal
 import sys
 import tempfile
 import time
+from typing import Optional
 from pathlib import Path
 
 from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, ModelConfig, ParallelConfig,
-                           SchedulerConfig)
+                           SchedulerConfig, SpeculativeConfig)
 from epplat.plugins import PluginError, registry
 
 logger = logging.getLogger("epplat.serve")
@@ -89,7 +90,7 @@ def add_cli(sub) -> None:
     p.add_argument("--max-model-len", type=_int_range(1), default=None)
     p.add_argument("--max-num-seqs", type=_int_range(1), default=256)
     p.add_argument("--max-num-batched-tokens", type=_int_range(1), default=None,
-                   help="tokens a step may schedule (default 2048; 16384 on cuda)")
+                   help="tokens a step may schedule (default 2048; 8192 on cuda)")
     p.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128], default=16)
     p.add_argument("--num-gpu-blocks-override", type=_int_range(1), default=None,
                    help="use this many KV cache blocks instead of sizing from memory")
@@ -124,6 +125,8 @@ def add_cli(sub) -> None:
     p.add_argument("--quantization", "-q", default=None, help="quantization method (see `epplat plugins`)")
     p.add_argument("--additional-config", type=_json_object, default={},
                    help="platform-specific options as JSON (ascend: vllm-ascend's torchair_graph_config, ...)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "deepseek_mtp", "num_speculative_tokens": 1}\'')
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of cached prompt prefixes (default: on)")
@@ -157,7 +160,8 @@ def engine_config_from_args(args) -> EngineConfig:
                           num_gpu_blocks_override=args.num_gpu_blocks_override,
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
-        platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config)
+        platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config,
+        speculative=SpeculativeConfig.parse(args.speculative_config) if args.speculative_config is not None else None)
     cfg.check()
     if args.quantization:   # the method checks the checkpoint's quantization files before any engine starts
         from epplat.core.model.quant import load_quant_method

@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+import simulations
 from hf_oracle import hf_greedy
 from server_utils import Server
 from test_parallel import MAX_TOKENS, complete
@@ -115,3 +116,90 @@ def test_qwen3_dp3_ep_naive_with_experts_that_do_not_divide(qwen3_moe_dir):
                 "--max-model-len", "256", "--served-model-name", "q", timeout=180) as s:
         assert complete(s.url, "q", PROMPTS[:4]) == expected(qwen3_moe_dir, PROMPTS[:4])
         assert "EP rank 2/3 holds experts 6-7 of 8" in s.output()
+
+
+def mtp_friendly(model_dir, scale: float) -> None:
+    """Rewrite a checkpoint so that drafts often, but not always, agree with the target: attention and MLP
+    outputs scaled by `scale` make the next token mostly a function of the current one, and the MTP layer
+    (its eh_proj passing the next token's embedding through, the main model's embedding and head) applies
+    that function to the next token. Random MTP weights would have every draft rejected."""
+    from safetensors.torch import load_file, save_file
+    path = model_dir / "model.safetensors"
+    t = load_file(str(path))
+    p = f"model.layers.{json.loads((model_dir / 'config.json').read_text())['num_hidden_layers']}."
+    for k in t:
+        if k.endswith(("o_proj.weight", "down_proj.weight")):
+            t[k] = t[k] * scale
+    h = t["model.embed_tokens.weight"].shape[1]
+    t[p + "embed_tokens.weight"] = t["model.embed_tokens.weight"].clone()
+    t[p + "eh_proj.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1)
+    t[p + "enorm.weight"] = torch.ones(h)
+    t[p + "shared_head.head.weight"] = t["lm_head.weight"].clone()
+    t[p + "shared_head.norm.weight"] = t["model.norm.weight"].clone()
+    save_file(t, str(path), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def v3_mtp_dir(tmp_path_factory):
+    from epplat.tools.make_model import make_model
+    d = make_model("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3_mtp"), experts=8, seed=6, q_lora_rank=32,
+                   mtp_layers=1, **DIMS)
+    mtp_friendly(d, 0.3)
+    return d
+
+
+def test_mtp_speculative_decoding_keeps_greedy_output_and_reports_acceptance(v3_mtp_dir):
+    import httpx
+    import openai
+    from prometheus_client.parser import text_string_to_metric_families
+    spec = json.dumps({"method": "deepseek_mtp", "num_speculative_tokens": 2})
+    with Server(str(v3_mtp_dir), "--dtype", "float32", "--max-model-len", "256", "--max-num-batched-tokens", "32",
+                "--speculative-config", spec, "--served-model-name", "ds", env={"EPPLAT_LOG_STATS_INTERVAL": "0"}) as s:
+        want = expected(v3_mtp_dir)
+        assert complete(s.url, "ds", PROMPTS) == want
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        chunks = client.completions.create(model="ds", prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in chunks) == want[0]      # several tokens per step, streamed
+        samples = {x.name: x.value for f in text_string_to_metric_families(httpx.get(s.url + "/metrics").text)
+                   for x in f.samples}
+        log = s.output()
+    drafted, accepted = (samples[f"epplat:spec_decode_num_{w}_total"] for w in ("draft_tokens", "accepted_tokens"))
+    assert samples["epplat:spec_decode_num_drafts_total"] > 0 and 0 < accepted < drafted, samples
+    rates = [float(r) for r in re.findall(r"SpecDecoding metrics: .*Avg Draft acceptance rate: ([\d.]+)%", log)]
+    assert rates and any(r > 0 for r in rates), log[-3000:]
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("{", "--speculative-config is not valid JSON"),
+    ('{"method": "deepseek_mtp", "num_speculative_tokens": 1, "model": "x"}', "unknown key 'model'"),
+    ('{"method": "eagle", "num_speculative_tokens": 1}', "method 'eagle' is not supported"),
+    ('{"method": "deepseek_mtp", "num_speculative_tokens": 0}', "Expected `int` >= 1"),
+    ('{"method": "deepseek_mtp"}', "missing required field `num_speculative_tokens`"),
+])
+def test_bad_speculative_configs_are_one_line(spec, needle):
+    from epplat.config import ConfigError, SpeculativeConfig
+    with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+        SpeculativeConfig.parse(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_speculative_config_needs_mtp_layers_one_error_line(v3_dir):
+    import subprocess
+    import sys
+    spec = '{"method": "deepseek_mtp", "num_speculative_tokens": 1}'
+    r = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(v3_dir), "--speculative-config", spec],
+                       capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert r.returncode != 0 and len(errors) == 1 and "has none (num_nextn_predict_layers)" in errors[0], r.stderr
+
+
+def test_ascend_simulation_dp2_ep_hccl(v3_dir):
+    """The ascend platform's path (SIMULATED torch_npu / HCCL, tests/simulations/npu): DP=2 + EP over the hccl
+    all2all."""
+    env = simulations.env("npu", HCCL_IF_IP="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
+    with Server(str(v3_dir), "--platform", "ascend", "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
+                "--served-model-name", "ds", env=env) as s:
+        assert complete(s.url, "ds", PROMPTS) == expected(v3_dir)
+        log = s.output()
+    assert "platform ascend" in log and log.count("all2all hccl") == 2, log

@@ -400,7 +400,7 @@ def test_expert_sorted_kernels_match_a_float64_reference(tokens):
     w13 = torch.randn(e, h, 2 * i, device="cuda", dtype=torch.bfloat16) / h ** 0.5
     w2 = torch.randn(e, i, h, device="cuda", dtype=torch.bfloat16) / i ** 0.5
     ref = _fp32_experts(x, ids, w, w13, w2)
-    for tiles in (None, triton_moe_sorted.SortedTiles(bm=16), triton_moe_sorted.SortedTiles(128, 64, 64, 128, 64, 3, 8)):
+    for tiles in (None, triton_moe.Tiles(16, 64, 64, 128, 64, 4, 4), triton_moe.Tiles(128, 128, 64, 128, 64, 3, 8)):
         out = triton_moe_sorted.sorted_experts(x, ids, w, w13, w2, torch.nn.functional.silu, tiles).double()
         assert torch.isfinite(out).all()
         err = float((out - ref).norm() / ref.norm())

@@ -40,6 +40,15 @@ def complete(url, model, prompts=PROMPTS, max_tokens=MAX_TOKENS):
     return asyncio.run(go())
 
 
+def complete_in_one_request(url, model, prompts, max_tokens) -> list[str]:
+    """All prompts in one /v1/completions request: the API server hands them to the engines
+    together, so they compete for the KV cache whatever the machine's load."""
+    c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+    r = c.completions.create(model=model, prompt=prompts, max_tokens=max_tokens, temperature=0,
+                             extra_body={"ignore_eos": True})
+    return [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)]
+
+
 def metric(url, name) -> float:
     from prometheus_client.parser import text_string_to_metric_families
     return sum(s.value for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text)
@@ -100,8 +109,8 @@ def cpu_seconds(pids) -> float:
 
 
 # A KV cache of 10 blocks of 8 tokens per engine and 16-token steps: the 30-token prompt is
-# prefilled in chunks, and 16 new tokens for four requests an engine do not fit, so requests
-# are preempted and recomputed.
+# prefilled in chunks, and the 8 prompts of one request with 16 new tokens each (at least 12
+# blocks for any 4 of them) do not fit an engine holding 4 or more, so requests are preempted.
 TIGHT = ["--max-model-len", "64", "--block-size", "8", "--num-gpu-blocks-override", "10",
          "--max-num-batched-tokens", "16"]
 LONG = 16
@@ -136,7 +145,7 @@ def check_logprobs_of_every_token(url, model_dir, prompt, n=6, top=3):
 def test_mixtral_dp2_x_tp2_without_ep_chunked_preempted_and_logprobs(mixtral_dir):
     want = expected_texts(mixtral_dir, PROMPTS, LONG)
     with Server(str(mixtral_dir), "--dtype", "float32", "-dp", "2", "-tp", "2", *TIGHT, timeout=180) as s:
-        assert complete(s.url, str(mixtral_dir), max_tokens=LONG) == want
+        assert complete_in_one_request(s.url, str(mixtral_dir), PROMPTS, LONG) == want
         assert metric(s.url, "epplat:num_preemptions_total") > 0
         check_one_in_flight_request_per_rank(s.url, str(mixtral_dir), 2, max_tokens=60)
         assert "EP rank" not in s.output()
@@ -146,7 +155,7 @@ def test_mixtral_dp2_x_tp2_without_ep_chunked_preempted_and_logprobs(mixtral_dir
 def test_tp2_with_ep_chunked_and_preempted(qwen3_moe_dir):
     want = expected_texts(qwen3_moe_dir, PROMPTS, LONG)
     with Server(str(qwen3_moe_dir), "--dtype", "float32", "-tp", "2", "-ep", *TIGHT) as s:
-        assert complete(s.url, str(qwen3_moe_dir), max_tokens=LONG) == want
+        assert complete_in_one_request(s.url, str(qwen3_moe_dir), PROMPTS, LONG) == want
         assert metric(s.url, "epplat:num_preemptions_total") > 0
         log = s.output()
         assert "EP rank 0/2 holds experts 0-3 of 8" in log and "EP rank 1/2 holds experts 4-7 of 8" in log

@@ -23,6 +23,27 @@ def test_builtin_registrations_come_from_entry_points():
     assert reg.pick_platform("auto") in reg.names("platform")
 
 
+def test_platforms_say_when_they_run_a_slower_path():
+    """What ModelRunner logs once at startup: the cpu kernels decline half precision; cuda without
+    Triton runs torch ops. (Constructing CudaPlatform needs no GPU.)"""
+    import importlib.util
+
+    import torch
+
+    from epplat.platforms.cpu import cpu_kernels
+    from epplat.platforms.cpu.platform import CpuPlatform
+    from epplat.platforms.cuda.platform import CudaPlatform
+    cpu = CpuPlatform()
+    assert cpu.slower_path(torch.float32) is None
+    if cpu_kernels.load() is not None:
+        assert "C kernels take float32 only: in bfloat16" in cpu.slower_path(torch.bfloat16)
+    why = CudaPlatform().slower_path(torch.bfloat16)
+    if importlib.util.find_spec("triton") is None:
+        assert why.startswith("triton not installed: ")
+    else:
+        assert why is None
+
+
 def test_unusable_and_unknown_selections_raise_one_line():
     reg = registry()
     with pytest.raises(PluginError, match=r"^--platform 'ascend' is not usable here: torch_npu not installed"):

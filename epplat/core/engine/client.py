@@ -250,12 +250,15 @@ class EngineClient:
         return sum_stats(await self.engine_loads())
 
 
+SPEC_FIELDS = ("spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens")
+
+
 def sum_stats(per_engine: dict) -> P.EngineStats:
     """Counts summed over engines, KV usage averaged."""
     total = P.EngineStats()
     for s in per_engine.values():
         for f in ("num_running", "num_waiting", "num_preemptions", "num_free_blocks", "num_total_blocks",
-                  "num_requests_received", "prefix_cache_queries", "prefix_cache_hits"):
+                  "num_requests_received", "prefix_cache_queries", "prefix_cache_hits", *SPEC_FIELDS):
             setattr(total, f, getattr(total, f) + getattr(s, f))
     if per_engine:
         total.kv_usage = sum(s.kv_usage for s in per_engine.values()) / len(per_engine)

@@ -14,6 +14,7 @@ from epplat.core.engine.model_runner import ModelRunner
 from epplat.core.engine.protocol import EngineOutput, EngineRequest, EngineStats
 from epplat.core.engine.request import Request
 from epplat.core.engine.scheduler import Scheduler
+from epplat.core.engine.spec_decode import MtpDrafter, accepted_count
 from epplat.core.engine.stat_log import StatLog
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,10 @@ class EngineCore:
         self.runner = runner or ModelRunner(cfg, platform, device, self.ps)
         self.num_blocks, self.max_model_len = init_kv_cache(self.runner, cfg, self.ps)
         self.blocks = BlockManager(self.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(cfg.scheduler, self.blocks)
+        spec = cfg.speculative
+        self.scheduler = Scheduler(cfg.scheduler, self.blocks, lookahead=spec.num_speculative_tokens if spec else 0)
+        if spec is not None:
+            self.runner.drafter = MtpDrafter(self.runner, spec.num_speculative_tokens, self.max_model_len)
         self.client_of: dict[str, int] = {}
         self.num_received = 0
         self.stat_log = StatLog(self.ps.dp_rank)
@@ -89,19 +93,38 @@ class EngineCore:
         sampled = self.runner.execute(batch, ep_counts, publish)
         outputs = []
         prompt_tokens = sum(n for req, n in batch if req.num_computed < req.prompt_len)
+        drafter, generated = self.runner.drafter, 0
         for req, n in batch:
-            req.num_computed += n
-            self.blocks.cache_full_blocks(req)
-            if req.request_id not in sampled:
+            samples = sampled.get(req.request_id)
+            if samples is None:
+                req.num_computed += n
+                self.blocks.cache_full_blocks(req)
                 continue
-            tok, lp = sampled[req.request_id]
-            req.append(tok, self.max_model_len)
-            outputs.append(EngineOutput(req.request_id, [tok], logprobs=[lp] if lp else None,
+            # speculative drafts: keep the target's tokens up to and including its first disagreement
+            drafts = req.spec_token_ids[:len(samples) - 1]
+            kept = accepted_count([t for t, _ in samples], drafts)
+            if drafter is not None:
+                drafter.stats.add(len(drafts), kept)
+            toks, lps = [], []
+            for tok, lp in samples[:kept + 1]:
+                req.append(tok, self.max_model_len)
+                toks.append(tok)
+                lps.append(lp)
+                if req.finish_reason:
+                    break
+            req.num_computed = min(req.num_computed + n, req.num_tokens - 1)   # rejected drafts' KV is stale
+            self.blocks.cache_full_blocks(req)
+            generated += len(toks)
+            outputs.append(EngineOutput(req.request_id, toks, logprobs=lps if lps[0] else None,
                                         finish_reason=req.finish_reason, stop_reason=req.stop_reason,
                                         num_prompt_tokens=req.prompt_len, num_cached_tokens=req.num_cached_tokens))
             if req.finish_reason:
                 self.scheduler.finish(req)
-        self.stat_log.step(prompt_tokens, len(outputs), self.scheduler, self.blocks)
+        if drafter is not None:
+            drafter.propose([(req, row, start, req.num_computed - start) for req, row, start in self.runner.rows],
+                            self.runner.hidden)
+            drafter.log_every(self.stat_log.interval)
+        self.stat_log.step(prompt_tokens, generated, self.scheduler, self.blocks)
         return outputs
 
     def step(self) -> list[EngineOutput]:
@@ -115,4 +138,5 @@ class EngineCore:
                            num_total_blocks=self.num_blocks, num_requests_received=self.num_received,
                            eplb_balancedness=eplb.measured if eplb else -1.0,
                            eplb_rebalances=eplb.rebalances if eplb else 0,
-                           prefix_cache_queries=self.blocks.queries, prefix_cache_hits=self.blocks.hits)
+                           prefix_cache_queries=self.blocks.queries, prefix_cache_hits=self.blocks.hits,
+                           **(self.runner.drafter.stats.engine_fields() if self.runner.drafter else {}))

@@ -67,6 +67,8 @@ class ModelRunner:
         self.model_cfg = arch.parse_config(hf)
         self.dtype, dtype_note = resolve_dtype(cfg.model.dtype, hf, platform)
         self.kernels = platform.kernels     # the platform's Kernels record (epplat.core.ops), handed to the model
+        if cfg.speculative is not None:
+            self.model_cfg.use_mtp = True          # deepseek_mtp: the model also builds its MTP layer
         if ps.rank == 0:      # said once, by the first engine process
             for note in filter(None, (dtype_note, platform.slower_path(self.dtype))):
                 logger.warning(note)
@@ -106,6 +108,8 @@ class ModelRunner:
         runner = "eager" if cfg.enforce_eager else platform.default_graph_runner
         self.graph = reg.load("graph_runner", runner, platform.name)(self.model, device)
         self.block_size = cfg.cache.block_size
+        self.drafter = None                        # set by the engine core with --speculative-config
+        self.rows: list = []                       # (request, first row, first position) of the last step
 
     def _eplb_state(self, emap: ExpertMap):
         from epplat.core.moe.eplb_state import EplbState
@@ -125,15 +129,15 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         """Every layer's KV cache tensors (an MLA layer: one latent "head") for one block."""
         elt = torch.tensor([], dtype=self.dtype).element_size()
-        return sum(math.prod(s) for layer in self.model.layers
-                   for s in layer.self_attn.kv_cache_shapes(1, self.block_size)) * elt
+        return sum(math.prod(s) for attn in self.model.kv_layers()
+                   for s in attn.kv_cache_shapes(1, self.block_size)) * elt
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """num_blocks usable blocks, then a zero pad block and a scratch block (graph padding writes)."""
         self.pad_block = num_blocks
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = tuple(self.platform.zeros(s, self.dtype, self.device) for s in
-                                             layer.self_attn.kv_cache_shapes(num_blocks + 2, self.block_size))
+        for attn in self.model.kv_layers():
+            attn.kv_cache = tuple(self.platform.zeros(s, self.dtype, self.device)
+                                  for s in attn.kv_cache_shapes(num_blocks + 2, self.block_size))
 
     def capture_graphs(self, max_model_len: int) -> None:
         """Capture decode steps when the graph runner can (after the KV cache exists)."""
@@ -208,8 +212,8 @@ class ModelRunner:
                 eplb.reset()
         self.model.compute_logits(hidden[-min(len(hidden), self.cfg.scheduler.max_num_seqs):])
         scratch = (nblk + 2) * self.kv_bytes_per_block()
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None
+        for attn in self.model.kv_layers():
+            attn.kv_cache = None
         return scratch
 
     def num_blocks_from_memory(self, max_model_len: int) -> int:
@@ -227,13 +231,17 @@ class ModelRunner:
         """Lay a scheduled batch out as a ModelInput (decodes first); returns it and who samples where."""
         batch = sorted(batch, key=lambda rn: rn[1] != 1)
         ids, pos, seqs, sample_rows, sample_reqs = [], [], [], [], []
+        self.rows = []
         for req, n in batch:
             start = req.num_computed
-            ids.extend(req.token_ids[start:start + n])
+            self.rows.append((req, len(ids), start))
+            # speculative drafts follow the request's tokens; every one of them is sampled at too
+            tokens = req.token_ids + req.spec_token_ids if req.spec_token_ids else req.token_ids
+            ids.extend(tokens[start:start + n])
             pos.extend(range(start, start + n))
             seqs.append((start + n, n, req.block_table))
-            if start + n == req.num_tokens:
-                sample_rows.append(len(ids) - 1)
+            for p in range(max(start, req.num_tokens - 1), start + n):
+                sample_rows.append(len(ids) - (start + n - p))
                 sample_reqs.append(req)
         return ModelInput(ids, pos, seqs, ep_counts), sample_rows, sample_reqs
 
@@ -253,7 +261,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Request, int]], ep_counts=None, publish=None):
-        """Run one step; returns {request_id: (token, logprobs)} for requests that sampled.
+        """Run one step; returns {request_id: [(token, logprobs), ...]} for requests that sampled (one
+        pair, or with speculative drafts one per draft and one after them).
 
         ``publish(model_input)`` sends the step to this DP rank's TP workers first.
         """
@@ -261,10 +270,11 @@ class ModelRunner:
         if publish is not None:
             publish(mi)
         hidden = self.forward(mi)
-        out = {}
+        self.hidden = hidden if self.drafter is not None else None
+        out: dict = {}
         if sample_reqs:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
             tokens, logprobs = sample(logits, sample_reqs)
             for req, tok, lp in zip(sample_reqs, tokens, logprobs):
-                out[req.request_id] = (tok, lp)
+                out.setdefault(req.request_id, []).append((tok, lp))
         return out

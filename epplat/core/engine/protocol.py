@@ -103,6 +103,9 @@ class EngineStats(msgspec.Struct):
     eplb_rebalances: int = 0
     prefix_cache_queries: int = 0       # prompt tokens looked up in the prefix cache since the engine started
     prefix_cache_hits: int = 0          # of which were found there
+    spec_num_drafts: int = 0            # speculative decoding totals (vLLM's spec_decode_num_*)
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 class EngineOutputs(msgspec.Struct, tag="outputs"):

@@ -26,6 +26,7 @@ class Request:
         self.eos_token_ids = set(req.eos_token_ids)
         self.num_computed = 0          # tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.spec_token_ids: list[int] = []  # draft tokens to verify in the next step (speculative decoding)
         self.block_names: list[bytes] = []  # prefix-cache names of its full blocks (see block_manager)
         self.num_named_blocks = 0           # blocks of block_table named in the prefix cache
         self.num_cached_tokens = 0          # prompt tokens found in the prefix cache when it was admitted

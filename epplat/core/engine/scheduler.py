@@ -18,8 +18,9 @@ from epplat.core.engine.request import Request, Status
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, lookahead: int = 0):
         self.cfg, self.blocks = cfg, blocks
+        self.lookahead = lookahead    # KV slots a running request gets beyond its step (speculative drafting)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -52,6 +53,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.blocks.release(req)
         req.num_computed = 0
+        req.spec_token_ids = []
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1
@@ -63,8 +65,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
-            while not self.blocks.allocate(req, n):
+            n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed, budget)
+            while not self.blocks.allocate(req, n + self.lookahead):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True

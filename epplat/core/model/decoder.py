@@ -183,6 +183,33 @@ class DecoderLayer(nn.Module):
         self.self_attn = self.attention_class(cfg, rope, ps, dtype, kernels)
         self.mlp = layer_mlp(cfg, idx, act, all2all, ps, dtype, routing, kernels)
 
+    def load(self, rest: str, t: torch.Tensor) -> bool:
+        """Copy one of this layer's tensors (its name after ``layers.N.``); False when this rank keeps none."""
+        part, _, sub = rest.partition(".")
+        if part in ("input_layernorm", "post_attention_layernorm"):
+            getattr(self, part).weight.data.copy_(t)
+        elif part == "self_attn":
+            self.self_attn.load(sub, t)
+        elif isinstance(self.mlp, FusedMoE):
+            m = _EXPERT.search(sub)
+            if m:
+                return self.mlp.load_expert_weight(int(m.group(1)), m.group(2), t)
+            if sub != "gate":
+                raise KeyError(rest)
+            self.mlp.gate.data.copy_(t)
+        else:
+            self.mlp.load(sub, t)
+        return True
+
+    def weight_names(self) -> set[str]:
+        """Names (after ``layers.N.``) of every tensor of this layer this rank must load."""
+        names = {"input_layernorm", "post_attention_layernorm"}
+        names |= {"self_attn." + n for n in self.self_attn.weight_names()}
+        if isinstance(self.mlp, FusedMoE):
+            names.add("mlp.gate")
+            return names | {f"mlp.experts.{e}.{w}" for e in self.mlp.local_logical_ids() for w in ("gate", "up", "down")}
+        return names | {f"mlp.{w}_proj" for w in ("gate", "up", "down")}
+
     def forward(self, x, positions, meta):
         kernel = self.kernels.decoder_layer
         out = kernel(self, x, positions, meta) if kernel is not None else None
@@ -239,36 +266,21 @@ class MoEForCausalLM(nn.Module):
             self.norm.weight.data.copy_(t)
             return True
         _, idx, rest = name.split(".", 2)
-        layer = self.layers[int(idx)]
-        part, _, sub = rest.partition(".")
-        if part in ("input_layernorm", "post_attention_layernorm"):
-            getattr(layer, part).weight.data.copy_(t)
-        elif part == "self_attn":
-            layer.self_attn.load(sub, t)
-        elif isinstance(layer.mlp, FusedMoE):
-            m = _EXPERT.search(sub)
-            if m:
-                return layer.mlp.load_expert_weight(int(m.group(1)), m.group(2), t)
-            if sub != "gate":
-                raise KeyError(name)
-            layer.mlp.gate.data.copy_(t)
-        else:
-            layer.mlp.load(sub, t)
-        return True
+        return self._layer_at(int(idx)).load(rest, t)
+
+    def _layer_at(self, idx: int):
+        """The decoder layer a checkpoint's layer index names."""
+        return self.layers[idx]
+
+    def kv_layers(self) -> list:
+        """The attention modules that own a KV cache, in order."""
+        return [layer.self_attn for layer in self.layers]
 
     def required_names(self) -> set[str]:
         """Canonical names of every tensor this rank must load."""
         names = {"embed_tokens", "norm"} | (set() if self.cfg.tie_word_embeddings else {"lm_head"})
         for i, layer in enumerate(self.layers):
-            p = f"layers.{i}."
-            names |= {p + "input_layernorm", p + "post_attention_layernorm"}
-            names |= {p + "self_attn." + n for n in layer.self_attn.weight_names()}
-            if isinstance(layer.mlp, FusedMoE):
-                names.add(p + "mlp.gate")
-                names |= {p + f"mlp.experts.{e}.{w}" for e in layer.mlp.local_logical_ids()
-                          for w in ("gate", "up", "down")}
-            else:
-                names |= {p + f"mlp.{w}_proj" for w in ("gate", "up", "down")}
+            names |= {f"layers.{i}.{n}" for n in layer.weight_names()}
         return names
 
     def wants(self, name: str) -> bool:
@@ -276,5 +288,5 @@ class MoEForCausalLM(nn.Module):
         m = _EXPERT.search(name)
         if not m:
             return not (name == "lm_head" and self.cfg.tie_word_embeddings)
-        layer = self.layers[int(name.split(".")[1])]
+        layer = self._layer_at(int(name.split(".")[1]))
         return isinstance(layer.mlp, FusedMoE) and int(m.group(1)) in layer.mlp.local_logical_ids()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from epplat.core.model.decoder import DecoderConfig, DecoderLayer, DenseMLP, MoEForCausalLM, _tp_all_reduce
+from epplat.core.model.deepseek_mtp import DeepseekMTP
 from epplat.core.model.mla import MLAttention
 from epplat.core.model.rope_yarn import DeepseekRotary, rope_type
 from epplat.core.moe.layer import FusedMoE
@@ -40,6 +41,7 @@ class DeepseekConfig(DecoderConfig):
     routing: Optional[GroupedTopK] = None
     num_expert_groups: int = 1
     num_mtp_layers: int = 0
+    use_mtp: bool = False          # build the first MTP layer (deepseek_mtp speculative decoding)
 
 
 def parse_config(hf: dict) -> DeepseekConfig:
@@ -102,6 +104,23 @@ class DeepseekDecoderLayer(DecoderLayer):
             self.shared_experts = DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
                                            ACTIVATIONS[cfg.act], ps, dtype, kernels)
 
+    def load(self, rest: str, t: torch.Tensor) -> bool:
+        if rest.startswith("mlp.shared_experts.") and self.shared_experts is not None:
+            self.shared_experts.load(rest.removeprefix("mlp.shared_experts."), t)
+            return True
+        if rest == "mlp.gate_bias" and getattr(self.mlp, "bias", None) is not None:
+            self.mlp.bias.data.copy_(t)
+            return True
+        return super().load(rest, t)
+
+    def weight_names(self) -> set[str]:
+        names = super().weight_names()
+        if self.shared_experts is not None:
+            names |= {f"mlp.shared_experts.{w}_proj" for w in ("gate", "up", "down")}
+        if getattr(self.mlp, "bias", None) is not None:
+            names.add("mlp.gate_bias")
+        return names
+
     def forward(self, x, positions, meta):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta)
         h = self.post_attention_layernorm(x)
@@ -114,40 +133,47 @@ class DeepseekDecoderLayer(DecoderLayer):
 
 
 class DeepseekForCausalLM(MoEForCausalLM):
+    """The DeepSeek model; with ``cfg.use_mtp`` it also holds the checkpoint's first MTP layer
+    (``mtp``: the deepseek_mtp draft model, layer index ``num_layers`` in the checkpoint)."""
+
     layer_class = DeepseekDecoderLayer
+
+    def __init__(self, cfg: DeepseekConfig, all2all, dtype, ps=None, kernels: Kernels = TORCH):
+        super().__init__(cfg, all2all, dtype, ps, kernels)
+        self.mtp = None
+        if cfg.use_mtp:
+            layer = DeepseekDecoderLayer(cfg, cfg.num_layers, self.rope, all2all, self.layers[0].ps, dtype, kernels)
+            self.mtp = DeepseekMTP(cfg, layer, dtype, kernels)
 
     @staticmethod
     def make_rope(cfg: DeepseekConfig, kernels: Kernels = TORCH):   # interleaved YaRN rotary: torch only
         return DeepseekRotary(cfg.qk_rope_head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling,
                               cfg.rope_interleave)
 
-    def _layer_part(self, name: str):
-        _, idx, rest = name.split(".", 2)
-        return self.layers[int(idx)], rest
+    def _layer_at(self, idx: int):
+        if idx < len(self.layers):
+            return self.layers[idx]
+        return self.mtp.layer if self.mtp is not None and idx == len(self.layers) else None
+
+    def kv_layers(self) -> list:
+        return super().kv_layers() + ([self.mtp.layer.self_attn] if self.mtp is not None else [])
 
     def load_weight(self, name: str, t: torch.Tensor) -> bool:
-        if name.startswith("layers."):
-            layer, rest = self._layer_part(name)
-            if rest.startswith("mlp.shared_experts.") and layer.shared_experts is not None:
-                layer.shared_experts.load(rest.removeprefix("mlp.shared_experts."), t)
-                return True
-            if rest == "mlp.gate_bias" and getattr(layer.mlp, "bias", None) is not None:
-                layer.mlp.bias.data.copy_(t)
+        if self.mtp is not None and name.startswith(f"layers.{len(self.layers)}."):
+            if self.mtp.load_own(name.split(".", 2)[2], t):
                 return True
         return super().load_weight(name, t)
 
     def required_names(self) -> set[str]:
         names = super().required_names()
-        for i, layer in enumerate(self.layers):
-            if layer.shared_experts is not None:
-                names |= {f"layers.{i}.mlp.shared_experts.{w}_proj" for w in ("gate", "up", "down")}
-            if getattr(layer.mlp, "bias", None) is not None:
-                names.add(f"layers.{i}.mlp.gate_bias")
+        if self.mtp is not None:
+            p = f"layers.{len(self.layers)}."
+            names |= {p + n for n in self.mtp.layer.weight_names() | self.mtp.own_names()}
         return names
 
     def wants(self, name: str) -> bool:
-        if name.startswith("layers.") and int(name.split(".")[1]) >= len(self.layers):
-            return False          # the MTP layer(s) after the last layer: only a draft model loads them
+        if name.startswith("layers.") and self._layer_at(int(name.split(".")[1])) is None:
+            return False          # MTP layers when no draft model is asked for (or beyond the first)
         return super().wants(name)
 
 

@@ -53,7 +53,11 @@ class Metrics:
                                      registry=r).labels(model_name)
                              for ns in ("epplat", "vllm")
                              for what, doc in (("queries", "looked up"), ("hits", "found cached"))]
-        self._prefix_cache_seen = (0, 0)
+        self.spec_decode = [Counter(f"epplat:spec_decode_num_{what}", f"Speculative decoding: {doc}.", m,
+                                    registry=r).labels(model_name)
+                            for what, doc in (("drafts", "draft proposals"), ("draft_tokens", "draft tokens proposed"),
+                                              ("accepted_tokens", "draft tokens accepted"))]
+        self._seen: dict = {}
         self.ttft = Histogram("epplat:time_to_first_token_seconds", "Time to first token in seconds.", m,
                               buckets=_TTFT, registry=r).labels(model_name)
         self.itl = Histogram("epplat:inter_token_latency_seconds", "Time between output tokens in seconds.", m,
@@ -74,7 +78,10 @@ class Metrics:
             self.waiting.set(stats.num_waiting)
             self.kv_usage.set(stats.kv_usage)
             self.preemptions.set(stats.num_preemptions)
-            self._count_prefix_cache(stats.prefix_cache_queries, stats.prefix_cache_hits)
+            q, h = stats.prefix_cache_queries, stats.prefix_cache_hits
+            self._advance("prefix", self.prefix_cache, (q, h, q, h))
+            self._advance("spec", self.spec_decode,
+                          (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens))
         for rank, st in (per_engine or {}).items():
             self.engine_requests(self.model, str(rank)).set(st.num_requests_received)
             if st.eplb_balancedness >= 0:      # the same on every rank: measured over the whole EP group
@@ -82,13 +89,13 @@ class Metrics:
                 self.eplb_rebalances.set(st.eplb_rebalances)
         return generate_latest(self.registry)
 
-    def _count_prefix_cache(self, queries: int, hits: int) -> None:
+    def _advance(self, key: str, counters: list, totals: tuple) -> None:
         """The engines report totals; the counters advance by what is new since the last render (an engine
         that restarted from zero adds from zero again)."""
-        seen_q, seen_h = self._prefix_cache_seen
-        dq, dh = (queries - seen_q, hits - seen_h) if queries >= seen_q and hits >= seen_h else (queries, hits)
-        self._prefix_cache_seen = (queries, hits)
-        for counter, d in zip(self.prefix_cache, (dq, dh, dq, dh)):
+        seen = self._seen.get(key, (0,) * len(totals))
+        deltas = [t - s for t, s in zip(totals, seen)] if all(t >= s for t, s in zip(totals, seen)) else totals
+        self._seen[key] = totals
+        for counter, d in zip(counters, deltas):
             counter.inc(d)
 
 

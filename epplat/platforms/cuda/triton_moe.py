@@ -75,7 +75,7 @@ def _my_expert(ids_ptr, num_assign, BY_SLOT: tl.constexpr, SCAN: tl.constexpr):
     return e, count
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assign"])
 def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, num_assign, hidden, inter, stride_we,
                     K: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, BY_SLOT: tl.constexpr, SCAN: tl.constexpr):
@@ -113,7 +113,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, num_assign, hidden, inter, str
                  mask=valid[:, None] & nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assign"])
 def _down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, y_ptr, num_assign, hidden, inter, stride_we,
                  IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BY_SLOT: tl.constexpr,
                  SCAN: tl.constexpr):
