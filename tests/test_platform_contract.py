@@ -1,7 +1,8 @@
 """The platform contract: each platform hands the model its own Kernels record (two platforms in
 one process do not change each other's kernels), core holds no kernel registry and no device
 branch, and a third-party platform package (examples/epplat-example-platform) installed with pip
-serves transformers' greedy tokens through its own kernels with ``--platform einsum``."""
+serves transformers' greedy tokens through its own kernels with ``--platform einsum`` (and adds its own
+``epplat`` subcommand through the CLI hook)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,9 @@ def test_example_platform_package_serves_transformers_tokens(example_env, qwen3_
     listing = subprocess.run([sys.executable, "-m", "epplat.cli", "plugins"], capture_output=True, text=True,
                              env={**os.environ, **example_env}, check=True).stdout
     assert plugin_statuses(listing)["einsum"] == ("epplat-example-platform", "usable")
+    kernels = subprocess.run([sys.executable, "-m", "epplat.cli", "einsum-kernels"], capture_output=True, text=True,
+                             env={**os.environ, **example_env}, check=True).stdout.split()   # the package's own command
+    assert kernels[:2] == ["rms_norm", "epplat_example_platform.rms_norm"] and "epplat_example_platform.dense_experts" in kernels
     prompts = [[5, 17, 99, 230, 7, 64], [400, 401, 402]]
     ref = hf_greedy(qwen3_moe_dir, prompts, 8, ignore_eos=True)
     with Server(str(qwen3_moe_dir), "--platform", "einsum", "--dtype", "float32", "--max-model-len", "256",

@@ -8,6 +8,7 @@ the top-k of the logits (softmax keeps their order) and normalises only the chos
 MoE experts computed densely with ``einsum`` (every local expert on every token, weighted by a
 [tokens, experts] routing matrix: no gather, no sort, no host sync). Each kernel counts its
 calls in ``CALLS`` and logs its first one, so a test can see that the engine ran them.
+Through the ``epplat_cli_commands`` hook it also adds ``epplat einsum-kernels``, which lists them.
 """
 
 from __future__ import annotations
@@ -86,3 +87,15 @@ class EinsumPlatform(Platform):
 def epplat_platforms():
     return [Registration("einsum", lambda: EinsumPlatform,
                          help="example third-party platform: CPU, einsum experts (epplat-example-platform)")]
+
+
+def _list_kernels(args) -> int:
+    for name, fn in EinsumPlatform().kernels.fields().items():
+        print(f"{name:<12} {fn.__module__}.{fn.__qualname__}")
+    return 0
+
+
+@hookimpl
+def epplat_cli_commands(subparsers):
+    p = subparsers.add_parser("einsum-kernels", help="the einsum platform's kernels (epplat-example-platform)")
+    p.set_defaults(func=_list_kernels)
