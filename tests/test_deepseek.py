@@ -93,10 +93,10 @@ def test_dp2_tp2_ep_with_experts_that_do_not_divide(v3_uneven_dir):
         assert needle in log, log
 
 
-def test_dp2_ep_eplb_with_redundant_experts(v3_dir):
+def test_dp2_ep_naive_all2all_eplb_with_redundant_experts(v3_dir):
     cfg = {"window_size": 8, "step_interval": 8, "num_redundant_experts": 2}
-    with Server(str(v3_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
-                "--enable-eplb", "--eplb-config", json.dumps(cfg), "--served-model-name", "ds") as s:
+    with Server(str(v3_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256", "--all2all-backend",
+                "naive", "--enable-eplb", "--eplb-config", json.dumps(cfg), "--served-model-name", "ds") as s:
         assert "EP rank 1/2 holds physical experts 5-9 of 10 (logical experts [5, 6, 7, 0, 1])" in s.output()
         want = expected(v3_dir)
         for _ in range(2):                       # a rebalance at step 8 in the first batch, more in the second
