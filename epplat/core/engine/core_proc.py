@@ -116,8 +116,8 @@ _plan_decoder = None
 
 
 def _worker_loop(runner, cfg, ps, watch) -> None:
-    from epplat.core.engine.model_runner import ModelInput
-    decoder = msgspec.msgpack.Decoder(ModelInput)
+    from epplat.core.engine.model_runner import DraftInput, ModelInput
+    decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput)
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.tp_rank, run_dir(cfg)))
     while True:
@@ -125,7 +125,8 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
             if not watch.alive():
                 return
             continue
-        runner.forward(decoder.decode(sock.recv()))
+        msg = decoder.decode(sock.recv())
+        (runner.draft_forward if isinstance(msg, DraftInput) else runner.forward)(msg)
 
 
 # -- drivers -------------------------------------------------------------------------------
