@@ -15,8 +15,8 @@ import time
 from typing import Optional
 from pathlib import Path
 
-from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, ModelConfig, ParallelConfig,
-                           SchedulerConfig, SpeculativeConfig)
+from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, KVTransferConfig, ModelConfig,
+                           ParallelConfig, SchedulerConfig, SpeculativeConfig)
 from epplat.plugins import PluginError, registry
 
 logger = logging.getLogger("epplat.serve")
@@ -128,6 +128,9 @@ def add_cli(sub) -> None:
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "deepseek_mtp", "num_speculative_tokens": 1}\'')
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    p.add_argument("--kv-transfer-config", default=None, metavar="JSON",
+                   help='KV connector for prefill/decode disaggregation, vLLM\'s keys, e.g. '
+                        '\'{"kv_connector":"NixlConnector","kv_role":"kv_both"}\'')
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of cached prompt prefixes (default: on)")
     p.add_argument("--uvicorn-log-level", default="info",
@@ -181,7 +184,11 @@ def engine_config_from_args(args) -> EngineConfig:
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config,
-        speculative=speculative_config_from_args(args, hf, parallel))
+        speculative=speculative_config_from_args(args, hf, parallel),
+        kv_transfer=KVTransferConfig.parse(args.kv_transfer_config))
+    if cfg.kv_transfer is not None:     # an unknown or unusable connector is one line before any engine starts
+        from epplat.connectors.loader import connector_class
+        connector_class(cfg, warn=True)
     reg.load("platform", platform).apply_additional_config(cfg)
     if args.quantization:   # the method checks the checkpoint's quantization files before any engine starts
         from epplat.core.model.quant import load_quant_method

@@ -40,6 +40,7 @@ class CompletionOutput:
     stop_reason: object
     num_prompt_tokens: int
     num_output_tokens: int
+    kv_transfer_params: Optional[dict] = None
 
 
 class _RequestState:
@@ -61,7 +62,7 @@ class _RequestState:
             finish, reason = "stop", matched
         return CompletionOutput(self.request_id, self.detok.delta(final=finish is not None),
                                 list(out.new_token_ids), out.logprobs, finish, reason,
-                                self.num_prompt, self.num_output)
+                                self.num_prompt, self.num_output, out.kv_transfer_params)
 
 
 class EngineClient:
@@ -188,8 +189,8 @@ class EngineClient:
         except zmq.ZMQError as e:
             raise EngineError(f"engine {engine} unreachable: {e}") from None
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: P.SamplingParams) -> AsyncIterator[CompletionOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: P.SamplingParams,
+                       kv_transfer_params: Optional[dict] = None) -> AsyncIterator[CompletionOutput]:
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already running")
         st = _RequestState(request_id, params, self.tokenizer, len(prompt_token_ids))
@@ -200,7 +201,8 @@ class EngineClient:
         finished = False
         try:
             await self._send(engine, P.EngineRequest(request_id, list(prompt_token_ids), params,
-                                                     self.eos_token_ids, time.time(), self.client_index))
+                                                     self.eos_token_ids, time.time(), self.client_index,
+                                                     kv_transfer_params))
             while True:
                 item = await st.queue.get()
                 if isinstance(item, Exception):
@@ -258,7 +260,8 @@ def sum_stats(per_engine: dict) -> P.EngineStats:
     total = P.EngineStats()
     for s in per_engine.values():
         for f in ("num_running", "num_waiting", "num_preemptions", "num_free_blocks", "num_total_blocks",
-                  "num_requests_received", "prefix_cache_queries", "prefix_cache_hits", *SPEC_FIELDS):
+                  "num_requests_received", "prefix_cache_queries", "prefix_cache_hits",
+                  "num_prompt_tokens_computed", *SPEC_FIELDS):
             setattr(total, f, getattr(total, f) + getattr(s, f))
     if per_engine:
         total.kv_usage = sum(s.kv_usage for s in per_engine.values()) / len(per_engine)

@@ -35,6 +35,7 @@ from epplat.plugins import PluginError, registry
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 1000
+_KV_POLL_MS = 2          # while KV transfers are in flight, their completion is polled this often
 _STORE_KEY = "epplat/api_server_count"
 
 
@@ -278,7 +279,8 @@ def _wake_forwarder(ctx, pull_addr: str, pub_addr: str) -> None:
 def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> None:
     wave = 0
     while True:
-        io.poll(0 if core.has_work() else _IDLE_POLL_MS)
+        io.poll(0 if core.has_work() else _KV_POLL_MS if core.kv_pending() else _IDLE_POLL_MS)
+        core.poll_kv()
         if not io.waves:
             if core.has_work():
                 io.send_outputs(core.run(core.schedule(), publish=io.publish if io.workers else None))

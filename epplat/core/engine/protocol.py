@@ -40,6 +40,7 @@ class EngineRequest(msgspec.Struct, tag="add"):
     eos_token_ids: list[int] = []
     arrival_time: float = 0.0
     client_index: int = 0
+    kv_transfer_params: Optional[dict] = None    # for the KV connector (vLLM's request field)
 
 
 class AbortRequests(msgspec.Struct, tag="abort"):
@@ -89,6 +90,7 @@ class EngineOutput(msgspec.Struct, array_like=True):
     stop_reason: Optional[int] = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    kv_transfer_params: Optional[dict] = None    # the KV connector's, on the finishing output
 
 
 class EngineStats(msgspec.Struct):
@@ -103,6 +105,7 @@ class EngineStats(msgspec.Struct):
     eplb_rebalances: int = 0
     prefix_cache_queries: int = 0       # prompt tokens looked up in the prefix cache since the engine started
     prefix_cache_hits: int = 0          # of which were found there
+    num_prompt_tokens_computed: int = 0 # prompt tokens this engine computed (not cached, not received)
     spec_num_drafts: int = 0            # speculative decoding totals (vLLM's spec_decode_num_*)
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0

@@ -8,6 +8,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
+from epplat.connectors.base import check_kv_transfer_params
+
 _INT64 = 2**63 - 1
 MAX_LOGPROBS = 20
 
@@ -91,6 +93,15 @@ class _SamplingRequest(BaseModel):
     user: Optional[str] = None
     response_format: Optional[dict] = None
     tool_choice: Optional[Union[str, dict]] = None
+    kv_transfer_params: Optional[dict] = None      # for the KV connector (prefill/decode disaggregation)
+
+    @field_validator("kv_transfer_params")
+    @classmethod
+    def _kv_params(cls, v):
+        try:
+            return check_kv_transfer_params(v)
+        except ValueError as e:
+            raise invalid("kv_transfer_params", str(e)) from None
 
     @field_validator("stop")
     @classmethod
@@ -236,6 +247,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo
+    kv_transfer_params: Optional[dict] = None      # the KV connector's (null without one), as vLLM's
 
 
 class CompletionStreamResponse(_Chunk):
@@ -281,6 +293,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    kv_transfer_params: Optional[dict] = None
 
 
 class DeltaMessage(BaseModel):

@@ -38,6 +38,7 @@ class _Job:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    kv_transfer_params: Optional[dict] = None
 
 
 @dataclass
@@ -49,6 +50,7 @@ class _Choice:
     logprobs: list = field(default_factory=list)
     finish_reason: Optional[str] = None
     stop_reason: object = None
+    kv_transfer_params: Optional[dict] = None
 
 
 class OpenAIServing:
@@ -76,20 +78,26 @@ class OpenAIServing:
         prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
         ids = [self._check_ids(self.tok.encode(p, add_special_tokens=req.add_special_tokens)
                                if isinstance(p, str) else list(p)) for p in prompts]
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        jobs = self._jobs(rid, ids, req.n, lambda plen: self._params(req, plen, req.max_tokens, req.logprobs))
+        ids = self._remote_prompt(req.kv_transfer_params) or ids
+        self._check_kv(req.kv_transfer_params)
+        base = self._base_id(raw)
+        rid = f"cmpl-{base}"
+        jobs = self._jobs(rid, ids, req.n, lambda plen: self._params(req, plen, req.max_tokens, req.logprobs),
+                          req.kv_transfer_params)
         echo = [(p if isinstance(p, str) else self.tok.decode(p)) if req.echo else ""
                 for p in prompts for _ in range(req.n)]
         if req.stream:
-            return self._sse(self._completion_chunks(req, jobs, arrival, rid, created, model, echo))
+            return _with_id(self._sse(self._completion_chunks(req, jobs, arrival, rid, created, model, echo)), base)
         choices = await self._collect(jobs, arrival, raw)
         out = []
         for i, c in enumerate(choices):
             lp = self._completion_logprobs(c.logprobs, len(echo[i]))[0] if req.logprobs is not None else None
             out.append(CompletionChoice(index=i, text=echo[i] + c.text, logprobs=lp, finish_reason=c.finish_reason,
                                         stop_reason=c.stop_reason))
-        return _json(CompletionResponse(id=rid, created=created, model=model, choices=out,
-                                        usage=UsageInfo.of(sum(map(len, ids)), sum(c.num_tokens for c in choices))))
+        return _with_id(_json(CompletionResponse(id=rid, created=created, model=model, choices=out,
+                                                 usage=UsageInfo.of(sum(map(len, ids)),
+                                                                    sum(c.num_tokens for c in choices)),
+                                                 kv_transfer_params=choices[0].kv_transfer_params)), base)
 
     async def _completion_chunks(self, req, jobs, arrival, rid, created, model, echo):
         def chunk(choices, usage=None):
@@ -137,16 +145,21 @@ class OpenAIServing:
         except Exception as e:
             raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
         ids = self._check_ids(self.tok.encode(text, add_special_tokens=req.add_special_tokens))
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = self._jobs(rid, [ids], req.n, lambda plen: self._params(req, plen, req.output_limit, req.num_logprobs))
+        ids = (self._remote_prompt(req.kv_transfer_params) or [ids])[0]
+        self._check_kv(req.kv_transfer_params)
+        base = self._base_id(raw)
+        rid = f"chatcmpl-{base}"
+        jobs = self._jobs(rid, [ids], req.n, lambda plen: self._params(req, plen, req.output_limit, req.num_logprobs),
+                          req.kv_transfer_params)
         if req.stream:
-            return self._sse(self._chat_chunks(req, jobs, arrival, rid, created, model))
+            return _with_id(self._sse(self._chat_chunks(req, jobs, arrival, rid, created, model)), base)
         choices = await self._collect(jobs, arrival, raw)
         out = [ChatChoice(index=i, message=ChatResponseMessage(content=c.text),
                           logprobs=self._chat_logprobs(c.logprobs, req.top_logprobs) if req.logprobs else None,
                           finish_reason=c.finish_reason, stop_reason=c.stop_reason) for i, c in enumerate(choices)]
-        return _json(ChatCompletionResponse(id=rid, created=created, model=model, choices=out,
-                                            usage=UsageInfo.of(len(ids), sum(c.num_tokens for c in choices))))
+        return _with_id(_json(ChatCompletionResponse(id=rid, created=created, model=model, choices=out,
+                                                     usage=UsageInfo.of(len(ids), sum(c.num_tokens for c in choices)),
+                                                     kv_transfer_params=choices[0].kv_transfer_params)), base)
 
     async def _chat_chunks(self, req, jobs, arrival, rid, created, model):
         def chunk(choice, usage=None):
@@ -176,6 +189,28 @@ class OpenAIServing:
                                      for e in entries])
 
     # -- validation and sampling settings --------------------------------------------------
+    def _base_id(self, raw: Request) -> str:
+        """The request's X-Request-Id header (as vLLM takes it), else a new one; 400 while one is in flight."""
+        base = raw.headers.get("X-Request-Id") or uuid.uuid4().hex
+        if any(rid.startswith((f"cmpl-{base}-", f"chatcmpl-{base}-")) for rid in getattr(self.client, "states", {})):
+            raise APIError(400, f"a request with X-Request-Id {base!r} is already in flight")
+        return base
+
+    def _check_kv(self, params: Optional[dict]) -> None:
+        """A decode call for KV computed elsewhere needs a connector here, else it would silently compute
+        from the (placeholder) prompt it carries."""
+        cfg = getattr(self.client, "cfg", None)
+        if params and params.get("do_remote_prefill") and getattr(cfg, "kv_transfer", None) is None:
+            raise APIError(400, "kv_transfer_params.do_remote_prefill needs a KV connector on this server "
+                                "(start it with --kv-transfer-config)", "kv_transfer_params")
+
+    def _remote_prompt(self, params: Optional[dict]) -> Optional[list[list[int]]]:
+        """A decode call for a prompt prefilled elsewhere continues that prompt (its tokens travel in
+        kv_transfer_params), whatever placeholder prompt the call carries, as vLLM's PD clients expect."""
+        if params and params.get("do_remote_prefill") and params.get("remote_prompt_token_ids"):
+            return [self._check_ids(list(params["remote_prompt_token_ids"]))]
+        return None
+
     def _model(self, name: Optional[str]) -> str:
         if name is None:
             return self.names[0]
@@ -213,14 +248,15 @@ class OpenAIServing:
             include_stop_str_in_output=req.include_stop_str_in_output)
 
     @staticmethod
-    def _jobs(rid: str, prompts: list[list[int]], n: int, params_for: Callable[[int], SamplingParams]) -> list[_Job]:
+    def _jobs(rid: str, prompts: list[list[int]], n: int, params_for: Callable[[int], SamplingParams],
+              kv_transfer_params: Optional[dict] = None) -> list[_Job]:
         """n engine requests per prompt, `{rid}-{choice index}`; with a seed, sample j gets seed + j."""
         jobs: list[_Job] = []
         for ids in prompts:
             params = params_for(len(ids))
             for j in range(n):
                 p = params if params.seed is None or j == 0 else msgspec.structs.replace(params, seed=params.seed + j)
-                jobs.append(_Job(len(jobs), f"{rid}-{len(jobs)}", ids, p))
+                jobs.append(_Job(len(jobs), f"{rid}-{len(jobs)}", ids, p, kv_transfer_params))
         return jobs
 
     # -- running engine requests -----------------------------------------------------------
@@ -228,8 +264,8 @@ class OpenAIServing:
         """One job's output deltas from the engine, counted into the metrics as they come."""
         track, reason = self.metrics.track(arrival), "abort"
         try:
-            async with contextlib.aclosing(self.client.generate(job.request_id, job.prompt_ids,
-                                                                job.params)) as outputs:
+            async with contextlib.aclosing(self.client.generate(job.request_id, job.prompt_ids, job.params,
+                                                                job.kv_transfer_params)) as outputs:
                 async for out in outputs:
                     track.output(len(out.token_ids))
                     reason = out.finish_reason or reason
@@ -292,6 +328,7 @@ class OpenAIServing:
                     c.logprobs += out.logprobs or []
                     if out.finish_reason:
                         c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+                        c.kv_transfer_params = out.kv_transfer_params
 
         task = asyncio.create_task(consume())
         try:
@@ -339,6 +376,12 @@ def completion_chunk_json(rid: str, created: int, model: str, index: int, text: 
     if usage is not None:
         body["usage"] = usage.model_dump()
     return _encode(body)
+
+
+def _with_id(response: Response, base: str) -> Response:
+    """X-Request-Id echoed back (the client's, or the one this server made)."""
+    response.headers["X-Request-Id"] = base
+    return response
 
 
 def _json(body: BaseModel) -> Response:
