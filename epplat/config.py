@@ -188,6 +188,9 @@ class ParallelConfig(msgspec.Struct):
     all2all_backend: Optional[str] = None  # None: the platform's default
     enable_eplb: bool = False
     eplb: EPLBConfig = msgspec.field(default_factory=EPLBConfig)
+    internal_secret: str = ""             # authenticates every internal zmq frame (frame_auth.py)
+    distributed_timeout_seconds: int = 600   # a collective that takes longer fails its engine
+    engine_iteration_timeout_s: float = 60.0  # an engine silent this long is dead to its API server
 
     @property
     def world_size(self) -> int:
@@ -220,10 +223,9 @@ class ParallelConfig(msgspec.Struct):
         h, p = self.data_parallel_address, self.data_parallel_rpc_port
         return f"tcp://{h}:{p + 1}", f"tcp://{h}:{p + 2}"
 
-    def dist_init_method(self) -> str:
-        if self.ipc_dir:
-            return f"file://{self.ipc_dir}/store"
-        return f"tcp://{self.data_parallel_address}:{self.data_parallel_rpc_port}"
+    def dist_init_method(self) -> Optional[str]:
+        """The file store on a single node; None: a TCPStore at (address, rpc port) (parallel_state.py)."""
+        return f"file://{self.ipc_dir}/store" if self.ipc_dir else None
 
     def plan_endpoint(self, dp_rank: int, tp_rank: int, run_dir: str) -> str:
         """Where a DP rank's driver sends each step to its TP worker `tp_rank` (same node)."""

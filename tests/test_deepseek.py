@@ -200,3 +200,35 @@ def test_ascend_simulation_dp2_ep_hccl(v3_dir):
         assert complete(s.url, "ds", PROMPTS) == expected(v3_dir)
         log = s.output()
     assert "platform ascend" in log and log.count("all2all hccl") == 2, log
+
+
+_MLA_INTERPRETED = r'''
+import torch, torch.nn.functional as F
+from epplat.platforms.cuda.triton_mla import mla_decode_attention
+torch.manual_seed(0)
+B, H, R, DR, BS, NB = 3, 32, 64, 16, 16, 12
+cache = torch.randn(NB + 2, BS, 1, R + DR)
+lens = torch.tensor([5, 40, 17])
+tables = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, NB]], dtype=torch.int32)
+ql, qp = torch.randn(B, H, R), torch.randn(B, H, DR)
+out = mla_decode_attention(ql, qp, cache, tables, lens, 0.1)
+keys = cache.index_select(0, tables.view(-1).long()).view(B, 1, -1, R + DR)
+mask = (torch.arange(keys.shape[2])[None, :] < lens[:, None])[:, None, None]
+ref = F.scaled_dot_product_attention(torch.cat([ql, qp], -1).unsqueeze(2), keys, keys[..., :R], attn_mask=mask,
+                                     scale=0.1, enable_gqa=True).squeeze(2)
+assert (out - ref).abs().max() < 1e-5, (out - ref).abs().max()
+assert mla_decode_attention(ql[:, :8], qp[:, :8], cache, tables, lens, 0.1) is None   # 8 heads: declined
+print("ok")
+'''
+
+
+def test_triton_mla_decode_kernel_in_the_triton_interpreter():
+    """The cuda platform's MLA decode kernel run by Triton's CPU interpreter (TRITON_INTERPRET=1) against
+    the torch path's math; skipped where triton is not installed (the CI's CPU install has none)."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "-c", _MLA_INTERPRETED], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

@@ -128,6 +128,12 @@ class EngineDead(msgspec.Struct, tag="dead"):
     reason: str
 
 
+class EngineHeartbeat(msgspec.Struct, tag="beat"):
+    """An engine's loop is alive (sent every second or so, busy or idle)."""
+
+    engine_index: int
+
+
 class EngineReady(msgspec.Struct, tag="ready"):
     engine_index: int
     max_model_len: int
@@ -135,7 +141,7 @@ class EngineReady(msgspec.Struct, tag="ready"):
     num_blocks: int
 
 
-EngineMessage = EngineOutputs | UtilityResult | EngineDead | EngineReady
+EngineMessage = EngineOutputs | UtilityResult | EngineDead | EngineReady | EngineHeartbeat
 
 encoder = msgspec.msgpack.Encoder()
 input_decoder = msgspec.msgpack.Decoder(EngineInput)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import time
 import uuid
@@ -16,8 +17,10 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from epplat.core.engine.client import EngineError
 from epplat.core.engine.protocol import SamplingParams
 from epplat.core.server.metrics import Metrics
+from epplat.core.server.tokenizer_pool import TokenizerPool
 from epplat.core.server.protocol import (
     APIError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatLogProb,
     ChatLogProbs, ChatLogProbsContent, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogProbs,
@@ -56,9 +59,12 @@ class _Choice:
 class OpenAIServing:
     """Turns validated requests into engine requests through `client` and their outputs into responses."""
 
-    def __init__(self, client, served_model_names: list[str], metrics: Metrics, max_model_len: Optional[int] = None):
+    def __init__(self, client, served_model_names: list[str], metrics: Metrics, max_model_len: Optional[int] = None,
+                 *, tokenizer_pool: TokenizerPool, max_choices: int = 128, trust_request_chat_template: bool = False):
         self.client, self.names, self.metrics = client, list(served_model_names), metrics
         self.tok = client.tokenizer
+        self.pool, self.max_choices, self.trust_template = tokenizer_pool, max_choices, trust_request_chat_template
+        self._template_params = set(inspect.signature(self.tok.apply_chat_template).parameters) - {"kwargs"}
         self._max_model_len = max_model_len
         self._token_str = functools.lru_cache(maxsize=1 << 17)(lambda t: self.tok.decode([t]))
 
@@ -76,8 +82,9 @@ class OpenAIServing:
         arrival, created = time.monotonic(), int(time.time())
         model = self._model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
-        ids = [self._check_ids(self.tok.encode(p, add_special_tokens=req.add_special_tokens)
-                               if isinstance(p, str) else list(p)) for p in prompts]
+        self._check_choices(len(prompts), req.n)
+        ids = [self._check_ids(await self._encode(p, req.add_special_tokens) if isinstance(p, str) else list(p))
+               for p in prompts]
         ids = self._remote_prompt(req.kv_transfer_params) or ids
         self._check_kv(req.kv_transfer_params)
         base = self._base_id(raw)
@@ -136,15 +143,18 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         arrival, created = time.monotonic(), int(time.time())
         model = self._model(req.model)
+        self._check_choices(1, req.n)
         messages = [_message(m) for m in req.messages]
         try:
-            text = self.tok.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt, tokenize=False,
-                **({"continue_final_message": True} if req.continue_final_message else {}),
-                **(req.chat_template_kwargs or {}))
+            text = await self.pool.render(
+                self.tok.apply_chat_template, messages, add_generation_prompt=req.add_generation_prompt,
+                tokenize=False, **({"continue_final_message": True} if req.continue_final_message else {}),
+                **self._template_options(req))
+        except APIError:
+            raise
         except Exception as e:
             raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
-        ids = self._check_ids(self.tok.encode(text, add_special_tokens=req.add_special_tokens))
+        ids = self._check_ids(await self._encode(text, req.add_special_tokens))
         ids = (self._remote_prompt(req.kv_transfer_params) or [ids])[0]
         self._check_kv(req.kv_transfer_params)
         base = self._base_id(raw)
@@ -218,6 +228,37 @@ class OpenAIServing:
             raise APIError(404, f"The model `{name}` does not exist.", "model")
         return name
 
+    def _check_choices(self, num_prompts: int, n: int) -> None:
+        if num_prompts * n > self.max_choices:
+            raise APIError(400, f"{num_prompts} prompt(s) x n={n} asks for {num_prompts * n} choices; this server "
+                                f"allows at most {self.max_choices} per request (--max-choices-per-request).", "n")
+
+    def _template_options(self, req: ChatCompletionRequest) -> dict:
+        """chat_template_kwargs (variables for the template) and a caller's own template, if trusted."""
+        kwargs = dict(req.chat_template_kwargs or {})
+        template = kwargs.pop("chat_template", None) or req.chat_template
+        if template is not None:
+            if not self.trust_template:
+                raise APIError(400, "Chat templates in requests are not accepted by this server "
+                                    "(it runs with the model's own template; see --trust-request-chat-template).",
+                               "chat_template")
+            kwargs["chat_template"] = template
+        clash = sorted(set(kwargs) & self._template_params - {"chat_template"})
+        if clash:
+            raise APIError(400, f"chat_template_kwargs may not set {clash[0]!r} (it is a rendering option, not a "
+                                "template variable).", "chat_template_kwargs")
+        return kwargs
+
+    async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        n, ids = await self.pool.encode(text, add_special_tokens, self.max_model_len)
+        if ids is None:
+            self._context_error(n)
+        return ids
+
+    def _context_error(self, prompt_len: int):
+        raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                            f"prompt has {prompt_len} tokens. Please reduce the length of the prompt.", "prompt")
+
     def _check_ids(self, ids: list[int]) -> list[int]:
         if not ids:
             raise APIError(400, "The prompt must not be empty.", "prompt")
@@ -229,8 +270,7 @@ class OpenAIServing:
     def _params(self, req, prompt_len: int, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         limit = self.max_model_len
         if prompt_len >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                                f"{prompt_len} tokens. Please reduce the length of the prompt.", "prompt")
+            self._context_error(prompt_len)
         if max_tokens is None:
             max_tokens = limit - prompt_len
         elif prompt_len + max_tokens > limit:
@@ -344,8 +384,8 @@ class OpenAIServing:
         except APIError:
             raise
         except Exception as e:
-            logger.error("request %s failed: %s", jobs[0].request_id.rsplit("-", 1)[0], e)
-            raise APIError(500, f"{type(e).__name__}: {e}") from e
+            logger.error("request %s failed: %s: %s", jobs[0].request_id.rsplit("-", 1)[0], type(e).__name__, e)
+            raise public_error(e) from e
         return choices
 
     @staticmethod
@@ -360,7 +400,7 @@ class OpenAIServing:
                         yield b"data: " + body + b"\n\n"
                 except Exception as e:
                     logger.error("streaming request failed: %s: %s", type(e).__name__, e)
-                    err = e if isinstance(e, APIError) else APIError(500, f"{type(e).__name__}: {e}")
+                    err = e if isinstance(e, APIError) else public_error(e)
                     yield f"data: {err.body().model_dump_json()}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -376,6 +416,13 @@ def completion_chunk_json(rid: str, created: int, model: str, index: int, text: 
     if usage is not None:
         body["usage"] = usage.model_dump()
     return _encode(body)
+
+
+def public_error(e: Exception) -> APIError:
+    """What a client is told of an internal failure: its kind, never its text (which is logged)."""
+    if isinstance(e, EngineError):
+        return APIError(503, "The engine is not available; the server is shutting down to be restarted.")
+    return APIError(500, "Internal server error.")
 
 
 def _with_id(response: Response, base: str) -> Response:
