@@ -1,4 +1,4 @@
-"""The ``epplat`` command: serve | plugins | make-model | bench, and the plugins' commands (ranktable).
+"""The ``epplat`` command: serve | plugins | make-model | bench | proxy, and the plugins' commands (ranktable).
 
 Every subcommand reports a bad value as one line on stderr and a non-zero exit.
 """
@@ -26,6 +26,8 @@ def build_parser() -> Parser:
     serve.add_cli(sub)
     plugins_cli.add_cli(sub)
     make_model.add_cli(sub)
+    from epplat.connectors import proxy
+    proxy.add_cli(sub)
     bench = sub.add_parser("bench", help="benchmarks (bench serve: load generator for a running server)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=Parser)
     bench_serve.add_cli(bench_sub)

@@ -109,9 +109,8 @@ def epplat_quantization_methods() -> list[Registration]:
 def epplat_kv_connectors() -> list[Registration]:
     """KV-cache transfer for prefill/decode disaggregation (``--kv-transfer-config``).
 
-    ``load()`` returns a subclass of ``epplat.connectors.base.KVConnectorBase``
-    (epplat/connectors/base.py, the contract of the PD-disaggregation work): a scheduler
-    side (which blocks to fetch or send) and a worker side (moving KV blocks between engines).
+    ``load()`` returns a subclass of ``epplat.connectors.base.KVConnectorBase``: a
+    scheduler side (which blocks to fetch or hold) and a worker side (moving KV blocks).
     """
 
 

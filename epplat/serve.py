@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -15,8 +16,8 @@ import time
 from typing import Optional
 from pathlib import Path
 
-from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, ModelConfig, ParallelConfig,
-                           SchedulerConfig, SpeculativeConfig)
+from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, KVTransferConfig, ModelConfig,
+                           ParallelConfig, SchedulerConfig, SpeculativeConfig)
 from epplat.plugins import PluginError, registry
 
 logger = logging.getLogger("epplat.serve")
@@ -76,6 +77,17 @@ def _env_int(name: str, default):
         raise SystemExit(f"epplat serve: error: EPPLAT_{name}={raw!r} is not an integer") from None
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = _env(name, None)
+    try:
+        v = default if raw is None else float(raw)
+    except ValueError:
+        v = -1.0
+    if not v > 0 or v == float("inf"):
+        raise ConfigError(f"EPPLAT_{name}={raw!r} must be a positive number of seconds")
+    return v
+
+
 def add_cli(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="Serve a MoE model (a local Hugging Face checkpoint directory; "
@@ -128,8 +140,31 @@ def add_cli(sub) -> None:
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "deepseek_mtp", "num_speculative_tokens": 1}\'')
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    p.add_argument("--kv-transfer-config", default=None, metavar="JSON",
+                   help='KV connector for prefill/decode disaggregation, vLLM\'s keys, e.g. '
+                        '\'{"kv_connector":"NixlConnector","kv_role":"kv_both"}\'')
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of cached prompt prefixes (default: on)")
+    rel = p.add_argument_group("reliability and security")
+    rel.add_argument("--internal-secret", default=None,
+                     help="secret that authenticates the internal sockets; the same on every node (env "
+                          "EPPLAT_INTERNAL_SECRET, which ps does not show; generated for single-node runs)")
+    rel.add_argument("--distributed-timeout-seconds", type=_int_range(1), default=600,
+                     help="a collective (all_gather, all2all) that takes longer fails its engine")
+    rel.add_argument("--shutdown-timeout", type=_int_range(0), default=_env_int("SHUTDOWN_TIMEOUT", 30),
+                     help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled")
+    rel.add_argument("--max-request-body-size", type=_int_range(1), default=16 << 20,
+                     help="larger request bodies get 413 while being read (bytes; 16M by default)")
+    rel.add_argument("--tokenizer-pool-size", type=_int_range(1), default=1,
+                     help="processes that tokenize long prompts (and threads that render chat templates) "
+                          "beside the API server's event loop")
+    rel.add_argument("--max-choices-per-request", type=_int_range(1), default=128,
+                     help="most prompts x n one request may ask for")
+    rel.add_argument("--trust-request-chat-template", action="store_true",
+                     help="accept chat templates sent in requests (chat_template); refused by default")
+    rel.add_argument("--forwarded-allow-ips", default=None,
+                     help="comma-separated addresses (or *) of proxies whose X-Forwarded-For/-Proto headers "
+                          "are believed; none by default")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.set_defaults(func=run)
@@ -161,8 +196,13 @@ def engine_config_from_args(args) -> EngineConfig:
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config,
-        speculative=SpeculativeConfig.parse(args.speculative_config) if args.speculative_config is not None else None)
+        speculative=(speculative_config_from_args(args, mcfg.hf_config(), parallel)
+                     if args.speculative_config is not None else None),
+        kv_transfer=KVTransferConfig.parse(args.kv_transfer_config))
     cfg.check()
+    if cfg.kv_transfer is not None:     # an unknown or unusable connector is one line before any engine starts
+        from epplat.connectors.loader import connector_class
+        connector_class(cfg, warn=True)
     if args.quantization:   # the method checks the checkpoint's quantization files before any engine starts
         from epplat.core.model.quant import load_quant_method
         from epplat.core.model.registry import architecture
@@ -172,10 +212,27 @@ def engine_config_from_args(args) -> EngineConfig:
     return cfg
 
 
+def speculative_config_from_args(args, hf: dict, par: ParallelConfig) -> Optional[SpeculativeConfig]:
+    if args.speculative_config is None:
+        return None
+    spec = SpeculativeConfig.parse(args.speculative_config)
+    if not hf.get("num_nextn_predict_layers"):
+        raise ConfigError(f"--speculative-config method {spec.method!r} drafts with the checkpoint's MTP layer; "
+                          f"{hf.get('architectures')} checkpoint {args.model_flag or args.model!r} has none "
+                          "(num_nextn_predict_layers)")
+    if par.data_parallel_size > 1:
+        raise ConfigError("--speculative-config runs on one DP rank for now (TP is fine): drop "
+                          "--data-parallel-size")
+    return spec
+
+
 def parallel_config_from_args(args) -> ParallelConfig:
     eplb = EPLBConfig.parse(args.eplb_config, {k: v for k in EPLBConfig.__struct_fields__
                                                if (v := getattr(args, f"eplb_config_{k}", None)) is not None})
+    secret = args.internal_secret or _env("INTERNAL_SECRET", None)
     parallel = ParallelConfig(
+        internal_secret=secret or secrets.token_hex(32), distributed_timeout_seconds=args.distributed_timeout_seconds,
+        engine_iteration_timeout_s=_env_float("ENGINE_ITERATION_TIMEOUT_S", 60.0),
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         data_parallel_size_local=args.data_parallel_size_local, data_parallel_start_rank=args.data_parallel_start_rank,
         data_parallel_rank=args.data_parallel_rank, data_parallel_address=args.data_parallel_address or "127.0.0.1",
@@ -185,6 +242,9 @@ def parallel_config_from_args(args) -> ParallelConfig:
     if not parallel.single_node and not args.data_parallel_address:
         raise ConfigError("multi-node and external load-balancing layouts need --data-parallel-address "
                           "(the address of the node with DP rank 0)")
+    if not secret and not parallel.single_node:
+        raise ConfigError("multi-node and external load-balancing layouts need a shared secret for the internal "
+                          "sockets: set EPPLAT_INTERNAL_SECRET (or --internal-secret) to the same value on every node")
     return parallel
 
 
@@ -203,19 +263,43 @@ def run(args) -> int:
             shutil.rmtree(cfg.parallel.ipc_dir, ignore_errors=True)
 
 
+class _StopSignals:
+    """SIGTERM / SIGINT in the launcher: during startup they end it at once (engines stopped, socket
+    folder removed, exit 0); while uvicorn serves, its own handlers drain the requests and it
+    re-raises the signal after, which lands here and is only noted, so the cleanup runs."""
+
+    def __init__(self):
+        self.received, self.starting = None, True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+    def __call__(self, sig, _frame):
+        self.received = sig
+        if self.starting:
+            self.starting = False
+            raise SystemExit(0)
+
+
 def _serve(args, cfg: EngineConfig) -> int:
     from epplat.core.distributed.launcher import start_engines, stop_engines
     from epplat.core.server.api_server import run_api_server
     from epplat.core.server.tokenizer import load_tokenizer
+    from epplat.core.server.app import bind_http_socket
     par = cfg.parallel
+    stop = _StopSignals()
+    http = None
     if not par.headless:
         try:
-            load_tokenizer(cfg.model.model)   # fail before any engine starts
-        except ConfigError as e:
+            load_tokenizer(cfg.model.model)
+            # the port is taken before the model loads, so a clash is reported at once
+            http = bind_http_socket(args.host, args.port, reuse_port=par.api_server_count > 1)
+        except (ConfigError, OSError) as e:
             print(f"epplat serve: error: {e}", file=sys.stderr)
             return 1
     logger.info("epplat %s serving %s on platform %s (TP=%d, DP=%d%s)", _version(), cfg.model.model, cfg.platform,
                 par.tensor_parallel_size, par.data_parallel_size, ", EP" if par.enable_expert_parallel else "")
+    if par.ipc_dir:
+        logger.info("internal sockets in %s", par.ipc_dir)
     try:
         procs = start_engines(cfg)
     except ConfigError as e:
@@ -227,23 +311,29 @@ def _serve(args, cfg: EngineConfig) -> int:
         engine_ranks = [par.data_parallel_rank] if par.external_lb else list(range(par.data_parallel_size))
         index = par.data_parallel_rank if par.external_lb else 0
         if par.external_lb or par.api_server_count == 1:
-            run_api_server(cfg.to_json(), index, engine_ranks, _server_opts(args), procs)
-            return 0
+            stop.starting = False
+            return run_api_server(cfg.to_json(), index, engine_ranks, _server_opts(args), procs, http)
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")
         servers = [ctx.Process(target=run_api_server, name=f"APIServer_{i}", daemon=True,
-                               args=(cfg.to_json(), i, engine_ranks, _server_opts(args)))
+                               args=(cfg.to_json(), i, engine_ranks, _server_opts(args), None, None, os.getpid()))
                    for i in range(par.api_server_count)]
         for s in servers:
             s.start()
         return _wait(procs, servers)
     finally:
         stop_engines(procs)
+        if http is not None:
+            http.close()
 
 
 def _server_opts(args) -> dict:
     return {"host": args.host, "port": args.port, "api_key": args.api_key,
-            "served_model_name": args.served_model_name, "log_level": args.uvicorn_log_level}
+            "served_model_name": args.served_model_name, "log_level": args.uvicorn_log_level,
+            "shutdown_timeout": args.shutdown_timeout, "max_body_bytes": args.max_request_body_size,
+            "tokenizer_pool_size": args.tokenizer_pool_size, "max_choices": args.max_choices_per_request,
+            "trust_request_chat_template": args.trust_request_chat_template,
+            "forwarded_allow_ips": args.forwarded_allow_ips}
 
 
 def _wait(procs, servers) -> int:
