@@ -236,9 +236,9 @@ def speculative_config_from_args(args, hf: dict, par: ParallelConfig) -> Optiona
         raise ConfigError(f"--speculative-config method {spec.method!r} drafts with the checkpoint's MTP layer; "
                           f"{hf.get('architectures')} checkpoint {args.model_flag or args.model!r} has none "
                           "(num_nextn_predict_layers)")
-    if par.world_size > 1:
-        raise ConfigError("--speculative-config runs on one engine process for now: drop --tensor-parallel-size "
-                          "and --data-parallel-size")
+    if par.data_parallel_size > 1:
+        raise ConfigError("--speculative-config runs on one DP rank for now (TP is fine): drop "
+                          "--data-parallel-size")
     return spec
 
 

@@ -93,10 +93,10 @@ def test_dp2_tp2_ep_with_experts_that_do_not_divide(v3_uneven_dir):
         assert needle in log, log
 
 
-def test_dp2_ep_eplb_with_redundant_experts(v3_dir):
+def test_dp2_ep_naive_all2all_eplb_with_redundant_experts(v3_dir):
     cfg = {"window_size": 8, "step_interval": 8, "num_redundant_experts": 2}
-    with Server(str(v3_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
-                "--enable-eplb", "--eplb-config", json.dumps(cfg), "--served-model-name", "ds") as s:
+    with Server(str(v3_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256", "--all2all-backend",
+                "naive", "--enable-eplb", "--eplb-config", json.dumps(cfg), "--served-model-name", "ds") as s:
         assert "EP rank 1/2 holds physical experts 5-9 of 10 (logical experts [5, 6, 7, 0, 1])" in s.output()
         want = expected(v3_dir)
         for _ in range(2):                       # a rebalance at step 8 in the first batch, more in the second
@@ -142,13 +142,14 @@ def v3_mtp_dir(tmp_path_factory):
     return d
 
 
-def test_mtp_speculative_decoding_keeps_greedy_output_and_reports_acceptance(v3_mtp_dir):
+def test_mtp_speculative_decoding_tp2_keeps_greedy_output_and_reports_acceptance(v3_mtp_dir):
+    """TP=2: the driver sends every draft pass to its TP worker too."""
     import httpx
     import openai
     from prometheus_client.parser import text_string_to_metric_families
     spec = json.dumps({"method": "deepseek_mtp", "num_speculative_tokens": 2})
-    with Server(str(v3_mtp_dir), "--dtype", "float32", "--max-model-len", "256", "--max-num-batched-tokens", "32",
-                "--speculative-config", spec, "--served-model-name", "ds", env={"EPPLAT_LOG_STATS_INTERVAL": "0"}) as s:
+    with Server(str(v3_mtp_dir), "--dtype", "float32", "-tp", "2", "--max-model-len", "256",
+                "--max-num-batched-tokens", "32", "--speculative-config", spec, "--served-model-name", "ds", env={"EPPLAT_LOG_STATS_INTERVAL": "0"}) as s:
         want = expected(v3_mtp_dir)
         assert complete(s.url, "ds", PROMPTS) == want
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
@@ -184,7 +185,7 @@ def test_speculative_config_needs_mtp_layers_and_one_engine_process(v3_dir, v3_m
     from epplat.serve import speculative_config_from_args
     spec = '{"method": "deepseek_mtp", "num_speculative_tokens": 1}'
     for model, par, needle in ((v3_dir, ParallelConfig(), "has none (num_nextn_predict_layers)"),
-                               (v3_mtp_dir, ParallelConfig(tensor_parallel_size=2), "runs on one engine process")):
+                               (v3_mtp_dir, ParallelConfig(data_parallel_size=2), "runs on one DP rank")):
         args = argparse.Namespace(speculative_config=spec, model=str(model), model_flag=None)
         with pytest.raises(ConfigError, match=re.escape(needle)) as e:
             speculative_config_from_args(args, ModelConfig(str(model)).hf_config(), par)

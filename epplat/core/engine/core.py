@@ -157,7 +157,7 @@ class EngineCore:
                                         kv_transfer_params=req.kv_transfer_out))
         if drafter is not None:
             drafter.propose([(req, row, start, req.num_computed - start) for req, row, start in self.runner.rows],
-                            self.runner.hidden)
+                            publish)
             drafter.log_every(self.stat_log.interval)
         self.stat_log.step(prompt_tokens, generated, self.scheduler, self.blocks)
         return outputs

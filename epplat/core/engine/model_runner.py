@@ -45,7 +45,7 @@ def resolve_dtype(requested: str, hf: dict, platform: str) -> tuple[torch.dtype,
     return _DTYPES.get(ckpt, torch.float32), None
 
 
-class ModelInput(msgspec.Struct, array_like=True):
+class ModelInput(msgspec.Struct, array_like=True, tag=True):
     """One step's model input; the driver sends it to its TP workers."""
 
     token_ids: list[int]
@@ -53,6 +53,16 @@ class ModelInput(msgspec.Struct, array_like=True):
     seqs: list[tuple[int, int, list[int]]]      # (context_len, q_len, block_table), decodes first
     ep_counts: Optional[list[int]] = None       # tokens of every EP rank this step
     kv_meta: Optional[bytes] = None             # the KV connector's step metadata (msgpack)
+
+
+class DraftInput(msgspec.Struct, array_like=True, tag=True):
+    """One pass of the MTP draft model (speculative decoding), sent to the TP workers like a step."""
+
+    token_ids: list[int]                        # token p+1 for each position p
+    positions: list[int]
+    seqs: list[tuple[int, int, list[int]]]
+    src: list[int]                              # rows of the previous hidden states that go with them
+    from_draft: bool                            # previous = the last draft pass's output (else the step's)
 
 
 class ModelRunner:
@@ -271,7 +281,19 @@ class ModelRunner:
             self.kv_connector.save_kv(kv_meta)
         if self.eplb is not None:
             self.eplb.end_step()
+        if getattr(self.model, "mtp", None) is not None:
+            self.hidden = hidden                   # the draft model's input after the step
         return hidden
+
+    @torch.inference_mode()
+    def draft_forward(self, d: DraftInput) -> torch.Tensor:
+        """One MTP pass (every TP rank runs it); returns its hidden states."""
+        dev = self.device
+        meta = build_attn_metadata(d.seqs, self.block_size, dev, self.pad_block)
+        prev = (self.draft_hidden if d.from_draft else self.hidden).index_select(0, torch.tensor(d.src, device=dev))
+        self.draft_hidden = self.model.mtp(torch.tensor(d.token_ids, dtype=torch.long, device=dev),
+                                           torch.tensor(d.positions, dtype=torch.long, device=dev), prev, meta)
+        return self.draft_hidden
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Request, int]], ep_counts=None, publish=None, kv_meta=None):
@@ -284,7 +306,6 @@ class ModelRunner:
         if publish is not None:
             publish(mi)
         hidden = self.forward(mi)
-        self.hidden = hidden if self.drafter is not None else None
         out: dict = {}
         if sample_reqs:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
