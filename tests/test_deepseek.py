@@ -239,18 +239,17 @@ _MULTISTREAM = r'''
 import logging, sys, torch, torch_npu, torchair
 logging.basicConfig(level=logging.INFO)
 from epplat.config import CacheConfig, EngineConfig, ModelConfig
-from epplat.core.engine.core import init_kv_cache
-from epplat.core.engine.model_runner import ModelInput, ModelRunner
+from epplat.core.engine.core import EngineCore
+from epplat.core.engine.model_runner import ModelInput
 from epplat.core.model.attention import build_attn_metadata
 from epplat.plugins import registry
 cfg = EngineConfig(model=ModelConfig(model=sys.argv[1], dtype="bfloat16"), platform="ascend",
                    cache=CacheConfig(kv_cache_memory_bytes=64 << 20), additional_config={"torchair_graph_config": {
                        "enabled": True, "graph_batch_sizes": [4], "enable_multistream_moe": True,
                        "enable_multistream_mla": True}})
-platform = registry().load("platform", "ascend")()
-platform.configure(cfg)
-runner = ModelRunner(cfg, platform, platform.device(0))
-init_kv_cache(runner, cfg, runner.ps)
+npu = registry().load("platform", "ascend")()
+npu.configure(cfg)
+runner = EngineCore(cfg, npu, npu.device(0)).runner                               # KV cache, graphs captured
 mi = ModelInput([5, 9, 11], [3, 7, 2], [(4, 1, [0]), (8, 1, [1]), (3, 1, [2])])   # 3 decodes: padded to 4
 graph = runner.forward(mi)
 with torch.inference_mode():
