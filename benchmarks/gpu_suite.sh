@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
-# Stages: tests decode decode-fp8 moe prefill sampler serve serve-fp8 (default: tests decode moe). Writes JSON and logs under $OUT.
+# Stages: tests decode decode-fp8 moe prefill sampler serve serve-fp8 serve-prefill serve-decode
+# (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA").
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -25,6 +26,14 @@ for s in $stages; do
     prefill) python3 benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --profile --out "$OUT/prefill.json" 2>&1 \
               | tee "$OUT/prefill.log" | tail -30 ;;
     sampler) python3 benchmarks/sampler_bench.py --device cuda --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -16 ;;
+    serve-prefill|serve-decode)   # the 12-layer checkpoint, made once; SERVE_ARGS adds epplat serve flags
+            m=/tmp/serve_model_12l; [ -d $m ] || epplat make-model qwen3_moe $m --layers 12 --hidden 2048 --heads 32 \
+              --kv-heads 4 --head-dim 128 --experts 128 --top-k 8 --moe-intermediate 768 --vocab-size 151936 \
+              --dtype bfloat16 --max-shard-size 4GB --seed 0 >/dev/null
+            if [ $s = serve-prefill ]; then load="--input-len 2048 --output-len 4 --concurrency 16 --num-prompts 256"
+            else load="--input-len 128 --output-len 256 --concurrency 128 --num-prompts 256"; fi
+            python3 benchmarks/serve_1gpu.py --model-dir $m $load --skip-transformers ${SERVE_ARGS:-} \
+              --out "$OUT/$s${SERVE_TAG:-}.json" 2>&1 | tee "$OUT/$s${SERVE_TAG:-}.log" | tail -5 ;;
     serve)  python3 benchmarks/serve_1gpu.py --out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
     serve-fp8) python3 benchmarks/serve_1gpu.py --epplat-arg=--quantization --epplat-arg=fp8 --skip-transformers \
               --out "$OUT/serve_fp8.json" 2>&1 | tee "$OUT/serve_fp8.log" | tail -12 ;;

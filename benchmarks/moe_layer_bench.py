@@ -111,7 +111,7 @@ def main():
             row["sorted_rel_err"] = _rel(out.float(), ref)
             row["sorted_ms"] = graph_time(lambda *s: triton_moe_sorted.sorted_experts(*s, F.silu), sets)
             for c in a.sorted_tiles:
-                tc = triton_moe_sorted.SortedTiles.parse(c)
+                tc = triton_moe.Tiles.parse(c)
                 row[f"sorted_{c}_ms"] = graph_time(
                     lambda *s, tc=tc: triton_moe_sorted.sorted_experts(*s, F.silu, tiles=tc), sets)
         hit = e * (1 - (1 - k / e) ** t)

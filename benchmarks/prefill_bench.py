@@ -7,7 +7,9 @@ turn: the cuda platform's (``cuda_experts``) and torch._grouped_mm above the dec
 Triton kernels (what it ran before ``triton_moe_sorted``). The roofline is the step's
 matrix FLOPs (projections, router, the routed experts, causal attention, logits) over the
 8192^3 bf16 matmul rate of the same run. Also reports the host time to build the step's
-attention metadata, and with --profile the GPU kernels of one step.
+attention metadata and to issue the step (when that is near the step time, the step is
+bound by the host's kernel launches, not the GPU), and with --profile the GPU kernels and
+host ops of one step.
 
     python benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --profile
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -85,24 +89,36 @@ def main():
                 row[name + "_ms"] = triton.testing.do_bench(lambda: model.compute_logits(model(ids, pos, meta)[last]),
                                                             warmup=100, rep=1000, return_mode="median")
             experts.EXPERT_KERNELS["cuda"] = paths["cuda_experts"]
+            issue = []
+            for _ in range(5):       # host time to issue a step (the GPU may still be running it)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.compute_logits(model(ids, pos, meta)[last])
+                issue.append(time.perf_counter() - t0)
+            row["issue_ms"] = statistics.median(issue) * 1e3
             if a.profile and s == a.seqs[0]:
                 from torch.profiler import ProfilerActivity, profile
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     model.compute_logits(model(ids, pos, meta)[last])
                     torch.cuda.synchronize()
                 events = prof.key_averages()
-                kernels = sum(e.count for e in events if str(getattr(e, "device_type", "")).endswith("CUDA"))
-                print(f"{s} x {a.len} tokens, one prefill step: {kernels} GPU kernels; GPU time by kernel:")
-                print(events.table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=70))
+                on_gpu = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+                kernels = sum(e.count for e in on_gpu)
+                gpu = sum(e.self_device_time_total for e in on_gpu) / 1e3
+                print(f"{s} x {a.len} tokens, one prefill step: {kernels} GPU kernels, {gpu:.1f} ms of GPU time; "
+                      "by kernel:")
+                print(events.table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=70))
+                print("host time by op:")
+                print(events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=70))
         rows.append(row)
     print(f"{torch.cuda.get_device_name()}: bf16 matmul {rate / 1e12:.0f} TFLOP/s (8192^3, this run); {a.layers} layers, "
           f"{a.experts} experts top-{a.top_k}, hidden {a.hidden}; one prefill step with logits, median ms")
     print(f"{'prompts':>8}{'tokens':>8}{'GFLOP':>8}{'roofline':>10}" + "".join(f"{k:>14}{'/roof':>6}" for k in paths)
-          + f"{'tok/s':>10}{'metadata':>10}")
+          + f"{'tok/s':>10}{'metadata':>10}{'issue':>10}")
     for r in rows:
         print(f"{r['seqs']:>8}{r['tokens']:>8}{r['gflop']:>8.0f}{r['roofline_ms']:>8.2f}ms"
               + "".join(f"{r[k + '_ms']:>12.2f}ms{r['roofline_ms'] / r[k + '_ms'] * 100:>5.0f}%" for k in paths)
-              + f"{r['tokens'] / r['cuda_experts_ms'] * 1e3:>10.0f}{r['metadata_ms']:>8.2f}ms")
+              + f"{r['tokens'] / r['cuda_experts_ms'] * 1e3:>10.0f}{r['metadata_ms']:>8.2f}ms{r['issue_ms']:>8.2f}ms")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "bf16_flops": rate, "args": vars(a), "rows": rows}, f,

@@ -91,6 +91,8 @@ def main():
     print(f"{'epplat serve (cuda)':<22}{ep['output_throughput']:>11.1f}{ep['median_ttft_ms']:>8.0f}ms"
           f"{ep['median_tpot_ms']:>8.1f}ms{ep['median_itl_ms']:>7.1f}/{ep['p99_itl_ms']:.1f}ms"
           + (f"{ep['output_throughput'] / hf['output_throughput']:>16.2f}x" if hf else ""))
+    print(f"prompt tok/s {ep['total_input_tokens'] / ep['duration_s']:.0f}, total tok/s {ep['total_token_throughput']:.0f}, "
+          f"TTFT p99 {ep.get('p99_ttft_ms', float('nan')):.0f} ms, failed {ep['failed']}")
     if hf:
         print(f"{'transformers generate':<22}{hf['output_throughput']:>11.1f}{'-':>10}{'-':>10}{'-':>14}{1:>16.2f}x")
     if a.out:

@@ -1,4 +1,4 @@
-"""The ``epplat`` command: serve | plugins | make-model | bench | ranktable.
+"""The ``epplat`` command: serve | plugins | make-model | bench | ranktable | proxy.
 
 Every subcommand reports a bad value as one line on stderr and a non-zero exit.
 """
@@ -28,6 +28,8 @@ def build_parser() -> Parser:
     ranktable_cli.add_cli(sub)
     from epplat.core.model import make_model
     make_model.add_cli(sub)
+    from epplat.connectors import proxy
+    proxy.add_cli(sub)
     bench = sub.add_parser("bench", help="benchmarks (bench serve: load generator for a running server)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=Parser)
     try:

@@ -80,6 +80,61 @@ class EPLBConfig(msgspec.Struct, forbid_unknown_fields=True):
             raise ConfigError(f"--eplb-config: {e}") from None
 
 
+KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
+
+
+class KVTransferConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``--kv-transfer-config``: vLLM's keys, defaults and meanings (a KV connector for prefill/decode
+    disaggregation). The connector named by ``kv_connector`` is looked up among the registered ones."""
+
+    kv_connector: Optional[str] = None
+    engine_id: Optional[str] = None                 # a random uuid when unset
+    kv_buffer_device: str = "cuda"
+    kv_buffer_size: float = 1e9
+    kv_role: Optional[str] = None
+    kv_rank: Optional[int] = None
+    kv_parallel_size: Annotated[int, msgspec.Meta(ge=1)] = 1
+    kv_ip: str = "127.0.0.1"
+    kv_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 14579
+    kv_connector_extra_config: dict = {}
+    kv_connector_module_path: Optional[str] = None
+
+    @property
+    def is_producer(self) -> bool:
+        return self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.kv_role in ("kv_consumer", "kv_both")
+
+    @staticmethod
+    def parse(text: Optional[str]) -> Optional["KVTransferConfig"]:
+        if not text:
+            return None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--kv-transfer-config is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError('--kv-transfer-config must be a JSON object, e.g. '
+                              '\'{"kv_connector":"NixlConnector","kv_role":"kv_both"}\'')
+        keys = KVTransferConfig.__struct_fields__
+        unknown = sorted(set(raw) - set(keys))
+        if unknown:
+            raise ConfigError(f"--kv-transfer-config: unknown key {unknown[0]!r}; valid keys: {', '.join(keys)}")
+        try:
+            cfg = msgspec.convert(raw, KVTransferConfig, strict=False)   # vllm-ascend's guides quote kv_port
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"--kv-transfer-config: {e}") from None
+        if cfg.kv_connector is None:
+            raise ConfigError("--kv-transfer-config: kv_connector is required")
+        if cfg.kv_role not in KV_ROLES:
+            raise ConfigError(f"--kv-transfer-config: kv_role must be one of {', '.join(KV_ROLES)}, "
+                              f"not {cfg.kv_role!r}")
+        if cfg.engine_id is None:
+            import uuid
+            cfg.engine_id = str(uuid.uuid4())
+        return cfg
 SPECULATIVE_METHODS = ("deepseek_mtp", "mtp")   # vLLM's names of the checkpoint's own MTP layer
 
 
@@ -133,6 +188,9 @@ class ParallelConfig(msgspec.Struct):
     all2all_backend: Optional[str] = None  # None: the platform's default
     enable_eplb: bool = False
     eplb: EPLBConfig = msgspec.field(default_factory=EPLBConfig)
+    internal_secret: str = ""             # authenticates every internal zmq frame (frame_auth.py)
+    distributed_timeout_seconds: int = 600   # a collective that takes longer fails its engine
+    engine_iteration_timeout_s: float = 60.0  # an engine silent this long is dead to its API server
 
     @property
     def world_size(self) -> int:
@@ -165,10 +223,9 @@ class ParallelConfig(msgspec.Struct):
         h, p = self.data_parallel_address, self.data_parallel_rpc_port
         return f"tcp://{h}:{p + 1}", f"tcp://{h}:{p + 2}"
 
-    def dist_init_method(self) -> str:
-        if self.ipc_dir:
-            return f"file://{self.ipc_dir}/store"
-        return f"tcp://{self.data_parallel_address}:{self.data_parallel_rpc_port}"
+    def dist_init_method(self) -> Optional[str]:
+        """The file store on a single node; None: a TCPStore at (address, rpc port) (parallel_state.py)."""
+        return f"file://{self.ipc_dir}/store" if self.ipc_dir else None
 
     def plan_endpoint(self, dp_rank: int, tp_rank: int, run_dir: str) -> str:
         """Where a DP rank's driver sends each step to its TP worker `tp_rank` (same node)."""
@@ -197,6 +254,7 @@ class EngineConfig(msgspec.Struct):
     platform: str = "cpu"
     enforce_eager: bool = False
     additional_config: dict = msgspec.field(default_factory=dict)  # --additional-config: platform-specific keys
+    kv_transfer: Optional[KVTransferConfig] = None                 # --kv-transfer-config
     speculative: Optional[SpeculativeConfig] = None               # --speculative-config
 
     def to_json(self) -> bytes:

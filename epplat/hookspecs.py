@@ -88,8 +88,8 @@ def epplat_quantization_methods() -> list[Registration]:
 def epplat_kv_connectors() -> list[Registration]:
     """KV-cache transfer for prefill/decode disaggregation (``--kv-transfer-config``).
 
-    ``load()`` returns a connector class with a scheduler side (which blocks to fetch
-    or send) and a worker side (moving KV blocks between engines).
+    ``load()`` returns a subclass of ``epplat.connectors.base.KVConnectorBase``: a
+    scheduler side (which blocks to fetch or hold) and a worker side (moving KV blocks).
     """
 
 

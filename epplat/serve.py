@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -15,8 +16,8 @@ import time
 from typing import Optional
 from pathlib import Path
 
-from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, ModelConfig, ParallelConfig,
-                           SchedulerConfig, SpeculativeConfig)
+from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, KVTransferConfig, ModelConfig,
+                           ParallelConfig, SchedulerConfig, SpeculativeConfig)
 from epplat.plugins import PluginError, registry
 
 logger = logging.getLogger("epplat.serve")
@@ -76,6 +77,17 @@ def _env_int(name: str, default):
         raise SystemExit(f"epplat serve: error: EPPLAT_{name}={raw!r} is not an integer") from None
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = _env(name, None)
+    try:
+        v = default if raw is None else float(raw)
+    except ValueError:
+        v = -1.0
+    if not v > 0 or v == float("inf"):
+        raise ConfigError(f"EPPLAT_{name}={raw!r} must be a positive number of seconds")
+    return v
+
+
 def add_cli(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="Serve a MoE model (a local Hugging Face checkpoint directory; "
@@ -128,8 +140,31 @@ def add_cli(sub) -> None:
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "deepseek_mtp", "num_speculative_tokens": 1}\'')
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    p.add_argument("--kv-transfer-config", default=None, metavar="JSON",
+                   help='KV connector for prefill/decode disaggregation, vLLM\'s keys, e.g. '
+                        '\'{"kv_connector":"NixlConnector","kv_role":"kv_both"}\'')
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of cached prompt prefixes (default: on)")
+    rel = p.add_argument_group("reliability and security")
+    rel.add_argument("--internal-secret", default=None,
+                     help="secret that authenticates the internal sockets; the same on every node (env "
+                          "EPPLAT_INTERNAL_SECRET, which ps does not show; generated for single-node runs)")
+    rel.add_argument("--distributed-timeout-seconds", type=_int_range(1), default=600,
+                     help="a collective (all_gather, all2all) that takes longer fails its engine")
+    rel.add_argument("--shutdown-timeout", type=_int_range(0), default=_env_int("SHUTDOWN_TIMEOUT", 30),
+                     help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled")
+    rel.add_argument("--max-request-body-size", type=_int_range(1), default=16 << 20,
+                     help="larger request bodies get 413 while being read (bytes; 16M by default)")
+    rel.add_argument("--tokenizer-pool-size", type=_int_range(1), default=1,
+                     help="processes that tokenize long prompts (and threads that render chat templates) "
+                          "beside the API server's event loop")
+    rel.add_argument("--max-choices-per-request", type=_int_range(1), default=128,
+                     help="most prompts x n one request may ask for")
+    rel.add_argument("--trust-request-chat-template", action="store_true",
+                     help="accept chat templates sent in requests (chat_template); refused by default")
+    rel.add_argument("--forwarded-allow-ips", default=None,
+                     help="comma-separated addresses (or *) of proxies whose X-Forwarded-For/-Proto headers "
+                          "are believed; none by default")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.set_defaults(func=run)
@@ -181,7 +216,11 @@ def engine_config_from_args(args) -> EngineConfig:
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config,
-        speculative=speculative_config_from_args(args, hf, parallel))
+        speculative=speculative_config_from_args(args, hf, parallel),
+        kv_transfer=KVTransferConfig.parse(args.kv_transfer_config))
+    if cfg.kv_transfer is not None:     # an unknown or unusable connector is one line before any engine starts
+        from epplat.connectors.loader import connector_class
+        connector_class(cfg, warn=True)
     reg.load("platform", platform).apply_additional_config(cfg)
     if args.quantization:   # the method checks the checkpoint's quantization files before any engine starts
         from epplat.core.model.quant import load_quant_method
@@ -197,9 +236,9 @@ def speculative_config_from_args(args, hf: dict, par: ParallelConfig) -> Optiona
         raise ConfigError(f"--speculative-config method {spec.method!r} drafts with the checkpoint's MTP layer; "
                           f"{hf.get('architectures')} checkpoint {args.model_flag or args.model!r} has none "
                           "(num_nextn_predict_layers)")
-    if par.world_size > 1:
-        raise ConfigError("--speculative-config runs on one engine process for now: drop --tensor-parallel-size "
-                          "and --data-parallel-size")
+    if par.data_parallel_size > 1:
+        raise ConfigError("--speculative-config runs on one DP rank for now (TP is fine): drop "
+                          "--data-parallel-size")
     return spec
 
 
@@ -228,7 +267,13 @@ def parallel_config_from_args(args) -> ParallelConfig:
     if not single_node and not args.data_parallel_address:
         raise ConfigError("multi-node and external load-balancing layouts need --data-parallel-address "
                           "(the address of the node with DP rank 0)")
+    secret = args.internal_secret or _env("INTERNAL_SECRET", None)
+    if not secret and not single_node:
+        raise ConfigError("multi-node and external load-balancing layouts need a shared secret for the internal "
+                          "sockets: set EPPLAT_INTERNAL_SECRET (or --internal-secret) to the same value on every node")
     return ParallelConfig(
+        internal_secret=secret or secrets.token_hex(32), distributed_timeout_seconds=args.distributed_timeout_seconds,
+        engine_iteration_timeout_s=_env_float("ENGINE_ITERATION_TIMEOUT_S", 60.0),
         tensor_parallel_size=tp, data_parallel_size=dp, data_parallel_size_local=local,
         data_parallel_start_rank=start, data_parallel_rank=rank,
         data_parallel_address=args.data_parallel_address or "127.0.0.1",
@@ -295,17 +340,41 @@ def run(args) -> int:
             shutil.rmtree(cfg.parallel.ipc_dir, ignore_errors=True)
 
 
+class _StopSignals:
+    """SIGTERM / SIGINT in the launcher: during startup they end it at once (engines stopped, socket
+    folder removed, exit 0); while uvicorn serves, its own handlers drain the requests and it
+    re-raises the signal after, which lands here and is only noted, so the cleanup runs."""
+
+    def __init__(self):
+        self.received, self.starting = None, True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+    def __call__(self, sig, _frame):
+        self.received = sig
+        if self.starting:
+            self.starting = False
+            raise SystemExit(0)
+
+
 def _serve(args, cfg: EngineConfig) -> int:
     from epplat.core.distributed.launcher import start_engines, stop_engines
+    from epplat.core.server.app import bind_http_socket
     par = cfg.parallel
+    stop = _StopSignals()
+    http = None
     if not par.headless:
         try:
             load_tokenizer(cfg.model.model)
-        except ConfigError as e:
+            # the port is taken before the model loads, so a clash is reported at once
+            http = bind_http_socket(args.host, args.port, reuse_port=par.api_server_count > 1)
+        except (ConfigError, OSError) as e:
             print(f"epplat serve: error: {e}", file=sys.stderr)
             return 1
     logger.info("epplat %s serving %s on platform %s (TP=%d, DP=%d%s)", _version(), cfg.model.model, cfg.platform,
                 par.tensor_parallel_size, par.data_parallel_size, ", EP" if par.enable_expert_parallel else "")
+    if par.ipc_dir:
+        logger.info("internal sockets in %s", par.ipc_dir)
     try:
         procs = start_engines(cfg)
     except ConfigError as e:
@@ -317,23 +386,29 @@ def _serve(args, cfg: EngineConfig) -> int:
         engine_ranks = [par.data_parallel_rank] if par.external_lb else list(range(par.data_parallel_size))
         index = par.data_parallel_rank if par.external_lb else 0
         if par.external_lb or par.api_server_count == 1:
-            run_api_server(cfg.to_json(), index, engine_ranks, _server_opts(args), procs)
-            return 0
+            stop.starting = False
+            return run_api_server(cfg.to_json(), index, engine_ranks, _server_opts(args), procs, http)
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")
         servers = [ctx.Process(target=run_api_server, name=f"APIServer_{i}", daemon=True,
-                               args=(cfg.to_json(), i, engine_ranks, _server_opts(args)))
+                               args=(cfg.to_json(), i, engine_ranks, _server_opts(args), None, None, os.getpid()))
                    for i in range(par.api_server_count)]
         for s in servers:
             s.start()
         return _wait(procs, servers)
     finally:
         stop_engines(procs)
+        if http is not None:
+            http.close()
 
 
 def _server_opts(args) -> dict:
     return {"host": args.host, "port": args.port, "api_key": args.api_key,
-            "served_model_name": args.served_model_name, "log_level": args.uvicorn_log_level}
+            "served_model_name": args.served_model_name, "log_level": args.uvicorn_log_level,
+            "shutdown_timeout": args.shutdown_timeout, "max_body_bytes": args.max_request_body_size,
+            "tokenizer_pool_size": args.tokenizer_pool_size, "max_choices": args.max_choices_per_request,
+            "trust_request_chat_template": args.trust_request_chat_template,
+            "forwarded_allow_ips": args.forwarded_allow_ips}
 
 
 def _wait(procs, servers) -> int:
@@ -362,23 +437,37 @@ def load_tokenizer(model_dir: str):
         raise ConfigError(f"cannot load the tokenizer of {model_dir!r}: {e}") from None
 
 
-def run_api_server(cfg_json: bytes, index: int, engine_ranks: list[int], opts: dict, procs=None) -> None:
-    """One API server (in the launcher process, or a child of it when --api-server-count > 1)."""
+def run_api_server(cfg_json: bytes, index: int, engine_ranks: list[int], opts: dict, procs=None,
+                   sock=None, parent_pid=None) -> int:
+    """One API server (in the launcher process with its bound `sock`, or a child of it when
+    --api-server-count > 1). Returns the exit code: 1 when the engines died."""
     from epplat.core.engine.client import EngineClient
-    from epplat.core.server.app import build_app, run_server
+    from epplat.core.server.app import bind_http_socket, build_app, run_server
     from epplat.logs import setup_logging
+    if parent_pid is not None:
+        from epplat.core.distributed.lifeline import die_with_parent
+        die_with_parent(parent_pid)
     setup_logging()
     cfg = EngineConfig.from_json(cfg_json)
     tokenizer = load_tokenizer(cfg.model.model)
     client = EngineClient(cfg, tokenizer, eos_token_ids(cfg.model.model, tokenizer), client_index=index,
                           engine_ranks=engine_ranks, procs=procs)
     names = opts["served_model_name"] or [cfg.model.model]
-    app = build_app(client, served_model_names=names, api_key=opts["api_key"])
+    app = build_app(client, served_model_names=names, api_key=opts["api_key"],
+                    **{k: opts[k] for k in ("tokenizer_pool_size", "max_choices", "trust_request_chat_template",
+                                            "max_body_bytes")})
+    if sock is None:
+        sock = bind_http_socket(opts["host"], opts["port"], reuse_port=True)
     try:
-        run_server(app, host=opts["host"], port=opts["port"], log_level=opts["log_level"],
-                   reuse_port=cfg.parallel.api_server_count > 1)
+        run_server(app, sock, log_level=opts["log_level"], timeout_graceful_shutdown=opts["shutdown_timeout"],
+                   forwarded_allow_ips=opts["forwarded_allow_ips"])
     finally:
         client.shutdown()
+    if client.dead_reason is not None:
+        if parent_pid is not None:
+            raise SystemExit(1)
+        return 1
+    return 0
 
 
 def _version() -> str:

@@ -13,10 +13,29 @@ import time
 import httpx
 
 
+# every server and headless node a test starts belongs to one deployment: multi-node layouts
+# need the same internal secret on each node (a single node generates its own when this is "")
+DEPLOYMENT = {"EPPLAT_INTERNAL_SECRET": "epplat-tests"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group (a Server's, as it starts a new session)."""
+    pids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(p))
+    return pids
 
 
 def rpc_port() -> int:
@@ -44,8 +63,8 @@ def start_headless(model: str, *args: str, env: dict | None = None) -> subproces
     """`epplat serve MODEL --headless ARGS...`: a second node's engines, in their own process group
     (end it with ``kill_headless`` if the primary's shutdown did not)."""
     return subprocess.Popen([sys.executable, "-m", "epplat.cli", "serve", model, "--headless", *args],
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **DEPLOYMENT, **(env or {})},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def kill_headless(proc: subprocess.Popen) -> None:
@@ -57,8 +76,9 @@ def kill_headless(proc: subprocess.Popen) -> None:
 class Server:
     """`epplat serve MODEL ARGS...` as a subprocess; its log is kept for failure messages."""
 
-    def __init__(self, model: str | None, *args: str, env: dict | None = None, timeout: float = 120.0):
-        self.port = free_port()
+    def __init__(self, model: str | None, *args: str, env: dict | None = None, timeout: float = 120.0,
+                 port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="epplat-serve-", suffix=".log", delete=False)
         if "--num-gpu-blocks-override" not in args and "--kv-cache-memory-bytes" not in args:
@@ -66,7 +86,7 @@ class Server:
         cmd = [sys.executable, "-m", "epplat.cli", "serve", *([model] if model else []),
                "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **DEPLOYMENT, **(env or {})},
                                      start_new_session=True)
         self._wait_healthy(timeout)
 

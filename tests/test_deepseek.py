@@ -53,17 +53,18 @@ def test_checkpoints_load_in_transformers_with_every_tensor(v2_dir, v3_dir):
     assert bias.abs().sum() > 0                  # the correction bias is loaded, not left at zero
 
 
-@pytest.mark.parametrize("arch", ["v2", "v3"])
-def test_single_process_matches_transformers_and_caches_the_latent(arch, request):
-    model_dir = request.getfixturevalue(f"{arch}_dir")
+def _latent_cache_logged(log: str) -> None:
     # 2 layers x (32 latent + 8 rotary) float32 = 320 bytes per token: 10240 tokens in 3,276,800 bytes
-    # (decompressed keys and values would take 2 x 2 x 4 heads x 24 x 4 = 1536 bytes per token)
-    with Server(str(model_dir), "--dtype", "float32", "--max-model-len", "256", "--max-num-batched-tokens", "32",
-                "--kv-cache-memory-bytes", "3276800", "--served-model-name", "ds") as s:
-        assert complete(s.url, "ds", PROMPTS) == expected(model_dir)
-        log = s.output()
+    # (decompressed keys and values would take 2 layers x 4 heads x (24 + 16) x 4 = 1280 bytes per token)
     assert "KV cache size: 10,240 tokens" in log, log
     assert re.search(r"Maximum concurrency for 256 tokens per request: 40\.00x", log), log
+
+
+def test_single_process_matches_transformers_and_caches_the_latent(v3_dir):
+    with Server(str(v3_dir), "--dtype", "float32", "--max-model-len", "256", "--max-num-batched-tokens", "32",
+                "--kv-cache-memory-bytes", "3276800", "--served-model-name", "ds") as s:
+        assert complete(s.url, "ds", PROMPTS) == expected(v3_dir)
+        _latent_cache_logged(s.output())
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +76,11 @@ def v3_uneven_dir(tmp_path_factory):
 
 
 def test_tensor_parallel_2_splits_mla_heads(v2_dir):
+    """V2-Lite style (plain q, softmax routing), MLA heads split over 2 ranks; the latent cache is replicated."""
     with Server(str(v2_dir), "--dtype", "float32", "-tp", "2", "--max-model-len", "256",
-                "--max-num-batched-tokens", "32", "--served-model-name", "ds") as s:
+                "--max-num-batched-tokens", "32", "--kv-cache-memory-bytes", "3276800", "--served-model-name", "ds") as s:
         assert complete(s.url, "ds", PROMPTS) == expected(v2_dir)
+        _latent_cache_logged(s.output())
 
 
 def test_dp2_tp2_ep_with_experts_that_do_not_divide(v3_uneven_dir):
@@ -90,13 +93,13 @@ def test_dp2_tp2_ep_with_experts_that_do_not_divide(v3_uneven_dir):
         assert needle in log, log
 
 
-def test_dp2_ep_eplb_with_redundant_experts(v3_dir):
+def test_dp2_ep_naive_all2all_eplb_with_redundant_experts(v3_dir):
     cfg = {"window_size": 8, "step_interval": 8, "num_redundant_experts": 2}
-    with Server(str(v3_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
-                "--enable-eplb", "--eplb-config", json.dumps(cfg), "--served-model-name", "ds") as s:
+    with Server(str(v3_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256", "--all2all-backend",
+                "naive", "--enable-eplb", "--eplb-config", json.dumps(cfg), "--served-model-name", "ds") as s:
         assert "EP rank 1/2 holds physical experts 5-9 of 10 (logical experts [5, 6, 7, 0, 1])" in s.output()
         want = expected(v3_dir)
-        for _ in range(3):                       # before, during and after rebalances
+        for _ in range(2):                       # a rebalance at step 8 in the first batch, more in the second
             assert complete(s.url, "ds", PROMPTS) == want
         assert re.search(r"EPLB rebalance \d+ at step", s.output()), s.output()[-3000:]
 
@@ -107,14 +110,6 @@ def test_expert_map_gives_the_first_ranks_one_more_and_even_backends_refuse():
     assert ExpertMap(8, 2, 3, num_redundant=1).local_ids == range(6, 9)
     with pytest.raises(ValueError, match="the base all2all backend needs the 10 experts to divide over the 4 EP"):
         All2AllBackend(ExpertMap(10, 0, 4))
-
-
-def test_qwen3_dp3_ep_naive_with_experts_that_do_not_divide(qwen3_moe_dir):
-    """Not DeepSeek only: 8 Qwen3-MoE experts over 3 EP ranks (3, 3, 2)."""
-    with Server(str(qwen3_moe_dir), "--dtype", "float32", "-dp", "3", "-ep", "--all2all-backend", "naive",
-                "--max-model-len", "256", "--served-model-name", "q", timeout=180) as s:
-        assert complete(s.url, "q", PROMPTS[:4]) == expected(qwen3_moe_dir, PROMPTS[:4])
-        assert "EP rank 2/3 holds experts 6-7 of 8" in s.output()
 
 
 def mtp_friendly(model_dir, scale: float) -> None:
@@ -147,13 +142,14 @@ def v3_mtp_dir(tmp_path_factory):
     return d
 
 
-def test_mtp_speculative_decoding_keeps_greedy_output_and_reports_acceptance(v3_mtp_dir):
+def test_mtp_speculative_decoding_tp2_keeps_greedy_output_and_reports_acceptance(v3_mtp_dir):
+    """TP=2: the driver sends every draft pass to its TP worker too."""
     import httpx
     import openai
     from prometheus_client.parser import text_string_to_metric_families
     spec = json.dumps({"method": "deepseek_mtp", "num_speculative_tokens": 2})
-    with Server(str(v3_mtp_dir), "--dtype", "float32", "--max-model-len", "256", "--max-num-batched-tokens", "32",
-                "--speculative-config", spec, "--served-model-name", "ds", env={"EPPLAT_LOG_STATS_INTERVAL": "0"}) as s:
+    with Server(str(v3_mtp_dir), "--dtype", "float32", "-tp", "2", "--max-model-len", "256",
+                "--max-num-batched-tokens", "32", "--speculative-config", spec, "--served-model-name", "ds", env={"EPPLAT_LOG_STATS_INTERVAL": "0"}) as s:
         want = expected(v3_mtp_dir)
         assert complete(s.url, "ds", PROMPTS) == want
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
@@ -183,11 +179,57 @@ def test_bad_speculative_configs_are_one_line(spec, needle):
     assert "\n" not in str(e.value)
 
 
-def test_speculative_config_needs_mtp_layers_one_error_line(v3_dir):
+def test_speculative_config_needs_mtp_layers_and_one_engine_process(v3_dir, v3_mtp_dir):
+    import argparse
+    from epplat.config import ConfigError, ModelConfig, ParallelConfig
+    from epplat.serve import speculative_config_from_args
+    spec = '{"method": "deepseek_mtp", "num_speculative_tokens": 1}'
+    for model, par, needle in ((v3_dir, ParallelConfig(), "has none (num_nextn_predict_layers)"),
+                               (v3_mtp_dir, ParallelConfig(data_parallel_size=2), "runs on one DP rank")):
+        args = argparse.Namespace(speculative_config=spec, model=str(model), model_flag=None)
+        with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+            speculative_config_from_args(args, ModelConfig(str(model)).hf_config(), par)
+        assert "\n" not in str(e.value)
+
+
+def test_ascend_simulation_dp2_ep_hccl(v3_dir):
+    """The ascend platform's path (SIMULATED torch_npu / HCCL, tests/sim_npu): DP=2 + EP over the hccl all2all."""
+    from test_ascend_sim import SIM_ENV
+    env = {**SIM_ENV, "HCCL_IF_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    with Server(str(v3_dir), "--platform", "ascend", "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
+                "--served-model-name", "ds", env=env) as s:
+        assert complete(s.url, "ds", PROMPTS) == expected(v3_dir)
+        log = s.output()
+    assert "platform ascend" in log and log.count("all2all hccl") == 2, log
+
+
+_MLA_INTERPRETED = r'''
+import torch, torch.nn.functional as F
+from epplat.platforms.cuda.triton_mla import mla_decode_attention
+torch.manual_seed(0)
+B, H, R, DR, BS, NB = 3, 32, 64, 16, 16, 12
+cache = torch.randn(NB + 2, BS, 1, R + DR)
+lens = torch.tensor([5, 40, 17])
+tables = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, NB]], dtype=torch.int32)
+ql, qp = torch.randn(B, H, R), torch.randn(B, H, DR)
+out = mla_decode_attention(ql, qp, cache, tables, lens, 0.1)
+keys = cache.index_select(0, tables.view(-1).long()).view(B, 1, -1, R + DR)
+mask = (torch.arange(keys.shape[2])[None, :] < lens[:, None])[:, None, None]
+ref = F.scaled_dot_product_attention(torch.cat([ql, qp], -1).unsqueeze(2), keys, keys[..., :R], attn_mask=mask,
+                                     scale=0.1, enable_gqa=True).squeeze(2)
+assert (out - ref).abs().max() < 1e-5, (out - ref).abs().max()
+assert mla_decode_attention(ql[:, :8], qp[:, :8], cache, tables, lens, 0.1) is None   # 8 heads: declined
+print("ok")
+'''
+
+
+def test_triton_mla_decode_kernel_in_the_triton_interpreter():
+    """The cuda platform's MLA decode kernel run by Triton's CPU interpreter (TRITON_INTERPRET=1) against
+    the torch path's math; skipped where triton is not installed (the CI's CPU install has none)."""
+    import os
     import subprocess
     import sys
-    spec = '{"method": "deepseek_mtp", "num_speculative_tokens": 1}'
-    r = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(v3_dir), "--speculative-config", spec],
-                       capture_output=True, text=True, timeout=120)
-    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
-    assert r.returncode != 0 and len(errors) == 1 and "has none (num_nextn_predict_layers)" in errors[0], r.stderr
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "-c", _MLA_INTERPRETED], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

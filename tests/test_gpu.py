@@ -400,7 +400,7 @@ def test_expert_sorted_kernels_match_a_float64_reference(tokens):
     w13 = torch.randn(e, h, 2 * i, device="cuda", dtype=torch.bfloat16) / h ** 0.5
     w2 = torch.randn(e, i, h, device="cuda", dtype=torch.bfloat16) / i ** 0.5
     ref = _fp32_experts(x, ids, w, w13, w2)
-    for tiles in (None, triton_moe_sorted.SortedTiles(bm=16), triton_moe_sorted.SortedTiles(128, 64, 64, 128, 64, 3, 8)):
+    for tiles in (None, triton_moe.Tiles(16, 64, 64, 128, 64, 4, 4), triton_moe.Tiles(128, 128, 64, 128, 64, 3, 8)):
         out = triton_moe_sorted.sorted_experts(x, ids, w, w13, w2, torch.nn.functional.silu, tiles).double()
         assert torch.isfinite(out).all()
         err = float((out - ref).norm() / ref.norm())
@@ -410,3 +410,39 @@ def test_expert_sorted_kernels_match_a_float64_reference(tokens):
     assert float((out - ref).norm() / ref.norm()) < 1e-2
     assert triton_moe_sorted.sorted_experts(x.float(), ids, w.float(), w13.float(), w2.float(),
                                             torch.nn.functional.silu) is None
+
+
+def _mla_case(device, dtype):
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    b, h, r, dr, bs, nb = 5, 32, 512, 64, 16, 40
+    cache = torch.randn(nb + 2, bs, 1, r + dr, generator=g).to(device, dtype)
+    lens = torch.tensor([1, 16, 17, 200, 333], device=device)
+    tables = torch.stack([torch.randperm(nb, generator=g)[:21] for _ in range(b)]).to(device, torch.int32)
+    ql, qp = (torch.randn(b, h, d, generator=g).to(device, dtype) for d in (r, dr))
+    keys = cache.index_select(0, tables.view(-1).long()).view(b, 1, -1, r + dr)
+    mask = (torch.arange(keys.shape[2], device=device)[None, :] < lens[:, None])[:, None, None]
+    ref = F.scaled_dot_product_attention(torch.cat([ql, qp], -1).unsqueeze(2).float(), keys.float(),
+                                         keys[..., :r].float(), attn_mask=mask, scale=0.07, enable_gqa=True)
+    return (ql, qp, cache, tables, lens, 0.07), ref.squeeze(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_mla_decode_matches_the_torch_path(dtype):
+    from epplat.platforms.cuda.triton_mla import mla_decode_attention
+    args, ref = _mla_case("cuda", dtype)
+    out = mla_decode_attention(*args)
+    assert out is not None and out.shape == ref.shape
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert (out.float() - ref).abs().max() < tol
+
+
+def test_deepseek_cuda_graphs_give_the_eager_tokens(tmp_path):
+    """MLA decode through the Triton kernel (16 heads, power-of-two latent and rope dims), graphs and eager."""
+    from epplat.core.model.make_model import make_model
+    d = make_model("deepseek_v3", tmp_path / "ds", layers=2, hidden=128, experts=8, top_k=2, heads=16, head_dim=32,
+                   moe_intermediate=64, intermediate=256, kv_lora_rank=64, rope_head_dim=16, q_lora_rank=64,
+                   dtype="bfloat16")
+    graphed = _core(d, eager=False)
+    assert graphed.runner.graph.sizes, "no CUDA graph was captured"
+    assert _greedy(graphed) == _greedy(_core(d, eager=True))

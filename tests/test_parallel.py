@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hf_oracle import hf_greedy
-from server_utils import Server, kill_headless, rpc_port, start_headless
+from server_utils import Server, group_pids, kill_headless, rpc_port, start_headless
 
 PROMPTS = [[5, 17, 99, 230, 7, 64, 300, 12], [400, 401, 402], list(range(100, 130)), [3, 9],
            [1500, 1200, 900], [77] * 6, [1024, 12, 512], [250, 260, 270, 280]]
@@ -82,19 +82,6 @@ def check_one_in_flight_request_per_rank(url, model, ranks: int, max_tokens: int
     finally:
         for st in streams:
             st.close()
-
-
-def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(p))
-    return pids
 
 
 def cpu_seconds(pids) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import time
 
 import msgspec
@@ -28,7 +29,7 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0) -> list[multiproces
         for t in range(par.tensor_parallel_size):
             rank = d * par.tensor_parallel_size + t
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=run_engine_process, args=(raw, rank, len(procs), child), daemon=True,
+            p = ctx.Process(target=run_engine_process, args=(raw, rank, len(procs), child, os.getpid()), daemon=True,
                             name=f"EngineCore_DP{d}" + (f"_TP{t}" if par.tensor_parallel_size > 1 else ""))
             p.start()
             procs.append(p)
@@ -53,9 +54,13 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0) -> list[multiproces
 
 
 def stop_engines(procs) -> None:
+    """Stop and reap each process. Engines ignore SIGTERM and SIGINT (a signal to the whole process
+    group must not end them before the API server drained), hold nothing to flush, and may be
+    stopped (SIGSTOP) or blocked in a collective: they get SIGKILL. Other children (API servers)
+    get SIGTERM first and SIGKILL after 10 s."""
     for p in procs:
         if p.is_alive():
-            p.terminate()
+            p.kill() if p.name.startswith("EngineCore") else p.terminate()
     deadline = time.time() + 10
     for p in procs:
         p.join(max(0.1, deadline - time.time()))

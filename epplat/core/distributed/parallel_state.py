@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import datetime
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
 import torch.distributed as dist
+
+from epplat.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +59,11 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
                        dp_size=dp, ep=parallel.enable_expert_parallel)
     if st.world_size == 1:
         return st
-    dist.init_process_group(backend, init_method=parallel.dist_init_method(), rank=rank,
-                            world_size=st.world_size, timeout=datetime.timedelta(hours=12))
+    timeout = datetime.timedelta(seconds=parallel.distributed_timeout_seconds)
+    init = parallel.dist_init_method()
+    store = None if init else _tcp_store(parallel, rank, st.world_size, timeout)
+    dist.init_process_group(backend, init_method=init, store=store, rank=rank, world_size=st.world_size,
+                            timeout=timeout)
     st.world_group = dist.group.WORLD
     for d in range(dp):
         ranks = list(range(d * tp, (d + 1) * tp))
@@ -72,3 +78,24 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
     logger.info("rank %d/%d: DP rank %d, TP rank %d, EP %s", rank, st.world_size, st.dp_rank, st.tp_rank,
                 f"rank {st.ep_rank}/{st.ep_size}" if st.ep else "off")
     return st
+
+
+def _tcp_store(parallel, rank: int, world_size: int, timeout) -> "dist.TCPStore":
+    """World rank 0 serves the store on data_parallel_address only (torch's own listener binds
+    every interface); the others connect to it."""
+    host, port = parallel.data_parallel_address, parallel.data_parallel_rpc_port
+    if rank:
+        return dist.TCPStore(host, port, world_size, False, timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as e:
+        listener.close()
+        raise ConfigError(f"cannot listen on {host}:{port} (--data-parallel-address / --data-parallel-rpc-port): "
+                          f"{e.strerror}") from None
+    listener.listen(1024)
+    # the store serves on this socket from now on (it keeps the descriptor for the process's life)
+    return dist.TCPStore(host, port, world_size, True, timeout, wait_for_workers=False,
+                         master_listen_fd=listener.detach())

@@ -3,6 +3,11 @@
 It runs in the API server's event loop. Each request gets a queue; a reader task
 routes engine outputs to those queues, detokenizes them and applies stop strings.
 Closing a request's output iterator early aborts it in the engine.
+
+An engine is dead when its process exits, when it says so, or when it has sent nothing
+(not even a heartbeat) for ``engine_iteration_timeout_s``; then every in-flight request
+ends with EngineError and the ``on_dead`` callbacks run (the API server exits on it).
+Frames that are not authentic or do not decode are dropped and logged.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import zmq.asyncio
 from epplat.config import ConfigError, EngineConfig
 from epplat.core.engine import protocol as P
 from epplat.core.engine.detokenizer import IncrementalDetokenizer
+from epplat.core.engine.frame_auth import BadFrame, FrameAuth
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,7 @@ class CompletionOutput:
     stop_reason: object
     num_prompt_tokens: int
     num_output_tokens: int
+    kv_transfer_params: Optional[dict] = None
 
 
 class _RequestState:
@@ -61,7 +68,7 @@ class _RequestState:
             finish, reason = "stop", matched
         return CompletionOutput(self.request_id, self.detok.delta(final=finish is not None),
                                 list(out.new_token_ids), out.logprobs, finish, reason,
-                                self.num_prompt, self.num_output)
+                                self.num_prompt, self.num_output, out.kv_transfer_params)
 
 
 class EngineClient:
@@ -87,6 +94,10 @@ class EngineClient:
         self.calls: dict[int, asyncio.Future] = {}
         self.call_ids = itertools.count(1)
         self.dead_reason: Optional[str] = None
+        self.on_dead: list = []           # callbacks, run once when the engines are found dead
+        self.auth = FrameAuth(cfg.parallel.internal_secret)
+        self.last_heard: dict[int, float] = {}
+        self._last_check = 0.0
         self._started = False
         self._ready: set[int] = set()
         self._last_stats = P.EngineStats()
@@ -129,30 +140,57 @@ class EngineClient:
         return self.dead_reason is None
 
     def _mark_dead(self, reason: str) -> None:
-        if self.dead_reason is None:
+        first = self.dead_reason is None
+        if first:
             logger.error("engine is dead: %s", reason)
         self.dead_reason = reason
         err = EngineError(f"engine died: {reason}")
+        if first:
+            for cb in self.on_dead:
+                cb()
         for st in self.states.values():
             st.queue.put_nowait(err)
         for fut in self.calls.values():
             if not fut.done():
                 fut.set_exception(err)
 
+    def _decode(self, frame, where: str):
+        try:
+            return self.auth.decode(P.message_decoder, frame)
+        except BadFrame as e:
+            self.auth.dropped(where, e)
+            return None
+
     async def _read_router(self) -> None:
         while True:
-            _, raw = await self.router.recv_multipart()
-            msg = P.message_decoder.decode(raw)
-            if isinstance(msg, P.EngineReady):
+            frames = await self.router.recv_multipart()
+            msg = self._decode(frames[-1], "the API server's request socket")
+            if isinstance(msg, P.EngineReady) and msg.engine_index in self.load:
                 self.max_model_len, self.vocab_size = msg.max_model_len, msg.vocab_size
+                self.last_heard[msg.engine_index] = time.monotonic()
                 self._ready.add(msg.engine_index)
+
+    def _check_heartbeats(self) -> None:
+        """Called with nothing left to read: an engine unheard of for too long is dead."""
+        limit = self.cfg.parallel.engine_iteration_timeout_s
+        now = time.monotonic()
+        for r, t in self.last_heard.items():
+            if now - t > limit:
+                self._mark_dead(f"DP rank {r} sent nothing (not even a heartbeat) for {limit:g} s")
 
     async def _read_outputs(self) -> None:
         while True:
             if await self.output.poll(1000) == 0:
-                self.healthy  # noqa: B018  (notices a dead engine process)
+                if self.healthy:    # notices a dead engine process
+                    self._check_heartbeats()
                 continue
-            msg = P.message_decoder.decode(await self.output.recv())
+            msg = self._decode(await self.output.recv(), "the API server's output socket")
+            index, now = getattr(msg, "engine_index", None), time.monotonic()
+            if index in self.last_heard:
+                self.last_heard[index] = now
+            if now - self._last_check > 1.0 and not self.output.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._last_check = now      # busy, but nothing queued: a silent engine is silent
+                self._check_heartbeats()
             if isinstance(msg, P.EngineOutputs):
                 if msg.stats is not None:
                     self.engine_stats[msg.engine_index] = msg.stats
@@ -184,12 +222,12 @@ class EngineClient:
         if not self.healthy:
             raise EngineError(f"engine died: {self.dead_reason}")
         try:
-            await self.router.send_multipart([f"engine-{engine}".encode(), P.encoder.encode(msg)])
+            await self.router.send_multipart([f"engine-{engine}".encode(), self.auth.seal(P.encoder.encode(msg))])
         except zmq.ZMQError as e:
             raise EngineError(f"engine {engine} unreachable: {e}") from None
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: P.SamplingParams) -> AsyncIterator[CompletionOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: P.SamplingParams,
+                       kv_transfer_params: Optional[dict] = None) -> AsyncIterator[CompletionOutput]:
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already running")
         st = _RequestState(request_id, params, self.tokenizer, len(prompt_token_ids))
@@ -200,7 +238,8 @@ class EngineClient:
         finished = False
         try:
             await self._send(engine, P.EngineRequest(request_id, list(prompt_token_ids), params,
-                                                     self.eos_token_ids, time.time(), self.client_index))
+                                                     self.eos_token_ids, time.time(), self.client_index,
+                                                     kv_transfer_params))
             while True:
                 item = await st.queue.get()
                 if isinstance(item, Exception):
@@ -219,7 +258,7 @@ class EngineClient:
             if not (finished and st.engine_done) and self.dead_reason is None and self._started:
                 try:
                     self.router.send_multipart([f"engine-{engine}".encode(),
-                                                P.encoder.encode(P.AbortRequests([request_id]))])
+                                                self.auth.seal(P.encoder.encode(P.AbortRequests([request_id])))])
                 except zmq.ZMQError:
                     pass
 
@@ -258,7 +297,8 @@ def sum_stats(per_engine: dict) -> P.EngineStats:
     total = P.EngineStats()
     for s in per_engine.values():
         for f in ("num_running", "num_waiting", "num_preemptions", "num_free_blocks", "num_total_blocks",
-                  "num_requests_received", "prefix_cache_queries", "prefix_cache_hits", *SPEC_FIELDS):
+                  "num_requests_received", "prefix_cache_queries", "prefix_cache_hits",
+                  "num_prompt_tokens_computed", *SPEC_FIELDS):
             setattr(total, f, getattr(total, f) + getattr(s, f))
     if per_engine:
         total.kv_usage = sum(s.kv_usage for s in per_engine.values()) / len(per_engine)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
+import msgspec
 import torch
 import torch.distributed as dist
 
 from epplat.config import ConfigError, EngineConfig
+from epplat.connectors.base import KVConnectorRole
+from epplat.connectors.loader import make_connector
 from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.engine.block_manager import BlockManager
 from epplat.core.engine.model_runner import ModelRunner
@@ -37,6 +41,7 @@ def init_kv_cache(runner: ModelRunner, cfg: EngineConfig, ps: ParallelState) -> 
         raise ConfigError(f"the KV cache holds {tokens} tokens, fewer than --max-model-len "
                           f"{max_model_len}; lower --max-model-len or give the KV cache more memory")
     runner.allocate_kv_cache(num_blocks)
+    runner.attach_kv_connector()
     runner.capture_graphs(max_model_len)
     runner.warm_up(max_model_len)
     if ps.is_driver:
@@ -57,12 +62,15 @@ class EngineCore:
         self.num_blocks, self.max_model_len = init_kv_cache(self.runner, cfg, self.ps)
         self.blocks = BlockManager(self.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         spec = cfg.speculative
-        self.scheduler = Scheduler(cfg.scheduler, self.blocks, lookahead=spec.num_speculative_tokens if spec else 0)
+        self.kv_connector = make_connector(cfg, KVConnectorRole.SCHEDULER, self.ps.dp_rank)
+        self.scheduler = Scheduler(cfg.scheduler, self.blocks, lookahead=spec.num_speculative_tokens if spec else 0,
+                                   connector=self.kv_connector)
         if spec is not None:
             self.runner.drafter = MtpDrafter(self.runner, spec.num_speculative_tokens, self.max_model_len)
         self.client_of: dict[str, int] = {}
         self.num_received = 0
         self.stat_log = StatLog(self.ps.dp_rank)
+        self.num_prompt_tokens_computed = 0
 
     def add_request(self, er: EngineRequest) -> None:
         self.num_received += 1
@@ -80,19 +88,45 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def kv_pending(self) -> bool:
+        """Requests waiting on KV transfers (loads in flight, blocks held for another engine)."""
+        return self.scheduler.kv_pending()
+
+    def poll_kv(self) -> None:
+        """Between steps: hand the workers what the connector decided since the last step, and take their
+        report of finished KV transfers (this process's worker side)."""
+        worker = self.runner.kv_connector
+        if worker is None or not self.scheduler.kv_pending():
+            return
+        meta = self.kv_connector.build_connector_meta()
+        if meta != type(meta)():
+            worker.start_load_kv(meta)
+        self.scheduler.kv_finished(*worker.get_finished(), worker.get_failed_loads())
+
     def schedule(self):
+        self.poll_kv()
         return self.scheduler.schedule()
+
+    def _kv_meta(self) -> Optional[bytes]:
+        if self.kv_connector is None:
+            return None
+        return msgspec.msgpack.encode(self.kv_connector.build_connector_meta())
 
     def run(self, batch, ep_counts=None, publish=None) -> list[EngineOutput]:
         """Execute a scheduled batch. In a DP wave an empty batch still runs the (empty) forward,
         so this rank takes part in the MoE collectives, unless no rank has tokens."""
+        kv_meta = self._kv_meta()
         if not batch:
             if ep_counts and any(ep_counts):
-                self.runner.execute([], ep_counts, publish)
+                self.runner.execute([], ep_counts, publish, kv_meta)
+            elif kv_meta is not None:
+                self.runner.kv_start_load(kv_meta)      # asynchronous loads start with no step to ride on
             return []
-        sampled = self.runner.execute(batch, ep_counts, publish)
+        sampled = self.runner.execute(batch, ep_counts, publish, kv_meta)
         outputs = []
-        prompt_tokens = sum(n for req, n in batch if req.num_computed < req.prompt_len)
+        prompt_tokens = sum(min(n, req.prompt_len - req.num_computed) for req, n in batch
+                            if req.num_computed < req.prompt_len)
+        self.num_prompt_tokens_computed += prompt_tokens
         drafter, generated = self.runner.drafter, 0
         for req, n in batch:
             samples = sampled.get(req.request_id)
@@ -115,14 +149,15 @@ class EngineCore:
             req.num_computed = min(req.num_computed + n, req.num_tokens - 1)   # rejected drafts' KV is stale
             self.blocks.cache_full_blocks(req)
             generated += len(toks)
-            outputs.append(EngineOutput(req.request_id, toks, logprobs=lps if lps[0] else None,
-                                        finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-                                        num_prompt_tokens=req.prompt_len, num_cached_tokens=req.num_cached_tokens))
             if req.finish_reason:
                 self.scheduler.finish(req)
+            outputs.append(EngineOutput(req.request_id, toks, logprobs=lps if lps[0] else None,
+                                        finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                                        num_prompt_tokens=req.prompt_len, num_cached_tokens=req.num_cached_tokens,
+                                        kv_transfer_params=req.kv_transfer_out))
         if drafter is not None:
             drafter.propose([(req, row, start, req.num_computed - start) for req, row, start in self.runner.rows],
-                            self.runner.hidden)
+                            publish)
             drafter.log_every(self.stat_log.interval)
         self.stat_log.step(prompt_tokens, generated, self.scheduler, self.blocks)
         return outputs
@@ -139,4 +174,5 @@ class EngineCore:
                            eplb_balancedness=eplb.measured if eplb else -1.0,
                            eplb_rebalances=eplb.rebalances if eplb else 0,
                            prefix_cache_queries=self.blocks.queries, prefix_cache_hits=self.blocks.hits,
+                           num_prompt_tokens_computed=self.num_prompt_tokens_computed,
                            **(self.runner.drafter.stats.engine_fields() if self.runner.drafter else {}))

@@ -8,7 +8,8 @@ other engine through the wake channel (a PUSH->PUB forwarder in world rank 0); i
 each step the drivers all-gather (has_work, num_tokens); ranks without work run an
 empty forward; when no rank has work the wave ends and every engine sleeps in a
 blocking poll (no busy spinning). Engines exit when their launcher or world rank 0
-goes away.
+goes away (the kernel kills them with their launcher; an API server that stops reading
+ends them through the send timeout), and heartbeat to the API servers while they live.
 """
 
 from __future__ import annotations
@@ -27,14 +28,19 @@ import torch.distributed as dist
 import zmq
 
 from epplat.config import ConfigError, EngineConfig
+from epplat.core.distributed.lifeline import die_with_parent
 from epplat.core.distributed.parallel_state import ParallelState, init_parallel
 from epplat.core.engine import protocol as P
+from epplat.core.engine.frame_auth import BadFrame, FrameAuth
 from epplat.logs import setup_logging
 from epplat.plugins import PluginError, registry
 
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 1000
+HEARTBEAT_S = 1.0
+SEND_TIMEOUT_MS = 30_000   # an API server that reads nothing for this long is gone: the engine exits
+_KV_POLL_MS = 2          # while KV transfers are in flight, their completion is polled this often
 _STORE_KEY = "epplat/api_server_count"
 
 
@@ -42,10 +48,16 @@ def run_dir(cfg: EngineConfig) -> str:
     return cfg.parallel.ipc_dir or tempfile.gettempdir()
 
 
-def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn) -> None:
+class PeerGone(RuntimeError):
+    """An API server stopped reading this engine's outputs."""
+
+
+def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, parent_pid: int) -> None:
     """Entry point of every engine process (spawned by the launcher)."""
+    die_with_parent(parent_pid)
     setup_logging()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we stop
+    for sig in (signal.SIGINT, signal.SIGTERM):   # the launcher decides when we stop (after its drain)
+        signal.signal(sig, signal.SIG_IGN)
     cfg = EngineConfig.from_json(cfg_json)
     try:
         from epplat.core.engine.core import EngineCore, init_kv_cache
@@ -76,9 +88,15 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn) 
     io = _DriverIO(cfg, ps, core)
     try:
         _driver_loop(core, io, ps, watch)
+    except PeerGone as e:
+        logger.error("engine (DP rank %d): %s; exiting", ps.dp_rank, e)
+        raise SystemExit(1) from None
     except Exception as e:
         logger.error("engine (DP rank %d) died:\n%s", ps.dp_rank, traceback.format_exc())
-        io.broadcast(P.EngineDead(ps.dp_rank, f"{type(e).__name__}: {e}"))
+        try:
+            io.broadcast(P.EngineDead(ps.dp_rank, f"{type(e).__name__}: {e}"))
+        except PeerGone:
+            pass
         raise
     finally:
         io.close()
@@ -115,8 +133,9 @@ _plan_decoder = None
 
 
 def _worker_loop(runner, cfg, ps, watch) -> None:
-    from epplat.core.engine.model_runner import ModelInput
-    decoder = msgspec.msgpack.Decoder(ModelInput)
+    from epplat.core.engine.model_runner import DraftInput, ModelInput
+    decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput)
+    auth = FrameAuth(cfg.parallel.internal_secret)
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.tp_rank, run_dir(cfg)))
     while True:
@@ -124,7 +143,12 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
             if not watch.alive():
                 return
             continue
-        runner.forward(decoder.decode(sock.recv()))
+        try:
+            plan = auth.decode(decoder, sock.recv())
+        except BadFrame as e:
+            auth.dropped("the step plan socket", e)
+            continue
+        (runner.draft_forward if isinstance(plan, DraftInput) else runner.forward)(plan)
 
 
 # -- drivers -------------------------------------------------------------------------------
@@ -134,6 +158,8 @@ class _DriverIO:
     def __init__(self, cfg: EngineConfig, ps: ParallelState, core):
         par = cfg.parallel
         self.ps, self.core = ps, core
+        self.auth = FrameAuth(par.internal_secret)
+        self.last_beat = 0.0
         self.ctx = zmq.Context.instance()
         self.poller = zmq.Poller()
         n_api = 1 if par.external_lb else _api_server_count(par, ps)
@@ -145,6 +171,7 @@ class _DriverIO:
             d.setsockopt(zmq.IDENTITY, f"engine-{ps.dp_rank}".encode())
             d.connect(router)
             o = self.ctx.socket(zmq.PUSH)
+            o.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
             o.connect(pull)
             self.dealers.append(d)
             self.outs.append(o)
@@ -160,7 +187,7 @@ class _DriverIO:
             self._setup_wake_channel(par)
         ready = P.EngineReady(ps.dp_rank, core.max_model_len, core.runner.model_cfg.vocab_size, core.num_blocks)
         for d in self.dealers:
-            d.send(P.encoder.encode(ready))
+            d.send(self.auth.seal(P.encoder.encode(ready)))
         logger.info("engine (DP rank %d, pid %d) ready, serving %d API server(s)", ps.dp_rank, os.getpid(),
                     len(self.dealers))
 
@@ -176,22 +203,29 @@ class _DriverIO:
         # prove the subscription is live (PUB drops messages for late joiners) before serving
         hello = P.Wake(-1 - self.ps.dp_rank, self.ps.dp_rank)
         while True:
-            self.wake_out.send(P.encoder.encode(hello))
-            if self.wake_in.poll(50) and any(P.wake_decoder.decode(m) == hello for m in self._drain_wake()):
+            self.wake_out.send(self.auth.seal(P.encoder.encode(hello)))
+            if self.wake_in.poll(50) and any(w == hello for w in self._drain_wake()):
                 break
         dist.barrier(group=self.ps.dp_group)
         self.poller.register(self.wake_in, zmq.POLLIN)
 
     def _drain_wake(self):
+        """The authentic wake messages that arrived."""
         while True:
             try:
-                yield self.wake_in.recv(zmq.NOBLOCK)
+                raw = self.wake_in.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            try:
+                yield self.auth.decode(P.wake_decoder, raw)
+            except BadFrame as e:
+                self.auth.dropped("the wake channel", e)
 
     def poll(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for input, then handle everything that arrived."""
+        """Wait up to timeout_ms for input, then handle everything that arrived; heartbeat."""
+        self.beat()
         if not self.poller.poll(timeout_ms):
+            self.beat()
             return
         for d in self.dealers:
             while True:
@@ -199,12 +233,23 @@ class _DriverIO:
                     raw = d.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._handle(P.input_decoder.decode(raw))
+                try:
+                    msg = self.auth.decode(P.input_decoder, raw)
+                except BadFrame as e:
+                    self.auth.dropped("the engine input socket", e)
+                    continue
+                self._handle(msg)
         if self.waves:
-            for raw in self._drain_wake():
-                w = P.wake_decoder.decode(raw)
+            for w in self._drain_wake():
                 if w.wave >= 0:
                     self.wakes.add(w.wave)
+
+    def beat(self) -> None:
+        """Tell the API servers this engine's loop is alive (at most every HEARTBEAT_S)."""
+        now = time.monotonic()
+        if now - self.last_beat >= HEARTBEAT_S:
+            self.last_beat = now
+            self.broadcast(P.EngineHeartbeat(self.ps.dp_rank))
 
     def _handle(self, msg) -> None:
         core = self.core
@@ -222,10 +267,10 @@ class _DriverIO:
         return wave in self.wakes
 
     def send_wake(self, wave: int) -> None:
-        self.wake_out.send(P.encoder.encode(P.Wake(wave, self.ps.dp_rank)))
+        self.wake_out.send(self.auth.seal(P.encoder.encode(P.Wake(wave, self.ps.dp_rank))))
 
     def publish(self, mi) -> None:
-        raw = P.encoder.encode(mi)
+        raw = self.auth.seal(P.encoder.encode(mi))
         for w in self.workers:
             w.send(raw)
 
@@ -243,12 +288,17 @@ class _DriverIO:
             self._send(idx, P.EngineOutputs(self.ps.dp_rank, outs, stats))
 
     def _send(self, client_index: int, msg) -> None:
-        out = self.outs[0] if len(self.outs) == 1 else self.outs[client_index]
-        out.send(P.encoder.encode(msg))
+        self._push(self.outs[0] if len(self.outs) == 1 else self.outs[client_index], msg)
 
     def broadcast(self, msg) -> None:
         for o in self.outs:
-            o.send(P.encoder.encode(msg))
+            self._push(o, msg)
+
+    def _push(self, out, msg) -> None:
+        try:
+            out.send(self.auth.seal(P.encoder.encode(msg)))
+        except zmq.Again:
+            raise PeerGone(f"an API server read nothing for {SEND_TIMEOUT_MS // 1000} s") from None
 
     def close(self) -> None:
         for s in self.dealers + self.outs + self.workers:
@@ -278,7 +328,8 @@ def _wake_forwarder(ctx, pull_addr: str, pub_addr: str) -> None:
 def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> None:
     wave = 0
     while True:
-        io.poll(0 if core.has_work() else _IDLE_POLL_MS)
+        io.poll(0 if core.has_work() else _KV_POLL_MS if core.kv_pending() else _IDLE_POLL_MS)
+        core.poll_kv()
         if not io.waves:
             if core.has_work():
                 io.send_outputs(core.run(core.schedule(), publish=io.publish if io.workers else None))

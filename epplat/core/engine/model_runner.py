@@ -45,13 +45,24 @@ def resolve_dtype(requested: str, hf: dict, platform: str) -> tuple[torch.dtype,
     return _DTYPES.get(ckpt, torch.float32), None
 
 
-class ModelInput(msgspec.Struct, array_like=True):
+class ModelInput(msgspec.Struct, array_like=True, tag=True):
     """One step's model input; the driver sends it to its TP workers."""
 
     token_ids: list[int]
     positions: list[int]
     seqs: list[tuple[int, int, list[int]]]      # (context_len, q_len, block_table), decodes first
     ep_counts: Optional[list[int]] = None       # tokens of every EP rank this step
+    kv_meta: Optional[bytes] = None             # the KV connector's step metadata (msgpack)
+
+
+class DraftInput(msgspec.Struct, array_like=True, tag=True):
+    """One pass of the MTP draft model (speculative decoding), sent to the TP workers like a step."""
+
+    token_ids: list[int]                        # token p+1 for each position p
+    positions: list[int]
+    seqs: list[tuple[int, int, list[int]]]
+    src: list[int]                              # rows of the previous hidden states that go with them
+    from_draft: bool                            # previous = the last draft pass's output (else the step's)
 
 
 class ModelRunner:
@@ -105,6 +116,19 @@ class ModelRunner:
         self.block_size = cfg.cache.block_size
         self.drafter = None                        # set by the engine core with --speculative-config
         self.rows: list = []                       # (request, first row, first position) of the last step
+        self.kv_connector = None
+
+    def attach_kv_connector(self) -> None:
+        """The worker side of the --kv-transfer-config connector, given this rank's KV cache."""
+        from epplat.connectors.base import KVConnectorRole
+        from epplat.connectors.loader import make_connector
+        self.kv_connector = make_connector(self.cfg, KVConnectorRole.WORKER, self.ps.dp_rank, self.ps.tp_rank)
+        if self.kv_connector is not None:
+            self._kv_meta_decoder = msgspec.msgpack.Decoder(self.kv_connector.metadata_type)
+            self.kv_connector.register_kv_caches([layer.self_attn.kv_cache for layer in self.model.layers])
+
+    def kv_start_load(self, kv_meta: bytes) -> None:
+        self.kv_connector.start_load_kv(self._kv_meta_decoder.decode(kv_meta))
 
     def _eplb_state(self, emap: ExpertMap):
         from epplat.core.moe.eplb_state import EplbState
@@ -222,7 +246,7 @@ class ModelRunner:
             raise ConfigError("no memory left for the KV cache; lower the model size or raise the KV budget")
         return int(n)
 
-    def prepare(self, batch: list[tuple[Request, int]], ep_counts=None):
+    def prepare(self, batch: list[tuple[Request, int]], ep_counts=None, kv_meta=None):
         """Lay a scheduled batch out as a ModelInput (decodes first); returns it and who samples where."""
         batch = sorted(batch, key=lambda rn: rn[1] != 1)
         ids, pos, seqs, sample_rows, sample_reqs = [], [], [], [], []
@@ -238,7 +262,7 @@ class ModelRunner:
             for p in range(max(start, req.num_tokens - 1), start + n):
                 sample_rows.append(len(ids) - (start + n - p))
                 sample_reqs.append(req)
-        return ModelInput(ids, pos, seqs, ep_counts), sample_rows, sample_reqs
+        return ModelInput(ids, pos, seqs, ep_counts, kv_meta), sample_rows, sample_reqs
 
     @torch.inference_mode()
     def forward(self, mi: ModelInput) -> torch.Tensor:
@@ -247,25 +271,41 @@ class ModelRunner:
         if hasattr(self.all2all, "set_step_tokens"):
             self.all2all.set_step_tokens(mi.ep_counts)
         meta = build_attn_metadata(mi.seqs, self.block_size, dev, self.pad_block)
+        kv_meta = self._kv_meta_decoder.decode(mi.kv_meta) if mi.kv_meta is not None else None
+        if kv_meta is not None:
+            self.kv_connector.start_load_kv(kv_meta)
         self.platform.before_step(len(mi.token_ids))
         hidden = self.graph.forward(torch.tensor(mi.token_ids, dtype=torch.long, device=dev),
                                     torch.tensor(mi.positions, dtype=torch.long, device=dev), meta)
+        if kv_meta is not None:
+            self.kv_connector.save_kv(kv_meta)
         if self.eplb is not None:
             self.eplb.end_step()
+        if getattr(self.model, "mtp", None) is not None:
+            self.hidden = hidden                   # the draft model's input after the step
         return hidden
 
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Request, int]], ep_counts=None, publish=None):
+    def draft_forward(self, d: DraftInput) -> torch.Tensor:
+        """One MTP pass (every TP rank runs it); returns its hidden states."""
+        dev = self.device
+        meta = build_attn_metadata(d.seqs, self.block_size, dev, self.pad_block)
+        prev = (self.draft_hidden if d.from_draft else self.hidden).index_select(0, torch.tensor(d.src, device=dev))
+        self.draft_hidden = self.model.mtp(torch.tensor(d.token_ids, dtype=torch.long, device=dev),
+                                           torch.tensor(d.positions, dtype=torch.long, device=dev), prev, meta)
+        return self.draft_hidden
+
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Request, int]], ep_counts=None, publish=None, kv_meta=None):
         """Run one step; returns {request_id: [(token, logprobs), ...]} for requests that sampled (one
         pair, or with speculative drafts one per draft and one after them).
 
         ``publish(model_input)`` sends the step to this DP rank's TP workers first.
         """
-        mi, sample_rows, sample_reqs = self.prepare(batch, ep_counts)
+        mi, sample_rows, sample_reqs = self.prepare(batch, ep_counts, kv_meta)
         if publish is not None:
             publish(mi)
         hidden = self.forward(mi)
-        self.hidden = hidden if self.drafter is not None else None
         out: dict = {}
         if sample_reqs:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])

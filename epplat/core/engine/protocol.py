@@ -40,6 +40,7 @@ class EngineRequest(msgspec.Struct, tag="add"):
     eos_token_ids: list[int] = []
     arrival_time: float = 0.0
     client_index: int = 0
+    kv_transfer_params: Optional[dict] = None    # for the KV connector (vLLM's request field)
 
 
 class AbortRequests(msgspec.Struct, tag="abort"):
@@ -89,6 +90,7 @@ class EngineOutput(msgspec.Struct, array_like=True):
     stop_reason: Optional[int] = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    kv_transfer_params: Optional[dict] = None    # the KV connector's, on the finishing output
 
 
 class EngineStats(msgspec.Struct):
@@ -103,6 +105,7 @@ class EngineStats(msgspec.Struct):
     eplb_rebalances: int = 0
     prefix_cache_queries: int = 0       # prompt tokens looked up in the prefix cache since the engine started
     prefix_cache_hits: int = 0          # of which were found there
+    num_prompt_tokens_computed: int = 0 # prompt tokens this engine computed (not cached, not received)
     spec_num_drafts: int = 0            # speculative decoding totals (vLLM's spec_decode_num_*)
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
@@ -125,6 +128,12 @@ class EngineDead(msgspec.Struct, tag="dead"):
     reason: str
 
 
+class EngineHeartbeat(msgspec.Struct, tag="beat"):
+    """An engine's loop is alive (sent every second or so, busy or idle)."""
+
+    engine_index: int
+
+
 class EngineReady(msgspec.Struct, tag="ready"):
     engine_index: int
     max_model_len: int
@@ -132,7 +141,7 @@ class EngineReady(msgspec.Struct, tag="ready"):
     num_blocks: int
 
 
-EngineMessage = EngineOutputs | UtilityResult | EngineDead | EngineReady
+EngineMessage = EngineOutputs | UtilityResult | EngineDead | EngineReady | EngineHeartbeat
 
 encoder = msgspec.msgpack.Encoder()
 input_decoder = msgspec.msgpack.Decoder(EngineInput)

@@ -30,6 +30,9 @@ class Request:
         self.block_names: list[bytes] = []  # prefix-cache names of its full blocks (see block_manager)
         self.num_named_blocks = 0           # blocks of block_table named in the prefix cache
         self.num_cached_tokens = 0          # prompt tokens found in the prefix cache when it was admitted
+        self.num_external_tokens = 0        # prompt tokens a KV connector loads from elsewhere
+        self.kv_transfer_params: Optional[dict] = req.kv_transfer_params   # from the API request
+        self.kv_transfer_out: Optional[dict] = None   # the connector's, for the response
         self.status = Status.WAITING
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[int] = None

@@ -66,89 +66,94 @@ class Filtered(NamedTuple):
     ids: Optional[torch.Tensor]
 
 
+def _narrow(p, vocab: int) -> bool:
+    return 0 < p.top_k < vocab or p.top_p < 1.0
+
+
 def filtered(logits: torch.Tensor, reqs: list[Request]) -> list[Filtered]:
     """The sampling distribution of every row, in groups of rows that share a way of computing it."""
     logits = logits.float()
     vocab = logits.shape[1]
     plain, narrow, seeded = [], [], []
     for i, r in enumerate(reqs):
-        p = r.params
-        if r.generator is not None:
-            seeded.append([i])
-        elif 0 < p.top_k < vocab or p.top_p < 1.0:
-            narrow.append(i)
-        else:
-            plain.append(i)
+        (seeded.append([i]) if r.generator is not None else (narrow if _narrow(r.params, vocab) else plain).append(i))
     out = []
     for rows in [g for g in (plain, narrow) if g] + seeded:
-        sub = [reqs[i] for i in rows]
+        sub = [r.params for r in (reqs[i] for i in rows)]
         x = logits[rows] if len(rows) < len(reqs) else logits
-        temps = [r.params.temperature for r in sub]
-        if any(t != 1.0 for t in temps):
-            x = x / torch.tensor(temps, device=x.device)[:, None]
-        if all(0 >= r.params.top_k or r.params.top_k >= vocab for r in sub) and all(r.params.top_p >= 1.0 for r in sub):
-            out.append(Filtered(rows, _exp_min_p(x, sub), None))
+        is_narrow = _narrow(sub[0], vocab)
+        prm = None
+        if is_narrow or any(p.temperature != 1.0 or p.min_p > 0 for p in sub):
+            # one host-to-device copy a group: temperature, top_p, log(min_p), top_k, no top-k
+            prm = torch.tensor([[p.temperature, p.top_p, math.log(p.min_p) if p.min_p > 0 else -math.inf,
+                                 p.top_k if 0 < p.top_k < vocab else vocab, not 0 < p.top_k < vocab] for p in sub],
+                               dtype=torch.float32, device=x.device)
+            if any(p.temperature != 1.0 for p in sub):
+                x = x / prm[:, 0:1]
+        if is_narrow:
+            out.extend(_narrowed(x, [p.top_k if 0 < p.top_k < vocab else 0 for p in sub], rows, prm,
+                                 any(p.min_p > 0 for p in sub), any(p.top_p < 1.0 for p in sub)))
         else:
-            out.extend(_narrowed(x, sub, rows))
+            out.append(Filtered(rows, _exp_min_p(x, prm[:, 2:3] if any(p.min_p > 0 for p in sub) else None), None))
     return out
 
 
-def _exp_min_p(x: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """exp(x - max) over the vocabulary (the softmax, not yet normalized), zero where min-p drops."""
-    e = (x - x.amax(dim=-1, keepdim=True)).exp_()
-    min_p = [r.params.min_p for r in reqs]
-    if any(m > 0 for m in min_p):
-        e.masked_fill_(e < torch.tensor(min_p, device=x.device)[:, None], 0.0)
-    return e
+def _exp_min_p(x: torch.Tensor, floor: Optional[torch.Tensor]) -> torch.Tensor:
+    """exp(x - max) over the vocabulary (the softmax, not yet normalized), zero where min-p drops
+    (x - max below log(min_p))."""
+    d = x - x.amax(dim=-1, keepdim=True)
+    if floor is not None:
+        d.masked_fill_(d < floor, float("-inf"))
+    return d.exp_()
 
 
-def _narrowed(x: torch.Tensor, reqs: list[Request], rows: list[int]) -> list[Filtered]:
-    """Rows with top-k or top-p over their best tokens only (a partial selection)."""
+def _narrowed(x: torch.Tensor, top_k: list[int], rows: list[int], prm: torch.Tensor, min_p: bool,
+              top_p: bool) -> list[Filtered]:
+    """Rows with top-k (0: none) or top-p over their best tokens only (a partial selection);
+    min_p / top_p: whether any row has one. Weights are exp(logit - row max): nothing is
+    normalized, and top-p compares running weight with top_p times the mass."""
     vocab = x.shape[1]
     dev = x.device
-    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in reqs]
-    top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
-    min_p = [r.params.min_p for r in reqs]
-    floor = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p], device=dev)
     no_k = [k == 0 for k in top_k]
-    # with no top-k, top-p renormalizes over every min-p survivor of the vocabulary
-    full_norm = None
+    # with no top-k, top-p measures mass against every min-p survivor of the vocabulary
+    full_mass = None
     if any(no_k):
-        full_norm = x.masked_fill(x < x.amax(dim=-1, keepdim=True) + floor[:, None], float("-inf")).logsumexp(-1)
+        d = x - x.amax(dim=-1, keepdim=True)
+        full_mass = d.masked_fill_(d < prm[:, 2:3], float("-inf")).exp_().sum(dim=-1)
     width = max([k for k in top_k if k] + ([min(vocab, FIRST_CANDIDATES)] if any(no_k) else []))
-    todo = list(range(len(reqs)))
+    todo = list(range(len(rows)))
     out = []
     while todo:
-        sub = torch.tensor(todo, device=dev) if len(todo) < len(reqs) else None
-        xs = x if sub is None else x[sub]
+        sub = torch.tensor(todo, device=dev) if len(todo) < len(rows) else None
+        xs, p = (x, prm) if sub is None else (x[sub], prm[sub])
         vals, ids = xs.topk(width, dim=-1) if width < vocab else xs.sort(dim=-1, descending=True)
-        ranks = torch.arange(width, device=dev)[None, :]
-        k = torch.tensor([top_k[i] or vocab for i in todo], device=dev)
-        fl = floor if sub is None else floor[sub]
-        drop = (vals < vals[:, :1] + fl[:, None]) | (ranks >= k[:, None])
+        d = vals - vals[:, :1]
+        drop = torch.arange(width, device=dev)[None, :] >= p[:, 3:4]
+        if min_p:
+            drop |= d < p[:, 2:3]
         drop[:, 0] = False
-        vals = vals.masked_fill(drop, float("-inf"))
-        norm = vals.logsumexp(-1)
-        if full_norm is not None:
-            nk = torch.tensor([no_k[i] for i in todo], device=dev)
-            norm = torch.where(nk, full_norm if sub is None else full_norm[sub], norm)
-        probs = (vals - norm[:, None]).exp()
-        tp = top_p if sub is None else top_p[sub]
-        drop = ((probs.cumsum(dim=-1) - probs) >= tp[:, None]) & (tp[:, None] < 1)   # mass before each token
-        drop[:, 0] = False
-        # a row without top-k is complete when its selection holds top_p of the mass: every token
-        # past it then has at least that much before it
+        w = d.masked_fill_(drop, float("-inf")).exp_()
         complete = [True] * len(todo)
-        if width < vocab and any(no_k[i] for i in todo):
-            held = (probs.sum(dim=-1) >= tp).tolist()
-            complete = [held[j] or not no_k[i] for j, i in enumerate(todo)]
-        probs = probs.masked_fill(drop, 0.0)
+        if top_p:
+            mass = w.sum(dim=-1)
+            if full_mass is not None:
+                mass = torch.where(p[:, 4] > 0, full_mass if sub is None else full_mass[sub], mass)
+            tp = p[:, 1:2] * mass[:, None]
+            cum = w.cumsum(dim=-1)
+            drop = ((cum - w) >= tp) & (p[:, 1:2] < 1)      # mass strictly before each token
+            drop[:, 0] = False
+            # a row without top-k is complete when its selection holds top_p of the mass: every
+            # token past it then has at least that much before it
+            if width < vocab and any(no_k[i] for i in todo):
+                held = (cum[:, -1] >= tp[:, 0]).tolist()
+                complete = [held[j] or not no_k[i] for j, i in enumerate(todo)]
+            w = w.masked_fill_(drop, 0.0)
         done = [j for j, c in enumerate(complete) if c]
         if len(done) == len(todo):
-            out.append(Filtered([rows[i] for i in todo], probs, ids))
+            out.append(Filtered([rows[i] for i in todo], w, ids))
         elif done:
-            d = torch.tensor(done, device=dev)
-            out.append(Filtered([rows[todo[j]] for j in done], probs[d], ids[d]))
+            dn = torch.tensor(done, device=dev)
+            out.append(Filtered([rows[todo[j]] for j in done], w[dn], ids[dn]))
         todo = [i for j, i in enumerate(todo) if not complete[j]]
         width = min(vocab, width * WIDEN)
     return out
@@ -184,13 +189,12 @@ def _draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Te
     u * total (a column without mass never does). An exponential race would need a random
     number per column, and drawing those costs more than the rest of the sampler on a CPU."""
     cum = probs.cumsum(dim=-1)
-    total = cum[:, -1:]
     if generator is not None:
         u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device)
     else:
         u = torch.rand(probs.shape[0], 1, device=probs.device)
-    target = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
-    return torch.searchsorted(cum, target, right=True).squeeze(1)
+    # u < 1 - 2^-23 keeps u * total below total after rounding, so some column passes it
+    return torch.searchsorted(cum, u.mul_(1 - 2 ** -23).mul_(cum[:, -1:]), right=True).squeeze(1)
 
 
 def _token_logprobs(lp: torch.Tensor, token: int, n: int) -> list[TokenLogprob]:

@@ -6,6 +6,11 @@ chunk that fits. When the KV cache cannot grow, the most recently admitted runni
 request is preempted (its blocks freed, to be recomputed later). Waiting requests
 are admitted while budget, ``max_num_seqs`` and free blocks allow, each starting after the
 longest prefix of it found in the prefix cache.
+
+With a KV connector, a new request may also find prompt tokens elsewhere: loaded before this
+step's forward (synchronously), or asynchronously, the request then waiting outside the batch
+(in ``remote``) until the workers report its blocks received. A finished request whose blocks
+the connector holds (for another engine to read) waits in ``held`` until they are sent.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from epplat.core.engine.request import Request, Status
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, lookahead: int = 0):
-        self.cfg, self.blocks = cfg, blocks
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, lookahead: int = 0, connector=None):
+        self.cfg, self.blocks, self.connector = cfg, blocks, connector
         self.lookahead = lookahead    # KV slots a running request gets beyond its step (speculative drafting)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.remote: dict[str, Request] = {}     # waiting for their KV from elsewhere (blocks allocated)
+        self.held: dict[str, Request] = {}       # finished; blocks held by the connector until sent
         self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
@@ -32,6 +39,30 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def kv_pending(self) -> bool:
+        return bool(self.remote or self.held)
+
+    def kv_finished(self, sent: set[str], received: set[str], failed: set[str] = frozenset()) -> None:
+        """The workers' report: held blocks sent (free them), remote loads done (the request can run), loads
+        failed (the request computes those tokens itself)."""
+        for rid in sent:
+            req = self.held.pop(rid, None)
+            if req is not None:
+                self.blocks.release(req)
+        for rid in (*received, *failed):
+            req = self.remote.pop(rid, None)
+            if req is None:
+                continue
+            if req.status is Status.FINISHED:       # aborted while its blocks were being written
+                self.blocks.release(req)
+                continue
+            if rid in failed:
+                req.num_external_tokens = 0
+            req.num_computed += req.num_external_tokens
+            self.blocks.cache_full_blocks(req)
+            req.status = Status.WAITING
+            self.waiting.appendleft(req)
 
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
@@ -43,12 +74,19 @@ class Scheduler:
 
     def finish(self, req: Request) -> None:
         req.status = Status.FINISHED
+        self.requests.pop(req.request_id, None)
+        if req.request_id in self.remote:            # freed when the load in flight ends
+            return
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        if self.connector is not None:
+            hold, req.kv_transfer_out = self.connector.request_finished(req)
+            if hold:
+                self.held[req.request_id] = req
+                return
         self.blocks.release(req)
-        self.requests.pop(req.request_id, None)
 
     def _preempt(self, req: Request) -> None:
         self.blocks.release(req)
@@ -80,13 +118,39 @@ class Scheduler:
             break
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
+            if req.block_table:                      # its KV arrived from elsewhere
+                n = min(req.num_tokens - req.num_computed, budget)
+                if not self.blocks.allocate(req, n):
+                    break
+                self.waiting.popleft()
+                req.status = Status.RUNNING
+                self.running.append(req)
+                out.append((req, n))
+                budget -= n
+                continue
             hit = self.blocks.cached_prefix(req)
-            remaining = req.num_tokens - len(hit) * self.blocks.block_size
+            local = len(hit) * self.blocks.block_size
+            ext, load_async = 0, False
+            if self.connector is not None:
+                ext, load_async = self.connector.get_num_new_matched_tokens(req, local)
+                ext = max(0, min(ext, req.num_tokens - 1 - local))   # the last token is computed here
+            if ext and load_async:
+                if not self.blocks.admit(req, hit, ext):
+                    break
+                self.waiting.popleft()
+                self.connector.update_state_after_alloc(req, ext)
+                req.num_external_tokens = ext
+                self.remote[req.request_id] = req
+                continue
+            remaining = req.num_tokens - local - ext
             n = min(remaining, budget)
             if n < remaining and not self.cfg.enable_chunked_prefill:
                 break
-            if not self.blocks.admit(req, hit, n):
+            if not self.blocks.admit(req, hit, ext + n):
                 break
+            if ext:
+                self.connector.update_state_after_alloc(req, ext)
+                req.num_computed += ext
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)

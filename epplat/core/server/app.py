@@ -2,56 +2,71 @@
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import functools
+import json
 import logging
 import socket
 import time
 from contextlib import asynccontextmanager
 from typing import Optional
 
+import msgspec
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from epplat import __version__
 from epplat.core.engine.client import sum_stats
 from epplat.core.server.metrics import CONTENT_TYPE, Metrics
 from epplat.core.server.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_response)
+    APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, error_response)
+from epplat.core.server.request_gate import RequestGate
 from epplat.core.server.serving import OpenAIServing
+from epplat.core.server.tokenizer_pool import TokenizerPool
 
 logger = logging.getLogger("epplat.server")
 
+DEAD_EXIT_DELAY_S = 2.0
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+_decode_json = msgspec.json.Decoder().decode
+
 
 def build_app(client, *, served_model_names: list[str], api_key: Optional[str] = None,
-              max_model_len: Optional[int] = None, model_path: Optional[str] = None) -> FastAPI:
+              max_model_len: Optional[int] = None, model_path: Optional[str] = None, tokenizer_pool_size: int = 1,
+              max_choices: int = 128, trust_request_chat_template: bool = False,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible app over an engine client.
 
     max_model_len: the context limit requests are checked against; None reads
     ``client.max_model_len`` per request (the engine client learns it when its engines are up).
     model_path: the checkpoint, shown as each model's ``root`` in /v1/models.
+    The other options are the flags of the same names (serve.py).
     """
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
     metrics = Metrics(served_model_names[0])
-    serving = OpenAIServing(client, served_model_names, metrics, max_model_len)
+    pool = TokenizerPool(client.tokenizer, tokenizer_pool_size)
+    serving = OpenAIServing(client, served_model_names, metrics, max_model_len, tokenizer_pool=pool,
+                            max_choices=max_choices, trust_request_chat_template=trust_request_chat_template)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_app):
+        pool.warm_up()
         if hasattr(client, "start"):      # the engine client connects to its engines in this event loop
             await client.start()
-        yield
+        try:
+            yield
+        finally:
+            pool.shutdown()
 
     app = FastAPI(title="epplat", version=__version__, lifespan=lifespan)
-    expected = f"Bearer {api_key}".encode() if api_key else None
-
-    async def check_api_key(request: Request):
-        # a dependency, not an HTTP middleware: BaseHTTPMiddleware hides client disconnects
-        if expected is not None and not hmac.compare_digest(
-                request.headers.get("Authorization", "").encode(), expected):
-            raise APIError(401, "Unauthorized: a valid API key is required (Authorization: Bearer ...).")
+    app.state.engine_client = client
+    app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
@@ -69,14 +84,18 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, exc: StarletteHTTPException):
-        return error_response(APIError(exc.status_code, str(exc.detail)))
+        response = error_response(APIError(exc.status_code, str(exc.detail)))
+        response.headers.update(exc.headers or {})     # 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def _internal_error(_, exc: Exception):
         # starlette re-raises it after this response, and uvicorn logs the traceback
-        return error_response(APIError(500, f"{type(exc).__name__}: {exc}"))
+        return error_response(exc)
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "Serving (empty body)"},
+                        503: {"description": "The engines are dead or do not answer (empty body)"}})
     async def health():
         return Response(status_code=200 if client.healthy else 503)
 
@@ -84,7 +103,7 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
     async def version():
         return {"version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         stats, per_engine = None, None
         if client.healthy:
@@ -98,7 +117,12 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
                 logger.warning("engine stats unavailable: %s", e)
         return Response(metrics.render(stats, per_engine), media_type=CONTENT_TYPE)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    async def check_engine():
+        if not client.healthy:
+            raise APIError(503, "The engine is not available; the server is shutting down to be restarted.")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_engine)], route_class=_MsgspecJSONRoute,
+                   responses=_ERRORS)
 
     @v1.get("/models")
     async def models():
@@ -107,35 +131,89 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
                       max_model_len=serving.max_model_len) for name in served_model_names]).model_dump_json(),
             media_type="application/json")
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=_STREAMS)
     async def completions(req: CompletionRequest, raw: Request):
         return await serving.completions(req, raw)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=_STREAMS)
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         return await serving.chat(req, raw)
 
     app.include_router(v1)
+    app.openapi = functools.partial(_openapi_without_422, app)
     return app
 
 
-def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info", reuse_port: bool = False,
-               timeout_graceful_shutdown: float = 5.0) -> None:
-    """Serve `app` with uvicorn until SIGINT / SIGTERM.
+# what the OpenAPI schema says the /v1 routes answer besides 200 (400, never FastAPI's 422)
+_ERRORS = {code: {"model": ErrorResponse, "description": what} for code, what in (
+    (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model"),
+    (413, "Request body too large"), (503, "Engine not available"))}
+_STREAMS = {200: {"description": "A JSON body, or server-sent events with `stream: true`",
+                  "content": {"application/json": {}, "text/event-stream": {}}}}
 
-    On a signal uvicorn stops accepting, lets running requests finish for up to
-    `timeout_graceful_shutdown` seconds, then cancels them (which aborts their engine
-    requests). With reuse_port several API server processes share the port.
-    """
-    import uvicorn
 
+def _openapi_without_422(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+class _MsgspecJSONRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            try:     # several times faster than json.loads, and no Infinity / NaN
+                self._json = _decode_json(await self.body())
+            except msgspec.DecodeError as e:
+                raise json.JSONDecodeError(str(e), "", 0) from None
+        return self._json
+
+
+class _MsgspecJSONRoute(APIRoute):
+    """Request bodies parsed by msgspec (FastAPI's own handler then validates them)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            return await handler(_MsgspecJSONRequest(request.scope, request.receive))
+        return route
+
+
+def bind_http_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """The API server's TCP socket, bound to `host` only (not yet listening); OSError with one line."""
     host = host or "0.0.0.0"
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
+    if reuse_port:          # several API server processes share the port
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    url = f"http://[{host}]:{sock.getsockname()[1]}" if ":" in host else f"http://{host}:{sock.getsockname()[1]}"
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def run_server(app: FastAPI, sock: socket.socket, *, log_level: str = "info",
+               timeout_graceful_shutdown: float = 5.0, forwarded_allow_ips: Optional[str] = None) -> None:
+    """Serve `app` with uvicorn on the bound `sock` until SIGINT / SIGTERM, or until the engines die.
+
+    On a signal uvicorn stops accepting, lets running requests finish for up to
+    `timeout_graceful_shutdown` seconds, then cancels them (which aborts their engine
+    requests). When the engine client finds its engines dead, the server stops the same way
+    (its requests have already ended with errors) so that a supervisor can restart it.
+    X-Forwarded-For / -Proto are believed only from `forwarded_allow_ips` (none by default).
+    """
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
     logger.info("Starting epplat API server on %s", url)
 
     class Server(uvicorn.Server):
@@ -145,8 +223,16 @@ def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info", r
             logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
 
     config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=timeout_graceful_shutdown)
+                            timeout_graceful_shutdown=timeout_graceful_shutdown,
+                            proxy_headers=forwarded_allow_ips is not None, forwarded_allow_ips=forwarded_allow_ips)
+    server = Server(config)
+    client = getattr(app.state, "engine_client", None)
+    if client is not None and hasattr(client, "on_dead"):
+        # /health and new requests answer 503 for a moment before the server goes (a load balancer
+        # polling /health sees why); in-flight requests have already ended with their errors
+        client.on_dead.append(lambda: asyncio.get_running_loop().call_later(
+            DEAD_EXIT_DELAY_S, lambda: setattr(server, "should_exit", True)))
     try:
-        Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         sock.close()

@@ -57,6 +57,9 @@ class Metrics:
                                     registry=r).labels(model_name)
                             for what, doc in (("drafts", "draft proposals"), ("draft_tokens", "draft tokens proposed"),
                                               ("accepted_tokens", "draft tokens accepted"))]
+        self.prompt_tokens_computed = Counter(
+            "epplat:prompt_tokens_computed", "Prompt tokens whose KV the engines computed (neither found in the "
+            "prefix cache nor received through a KV connector).", m, registry=r).labels(model_name)
         self._seen: dict = {}
         self.ttft = Histogram("epplat:time_to_first_token_seconds", "Time to first token in seconds.", m,
                               buckets=_TTFT, registry=r).labels(model_name)
@@ -82,6 +85,7 @@ class Metrics:
             self._advance("prefix", self.prefix_cache, (q, h, q, h))
             self._advance("spec", self.spec_decode,
                           (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens))
+            self._advance("computed", [self.prompt_tokens_computed], (stats.num_prompt_tokens_computed,))
         for rank, st in (per_engine or {}).items():
             self.engine_requests(self.model, str(rank)).set(st.num_requests_received)
             if st.eplb_balancedness >= 0:      # the same on every rank: measured over the whole EP group

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
+
+from epplat.connectors.base import check_kv_transfer_params
 
 _INT64 = 2**63 - 1
 MAX_LOGPROBS = 20
@@ -42,7 +44,7 @@ class APIError(Exception):
 def error_response(exc: BaseException) -> JSONResponse:
     """Any exception as an OpenAI-style JSON error: an APIError keeps its status, anything else is a 500."""
     if not isinstance(exc, APIError):
-        exc = APIError(500, str(exc) or type(exc).__name__)
+        exc = APIError(500, "Internal server error.")   # its text is logged, never sent
     return JSONResponse(exc.body().model_dump(), status_code=exc.status)
 
 
@@ -68,7 +70,8 @@ _UNSUPPORTED = ("logit_bias", "prompt_logprobs", "min_tokens", "truncate_prompt_
 class _SamplingRequest(BaseModel):
     """Fields common to completions and chat completions; unknown fields are ignored, as in vLLM."""
 
-    model_config = ConfigDict(extra="allow")
+    # JSON has no Infinity / NaN; strict: "16" is not a number, nor 1 a boolean (what the schema says)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
     model: Optional[str] = None
     temperature: Optional[float] = Field(default=None, ge=0.0)
@@ -91,6 +94,15 @@ class _SamplingRequest(BaseModel):
     user: Optional[str] = None
     response_format: Optional[dict] = None
     tool_choice: Optional[Union[str, dict]] = None
+    kv_transfer_params: Optional[dict] = None      # for the KV connector (prefill/decode disaggregation)
+
+    @field_validator("kv_transfer_params")
+    @classmethod
+    def _kv_params(cls, v):
+        try:
+            return check_kv_transfer_params(v)
+        except ValueError as e:
+            raise invalid("kv_transfer_params", str(e)) from None
 
     @field_validator("stop")
     @classmethod
@@ -128,8 +140,13 @@ def _is_token_ids(x) -> bool:
     return isinstance(x, list) and len(x) > 0 and all(type(t) is int and t >= 0 for t in x)
 
 
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(_SamplingRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[_Text, Annotated[list[_Text], Field(min_length=1)], _TokenIds,
+                  Annotated[list[_TokenIds], Field(min_length=1)]]
     max_tokens: Optional[int] = Field(default=16, ge=1)   # vLLM's default; null: the rest of the context
     logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -155,7 +172,7 @@ class CompletionRequest(_SamplingRequest):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")   # name, tool_call_id, ... reach the chat template as given
-    role: str
+    role: str = Field(min_length=1)
     content: Optional[Union[str, list[dict]]] = None
 
 
@@ -169,6 +186,7 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
+    chat_template: Optional[str] = None    # vLLM's: a caller's own template (--trust-request-chat-template)
     chat_template_kwargs: Optional[dict] = None
 
     @model_validator(mode="after")
@@ -236,6 +254,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo
+    kv_transfer_params: Optional[dict] = None      # the KV connector's (null without one), as vLLM's
 
 
 class CompletionStreamResponse(_Chunk):
@@ -281,6 +300,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    kv_transfer_params: Optional[dict] = None
 
 
 class DeltaMessage(BaseModel):

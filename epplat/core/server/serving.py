@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import time
 import uuid
@@ -16,8 +17,10 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from epplat.core.engine.client import EngineError
 from epplat.core.engine.protocol import SamplingParams
 from epplat.core.server.metrics import Metrics
+from epplat.core.server.tokenizer_pool import TokenizerPool
 from epplat.core.server.protocol import (
     APIError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatLogProb,
     ChatLogProbs, ChatLogProbsContent, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogProbs,
@@ -38,6 +41,7 @@ class _Job:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    kv_transfer_params: Optional[dict] = None
 
 
 @dataclass
@@ -49,14 +53,18 @@ class _Choice:
     logprobs: list = field(default_factory=list)
     finish_reason: Optional[str] = None
     stop_reason: object = None
+    kv_transfer_params: Optional[dict] = None
 
 
 class OpenAIServing:
     """Turns validated requests into engine requests through `client` and their outputs into responses."""
 
-    def __init__(self, client, served_model_names: list[str], metrics: Metrics, max_model_len: Optional[int] = None):
+    def __init__(self, client, served_model_names: list[str], metrics: Metrics, max_model_len: Optional[int] = None,
+                 *, tokenizer_pool: TokenizerPool, max_choices: int = 128, trust_request_chat_template: bool = False):
         self.client, self.names, self.metrics = client, list(served_model_names), metrics
         self.tok = client.tokenizer
+        self.pool, self.max_choices, self.trust_template = tokenizer_pool, max_choices, trust_request_chat_template
+        self._template_params = set(inspect.signature(self.tok.apply_chat_template).parameters) - {"kwargs"}
         self._max_model_len = max_model_len
         self._token_str = functools.lru_cache(maxsize=1 << 17)(lambda t: self.tok.decode([t]))
 
@@ -74,22 +82,29 @@ class OpenAIServing:
         arrival, created = time.monotonic(), int(time.time())
         model = self._model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
-        ids = [self._check_ids(self.tok.encode(p, add_special_tokens=req.add_special_tokens)
-                               if isinstance(p, str) else list(p)) for p in prompts]
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        jobs = self._jobs(rid, ids, req.n, lambda plen: self._params(req, plen, req.max_tokens, req.logprobs))
+        self._check_choices(len(prompts), req.n)
+        ids = [self._check_ids(await self._encode(p, req.add_special_tokens) if isinstance(p, str) else list(p))
+               for p in prompts]
+        ids = self._remote_prompt(req.kv_transfer_params) or ids
+        self._check_kv(req.kv_transfer_params)
+        base = self._base_id(raw)
+        rid = f"cmpl-{base}"
+        jobs = self._jobs(rid, ids, req.n, lambda plen: self._params(req, plen, req.max_tokens, req.logprobs),
+                          req.kv_transfer_params)
         echo = [(p if isinstance(p, str) else self.tok.decode(p)) if req.echo else ""
                 for p in prompts for _ in range(req.n)]
         if req.stream:
-            return self._sse(self._completion_chunks(req, jobs, arrival, rid, created, model, echo))
+            return _with_id(self._sse(self._completion_chunks(req, jobs, arrival, rid, created, model, echo)), base)
         choices = await self._collect(jobs, arrival, raw)
         out = []
         for i, c in enumerate(choices):
             lp = self._completion_logprobs(c.logprobs, len(echo[i]))[0] if req.logprobs is not None else None
             out.append(CompletionChoice(index=i, text=echo[i] + c.text, logprobs=lp, finish_reason=c.finish_reason,
                                         stop_reason=c.stop_reason))
-        return _json(CompletionResponse(id=rid, created=created, model=model, choices=out,
-                                        usage=UsageInfo.of(sum(map(len, ids)), sum(c.num_tokens for c in choices))))
+        return _with_id(_json(CompletionResponse(id=rid, created=created, model=model, choices=out,
+                                                 usage=UsageInfo.of(sum(map(len, ids)),
+                                                                    sum(c.num_tokens for c in choices)),
+                                                 kv_transfer_params=choices[0].kv_transfer_params)), base)
 
     async def _completion_chunks(self, req, jobs, arrival, rid, created, model, echo):
         def chunk(choices, usage=None):
@@ -128,25 +143,33 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         arrival, created = time.monotonic(), int(time.time())
         model = self._model(req.model)
+        self._check_choices(1, req.n)
         messages = [_message(m) for m in req.messages]
         try:
-            text = self.tok.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt, tokenize=False,
-                **({"continue_final_message": True} if req.continue_final_message else {}),
-                **(req.chat_template_kwargs or {}))
+            text = await self.pool.render(
+                self.tok.apply_chat_template, messages, add_generation_prompt=req.add_generation_prompt,
+                tokenize=False, **({"continue_final_message": True} if req.continue_final_message else {}),
+                **self._template_options(req))
+        except APIError:
+            raise
         except Exception as e:
             raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
-        ids = self._check_ids(self.tok.encode(text, add_special_tokens=req.add_special_tokens))
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = self._jobs(rid, [ids], req.n, lambda plen: self._params(req, plen, req.output_limit, req.num_logprobs))
+        ids = self._check_ids(await self._encode(text, req.add_special_tokens))
+        ids = (self._remote_prompt(req.kv_transfer_params) or [ids])[0]
+        self._check_kv(req.kv_transfer_params)
+        base = self._base_id(raw)
+        rid = f"chatcmpl-{base}"
+        jobs = self._jobs(rid, [ids], req.n, lambda plen: self._params(req, plen, req.output_limit, req.num_logprobs),
+                          req.kv_transfer_params)
         if req.stream:
-            return self._sse(self._chat_chunks(req, jobs, arrival, rid, created, model))
+            return _with_id(self._sse(self._chat_chunks(req, jobs, arrival, rid, created, model)), base)
         choices = await self._collect(jobs, arrival, raw)
         out = [ChatChoice(index=i, message=ChatResponseMessage(content=c.text),
                           logprobs=self._chat_logprobs(c.logprobs, req.top_logprobs) if req.logprobs else None,
                           finish_reason=c.finish_reason, stop_reason=c.stop_reason) for i, c in enumerate(choices)]
-        return _json(ChatCompletionResponse(id=rid, created=created, model=model, choices=out,
-                                            usage=UsageInfo.of(len(ids), sum(c.num_tokens for c in choices))))
+        return _with_id(_json(ChatCompletionResponse(id=rid, created=created, model=model, choices=out,
+                                                     usage=UsageInfo.of(len(ids), sum(c.num_tokens for c in choices)),
+                                                     kv_transfer_params=choices[0].kv_transfer_params)), base)
 
     async def _chat_chunks(self, req, jobs, arrival, rid, created, model):
         def chunk(choice, usage=None):
@@ -176,12 +199,65 @@ class OpenAIServing:
                                      for e in entries])
 
     # -- validation and sampling settings --------------------------------------------------
+    def _base_id(self, raw: Request) -> str:
+        """The request's X-Request-Id header (as vLLM takes it), else a new one; 400 while one is in flight."""
+        base = raw.headers.get("X-Request-Id") or uuid.uuid4().hex
+        if any(rid.startswith((f"cmpl-{base}-", f"chatcmpl-{base}-")) for rid in getattr(self.client, "states", {})):
+            raise APIError(400, f"a request with X-Request-Id {base!r} is already in flight")
+        return base
+
+    def _check_kv(self, params: Optional[dict]) -> None:
+        """A decode call for KV computed elsewhere needs a connector here, else it would silently compute
+        from the (placeholder) prompt it carries."""
+        cfg = getattr(self.client, "cfg", None)
+        if params and params.get("do_remote_prefill") and getattr(cfg, "kv_transfer", None) is None:
+            raise APIError(400, "kv_transfer_params.do_remote_prefill needs a KV connector on this server "
+                                "(start it with --kv-transfer-config)", "kv_transfer_params")
+
+    def _remote_prompt(self, params: Optional[dict]) -> Optional[list[list[int]]]:
+        """A decode call for a prompt prefilled elsewhere continues that prompt (its tokens travel in
+        kv_transfer_params), whatever placeholder prompt the call carries, as vLLM's PD clients expect."""
+        if params and params.get("do_remote_prefill") and params.get("remote_prompt_token_ids"):
+            return [self._check_ids(list(params["remote_prompt_token_ids"]))]
+        return None
+
     def _model(self, name: Optional[str]) -> str:
         if name is None:
             return self.names[0]
         if name not in self.names:
             raise APIError(404, f"The model `{name}` does not exist.", "model")
         return name
+
+    def _check_choices(self, num_prompts: int, n: int) -> None:
+        if num_prompts * n > self.max_choices:
+            raise APIError(400, f"{num_prompts} prompt(s) x n={n} asks for {num_prompts * n} choices; this server "
+                                f"allows at most {self.max_choices} per request (--max-choices-per-request).", "n")
+
+    def _template_options(self, req: ChatCompletionRequest) -> dict:
+        """chat_template_kwargs (variables for the template) and a caller's own template, if trusted."""
+        kwargs = dict(req.chat_template_kwargs or {})
+        template = kwargs.pop("chat_template", None) or req.chat_template
+        if template is not None:
+            if not self.trust_template:
+                raise APIError(400, "Chat templates in requests are not accepted by this server "
+                                    "(it runs with the model's own template; see --trust-request-chat-template).",
+                               "chat_template")
+            kwargs["chat_template"] = template
+        clash = sorted(set(kwargs) & self._template_params - {"chat_template"})
+        if clash:
+            raise APIError(400, f"chat_template_kwargs may not set {clash[0]!r} (it is a rendering option, not a "
+                                "template variable).", "chat_template_kwargs")
+        return kwargs
+
+    async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        n, ids = await self.pool.encode(text, add_special_tokens, self.max_model_len)
+        if ids is None:
+            self._context_error(n)
+        return ids
+
+    def _context_error(self, prompt_len: int):
+        raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                            f"prompt has {prompt_len} tokens. Please reduce the length of the prompt.", "prompt")
 
     def _check_ids(self, ids: list[int]) -> list[int]:
         if not ids:
@@ -194,8 +270,7 @@ class OpenAIServing:
     def _params(self, req, prompt_len: int, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         limit = self.max_model_len
         if prompt_len >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                                f"{prompt_len} tokens. Please reduce the length of the prompt.", "prompt")
+            self._context_error(prompt_len)
         if max_tokens is None:
             max_tokens = limit - prompt_len
         elif prompt_len + max_tokens > limit:
@@ -213,14 +288,15 @@ class OpenAIServing:
             include_stop_str_in_output=req.include_stop_str_in_output)
 
     @staticmethod
-    def _jobs(rid: str, prompts: list[list[int]], n: int, params_for: Callable[[int], SamplingParams]) -> list[_Job]:
+    def _jobs(rid: str, prompts: list[list[int]], n: int, params_for: Callable[[int], SamplingParams],
+              kv_transfer_params: Optional[dict] = None) -> list[_Job]:
         """n engine requests per prompt, `{rid}-{choice index}`; with a seed, sample j gets seed + j."""
         jobs: list[_Job] = []
         for ids in prompts:
             params = params_for(len(ids))
             for j in range(n):
                 p = params if params.seed is None or j == 0 else msgspec.structs.replace(params, seed=params.seed + j)
-                jobs.append(_Job(len(jobs), f"{rid}-{len(jobs)}", ids, p))
+                jobs.append(_Job(len(jobs), f"{rid}-{len(jobs)}", ids, p, kv_transfer_params))
         return jobs
 
     # -- running engine requests -----------------------------------------------------------
@@ -228,8 +304,8 @@ class OpenAIServing:
         """One job's output deltas from the engine, counted into the metrics as they come."""
         track, reason = self.metrics.track(arrival), "abort"
         try:
-            async with contextlib.aclosing(self.client.generate(job.request_id, job.prompt_ids,
-                                                                job.params)) as outputs:
+            async with contextlib.aclosing(self.client.generate(job.request_id, job.prompt_ids, job.params,
+                                                                job.kv_transfer_params)) as outputs:
                 async for out in outputs:
                     track.output(len(out.token_ids))
                     reason = out.finish_reason or reason
@@ -292,6 +368,7 @@ class OpenAIServing:
                     c.logprobs += out.logprobs or []
                     if out.finish_reason:
                         c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+                        c.kv_transfer_params = out.kv_transfer_params
 
         task = asyncio.create_task(consume())
         try:
@@ -307,8 +384,8 @@ class OpenAIServing:
         except APIError:
             raise
         except Exception as e:
-            logger.error("request %s failed: %s", jobs[0].request_id.rsplit("-", 1)[0], e)
-            raise APIError(500, f"{type(e).__name__}: {e}") from e
+            logger.error("request %s failed: %s: %s", jobs[0].request_id.rsplit("-", 1)[0], type(e).__name__, e)
+            raise public_error(e) from e
         return choices
 
     @staticmethod
@@ -323,7 +400,7 @@ class OpenAIServing:
                         yield b"data: " + body + b"\n\n"
                 except Exception as e:
                     logger.error("streaming request failed: %s: %s", type(e).__name__, e)
-                    err = e if isinstance(e, APIError) else APIError(500, f"{type(e).__name__}: {e}")
+                    err = e if isinstance(e, APIError) else public_error(e)
                     yield f"data: {err.body().model_dump_json()}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -339,6 +416,19 @@ def completion_chunk_json(rid: str, created: int, model: str, index: int, text: 
     if usage is not None:
         body["usage"] = usage.model_dump()
     return _encode(body)
+
+
+def public_error(e: Exception) -> APIError:
+    """What a client is told of an internal failure: its kind, never its text (which is logged)."""
+    if isinstance(e, EngineError):
+        return APIError(503, "The engine is not available; the server is shutting down to be restarted.")
+    return APIError(500, "Internal server error.")
+
+
+def _with_id(response: Response, base: str) -> Response:
+    """X-Request-Id echoed back (the client's, or the one this server made)."""
+    response.headers["X-Request-Id"] = base
+    return response
 
 
 def _json(body: BaseModel) -> Response:

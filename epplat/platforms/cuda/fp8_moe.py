@@ -34,7 +34,7 @@ def _quant_rows(a):
     return (a / s[:, None]).to(tl.float8e4nv), s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assign"])
 def _fp8_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, h_ptr, num_assign, hidden, inter, stride_we, stride_se,
                         K: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BY_SLOT: tl.constexpr, SCAN: tl.constexpr):
@@ -70,7 +70,7 @@ def _fp8_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, h_ptr, num_assign, hidden
                  mask=valid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assign"])
 def _fp8_down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, y_ptr, num_assign, hidden, inter, stride_we, stride_se,
                      BM: tl.constexpr, BN: tl.constexpr, BY_SLOT: tl.constexpr, SCAN: tl.constexpr):
     e, count = _my_expert(ids_ptr, num_assign, BY_SLOT, SCAN)

@@ -13,7 +13,7 @@ import triton.language as tl
 _TARGET_PROGRAMS = 2 * 132   # about two waves of an H100/H200's SMs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_ptr, scale,
                          table_stride, q_stride, kv_heads: tl.constexpr, group: tl.constexpr,
                          splits: tl.constexpr, GROUP_P: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,

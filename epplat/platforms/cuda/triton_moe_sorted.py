@@ -15,95 +15,66 @@ whole tile of BM rows; then:
    routing weight, stored back at each assignment's own row (the unpermute is its store);
 3. ``triton_moe._sum_kernel``: each token's sum over its k rows.
 
-Tiles of experts nobody routed to are never launched past their first id load.
+Tiles of experts nobody routed to are never launched past their first id load. Step-size
+arguments are not specialised on (``do_not_specialize``): Triton would otherwise compile a
+variant per divisibility of the token count, which the warm-up before serving cannot cover.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from epplat.platforms.cuda.triton_moe import _ACTS, MAX_ASSIGNMENTS, _sum_kernel, triton_experts
+from epplat.platforms.cuda.triton_moe import _ACTS, MAX_ASSIGNMENTS, Tiles, _gated_tile, _sum_kernel, triton_experts
 
 
-class SortedTiles(NamedTuple):
-    bm: int = 64         # rows of a tile (one expert's)
-    bn1: int = 64        # gate/up columns per program (each of gate and up)
-    bk1: int = 64        # hidden (reduction) step of the gate/up GEMM
-    bn2: int = 128       # output columns per program of the down GEMM
-    bk2: int = 64        # expert-width (reduction) step of the down GEMM
-    stages: int = 4
-    warps: int = 4
-
-    @classmethod
-    def parse(cls, text: str) -> "SortedTiles":
-        return cls(*(int(v) for v in text.split("-")))
-
-    def __str__(self):
-        return "-".join(str(v) for v in self)
-
-
-def _tiles(num_assign: int, experts: int) -> SortedTiles:
+def _tiles(num_assign: int, experts: int) -> Tiles:
     """Tiles by rows per expert, from the sweep of benchmarks/moe_layer_bench.py on an H200 (hidden
     2048, width 768): narrow row tiles while experts get few rows (less padding), then 128-row
-    tiles with 8 warps, gate/up 128 columns wide from 256 rows per expert."""
+    tiles with 8 warps, gate/up 128 columns wide from 128 rows per expert, down 256 from 256."""
     per_expert = num_assign / max(1, experts)
-    if per_expert <= 8:
-        return SortedTiles(bm=16)
     if per_expert <= 32:
-        return SortedTiles(bm=64)
-    return SortedTiles(128, 64 if per_expert <= 128 else 128, 64, 128, 64, 3, 8)
+        return Tiles(16 if per_expert <= 8 else 64, 64, 64, 128, 64, 4, 4)
+    if per_expert <= 128:
+        return Tiles(128, 64, 64, 128, 64, 3, 8)
+    return Tiles(128, 128, 64, 128 if per_expert <= 256 else 256, 64, 3, 8)
 
 
 @triton.jit
+def _tile_rows(rows_ptr, tile_expert_ptr, num_assign, BM: tl.constexpr):
+    """(expert, positions, assignment rows, which rows are real) of this program's tile."""
+    e = tl.load(tile_expert_ptr + tl.program_id(1))
+    m = tl.program_id(1) * BM + tl.arange(0, BM)
+    rows = tl.load(rows_ptr + m)
+    return e, m, rows, rows < num_assign
+
+
+@triton.jit(do_not_specialize=["num_assign"])
 def _sorted_gate_up_kernel(x_ptr, rows_ptr, tile_expert_ptr, w_ptr, h_ptr, num_assign, hidden, inter, stride_we,
                            K: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    tile = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile)
+    e, m, rows, valid = _tile_rows(rows_ptr, tile_expert_ptr, num_assign, BM)
     if e < 0:
         return
-    m = tile * BM + tl.arange(0, BM)
-    rows = tl.load(rows_ptr + m)
-    valid = rows < num_assign
     tok = (rows // K).to(tl.int64)
-    n = pid_n * BN + tl.arange(0, BN)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < inter
-    w_base = w_ptr + e.to(tl.int64) * stride_we
-    acc_g = tl.zeros([BM, BN], tl.float32)
-    acc_u = tl.zeros([BM, BN], tl.float32)
-    for k0 in range(0, hidden, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < hidden
-        xa = tl.load(x_ptr + tok[:, None] * hidden + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
-        wp = w_base + kk[:, None].to(tl.int64) * (2 * inter) + n[None, :]
-        wmask = kmask[:, None] & nmask[None, :]
-        acc_g = tl.dot(xa, tl.load(wp, mask=wmask, other=0.0), acc_g)
-        acc_u = tl.dot(xa, tl.load(wp + inter, mask=wmask, other=0.0), acc_u)
-    if ACT == 0:
-        g = acc_g * tl.sigmoid(acc_g)
-    else:
-        g = 0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476))
-    tl.store(h_ptr + m[:, None].to(tl.int64) * inter + n[None, :], (g * acc_u).to(h_ptr.dtype.element_ty),
+    h = _gated_tile(x_ptr, tok, valid, w_ptr + e.to(tl.int64) * stride_we, n, nmask, hidden, inter, ACT, False,
+                    BM, BN, BK)
+    tl.store(h_ptr + m[:, None].to(tl.int64) * inter + n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assign"])
 def _sorted_down_kernel(h_ptr, rows_ptr, tile_expert_ptr, tw_ptr, w_ptr, y_ptr, num_assign, hidden, inter,
                         stride_we, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    tile = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile)
+    e, m, rows, valid = _tile_rows(rows_ptr, tile_expert_ptr, num_assign, BM)
     if e < 0:
         return
-    m = tile * BM + tl.arange(0, BM)
-    rows = tl.load(rows_ptr + m)
-    valid = rows < num_assign
-    n = pid_n * BN + tl.arange(0, BN)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < hidden
     w_base = w_ptr + e.to(tl.int64) * stride_we
     acc = tl.zeros([BM, BN], tl.float32)
@@ -119,7 +90,7 @@ def _sorted_down_kernel(h_ptr, rows_ptr, tile_expert_ptr, tw_ptr, w_ptr, y_ptr, 
              mask=valid[:, None] & nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assign"])
 def _count_kernel(ids_ptr, counts_ptr, slot_ptr, num_assign, BLOCK: tl.constexpr):
     """counts[e] += 1 for each assignment routed to e; slot[a]: its place among them (atomic
     order, so rows of one expert sit in any order: each row's products are the same wherever
@@ -131,7 +102,7 @@ def _count_kernel(ids_ptr, counts_ptr, slot_ptr, num_assign, BLOCK: tl.constexpr
     tl.store(slot_ptr + a, slot, mask=here)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles"])
 def _tile_kernel(counts_ptr, pstart_ptr, tile_expert_ptr, experts, tiles, BM: tl.constexpr, EP: tl.constexpr,
                  TB: tl.constexpr):
     """One program: each expert's run padded to whole tiles, where it starts, and which expert
@@ -149,7 +120,7 @@ def _tile_kernel(counts_ptr, pstart_ptr, tile_expert_ptr, experts, tiles, BM: tl
         tl.store(tile_expert_ptr + t, tl.where(first < total, owner, -1), mask=t < tiles)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assign"])
 def _place_kernel(ids_ptr, slot_ptr, pstart_ptr, rows_ptr, num_assign, BLOCK: tl.constexpr):
     a = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     e = tl.load(ids_ptr + a, mask=a < num_assign, other=-1)
@@ -180,7 +151,7 @@ def sort_by_expert(ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tens
     return rows, tile_expert
 
 
-def sorted_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[SortedTiles] = None):
+def sorted_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tiles] = None):
     """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) for bf16/fp16; ids local, -1 = held elsewhere.
     None for activations or dtypes it does not take."""
     name = getattr(act, "__name__", "")

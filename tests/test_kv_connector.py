@@ -1,0 +1,128 @@
+"""The KV connector contract through the engine and the API: --kv-transfer-config parsing (vLLM's
+keys, one error line), DecodeBenchConnector filling a new request's prompt KV so that only its last
+token is computed, kv_transfer_params on requests and responses (null when nothing), X-Request-Id
+honoured and echoed, malformed kv_transfer_params a 400."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+import torch
+
+from epplat.config import CacheConfig, ConfigError, EngineConfig, KVTransferConfig, ModelConfig, SchedulerConfig
+from epplat.core.engine.core import EngineCore
+from epplat.core.engine.protocol import EngineRequest, SamplingParams
+from epplat.platforms.cpu.platform import CpuPlatform
+from server_utils import Server
+from test_server import metric
+
+BENCH = '{"kv_connector":"DecodeBenchConnector","kv_role":"kv_both","kv_connector_extra_config":{"fill_mean":0.015}}'
+
+
+def bench_core(model_dir, extra):
+    kv = KVTransferConfig.parse(json.dumps({"kv_connector": "DecodeBenchConnector", "kv_role": "kv_both",
+                                            "kv_connector_extra_config": extra}))
+    cfg = EngineConfig(ModelConfig(str(model_dir), dtype="float32"), scheduler=SchedulerConfig(),
+                       cache=CacheConfig(block_size=16, kv_cache_memory_bytes=64 << 20), kv_transfer=kv)
+    return EngineCore(cfg, CpuPlatform(), torch.device("cpu"))
+
+
+def test_vllm_guide_configs_parse_and_bad_ones_are_one_line():
+    nixl = KVTransferConfig.parse('{"kv_connector":"NixlConnector","kv_role":"kv_both",'
+                                  '"kv_connector_extra_config":{"backends":["UCX"]}}')
+    assert nixl.kv_port == 14579 and nixl.kv_buffer_device == "cuda" and nixl.engine_id
+    ascend = KVTransferConfig.parse(json.dumps({
+        "kv_connector": "LLMDataDistCMgrConnector", "kv_buffer_device": "npu", "kv_role": "kv_consumer",
+        "kv_parallel_size": 1, "kv_port": "20001", "engine_id": "0", "kv_rank": 0,
+        "kv_connector_module_path": "vllm_ascend.distributed.llmdatadist_c_mgr_connector",
+        "kv_connector_extra_config": {"prefill": {"dp_size": 2, "tp_size": 8}, "decode": {"dp_size": 4, "tp_size": 4}}}))
+    assert ascend.kv_port == 20001 and ascend.is_consumer and not ascend.is_producer
+    for text, needle in [('{"kv_connector":"X","kv_role":"kv_both","kv_prot":1}', "unknown key 'kv_prot'"),
+                         ('{"kv_connector":"X","kv_role":"both"}', "kv_role must be one of"),
+                         ('{"kv_role":"kv_both"}', "kv_connector is required"),
+                         ('{"kv_connector":"X","kv_role":"kv_both","kv_port":70000}', "kv_port"),
+                         ('{"kv_connector":"X"', "not valid JSON")]:
+        with pytest.raises(ConfigError, match=needle) as e:
+            KVTransferConfig.parse(text)
+        assert "\n" not in str(e.value)
+
+
+def test_decode_bench_fills_the_prompt_and_computes_only_its_last_token(qwen3_moe_dir):
+    core = bench_core(qwen3_moe_dir, {"fill_mean": 0.5, "fill_std": 0.0})
+    prompt = list(range(100, 140))          # 40 tokens: 39 filled, 1 computed
+    core.add_request(EngineRequest("a", prompt, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)))
+    req = core.scheduler.requests["a"]
+    batch = core.schedule()
+    assert [(r.request_id, n) for r, n in batch] == [("a", 1)] and req.num_computed == 39
+    out = core.run(batch)
+    assert len(out) == 1 and len(out[0].new_token_ids) == 1
+    k, v = core.runner.model.layers[1].self_attn.kv_cache
+    slots = [(req.block_table[p // 16], p % 16) for p in range(40)]
+    for cache in (k, v):
+        filled = torch.stack([cache[b, o] for b, o in slots[:39]])
+        assert torch.all(filled == 0.5)
+        assert not torch.all(cache[slots[39]] == 0.5)        # the last prompt token was computed
+    tokens = out[0].new_token_ids
+    while core.has_work():
+        tokens += [t for o in core.step() for t in o.new_token_ids]
+    assert len(tokens) == 5 and core.blocks.num_free == core.num_blocks
+
+
+def test_decode_bench_draws_from_the_normal_it_is_given(qwen3_moe_dir):
+    core = bench_core(qwen3_moe_dir, {"fill_mean": 0.0, "fill_std": 2.0})
+    core.add_request(EngineRequest("a", list(range(1, 1001)), SamplingParams(max_tokens=1, ignore_eos=True)))
+    req = core.scheduler.requests["a"]
+    batch = core.schedule()
+    table = list(req.block_table)           # the request finishes in this step and frees them
+    core.run(batch)
+    k = core.runner.model.layers[0].self_attn.kv_cache[0]
+    vals = torch.cat([k[table[p // 16], p % 16].flatten() for p in range(999)])
+    assert abs(vals.mean().item()) < 0.05 and abs(vals.std().item() - 2.0) < 0.05
+    with pytest.raises(ConfigError, match="fill_std"):
+        bench_core(qwen3_moe_dir, {"fill_std": -1})
+
+
+def test_bad_kv_transfer_config_flags_are_one_line(qwen3_moe_dir):
+    for flag, needle in [('{"kv_connector":"NoSuch","kv_role":"kv_both"}', "NoSuch"),
+                         ('{"kv_connector":"DecodeBenchConnector","kv_role":"kv_both","kv_ports":1}', "kv_ports"),
+                         ('{"kv_connector":"DecodeBenchConnector","kv_role":"kv_both",'
+                          '"kv_connector_module_path":"no.such.module"}', "no.such.module")]:
+        r = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(qwen3_moe_dir), "--kv-transfer-config",
+                            flag], capture_output=True, text=True, timeout=120)
+        errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+        assert r.returncode != 0 and len(errors) == 1 and needle in errors[0], r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_api_kv_transfer_params_and_request_ids(qwen3_moe_dir):
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "--max-model-len", "512", "--kv-transfer-config", BENCH) as s:
+        url = s.url + "/v1"
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        r = client.completions.with_raw_response.create(model=str(qwen3_moe_dir), prompt=list(range(5, 45)),
+                                                         max_tokens=3, extra_headers={"X-Request-Id": "pd-17"},
+                                                         extra_body={"kv_transfer_params": {"do_remote_decode": True}})
+        body = r.parse()
+        assert r.headers["X-Request-Id"] == "pd-17" and body.id == "cmpl-pd-17"
+        assert "kv_transfer_params" in body.model_extra and body.model_extra["kv_transfer_params"] is None
+        chat = httpx.post(url + "/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                           "max_tokens": 2}, timeout=60)
+        assert chat.status_code == 200 and chat.json()["kv_transfer_params"] is None
+        assert chat.json()["id"] == "chatcmpl-" + chat.headers["X-Request-Id"]
+        for bad in ([1, 2], {"do_remote_prefill": "yes"}, {"remote_block_ids": ["a"]}, {"remote_port": "x"}):
+            e = httpx.post(url + "/completions", json={"prompt": "a", "max_tokens": 2, "kv_transfer_params": bad})
+            assert e.status_code == 400 and e.json()["error"]["param"] == "kv_transfer_params", (bad, e.text)
+        # prompt tokens the engine computed: 1 of the 40 (DecodeBench filled the rest), and the chat prompt's last
+        assert metric(s.url, "epplat:prompt_tokens_computed_total") == 2
+
+
+def test_do_remote_prefill_without_a_connector_is_a_400(qwen3_moe_dir):
+    with Server(str(qwen3_moe_dir), "--max-model-len", "512") as s:
+        e = httpx.post(s.url + "/v1/completions", json={
+        "prompt": "This prompt is ignored during decode", "max_tokens": 2,
+            "kv_transfer_params": {"do_remote_prefill": True, "remote_block_ids": [1], "remote_engine_id": "x"}})
+    assert e.status_code == 400 and "--kv-transfer-config" in e.json()["error"]["message"]

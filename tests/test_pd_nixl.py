@@ -1,0 +1,186 @@
+"""Prefill/decode disaggregation through the real `nixl` package on the cpu platform: a prefill
+server (DP=2 with EP) and a decode server as separate `epplat serve` processes; the decode side
+READs the prefill side's KV blocks (UCX over host memory) and its greedy tokens equal
+transformers', streaming and not, for prompts shorter and longer than a block, from vLLM's
+placeholder prompt; it computes only each prompt's last token (its metrics). Faults: blocks that
+expired on the prefill side and a dead prefill server are recomputed on the decode side (same
+tokens); the prefill side frees every held block; a handshake between different KV layouts is
+refused with a clear error. `epplat proxy` chains the two (streaming and not, chat too)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from hf_oracle import hf_greedy
+from server_utils import Server, free_port
+from test_server import metric
+
+pytest.importorskip("nixl")
+
+PLACEHOLDER = "This prompt is ignored during decode"
+PROMPTS = [[11, 12, 13, 14, 15], [(5 * i + 7) % 1900 + 20 for i in range(40)]]   # 1 block, 3 blocks of 16
+TIMEOUT_S = 4
+
+
+def kv(role):
+    return json.dumps({"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu",
+                       "kv_connector_extra_config": {"backends": ["UCX"]}})
+
+
+@pytest.fixture(scope="module")
+def pd(qwen3_moe_dir):
+    common = ("--dtype", "float32", "--max-model-len", "512")
+    env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": str(TIMEOUT_S)}
+    with Server(str(qwen3_moe_dir), *common, "--data-parallel-size", "2", "--enable-expert-parallel",
+                "--kv-transfer-config", kv("kv_producer"), env=env, timeout=240) as prefill, \
+            Server(str(qwen3_moe_dir), *common, "--kv-transfer-config", kv("kv_consumer"), timeout=240) as decode:
+        yield prefill, decode
+
+
+def prefill_call(server, ids):
+    """vLLM's prefill request: max_tokens 1, do_remote_decode; returns what the decode call needs."""
+    r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "prompt": ids, "max_tokens": 1, "temperature": 0,
+        "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                               "remote_block_ids": None, "remote_host": None, "remote_port": None}})
+    assert r.status_code == 200, r.text
+    return r.json()["kv_transfer_params"]
+
+
+def decode_call(server, params, max_tokens, stream=False):
+    body = {"prompt": PLACEHOLDER, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "kv_transfer_params": params, "stream": stream}
+    if not stream:
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+    text = ""
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += json.loads(line[6:])["choices"][0]["text"]
+    return text
+
+
+def prefill_blocks_free(prefill, deadline_s=TIMEOUT_S + 6):
+    t0 = time.time()
+    while time.time() - t0 < deadline_s:
+        if metric(prefill.url, "epplat:kv_cache_usage_perc") == 0.0:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_pd_split_greedy_tokens_equal_transformers(pd, qwen3_moe_dir):
+    from transformers import AutoTokenizer
+    prefill, decode = pd
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    want = [tok.decode(w, skip_special_tokens=True) for w in hf_greedy(qwen3_moe_dir, PROMPTS, 8, ignore_eos=True)]
+    computed0 = metric(decode.url, "epplat:prompt_tokens_computed_total")
+    got = []
+    for ids, stream in [(PROMPTS[0], False), (PROMPTS[1], False), (PROMPTS[1], True)]:
+        params = prefill_call(prefill, ids)
+        assert params["do_remote_prefill"] and params["remote_block_ids"] and params["remote_port"]
+        got.append(decode_call(decode, params, 8, stream))
+    assert got == [want[0], want[1], want[1]]
+    # the decode side computed only each prompt's last token; it received the rest
+    assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == 3
+    # both DP ranks of the prefill side serve their own blocks: each has its own side channel port
+    with ThreadPoolExecutor(4) as pool:
+        held = list(pool.map(lambda i: prefill_call(prefill, [i + 1, *PROMPTS[1]]), range(4)))
+    assert len({p["remote_port"] for p in held}) == 2
+    assert prefill_blocks_free(prefill), "the prefill side kept blocks no decoder will read"
+
+
+def test_proxy_chains_prefill_and_decode(pd, qwen3_moe_dir):
+    import openai
+    from transformers import AutoTokenizer
+    prefill, decode = pd
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "epplat.cli", "proxy", "--host", "127.0.0.1", "--port", str(port),
+                             "--prefiller-hosts", "127.0.0.1", "--prefiller-ports", str(prefill.port),
+                             "--decoder-hosts", "127.0.0.1", "--decoder-ports", str(decode.port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                health = httpx.get(url + "/healthcheck", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert health == {"status": "ok", "prefill_instances": 1, "decode_instances": 1}
+        tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+        prompt = [(11 * i + 5) % 1900 + 40 for i in range(21)]
+        want = tok.decode(hf_greedy(qwen3_moe_dir, [prompt], 8, ignore_eos=True)[0], skip_special_tokens=True)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        computed0 = metric(decode.url, "epplat:prompt_tokens_computed_total")
+        r = client.completions.with_raw_response.create(model=str(qwen3_moe_dir), prompt=prompt, max_tokens=8,
+                                                         temperature=0, extra_body={"ignore_eos": True},
+                                                         extra_headers={"X-Request-Id": "via-proxy"})
+        assert r.parse().choices[0].text == want and r.headers["X-Request-Id"] == "via-proxy"
+        stream = client.completions.create(model=str(qwen3_moe_dir), prompt=prompt, max_tokens=8, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in stream if c.choices) == want
+        assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == 2
+        bad = httpx.post(url + "/v1/completions", json={"prompt": "x", "temperature": -1}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"   # the prefiller's answer
+        assert httpx.post(url + "/v1/completions", content=b"{", timeout=30).status_code == 400
+        chat = client.chat.completions.create(model=str(qwen3_moe_dir), messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4, temperature=0)
+        assert chat.choices[0].message.content is not None and chat.usage.completion_tokens == 4
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    assert prefill_blocks_free(prefill)
+
+
+def test_expired_blocks_and_dead_prefill_are_recomputed_on_decode(pd, qwen3_moe_dir):
+    from transformers import AutoTokenizer
+    prefill, decode = pd
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    fresh = [[(3 * i + k) % 1900 + 30 for i in range(40)] for k in (1, 2)]     # nothing of them cached anywhere
+    want = [tok.decode(w, skip_special_tokens=True) for w in hf_greedy(qwen3_moe_dir, fresh, 6, ignore_eos=True)]
+    expired = prefill_call(prefill, fresh[0])
+    assert prefill_blocks_free(prefill), "held blocks not freed after VLLM_NIXL_ABORT_REQUEST_TIMEOUT"
+    computed0 = metric(decode.url, "epplat:prompt_tokens_computed_total")
+    assert decode_call(decode, expired, 6) == want[0]
+    assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == 40    # recomputed here
+    orphan = prefill_call(prefill, fresh[1])
+    prefill.stop()
+    assert decode_call(decode, orphan, 6) == want[1]
+    log = decode.output()
+    assert "holds no blocks here" in log and "Connection refused" in log and "computing its prompt here" in log
+    assert metric(decode.url, "epplat:kv_cache_usage_perc") == 0.0
+
+
+def test_handshake_refuses_a_different_kv_layout(qwen3_moe_dir):
+    import torch
+    from epplat.config import CacheConfig, EngineConfig, KVTransferConfig, ModelConfig
+    from epplat.connectors.base import KVConnectorRole
+    from epplat.connectors.nixl import NixlConnector
+    port = free_port()
+    sides = []
+    for role, dtype in (("kv_producer", torch.float32), ("kv_consumer", torch.bfloat16)):
+        cfg = KVTransferConfig.parse(kv(role))
+        eng = EngineConfig(ModelConfig(str(qwen3_moe_dir)), cache=CacheConfig(block_size=16), kv_transfer=cfg)
+        import os
+        os.environ["EPPLAT_NIXL_SIDE_CHANNEL_PORT"] = str(port)
+        try:
+            c = NixlConnector(cfg, eng, KVConnectorRole.WORKER)
+        finally:
+            del os.environ["EPPLAT_NIXL_SIDE_CHANNEL_PORT"]
+        c.register_kv_caches([(torch.zeros(4, 16, 2, 32, dtype=dtype), torch.zeros(4, 16, 2, 32, dtype=dtype))])
+        sides.append(c)
+    with pytest.raises(RuntimeError, match=r"refused: different dtype \(here float32, there bfloat16\)"):
+        sides[1]._handshake("127.0.0.1", port)
+    sides[0].shutdown()

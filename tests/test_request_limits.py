@@ -1,0 +1,175 @@
+"""What one request may cost the API server, with a real server: a 50 MB body is refused
+while it is read and a long prompt is tokenized beside the event loop (/health answers
+within 100 ms throughout); the API key is checked before the body is read; caller chat
+templates and rendering options are refused; prompts x n is capped; non-finite and
+mistyped numbers are 400; X-Forwarded-For is not believed; a taken port is reported before
+any engine starts; the OpenAPI schema says what the server does (schemathesis, bounded)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from epplat.core.server.request_gate import RequestGate
+from server_utils import Server, free_port
+
+KEY = {"Authorization": "Bearer sesame"}
+
+
+@pytest.fixture(scope="module")
+def server(qwen3_moe_dir):
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "--max-model-len", "64", "--api-key", "sesame",
+                "--max-choices-per-request", "8") as s:
+        yield s
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+class HealthPoller(threading.Thread):
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.latencies, self.codes, self.stop = url, [], set(), threading.Event()
+        self.at = []
+        self.start()
+
+    def run(self):
+        with httpx.Client() as c:
+            while not self.stop.is_set():
+                t0 = time.perf_counter()
+                self.codes.add(c.get(self.url + "/health", timeout=5).status_code)
+                self.latencies.append(time.perf_counter() - t0)
+                self.at.append(t0)
+                time.sleep(0.02)
+
+
+def post(url: str, body: bytes, headers=KEY) -> httpx.Response:
+    return httpx.post(url, content=body, headers={**headers, "content-type": "application/json"}, timeout=120)
+
+
+def test_health_answers_while_a_huge_body_and_a_long_prompt_are_handled(server):
+    huge = json.dumps({"prompt": "x" * 50_000_000, "max_tokens": 4}).encode()      # encoded before polling
+    long_prompt = json.dumps({"prompt": "hello world, " * 100_000, "max_tokens": 4}).encode()   # 1.3 MB
+    before = rss_mib(server.proc.pid)
+    poller = HealthPoller(server.url)
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    r = post(server.url + "/v1/completions", huge)
+    assert r.status_code == 413 and r.json()["error"]["code"] == 413
+    t1 = time.perf_counter()
+    r = post(server.url + "/v1/completions", long_prompt)
+    t2 = time.perf_counter()
+    assert r.status_code == 400 and re.search(r"your prompt has \d{6} tokens", r.json()["error"]["message"]), r.text
+    time.sleep(0.3)
+    poller.stop.set()
+    poller.join()
+    assert poller.codes == {200} and len(poller.latencies) > 10
+    slow = [(round(at - t0, 3), round(lat, 3)) for at, lat in zip(poller.at, poller.latencies) if lat >= 0.1]
+    assert not slow, f"/health answers of 100 ms or more (s after the 50 MB post, latency): {slow}; " \
+                     f"the 1.3 MB prompt was posted {t1 - t0:.2f} s after it and answered at {t2 - t0:.2f} s"
+    assert rss_mib(server.proc.pid) - before < 100
+
+
+def test_api_key_is_checked_before_the_body_is_read(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000000\r\n\r\n")          # and no body at all
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 401"), reply
+    assert httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(server.url + "/v1/models", headers=KEY).status_code == 200
+
+
+def test_the_body_limit_holds_while_reading_a_body_of_unknown_length():
+    """RequestGate itself over ASGI messages: a chunked body stops being read past the limit."""
+    reads, sent = [], []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}   # without end
+
+    async def send(msg):
+        sent.append(msg)
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not see an oversized body")
+
+    gate = RequestGate(app, api_key=None, max_body_bytes=3500)
+    asyncio.run(gate({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive, send))
+    assert len(reads) == 4 and sent[0]["status"] == 413
+
+
+def test_caller_templates_and_rendering_options_are_refused(server):
+    messages = [{"role": "user", "content": "hi"}]
+    url = server.url + "/v1/chat/completions"
+    for extra in ({"chat_template": "{{ 'x' * 200000000 }}"},
+                  {"chat_template_kwargs": {"chat_template": "{% for i in range(10**9) %}{% endfor %}"}}):
+        r = httpx.post(url, json={"messages": messages, **extra}, headers=KEY, timeout=30)
+        assert r.status_code == 400 and "--trust-request-chat-template" in r.json()["error"]["message"], r.text
+    r = httpx.post(url, json={"messages": messages, "chat_template_kwargs": {"tokenize": True}}, headers=KEY)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+    r = httpx.post(url, json={"messages": messages, "max_tokens": 2, "chat_template_kwargs": {"enable_thinking": 0}},
+                   headers=KEY, timeout=60)
+    assert r.status_code == 200, r.text         # template variables are still passed on
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"prompt": ["a", "b", "c"], "n": 3}', "n"),          # 9 choices > --max-choices-per-request 8
+    (b'{"prompt": "a", "temperature": Infinity}', None),
+    (b'{"prompt": "a", "temperature": NaN}', None),
+    (b'{"prompt": "a", "top_p": 1e999}', None),            # out of a double's range: not valid JSON here
+    (b'{"prompt": "a", "max_tokens": "16"}', "max_tokens"),
+    (b'{"prompt": "", "max_tokens": 2}', "prompt"),
+])
+def test_request_shape_limits_are_400(server, body, param):
+    r = post(server.url + "/v1/completions", body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_forwarded_headers_are_not_believed(server):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 1},
+                   headers={**KEY, "X-Forwarded-For": "203.0.113.9"}, timeout=60)
+    assert r.status_code == 200
+    time.sleep(0.2)
+    assert "203.0.113.9" not in server.output()
+
+
+def test_a_taken_port_is_reported_before_engines_start(qwen3_moe_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.time()
+        p = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(qwen3_moe_dir), "--host", "127.0.0.1",
+                            "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in p.stderr, p.stderr[-2000:]
+    assert "EngineCore" not in p.stderr and time.time() - t0 < 60
+
+
+def test_openapi_schema_matches_the_server(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert "422" not in responses and {"400", "413", "503"} <= set(responses)
+    cli = os.path.join(os.path.dirname(sys.executable), "schemathesis")
+    p = subprocess.run([cli, "run", server.url + "/openapi.json", "-H", "Authorization: Bearer sesame",
+                        "--phases", "fuzzing", "--max-examples", "20", "--generation-deterministic",
+                        "--request-timeout", "30",
+                        "--exclude-checks", "positive_data_acceptance", "--no-color"],
+                       capture_output=True, text=True, timeout=300)
+    # fuzzing only: the coverage phase (~670 cases, 0 failures when run by hand) takes minutes on
+    # 2 cores. positive_data_acceptance is left out: rules JSON Schema cannot state (echo with
+    # logprobs, a template that needs message content) rightly turn some schema-valid bodies into 400s
+    assert p.returncode == 0, p.stdout[-6000:]
