@@ -1,6 +1,8 @@
-"""Multi-process layouts on the cpu platform (gloo, real processes, real sockets): TP, DP + EP,
-DP x TP + EP, both all2all backends, several API servers, two nodes on loopback, external
-load balancing, idle CPU, shutdown and a dying rank. Greedy tokens equal transformers'."""
+"""Multi-process layouts on the cpu platform (gloo, real processes, real sockets): TP, TP + EP,
+DP + EP, DP x TP with and without EP (Mixtral), DP=4 over two nodes of two ranks, both all2all
+backends, several API servers, external load balancing, chunked prefill and preemption under
+TP/DP/EP, least-loaded routing, idle CPU, shutdown and a dying rank. Greedy tokens, and the
+logprobs of every generated token, equal transformers'."""
 
 from __future__ import annotations
 
