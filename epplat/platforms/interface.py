@@ -51,6 +51,11 @@ class Platform:
     def synchronize(self) -> None:
         pass
 
+    def auto_dtype(self, checkpoint_dtype: str) -> tuple[str, Optional[str]]:
+        """The dtype ``--dtype auto`` computes a `checkpoint_dtype` checkpoint in, and why when it
+        is not that one."""
+        return checkpoint_dtype, None
+
     def slower_path(self, dtype: torch.dtype) -> Optional[str]:
         """Why this platform runs slower code than the flags imply (e.g. kernels that decline
         `dtype`), said once at startup; None when it runs its fastest path."""

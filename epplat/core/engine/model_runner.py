@@ -34,15 +34,15 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(requested: str, hf: dict, platform: str) -> tuple[torch.dtype, Optional[str]]:
-    """The dtype to compute in, and a line to say when it is not the one asked for."""
+def resolve_dtype(requested: str, hf: dict, platform) -> tuple[torch.dtype, Optional[str]]:
+    """The dtype to compute in, and a line to say when it is not the one asked for
+    (``--dtype auto`` takes the checkpoint's, as the platform serves it)."""
     if requested != "auto":
         return _DTYPES[requested], None
     ckpt = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    if platform == "cpu" and ckpt == "float16":   # CPU half GEMMs are slow; vLLM does the same
-        return torch.bfloat16, ("--dtype auto: the float16 checkpoint runs in bfloat16 on the cpu platform "
-                                "(float16 GEMMs are slow there); --dtype float16 keeps float16")
-    return _DTYPES.get(ckpt, torch.float32), None
+    served, why = platform.auto_dtype(ckpt if ckpt in _DTYPES else "float32")
+    note = f"--dtype auto: the {ckpt} checkpoint runs in {served} ({why}); --dtype {ckpt} keeps {ckpt}" if why else None
+    return _DTYPES[served], note
 
 
 class ModelInput(msgspec.Struct, array_like=True, tag=True):
@@ -73,7 +73,7 @@ class ModelRunner:
         arch = architecture(hf)
         self.arch = arch
         self.model_cfg = arch.parse_config(hf)
-        self.dtype, dtype_note = resolve_dtype(cfg.model.dtype, hf, platform.name)
+        self.dtype, dtype_note = resolve_dtype(cfg.model.dtype, hf, platform)
         if cfg.speculative is not None:
             self.model_cfg.use_mtp = True          # deepseek_mtp: the model also builds its MTP layer
         if ps.rank == 0:      # said once, by the first engine process

@@ -40,6 +40,11 @@ class CpuPlatform(Platform):
         cpu_kernels.THREADS = self.max_threads
         torch.set_num_threads(self.max_threads if num_tokens >= self.MULTI_THREAD_TOKENS else 1)
 
+    def auto_dtype(self, checkpoint_dtype: str) -> tuple[str, Optional[str]]:
+        if checkpoint_dtype == "float16":       # as vLLM's CPU backend does
+            return "bfloat16", "float16 GEMMs are slow on the cpu platform"
+        return checkpoint_dtype, None
+
     def slower_path(self, dtype: torch.dtype) -> Optional[str]:
         if dtype != torch.float32 and cpu_kernels.load() is not None:
             name = str(dtype).removeprefix("torch.")
