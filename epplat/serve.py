@@ -102,7 +102,7 @@ def add_cli(sub) -> None:
     p.add_argument("--max-model-len", type=_int_range(1), default=None)
     p.add_argument("--max-num-seqs", type=_int_range(1), default=256)
     p.add_argument("--max-num-batched-tokens", type=_int_range(1), default=None,
-                   help="tokens a step may schedule (default 2048; 8192 on cuda)")
+                   help="tokens a step may schedule (default 2048; 16384 on cuda)")
     p.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128], default=16)
     p.add_argument("--num-gpu-blocks-override", type=_int_range(1), default=None,
                    help="use this many KV cache blocks instead of sizing from memory")

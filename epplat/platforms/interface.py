@@ -15,7 +15,6 @@ class Platform:
     dist_backend = "gloo"
     default_all2all = "allgather_reducescatter"
     default_graph_runner = "eager"
-    float16_dtype = torch.float16   # what --dtype auto serves a float16 checkpoint in
     default_max_num_batched_tokens = 2048   # --max-num-batched-tokens when not given
     compiles_kernels = False        # True: the engine warms every kernel variant up before serving
     # the fast paths this platform hands the model (epplat.core.ops); an instance sets its own record
@@ -57,6 +56,11 @@ class Platform:
 
     def synchronize(self) -> None:
         pass
+
+    def auto_dtype(self, checkpoint_dtype: str) -> tuple[str, Optional[str]]:
+        """The dtype ``--dtype auto`` computes a `checkpoint_dtype` checkpoint in, and why when it
+        is not that one."""
+        return checkpoint_dtype, None
 
     def slower_path(self, dtype: torch.dtype) -> Optional[str]:
         """Why this platform runs slower code than the flags imply (e.g. kernels that decline

@@ -35,16 +35,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(requested: str, hf: dict, platform) -> tuple[torch.dtype, Optional[str]]:
-    """The dtype to compute in, and a line to say when it is not the one asked for: --dtype auto serves
-    a float16 checkpoint in the platform's ``float16_dtype`` (bfloat16 on cpu, as vLLM does)."""
+    """The dtype to compute in, and a line to say when it is not the one asked for
+    (``--dtype auto`` takes the checkpoint's, as the platform serves it)."""
     if requested != "auto":
         return _DTYPES[requested], None
     ckpt = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    if ckpt == "float16" and platform.float16_dtype != torch.float16:
-        name = str(platform.float16_dtype).removeprefix("torch.")
-        return platform.float16_dtype, (f"--dtype auto: the float16 checkpoint runs in {name} on the {platform.name} "
-                                        "platform (float16 GEMMs are slow there); --dtype float16 keeps float16")
-    return _DTYPES.get(ckpt, torch.float32), None
+    served, why = platform.auto_dtype(ckpt if ckpt in _DTYPES else "float32")
+    note = f"--dtype auto: the {ckpt} checkpoint runs in {served} ({why}); --dtype {ckpt} keeps {ckpt}" if why else None
+    return _DTYPES[served], note
 
 
 class ModelInput(msgspec.Struct, array_like=True, tag=True):

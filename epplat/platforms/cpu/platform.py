@@ -18,7 +18,6 @@ class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
-    float16_dtype = torch.bfloat16     # CPU half GEMMs are slow; vLLM does the same
     # Below this many tokens torch's ops run on one thread (fork/join costs more than the small
     # ops gain); the C kernels, which hold most of a decode step, use every thread.
     MULTI_THREAD_TOKENS = 128
@@ -33,6 +32,11 @@ class CpuPlatform(Platform):
     def before_step(self, num_tokens: int) -> None:
         cpu_kernels.THREADS = self.max_threads
         torch.set_num_threads(self.max_threads if num_tokens >= self.MULTI_THREAD_TOKENS else 1)
+
+    def auto_dtype(self, checkpoint_dtype: str) -> tuple[str, Optional[str]]:
+        if checkpoint_dtype == "float16":       # as vLLM's CPU backend does
+            return "bfloat16", "float16 GEMMs are slow on the cpu platform"
+        return checkpoint_dtype, None
 
     def slower_path(self, dtype: torch.dtype) -> Optional[str]:
         if dtype != torch.float32 and cpu_kernels.load() is not None:
