@@ -1,6 +1,8 @@
-"""Multi-process layouts on the cpu platform (gloo, real processes, real sockets): TP, DP + EP,
-DP x TP + EP, both all2all backends, several API servers, two nodes on loopback, external
-load balancing, idle CPU, shutdown and a dying rank. Greedy tokens equal transformers'."""
+"""Multi-process layouts on the cpu platform (gloo, real processes, real sockets): TP, TP + EP,
+DP + EP, DP x TP with and without EP (Mixtral), DP=4 over two nodes of two ranks, both all2all
+backends, several API servers, external load balancing, chunked prefill and preemption under
+TP/DP/EP, least-loaded routing, idle CPU, shutdown and a dying rank. Greedy tokens, and the
+logprobs of every generated token, equal transformers'."""
 
 from __future__ import annotations
 
@@ -95,6 +97,11 @@ def cpu_seconds(pids) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _gpus_short(n):
+    import torch
+    return torch.cuda.is_available() and torch.cuda.device_count() < n
+
+
 # A KV cache of 10 blocks of 8 tokens per engine and 16-token steps: the 30-token prompt is
 # prefilled in chunks, and the 8 prompts of one request with 16 new tokens each (at least 12
 # blocks for any 4 of them) do not fit an engine holding 4 or more, so requests are preempted.
@@ -129,6 +136,7 @@ def check_logprobs_of_every_token(url, model_dir, prompt, n=6, top=3):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(_gpus_short(4), reason="DP=2 x TP=2 on the cuda platform needs 4 GPUs")
 def test_mixtral_dp2_x_tp2_without_ep_chunked_preempted_and_logprobs(mixtral_dir):
     want = expected_texts(mixtral_dir, PROMPTS, LONG)
     with Server(str(mixtral_dir), "--dtype", "float32", "-dp", "2", "-tp", "2", *TIGHT, timeout=180) as s:
@@ -171,11 +179,6 @@ def test_dp2_ep_naive_backend_two_api_servers(qwen3_moe_dir, expected):
                                                  for i in (0, 1)):
             time.sleep(0.2)
         assert all(f"API server {i} connected to 2 engine(s)" in s.output() for i in (0, 1))
-
-
-def _gpus_short(n):
-    import torch
-    return torch.cuda.is_available() and torch.cuda.device_count() < n
 
 
 @pytest.mark.skipif(_gpus_short(4), reason="DP=2 x TP=2 on the cuda platform needs 4 GPUs")
