@@ -302,19 +302,20 @@ class OpenAIServing:
     # -- running engine requests -----------------------------------------------------------
     async def _tracked(self, job: _Job, arrival: float):
         """One job's output deltas from the engine, counted into the metrics as they come."""
-        track, reason = self.metrics.track(arrival), "abort"
+        track, reason, times = self.metrics.track(arrival), "abort", None
         try:
             async with contextlib.aclosing(self.client.generate(job.request_id, job.prompt_ids, job.params,
                                                                 job.kv_transfer_params)) as outputs:
                 async for out in outputs:
                     track.output(len(out.token_ids))
                     reason = out.finish_reason or reason
+                    times = out.times or times
                     yield out
         except Exception:
             reason = "error"
             raise
         finally:
-            track.finish(reason, len(job.prompt_ids))
+            track.finish(reason, len(job.prompt_ids), times)
 
     async def _merged(self, jobs: list[_Job], arrival: float):
         """Run every job concurrently; yield (choice index, output delta) as they come.
