@@ -233,3 +233,46 @@ def test_triton_mla_decode_kernel_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, "-c", _MLA_INTERPRETED], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+_MULTISTREAM = r'''
+import logging, sys, torch, torch_npu, torchair
+logging.basicConfig(level=logging.INFO)
+from epplat.config import CacheConfig, EngineConfig, ModelConfig
+from epplat.core.engine.core import EngineCore
+from epplat.core.engine.model_runner import ModelInput
+from epplat.core.model.attention import build_attn_metadata
+from epplat.plugins import registry
+cfg = EngineConfig(model=ModelConfig(model=sys.argv[1], dtype="bfloat16"), platform="ascend",
+                   cache=CacheConfig(kv_cache_memory_bytes=64 << 20), additional_config={"torchair_graph_config": {
+                       "enabled": True, "graph_batch_sizes": [4], "enable_multistream_moe": True,
+                       "enable_multistream_mla": True}})
+npu = registry().load("platform", "ascend")()
+npu.configure(cfg)
+runner = EngineCore(cfg, npu, npu.device(0)).runner                               # KV cache, graphs captured
+mi = ModelInput([5, 9, 11], [3, 7, 2], [(4, 1, [0]), (8, 1, [1]), (3, 1, [2])])   # 3 decodes: padded to 4
+graph = runner.forward(mi)
+with torch.inference_mode():
+    for layer in runner.model.layers:     # eager, one stream
+        layer.shared_side_stream = layer.self_attn.query_side_stream = None
+    eager = runner.model(torch.tensor(mi.token_ids), torch.tensor(mi.positions),
+                         build_attn_metadata(mi.seqs, runner.block_size, runner.device, runner.pad_block))
+assert torch.equal(graph, eager), (graph - eager).abs().max()
+tags = {c[1] for c in torchair.calls if c[0] == "npu_stream_switch"}
+assert tags == {"moe_secondary", "mla_secondary"}, torchair.calls
+print("ok")
+'''
+
+
+def test_torchair_multistream_mla_and_moe_on_the_ascend_simulation(v3_dir):
+    """torchair graph mode with enable_multistream_moe / enable_multistream_mla (SIMULATED torchair: the scopes
+    run in order on one stream): the shared experts and MLA's query path enter their second streams, and the
+    graph's output equals eager's."""
+    import os
+    import subprocess
+    import sys
+    from test_ascend_sim import SIM_ENV
+    r = subprocess.run([sys.executable, "-c", _MULTISTREAM, str(v3_dir)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **SIM_ENV})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    assert "torchair multistream: 1 layers use stream moe_secondary, 2 layers use stream mla_secondary" in r.stderr

@@ -95,6 +95,9 @@ class DeepseekDecoderLayer(DecoderLayer):
     """MLA, then a dense MLP (the first layers) or routed experts plus shared experts."""
 
     attention_class = MLAttention
+    # (first, *deps) -> context manager running the shared experts on a second stream after deps; set by
+    # a graph runner that overlaps them with the routed experts (ascend: torchair enable_multistream_moe)
+    shared_side_stream = None
 
     def __init__(self, cfg: DeepseekConfig, idx: int, rope, all2all, ps, dtype):
         super().__init__(cfg, idx, rope, all2all, ps, dtype, routing=cfg.routing)
@@ -124,11 +127,15 @@ class DeepseekDecoderLayer(DecoderLayer):
     def forward(self, x, positions, meta):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta)
         h = self.post_attention_layernorm(x)
+        shared = None
+        if self.shared_experts is not None and self.shared_side_stream is not None:
+            with self.shared_side_stream(h):
+                shared = self.shared_experts(h)
         out = self.mlp(h)
         if isinstance(self.mlp, FusedMoE) and self.mlp.tp_size > 1:
             out = _tp_all_reduce(out, self.ps)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(h)
+            out = out + (shared if shared is not None else self.shared_experts(h))
         return x + out
 
 

@@ -54,6 +54,9 @@ class MLAttention(Projections):
         self.o_proj = _param(hidden, self.h * self.dv, dtype=dtype)
         self.scale = softmax_scale(qk, cfg.rope_scaling)
         self.kv_cache: Optional[tuple] = None
+        # (first, *deps) -> context manager running the query path on a second stream; set by a graph
+        # runner that overlaps it with the latent's projection and cache write (ascend: enable_multistream_mla)
+        self.query_side_stream = None
 
     # --- weights -------------------------------------------------------------------------
     _HEAD_ROWS = ("q_proj", "q_b_proj", "kv_b_proj")
@@ -80,18 +83,25 @@ class MLAttention(Projections):
         return [(num_blocks, block_size, 1, self.r + self.dr)]
 
     # --- forward -------------------------------------------------------------------------
-    def forward(self, x, positions, meta: AttnMetadata):
+    def _query(self, x, positions):
         q = (self.project("q_b_proj", self.q_a_layernorm(self.project("q_a_proj", x))) if self.qr
              else self.project("q_proj", x)).view(-1, self.h, self.dn + self.dr)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
+        return q_nope, self.rope.rotate(positions, q_pe)
+
+    def forward(self, x, positions, meta: AttnMetadata):
+        if self.query_side_stream is not None:
+            with self.query_side_stream(x):
+                q_nope, q_pe = self._query(x, positions)
+        else:
+            q_nope, q_pe = self._query(x, positions)
         latent, k_pe = self.project("kv_a_proj_with_mqa", x).split([self.r, self.dr], dim=-1)
-        q_pe = self.rope.rotate(positions, q_pe)
         k_pe = self.rope.rotate(positions, k_pe.unsqueeze(1)).squeeze(1)
         entry = torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1)      # [T, r + dr]
         (cache,) = self.kv_cache
         flat = cache.view(-1, self.r + self.dr)
         flat.index_copy_(0, meta.slot_mapping, entry)
-        out = q.new_empty(q.shape[0], self.h, self.dv)
+        out = x.new_empty(x.shape[0], self.h, self.dv)
         b = meta.num_decodes
         if b:
             out[:b] = self._decode_absorbed(q_nope[:b], q_pe[:b], cache, meta)
