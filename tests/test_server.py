@@ -314,6 +314,40 @@ def test_metrics_have_vllms_families_and_move_under_load(qwen_server, client):
                      r"hit rate: [\d.]+%", qwen_server.output())
 
 
+def test_tokenize_detokenize_ping_load(qwen_server, qwen3_moe_dir):
+    from transformers import AutoTokenizer
+    tok, url = AutoTokenizer.from_pretrained(qwen3_moe_dir), qwen_server.url
+    text = "Experts are routed, tokens are gated."
+    r = httpx.post(url + "/tokenize", json={"model": "qwen-test", "prompt": text, "return_token_strs": True}).json()
+    ids = tok.encode(text)
+    assert r == {"count": len(ids), "max_model_len": 4096, "tokens": ids, "token_strs": tok.convert_ids_to_tokens(ids)}
+    messages = [{"role": "user", "content": "hello"}]
+    r = httpx.post(url + "/tokenize", json={"messages": messages}).json()
+    chat_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                          add_special_tokens=False)
+    assert r == {"count": len(chat_ids), "max_model_len": 4096, "tokens": chat_ids, "token_strs": None}
+    assert httpx.post(url + "/detokenize", json={"model": "qwen-test", "tokens": chat_ids}).json() == {
+        "prompt": tok.decode(chat_ids)}
+    for path, body, status in (("/tokenize", {}, 400), ("/tokenize", {"prompt": 3}, 400),
+                               ("/tokenize", {"model": "nope", "prompt": "x"}, 404),
+                               ("/detokenize", {"tokens": [len(tok) + 10**6]}, 400),
+                               ("/detokenize", {"tokens": "1 2"}, 400)):
+        r = httpx.post(url + path, json=body)
+        assert r.status_code == status and r.json()["error"]["message"], (path, body, r.text)
+    assert httpx.post(url + "/tokenize", content=b"{").status_code == 400
+    assert httpx.get(url + "/ping").status_code == httpx.post(url + "/ping").status_code == 200
+    assert httpx.get(url + "/load").json() == {"server_load": 0}
+    body = {"model": "qwen-test", "prompt": "load", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()      # kept: a dropped iterator closes the stream
+        next(lines)
+        assert httpx.get(url + "/load").json() == {"server_load": 1}
+    deadline = time.time() + 10
+    while httpx.get(url + "/load").json()["server_load"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(url + "/load").json() == {"server_load": 0}
+
+
 def test_api_key_protects_v1(qwen3_moe_dir):
     with Server(str(qwen3_moe_dir), "--dtype", "float32", "--api-key", "s3cret", "--max-model-len", "256") as s:
         assert httpx.get(s.url + "/v1/models").status_code == 401
