@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+import simulations
 from hf_oracle import hf_greedy
 from server_utils import Server
 from test_parallel import MAX_TOKENS, complete
@@ -25,14 +26,14 @@ DIMS = dict(layers=2, hidden=64, top_k=2, heads=4, head_dim=16, moe_intermediate
 @pytest.fixture(scope="module")
 def v2_dir(tmp_path_factory):
     """V2-Lite style: plain q projection, softmax routing, greedy top-k, two shared experts."""
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     return make_model("deepseek_v2", tmp_path_factory.mktemp("deepseek_v2"), experts=8, seed=3, **DIMS)
 
 
 @pytest.fixture(scope="module")
 def v3_dir(tmp_path_factory):
     """V3 style: q_lora_rank, sigmoid + e_score_correction_bias, 4 groups (top 2), one shared expert."""
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     return make_model("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3"), experts=8, seed=4, q_lora_rank=32,
                       **DIMS)
 
@@ -70,7 +71,7 @@ def test_single_process_matches_transformers_and_caches_the_latent(v3_dir):
 @pytest.fixture(scope="module")
 def v3_uneven_dir(tmp_path_factory):
     """10 routed experts in 2 groups: over 4 EP ranks the first two hold 3, the others 2."""
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     return make_model("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3_uneven"), experts=10, seed=5,
                       q_lora_rank=32, n_group=2, topk_group=1, **DIMS)
 
@@ -135,7 +136,7 @@ def mtp_friendly(model_dir, scale: float) -> None:
 
 @pytest.fixture(scope="module")
 def v3_mtp_dir(tmp_path_factory):
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     d = make_model("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3_mtp"), experts=8, seed=6, q_lora_rank=32,
                    mtp_layers=1, **DIMS)
     mtp_friendly(d, 0.3)
@@ -193,9 +194,9 @@ def test_speculative_config_needs_mtp_layers_and_one_engine_process(v3_dir, v3_m
 
 
 def test_ascend_simulation_dp2_ep_hccl(v3_dir):
-    """The ascend platform's path (SIMULATED torch_npu / HCCL, tests/sim_npu): DP=2 + EP over the hccl all2all."""
-    from test_ascend_sim import SIM_ENV
-    env = {**SIM_ENV, "HCCL_IF_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    """The ascend platform's path (SIMULATED torch_npu / HCCL, tests/simulations/npu): DP=2 + EP over the hccl
+    all2all."""
+    env = simulations.env("npu", HCCL_IF_IP="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
     with Server(str(v3_dir), "--platform", "ascend", "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
                 "--served-model-name", "ds", env=env) as s:
         assert complete(s.url, "ds", PROMPTS) == expected(v3_dir)

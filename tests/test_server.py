@@ -376,7 +376,7 @@ def test_mixtral_and_preemption_under_tiny_kv_cache(mixtral_dir):
 
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_bench_serve_load_generator(qwen_server, qwen3_moe_dir, endpoint):
-    from epplat.bench_serve import run_benchmark
+    from epplat.tools.bench_serve import run_benchmark
     r = run_benchmark(qwen_server.url, "qwen-test", num_prompts=6, input_len=12, output_len=5, concurrency=3,
                       tokenizer_dir=str(qwen3_moe_dir), endpoint=endpoint)
     assert r["completed"] == 6 and r["failed"] == 0, r

@@ -67,6 +67,7 @@ class DraftInput(msgspec.Struct, array_like=True, tag=True):
 
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, platform, device, ps: Optional[ParallelState] = None):
+        cfg.check()          # the same one-line errors for a config built in Python as for `epplat serve`
         self.cfg, self.platform, self.device = cfg, platform, device
         self.ps = ps = ps or ParallelState()
         hf = cfg.model.hf_config()
@@ -74,6 +75,7 @@ class ModelRunner:
         self.arch = arch
         self.model_cfg = arch.parse_config(hf)
         self.dtype, dtype_note = resolve_dtype(cfg.model.dtype, hf, platform)
+        self.kernels = platform.kernels     # the platform's Kernels record (epplat.core.ops), handed to the model
         if cfg.speculative is not None:
             self.model_cfg.use_mtp = True          # deepseek_mtp: the model also builds its MTP layer
         if ps.rank == 0:      # said once, by the first engine process
@@ -89,7 +91,8 @@ class ModelRunner:
         torch.manual_seed(cfg.model.seed)
         t0 = time.time()
         with torch.device(device):
-            self.model = getattr(arch, "MODEL", MoEForCausalLM)(self.model_cfg, self.all2all, self.dtype, ps)
+            self.model = getattr(arch, "MODEL", MoEForCausalLM)(self.model_cfg, self.all2all, self.dtype, ps,
+                                                                  self.kernels)
         quant = load_quant_method(cfg, arch.canonical_name, platform.name)
         if quant:
             quant.process_model(self.model)
@@ -184,7 +187,7 @@ class ModelRunner:
         max_num_batched_tokens tokens, decode batches mixed with a prefill chunk) into the scratch
         block, so that no request pays a kernel compile. Only for platforms whose kernels compile
         on first use (``compiles_kernels``)."""
-        if not getattr(self.platform, "compiles_kernels", False):
+        if not self.platform.compiles_kernels:
             return
         t0 = time.time()
         sched, scratch = self.cfg.scheduler, self.pad_block + 1
@@ -270,7 +273,7 @@ class ModelRunner:
         dev = self.device
         if hasattr(self.all2all, "set_step_tokens"):
             self.all2all.set_step_tokens(mi.ep_counts)
-        meta = build_attn_metadata(mi.seqs, self.block_size, dev, self.pad_block)
+        meta = build_attn_metadata(mi.seqs, self.block_size, dev, self.pad_block, self.kernels)
         kv_meta = self._kv_meta_decoder.decode(mi.kv_meta) if mi.kv_meta is not None else None
         if kv_meta is not None:
             self.kv_connector.start_load_kv(kv_meta)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from epplat.core.ops import Kernels, bf16_grouped_mm
 from epplat.platforms.interface import Platform
 
 logger = logging.getLogger(__name__)
@@ -19,6 +20,7 @@ class AscendPlatform(Platform):
     dist_backend = "hccl"
     default_all2all = "hccl"
     default_graph_runner = "eager"      # "torchair" with torchair_graph_config.enabled (see configure)
+    kernels = Kernels(grouped_mm=bf16_grouped_mm)   # torch ops; the NPU's grouped GEMM takes bfloat16
 
     @classmethod
     def check(cls) -> Optional[str]:
