@@ -75,4 +75,7 @@ def registry() -> Registry:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    from epplat.core.engine import graph
+    if not pm.is_registered(graph):   # core's eager runner: every install has it, whatever its entry points say
+        pm.register(graph, name="epplat")
     return Registry(pm)

@@ -160,8 +160,8 @@ def test_mtp_speculative_decoding_tp2_keeps_greedy_output_and_reports_acceptance
         samples = {x.name: x.value for f in text_string_to_metric_families(httpx.get(s.url + "/metrics").text)
                    for x in f.samples}
         log = s.output()
-    drafted, accepted = (samples[f"epplat:spec_decode_num_{w}_total"] for w in ("draft_tokens", "accepted_tokens"))
-    assert samples["epplat:spec_decode_num_drafts_total"] > 0 and 0 < accepted < drafted, samples
+    drafted, accepted = (samples[f"vllm:spec_decode_num_{w}_total"] for w in ("draft_tokens", "accepted_tokens"))
+    assert samples["vllm:spec_decode_num_drafts_total"] > 0 and 0 < accepted < drafted, samples
     rates = [float(r) for r in re.findall(r"SpecDecoding metrics: .*Avg Draft acceptance rate: ([\d.]+)%", log)]
     assert rates and any(r > 0 for r in rates), log[-3000:]
 

@@ -1,7 +1,7 @@
 """Graph runners: how a model forward is executed (eager, or captured graphs replayed).
 
-Core registers the ``eager`` runner here (every platform has it; ``--enforce-eager`` selects it);
-platforms register their capturing runners.
+Core registers the ``eager`` runner here (every platform has it; ``--enforce-eager`` selects it;
+epplat.plugins.registry registers this module itself); platforms register their capturing runners.
 """
 
 from __future__ import annotations
