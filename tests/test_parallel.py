@@ -124,7 +124,7 @@ def test_mixtral_dp2_x_tp2_without_ep_chunked_preempted_and_logprobs(mixtral_dir
     want = expected_texts(mixtral_dir, PROMPTS, LONG)
     with Server(str(mixtral_dir), "--dtype", "float32", "-dp", "2", "-tp", "2", *TIGHT, timeout=180) as s:
         assert complete_in_one_request(s.url, str(mixtral_dir), PROMPTS, LONG) == want
-        assert metric(s.url, "epplat:num_preemptions_total") > 0
+        assert metric(s.url, "vllm:num_preemptions_total") > 0
         assert per_rank_requests(s.url) == {"0": 4, "1": 4}
         assert "EP rank" not in s.output()
         check_logprobs_of_every_token(s.url, mixtral_dir, PROMPTS[0])
@@ -134,7 +134,7 @@ def test_tp2_with_ep_chunked_and_preempted(qwen3_moe_dir):
     want = expected_texts(qwen3_moe_dir, PROMPTS, LONG)
     with Server(str(qwen3_moe_dir), "--dtype", "float32", "-tp", "2", "-ep", *TIGHT) as s:
         assert complete_in_one_request(s.url, str(qwen3_moe_dir), PROMPTS, LONG) == want
-        assert metric(s.url, "epplat:num_preemptions_total") > 0
+        assert metric(s.url, "vllm:num_preemptions_total") > 0
         log = s.output()
         assert "EP rank 0/2 holds experts 0-3 of 8" in log and "EP rank 1/2 holds experts 4-7 of 8" in log
         check_logprobs_of_every_token(s.url, qwen3_moe_dir, PROMPTS[2])
