@@ -30,7 +30,7 @@ for s in $stages; do
             m=/tmp/serve_model_12l; [ -d $m ] || epplat make-model qwen3_moe $m --layers 12 --hidden 2048 --heads 32 \
               --kv-heads 4 --head-dim 128 --experts 128 --top-k 8 --moe-intermediate 768 --vocab-size 151936 \
               --dtype bfloat16 --max-shard-size 4GB --seed 0 >/dev/null
-            if [ $s = serve-prefill ]; then load="--input-len 2048 --output-len 4 --concurrency 16 --num-prompts 64"
+            if [ $s = serve-prefill ]; then load="--input-len 2048 --output-len 4 --concurrency 16 --num-prompts 256"
             else load="--input-len 128 --output-len 256 --concurrency 128 --num-prompts 256"; fi
             python3 benchmarks/serve_1gpu.py --model-dir $m $load --skip-transformers ${SERVE_ARGS:-} \
               --out "$OUT/$s${SERVE_TAG:-}.json" 2>&1 | tee "$OUT/$s${SERVE_TAG:-}.log" | tail -5 ;;

@@ -5,11 +5,15 @@ transformers', streaming and not, for prompts shorter and longer than a block, f
 placeholder prompt; it computes only each prompt's last token (its metrics). Faults: blocks that
 expired on the prefill side and a dead prefill server are recomputed on the decode side (same
 tokens); the prefill side frees every held block; a handshake between different KV layouts is
-refused with a clear error."""
+refused with a clear error. `epplat proxy` chains the two (streaming and not, chat too)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -70,7 +74,7 @@ def decode_call(server, params, max_tokens, stream=False):
 def prefill_blocks_free(prefill, deadline_s=TIMEOUT_S + 6):
     t0 = time.time()
     while time.time() - t0 < deadline_s:
-        if metric(prefill.url, "epplat:kv_cache_usage_perc") == 0.0:
+        if metric(prefill.url, "vllm:kv_cache_usage_perc") == 0.0:
             return True
         time.sleep(0.2)
     return False
@@ -97,6 +101,49 @@ def test_pd_split_greedy_tokens_equal_transformers(pd, qwen3_moe_dir):
     assert prefill_blocks_free(prefill), "the prefill side kept blocks no decoder will read"
 
 
+def test_proxy_chains_prefill_and_decode(pd, qwen3_moe_dir):
+    import openai
+    from transformers import AutoTokenizer
+    prefill, decode = pd
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "epplat.cli", "proxy", "--host", "127.0.0.1", "--port", str(port),
+                             "--prefiller-hosts", "127.0.0.1", "--prefiller-ports", str(prefill.port),
+                             "--decoder-hosts", "127.0.0.1", "--decoder-ports", str(decode.port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                health = httpx.get(url + "/healthcheck", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert health == {"status": "ok", "prefill_instances": 1, "decode_instances": 1}
+        tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+        prompt = [(11 * i + 5) % 1900 + 40 for i in range(21)]
+        want = tok.decode(hf_greedy(qwen3_moe_dir, [prompt], 8, ignore_eos=True)[0], skip_special_tokens=True)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        computed0 = metric(decode.url, "epplat:prompt_tokens_computed_total")
+        r = client.completions.with_raw_response.create(model=str(qwen3_moe_dir), prompt=prompt, max_tokens=8,
+                                                         temperature=0, extra_body={"ignore_eos": True},
+                                                         extra_headers={"X-Request-Id": "via-proxy"})
+        assert r.parse().choices[0].text == want and r.headers["X-Request-Id"] == "via-proxy"
+        stream = client.completions.create(model=str(qwen3_moe_dir), prompt=prompt, max_tokens=8, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in stream if c.choices) == want
+        assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == 2
+        bad = httpx.post(url + "/v1/completions", json={"prompt": "x", "temperature": -1}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"   # the prefiller's answer
+        assert httpx.post(url + "/v1/completions", content=b"{", timeout=30).status_code == 400
+        chat = client.chat.completions.create(model=str(qwen3_moe_dir), messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4, temperature=0)
+        assert chat.choices[0].message.content is not None and chat.usage.completion_tokens == 4
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    assert prefill_blocks_free(prefill)
+
+
 def test_expired_blocks_and_dead_prefill_are_recomputed_on_decode(pd, qwen3_moe_dir):
     from transformers import AutoTokenizer
     prefill, decode = pd
@@ -113,7 +160,7 @@ def test_expired_blocks_and_dead_prefill_are_recomputed_on_decode(pd, qwen3_moe_
     assert decode_call(decode, orphan, 6) == want[1]
     log = decode.output()
     assert "holds no blocks here" in log and "Connection refused" in log and "computing its prompt here" in log
-    assert metric(decode.url, "epplat:kv_cache_usage_perc") == 0.0
+    assert metric(decode.url, "vllm:kv_cache_usage_perc") == 0.0
 
 
 def test_handshake_refuses_a_different_kv_layout(qwen3_moe_dir):

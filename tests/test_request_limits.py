@@ -159,7 +159,7 @@ def test_a_taken_port_is_reported_before_engines_start(qwen3_moe_dir):
     assert "EngineCore" not in p.stderr and time.time() - t0 < 60
 
 
-def test_openapi_schema_matches_the_server(server):
+def test_openapi_schema_matches_the_server(server, tmp_path):
     schema = httpx.get(server.url + "/openapi.json").json()
     for path in ("/v1/completions", "/v1/chat/completions"):
         responses = schema["paths"][path]["post"]["responses"]
@@ -169,7 +169,7 @@ def test_openapi_schema_matches_the_server(server):
                         "--phases", "fuzzing", "--max-examples", "20", "--generation-deterministic",
                         "--request-timeout", "30",
                         "--exclude-checks", "positive_data_acceptance", "--no-color"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)   # its cache goes there
     # fuzzing only: the coverage phase (~670 cases, 0 failures when run by hand) takes minutes on
     # 2 cores. positive_data_acceptance is left out: rules JSON Schema cannot state (echo with
     # logprobs, a template that needs message content) rightly turn some schema-valid bodies into 400s

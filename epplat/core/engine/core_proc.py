@@ -133,8 +133,8 @@ _plan_decoder = None
 
 
 def _worker_loop(runner, cfg, ps, watch) -> None:
-    from epplat.core.engine.model_runner import ModelInput
-    decoder = msgspec.msgpack.Decoder(ModelInput)
+    from epplat.core.engine.model_runner import DraftInput, ModelInput
+    decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput)
     auth = FrameAuth(cfg.parallel.internal_secret)
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.tp_rank, run_dir(cfg)))
@@ -148,7 +148,7 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
         except BadFrame as e:
             auth.dropped("the step plan socket", e)
             continue
-        runner.forward(plan)
+        (runner.draft_forward if isinstance(plan, DraftInput) else runner.forward)(plan)
 
 
 # -- drivers -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from epplat.core.model.attention import build_attn_metadata
+from epplat.core.engine.model_runner import DraftInput
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +97,17 @@ class MtpDrafter:
         left = min(req.params.max_tokens - req.num_output, self.max_model_len - req.num_tokens) - 1
         return max(0, min(self.k, blocks, left))
 
+    def _pass(self, d, publish) -> torch.Tensor:
+        if publish is not None:
+            publish(d)                       # the TP workers run the same pass
+        return self.runner.draft_forward(d)
+
     @torch.inference_mode()
-    def propose(self, rows: list, hidden: torch.Tensor) -> None:
-        """rows: (request, first row in hidden, first position, positions computed and kept) of this step's
-        requests, after their new tokens were appended. Sets each running request's spec_token_ids."""
-        dev, bs = self.runner.device, self.runner.block_size
+    def propose(self, rows: list, publish=None) -> None:
+        """rows: (request, first row in the step's hidden states, first position, positions computed and
+        kept) of this step's requests, after their new tokens were appended. Sets each running request's
+        spec_token_ids. ``publish`` sends each pass to the TP workers first."""
+        dev = self.runner.device
         ids, pos, seqs, take, src, drafting = [], [], [], [], [], []
         for req, row, start, kept in rows:
             req.spec_token_ids = []
@@ -116,25 +122,22 @@ class MtpDrafter:
                 drafting.append(req)
         if not ids:
             return
-        meta = build_attn_metadata(seqs, bs, dev, self.runner.pad_block)
-        prev = hidden.index_select(0, torch.tensor(src, device=dev))
-        out = self.mtp(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), prev, meta)
-        if not drafting:
-            return
-        h = out.index_select(0, torch.tensor(take, device=dev))
-        tokens = self.mtp.compute_logits(h).argmax(dim=-1)
-        for req, t in zip(drafting, tokens.tolist()):
-            req.spec_token_ids = [t]
-        for step in range(1, self.k):
-            live = [i for i, r in enumerate(drafting) if self._room(r) > step]
-            if not live:
-                break
-            drafting = [drafting[i] for i in live]
-            h = h.index_select(0, torch.tensor(live, device=dev))
-            p = [r.num_tokens - 2 + step for r in drafting]      # the newest token, then each draft
-            meta = build_attn_metadata([(q + 1, 1, r.block_table) for q, r in zip(p, drafting)], bs, dev,
-                                       self.runner.pad_block)
-            h = self.mtp(torch.tensor([r.spec_token_ids[-1] for r in drafting], device=dev),
-                         torch.tensor(p, device=dev), h, meta)
+        out = self._pass(DraftInput(ids, pos, seqs, src, False), publish)
+        rows_out = take
+        for step in range(self.k):
+            if step:
+                live = [i for i, r in enumerate(drafting) if self._room(r) > step]
+                if not live:
+                    break
+                rows_prev = [rows_out[i] for i in live]
+                drafting = [drafting[i] for i in live]
+                p = [r.num_tokens - 2 + step for r in drafting]      # the newest token, then each draft
+                out = self._pass(DraftInput([r.spec_token_ids[-1] for r in drafting], p,
+                                            [(q + 1, 1, r.block_table) for q, r in zip(p, drafting)], rows_prev, True),
+                                 publish)
+                rows_out = list(range(len(drafting)))
+            if not drafting:
+                return
+            h = out.index_select(0, torch.tensor(rows_out, device=dev))
             for r, t in zip(drafting, self.mtp.compute_logits(h).argmax(dim=-1).tolist()):
                 r.spec_token_ids.append(t)

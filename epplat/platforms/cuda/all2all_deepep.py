@@ -12,7 +12,7 @@ written against DeepEP's V1 Python API (``deep_ep.Buffer``):
   rank). For decode.
 
 Activations travel in bf16 (``--dtype bfloat16``). Exercised in tests through a simulation of
-``deep_ep`` on gloo (tests/sim_deepep); not yet run against the real package.
+``deep_ep`` on gloo (tests/simulations/deepep); not yet run against the real package.
 """
 
 from __future__ import annotations

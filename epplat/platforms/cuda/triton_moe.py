@@ -75,6 +75,34 @@ def _my_expert(ids_ptr, num_assign, BY_SLOT: tl.constexpr, SCAN: tl.constexpr):
     return e, count
 
 
+@triton.jit
+def _gated_tile(x_ptr, tok, valid, w_base, n, nmask, hidden, inter, ACT: tl.constexpr, IEEE: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """act(x[tok] @ W1[:, n]) * (x[tok] @ W3[:, n]) for one [BM, BN] tile, in float32; W13's rows
+    are [gate | up] of width 2 * inter starting at w_base; rows not ``valid`` read zeros."""
+    acc_g = tl.zeros([BM, BN], tl.float32)
+    acc_u = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, hidden, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < hidden
+        xa = tl.load(x_ptr + tok[:, None] * hidden + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        wp = w_base + kk[:, None].to(tl.int64) * (2 * inter) + n[None, :]
+        wmask = kmask[:, None] & nmask[None, :]
+        wg = tl.load(wp, mask=wmask, other=0.0)
+        wu = tl.load(wp + inter, mask=wmask, other=0.0)
+        if IEEE:
+            acc_g = tl.dot(xa, wg, acc_g, input_precision="ieee")
+            acc_u = tl.dot(xa, wu, acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(xa, wg, acc_g)
+            acc_u = tl.dot(xa, wu, acc_u)
+    if ACT == 0:
+        g = acc_g * tl.sigmoid(acc_g)
+    else:
+        g = 0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476))
+    return g * acc_u
+
+
 @triton.jit(do_not_specialize=["num_assign"])
 def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, num_assign, hidden, inter, stride_we,
                     K: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -88,27 +116,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, num_assign, hidden, inter, str
         valid = m < count
         rows = _routed_rows(ids_ptr, e, m, num_assign, SCAN)
         tok = (rows // K).to(tl.int64)
-        acc_g = tl.zeros([BM, BN], tl.float32)
-        acc_u = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(0, hidden, BK):
-            kk = k0 + tl.arange(0, BK)
-            kmask = kk < hidden
-            xa = tl.load(x_ptr + tok[:, None] * hidden + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
-            wp = w_base + kk[:, None].to(tl.int64) * (2 * inter) + n[None, :]
-            wmask = kmask[:, None] & nmask[None, :]
-            wg = tl.load(wp, mask=wmask, other=0.0)
-            wu = tl.load(wp + inter, mask=wmask, other=0.0)
-            if IEEE:
-                acc_g = tl.dot(xa, wg, acc_g, input_precision="ieee")
-                acc_u = tl.dot(xa, wu, acc_u, input_precision="ieee")
-            else:
-                acc_g = tl.dot(xa, wg, acc_g)
-                acc_u = tl.dot(xa, wu, acc_u)
-        if ACT == 0:
-            g = acc_g * tl.sigmoid(acc_g)
-        else:
-            g = 0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476))
-        h = g * acc_u
+        h = _gated_tile(x_ptr, tok, valid, w_base, n, nmask, hidden, inter, ACT, IEEE, BM, BN, BK)
         tl.store(h_ptr + rows[:, None].to(tl.int64) * inter + n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=valid[:, None] & nmask[None, :])
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from epplat.platforms.cuda.triton_moe import _ACTS, MAX_ASSIGNMENTS, Tiles, _sum_kernel, triton_experts
+from epplat.platforms.cuda.triton_moe import _ACTS, MAX_ASSIGNMENTS, Tiles, _gated_tile, _sum_kernel, triton_experts
 
 
 def _tiles(num_assign: int, experts: int) -> Tiles:
@@ -62,22 +62,9 @@ def _sorted_gate_up_kernel(x_ptr, rows_ptr, tile_expert_ptr, w_ptr, h_ptr, num_a
     tok = (rows // K).to(tl.int64)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < inter
-    w_base = w_ptr + e.to(tl.int64) * stride_we
-    acc_g = tl.zeros([BM, BN], tl.float32)
-    acc_u = tl.zeros([BM, BN], tl.float32)
-    for k0 in range(0, hidden, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < hidden
-        xa = tl.load(x_ptr + tok[:, None] * hidden + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
-        wp = w_base + kk[:, None].to(tl.int64) * (2 * inter) + n[None, :]
-        wmask = kmask[:, None] & nmask[None, :]
-        acc_g = tl.dot(xa, tl.load(wp, mask=wmask, other=0.0), acc_g)
-        acc_u = tl.dot(xa, tl.load(wp + inter, mask=wmask, other=0.0), acc_u)
-    if ACT == 0:
-        g = acc_g * tl.sigmoid(acc_g)
-    else:
-        g = 0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476))
-    tl.store(h_ptr + m[:, None].to(tl.int64) * inter + n[None, :], (g * acc_u).to(h_ptr.dtype.element_ty),
+    h = _gated_tile(x_ptr, tok, valid, w_ptr + e.to(tl.int64) * stride_we, n, nmask, hidden, inter, ACT, False,
+                    BM, BN, BK)
+    tl.store(h_ptr + m[:, None].to(tl.int64) * inter + n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=nmask[None, :])
 
 
