@@ -111,11 +111,11 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
     async def server_load():
         return {"server_load": load.count}
 
-    @app.post("/tokenize", response_model=tok_api.TokenizeResponse)
+    @app.post("/tokenize", response_model=tok_api.TokenizeResponse, responses=_ERRORS)
     async def tokenize(raw: Request):
         return await tok_api.tokenize(serving, tok_api.parse(tok_api.TokenizeRequest, await _body(raw)))
 
-    @app.post("/detokenize", response_model=tok_api.DetokenizeResponse)
+    @app.post("/detokenize", response_model=tok_api.DetokenizeResponse, responses=_ERRORS)
     async def detokenize(raw: Request):
         return tok_api.detokenize(serving, tok_api.parse(tok_api.DetokenizeRequest, await _body(raw)))
 
