@@ -29,7 +29,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: to
 
 
 def capturable_experts(x, topk_ids, topk_weights, w13, w2, act) -> torch.Tensor:
-    """The same sum without a host sync (CUDA graphs): all R*K rows run through two grouped
+    """The same sum without a host sync (CUDA graphs, whole-graph compiles): all R*K rows run through two grouped
     GEMMs with device-side group offsets; rows of other ranks' experts sort last and are masked."""
     rows, k = topk_ids.shape
     num_experts = w13.shape[0]
@@ -57,7 +57,9 @@ def reference_experts(x, topk_ids, topk_weights, w13, w2, act) -> torch.Tensor:
     out = kernel(x, topk_ids, topk_weights, w13, w2, act) if kernel else None
     if out is not None:
         return out
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _HAS_GROUPED:
+    # under CUDA graphs or a whole-graph compile (torchair's cache_compile) the counts must stay on the device
+    traced = torch.compiler.is_compiling() and x.dtype == torch.bfloat16
+    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) or traced) and _HAS_GROUPED:
         return capturable_experts(x, topk_ids, topk_weights, w13, w2, act)
     rows, k = topk_ids.shape
     num_experts = w13.shape[0]

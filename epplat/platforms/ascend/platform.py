@@ -38,6 +38,15 @@ class AscendPlatform(Platform):
         from epplat.config import ConfigError
         from epplat.platforms.ascend.ascend_config import parse
         acfg = parse(cfg.additional_config, cfg.enforce_eager)
+        if acfg.torchair_graph_config.use_cached_graph:
+            # cache_compile captures whole graphs (fullgraph=True): nothing in a decode step may sync with the host
+            syncs = [what for what, on in (
+                ("expert parallelism (the hccl all2all's split sizes)",
+                 cfg.parallel.enable_expert_parallel and cfg.parallel.world_size > 1),
+                ("--quantization ascend (W8A8's expert counts)", cfg.model.quantization == "ascend")) if on]
+            if syncs:
+                raise ConfigError(f"torchair_graph_config.use_cached_graph compiles whole decode graphs, which "
+                                  f"{' and '.join(syncs)} cannot be part of (a host sync); leave use_cached_graph off")
         sched = acfg.ascend_scheduler_config
         if sched.enabled:
             cfg.scheduler.enable_chunked_prefill = sched.enable_chunked_prefill
