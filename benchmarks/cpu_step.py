@@ -66,10 +66,9 @@ def experts_alone(threads: int) -> list[str]:
     import torch
     import torch.nn.functional as F
 
-    from epplat.core.moe.experts import EXPERT_KERNELS, reference_experts
+    from epplat.core.moe.experts import reference_experts
     from epplat.platforms.cpu import cpu_kernels
     cpu_kernels.load()
-    EXPERT_KERNELS.pop("cpu", None)
     torch.set_num_threads(threads)
     cpu_kernels.THREADS = threads
     g = torch.Generator().manual_seed(0)

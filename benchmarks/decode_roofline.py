@@ -14,18 +14,18 @@ the device-to-device copy bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 import torch
 
-from epplat.core.model import layers
 from epplat.core.model.attention import build_attn_metadata
 from epplat.core.model.decoder import DecoderConfig, MoEForCausalLM
-from epplat.core.moe import experts, layer as moe_layer
 from epplat.core.moe.all2all import ExpertMap
 from epplat.core.moe.all2all_torch import AllGatherReduceScatter
 from epplat.platforms.cuda.graphs import CudaGraphRunner
+from epplat.platforms.cuda.kernels import half_experts
 from epplat.platforms.cuda.platform import CudaPlatform
 
 
@@ -43,18 +43,25 @@ def copy_bandwidth(dev) -> float:
 
 
 def build_model(a, dev, dtype, max_position: int) -> MoEForCausalLM:
-    """A random-weight model of the shape in ``a`` on the GPU, the cuda platform's kernels registered."""
-    CudaPlatform()   # registers the Triton kernels
+    """A random-weight model of the shape in ``a`` on the GPU, with the cuda platform's kernels."""
     cfg = DecoderConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
                         num_kv_heads=a.kv_heads, head_dim=a.head_dim, max_position=max_position,
                         rope_theta=1e6, rms_norm_eps=1e-6, num_experts=a.experts, top_k=a.top_k,
                         moe_intermediate_size=a.moe_intermediate, intermediate_size=0, qk_norm=True)
     with torch.device(dev):
-        model = MoEForCausalLM(cfg, AllGatherReduceScatter(ExpertMap(a.experts), device=dev), dtype)
+        model = MoEForCausalLM(cfg, AllGatherReduceScatter(ExpertMap(a.experts), device=dev), dtype,
+                               kernels=CudaPlatform().kernels)
     g = torch.Generator(device=dev).manual_seed(0)
     for prm in model.parameters():
         prm.data.normal_(0, 0.02, generator=g) if prm.dim() > 1 else prm.data.fill_(1.0)
     return model
+
+
+def set_kernels(model, kernels) -> None:
+    """Point every layer of a built model at another Kernels record (to time one path against another)."""
+    for m in model.modules():
+        if "kernels" in vars(m):
+            m.kernels = kernels
 
 
 def model_args(p: argparse.ArgumentParser) -> None:
@@ -86,7 +93,7 @@ def step_times(model, runner, a, dev, nblocks, blocks_per_seq, profile_at) -> di
     out = {}
     for b in a.batch:
         seqs = [(a.context + 1, 1, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))) for i in range(b)]
-        meta = build_attn_metadata(seqs, a.block_size, dev, nblocks)
+        meta = build_attn_metadata(seqs, a.block_size, dev, nblocks, model.kernels)
         ids = torch.randint(0, a.vocab, (b,), device=dev)
         pos = torch.full((b,), a.context, device=dev)
         with torch.inference_mode():
@@ -147,8 +154,9 @@ def main():
     if a.compare_torch:
         del runner
         torch.cuda.empty_cache()
-        for table in (layers.NORM_KERNELS, layers.ROPE_KERNELS, moe_layer.ROUTE_KERNELS, experts.EXPERT_KERNELS):
-            table.pop("cuda", None)
+        # torch's norm, rotary, routing and grouped-GEMM experts; the Triton attention stays
+        set_kernels(model, dataclasses.replace(model.kernels, rms_norm=None, rope=None, route=None,
+                                               experts=half_experts))
         runner = CudaGraphRunner(model, dev)
         runner.capture(a.batch, blocks_per_seq, nblocks, (nblocks + 1) * a.block_size)
         torch_times = step_times(model, runner, a, dev, nblocks, blocks_per_seq, [])

@@ -58,7 +58,7 @@ def moe_step(layers, x, gen, args) -> float:
 
 def run_rank(rank: int, args, port: int, out_q) -> None:
     from epplat.config import EPLBConfig
-    from epplat.core.model.layers import ACTIVATIONS
+    from epplat.core.ops import ACTIVATIONS
     from epplat.core.moe.all2all import ExpertMap
     from epplat.core.moe.all2all_torch import AllGatherReduceScatter
     from epplat.core.moe.eplb import rebalance_experts

@@ -17,6 +17,7 @@ host ops of one step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -25,9 +26,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from decode_roofline import build_model, model_args
+from decode_roofline import build_model, model_args, set_kernels
 from epplat.core.model.attention import build_attn_metadata
-from epplat.core.moe import experts
 from epplat.core.moe.experts import capturable_experts
 from epplat.platforms.cuda import triton_moe
 
@@ -70,25 +70,25 @@ def main():
     x, y = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     rate = 2 * n ** 3 / (triton.testing.do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median") * 1e-3)
     del x, y
-    paths = {"cuda_experts": experts.EXPERT_KERNELS["cuda"], "grouped_mm": grouped_above_decode}
+    paths = {"cuda_experts": model.kernels, "grouped_mm": dataclasses.replace(model.kernels, experts=grouped_above_decode)}
     rows = []
     for s in a.seqs:
         seqs = [(a.len, a.len, list(range(i * per_seq, (i + 1) * per_seq))) for i in range(s)]
         ids = torch.randint(0, a.vocab, (s * a.len,), device=dev)
         pos = torch.arange(a.len, device=dev).repeat(s)
         last = torch.arange(1, s + 1, device=dev) * a.len - 1
-        host = triton.testing.do_bench(lambda: build_attn_metadata(seqs, a.block_size, dev, nblocks), warmup=5, rep=100,
-                                       return_mode="median")
-        meta = build_attn_metadata(seqs, a.block_size, dev, nblocks)
+        host = triton.testing.do_bench(lambda: build_attn_metadata(seqs, a.block_size, dev, nblocks, model.kernels),
+                                       warmup=5, rep=100, return_mode="median")
+        meta = build_attn_metadata(seqs, a.block_size, dev, nblocks, model.kernels)
         flops = step_flops(a, s, a.len)
         row = {"seqs": s, "tokens": s * a.len, "gflop": flops / 1e9, "roofline_ms": flops / rate * 1e3,
                "metadata_ms": host}
         with torch.inference_mode():
-            for name, fn in paths.items():
-                experts.EXPERT_KERNELS["cuda"] = fn
+            for name, kernels in paths.items():
+                set_kernels(model, kernels)
                 row[name + "_ms"] = triton.testing.do_bench(lambda: model.compute_logits(model(ids, pos, meta)[last]),
                                                             warmup=100, rep=1000, return_mode="median")
-            experts.EXPERT_KERNELS["cuda"] = paths["cuda_experts"]
+            set_kernels(model, paths["cuda_experts"])
             issue = []
             for _ in range(5):       # host time to issue a step (the GPU may still be running it)
                 torch.cuda.synchronize()

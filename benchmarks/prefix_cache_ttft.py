@@ -2,7 +2,7 @@
 
 Every prompt is the same --prefix-len random tokens (a system prompt) and --input-len random
 ones of its own (a question); --output-len tokens each, greedy, streaming, --concurrency in
-flight (`epplat.bench_serve` with vLLM's --random-prefix-len meaning). The benchmark's
+flight (`epplat.tools.bench_serve` with vLLM's --random-prefix-len meaning). The benchmark's
 untimed warmup request carries the shared prefix, so with caching on every timed request
 finds it cached, as a deployed system prompt is. The checkpoint is the benchmark shape of
 serve_vs_vllm.py (random weights, `epplat make-model`). Prints a table, writes JSON (--out).
@@ -22,7 +22,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serve_vs_vllm import SHAPE, busy_warning, free_port, start, stop  # noqa: E402
 
-from epplat.bench_serve import run_benchmark  # noqa: E402
+from epplat.tools.bench_serve import run_benchmark  # noqa: E402
 
 
 def main(argv=None) -> int:

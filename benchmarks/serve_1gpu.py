@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from serve_vs_vllm import free_port, serve_and_load  # noqa: E402
 
-from epplat.bench_serve import random_prompts  # noqa: E402
+from epplat.tools.bench_serve import random_prompts  # noqa: E402
 
 SHAPE = ["--hidden", "2048", "--heads", "32", "--kv-heads", "4", "--head-dim", "128", "--experts", "128",
          "--top-k", "8", "--moe-intermediate", "768", "--vocab-size", "151936", "--dtype", "bfloat16",

@@ -3,7 +3,7 @@
 Makes (or takes, with --model-dir) a random-weight Qwen3-MoE checkpoint, then one
 engine at a time on the same machine, so they never share the cores: starts the
 server, measures the time from launch to /health 200, runs the same load
-(`epplat.bench_serve`: random prompts of --input-len token ids, --output-len tokens
+(`epplat.tools.bench_serve`: random prompts of --input-len token ids, --output-len tokens
 with ignore_eos, greedy, streaming, --concurrency requests in flight), and stops it.
 transformers `generate` on the same prompts, in batches of --concurrency, is the
 offline floor. Prints a table and writes JSON (--out). Server logs go to files in a
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from epplat.bench_serve import random_prompts, run_benchmark
+from epplat.tools.bench_serve import random_prompts, run_benchmark
 
 SHAPE = ["--layers", "4", "--hidden", "256", "--head-dim", "64", "--experts", "16", "--top-k", "4", "--heads", "4",
          "--kv-heads", "2", "--moe-intermediate", "256", "--seed", "0"]

@@ -162,8 +162,8 @@ def engines_idle(url: str, timeout: float = 30.0) -> dict:
     deadline, seen = time.time() + timeout, {}
     while time.time() < deadline:
         seen = {s.name: s.value for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text)
-                for s in fam.samples if s.name in ("epplat:num_requests_running", "epplat:num_requests_waiting",
-                                                   "epplat:kv_cache_usage_perc") and "dp_rank" not in s.labels}
+                for s in fam.samples if s.name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                                                   "vllm:kv_cache_usage_perc") and "dp_rank" not in s.labels}
         if seen and not any(seen.values()):
             break
         time.sleep(0.5)

@@ -192,6 +192,38 @@ class ParallelConfig(msgspec.Struct):
     distributed_timeout_seconds: int = 600   # a collective that takes longer fails its engine
     engine_iteration_timeout_s: float = 60.0  # an engine silent this long is dead to its API server
 
+    def __post_init__(self):
+        """The layout rules that need no model: one line (vLLM's flag names) per broken rule."""
+        dp, start, rank, local = (self.data_parallel_size, self.data_parallel_start_rank, self.data_parallel_rank,
+                                  self.data_parallel_size_local)
+        if rank is not None:
+            if rank >= dp:
+                raise ConfigError(f"--data-parallel-rank {rank} must be below --data-parallel-size {dp}")
+            if self.headless or self.api_server_count != 1 or local not in (None, 1) or start:
+                raise ConfigError("--data-parallel-rank (external load balancing) runs one DP rank with its own "
+                                  "API server: drop --headless, --api-server-count, --data-parallel-size-local and "
+                                  "--data-parallel-start-rank")
+        if start >= dp:
+            raise ConfigError(f"--data-parallel-start-rank {start} must be below --data-parallel-size {dp}")
+        if local is not None and start + local > dp:
+            raise ConfigError(f"--data-parallel-start-rank {start} + --data-parallel-size-local {local} exceeds "
+                              f"--data-parallel-size {dp}")
+        if self.headless and self.api_server_count != 1:
+            raise ConfigError("--headless starts no API server; drop --api-server-count")
+        if start and not self.headless:
+            raise ConfigError("a node with --data-parallel-start-rank > 0 runs --headless (the API servers run "
+                              "on the node with DP rank 0)")
+        if self.enable_eplb and not self.enable_expert_parallel:
+            raise ConfigError("--enable-eplb balances experts over expert-parallel ranks: add --enable-expert-parallel")
+        if self.eplb.num_redundant_experts and not self.enable_eplb:
+            raise ConfigError("--eplb-config num_redundant_experts needs --enable-eplb")
+
+    @property
+    def single_node(self) -> bool:
+        """Every DP rank and the API servers on this node (the layout that needs no address)."""
+        return (not self.external_lb and not self.headless and self.data_parallel_start_rank == 0
+                and (self.data_parallel_size_local or self.data_parallel_size) == self.data_parallel_size)
+
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.data_parallel_size
@@ -257,12 +289,72 @@ class EngineConfig(msgspec.Struct):
     kv_transfer: Optional[KVTransferConfig] = None                 # --kv-transfer-config
     speculative: Optional[SpeculativeConfig] = None               # --speculative-config
 
+    def check(self) -> None:
+        """The checks that need the checkpoint and the plugins: the model is one epplat serves, the layout
+        splits it, the selected plugins run on this platform, the platform takes --additional-config.
+        Raises ConfigError / PluginError with one line; ``epplat serve`` and every engine core call it."""
+        from epplat.plugins import registry
+        reg = registry()
+        reg.get("platform", self.platform)
+        par = self.parallel
+        if par.all2all_backend:
+            reg.get("all2all", par.all2all_backend, self.platform)
+        if self.model.quantization:
+            reg.get("quantization", self.model.quantization, self.platform)
+        if par.enable_eplb:
+            reg.get("eplb_policy", par.eplb.policy, self.platform)
+        model = self.model.model
+        if not Path(model).is_dir():
+            raise ConfigError(f"model {model!r} is not a local directory (epplat loads local Hugging Face "
+                              "checkpoints; nothing is downloaded at run time)")
+        hf = self.model.hf_config()
+        from epplat.core.model.registry import architecture
+        try:
+            mc = architecture(hf).parse_config(hf)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"model {model!r}: {e}") from None
+        max_len = self.model.max_model_len or hf.get("max_position_embeddings") or 2048
+        batched = self.scheduler.max_num_batched_tokens
+        if not self.scheduler.enable_chunked_prefill and batched < max_len:
+            raise ConfigError(f"--max-num-batched-tokens ({batched}) is smaller than --max-model-len ({max_len}); "
+                              "enable chunked prefill or raise it")
+        check_layout(mc, par)
+        reg.load("platform", self.platform).apply_additional_config(self)
+
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
 
     @staticmethod
     def from_json(data: bytes) -> "EngineConfig":
         return msgspec.json.decode(data, type=EngineConfig)
+
+
+def check_layout(mc, par: ParallelConfig) -> None:
+    """The one place that says whether a model (its parsed DecoderConfig) splits over a layout."""
+    tp, world = par.tensor_parallel_size, par.world_size
+    if mc.num_heads % tp or (mc.num_kv_heads % tp and tp % mc.num_kv_heads):
+        raise ConfigError(f"{mc.num_heads} attention heads / {mc.num_kv_heads} KV heads do not divide over "
+                          f"--tensor-parallel-size {tp}")
+    if par.enable_expert_parallel:
+        redundant = par.eplb.num_redundant_experts
+        if par.enable_eplb and (mc.num_experts + redundant) % world:   # otherwise the first ranks hold one more
+            extra = f" + {redundant} redundant" if redundant else ""
+            raise ConfigError(f"{mc.num_experts}{extra} experts do not divide over EP size {world} "
+                              f"(tensor-parallel-size x data-parallel-size)")
+    elif mc.num_experts and mc.moe_intermediate_size % tp:
+        raise ConfigError(f"expert width {mc.moe_intermediate_size} does not divide over "
+                          f"--tensor-parallel-size {tp}")
+    dense = [("intermediate size", mc.intermediate_size)] if mc.dense_layers or not mc.num_experts else []
+    if getattr(mc, "n_shared_experts", 0):       # DeepSeek's shared experts: a dense MLP split over TP
+        dense.append(("shared-expert width", mc.moe_intermediate_size * mc.n_shared_experts))
+    for what, width in dense:
+        if width % tp:
+            raise ConfigError(f"{what} {width} does not divide over --tensor-parallel-size {tp}")
+
+
+def cache_dir() -> Path:
+    """Where epplat keeps what it builds once (the demo model, compiled CPU kernels): EPPLAT_CACHE_DIR."""
+    return Path(os.environ.get("EPPLAT_CACHE_DIR") or Path.home() / ".cache" / "epplat")
 
 
 def cpu_kv_cache_bytes() -> int:

@@ -1,11 +1,12 @@
 """Every pluggy hook specification of epplat, in one file.
 
 A plugin is any module registered under the ``epplat`` entry-point group (the
-built-in platforms register exactly like third-party packages). Each hook returns a
-list of :class:`Registration` records; the engine looks implementations up by name
+built-in platforms register exactly like third-party packages). Each kind's hook returns
+a list of :class:`Registration` records; the engine looks implementations up by name
 (from a flag) or asks the platform for its default. A registration imports nothing
 heavy: ``load`` is called only when the implementation is selected, and ``check``
 says in a few words why it is unusable here (``None`` when it is usable).
+``epplat_cli_commands`` is the one hook that is not a kind: it adds ``epplat`` subcommands.
 """
 
 from __future__ import annotations
@@ -19,7 +20,27 @@ PROJECT = "epplat"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-KINDS = ("platform", "all2all", "graph_runner", "quantization", "kv_connector", "eplb_policy")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of plugin: the hook that lists its registrations, what a user calls it in an
+    error line (the flag that selects it), and its heading in ``epplat plugins``."""
+
+    hook: str
+    flag: str
+    title: str
+
+
+# every kind of plugin, in the order `epplat plugins` lists them: the one table of kinds
+KINDS = {
+    "platform": Kind("epplat_platforms", "--platform", "platforms"),
+    "all2all": Kind("epplat_all2all_backends", "--all2all-backend", "all2all backends"),
+    "graph_runner": Kind("epplat_graph_runners", "graph runner", "graph runners"),
+    "quantization": Kind("epplat_quantization_methods", "--quantization", "quantization methods"),
+    "kv_connector": Kind("epplat_kv_connectors", "kv_connector", "KV connectors"),
+    "eplb_policy": Kind("epplat_eplb_policies", "eplb policy", "EPLB policies"),
+}
 
 
 @dataclass
@@ -105,4 +126,16 @@ def epplat_eplb_policies() -> list[Registration]:
     derives the routing tables from it and moves only the experts whose slot changes.
     A policy that declares a keyword ``old_phy2log`` also gets the current placement,
     to weigh migration cost. It runs on EP rank 0, whose result every rank adopts.
+    """
+
+
+@hookspec
+def epplat_cli_commands(subparsers) -> None:
+    """Add ``epplat`` subcommands (as ``llm``'s ``register_commands``).
+
+    ``subparsers`` is the argparse sub-parser action of the ``epplat`` command: call
+    ``subparsers.add_parser(NAME, help=...)``, add its arguments and
+    ``set_defaults(func=run)``, where ``run(args) -> int`` is the exit status. Import
+    what the command needs inside ``run``: every ``epplat`` invocation builds the parser.
+    The ascend plugin adds ``epplat ranktable`` this way.
     """

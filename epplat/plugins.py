@@ -13,23 +13,6 @@ from epplat.hookspecs import KINDS, Registration
 
 logger = logging.getLogger(__name__)
 
-_HOOKS = {
-    "platform": "epplat_platforms",
-    "all2all": "epplat_all2all_backends",
-    "graph_runner": "epplat_graph_runners",
-    "quantization": "epplat_quantization_methods",
-    "kv_connector": "epplat_kv_connectors",
-    "eplb_policy": "epplat_eplb_policies",
-}
-_FLAGS = {
-    "platform": "--platform",
-    "all2all": "--all2all-backend",
-    "graph_runner": "graph runner",
-    "quantization": "--quantization",
-    "kv_connector": "kv_connector",
-    "eplb_policy": "eplb policy",
-}
-
 
 class PluginError(ValueError):
     """A selection that cannot be served; its message is one line for the user."""
@@ -42,8 +25,8 @@ class Registry:
         self.pm = pm
         dists = {id(p): d.project_name for p, d in pm.list_plugin_distinfo()}
         self.by_kind: dict[str, dict[str, Registration]] = {k: {} for k in KINDS}
-        for kind, hook_name in _HOOKS.items():
-            hook = getattr(pm.hook, hook_name)
+        for kind, spec in KINDS.items():
+            hook = getattr(pm.hook, spec.hook)
             for impl in hook.get_hookimpls():
                 for reg in impl.function() or []:
                     reg.kind = kind
@@ -62,14 +45,14 @@ class Registry:
         regs = self.by_kind[kind]
         if name not in regs:
             avail = ", ".join(self.names(kind)) or "none"
-            raise PluginError(f"unknown {_FLAGS[kind]} {name!r}; available: {avail}")
+            raise PluginError(f"unknown {KINDS[kind].flag} {name!r}; available: {avail}")
         reg = regs[name]
         if platform and reg.platforms and platform not in reg.platforms:
-            raise PluginError(f"{_FLAGS[kind]} {name!r} runs on {', '.join(reg.platforms)}, "
+            raise PluginError(f"{KINDS[kind].flag} {name!r} runs on {', '.join(reg.platforms)}, "
                               f"not on platform {platform!r}")
         why = reg.check()
         if why:
-            raise PluginError(f"{_FLAGS[kind]} {name!r} is not usable here: {why}")
+            raise PluginError(f"{KINDS[kind].flag} {name!r} is not usable here: {why}")
         return reg
 
     def load(self, kind: str, name: str, platform: Optional[str] = None):
@@ -92,4 +75,7 @@ def registry() -> Registry:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    from epplat.core.engine import graph
+    if not pm.is_registered(graph):   # core's eager runner: every install has it, whatever its entry points say
+        pm.register(graph, name="epplat")
     return Registry(pm)

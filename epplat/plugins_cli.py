@@ -5,12 +5,6 @@ from __future__ import annotations
 from epplat.hookspecs import KINDS
 from epplat.plugins import registry
 
-_TITLES = {
-    "platform": "platforms", "all2all": "all2all backends", "graph_runner": "graph runners",
-    "quantization": "quantization methods", "kv_connector": "KV connectors", "eplb_policy": "EPLB policies",
-}
-
-
 def add_cli(sub) -> None:
     p = sub.add_parser("plugins", help="list registered platforms, backends and policies")
     p.set_defaults(func=run)
@@ -18,8 +12,8 @@ def add_cli(sub) -> None:
 
 def run(args) -> int:
     reg = registry()
-    for kind in KINDS:
-        print(f"{_TITLES[kind]}:")
+    for kind, spec in KINDS.items():
+        print(f"{spec.title}:")
         regs = reg.by_kind[kind]
         if not regs:
             print("  (none registered)")

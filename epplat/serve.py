@@ -171,60 +171,44 @@ def add_cli(sub) -> None:
 
 
 def engine_config_from_args(args) -> EngineConfig:
-    """Check the flags and the model directory; raises ConfigError / PluginError with one line."""
+    """Flags -> EngineConfig, checked (EngineConfig.check); raises ConfigError / PluginError with one line."""
     model = args.model_flag or args.model
     if model is None:
-        from epplat.core.model.demo import demo_model_path
+        from epplat.tools.demo import demo_model_path
         model = str(demo_model_path())
         logger.info("no model given: serving the built-in demo model at %s", model)
-    if not Path(model).is_dir():
-        raise ConfigError(f"model {model!r} is not a local directory (epplat loads local Hugging Face "
-                          "checkpoints; nothing is downloaded at run time)")
-    reg = registry()
-    platform = reg.pick_platform(args.platform)
-    if args.all2all_backend:
-        reg.get("all2all", args.all2all_backend, platform)
-    if args.quantization:
-        reg.get("quantization", args.quantization, platform)
-    mcfg = ModelConfig(model=model, served_model_name=(args.served_model_name or [model])[0], dtype=args.dtype,
-                       max_model_len=args.max_model_len, seed=args.seed, quantization=args.quantization)
-    hf = mcfg.hf_config()
-    from epplat.core.model.registry import architecture
-    try:
-        architecture(hf).parse_config(hf)
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"model {model!r}: {e}") from None
+    platform = registry().pick_platform(args.platform)
     if args.all2all_backend and not args.enable_expert_parallel:
         logger.info("--all2all-backend %s is used for the MoE layers' (single-rank) dispatch; "
                     "add --enable-expert-parallel to spread experts over ranks", args.all2all_backend)
-    max_len = args.max_model_len or hf.get("max_position_embeddings") or 2048
-    default_batched = getattr(reg.load("platform", platform), "default_max_num_batched_tokens", 2048)
-    batched = args.max_num_batched_tokens or max(default_batched, args.max_num_seqs)
-    if not args.enable_chunked_prefill and batched < max_len:
-        raise ConfigError(f"--max-num-batched-tokens ({batched}) is smaller than --max-model-len ({max_len}); "
-                          "enable chunked prefill or raise it")
+    mcfg = ModelConfig(model=model, served_model_name=(args.served_model_name or [model])[0], dtype=args.dtype,
+                       max_model_len=args.max_model_len, seed=args.seed, quantization=args.quantization)
     parallel = parallel_config_from_args(args)
-    _check_layout(architecture(hf).parse_config(hf), parallel)
-    if parallel.enable_eplb:
-        reg.get("eplb_policy", parallel.eplb.policy, platform)
+    default_batched = registry().load("platform", platform).default_max_num_batched_tokens
     cfg = EngineConfig(
         model=mcfg, parallel=parallel,
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched,
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens or max(default_batched,
+                                                                                            args.max_num_seqs),
                                   enable_chunked_prefill=args.enable_chunked_prefill),
         cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
                           num_gpu_blocks_override=args.num_gpu_blocks_override,
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config,
-        speculative=speculative_config_from_args(args, hf, parallel),
+        speculative=(speculative_config_from_args(args, mcfg.hf_config(), parallel)
+                     if args.speculative_config is not None else None),
         kv_transfer=KVTransferConfig.parse(args.kv_transfer_config))
+    cfg.check()
     if cfg.kv_transfer is not None:     # an unknown or unusable connector is one line before any engine starts
         from epplat.connectors.loader import connector_class
         connector_class(cfg, warn=True)
-    reg.load("platform", platform).apply_additional_config(cfg)
     if args.quantization:   # the method checks the checkpoint's quantization files before any engine starts
         from epplat.core.model.quant import load_quant_method
-        load_quant_method(cfg, architecture(hf).canonical_name, platform)
+        from epplat.core.model.registry import architecture
+        load_quant_method(cfg, architecture(mcfg.hf_config()).canonical_name, platform)
+    if parallel.single_node:
+        parallel.ipc_dir = tempfile.mkdtemp(prefix="epplat-")
     return cfg
 
 
@@ -243,86 +227,25 @@ def speculative_config_from_args(args, hf: dict, par: ParallelConfig) -> Optiona
 
 
 def parallel_config_from_args(args) -> ParallelConfig:
-    tp, dp = args.tensor_parallel_size, args.data_parallel_size
-    start, rank = args.data_parallel_start_rank, args.data_parallel_rank
-    local = args.data_parallel_size_local
-    if rank is not None:
-        if rank >= dp:
-            raise ConfigError(f"--data-parallel-rank {rank} must be below --data-parallel-size {dp}")
-        if args.headless or args.api_server_count != 1 or local not in (None, 1) or start:
-            raise ConfigError("--data-parallel-rank (external load balancing) runs one DP rank with its own API "
-                              "server: drop --headless, --api-server-count, --data-parallel-size-local and "
-                              "--data-parallel-start-rank")
-    if start >= dp:
-        raise ConfigError(f"--data-parallel-start-rank {start} must be below --data-parallel-size {dp}")
-    if local is not None and start + local > dp:
-        raise ConfigError(f"--data-parallel-start-rank {start} + --data-parallel-size-local {local} exceeds "
-                          f"--data-parallel-size {dp}")
-    if args.headless and args.api_server_count != 1:
-        raise ConfigError("--headless starts no API server; drop --api-server-count")
-    if start and not args.headless:
-        raise ConfigError("a node with --data-parallel-start-rank > 0 runs --headless (the API servers run "
-                          "on the node with DP rank 0)")
-    single_node = rank is None and not args.headless and start == 0 and (local or dp) == dp
-    if not single_node and not args.data_parallel_address:
-        raise ConfigError("multi-node and external load-balancing layouts need --data-parallel-address "
-                          "(the address of the node with DP rank 0)")
+    eplb = EPLBConfig.parse(args.eplb_config, {k: v for k in EPLBConfig.__struct_fields__
+                                               if (v := getattr(args, f"eplb_config_{k}", None)) is not None})
     secret = args.internal_secret or _env("INTERNAL_SECRET", None)
-    if not secret and not single_node:
-        raise ConfigError("multi-node and external load-balancing layouts need a shared secret for the internal "
-                          "sockets: set EPPLAT_INTERNAL_SECRET (or --internal-secret) to the same value on every node")
-    return ParallelConfig(
+    parallel = ParallelConfig(
         internal_secret=secret or secrets.token_hex(32), distributed_timeout_seconds=args.distributed_timeout_seconds,
         engine_iteration_timeout_s=_env_float("ENGINE_ITERATION_TIMEOUT_S", 60.0),
-        tensor_parallel_size=tp, data_parallel_size=dp, data_parallel_size_local=local,
-        data_parallel_start_rank=start, data_parallel_rank=rank,
-        data_parallel_address=args.data_parallel_address or "127.0.0.1",
+        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+        data_parallel_size_local=args.data_parallel_size_local, data_parallel_start_rank=args.data_parallel_start_rank,
+        data_parallel_rank=args.data_parallel_rank, data_parallel_address=args.data_parallel_address or "127.0.0.1",
         data_parallel_rpc_port=args.data_parallel_rpc_port or 29550, api_server_count=args.api_server_count,
         headless=args.headless, enable_expert_parallel=args.enable_expert_parallel,
-        all2all_backend=args.all2all_backend, enable_eplb=args.enable_eplb, eplb=eplb_config_from_args(args),
-        ipc_dir=tempfile.mkdtemp(prefix="epplat-") if single_node else None)
-
-
-def eplb_config_from_args(args) -> EPLBConfig:
-    dotted = {k: v for k in EPLBConfig.__struct_fields__
-              if (v := getattr(args, f"eplb_config_{k}", None)) is not None}
-    cfg = EPLBConfig.parse(args.eplb_config, dotted)
-    if args.enable_eplb and not args.enable_expert_parallel:
-        raise ConfigError("--enable-eplb balances experts over expert-parallel ranks: add --enable-expert-parallel")
-    if cfg.num_redundant_experts and not args.enable_eplb:
-        raise ConfigError("--eplb-config num_redundant_experts needs --enable-eplb")
-    return cfg
-
-
-def _check_layout(mc, par: ParallelConfig) -> None:
-    tp, world = par.tensor_parallel_size, par.world_size
-    if mc.num_heads % tp or (mc.num_kv_heads % tp and tp % mc.num_kv_heads):
-        raise ConfigError(f"{mc.num_heads} attention heads / {mc.num_kv_heads} KV heads do not divide over "
-                          f"--tensor-parallel-size {tp}")
-    if par.enable_expert_parallel:
-        redundant = par.eplb.num_redundant_experts
-        if par.enable_eplb and (mc.num_experts + redundant) % world:   # otherwise the first ranks hold one more
-            extra = f" + {redundant} redundant" if redundant else ""
-            raise ConfigError(f"{mc.num_experts}{extra} experts do not divide over EP size {world} "
-                              f"(tensor-parallel-size x data-parallel-size)")
-    elif mc.moe_intermediate_size % tp:
-        raise ConfigError(f"expert width {mc.moe_intermediate_size} does not divide over "
-                          f"--tensor-parallel-size {tp}")
-
-
-def eos_token_ids(model_dir: str, tokenizer) -> list[int]:
-    """The ids that end generation, as transformers' generate uses them."""
-    ids: list = []
-    for name in ("generation_config.json", "config.json"):
-        path = Path(model_dir) / name
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            if eos is not None:
-                ids = eos if isinstance(eos, list) else [eos]
-                break
-    if not ids and tokenizer.eos_token_id is not None:
-        ids = [tokenizer.eos_token_id]
-    return [int(i) for i in ids]
+        all2all_backend=args.all2all_backend, enable_eplb=args.enable_eplb, eplb=eplb)
+    if not parallel.single_node and not args.data_parallel_address:
+        raise ConfigError("multi-node and external load-balancing layouts need --data-parallel-address "
+                          "(the address of the node with DP rank 0)")
+    if not secret and not parallel.single_node:
+        raise ConfigError("multi-node and external load-balancing layouts need a shared secret for the internal "
+                          "sockets: set EPPLAT_INTERNAL_SECRET (or --internal-secret) to the same value on every node")
+    return parallel
 
 
 def run(args) -> int:
@@ -359,6 +282,8 @@ class _StopSignals:
 
 def _serve(args, cfg: EngineConfig) -> int:
     from epplat.core.distributed.launcher import start_engines, stop_engines
+    from epplat.core.server.api_server import run_api_server
+    from epplat.core.server.tokenizer import load_tokenizer
     from epplat.core.server.app import bind_http_socket
     par = cfg.parallel
     stop = _StopSignals()
@@ -427,47 +352,6 @@ def _wait(procs, servers) -> int:
     from epplat.core.distributed.launcher import stop_engines
     stop_engines(servers)
     return 0 if stop else 1
-
-
-def load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:
-        raise ConfigError(f"cannot load the tokenizer of {model_dir!r}: {e}") from None
-
-
-def run_api_server(cfg_json: bytes, index: int, engine_ranks: list[int], opts: dict, procs=None,
-                   sock=None, parent_pid=None) -> int:
-    """One API server (in the launcher process with its bound `sock`, or a child of it when
-    --api-server-count > 1). Returns the exit code: 1 when the engines died."""
-    from epplat.core.engine.client import EngineClient
-    from epplat.core.server.app import bind_http_socket, build_app, run_server
-    from epplat.logs import setup_logging
-    if parent_pid is not None:
-        from epplat.core.distributed.lifeline import die_with_parent
-        die_with_parent(parent_pid)
-    setup_logging()
-    cfg = EngineConfig.from_json(cfg_json)
-    tokenizer = load_tokenizer(cfg.model.model)
-    client = EngineClient(cfg, tokenizer, eos_token_ids(cfg.model.model, tokenizer), client_index=index,
-                          engine_ranks=engine_ranks, procs=procs)
-    names = opts["served_model_name"] or [cfg.model.model]
-    app = build_app(client, served_model_names=names, api_key=opts["api_key"],
-                    **{k: opts[k] for k in ("tokenizer_pool_size", "max_choices", "trust_request_chat_template",
-                                            "max_body_bytes")})
-    if sock is None:
-        sock = bind_http_socket(opts["host"], opts["port"], reuse_port=True)
-    try:
-        run_server(app, sock, log_level=opts["log_level"], timeout_graceful_shutdown=opts["shutdown_timeout"],
-                   forwarded_allow_ips=opts["forwarded_allow_ips"])
-    finally:
-        client.shutdown()
-    if client.dead_reason is not None:
-        if parent_pid is not None:
-            raise SystemExit(1)
-        return 1
-    return 0
 
 
 def _version() -> str:

@@ -1,4 +1,4 @@
-"""The ascend platform on a SIMULATED torch_npu / torchair (tests/sim_npu: "npu" tensors live on the CPU,
+"""The ascend platform on a SIMULATED torch_npu / torchair (tests/simulations/npu: "npu" tensors live on the CPU,
 "hccl" is gloo underneath): platform selection, the missing-CANN line, the HCCL all2all backend against
 the single-process reference, --additional-config parsing and its one-line errors, the HCCL environment,
 and greedy tokens equal to transformers' from real `epplat serve` processes with DP=2 and EP over the
@@ -12,17 +12,16 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import openai
 import pytest
 import torch
 
+import simulations
 from hf_oracle import hf_greedy
 from server_utils import Server
 
-SIM = str(Path(__file__).resolve().parent / "sim_npu")
-SIM_ENV = {"PYTHONPATH": os.pathsep.join([SIM, os.environ.get("PYTHONPATH", "")])}
+SIM_ENV = simulations.env("npu")
 
 
 def epplat(*args, env=None, timeout=120):
@@ -60,7 +59,6 @@ def test_missing_cann_library_is_one_line(qwen3_moe_dir):
 
 # -- HCCL all2all over the simulated hccl backend ------------------------------------------------------------
 def _all2all_worker(rank: int, world: int, init: str, tokens: list, result_dir: str) -> None:
-    sys.path.insert(0, SIM)
     import torch_npu  # noqa: F401  (the simulation: registers "npu" and "hccl")
     import torch.distributed as dist
 
@@ -91,15 +89,12 @@ def _all2all_worker(rank: int, world: int, init: str, tokens: list, result_dir: 
     dist.destroy_process_group()
 
 
-def test_hccl_all2all_matches_the_single_process_reference(tmp_path):
+def test_hccl_all2all_matches_the_single_process_reference(tmp_path, simulation):
     world = 2
     tokens = [[5, 3], [0, 4], [7, 0]]             # uneven, and ranks with no token (dummy steps)
     init = f"file://{tempfile.mkdtemp()}/store"
-    sys.path.insert(0, SIM)
-    try:
-        torch.multiprocessing.spawn(_all2all_worker, args=(world, init, tokens, str(tmp_path)), nprocs=world)
-    finally:
-        sys.path.remove(SIM)
+    simulation("npu")
+    torch.multiprocessing.spawn(_all2all_worker, args=(world, init, tokens, str(tmp_path)), nprocs=world)
     for rank in range(world):
         for step, counts in enumerate(tokens):
             out, ref = torch.load(tmp_path / f"r{rank}s{step}.pt")

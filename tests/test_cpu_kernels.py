@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from epplat.core.moe.experts import EXPERT_KERNELS, reference_experts
+from epplat.core.moe.experts import reference_experts
+from epplat.core.ops import TORCH
 from epplat.platforms.cpu import cpu_kernels
 from epplat.platforms.cpu.platform import CpuPlatform
 
@@ -17,15 +18,6 @@ from epplat.platforms.cpu.platform import CpuPlatform
 def lib():
     assert cpu_kernels.load() is not None, "the CPU kernels did not build (see the warning in the log)"
     cpu_kernels.THREADS = 2
-
-
-def torch_experts(*args):
-    saved = EXPERT_KERNELS.pop("cpu", None)
-    try:
-        return reference_experts(*args)
-    finally:
-        if saved:
-            EXPERT_KERNELS["cpu"] = saved
 
 
 @pytest.mark.parametrize("rows,experts,k,hidden,inter", [(1, 8, 2, 64, 32), (5, 16, 4, 256, 128), (9, 8, 2, 128, 16),
@@ -42,7 +34,7 @@ def test_moe_experts_match_torch(rows, experts, k, hidden, inter):
     w13 = torch.randn(experts, hidden, 2 * inter, generator=g) * 0.1
     w2 = torch.randn(experts, inter, hidden, generator=g) * 0.1
     got = cpu_kernels.moe_experts(x, ids, w, w13, w2, F.silu)
-    torch.testing.assert_close(got, torch_experts(x, ids, w, w13, w2, F.silu), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, reference_experts(x, ids, w, w13, w2, F.silu), rtol=1e-5, atol=1e-5)
     if rows > 2:
         assert torch.count_nonzero(got[2]) == 0
 
@@ -93,35 +85,26 @@ def test_decode_attention_matches_gather_and_softmax():
         torch.testing.assert_close(out[i], torch.einsum("hl,lhd->hd", att, vals), rtol=1e-5, atol=1e-5)
 
 
-def test_the_cpu_platform_registers_them():
-    from epplat.core.model import attention, layers
-    CpuPlatform()
-    assert attention.DECODE_KERNELS["cpu"] is cpu_kernels.decode_attention
-    assert layers.LINEAR_KERNELS["cpu"] is cpu_kernels.linear
-    assert EXPERT_KERNELS["cpu"] is cpu_kernels.moe_experts
-    assert layers.NORM_KERNELS["cpu"] is cpu_kernels.rms_norm and layers.ROPE_KERNELS["cpu"] is cpu_kernels.rope
-    from epplat.core.moe.layer import ROUTE_KERNELS
-    assert ROUTE_KERNELS["cpu"] is cpu_kernels.route_topk
-    from epplat.core.model.decoder import LAYER_KERNELS
+def test_the_cpu_platform_hands_them_in_its_record():
     from epplat.platforms.cpu.fused_layer import decode_layer
-    assert LAYER_KERNELS["cpu"] is decode_layer
+    k = CpuPlatform().kernels
+    assert k.decode_attention is cpu_kernels.decode_attention and k.kv_write is cpu_kernels.write_kv
+    assert k.linear is cpu_kernels.linear and k.experts is cpu_kernels.moe_experts
+    assert k.rms_norm is cpu_kernels.rms_norm and k.rope is cpu_kernels.rope
+    assert k.route is cpu_kernels.route_topk and k.decoder_layer is decode_layer
 
 
 def test_rms_norm_and_rope_match_torch_on_strided_views():
-    from epplat.core.model.layers import NORM_KERNELS, ROPE_KERNELS, RMSNorm, RotaryEmbedding
+    from epplat.core.model.layers import RMSNorm, RotaryEmbedding
     g = torch.Generator().manual_seed(0)
     t, h, kvh, d = 7, 4, 2, 64
     qkv = torch.randn(t, (h + 2 * kvh) * d, generator=g)
     q, k, _ = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
     q, k = q.view(t, h, d), k.view(t, kvh, d)                 # strided views, as the model has them
-    norm, rope = RMSNorm(d, 1e-6), RotaryEmbedding(d, 512, 1e6)
+    norm, rope = RMSNorm(d, 1e-6), RotaryEmbedding(d, 512, 1e6)     # torch's code (no kernels record)
     norm.weight.data.uniform_(0.5, 1.5, generator=g)
     pos = torch.tensor([0, 1, 2, 100, 200, 300, 511])
-    saved = NORM_KERNELS.pop("cpu", None), ROPE_KERNELS.pop("cpu", None)
-    try:
-        ref_n, ref_r = norm(q), rope(pos, q, k)
-    finally:
-        NORM_KERNELS["cpu"], ROPE_KERNELS["cpu"] = cpu_kernels.rms_norm, cpu_kernels.rope
+    ref_n, ref_r = norm(q), rope(pos, q, k)
     torch.testing.assert_close(cpu_kernels.rms_norm(q, norm.weight, 1e-6), ref_n, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cpu_kernels.rms_norm(qkv, torch.ones(qkv.shape[1]), 1e-6),
                                qkv * torch.rsqrt(qkv.pow(2).mean(-1, keepdim=True) + 1e-6), rtol=1e-5, atol=1e-5)
@@ -155,7 +138,7 @@ def test_write_kv_fills_the_slots():
     assert not cpu_kernels.write_kv(k.bfloat16(), v.bfloat16(), kc.bfloat16(), vc.bfloat16(), slots)
 
 
-def _decoder_layer(qk_norm: bool, all2all=None):
+def _decoder_layer(qk_norm: bool, all2all=None, kernels=None):
     from epplat.core.model.decoder import DecoderConfig, DecoderLayer
     from epplat.core.model.layers import RotaryEmbedding
     from epplat.core.moe.all2all import ExpertMap
@@ -165,7 +148,7 @@ def _decoder_layer(qk_norm: bool, all2all=None):
                         max_position=256, rope_theta=1e6, rms_norm_eps=1e-6, num_experts=8, top_k=3,
                         moe_intermediate_size=64, intermediate_size=0, qk_norm=qk_norm)
     a2a = all2all or AllGatherReduceScatter(ExpertMap(8))
-    layer = DecoderLayer(cfg, 0, RotaryEmbedding(32, 256, 1e6), a2a, ParallelState(), torch.float32)
+    layer = DecoderLayer(cfg, 0, RotaryEmbedding(32, 256, 1e6, kernels or TORCH), a2a, ParallelState(), torch.float32, kernels=kernels or TORCH)
     g = torch.Generator().manual_seed(int(qk_norm))
     for p in layer.parameters():
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
@@ -178,15 +161,16 @@ def _decoder_layer(qk_norm: bool, all2all=None):
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_fused_decode_layer_gives_the_modules_bits(qk_norm):
     """The cpu platform's one-call decode layer against the same layer run module by module."""
-    from epplat.core.model import decoder
+    import dataclasses
+
     from epplat.core.model.attention import build_attn_metadata
     from epplat.platforms.cpu import fused_layer
-    CpuPlatform()
-    layer = _decoder_layer(qk_norm)
+    modules = dataclasses.replace(CpuPlatform().kernels, decoder_layer=None)   # the C kernels one module at a time
+    layer = _decoder_layer(qk_norm, kernels=modules)
     g = torch.Generator().manual_seed(3)
     lens = [5, 16, 17, 40, 33]
     seqs = [(n, 1, list(range(i * 8, i * 8 + 8))) for i, n in enumerate(lens)]
-    meta = build_attn_metadata(seqs, 16, torch.device("cpu"), pad_block=40)
+    meta = build_attn_metadata(seqs, 16, torch.device("cpu"), pad_block=40, kernels=modules)
     x = torch.randn(len(lens), 128, generator=g)
     pos = torch.tensor([n - 1 for n in lens])
     caches = [t.clone() for t in layer.self_attn.kv_cache]
@@ -194,11 +178,7 @@ def test_fused_decode_layer_gives_the_modules_bits(qk_norm):
     assert fused is not None
     fused_caches = layer.self_attn.kv_cache
     layer.self_attn.kv_cache = tuple(caches)
-    saved = decoder.LAYER_KERNELS.pop("cpu")
-    try:
-        ref = layer(x, pos, meta)
-    finally:
-        decoder.LAYER_KERNELS["cpu"] = saved
+    ref = layer(x, pos, meta)
     assert torch.equal(fused, ref)
     assert all(torch.equal(a, b) for a, b in zip(fused_caches, layer.self_attn.kv_cache))
     # what it does not take: a prefill chunk, and an all2all backend that is not torch's own
@@ -206,4 +186,4 @@ def test_fused_decode_layer_gives_the_modules_bits(qk_norm):
     assert fused_layer.decode_layer(layer, x[:4], torch.arange(4), prefill) is None
 
     from epplat.core.moe.all2all import All2AllBackend, ExpertMap
-    assert fused_layer.decode_layer(_decoder_layer(qk_norm, All2AllBackend(ExpertMap(8))), x, pos, meta) is None
+    assert fused_layer.decode_layer(_decoder_layer(qk_norm, All2AllBackend(ExpertMap(8)), modules), x, pos, meta) is None

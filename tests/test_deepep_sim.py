@@ -1,5 +1,5 @@
 """The DeepEP all2all backends (epplat/platforms/cuda/all2all_deepep.py) on a *simulation* of
-``deep_ep`` (tests/sim_deepep: DeepEP's Buffer API over gloo, no GPU): two EP ranks as real
+``deep_ep`` (tests/simulations/deepep: DeepEP's Buffer API over gloo, no GPU): two EP ranks as real
 processes, uneven and empty batches; dispatch -> this rank's experts -> combine must equal all
 experts computed locally. The simulation asserts what DeepEP asserts (its EP-size configs, the
 low-latency hidden sizes, the NVSHMEM queue-pair depth, one live low-latency buffer) and leaves
@@ -10,19 +10,14 @@ the backends use its API, not the kernels."""
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-SIM = os.path.join(os.path.dirname(__file__), "sim_deepep")
-
 
 def _rank(rank, world, port, name, errors):
-    sys.path.insert(0, SIM)
     try:
         import torch.distributed as dist
         import torch.nn.functional as F
@@ -86,7 +81,8 @@ def _rank(rank, world, port, name, errors):
 
 
 @pytest.mark.parametrize("name", ["DeepEPHighThroughput", "DeepEPLowLatency"])
-def test_deepep_backend_on_a_simulated_deep_ep(name):
+def test_deepep_backend_on_a_simulated_deep_ep(name, simulation):
+    simulation("deepep")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+import simulations
 from hf_oracle import hf_greedy
 from server_utils import Server
 from test_parallel import MAX_TOKENS, complete
@@ -25,14 +26,14 @@ DIMS = dict(layers=2, hidden=64, top_k=2, heads=4, head_dim=16, moe_intermediate
 @pytest.fixture(scope="module")
 def v2_dir(tmp_path_factory):
     """V2-Lite style: plain q projection, softmax routing, greedy top-k, two shared experts."""
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     return make_model("deepseek_v2", tmp_path_factory.mktemp("deepseek_v2"), experts=8, seed=3, **DIMS)
 
 
 @pytest.fixture(scope="module")
 def v3_dir(tmp_path_factory):
     """V3 style: q_lora_rank, sigmoid + e_score_correction_bias, 4 groups (top 2), one shared expert."""
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     return make_model("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3"), experts=8, seed=4, q_lora_rank=32,
                       **DIMS)
 
@@ -70,7 +71,7 @@ def test_single_process_matches_transformers_and_caches_the_latent(v3_dir):
 @pytest.fixture(scope="module")
 def v3_uneven_dir(tmp_path_factory):
     """10 routed experts in 2 groups: over 4 EP ranks the first two hold 3, the others 2."""
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     return make_model("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3_uneven"), experts=10, seed=5,
                       q_lora_rank=32, n_group=2, topk_group=1, **DIMS)
 
@@ -135,7 +136,7 @@ def mtp_friendly(model_dir, scale: float) -> None:
 
 @pytest.fixture(scope="module")
 def v3_mtp_dir(tmp_path_factory):
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     d = make_model("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3_mtp"), experts=8, seed=6, q_lora_rank=32,
                    mtp_layers=1, **DIMS)
     mtp_friendly(d, 0.3)
@@ -159,8 +160,8 @@ def test_mtp_speculative_decoding_tp2_keeps_greedy_output_and_reports_acceptance
         samples = {x.name: x.value for f in text_string_to_metric_families(httpx.get(s.url + "/metrics").text)
                    for x in f.samples}
         log = s.output()
-    drafted, accepted = (samples[f"epplat:spec_decode_num_{w}_total"] for w in ("draft_tokens", "accepted_tokens"))
-    assert samples["epplat:spec_decode_num_drafts_total"] > 0 and 0 < accepted < drafted, samples
+    drafted, accepted = (samples[f"vllm:spec_decode_num_{w}_total"] for w in ("draft_tokens", "accepted_tokens"))
+    assert samples["vllm:spec_decode_num_drafts_total"] > 0 and 0 < accepted < drafted, samples
     rates = [float(r) for r in re.findall(r"SpecDecoding metrics: .*Avg Draft acceptance rate: ([\d.]+)%", log)]
     assert rates and any(r > 0 for r in rates), log[-3000:]
 
@@ -193,9 +194,9 @@ def test_speculative_config_needs_mtp_layers_and_one_engine_process(v3_dir, v3_m
 
 
 def test_ascend_simulation_dp2_ep_hccl(v3_dir):
-    """The ascend platform's path (SIMULATED torch_npu / HCCL, tests/sim_npu): DP=2 + EP over the hccl all2all."""
-    from test_ascend_sim import SIM_ENV
-    env = {**SIM_ENV, "HCCL_IF_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    """The ascend platform's path (SIMULATED torch_npu / HCCL, tests/simulations/npu): DP=2 + EP over the hccl
+    all2all."""
+    env = simulations.env("npu", HCCL_IF_IP="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
     with Server(str(v3_dir), "--platform", "ascend", "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
                 "--served-model-name", "ds", env=env) as s:
         assert complete(s.url, "ds", PROMPTS) == expected(v3_dir)
@@ -233,3 +234,46 @@ def test_triton_mla_decode_kernel_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, "-c", _MLA_INTERPRETED], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+_MULTISTREAM = r'''
+import logging, sys, torch, torch_npu, torchair
+logging.basicConfig(level=logging.INFO)
+from epplat.config import CacheConfig, EngineConfig, ModelConfig
+from epplat.core.engine.core import EngineCore
+from epplat.core.engine.model_runner import ModelInput
+from epplat.core.model.attention import build_attn_metadata
+from epplat.plugins import registry
+cfg = EngineConfig(model=ModelConfig(model=sys.argv[1], dtype="bfloat16"), platform="ascend",
+                   cache=CacheConfig(kv_cache_memory_bytes=64 << 20), additional_config={"torchair_graph_config": {
+                       "enabled": True, "graph_batch_sizes": [4], "enable_multistream_moe": True,
+                       "enable_multistream_mla": True}})
+npu = registry().load("platform", "ascend")()
+npu.configure(cfg)
+runner = EngineCore(cfg, npu, npu.device(0)).runner                               # KV cache, graphs captured
+mi = ModelInput([5, 9, 11], [3, 7, 2], [(4, 1, [0]), (8, 1, [1]), (3, 1, [2])])   # 3 decodes: padded to 4
+graph = runner.forward(mi)
+with torch.inference_mode():
+    for layer in runner.model.layers:     # eager, one stream
+        layer.shared_side_stream = layer.self_attn.query_side_stream = None
+    eager = runner.model(torch.tensor(mi.token_ids), torch.tensor(mi.positions),
+                         build_attn_metadata(mi.seqs, runner.block_size, runner.device, runner.pad_block))
+assert torch.equal(graph, eager), (graph - eager).abs().max()
+tags = {c[1] for c in torchair.calls if c[0] == "npu_stream_switch"}
+assert tags == {"moe_secondary", "mla_secondary"}, torchair.calls
+print("ok")
+'''
+
+
+def test_torchair_multistream_mla_and_moe_on_the_ascend_simulation(v3_dir):
+    """torchair graph mode with enable_multistream_moe / enable_multistream_mla (SIMULATED torchair: the scopes
+    run in order on one stream): the shared experts and MLA's query path enter their second streams, and the
+    graph's output equals eager's."""
+    import os
+    import subprocess
+    import sys
+    from test_ascend_sim import SIM_ENV
+    r = subprocess.run([sys.executable, "-c", _MULTISTREAM, str(v3_dir)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **SIM_ENV})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    assert "torchair multistream: 1 layers use stream moe_secondary, 2 layers use stream mla_secondary" in r.stderr

@@ -130,7 +130,7 @@ def test_half_checkpoint_on_cpu_matches_transformers_in_bfloat16_and_says_why(ck
 
     from transformers import AutoModelForCausalLM
 
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     d = make_model("qwen3_moe", tmp_path / ckpt_dtype, layers=2, hidden=64, experts=8, top_k=2, heads=4, kv_heads=2,
                    head_dim=32, moe_intermediate=64, vocab_size=2048, seed=3, dtype=ckpt_dtype)
     cfg = EngineConfig(ModelConfig(str(d), dtype="auto"), cache=CacheConfig(kv_cache_memory_bytes=64 << 20))

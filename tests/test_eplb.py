@@ -31,7 +31,7 @@ LONG_PROMPT, LONG = [11, 222, 333, 44, 5], 48
 
 @pytest.fixture(scope="module")
 def skewed_dir(tmp_path_factory):
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     return make_model("qwen3_moe", tmp_path_factory.mktemp("skewed"), layers=2, hidden=64, experts=8, top_k=2,
                       heads=4, kv_heads=2, head_dim=32, moe_intermediate=64, vocab_size=2048, seed=5,
                       router_skew=1.5)
@@ -148,17 +148,10 @@ def test_dp2_tp2_ep_async_rebalance(skewed_dir, expected, tmp_path):
     _check_dumps(tmp_path, skewed_dir, ep_size=4, slots_per_rank=2)
 
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "epplat-example-eplb"
-
-
-def test_third_party_eplb_policy_plugin(skewed_dir, expected, tmp_path):
+def test_third_party_eplb_policy_plugin(skewed_dir, expected, tmp_path, install_example):
     """examples/epplat-example-eplb pip-installed: listed, selected by name, weighs migration cost
     (served over examples/epplat-example-all2all, with redundant experts)."""
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(EXAMPLE), str(EXAMPLE.parent / "epplat-example-all2all")], check=True)
-    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-           "EPPLAT_STICKY_MIN_GAIN": "0.1"}
+    env = {**install_example("epplat-example-eplb", "epplat-example-all2all"), "EPPLAT_STICKY_MIN_GAIN": "0.1"}
     listing = subprocess.run([sys.executable, "-m", "epplat.cli", "plugins"], capture_output=True, text=True,
                              env={**os.environ, **env}, check=True).stdout
     assert plugin_statuses(listing)["sticky"] == ("epplat-example-eplb", "usable")

@@ -125,7 +125,7 @@ def test_fp8_logits_within_tolerance_of_the_fp32_reference(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     from epplat.platforms.cuda.fp8 import write_fp8_checkpoint
     from epplat.platforms.cuda.fp8_moe import dequantize, quantize
     model_dir = make_model("qwen3_moe", tmp_path / "m", hidden=256, moe_intermediate=128, experts=8, top_k=2,
@@ -227,7 +227,7 @@ def test_cuda_graphs_give_the_eager_tokens(qwen3_moe_dir):
 
 
 def test_fp8_cuda_graphs_give_the_eager_tokens(tmp_path):
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     model_dir = make_model("qwen3_moe", tmp_path / "m", hidden=256, moe_intermediate=128, experts=8, top_k=2,
                            heads=4, kv_heads=2, head_dim=64, layers=2, seed=3, dtype="bfloat16")
     graphed = _core(model_dir, eager=False, quantization="fp8")
@@ -243,7 +243,7 @@ def test_bf16_logits_within_tolerance_of_the_fp32_reference(tmp_path):
 
     from epplat.core.engine.protocol import EngineRequest, SamplingParams
     from epplat.core.engine.request import Request
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     model_dir = make_model("qwen3_moe", tmp_path / "m", hidden=128, seed=0)
     core = _core(model_dir, eager=True)
     prompt = PROMPTS[2]
@@ -439,7 +439,7 @@ def test_triton_mla_decode_matches_the_torch_path(dtype):
 
 def test_deepseek_cuda_graphs_give_the_eager_tokens(tmp_path):
     """MLA decode through the Triton kernel (16 heads, power-of-two latent and rope dims), graphs and eager."""
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     d = make_model("deepseek_v3", tmp_path / "ds", layers=2, hidden=128, experts=8, top_k=2, heads=16, head_dim=32,
                    moe_intermediate=64, intermediate=256, kv_lora_rank=64, rope_head_dim=16, q_lora_rank=64,
                    dtype="bfloat16")

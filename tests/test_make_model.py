@@ -83,14 +83,14 @@ def test_tokenizer_round_trips_and_has_a_chat_template(qwen3_moe_dir):
 
 
 def test_tokenizer_is_deterministic():
-    from epplat.core.model.tokenizer_gen import build_tokenizer
+    from epplat.tools.tokenizer_gen import build_tokenizer
     assert build_tokenizer(600).to_str() == build_tokenizer(600).to_str()
 
 
 def test_weights_do_not_depend_on_sharding(tmp_path):
     from safetensors.torch import load_file
 
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     kw = dict(layers=1, hidden=32, experts=2, heads=2, kv_heads=1, head_dim=16, vocab_size=512)
     a = make_model("mixtral", tmp_path / "a", **kw)
     b = make_model("mixtral", tmp_path / "b", max_shard_bytes=50_000, workers=3, **kw)
@@ -108,7 +108,7 @@ def test_weights_do_not_depend_on_sharding(tmp_path):
 def test_half_dtypes_and_odd_head_dim(tmp_path, dtype):
     from safetensors import safe_open
 
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     d = make_model("mixtral", tmp_path, layers=1, hidden=64, experts=4, heads=4, kv_heads=2, head_dim=32,
                    vocab_size=512, dtype=dtype)               # head_dim != hidden / heads
     with safe_open(str(d / "model.safetensors"), "pt") as st:
@@ -119,7 +119,7 @@ def test_half_dtypes_and_odd_head_dim(tmp_path, dtype):
 
 
 def test_demo_model_is_made_once_and_reused(tmp_path, monkeypatch):
-    from epplat.core.model import demo
+    from epplat.tools import demo
     monkeypatch.setenv("EPPLAT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(demo, "DEMO_SHAPE", dict(layers=1, hidden=32, experts=4, top_k=2, heads=2, kv_heads=1,
                                                  head_dim=16, vocab_size=2048))

@@ -1,6 +1,8 @@
-"""Multi-process layouts on the cpu platform (gloo, real processes, real sockets): TP, DP + EP,
-DP x TP + EP, both all2all backends, several API servers, two nodes on loopback, external
-load balancing, idle CPU, shutdown and a dying rank. Greedy tokens equal transformers'."""
+"""Multi-process layouts on the cpu platform (gloo, real processes, real sockets): TP, TP + EP,
+DP + EP, DP x TP with and without EP (Mixtral), DP=4 over two nodes of two ranks, both all2all
+backends, several API servers, external load balancing, chunked prefill and preemption under
+TP/DP/EP, least-loaded routing, idle CPU, shutdown and a dying rank. Greedy tokens, and the
+logprobs of every generated token, equal transformers'."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import os
 import re
 import signal
+import threading
 import time
 
 import httpx
@@ -42,7 +45,8 @@ def complete(url, model, prompts=PROMPTS, max_tokens=MAX_TOKENS):
 
 def complete_in_one_request(url, model, prompts, max_tokens) -> list[str]:
     """All prompts in one /v1/completions request: the API server hands them to the engines
-    together, so they compete for the KV cache whatever the machine's load."""
+    together, so they compete for the KV cache whatever the machine's load, and least-loaded
+    routing deals them out evenly over the DP ranks (each pick sees the ones before it)."""
     c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
     r = c.completions.create(model=model, prompt=prompts, max_tokens=max_tokens, temperature=0,
                              extra_body={"ignore_eos": True})
@@ -65,25 +69,6 @@ def per_rank_requests(url) -> dict[str, float]:
     return out
 
 
-def check_one_in_flight_request_per_rank(url, model, ranks: int, max_tokens: int = 240) -> None:
-    """Start `ranks` long streams one after another, each seen producing before the next starts:
-    least-loaded routing puts each on an idle rank, so every rank holds exactly one. (Counting
-    where a burst of short requests went would depend on the machine's load.)"""
-    before = per_rank_requests(url)
-    c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
-    streams = []
-    try:
-        for _ in range(ranks):
-            streams.append(c.completions.create(model=model, prompt=[1, 2, 3], max_tokens=max_tokens, stream=True,
-                                                extra_body={"ignore_eos": True}))
-            next(iter(streams[-1]))
-        after = per_rank_requests(url)
-        assert {r: after[r] - before.get(r, 0) for r in after} == {str(r): 1 for r in range(ranks)}, after
-    finally:
-        for st in streams:
-            st.close()
-
-
 def cpu_seconds(pids) -> float:
     total = 0
     for p in pids:
@@ -93,6 +78,11 @@ def cpu_seconds(pids) -> float:
         except OSError:
             pass
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def _gpus_short(n):
+    import torch
+    return torch.cuda.is_available() and torch.cuda.device_count() < n
 
 
 # A KV cache of 10 blocks of 8 tokens per engine and 16-token steps: the 30-token prompt is
@@ -129,12 +119,13 @@ def check_logprobs_of_every_token(url, model_dir, prompt, n=6, top=3):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(_gpus_short(4), reason="DP=2 x TP=2 on the cuda platform needs 4 GPUs")
 def test_mixtral_dp2_x_tp2_without_ep_chunked_preempted_and_logprobs(mixtral_dir):
     want = expected_texts(mixtral_dir, PROMPTS, LONG)
     with Server(str(mixtral_dir), "--dtype", "float32", "-dp", "2", "-tp", "2", *TIGHT, timeout=180) as s:
         assert complete_in_one_request(s.url, str(mixtral_dir), PROMPTS, LONG) == want
-        assert metric(s.url, "epplat:num_preemptions_total") > 0
-        check_one_in_flight_request_per_rank(s.url, str(mixtral_dir), 2, max_tokens=60)
+        assert metric(s.url, "vllm:num_preemptions_total") > 0
+        assert per_rank_requests(s.url) == {"0": 4, "1": 4}
         assert "EP rank" not in s.output()
         check_logprobs_of_every_token(s.url, mixtral_dir, PROMPTS[0])
 
@@ -143,7 +134,7 @@ def test_tp2_with_ep_chunked_and_preempted(qwen3_moe_dir):
     want = expected_texts(qwen3_moe_dir, PROMPTS, LONG)
     with Server(str(qwen3_moe_dir), "--dtype", "float32", "-tp", "2", "-ep", *TIGHT) as s:
         assert complete_in_one_request(s.url, str(qwen3_moe_dir), PROMPTS, LONG) == want
-        assert metric(s.url, "epplat:num_preemptions_total") > 0
+        assert metric(s.url, "vllm:num_preemptions_total") > 0
         log = s.output()
         assert "EP rank 0/2 holds experts 0-3 of 8" in log and "EP rank 1/2 holds experts 4-7 of 8" in log
         check_logprobs_of_every_token(s.url, qwen3_moe_dir, PROMPTS[2])
@@ -173,11 +164,6 @@ def test_dp2_ep_naive_backend_two_api_servers(qwen3_moe_dir, expected):
         assert all(f"API server {i} connected to 2 engine(s)" in s.output() for i in (0, 1))
 
 
-def _gpus_short(n):
-    import torch
-    return torch.cuda.is_available() and torch.cuda.device_count() < n
-
-
 @pytest.mark.skipif(_gpus_short(4), reason="DP=2 x TP=2 on the cuda platform needs 4 GPUs")
 def test_dp2_tp2_ep_and_idle_cpu(qwen3_moe_dir, expected):
     with Server(str(qwen3_moe_dir), "--dtype", "float32", "-dp", "2", "-tp", "2", "-ep",
@@ -205,8 +191,8 @@ def test_dp4_on_two_nodes_of_two_ranks_without_ep_and_shutdown(qwen3_moe_dir, ex
                               env={"CUDA_VISIBLE_DEVICES": "2,3"})
     try:
         with Server(str(qwen3_moe_dir), *common, env={"CUDA_VISIBLE_DEVICES": "0,1"}, timeout=180) as primary:
-            assert complete(primary.url, str(qwen3_moe_dir)) == expected
-            check_one_in_flight_request_per_rank(primary.url, str(qwen3_moe_dir), 4)
+            assert complete_in_one_request(primary.url, str(qwen3_moe_dir), PROMPTS, MAX_TOKENS) == expected
+            assert per_rank_requests(primary.url) == {"0": 2, "1": 2, "2": 2, "3": 2}
             assert "EP rank" not in primary.output()
         # SIGTERM on the primary (Server.stop) stops the headless node's engines too
         headless.wait(30)
@@ -222,7 +208,6 @@ def test_external_load_balancing(qwen3_moe_dir, expected):
     port = rpc_port()
     common = ["--dtype", "float32", "--data-parallel-size", "2", "--data-parallel-address", "127.0.0.1",
               "--data-parallel-rpc-port", str(port), "--enable-expert-parallel", "--max-model-len", "256"]
-    import threading
     servers = {}
     t = threading.Thread(target=lambda: servers.setdefault(1, Server(
         str(qwen3_moe_dir), *common, env={"EPPLAT_DP_RANK": "1", "CUDA_VISIBLE_DEVICES": "1"})))
@@ -248,6 +233,16 @@ def test_least_loaded_routing_then_a_dying_rank_fails_health_and_in_flight_reque
         stream = c.completions.create(model=str(qwen3_moe_dir), prompt="die", max_tokens=4000, stream=True,
                                       extra_body={"ignore_eos": True})
         got, t0, error, finished = 0, time.time(), None, False
+        health, polling = [], threading.Event()
+
+        def poll_health():   # from before the kill, so the 503 window before the server exits is seen
+            while polling.is_set():
+                try:
+                    health.append(httpx.get(s.url + "/health", timeout=5).status_code)
+                except httpx.HTTPError:
+                    health.append("refused")
+                time.sleep(0.05)
+        poller = threading.Thread(target=poll_health)
         try:
             for chunk in stream:
                 got += 1
@@ -258,6 +253,8 @@ def test_least_loaded_routing_then_a_dying_rank_fails_health_and_in_flight_reque
                         assert complete(s.url, str(qwen3_moe_dir), [p]) == [want]
                     assert per_rank_requests(s.url) == {busy: 1, str(1 - int(busy)): 3}
                 if got == 5:
+                    polling.set()
+                    poller.start()
                     os.kill(pid, signal.SIGKILL)
                 if chunk.choices and chunk.choices[0].finish_reason:
                     finished = True
@@ -265,10 +262,10 @@ def test_least_loaded_routing_then_a_dying_rank_fails_health_and_in_flight_reque
             error = e
         assert error is not None and not finished, f"stream ended normally after {got} chunks"
         assert time.time() - t0 < 60
-        deadline, status = time.time() + 15, None
-        while time.time() < deadline and status != 503:
-            # a refused connection raises here: the API server must stay up and answer 503
-            status = httpx.get(s.url + "/health", timeout=2).status_code
-            time.sleep(0.2)
-        assert status == 503, f"/health answered {status} after a rank died"
-        assert s.proc.poll() is None
+        deadline = time.time() + 15
+        while time.time() < deadline and not set(health) - {200}:
+            time.sleep(0.1)
+        polling.clear()
+        poller.join()
+        # a live API server answers 503; a refused connection first would mean the server died with the rank
+        assert next((h for h in health if h != 200), None) == 503, health

@@ -74,7 +74,7 @@ def decode_call(server, params, max_tokens, stream=False):
 def prefill_blocks_free(prefill, deadline_s=TIMEOUT_S + 6):
     t0 = time.time()
     while time.time() - t0 < deadline_s:
-        if metric(prefill.url, "epplat:kv_cache_usage_perc") == 0.0:
+        if metric(prefill.url, "vllm:kv_cache_usage_perc") == 0.0:
             return True
         time.sleep(0.2)
     return False
@@ -160,7 +160,7 @@ def test_expired_blocks_and_dead_prefill_are_recomputed_on_decode(pd, qwen3_moe_
     assert decode_call(decode, orphan, 6) == want[1]
     log = decode.output()
     assert "holds no blocks here" in log and "Connection refused" in log and "computing its prompt here" in log
-    assert metric(decode.url, "epplat:kv_cache_usage_perc") == 0.0
+    assert metric(decode.url, "vllm:kv_cache_usage_perc") == 0.0
 
 
 def test_handshake_refuses_a_different_kv_layout(qwen3_moe_dir):

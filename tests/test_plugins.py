@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import openai
 import pytest
@@ -14,8 +13,6 @@ from epplat.plugins import PluginError, registry
 from hf_oracle import hf_greedy
 from plugin_listing import plugin_statuses
 from server_utils import Server
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "epplat-example-all2all"
 
 
 def test_builtin_registrations_come_from_entry_points():
@@ -55,17 +52,8 @@ def test_unusable_and_unknown_selections_raise_one_line():
         reg.get("all2all", "x")
 
 
-@pytest.fixture(scope="module")
-def plugin_site(tmp_path_factory):
-    """The example package pip-installed into its own directory (put on PYTHONPATH)."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(EXAMPLE)], check=True)
-    return target
-
-
-def test_third_party_all2all_plugin(plugin_site, qwen3_moe_dir):
-    env = {"PYTHONPATH": os.pathsep.join([str(plugin_site), os.environ.get("PYTHONPATH", "")])}
+def test_third_party_all2all_plugin(install_example, qwen3_moe_dir):
+    env = install_example("epplat-example-all2all")
     listing = subprocess.run([sys.executable, "-m", "epplat.cli", "plugins"], capture_output=True, text=True,
                              env={**os.environ, **env}, check=True).stdout
     assert plugin_statuses(listing)["all_to_all"] == ("epplat-example-all2all", "usable")

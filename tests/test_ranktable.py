@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fake_ascend_tools import env_with, install
+from simulations.ascend_tools import env_with, install
 
 
 def ranktable(*args, env, cwd=None, timeout=60):

@@ -1,6 +1,7 @@
 """The sampler against a plain torch reference of each rule (temperature, min-p, top-k,
 top-p, in vLLM's order), both as the distribution it draws from and as the frequencies
-of many seeded draws through ``sample`` itself.
+of many seeded draws through ``sample`` itself, over a 12-token vocabulary and over one
+of 6,000 (wide enough for the sampler's partial selections to widen).
 
 Statistical bound: with N draws from a distribution p, the count of token t is
 Binomial(N, p_t); the tests require |count/N - p_t| <= 5 * sqrt(p_t (1 - p_t) / N) + 1/N
@@ -35,8 +36,10 @@ def reference_probs(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, m
         kth = x.topk(top_k).values[-1]
         x = torch.where(x < kth, -math.inf, x)
     if top_p < 1:
-        p = x.softmax(-1)
-        keep = torch.tensor([p[p > p[t]].sum() < top_p for t in range(len(p))])
+        # keep a token when the tokens more probable than it hold less than top_p
+        p, order = x.softmax(-1).sort(descending=True)
+        keep = torch.empty(len(p), dtype=torch.bool)
+        keep[order] = (p.cumsum(-1) - p) < top_p
         x = torch.where(keep, x, -math.inf)
     return x.softmax(-1).float()
 
@@ -49,6 +52,20 @@ CASES = {
     "min_p 0.2": dict(min_p=0.2),
     "temperature 1.4, min_p 0.3, top_p 0.8": dict(temperature=1.4, min_p=0.3, top_p=0.8),
     "temperature 0.8, top_k 5, top_p 0.9": dict(temperature=0.8, top_k=5, top_p=0.9),
+}
+
+
+# A vocabulary far larger than the first selection a top-p row looks at (the sampler's
+# FIRST_CANDIDATES, 512 today), so that partial selections, their widening and the full sort
+# all run: a flat distribution whose top-p set holds thousands of tokens and a peaked one.
+BIG = torch.randn(6000, generator=torch.Generator().manual_seed(0)) * 3
+BIG_CASES = {
+    "flat, top_p 0.9": dict(temperature=3.0, top_p=0.9),
+    "peaked, top_p 0.9": dict(temperature=0.5, top_p=0.9),
+    "flat, min_p 0.02, top_p 0.7": dict(temperature=2.0, min_p=0.02, top_p=0.7),
+    "top_k 40, min_p 0.05": dict(top_k=40, min_p=0.05),
+    "top_k 3000, top_p 0.8": dict(temperature=3.0, top_k=3000, top_p=0.8),
+    "min_p 0.01": dict(min_p=0.01),
 }
 
 
@@ -87,6 +104,31 @@ def test_sampling_probs_equal_the_reference(name):
     ref = reference_probs(LOGITS, **params)
     torch.testing.assert_close(got[0], ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got[1], ref, atol=1e-6, rtol=1e-5)
+
+
+def test_big_vocabulary_cases_need_wide_selections():
+    kept = {name: int((reference_probs(BIG, **params) > 0).sum()) for name, params in BIG_CASES.items()}
+    assert kept["flat, top_p 0.9"] > 2 * 512 and kept["top_k 3000, top_p 0.8"] > 512, kept
+    assert 1 < kept["peaked, top_p 0.9"] < 512 and 1 < kept["top_k 40, min_p 0.05"] < 40, kept
+
+
+@pytest.mark.parametrize("name", list(BIG_CASES))
+def test_sampling_probs_equal_the_reference_over_a_big_vocabulary(name):
+    got = sampling_probs(BIG[None], requests(1, **BIG_CASES[name]))[0]
+    ref = reference_probs(BIG, **BIG_CASES[name])
+    assert torch.equal(got > 0, ref > 0)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["flat, min_p 0.02, top_p 0.7", "top_k 40, min_p 0.05"])
+def test_draw_frequencies_over_a_big_vocabulary(name):
+    params = BIG_CASES[name]
+    torch.manual_seed(0)
+    counts = torch.zeros(len(BIG), dtype=torch.long)
+    for _ in range(5):      # 10,000 draws in batches of 2,000 rows
+        tokens, _ = sample(BIG[None].expand(2000, -1).contiguous(), requests(2000, **params))
+        counts += torch.bincount(torch.tensor(tokens), minlength=len(BIG))
+    assert within_bound(counts, reference_probs(BIG, **params)) == []
 
 
 def test_rows_of_one_batch_keep_their_own_rules():

@@ -25,7 +25,7 @@ PROMPTS = ["The quick brown fox", "def add(a, b):", "Once upon a time there was"
 @pytest.fixture(scope="module")
 def qwen_server(qwen3_moe_dir):
     with Server(str(qwen3_moe_dir), "--dtype", "float32", "--max-model-len", "4096",
-                "--served-model-name", "qwen-test", "extra-alias") as s:
+                "--served-model-name", "qwen-test", "extra-alias", env={"EPPLAT_LOG_STATS_INTERVAL": "1"}) as s:
         yield s
 
 
@@ -215,7 +215,7 @@ def metric(url, name, **labels):
 def test_client_disconnect_aborts_and_frees_kv_blocks(qwen_server):
     url = qwen_server.url
     for stream in (True, False):
-        before = metric(url, "epplat:request_success_total", finished_reason="abort")
+        before = metric(url, "vllm:request_success_total", finished_reason="abort")
         # 3000 tokens take seconds; the client leaves after a fraction of one
         body = {"model": "qwen-test", "prompt": "spin " * 20, "max_tokens": 3000, "temperature": 0,
                 "ignore_eos": True, "stream": stream}
@@ -226,13 +226,13 @@ def test_client_disconnect_aborts_and_frees_kv_blocks(qwen_server):
                 r = httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(2.0, read=0.2))
                 pytest.fail(f"no timeout: {r.status_code} {r.text[:300]}")
         deadline = time.time() + 10
-        while time.time() < deadline and (metric(url, "epplat:num_requests_running") > 0
-                                          or metric(url, "epplat:kv_cache_usage_perc") > 0):
+        while time.time() < deadline and (metric(url, "vllm:num_requests_running") > 0
+                                          or metric(url, "vllm:kv_cache_usage_perc") > 0):
             time.sleep(0.2)
-        assert metric(url, "epplat:num_requests_running") == 0
-        assert metric(url, "epplat:kv_cache_usage_perc") == 0
+        assert metric(url, "vllm:num_requests_running") == 0
+        assert metric(url, "vllm:kv_cache_usage_perc") == 0
         # it was aborted, not run to its end
-        assert metric(url, "epplat:request_success_total", finished_reason="abort") == before + 1
+        assert metric(url, "vllm:request_success_total", finished_reason="abort") == before + 1
 
 
 def _stream_then_drop(url, body):
@@ -243,12 +243,109 @@ def _stream_then_drop(url, body):
     pytest.fail("the stream ended before it was dropped")
 
 
-def test_metrics_exposes_vllm_style_series(qwen_server, client):
-    client.completions.create(model="qwen-test", prompt="metrics", max_tokens=3, temperature=0)
-    text = httpx.get(qwen_server.url + "/metrics").text
-    for name in ("epplat:num_requests_running", "epplat:num_requests_waiting", "epplat:kv_cache_usage_perc",
-                 "epplat:time_to_first_token_seconds_bucket", "epplat:request_success_total"):
-        assert name in text
+VLLM_FAMILIES = {
+    "counter": ["request_success", "prompt_tokens", "generation_tokens", "num_preemptions", "prefix_cache_queries",
+                "prefix_cache_hits", "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+                "spec_decode_num_accepted_tokens"],
+    "gauge": ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"],
+    "histogram": ["time_to_first_token_seconds", "inter_token_latency_seconds",
+                  "request_time_per_output_token_seconds", "e2e_request_latency_seconds",
+                  "request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                  "request_inference_time_seconds"]}
+
+
+def scrape(url) -> dict:
+    """{family name: (type, {(sample name, labels): value})} of /metrics, by prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return {f.name: (f.type, {(s.name, tuple(sorted(s.labels.items()))): s.value for s in f.samples})
+            for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+
+
+def value(families, sample, **labels) -> float:
+    fam = sample.removesuffix("_total").removesuffix("_count").removesuffix("_sum")
+    return sum(v for (n, lab), v in families[fam][1].items()
+               if n == sample and all(dict(lab).get(k) == x for k, x in labels.items()))
+
+
+def test_metrics_have_vllms_families_and_move_under_load(qwen_server, client):
+    url, shared = qwen_server.url, "Experts are routed to tokens by a gate; " * 6
+    client.completions.create(model="qwen-test", prompt=shared + "warm", max_tokens=2, temperature=0)
+    before = scrape(url)
+    for kind, names in VLLM_FAMILIES.items():
+        for name in names:
+            assert before.get(f"vllm:{name}", (None,))[0] == kind, (name, before.get(f"vllm:{name}"))
+            assert all(dict(lab)["model_name"] == "qwen-test" for _, lab in before[f"vllm:{name}"][1])
+    for name in ("epplat:engine_requests_received", "epplat:eplb_balancedness", "epplat:prompt_tokens_computed"):
+        assert name in before
+
+    async def load():
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        reqs = asyncio.gather(*(c.completions.create(model="qwen-test", prompt=shared + str(i), max_tokens=24 + i,
+                                                     temperature=0, extra_body={"ignore_eos": True})
+                                   for i in range(6)))
+        task, during = asyncio.ensure_future(reqs), []
+        while not task.done():
+            during.append(await asyncio.to_thread(scrape, url))
+            await asyncio.sleep(0.02)
+        return await task, during
+    responses, during = asyncio.run(load())
+    after = scrape(url)
+
+    def moved(sample, **labels):
+        return value(after, sample, **labels) - value(before, sample, **labels)
+    out = [r.usage.completion_tokens for r in responses]
+    assert out == [24 + i for i in range(6)]
+    assert moved("vllm:request_success_total", finished_reason="length") == 6
+    assert moved("vllm:generation_tokens_total") == sum(out)
+    assert moved("vllm:prompt_tokens_total") == sum(r.usage.prompt_tokens for r in responses)
+    assert moved("vllm:prefix_cache_queries_total") >= sum(r.usage.prompt_tokens for r in responses) - 6
+    assert moved("vllm:prefix_cache_hits_total") >= 6 * 16     # the shared prefix's first block, at least
+    for hist in VLLM_FAMILIES["histogram"]:
+        n = sum(o - 1 for o in out) if hist == "inter_token_latency_seconds" else 6
+        assert moved(f"vllm:{hist}_count") == n, hist
+        assert moved(f"vllm:{hist}_sum") > 0 or hist == "request_queue_time_seconds", hist
+    assert max(value(d, "vllm:num_requests_running") for d in during) > 0
+    assert max(value(d, "vllm:kv_cache_usage_perc") for d in during) > 0
+    assert value(after, "vllm:num_requests_running") == value(after, "vllm:num_requests_waiting") == 0
+    assert value(after, "vllm:kv_cache_usage_perc") == 0
+    # vLLM's periodic line (EPPLAT_LOG_STATS_INTERVAL=1 for this server)
+    assert re.search(r"Engine 000: Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: [\d.]+ "
+                     r"tokens/s, Running: \d+ reqs, Waiting: \d+ reqs, GPU KV cache usage: [\d.]+%, Prefix cache "
+                     r"hit rate: [\d.]+%", qwen_server.output())
+
+
+def test_tokenize_detokenize_ping_load(qwen_server, qwen3_moe_dir):
+    from transformers import AutoTokenizer
+    tok, url = AutoTokenizer.from_pretrained(qwen3_moe_dir), qwen_server.url
+    text = "Experts are routed, tokens are gated."
+    r = httpx.post(url + "/tokenize", json={"model": "qwen-test", "prompt": text, "return_token_strs": True}).json()
+    ids = tok.encode(text)
+    assert r == {"count": len(ids), "max_model_len": 4096, "tokens": ids, "token_strs": tok.convert_ids_to_tokens(ids)}
+    messages = [{"role": "user", "content": "hello"}]
+    r = httpx.post(url + "/tokenize", json={"messages": messages}).json()
+    chat_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                          add_special_tokens=False)
+    assert r == {"count": len(chat_ids), "max_model_len": 4096, "tokens": chat_ids, "token_strs": None}
+    assert httpx.post(url + "/detokenize", json={"model": "qwen-test", "tokens": chat_ids}).json() == {
+        "prompt": tok.decode(chat_ids)}
+    for path, body, status in (("/tokenize", {}, 400), ("/tokenize", {"prompt": 3}, 400),
+                               ("/tokenize", {"model": "nope", "prompt": "x"}, 404),
+                               ("/detokenize", {"tokens": [len(tok) + 10**6]}, 400),
+                               ("/detokenize", {"tokens": "1 2"}, 400)):
+        r = httpx.post(url + path, json=body)
+        assert r.status_code == status and r.json()["error"]["message"], (path, body, r.text)
+    assert httpx.post(url + "/tokenize", content=b"{").status_code == 400
+    assert httpx.get(url + "/ping").status_code == httpx.post(url + "/ping").status_code == 200
+    assert httpx.get(url + "/load").json() == {"server_load": 0}
+    body = {"model": "qwen-test", "prompt": "load", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()      # kept: a dropped iterator closes the stream
+        next(lines)
+        assert httpx.get(url + "/load").json() == {"server_load": 1}
+    deadline = time.time() + 10
+    while httpx.get(url + "/load").json()["server_load"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(url + "/load").json() == {"server_load": 0}
 
 
 def test_api_key_protects_v1(qwen3_moe_dir):
@@ -272,14 +369,14 @@ def test_mixtral_and_preemption_under_tiny_kv_cache(mixtral_dir):
                                                              temperature=0) for p in ids))
             return [r.choices[0].text for r in rs]
         assert asyncio.run(go()) == [tok.decode(x, skip_special_tokens=True) for x in ref]
-        assert metric(s.url, "epplat:num_preemptions_total") > 0
+        assert metric(s.url, "vllm:num_preemptions_total") > 0
         assert "KV cache size: 64 tokens" in s.output()
         assert "Maximum concurrency for 40 tokens per request: 1.60x" in s.output()
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_bench_serve_load_generator(qwen_server, qwen3_moe_dir, endpoint):
-    from epplat.bench_serve import run_benchmark
+    from epplat.tools.bench_serve import run_benchmark
     r = run_benchmark(qwen_server.url, "qwen-test", num_prompts=6, input_len=12, output_len=5, concurrency=3,
                       tokenizer_dir=str(qwen3_moe_dir), endpoint=endpoint)
     assert r["completed"] == 6 and r["failed"] == 0, r

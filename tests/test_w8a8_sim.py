@@ -1,4 +1,4 @@
-"""W8A8 (`--quantization ascend`) on the SIMULATED torch_npu (tests/sim_npu): the expert GEMMs through
+"""W8A8 (`--quantization ascend`) on the SIMULATED torch_npu (tests/simulations/npu): the expert GEMMs through
 npu_dynamic_quant / npu_grouped_matmul and the linear ones through npu_quant_matmul agree with a
 plain-torch reference of the same integer arithmetic; a msModelSlim-layout checkpoint (int8 experts,
 q/k/v/o and a dense MLP) loads through the real loader, its linears sliced per TP rank, and serves the
@@ -18,17 +18,16 @@ import openai
 import pytest
 import torch
 
+import simulations
 from hf_oracle import hf_greedy
 from server_utils import Server
 from w8a8_checkpoint import (EXPERT_WEIGHT, quantize_per_channel, reference_w8a8_experts, reference_w8a8_greedy,
                              reference_w8a8_linear, write_w8a8_checkpoint)
 
-SIM = str(Path(__file__).resolve().parent / "sim_npu")
-SIM_ENV = {"PYTHONPATH": os.pathsep.join([SIM, os.environ.get("PYTHONPATH", "")])}
+SIM_ENV = simulations.env("npu")
 
 
 def _experts_worker(_rank: int, case_path: str) -> None:
-    sys.path.insert(0, SIM)
     import torch_npu  # noqa: F401  (the simulation)
 
     from epplat.platforms.ascend.w8a8 import w8a8_experts
@@ -44,7 +43,8 @@ def _scale_dtype(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_w8a8_experts_match_integer_reference(tmp_path, dtype):
+def test_w8a8_experts_match_integer_reference(tmp_path, dtype, simulation):
+    simulation("npu")
     torch.manual_seed(0)
     experts, hidden, inter, tokens, k = 6, 32, 48, 9, 2
     # checkpoint-layout weights [out, in] quantized per output channel, stored input-major as the layer keeps them
@@ -71,7 +71,6 @@ def test_w8a8_experts_match_integer_reference(tmp_path, dtype):
 
 
 def _linear_worker(_rank: int, case_path: str) -> None:
-    sys.path.insert(0, SIM)
     import torch_npu  # noqa: F401  (the simulation)
 
     from epplat.platforms.ascend.w8a8 import w8a8_linear
@@ -83,7 +82,8 @@ def _linear_worker(_rank: int, case_path: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_w8a8_linear_matches_integer_reference(tmp_path, dtype):
+def test_w8a8_linear_matches_integer_reference(tmp_path, dtype, simulation):
+    simulation("npu")
     torch.manual_seed(1)
     wq, ws = quantize_per_channel(torch.randn(40, 96))
     x, bias = (torch.randn(7, 96) * 3).to(dtype), torch.randn(40).to(dtype)
@@ -104,14 +104,13 @@ def test_w8a8_linear_matches_integer_reference(tmp_path, dtype):
 def _tp_worker(_rank: int, model_dir: str, out_path: str) -> None:
     """Load the W8A8 checkpoint with the real loader as TP=1 and as TP ranks 0 and 1 of 2, and run the
     layer-0 linears of each (no process groups: the partial sums of the row-parallel GEMMs are returned)."""
-    sys.path.insert(0, SIM)
     import torch_npu  # noqa: F401  (the simulation)
     from types import SimpleNamespace
 
     from epplat.core.distributed.parallel_state import ParallelState
     from epplat.core.model import qwen3_moe
     from epplat.core.model.decoder import MoEForCausalLM
-    from epplat.core.model.layers import gated_act
+    from epplat.core.ops import gated_act
     from epplat.core.model.loader import load_checkpoint
     from epplat.core.moe.all2all import All2AllBackend, ExpertMap
     from epplat.platforms.ascend.w8a8 import AscendW8A8
@@ -141,7 +140,8 @@ def _tp_worker(_rank: int, model_dir: str, out_path: str) -> None:
     torch.save(results, out_path)
 
 
-def test_w8a8_linears_shard_over_tp(w8a8_dir, tmp_path):
+def test_w8a8_linears_shard_over_tp(w8a8_dir, tmp_path, simulation):
+    simulation("npu")
     out = tmp_path / "tp.pt"
     torch.multiprocessing.spawn(_tp_worker, args=(str(w8a8_dir), str(out)), nprocs=1)
     r = torch.load(out)

@@ -1,10 +1,12 @@
-"""What a platform plugin provides: device, distributed backend, memory, defaults."""
+"""What a platform plugin provides: device, distributed backend, memory, defaults, kernels."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+from epplat.core.ops import TORCH, Kernels
 
 
 class Platform:
@@ -13,6 +15,10 @@ class Platform:
     dist_backend = "gloo"
     default_all2all = "allgather_reducescatter"
     default_graph_runner = "eager"
+    default_max_num_batched_tokens = 2048   # --max-num-batched-tokens when not given
+    compiles_kernels = False        # True: the engine warms every kernel variant up before serving
+    # the fast paths this platform hands the model (epplat.core.ops); an instance sets its own record
+    kernels: Kernels = TORCH
 
     @classmethod
     def check(cls) -> Optional[str]:
@@ -51,10 +57,16 @@ class Platform:
     def synchronize(self) -> None:
         pass
 
+    def auto_dtype(self, checkpoint_dtype: str) -> tuple[str, Optional[str]]:
+        """The dtype ``--dtype auto`` computes a `checkpoint_dtype` checkpoint in, and why when it
+        is not that one."""
+        return checkpoint_dtype, None
+
     def slower_path(self, dtype: torch.dtype) -> Optional[str]:
         """Why this platform runs slower code than the flags imply (e.g. kernels that decline
         `dtype`), said once at startup; None when it runs its fastest path."""
         return None
 
     def log_prefix(self) -> str:
-        return self.name.upper() if self.name == "cpu" else "GPU"
+        """What the KV cache log line calls the device ("GPU", "CPU", "NPU")."""
+        return "GPU"

@@ -47,6 +47,7 @@ class CompletionOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     kv_transfer_params: Optional[dict] = None
+    times: Optional[P.RequestTimes] = None     # the engine's queue / prefill / decode times, when finished
 
 
 class _RequestState:
@@ -68,7 +69,7 @@ class _RequestState:
             finish, reason = "stop", matched
         return CompletionOutput(self.request_id, self.detok.delta(final=finish is not None),
                                 list(out.new_token_ids), out.logprobs, finish, reason,
-                                self.num_prompt, self.num_output, out.kv_transfer_params)
+                                self.num_prompt, self.num_output, out.kv_transfer_params, out.times)
 
 
 class EngineClient:

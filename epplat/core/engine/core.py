@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional
 
 import msgspec
@@ -82,7 +83,8 @@ class EngineCore:
         for rid in request_ids:
             req = self.scheduler.abort(rid)
             if req is not None:
-                out.append(EngineOutput(rid, [], finish_reason="abort", num_prompt_tokens=req.prompt_len))
+                out.append(EngineOutput(rid, [], finish_reason="abort", num_prompt_tokens=req.prompt_len,
+                                        times=req.times()))
         return out
 
     def has_work(self) -> bool:
@@ -122,6 +124,10 @@ class EngineCore:
             elif kv_meta is not None:
                 self.runner.kv_start_load(kv_meta)      # asynchronous loads start with no step to ride on
             return []
+        now = time.monotonic()
+        for req, _ in batch:
+            if req.scheduled_ts is None:
+                req.scheduled_ts = now
         sampled = self.runner.execute(batch, ep_counts, publish, kv_meta)
         outputs = []
         prompt_tokens = sum(min(n, req.prompt_len - req.num_computed) for req, n in batch
@@ -154,7 +160,8 @@ class EngineCore:
             outputs.append(EngineOutput(req.request_id, toks, logprobs=lps if lps[0] else None,
                                         finish_reason=req.finish_reason, stop_reason=req.stop_reason,
                                         num_prompt_tokens=req.prompt_len, num_cached_tokens=req.num_cached_tokens,
-                                        kv_transfer_params=req.kv_transfer_out))
+                                        kv_transfer_params=req.kv_transfer_out,
+                                        times=req.times() if req.finish_reason else None))
         if drafter is not None:
             drafter.propose([(req, row, start, req.num_computed - start) for req, row, start in self.runner.rows],
                             publish)

@@ -1,4 +1,8 @@
-"""Graph runners: how a model forward is executed (eager, or captured graphs replayed)."""
+"""Graph runners: how a model forward is executed (eager, or captured graphs replayed).
+
+Core registers the ``eager`` runner here (every platform has it; ``--enforce-eager`` selects it;
+epplat.plugins.registry registers this module itself); platforms register their capturing runners.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Optional
 import torch
 
 from epplat.core.model.attention import AttnMetadata
+from epplat.hookspecs import Registration, hookimpl
 
 
 class GraphRunner:
@@ -75,3 +80,8 @@ class StaticDecodeRunner(GraphRunner):
         self.lens[b:g].fill_(1)
         self.tables[b:g, 0].fill_(self.pad_block)
         return g
+
+
+@hookimpl
+def epplat_graph_runners():
+    return [Registration("eager", lambda: EagerRunner, help="no graph capture: every step runs eagerly")]

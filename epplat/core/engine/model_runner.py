@@ -34,15 +34,15 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(requested: str, hf: dict, platform: str) -> tuple[torch.dtype, Optional[str]]:
-    """The dtype to compute in, and a line to say when it is not the one asked for."""
+def resolve_dtype(requested: str, hf: dict, platform) -> tuple[torch.dtype, Optional[str]]:
+    """The dtype to compute in, and a line to say when it is not the one asked for
+    (``--dtype auto`` takes the checkpoint's, as the platform serves it)."""
     if requested != "auto":
         return _DTYPES[requested], None
     ckpt = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    if platform == "cpu" and ckpt == "float16":   # CPU half GEMMs are slow; vLLM does the same
-        return torch.bfloat16, ("--dtype auto: the float16 checkpoint runs in bfloat16 on the cpu platform "
-                                "(float16 GEMMs are slow there); --dtype float16 keeps float16")
-    return _DTYPES.get(ckpt, torch.float32), None
+    served, why = platform.auto_dtype(ckpt if ckpt in _DTYPES else "float32")
+    note = f"--dtype auto: the {ckpt} checkpoint runs in {served} ({why}); --dtype {ckpt} keeps {ckpt}" if why else None
+    return _DTYPES[served], note
 
 
 class ModelInput(msgspec.Struct, array_like=True, tag=True):
@@ -67,13 +67,15 @@ class DraftInput(msgspec.Struct, array_like=True, tag=True):
 
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, platform, device, ps: Optional[ParallelState] = None):
+        cfg.check()          # the same one-line errors for a config built in Python as for `epplat serve`
         self.cfg, self.platform, self.device = cfg, platform, device
         self.ps = ps = ps or ParallelState()
         hf = cfg.model.hf_config()
         arch = architecture(hf)
         self.arch = arch
         self.model_cfg = arch.parse_config(hf)
-        self.dtype, dtype_note = resolve_dtype(cfg.model.dtype, hf, platform.name)
+        self.dtype, dtype_note = resolve_dtype(cfg.model.dtype, hf, platform)
+        self.kernels = platform.kernels     # the platform's Kernels record (epplat.core.ops), handed to the model
         if cfg.speculative is not None:
             self.model_cfg.use_mtp = True          # deepseek_mtp: the model also builds its MTP layer
         if ps.rank == 0:      # said once, by the first engine process
@@ -89,7 +91,8 @@ class ModelRunner:
         torch.manual_seed(cfg.model.seed)
         t0 = time.time()
         with torch.device(device):
-            self.model = getattr(arch, "MODEL", MoEForCausalLM)(self.model_cfg, self.all2all, self.dtype, ps)
+            self.model = getattr(arch, "MODEL", MoEForCausalLM)(self.model_cfg, self.all2all, self.dtype, ps,
+                                                                  self.kernels)
         quant = load_quant_method(cfg, arch.canonical_name, platform.name)
         if quant:
             quant.process_model(self.model)
@@ -184,7 +187,7 @@ class ModelRunner:
         max_num_batched_tokens tokens, decode batches mixed with a prefill chunk) into the scratch
         block, so that no request pays a kernel compile. Only for platforms whose kernels compile
         on first use (``compiles_kernels``)."""
-        if not getattr(self.platform, "compiles_kernels", False):
+        if not self.platform.compiles_kernels:
             return
         t0 = time.time()
         sched, scratch = self.cfg.scheduler, self.pad_block + 1
@@ -270,7 +273,7 @@ class ModelRunner:
         dev = self.device
         if hasattr(self.all2all, "set_step_tokens"):
             self.all2all.set_step_tokens(mi.ep_counts)
-        meta = build_attn_metadata(mi.seqs, self.block_size, dev, self.pad_block)
+        meta = build_attn_metadata(mi.seqs, self.block_size, dev, self.pad_block, self.kernels)
         kv_meta = self._kv_meta_decoder.decode(mi.kv_meta) if mi.kv_meta is not None else None
         if kv_meta is not None:
             self.kv_connector.start_load_kv(kv_meta)

@@ -75,6 +75,15 @@ class TokenLogprob(msgspec.Struct, array_like=True):
     rank: int
 
 
+class RequestTimes(msgspec.Struct, array_like=True):
+    """One finished request's phases inside its engine, in seconds (vLLM's queue / prefill / decode
+    times): queued until first scheduled, first scheduled until its first token, first token until last."""
+
+    queue: float
+    prefill: float
+    decode: float
+
+
 class EngineOutput(msgspec.Struct, array_like=True):
     """New tokens of one request after one engine step.
 
@@ -91,6 +100,7 @@ class EngineOutput(msgspec.Struct, array_like=True):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     kv_transfer_params: Optional[dict] = None    # the KV connector's, on the finishing output
+    times: Optional[RequestTimes] = None         # on the finishing output of a request that was scheduled
 
 
 class EngineStats(msgspec.Struct):

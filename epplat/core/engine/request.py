@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from epplat.core.engine.protocol import EngineRequest, SamplingParams
+from epplat.core.engine.protocol import EngineRequest, RequestTimes, SamplingParams
 
 
 class Status(enum.Enum):
@@ -37,6 +37,10 @@ class Request:
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[int] = None
         self.arrival = req.arrival_time or time.time()
+        self.queued_ts = time.monotonic()             # when this engine got it (its phases, for the metrics)
+        self.scheduled_ts: Optional[float] = None     # first scheduled
+        self.first_token_ts: Optional[float] = None
+        self.last_token_ts: Optional[float] = None
         self.generator: Optional[torch.Generator] = None
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
@@ -53,9 +57,19 @@ class Request:
     def output_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len:]
 
+    def times(self) -> Optional[RequestTimes]:
+        """Its phases so far (None when it was never scheduled or produced no token)."""
+        if self.scheduled_ts is None or self.first_token_ts is None:
+            return None
+        return RequestTimes(self.scheduled_ts - self.queued_ts, self.first_token_ts - self.scheduled_ts,
+                            self.last_token_ts - self.first_token_ts)
+
     def append(self, token: int, max_model_len: int) -> None:
         """Add a sampled token and decide whether the request is done."""
         self.token_ids.append(token)
+        self.last_token_ts = time.monotonic()
+        if self.first_token_ts is None:
+            self.first_token_ts = self.last_token_ts
         p = self.params
         if not p.ignore_eos and token in self.eos_token_ids:
             self.finish_reason = "stop"

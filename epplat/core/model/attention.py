@@ -16,6 +16,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from epplat.core.ops import TORCH, Kernels
+
+from epplat.core.ops import TORCH, Kernels
+
+from epplat.core.ops import TORCH, Kernels
+
+from epplat.core.ops import TORCH, Kernels
+
+from epplat.core.ops import TORCH, Kernels
+
 
 @dataclass
 class PrefillChunk:
@@ -36,14 +46,9 @@ class AttnMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
-# device type -> decode kernel(q, k_cache, v_cache, tables, lens, scale); platforms register theirs
-DECODE_KERNELS: dict = {}
-# device type -> kernel(k, v, k_cache, v_cache, slot_mapping) -> bool, writing the new keys/values
-KV_WRITE_KERNELS: dict = {}
-
-
-def build_attn_metadata(seqs, block_size: int, device, pad_block: int) -> AttnMetadata:
-    """seqs: list of (context_len, q_len, block_table) in batch order, decodes first."""
+def build_attn_metadata(seqs, block_size: int, device, pad_block: int, kernels: Kernels = TORCH) -> AttnMetadata:
+    """seqs: list of (context_len, q_len, block_table) in batch order, decodes first. The decode mask
+    is built here only for the torch decode attention (a decode kernel takes the lengths)."""
     slot_mapping, prefills = [], []
     dec_lens, dec_tables = [], []
     q_start = 0
@@ -70,23 +75,23 @@ def build_attn_metadata(seqs, block_size: int, device, pad_block: int) -> AttnMe
         meta.decode_tables = torch.tensor(padded, dtype=torch.long, device=device)
         lens = torch.tensor(dec_lens, device=device)
         meta.decode_lens = lens
-        if str(getattr(device, "type", device)) not in DECODE_KERNELS:
+        if kernels.decode_attention is None:
             meta.decode_mask = (torch.arange(width * block_size, device=device)[None, :] < lens[:, None])[:, None, None]
     return meta
 
 
-def paged_attention(q, k, v, kv_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q, k, v, kv_cache, meta: AttnMetadata, scale: float, kernels: Kernels = TORCH) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, KVH, D]; writes k/v into the cache and returns [T, H, D]."""
     k_cache, v_cache = kv_cache
     kvh, d = k.shape[1], k.shape[2]
-    write = KV_WRITE_KERNELS.get(k.device.type)
+    write = kernels.kv_write
     if write is None or not write(k, v, k_cache, v_cache, meta.slot_mapping):
         k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     gqa = q.shape[1] != kvh
     b = meta.num_decodes
-    kernel = DECODE_KERNELS.get(q.device.type)
+    kernel = kernels.decode_attention
     done = kernel(q[:b], k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale) if b and kernel else None
     if done is not None:
         out[:b] = done
@@ -100,14 +105,18 @@ def paged_attention(q, k, v, kv_cache, meta: AttnMetadata, scale: float) -> torc
         o = F.scaled_dot_product_attention(q[:b].unsqueeze(2), keys, vals, attn_mask=meta.decode_mask,
                                            scale=scale, enable_gqa=gqa)
         out[:b] = o.squeeze(2)
+    prefill = kernels.prefill_attention
     for p in meta.prefills:
         if p.context_len == p.q_end - p.q_start:     # nothing cached before this chunk: its own keys
-            keys, vals = k[p.q_start:p.q_end].transpose(0, 1)[None], v[p.q_start:p.q_end].transpose(0, 1)[None]
+            keys, vals = k[p.q_start:p.q_end], v[p.q_start:p.q_end]
         else:
-            keys = k_cache.index_select(0, p.block_table).view(-1, kvh, d)[: p.context_len].transpose(0, 1)[None]
-            vals = v_cache.index_select(0, p.block_table).view(-1, kvh, d)[: p.context_len].transpose(0, 1)[None]
-        qp = q[p.q_start:p.q_end].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=p.mask, is_causal=p.mask is None,
-                                           scale=scale, enable_gqa=gqa)
-        out[p.q_start:p.q_end] = o[0].transpose(0, 1)
+            keys = k_cache.index_select(0, p.block_table).view(-1, kvh, d)[: p.context_len]
+            vals = v_cache.index_select(0, p.block_table).view(-1, kvh, d)[: p.context_len]
+        qp = q[p.q_start:p.q_end]
+        o = prefill(qp, keys, vals, p.mask, scale) if prefill is not None else None
+        if o is None:
+            o = F.scaled_dot_product_attention(qp.transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                               vals.transpose(0, 1)[None], attn_mask=p.mask,
+                                               is_causal=p.mask is None, scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
+        out[p.q_start:p.q_end] = o
     return out

@@ -26,9 +26,10 @@ from torch import nn
 
 from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.model.attention import AttnMetadata, paged_attention
-from epplat.core.model.layers import ACTIVATIONS, RMSNorm, RotaryEmbedding, gated_act, linear
+from epplat.core.model.layers import RMSNorm, RotaryEmbedding
 from epplat.core.moe.all2all import All2AllBackend
 from epplat.core.moe.layer import FusedMoE
+from epplat.core.ops import ACTIVATIONS, TORCH, Kernels, gated_act, linear
 
 
 @dataclass
@@ -67,22 +68,22 @@ def _tp_all_reduce(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
 
 class Projections(nn.Module):
     """A module whose linear layers are parameters ``NAME`` [out, in] (with ``NAME_bias`` where it has one),
-    run as ``self.project(NAME, x)``; a quantization method may replace ``project`` on the instance."""
+    run as ``self.project(NAME, x)`` through ``self.kernels``; a quantization method may replace ``project``
+    on the instance."""
+
+    kernels: Kernels = TORCH
 
     def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, getattr(self, name), getattr(self, name + "_bias", None))
+        return linear(x, getattr(self, name), getattr(self, name + "_bias", None), self.kernels)
 
 
 class Attention(Projections):
     """Self-attention, heads sharded over the TP group (KV heads replicated when fewer than TP ranks)."""
 
-    def __init__(self, cfg: DecoderConfig, rope: RotaryEmbedding, ps: ParallelState, dtype):
+    def __init__(self, cfg: DecoderConfig, rope: RotaryEmbedding, ps: ParallelState, dtype, kernels: Kernels = TORCH):
         super().__init__()
-        t, r = ps.tp_size, ps.tp_rank
-        if cfg.num_heads % t or (cfg.num_kv_heads % t and t % cfg.num_kv_heads):
-            raise ValueError(f"{cfg.num_heads} attention heads / {cfg.num_kv_heads} KV heads do not split over "
-                             f"--tensor-parallel-size {t}")
-        self.ps = ps
+        t, r = ps.tp_size, ps.tp_rank          # the layout splits the heads (epplat.config.check_layout)
+        self.ps, self.kernels = ps, kernels
         self.h, self.d = cfg.num_heads // t, cfg.head_dim
         self.kvh = max(1, cfg.num_kv_heads // t)
         self.q_start = r * self.h
@@ -90,8 +91,8 @@ class Attention(Projections):
         self.qkv = _param((self.h + 2 * self.kvh) * self.d, cfg.hidden_size, dtype=dtype)
         self.qkv_bias = _param((self.h + 2 * self.kvh) * self.d, dtype=dtype) if cfg.attention_bias else None
         self.o_proj = _param(cfg.hidden_size, self.h * self.d, dtype=dtype)
-        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype, kernels) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype, kernels) if cfg.qk_norm else None
         self.rope = rope
         self.scale = self.d ** -0.5
         self.kv_cache: Optional[tuple] = None
@@ -103,7 +104,7 @@ class Attention(Projections):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k)
-        o = paged_attention(q, k, v.contiguous(), self.kv_cache, meta, self.scale)
+        o = paged_attention(q, k, v.contiguous(), self.kv_cache, meta, self.scale, self.kernels)
         return _tp_all_reduce(self.project("o_proj", o.reshape(-1, self.h * self.d)), self.ps)
 
     def weight_names(self) -> set[str]:
@@ -134,11 +135,9 @@ class Attention(Projections):
 class DenseMLP(Projections):
     """A gated MLP, its intermediate dimension sharded over the TP group."""
 
-    def __init__(self, hidden: int, inter: int, act, ps: ParallelState, dtype):
+    def __init__(self, hidden: int, inter: int, act, ps: ParallelState, dtype, kernels: Kernels = TORCH):
         super().__init__()
-        if inter % ps.tp_size:
-            raise ValueError(f"intermediate size {inter} does not split over {ps.tp_size} TP ranks")
-        self.inter, self.act, self.ps = inter // ps.tp_size, act, ps
+        self.inter, self.act, self.ps, self.kernels = inter // ps.tp_size, act, ps, kernels
         self.start = ps.tp_rank * self.inter
         self.gate_up = _param(2 * self.inter, hidden, dtype=dtype)
         self.down = _param(hidden, self.inter, dtype=dtype)
@@ -160,27 +159,29 @@ class DenseMLP(Projections):
             raise KeyError(name)
 
 
-def layer_mlp(cfg: DecoderConfig, idx: int, act, all2all: All2AllBackend, ps: ParallelState, dtype, routing=None):
+def layer_mlp(cfg: DecoderConfig, idx: int, act, all2all: All2AllBackend, ps: ParallelState, dtype, routing=None,
+              kernels: Kernels = TORCH):
     """Layer idx's dense MLP or routed experts (``routing``: a DeepSeek-style router)."""
     if idx in cfg.dense_layers or cfg.num_experts == 0:
-        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, act, ps, dtype)
+        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, act, ps, dtype, kernels)
     tp = 1 if ps.ep else ps.tp_size      # without EP, every TP rank holds a 1/TP slice of every expert
     return FusedMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob,
-                    act, all2all, dtype, tp_rank=ps.tp_rank if tp > 1 else 0, tp_size=tp, routing=routing)
+                    act, all2all, dtype, tp_rank=ps.tp_rank if tp > 1 else 0, tp_size=tp, routing=routing,
+                    kernels=kernels)
 
 
 class DecoderLayer(nn.Module):
     attention_class = Attention
 
     def __init__(self, cfg: DecoderConfig, idx: int, rope, all2all: All2AllBackend, ps: ParallelState, dtype,
-                 routing=None):
+                 routing=None, kernels: Kernels = TORCH):
         super().__init__()
         act = ACTIVATIONS[cfg.act]
-        self.ps = ps
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = self.attention_class(cfg, rope, ps, dtype)
-        self.mlp = layer_mlp(cfg, idx, act, all2all, ps, dtype, routing)
+        self.ps, self.kernels = ps, kernels
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, kernels)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, kernels)
+        self.self_attn = self.attention_class(cfg, rope, ps, dtype, kernels)
+        self.mlp = layer_mlp(cfg, idx, act, all2all, ps, dtype, routing, kernels)
 
     def load(self, rest: str, t: torch.Tensor) -> bool:
         """Copy one of this layer's tensors (its name after ``layers.N.``); False when this rank keeps none."""
@@ -210,8 +211,8 @@ class DecoderLayer(nn.Module):
         return names | {f"mlp.{w}_proj" for w in ("gate", "up", "down")}
 
     def forward(self, x, positions, meta):
-        kernel = LAYER_KERNELS.get(x.device.type)
-        out = kernel(self, x, positions, meta) if kernel else None
+        kernel = self.kernels.decoder_layer
+        out = kernel(self, x, positions, meta) if kernel is not None else None
         if out is not None:
             return out
         x = x + self.self_attn(self.input_layernorm(x), positions, meta)
@@ -220,33 +221,30 @@ class DecoderLayer(nn.Module):
             h = _tp_all_reduce(h, self.ps)
         return x + h
 
-
-# device type -> kernel(layer, x, positions, meta) running a whole DecoderLayer, or returning
-# None for what it does not take; the cpu platform registers one for decode steps
-LAYER_KERNELS: dict = {}
-
 _EXPERT = re.compile(r"experts\.(\d+)\.(gate|up|down)$")
 
 
 class MoEForCausalLM(nn.Module):
     layer_class = DecoderLayer     # architectures with other layers (DeepSeek) subclass with theirs
 
-    def __init__(self, cfg: DecoderConfig, all2all: All2AllBackend, dtype, ps: Optional[ParallelState] = None):
+    def __init__(self, cfg: DecoderConfig, all2all: All2AllBackend, dtype, ps: Optional[ParallelState] = None,
+                 kernels: Kernels = TORCH):
+        """``kernels``: the platform's record (epplat.core.ops), handed to every layer."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.kernels = cfg, kernels
         ps = ps or ParallelState()
-        rope = self.make_rope(cfg)
+        rope = self.make_rope(cfg, kernels)
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(self.layer_class(cfg, i, rope, all2all, ps, dtype)
+        self.layers = nn.ModuleList(self.layer_class(cfg, i, rope, all2all, ps, dtype, kernels=kernels)
                                     for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, kernels)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size,
                                                                                    dtype=dtype)
         self.rope = rope
 
     @staticmethod
-    def make_rope(cfg):
-        return RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta)
+    def make_rope(cfg, kernels: Kernels = TORCH):
+        return RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, kernels)
 
     def forward(self, input_ids, positions, meta: AttnMetadata) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
@@ -255,7 +253,7 @@ class MoEForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head)
+        return linear(hidden, self.lm_head, None, self.kernels)
 
     def load_weight(self, name: str, t: torch.Tensor) -> bool:
         """Copy one tensor given by its canonical name; False when this rank keeps none of it."""

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from epplat.core.model.decoder import DecoderConfig, DecoderLayer, DenseMLP, MoEForCausalLM, _tp_all_reduce
-from epplat.core.model.layers import ACTIVATIONS
 from epplat.core.model.deepseek_mtp import DeepseekMTP
 from epplat.core.model.mla import MLAttention
 from epplat.core.model.rope_yarn import DeepseekRotary, rope_type
 from epplat.core.moe.layer import FusedMoE
 from epplat.core.moe.routing import GroupedTopK
+from epplat.core.ops import ACTIVATIONS, TORCH, Kernels
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -95,14 +95,17 @@ class DeepseekDecoderLayer(DecoderLayer):
     """MLA, then a dense MLP (the first layers) or routed experts plus shared experts."""
 
     attention_class = MLAttention
+    # (first, *deps) -> context manager running the shared experts on a second stream after deps; set by
+    # a graph runner that overlaps them with the routed experts (ascend: torchair enable_multistream_moe)
+    shared_side_stream = None
 
-    def __init__(self, cfg: DeepseekConfig, idx: int, rope, all2all, ps, dtype):
-        super().__init__(cfg, idx, rope, all2all, ps, dtype, routing=cfg.routing)
+    def __init__(self, cfg: DeepseekConfig, idx: int, rope, all2all, ps, dtype, kernels: Kernels = TORCH):
+        super().__init__(cfg, idx, rope, all2all, ps, dtype, routing=cfg.routing, kernels=kernels)
         self.shared_experts = None
         if isinstance(self.mlp, FusedMoE) and cfg.n_shared_experts:
             # replicated over EP; split over the TP group like a dense MLP
             self.shared_experts = DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
-                                           ACTIVATIONS[cfg.act], ps, dtype)
+                                           ACTIVATIONS[cfg.act], ps, dtype, kernels)
 
     def load(self, rest: str, t: torch.Tensor) -> bool:
         if rest.startswith("mlp.shared_experts.") and self.shared_experts is not None:
@@ -124,11 +127,15 @@ class DeepseekDecoderLayer(DecoderLayer):
     def forward(self, x, positions, meta):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta)
         h = self.post_attention_layernorm(x)
+        shared = None
+        if self.shared_experts is not None and self.shared_side_stream is not None:
+            with self.shared_side_stream(h):
+                shared = self.shared_experts(h)
         out = self.mlp(h)
         if isinstance(self.mlp, FusedMoE) and self.mlp.tp_size > 1:
             out = _tp_all_reduce(out, self.ps)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(h)
+            out = out + (shared if shared is not None else self.shared_experts(h))
         return x + out
 
 
@@ -138,15 +145,15 @@ class DeepseekForCausalLM(MoEForCausalLM):
 
     layer_class = DeepseekDecoderLayer
 
-    def __init__(self, cfg: DeepseekConfig, all2all, dtype, ps=None):
-        super().__init__(cfg, all2all, dtype, ps)
+    def __init__(self, cfg: DeepseekConfig, all2all, dtype, ps=None, kernels: Kernels = TORCH):
+        super().__init__(cfg, all2all, dtype, ps, kernels)
         self.mtp = None
         if cfg.use_mtp:
-            layer = DeepseekDecoderLayer(cfg, cfg.num_layers, self.rope, all2all, self.layers[0].ps, dtype)
-            self.mtp = DeepseekMTP(cfg, layer, dtype)
+            layer = DeepseekDecoderLayer(cfg, cfg.num_layers, self.rope, all2all, self.layers[0].ps, dtype, kernels)
+            self.mtp = DeepseekMTP(cfg, layer, dtype, kernels)
 
     @staticmethod
-    def make_rope(cfg: DeepseekConfig):
+    def make_rope(cfg: DeepseekConfig, kernels: Kernels = TORCH):   # interleaved YaRN rotary: torch only
         return DeepseekRotary(cfg.qk_rope_head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling,
                               cfg.rope_interleave)
 

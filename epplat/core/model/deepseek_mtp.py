@@ -19,19 +19,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from epplat.core.model.decoder import _param
-from epplat.core.model.layers import RMSNorm, linear
+from epplat.core.model.layers import RMSNorm
+from epplat.core.ops import TORCH, Kernels, linear
 
 
 class DeepseekMTP(nn.Module):
-    def __init__(self, cfg, layer: nn.Module, dtype):
+    def __init__(self, cfg, layer: nn.Module, dtype, kernels: Kernels = TORCH):
         super().__init__()
         h = cfg.hidden_size
+        self.kernels = kernels
         self.embed_tokens = _param(cfg.vocab_size, h, dtype=dtype)
-        self.enorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
-        self.hnorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        self.enorm = RMSNorm(h, cfg.rms_norm_eps, dtype, kernels)
+        self.hnorm = RMSNorm(h, cfg.rms_norm_eps, dtype, kernels)
         self.eh_proj = _param(h, 2 * h, dtype=dtype)
         self.layer = layer
-        self.norm = RMSNorm(h, cfg.rms_norm_eps, dtype)      # shared_head.norm
+        self.norm = RMSNorm(h, cfg.rms_norm_eps, dtype, kernels)      # shared_head.norm
         self.head = _param(cfg.vocab_size, h, dtype=dtype)    # shared_head.head
 
     _OWN = {"embed_tokens": "embed_tokens", "enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj",
@@ -53,8 +55,8 @@ class DeepseekMTP(nn.Module):
         """next_ids: token p+1 for each position p; hidden: the target's final hidden states at p."""
         emb = F.embedding(next_ids, self.embed_tokens)
         emb = torch.where((positions == 0)[:, None], torch.zeros_like(emb), emb)
-        x = linear(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1), self.eh_proj)
+        x = linear(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1), self.eh_proj, None, self.kernels)
         return self.layer(x, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(self.norm(hidden), self.head)
+        return linear(self.norm(hidden), self.head, None, self.kernels)

@@ -1,36 +1,29 @@
-"""Small building blocks shared by the architectures: RMSNorm, rotary embedding, activations."""
+"""Small building blocks shared by the architectures: RMSNorm and rotary embedding.
+
+Each takes the platform's :class:`~epplat.core.ops.Kernels` record and runs its kernel
+where the record has one that takes the input; the torch code here is the reference.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-# device type -> fused kernel taking the arguments of the torch code below and returning its
-# result, or None for inputs it does not take; platforms register theirs (cuda: Triton)
-NORM_KERNELS: dict = {}
-ROPE_KERNELS: dict = {}
-LINEAR_KERNELS: dict = {}
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
-    """F.linear, or the platform's kernel for it where one is registered and takes the input."""
-    kernel = LINEAR_KERNELS.get(x.device.type)
-    out = kernel(x, w, bias) if kernel else None
-    return F.linear(x, w, bias) if out is None else out
+from epplat.core.ops import TORCH, Kernels
 
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, as Hugging Face's Llama-family models do."""
 
-    def __init__(self, dim: int, eps: float, dtype=torch.float32):
+    def __init__(self, dim: int, eps: float, dtype=torch.float32, kernels: Kernels = TORCH):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
         self.eps = eps
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = NORM_KERNELS.get(x.device.type)
-        out = kernel(x, self.weight, self.eps) if kernel else None
+        kernel = self.kernels.rms_norm
+        out = kernel(x, self.weight, self.eps) if kernel is not None else None
         if out is not None:
             return out
         dtype = x.dtype
@@ -42,8 +35,9 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding with a precomputed float32 cos/sin table."""
 
-    def __init__(self, head_dim: int, max_position: int, theta: float):
+    def __init__(self, head_dim: int, max_position: int, theta: float, kernels: Kernels = TORCH):
         super().__init__()
+        self.kernels = kernels
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -52,8 +46,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, heads, d], k: [T, kv_heads, d]; returns both rotated."""
-        kernel = ROPE_KERNELS.get(q.device.type)
-        out = kernel(positions, q, k, self.cos, self.sin) if kernel else None
+        kernel = self.kernels.rope
+        out = kernel(positions, q, k, self.cos, self.sin) if kernel is not None else None
         if out is not None:
             return out
         cos = self.cos.index_select(0, positions).to(q.dtype).unsqueeze(1)
@@ -64,12 +58,3 @@ class RotaryEmbedding(nn.Module):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
-
-
-def gated_act(gate_up: torch.Tensor, act) -> torch.Tensor:
-    """act(gate) * up for a fused [.., 2I] gate_up tensor."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return act(gate) * up

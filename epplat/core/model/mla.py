@@ -28,15 +28,14 @@ from epplat.core.model.attention import AttnMetadata
 from epplat.core.model.decoder import Projections, _param, _tp_all_reduce
 from epplat.core.model.layers import RMSNorm
 from epplat.core.model.rope_yarn import DeepseekRotary, softmax_scale
+from epplat.core.ops import TORCH, Kernels
 
 
 class MLAttention(Projections):
-    def __init__(self, cfg, rope: DeepseekRotary, ps: ParallelState, dtype):
+    def __init__(self, cfg, rope: DeepseekRotary, ps: ParallelState, dtype, kernels: Kernels = TORCH):
         super().__init__()
-        t = ps.tp_size
-        if cfg.num_heads % t:
-            raise ValueError(f"{cfg.num_heads} attention heads do not split over --tensor-parallel-size {t}")
-        self.ps, self.rope = ps, rope
+        t = ps.tp_size                   # the layout splits the heads (epplat.config.check_layout)
+        self.ps, self.rope, self.kernels = ps, rope, kernels
         self.h = cfg.num_heads // t
         self.head0 = ps.tp_rank * self.h
         self.dn, self.dr, self.dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -44,16 +43,19 @@ class MLAttention(Projections):
         qk, hidden = self.dn + self.dr, cfg.hidden_size
         if self.qr:
             self.q_a_proj = _param(self.qr, hidden, dtype=dtype)
-            self.q_a_layernorm = RMSNorm(self.qr, cfg.rms_norm_eps, dtype)
+            self.q_a_layernorm = RMSNorm(self.qr, cfg.rms_norm_eps, dtype, kernels)
             self.q_b_proj = _param(self.h * qk, self.qr, dtype=dtype)
         else:
             self.q_proj = _param(self.h * qk, hidden, dtype=dtype)
         self.kv_a_proj_with_mqa = _param(self.r + self.dr, hidden, dtype=dtype)
-        self.kv_a_layernorm = RMSNorm(self.r, cfg.rms_norm_eps, dtype)
+        self.kv_a_layernorm = RMSNorm(self.r, cfg.rms_norm_eps, dtype, kernels)
         self.kv_b_proj = _param(self.h * (self.dn + self.dv), self.r, dtype=dtype)
         self.o_proj = _param(hidden, self.h * self.dv, dtype=dtype)
         self.scale = softmax_scale(qk, cfg.rope_scaling)
         self.kv_cache: Optional[tuple] = None
+        # (first, *deps) -> context manager running the query path on a second stream; set by a graph
+        # runner that overlaps it with the latent's projection and cache write (ascend: enable_multistream_mla)
+        self.query_side_stream = None
 
     # --- weights -------------------------------------------------------------------------
     _HEAD_ROWS = ("q_proj", "q_b_proj", "kv_b_proj")
@@ -80,18 +82,25 @@ class MLAttention(Projections):
         return [(num_blocks, block_size, 1, self.r + self.dr)]
 
     # --- forward -------------------------------------------------------------------------
-    def forward(self, x, positions, meta: AttnMetadata):
+    def _query(self, x, positions):
         q = (self.project("q_b_proj", self.q_a_layernorm(self.project("q_a_proj", x))) if self.qr
              else self.project("q_proj", x)).view(-1, self.h, self.dn + self.dr)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
+        return q_nope, self.rope.rotate(positions, q_pe)
+
+    def forward(self, x, positions, meta: AttnMetadata):
+        if self.query_side_stream is not None:
+            with self.query_side_stream(x):
+                q_nope, q_pe = self._query(x, positions)
+        else:
+            q_nope, q_pe = self._query(x, positions)
         latent, k_pe = self.project("kv_a_proj_with_mqa", x).split([self.r, self.dr], dim=-1)
-        q_pe = self.rope.rotate(positions, q_pe)
         k_pe = self.rope.rotate(positions, k_pe.unsqueeze(1)).squeeze(1)
         entry = torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1)      # [T, r + dr]
         (cache,) = self.kv_cache
         flat = cache.view(-1, self.r + self.dr)
         flat.index_copy_(0, meta.slot_mapping, entry)
-        out = q.new_empty(q.shape[0], self.h, self.dv)
+        out = x.new_empty(x.shape[0], self.h, self.dv)
         b = meta.num_decodes
         if b:
             out[:b] = self._decode_absorbed(q_nope[:b], q_pe[:b], cache, meta)
@@ -124,6 +133,11 @@ class MLAttention(Projections):
         b = q_nope.shape[0]
         w_uk, w_uv = self._w_kv()
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)
+        kernel = self.kernels.mla_decode_attention
+        o = (kernel(q_lat, q_pe, cache, meta.decode_tables, meta.decode_lens, self.scale)
+             if kernel is not None else None)                                  # [B, h, r]
+        if o is not None:
+            return torch.einsum("bhr,hvr->bhv", o, w_uv)
         query = torch.cat([q_lat, q_pe], dim=-1).unsqueeze(2)                 # [B, h, 1, r + dr]
         if meta.decode_mask is None:
             span = torch.arange(meta.decode_tables.shape[1] * cache.shape[1], device=q_nope.device)

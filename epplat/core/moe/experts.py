@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from epplat.core.model.layers import gated_act
-
-_HAS_GROUPED = hasattr(torch, "_grouped_mm")
-# device type -> fused expert kernel with reference_experts' arguments (None: inputs it does
-# not take); the cuda platform registers its Triton kernels here
-EXPERT_KERNELS: dict = {}
+from epplat.core.ops import TORCH, gated_act
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.Tensor) -> torch.Tensor:
-    """Rows of x grouped by expert (counts[e] rows each), each group times w[e] ([in, out])."""
-    if _HAS_GROUPED and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
-        return torch._grouped_mm(x, w, offs=offs)
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.Tensor,
+                   grouped_mm=TORCH.grouped_mm) -> torch.Tensor:
+    """Rows of x grouped by expert (counts[e] rows each), each group times w[e] ([in, out]): one
+    ``grouped_mm`` call (the platform's Kernels.grouped_mm) or, without one, a matmul per expert."""
+    out = grouped_mm(x, w, offs=offs) if grouped_mm is not None else None
+    if out is not None:
+        return out
     out, start = [], 0
     for e, c in enumerate(counts):
         if c:
@@ -29,7 +27,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: to
 
 
 def capturable_experts(x, topk_ids, topk_weights, w13, w2, act) -> torch.Tensor:
-    """The same sum without a host sync (CUDA graphs, whole-graph compiles): all R*K rows run through two grouped
+    """The same sum without a host sync (CUDA graphs): all R*K rows run through two grouped
     GEMMs with device-side group offsets; rows of other ranks' experts sort last and are masked."""
     rows, k = topk_ids.shape
     num_experts = w13.shape[0]
@@ -48,19 +46,11 @@ def capturable_experts(x, topk_ids, topk_weights, w13, w2, act) -> torch.Tensor:
     return torch.empty_like(h).index_copy_(0, order, h).view(rows, k, -1).sum(dim=1)
 
 
-def reference_experts(x, topk_ids, topk_weights, w13, w2, act) -> torch.Tensor:
+def reference_experts(x, topk_ids, topk_weights, w13, w2, act, grouped_mm=TORCH.grouped_mm) -> torch.Tensor:
     """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over local ids >= 0.
 
     x: [R, H]; topk_ids/topk_weights: [R, K]; w13: [E, H, 2I]; w2: [E, I, H].
     """
-    kernel = EXPERT_KERNELS.get(x.device.type)
-    out = kernel(x, topk_ids, topk_weights, w13, w2, act) if kernel else None
-    if out is not None:
-        return out
-    # under CUDA graphs or a whole-graph compile (torchair's cache_compile) the counts must stay on the device
-    traced = torch.compiler.is_compiling() and x.dtype == torch.bfloat16
-    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) or traced) and _HAS_GROUPED:
-        return capturable_experts(x, topk_ids, topk_weights, w13, w2, act)
     rows, k = topk_ids.shape
     num_experts = w13.shape[0]
     ids, perm = topk_ids.sort(dim=1)                  # ascending experts per token (-1 first)
@@ -72,8 +62,8 @@ def reference_experts(x, topk_ids, topk_weights, w13, w2, act) -> torch.Tensor:
     counts = counts_t.tolist()
     valid = order[: rows * k - counts[num_experts]]
     offs = counts_t[:num_experts].cumsum(0).to(torch.int32)
-    h = gated_act(grouped_matmul(x.index_select(0, valid // k), w13, counts[:num_experts], offs), act)
-    h = grouped_matmul(h, w2, counts[:num_experts], offs) * weights.index_select(0, valid)[:, None].to(x.dtype)
+    h = gated_act(grouped_matmul(x.index_select(0, valid // k), w13, counts[:num_experts], offs, grouped_mm), act)
+    h = grouped_matmul(h, w2, counts[:num_experts], offs, grouped_mm) * weights.index_select(0, valid)[:, None].to(x.dtype)
     buf = x.new_zeros((rows * k, x.shape[1]))
     buf.index_copy_(0, valid, h)
     buf = buf.view(rows, k, x.shape[1])       # rows may be 0 (an EP rank that received no token)

@@ -8,12 +8,9 @@ import torch
 from torch import nn
 
 from epplat.core.moe.all2all import All2AllBackend
-from epplat.core.model.layers import linear
 from epplat.core.moe.experts import reference_experts
 from epplat.core.moe.routing import GroupedTopK
-
-# device type -> fused (router logits, top_k, renormalize, dtype) -> (weights, ids); cuda: Triton
-ROUTE_KERNELS: dict = {}
+from epplat.core.ops import TORCH, Kernels, linear
 
 
 class FusedMoE(nn.Module):
@@ -30,15 +27,14 @@ class FusedMoE(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int,
                  renormalize: bool, act, all2all: All2AllBackend, dtype, tp_rank: int = 0, tp_size: int = 1,
-                 routing: Optional[GroupedTopK] = None):
+                 routing: Optional[GroupedTopK] = None, kernels: Kernels = TORCH):
         super().__init__()
+        self.kernels = kernels
         self.routing = routing   # DeepSeek-style selection (epplat.core.moe.routing); None: top-k softmax
         self.top_k, self.renormalize, self.act = top_k, renormalize, act
         self.all2all = all2all
         self.expert_map = all2all.expert_map
         n_local = self.expert_map.num_local
-        if intermediate % tp_size:
-            raise ValueError(f"expert width {intermediate} does not split over {tp_size} TP ranks")
         self.tp_size = tp_size
         intermediate //= tp_size                   # without EP, TP ranks hold a slice of every expert
         self.slice = slice(tp_rank * intermediate, (tp_rank + 1) * intermediate)
@@ -49,7 +45,7 @@ class FusedMoE(nn.Module):
         # the router's e_score_correction_bias [E] (noaux_tc), loaded with the weights
         self.bias = (nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
                      if routing is not None and routing.use_bias else None)
-        self.experts = reference_experts       # the expert GEMMs; a quantization method may swap in its own
+        self.experts = self.torch_experts      # the expert GEMMs; a quantization method may swap in its own
         self.log2phy: Optional[torch.Tensor] = None
         self.logcnt: Optional[torch.Tensor] = None
         self.load: Optional[torch.Tensor] = None
@@ -80,14 +76,24 @@ class FusedMoE(nn.Module):
             self.load.index_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
         return ids
 
+    def torch_experts(self, x, topk_ids, topk_weights, w13, w2, act) -> torch.Tensor:
+        """The platform's expert kernel where it takes the input, else reference_experts."""
+        kernel = self.kernels.experts
+        out = kernel(x, topk_ids, topk_weights, w13, w2, act) if kernel is not None else None
+        if out is None:
+            out = reference_experts(x, topk_ids, topk_weights, w13, w2, act, self.kernels.grouped_mm)
+        return out
+
     def route(self, x: torch.Tensor):
+        logits = linear(x, self.gate, None, self.kernels)
         if self.routing is not None:
-            weights, ids = self.routing(linear(x, self.gate), self.bias)
+            weights, ids = self.routing(logits, self.bias)
             return weights.to(x.dtype), ids
-        kernel = ROUTE_KERNELS.get(x.device.type)
-        if kernel is not None:
-            return kernel(linear(x, self.gate), self.top_k, self.renormalize, x.dtype)
-        probs = torch.softmax(linear(x, self.gate).float(), dim=-1)
+        kernel = self.kernels.route
+        out = kernel(logits, self.top_k, self.renormalize, x.dtype) if kernel is not None else None
+        if out is not None:
+            return out
+        probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -25,7 +25,9 @@ from epplat.core.server.metrics import CONTENT_TYPE, Metrics
 from epplat.core.server.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, error_response)
 from epplat.core.server.request_gate import RequestGate
+from epplat.core.server.server_load import InFlight, ServerLoad
 from epplat.core.server.serving import OpenAIServing
+from epplat.core.server import tokenize as tok_api
 from epplat.core.server.tokenizer_pool import TokenizerPool
 
 logger = logging.getLogger("epplat.server")
@@ -67,6 +69,8 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
     app = FastAPI(title="epplat", version=__version__, lifespan=lifespan)
     app.state.engine_client = client
     app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=max_body_bytes)
+    load = InFlight()
+    app.add_middleware(ServerLoad, in_flight=load)
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
@@ -98,6 +102,21 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
                         503: {"description": "The engines are dead or do not answer (empty body)"}})
     async def health():
         return Response(status_code=200 if client.healthy else 503)
+
+    app.add_api_route("/ping", health, methods=["GET", "POST"], response_class=Response,
+                      summary="vLLM's /ping (SageMaker's): the same as /health")
+
+    @app.get("/load")
+    async def server_load():
+        return {"server_load": load.count}
+
+    @app.post("/tokenize", response_model=tok_api.TokenizeResponse)
+    async def tokenize(raw: Request):
+        return await tok_api.tokenize(serving, tok_api.parse(tok_api.TokenizeRequest, await _body(raw)))
+
+    @app.post("/detokenize", response_model=tok_api.DetokenizeResponse)
+    async def detokenize(raw: Request):
+        return tok_api.detokenize(serving, tok_api.parse(tok_api.DetokenizeRequest, await _body(raw)))
 
     @app.get("/version")
     async def version():
@@ -150,6 +169,13 @@ _ERRORS = {code: {"model": ErrorResponse, "description": what} for code, what in
     (413, "Request body too large"), (503, "Engine not available"))}
 _STREAMS = {200: {"description": "A JSON body, or server-sent events with `stream: true`",
                   "content": {"application/json": {}, "text/event-stream": {}}}}
+
+
+async def _body(raw: Request):
+    try:
+        return _decode_json(await raw.body())
+    except msgspec.DecodeError as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}") from None
 
 
 def _openapi_without_422(app: FastAPI) -> dict:

@@ -1,7 +1,5 @@
-"""Prometheus metrics for /metrics, with vLLM's metric names under the ``epplat:`` prefix.
-
-The prefix cache counters are also exported under vLLM's own names (``vllm:prefix_cache_queries``,
-``vllm:prefix_cache_hits``), which dashboards read for the hit rate."""
+"""Prometheus metrics for /metrics: vLLM's ``vllm:*`` series (names, types, buckets, labels) and epplat's
+own ``epplat:*`` ones for what vLLM lacks."""
 
 from __future__ import annotations
 
@@ -21,55 +19,61 @@ _E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50
 
 
 class Metrics:
-    """One app's series, in its own registry (several apps may live in one process)."""
+    """One app's series, in its own registry (several apps may live in one process).
+
+    What vLLM also has takes vLLM's name (``vllm:*``), type and meaning, so that dashboards,
+    autoscalers and routers built on vLLM read epplat unchanged; what is epplat's own (EP, EPLB,
+    KV connector sources) is ``epplat:*``."""
 
     def __init__(self, model_name: str):
         disable_created_metrics()   # no `*_created` series, as in vLLM (a process-wide prometheus_client setting)
         self.registry = r = CollectorRegistry()
         self.model = model_name
         m = ["model_name"]
-        self.success = Counter("epplat:request_success", "Finished requests by finish reason.",
+
+        def counter(name, doc):
+            return Counter(name, doc, m, registry=r).labels(model_name)
+
+        def gauge(name, doc):
+            return Gauge(name, doc, m, registry=r).labels(model_name)
+
+        def histogram(name, doc, buckets):
+            return Histogram(name, doc, m, buckets=buckets, registry=r).labels(model_name)
+
+        self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                m + ["finished_reason"], registry=r).labels
-        self.prompt_tokens = Counter("epplat:prompt_tokens", "Prefill tokens processed.", m, registry=r).labels(
-            model_name)
-        self.generation_tokens = Counter("epplat:generation_tokens", "Generation tokens processed.", m,
-                                         registry=r).labels(model_name)
-        self.running = Gauge("epplat:num_requests_running", "Requests in the engines' running batches.", m,
-                             registry=r).labels(model_name)
-        self.waiting = Gauge("epplat:num_requests_waiting", "Requests waiting to be scheduled.", m,
-                             registry=r).labels(model_name)
-        self.kv_usage = Gauge("epplat:kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.", m,
-                              registry=r).labels(model_name)
-        self.preemptions = Gauge("epplat:num_preemptions_total", "Preemptions since the engines started.", m,
-                                 registry=r).labels(model_name)
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
+        self.running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
+        self.prefix_cache = [counter(f"vllm:prefix_cache_{what}", f"Prefix cache {what}, in terms of number of "
+                                     f"{doc} tokens.") for what, doc in (("queries", "queried"), ("hits", "cached"))]
+        self.spec_decode = [counter(f"vllm:spec_decode_num_{what}", f"Number of spec decoding {doc}.")
+                            for what, doc in (("drafts", "drafts"), ("draft_tokens", "draft tokens"),
+                                              ("accepted_tokens", "accepted tokens"))]
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              _TTFT)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                             _ITL)
+        self.tpot = histogram("vllm:request_time_per_output_token_seconds",
+                              "Histogram of time_per_output_token_seconds per request.", _ITL)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds",
+                             "Histogram of e2e request latency in seconds.", _E2E)
+        self.phases = [histogram(f"vllm:request_{what}_time_seconds", f"Histogram of time spent in {doc} phase "
+                                 "for request.", _E2E)
+                       for what, doc in (("queue", "WAITING"), ("prefill", "PREFILL"), ("decode", "DECODE"),
+                                         ("inference", "RUNNING"))]
         self.engine_requests = Gauge("epplat:engine_requests_received", "Requests each DP rank's engine received.",
                                      m + ["dp_rank"], registry=r).labels
-        self.eplb_balancedness = Gauge("epplat:eplb_balancedness", "EPLB: mean/max tokens per EP rank, last "
-                                       "measured (a window with log_balancedness, or before a rebalance).", m,
-                                       registry=r).labels(model_name)
-        self.eplb_rebalances = Gauge("epplat:eplb_rebalances", "EPLB rebalances since the engines started.", m,
-                                     registry=r).labels(model_name)
-        self.prefix_cache = [Counter(f"{ns}:prefix_cache_{what}", f"Prefix cache: prompt tokens {doc}.", m,
-                                     registry=r).labels(model_name)
-                             for ns in ("epplat", "vllm")
-                             for what, doc in (("queries", "looked up"), ("hits", "found cached"))]
-        self.spec_decode = [Counter(f"epplat:spec_decode_num_{what}", f"Speculative decoding: {doc}.", m,
-                                    registry=r).labels(model_name)
-                            for what, doc in (("drafts", "draft proposals"), ("draft_tokens", "draft tokens proposed"),
-                                              ("accepted_tokens", "draft tokens accepted"))]
-        self.prompt_tokens_computed = Counter(
+        self.eplb_balancedness = gauge("epplat:eplb_balancedness", "EPLB: mean/max tokens per EP rank, last "
+                                       "measured (a window with log_balancedness, or before a rebalance).")
+        self.eplb_rebalances = gauge("epplat:eplb_rebalances", "EPLB rebalances since the engines started.")
+        self.prompt_tokens_computed = counter(
             "epplat:prompt_tokens_computed", "Prompt tokens whose KV the engines computed (neither found in the "
-            "prefix cache nor received through a KV connector).", m, registry=r).labels(model_name)
+            "prefix cache nor received through a KV connector).")
         self._seen: dict = {}
-        self.ttft = Histogram("epplat:time_to_first_token_seconds", "Time to first token in seconds.", m,
-                              buckets=_TTFT, registry=r).labels(model_name)
-        self.itl = Histogram("epplat:inter_token_latency_seconds", "Time between output tokens in seconds.", m,
-                             buckets=_ITL, registry=r).labels(model_name)
-        self.tpot = Histogram("epplat:request_time_per_output_token_seconds",
-                              "Per request: mean time per output token after the first, in seconds.", m,
-                              buckets=_ITL, registry=r).labels(model_name)
-        self.e2e = Histogram("epplat:e2e_request_latency_seconds", "End-to-end request latency in seconds.", m,
-                             buckets=_E2E, registry=r).labels(model_name)
 
     def track(self, arrival: float) -> "RequestTracker":
         return RequestTracker(self, arrival)
@@ -80,9 +84,8 @@ class Metrics:
             self.running.set(stats.num_running)
             self.waiting.set(stats.num_waiting)
             self.kv_usage.set(stats.kv_usage)
-            self.preemptions.set(stats.num_preemptions)
-            q, h = stats.prefix_cache_queries, stats.prefix_cache_hits
-            self._advance("prefix", self.prefix_cache, (q, h, q, h))
+            self._advance("preemptions", [self.preemptions], (stats.num_preemptions,))
+            self._advance("prefix", self.prefix_cache, (stats.prefix_cache_queries, stats.prefix_cache_hits))
             self._advance("spec", self.spec_decode,
                           (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens))
             self._advance("computed", [self.prompt_tokens_computed], (stats.num_prompt_tokens_computed,))
@@ -124,7 +127,8 @@ class RequestTracker:
         self.last = now
         self.num_output += num_new_tokens
 
-    def finish(self, reason: str, num_prompt_tokens: int) -> None:
+    def finish(self, reason: str, num_prompt_tokens: int, times=None) -> None:
+        """The request ended; `times` is the engine's RequestTimes (None when it never ran there)."""
         now = time.monotonic()
         self.m.success(self.m.model, reason).inc()
         self.m.prompt_tokens.inc(num_prompt_tokens)
@@ -132,3 +136,9 @@ class RequestTracker:
         self.m.e2e.observe(now - self.arrival)
         if self.first is not None and self.num_output > 1:
             self.m.tpot.observe((self.last - self.first) / (self.num_output - 1))
+        if times is not None:
+            queue, prefill, decode, inference = self.m.phases
+            queue.observe(times.queue)
+            prefill.observe(times.prefill)
+            decode.observe(times.decode)
+            inference.observe(times.prefill + times.decode)

@@ -80,7 +80,7 @@ class OpenAIServing:
     # -- completions ---------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         arrival, created = time.monotonic(), int(time.time())
-        model = self._model(req.model)
+        model = self.check_model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
         self._check_choices(len(prompts), req.n)
         ids = [self._check_ids(await self._encode(p, req.add_special_tokens) if isinstance(p, str) else list(p))
@@ -142,18 +142,9 @@ class OpenAIServing:
     # -- chat ----------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         arrival, created = time.monotonic(), int(time.time())
-        model = self._model(req.model)
+        model = self.check_model(req.model)
         self._check_choices(1, req.n)
-        messages = [_message(m) for m in req.messages]
-        try:
-            text = await self.pool.render(
-                self.tok.apply_chat_template, messages, add_generation_prompt=req.add_generation_prompt,
-                tokenize=False, **({"continue_final_message": True} if req.continue_final_message else {}),
-                **self._template_options(req))
-        except APIError:
-            raise
-        except Exception as e:
-            raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
+        text = await self.render_chat(req)
         ids = self._check_ids(await self._encode(text, req.add_special_tokens))
         ids = (self._remote_prompt(req.kv_transfer_params) or [ids])[0]
         self._check_kv(req.kv_transfer_params)
@@ -198,6 +189,19 @@ class OpenAIServing:
         return ChatLogProbs(content=[item(e[0], ChatLogProbsContent, top_logprobs=[item(x) for x in e[1:1 + top]])
                                      for e in entries])
 
+    async def render_chat(self, req) -> str:
+        """A chat request's (or /tokenize's) messages through the chat template, as text."""
+        messages = [_message(m) for m in req.messages]
+        try:
+            return await self.pool.render(
+                self.tok.apply_chat_template, messages, add_generation_prompt=req.add_generation_prompt,
+                tokenize=False, **({"continue_final_message": True} if req.continue_final_message else {}),
+                **self._template_options(req))
+        except APIError:
+            raise
+        except Exception as e:
+            raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
+
     # -- validation and sampling settings --------------------------------------------------
     def _base_id(self, raw: Request) -> str:
         """The request's X-Request-Id header (as vLLM takes it), else a new one; 400 while one is in flight."""
@@ -221,7 +225,7 @@ class OpenAIServing:
             return [self._check_ids(list(params["remote_prompt_token_ids"]))]
         return None
 
-    def _model(self, name: Optional[str]) -> str:
+    def check_model(self, name: Optional[str]) -> str:
         if name is None:
             return self.names[0]
         if name not in self.names:
@@ -233,7 +237,7 @@ class OpenAIServing:
             raise APIError(400, f"{num_prompts} prompt(s) x n={n} asks for {num_prompts * n} choices; this server "
                                 f"allows at most {self.max_choices} per request (--max-choices-per-request).", "n")
 
-    def _template_options(self, req: ChatCompletionRequest) -> dict:
+    def _template_options(self, req) -> dict:
         """chat_template_kwargs (variables for the template) and a caller's own template, if trusted."""
         kwargs = dict(req.chat_template_kwargs or {})
         template = kwargs.pop("chat_template", None) or req.chat_template
@@ -302,19 +306,20 @@ class OpenAIServing:
     # -- running engine requests -----------------------------------------------------------
     async def _tracked(self, job: _Job, arrival: float):
         """One job's output deltas from the engine, counted into the metrics as they come."""
-        track, reason = self.metrics.track(arrival), "abort"
+        track, reason, times = self.metrics.track(arrival), "abort", None
         try:
             async with contextlib.aclosing(self.client.generate(job.request_id, job.prompt_ids, job.params,
                                                                 job.kv_transfer_params)) as outputs:
                 async for out in outputs:
                     track.output(len(out.token_ids))
                     reason = out.finish_reason or reason
+                    times = out.times or times
                     yield out
         except Exception:
             reason = "error"
             raise
         finally:
-            track.finish(reason, len(job.prompt_ids))
+            track.finish(reason, len(job.prompt_ids), times)
 
     async def _merged(self, jobs: list[_Job], arrival: float):
         """Run every job concurrently; yield (choice index, output delta) as they come.

@@ -8,9 +8,19 @@ from typing import Optional
 
 import torch
 
+from epplat.core.ops import Kernels, bf16_grouped_mm
 from epplat.platforms.interface import Platform
 
 logger = logging.getLogger(__name__)
+
+
+def traced_experts(x, topk_ids, topk_weights, w13, w2, act) -> Optional[torch.Tensor]:
+    """bfloat16 experts while torchair traces a graph: counts stay on the device (cache_compile captures whole
+    graphs, fullgraph=True, where the reference's host sync is an error); None (the reference) otherwise."""
+    if torch.compiler.is_compiling() and x.dtype == torch.bfloat16:
+        from epplat.core.moe.experts import capturable_experts
+        return capturable_experts(x, topk_ids, topk_weights, w13, w2, act)
+    return None
 
 
 class AscendPlatform(Platform):
@@ -19,6 +29,8 @@ class AscendPlatform(Platform):
     dist_backend = "hccl"
     default_all2all = "hccl"
     default_graph_runner = "eager"      # "torchair" with torchair_graph_config.enabled (see configure)
+    # torch ops; the NPU's grouped GEMM takes bfloat16
+    kernels = Kernels(grouped_mm=bf16_grouped_mm, experts=traced_experts)
 
     @classmethod
     def check(cls) -> Optional[str]:
@@ -63,15 +75,17 @@ class AscendPlatform(Platform):
         if acfg.torchair_graph_config.enabled:
             self.default_graph_runner = "torchair"
         g = acfg.torchair_graph_config
-        deepseek_only = [k for k, on in (
-            ("enable_multistream_mla", g.enable_multistream_mla),              # MLA vector ops on a second stream
+        deepseek = any(a.startswith("Deepseek") for a in cfg.model.hf_config().get("architectures") or [])
+        # the multistream options act on DeepSeek's MLA and shared experts (torchair_runner); the others not yet
+        idle = [k for k, on in (
+            ("enable_multistream_mla", g.enable_multistream_mla and not deepseek),
+            ("enable_multistream_moe", g.enable_multistream_moe and not deepseek),
             ("enable_prefill_optimizations", acfg.enable_prefill_optimizations),  # DeepSeek (MLA) prefill
-            ("enable_multistream_moe", g.enable_multistream_moe),              # shared experts on a second stream
             ("enable_super_kernel", g.enable_super_kernel)) if on]
-        if deepseek_only:
-            logger.warning("--additional-config %s: these tune DeepSeek's MLA attention and shared experts; the "
-                           "architectures epplat serves today have neither, so they change nothing",
-                           ", ".join(deepseek_only))
+        if idle:
+            logger.warning("--additional-config %s: change nothing here (the multistream options overlap DeepSeek's "
+                           "MLA query path and shared experts; prefill optimizations and super kernels are not "
+                           "implemented)", ", ".join(idle))
 
     def device(self, local_rank: int = 0) -> torch.device:
         import torch_npu  # noqa: F401

@@ -1,4 +1,5 @@
-"""Registers the ascend platform, its HCCL all2all backend, the torchair graph runner and W8A8 quantization."""
+"""Registers the ascend platform, its HCCL all2all backend, the torchair graph runner, W8A8 quantization
+and the ``epplat ranktable`` command."""
 
 from __future__ import annotations
 
@@ -61,3 +62,9 @@ def epplat_graph_runners():
 def epplat_quantization_methods():
     return [Registration("ascend", _w8a8, check=_check, platforms=("ascend",),
                          help="W8A8 dynamic (msModelSlim layout): int8 weights, per-token int8 activations")]
+
+
+@hookimpl
+def epplat_cli_commands(subparsers):
+    from epplat.platforms.ascend import ranktable_cli
+    ranktable_cli.add_cli(subparsers)

@@ -39,6 +39,23 @@ class TorchairGraphRunner(StaticDecodeRunner):
         super().__init__(model, device)
         from epplat.platforms.ascend.ascend_config import current
         self.opts = current().torchair_graph_config
+        self._multistream()
+
+    def _multistream(self) -> None:
+        """enable_multistream_moe / enable_multistream_mla: hand DeepSeek's layers their second streams."""
+        from epplat.platforms.ascend.multistream import side_stream
+        placed = {}
+        for on, attr, tag in ((self.opts.enable_multistream_moe, "shared_side_stream", "moe_secondary"),
+                              (self.opts.enable_multistream_mla, "query_side_stream", "mla_secondary")):
+            mods = [m for m in self.model.modules() if on and hasattr(m, attr)
+                    and getattr(m, "shared_experts", True) is not None]     # MoE: layers with shared experts
+            if mods:
+                stream = side_stream(tag)
+                for m in mods:
+                    setattr(m, attr, stream)
+                placed[tag] = len(mods)
+        if placed:
+            logger.info("torchair multistream: %s", ", ".join(f"{n} layers use stream {t}" for t, n in placed.items()))
 
     def compiler_config(self):
         import torchair

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from epplat.config import ConfigError
-from epplat.core.model.layers import gated_act, linear
+from epplat.core.ops import gated_act, linear
 from epplat.core.model.quant import QuantMethod
 
 DESCRIPTION = "quant_model_description.json"
@@ -235,7 +235,7 @@ def w8a8_project(module, name: str, x: torch.Tensor) -> torch.Tensor:
     float ones (a scheme msModelSlim left FLOAT) as before."""
     w, bias = getattr(module, name), getattr(module, name + "_bias", None)
     if w.dtype != torch.int8:
-        return linear(x, w, bias)
+        return linear(x, w, bias, module.kernels)
     return w8a8_linear(x, w, getattr(module, name + "_scale"), bias)
 
 

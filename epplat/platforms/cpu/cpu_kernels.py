@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from epplat.core.model.demo import cache_dir
+from epplat.config import cache_dir
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from epplat.core.model.decoder import DecoderLayer, Projections
 from epplat.core.moe.all2all_torch import _TorchDistBackend
-from epplat.core.moe.experts import reference_experts
 from epplat.core.moe.layer import FusedMoE
 from epplat.platforms.cpu import cpu_kernels
 
@@ -28,7 +27,7 @@ def _eligible(layer: DecoderLayer) -> bool:
         return False
     if not isinstance(mlp.all2all, _TorchDistBackend) or mlp.all2all.size != 1:
         return False        # another backend (a plugin's) must see its dispatch and combine
-    if mlp.experts is not reference_experts or mlp.act is not F.silu:
+    if mlp.experts != mlp.torch_experts or mlp.act is not F.silu:
         return False
     if "project" in vars(attn) or type(attn).project is not Projections.project:
         return False        # a quantization method runs the projections

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from epplat.config import cpu_kv_cache_bytes
+from epplat.core.ops import Kernels
 from epplat.platforms.cpu import cpu_kernels
 from epplat.platforms.interface import Platform
 
@@ -23,22 +24,19 @@ class CpuPlatform(Platform):
 
     def __init__(self):
         self.max_threads = torch.get_num_threads()
-        if cpu_kernels.load() is not None:   # the C kernels stand in for torch ops where they win
-            from epplat.core.model import attention, decoder, layers
-            from epplat.core.moe import experts, layer
-            from epplat.platforms.cpu import fused_layer
-            attention.DECODE_KERNELS["cpu"] = cpu_kernels.decode_attention
-            attention.KV_WRITE_KERNELS["cpu"] = cpu_kernels.write_kv
-            layers.LINEAR_KERNELS["cpu"] = cpu_kernels.linear
-            layers.NORM_KERNELS["cpu"] = cpu_kernels.rms_norm
-            layers.ROPE_KERNELS["cpu"] = cpu_kernels.rope
-            experts.EXPERT_KERNELS["cpu"] = cpu_kernels.moe_experts
-            layer.ROUTE_KERNELS["cpu"] = cpu_kernels.route_topk
-            decoder.LAYER_KERNELS["cpu"] = fused_layer.decode_layer
+        self.kernels = cpu_kernel_record()
+
+    def log_prefix(self) -> str:
+        return "CPU"
 
     def before_step(self, num_tokens: int) -> None:
         cpu_kernels.THREADS = self.max_threads
         torch.set_num_threads(self.max_threads if num_tokens >= self.MULTI_THREAD_TOKENS else 1)
+
+    def auto_dtype(self, checkpoint_dtype: str) -> tuple[str, Optional[str]]:
+        if checkpoint_dtype == "float16":       # as vLLM's CPU backend does
+            return "bfloat16", "float16 GEMMs are slow on the cpu platform"
+        return checkpoint_dtype, None
 
     def slower_path(self, dtype: torch.dtype) -> Optional[str]:
         if dtype != torch.float32 and cpu_kernels.load() is not None:
@@ -56,3 +54,14 @@ class CpuPlatform(Platform):
         itemsize = torch.tensor([], dtype=dtype).element_size()
         raw = np.zeros(math.prod(shape) * itemsize, dtype=np.uint8)
         return torch.from_numpy(raw).view(dtype).view(shape)
+
+
+def cpu_kernel_record() -> Kernels:
+    """The C kernels where they compiled and load (they stand in for torch ops where they win), else torch."""
+    if cpu_kernels.load() is None:
+        return Kernels()
+    from epplat.platforms.cpu import fused_layer
+    return Kernels(linear=cpu_kernels.linear, rms_norm=cpu_kernels.rms_norm, rope=cpu_kernels.rope,
+                   kv_write=cpu_kernels.write_kv, decode_attention=cpu_kernels.decode_attention,
+                   route=cpu_kernels.route_topk, experts=cpu_kernels.moe_experts,
+                   decoder_layer=fused_layer.decode_layer)

@@ -1,4 +1,4 @@
-"""Registers the cpu platform and the eager (no capture) graph runner."""
+"""Registers the cpu platform."""
 
 from __future__ import annotations
 
@@ -10,16 +10,7 @@ def _platform():
     return CpuPlatform
 
 
-def _eager():
-    from epplat.core.engine.graph import EagerRunner
-    return EagerRunner
-
-
 @hookimpl
 def epplat_platforms():
     return [Registration("cpu", _platform, help="reference platform: plain torch on CPU, gloo collectives")]
 
-
-@hookimpl
-def epplat_graph_runners():
-    return [Registration("eager", _eager, help="no graph capture: every step runs eagerly")]

@@ -19,7 +19,7 @@ DeepEP's own limits are checked before serving, in one line each: the EP sizes i
 NVSHMEM queue pairs hold (``NVSHMEM_QP_DEPTH >= (tokens + 1) * 2``, buffer.py).
 
 Activations travel in bf16 (``--dtype bfloat16``). Exercised in tests through a simulation of
-``deep_ep`` on gloo (tests/sim_deepep) that enforces those rules; not yet run against the real package.
+``deep_ep`` on gloo (tests/simulations/deepep) that enforces those rules; not yet run against the real package.
 """
 
 from __future__ import annotations

@@ -26,18 +26,8 @@ class CudaPlatform(Platform):
     default_max_num_batched_tokens = 16384
 
     def __init__(self):
-        import importlib.util
-        if importlib.util.find_spec("triton"):
-            from epplat.core.model import attention, layers
-            from epplat.core.moe import experts, layer
-            from epplat.platforms.cuda import triton_moe, triton_moe_sorted, triton_norm
-            from epplat.platforms.cuda.triton_attention import decode_attention, write_kv
-            attention.DECODE_KERNELS["cuda"] = decode_attention
-            attention.KV_WRITE_KERNELS["cuda"] = write_kv
-            layers.NORM_KERNELS["cuda"] = triton_norm.rms_norm
-            layers.ROPE_KERNELS["cuda"] = triton_norm.rope
-            layer.ROUTE_KERNELS["cuda"] = triton_moe.fused_topk
-            experts.EXPERT_KERNELS["cuda"] = triton_moe_sorted.cuda_experts
+        from epplat.platforms.cuda.kernels import cuda_kernels
+        self.kernels = cuda_kernels()
 
     def slower_path(self, dtype: torch.dtype) -> Optional[str]:
         import importlib.util

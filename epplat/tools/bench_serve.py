@@ -28,9 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-import httpx
-
-from epplat.sse_client import HTTPStatusError, SSEClient
+from epplat.tools.sse_client import HTTPStatusError, SSEClient
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -205,6 +203,7 @@ def percentile(xs, q: float) -> float:
 
 def served_models(base_url: str, api_key: Optional[str] = None) -> list[dict]:
     """The ``data`` list of ``GET /v1/models``."""
+    import httpx
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     r = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30, trust_env=False)
     r.raise_for_status()
@@ -325,6 +324,11 @@ def add_cli(sub) -> None:
 
 
 def _run_cli(args) -> int:
+    try:
+        import httpx
+    except ImportError:
+        print("epplat bench serve: error: needs the httpx package (pip install 'epplat[bench]')", file=sys.stderr)
+        return 1
     for name in ("num_prompts", "random_input_len", "random_output_len"):
         if getattr(args, name) <= 0:
             print(f"epplat bench serve: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from epplat.config import cache_dir
 
 DEMO_VERSION = "qwen3-moe-demo-v2"   # bump when make_model or the tokenizer changes output
 DEMO_SHAPE = dict(layers=4, hidden=256, experts=16, top_k=4, heads=4, kv_heads=2, head_dim=64,
                   moe_intermediate=256, vocab_size=2048, seed=0, dtype="float32")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("EPPLAT_CACHE_DIR") or Path.home() / ".cache" / "epplat")
-
-
 def demo_model_path() -> Path:
     """The demo checkpoint directory, created atomically (temp dir + rename) if missing."""
-    from epplat.core.model.make_model import make_model
+    from epplat.tools.make_model import make_model
     final = cache_dir() / DEMO_VERSION
     if (final / "config.json").is_file():
         return final

@@ -18,9 +18,11 @@ A recompile of a cached function drops its cache, as torchair does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import types
 
 import torch
@@ -136,3 +138,24 @@ class inference:  # noqa: N801  (torchair.inference is a module)
             raise ValueError("cache_compile compiles a method of a torch.nn.Module")
         calls.append(("cache_compile", func.__name__, config))
         return _LazyCompiled(func, config, backend, dynamic, cache_dir)
+
+
+# -- torchair.scope: multistream scopes (graph mode) ----------------------------------------------
+# On an NPU the ops inside npu_stream_switch(tag) run on a second stream and npu_wait_tensor makes it
+# wait for a tensor of the first; here there is one stream, so the ops run in order (the same results).
+scope = types.ModuleType("torchair.scope")
+
+
+@contextlib.contextmanager
+def _npu_stream_switch(tag: str, priority: int = 0):
+    calls.append(("npu_stream_switch", tag, priority))
+    yield
+
+
+def _npu_wait_tensor(self: torch.Tensor, dependency: torch.Tensor) -> torch.Tensor:
+    calls.append(("npu_wait_tensor",))
+    return self
+
+
+scope.npu_stream_switch, scope.npu_wait_tensor = _npu_stream_switch, _npu_wait_tensor
+sys.modules["torchair.scope"] = scope

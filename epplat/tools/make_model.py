@@ -28,7 +28,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from epplat.core.model import make_deepseek
+from epplat.tools import make_deepseek
 
 ARCHS = ("qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
@@ -146,7 +146,7 @@ def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts
     more often, a skewed expert load for load-balancing tests. DeepSeek architectures take
     the keyword options of ``make_deepseek.OPTIONS`` (head_dim is their qk_nope / v head dim).
     """
-    from epplat.core.model.tokenizer_gen import save_tokenizer
+    from epplat.tools.tokenizer_gen import save_tokenizer
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     if dtype not in DTYPES:
@@ -220,24 +220,22 @@ def parse_size(s: str) -> int:
     return v
 
 
-def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{s!r} must be a positive integer")
-    return v
+def _int_at_least(lo: int):
+    """An argparse type: an integer >= lo (1: "positive", 0: "not negative")."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{s!r} must be a positive integer" if lo == 1 else
+                                             f"{s!r} must not be negative")
+        return v
+    parse.__name__ = "integer"
+    return parse
 
 
-def _non_negative(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{s!r} must not be negative")
-    return v
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
 def _positive_float(s: str) -> float:
