@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 def traced_experts(x, topk_ids, topk_weights, w13, w2, act) -> Optional[torch.Tensor]:
     """bfloat16 experts while torchair traces a graph: counts stay on the device (cache_compile captures whole
     graphs, fullgraph=True, where the reference's host sync is an error); None (the reference) otherwise."""
-    if torch.compiler.is_compiling() and x.dtype == torch.bfloat16:
+    if torch.compiler.is_compiling() and x.dtype == torch.bfloat16 and x.shape[0]:   # 0 rows: an EP rank's dummy
         from epplat.core.moe.experts import capturable_experts
         return capturable_experts(x, topk_ids, topk_weights, w13, w2, act)
     return None
