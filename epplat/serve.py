@@ -18,6 +18,7 @@ from pathlib import Path
 
 from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, KVTransferConfig, ModelConfig,
                            ParallelConfig, SchedulerConfig, SpeculativeConfig)
+from epplat import vllm_flags
 from epplat.plugins import PluginError, registry
 
 logger = logging.getLogger("epplat.serve")
@@ -167,11 +168,13 @@ def add_cli(sub) -> None:
                           "are believed; none by default")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    vllm_flags.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def engine_config_from_args(args) -> EngineConfig:
     """Flags -> EngineConfig, checked (EngineConfig.check); raises ConfigError / PluginError with one line."""
+    vllm_flags.check(args)
     model = args.model_flag or args.model
     if model is None:
         from epplat.tools.demo import demo_model_path

@@ -220,6 +220,28 @@ ref = F.scaled_dot_product_attention(torch.cat([ql, qp], -1).unsqueeze(2), keys,
                                      scale=0.1, enable_gqa=True).squeeze(2)
 assert (out - ref).abs().max() < 1e-5, (out - ref).abs().max()
 assert mla_decode_attention(ql[:, :8], qp[:, :8], cache, tables, lens, 0.1) is None   # 8 heads: declined
+# through the Kernels record: an MLA layer's decode step with the kernel equals the torch path
+from epplat.core.distributed.parallel_state import ParallelState
+from epplat.core.model import deepseek
+from epplat.core.model.attention import build_attn_metadata
+from epplat.core.model.mla import MLAttention
+from epplat.core.ops import Kernels
+hf = dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=64,
+          qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=0, num_experts_per_tok=1,
+          intermediate_size=64, vocab_size=64, max_position_embeddings=256)
+cfg = deepseek.parse_config(hf)
+rope = deepseek.DeepseekForCausalLM.make_rope(cfg)
+outs = []
+for k in (Kernels(), Kernels(mla_decode_attention=mla_decode_attention)):
+    torch.manual_seed(1)
+    attn = MLAttention(cfg, rope, ParallelState(), torch.float32, k)
+    for prm in attn.parameters():
+        prm.data.normal_(0, 0.2)
+    attn.kv_cache = (torch.randn(NB + 2, BS, 1, 80),)
+    seqs = [(ln, 1, t[: -(-ln // BS)]) for ln, t in ((5, [0]), (40, [3, 4, 5]), (17, [6, 7]))]
+    meta = build_attn_metadata(seqs, BS, "cpu", NB, k)
+    outs.append(attn(torch.randn(3, 64), torch.tensor([4, 39, 16]), meta))
+assert (outs[0] - outs[1]).abs().max() < 1e-5, (outs[0] - outs[1]).abs().max()
 print("ok")
 '''
 

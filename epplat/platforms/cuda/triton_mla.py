@@ -9,7 +9,8 @@ and one slice of its blocks; triton_attention's merge kernel combines the slices
 log-sum-exp. Lengths come from a device tensor (capturable in a CUDA graph).
 
 Declines (returns None, the torch path runs) head counts that are not a multiple of 16,
-block sizes below 16, and dims that are not powers of two.
+block sizes below 16, and dims that are not powers of two. The cuda platform's Kernels record
+hands it to MLA as ``mla_decode_attention``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def mla_decode_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
     _mla_decode_split_kernel[(b, groups, splits)](
         q_latent.contiguous(), q_pe.contiguous().to(q_latent.dtype), cache, tables, lens, mid, lse, scale,
         tables.stride(0), h, _HEADS, splits, block, r, dr, q_latent.dtype == torch.float32, num_warps=8)
-    out = torch.empty_like(q_latent)
+    # not empty_like: the absorbed query (an einsum's output) may be laid out heads-major
+    out = torch.empty((b, h, r), dtype=q_latent.dtype, device=q_latent.device)
     _merge_kernel[(b, h)](mid, lse, out, groups, _HEADS, splits, triton.next_power_of_2(splits), _HEADS, r)
     return out

@@ -1,0 +1,1 @@
+"""vLLM's offline Python API (``from epplat import LLM, SamplingParams``) over epplat's engines."""

@@ -1,0 +1,149 @@
+"""`vllm serve` flags for concepts epplat does not have (yet), so that vLLM command lines run unchanged.
+
+Each flag is accepted when its value changes nothing about what is served (one info line says
+how epplat reads it) and refused with one line naming the unsupported value when it would; nothing
+that a later piece of work implements (pipeline parallelism, Ray, dual batch overlap, tool calling,
+fp8 KV cache...) is faked here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from epplat.config import ConfigError
+
+logger = logging.getLogger("epplat.serve")
+
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
+
+
+@dataclass(frozen=True)
+class Flag:
+    names: tuple[str, ...]
+    kind: type                                  # bool (a switch), str, int or dict (JSON)
+    accepts: Callable[[object, argparse.Namespace], bool]
+    note: str                                   # accepted: how epplat reads it
+    refusal: str                                # refused: what is unsupported
+    effect: Optional[Callable[[], None]] = None  # accepted: what it changes (vLLM's meaning, where epplat has it)
+
+    @property
+    def dest(self) -> str:
+        return self.names[0].lstrip("-").replace("-", "_")
+
+
+def _is(*values):
+    return lambda v, _args: v in values
+
+
+def _always(_v, _args) -> bool:
+    return True
+
+
+def _never(_v, _args) -> bool:
+    return False
+
+
+def _no_sampling_defaults(value, args) -> bool:
+    """--generation-config: 'vllm' is epplat's behaviour; 'auto' / a folder too when they set no sampling default."""
+    if value == "vllm":
+        return True
+    folder = Path(args.model_flag or args.model or ".") if value == "auto" else Path(value)
+    path = folder / "generation_config.json"
+    try:
+        gc = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return False
+    return not any(k in gc for k in _SAMPLING_KEYS)
+
+
+def _same_tokenizer(value, args) -> bool:
+    model = args.model_flag or args.model
+    return model is not None and Path(value).resolve() == Path(model).resolve()
+
+
+FLAGS = (
+    Flag(("--trust-remote-code",), bool, _always, "epplat runs its own implementation of the architectures it "
+         "serves (no checkpoint code is run)", ""),
+    Flag(("--pipeline-parallel-size", "-pp"), int, _is(1), "one pipeline stage",
+         "pipeline parallelism is not implemented in epplat (use -tp / -dp)"),
+    Flag(("--distributed-executor-backend",), str, _is("mp", "uni"), "epplat runs its workers as processes",
+         "only the multiprocessing backend (mp) exists in epplat; Ray is not implemented"),
+    Flag(("--data-parallel-backend", "-dpb"), str, _is("mp"), "epplat's DP engines are processes",
+         "only the multiprocessing DP backend (mp) exists in epplat; Ray is not implemented"),
+    Flag(("--data-parallel-hybrid-lb",), bool, _never, "", "hybrid DP load balancing is not implemented in "
+         "epplat (internal: one API server for all ranks; external: --data-parallel-rank per engine)"),
+    Flag(("--data-parallel-external-lb",), bool, lambda _v, a: a.data_parallel_rank is not None,
+         "epplat balances externally whenever --data-parallel-rank is given",
+         "epplat's external load balancing is one engine per --data-parallel-rank; give it"),
+    Flag(("--expert-placement-strategy",), str, _is("linear"), "contiguous experts per EP rank, as epplat "
+         "places them", "only linear expert placement is implemented in epplat"),
+    Flag(("--generation-config",), str, _no_sampling_defaults, "no sampling defaults to apply",
+         "the checkpoint's generation_config.json sampling defaults are not applied by epplat yet; "
+         "pass --generation-config vllm (or set the sampling fields in each request)"),
+    Flag(("--tokenizer",), str, _same_tokenizer, "the model's own tokenizer",
+         "a tokenizer other than the checkpoint's own is not supported by epplat yet"),
+    Flag(("--tokenizer-mode",), str, _is("auto", "hf"), "transformers' tokenizer",
+         "only the auto / hf tokenizer modes exist in epplat"),
+    Flag(("--chat-template",), str, _never, "", "a chat template other than the checkpoint's own is not "
+         "supported by epplat yet"),
+    Flag(("--kv-cache-dtype",), str, _is("auto"), "the KV cache in the model's dtype",
+         "a KV cache dtype other than the model's (auto) is not implemented in epplat yet"),
+    Flag(("--load-format",), str, _is("auto", "safetensors"), "weights read from the safetensors files",
+         "epplat loads safetensors checkpoints only (auto / safetensors)"),
+    Flag(("--max-logprobs",), int, _is(20), "epplat's limit is 20 logprobs per token",
+         "epplat's logprobs limit is fixed at 20"),
+    Flag(("--disable-log-stats",), bool, _always, "no periodic stats line from the engines; /metrics is unchanged",
+         "", lambda: os.environ.__setitem__("EPPLAT_LOG_STATS_INTERVAL", "inf")),
+    Flag(("--disable-log-requests",), bool, _always, "epplat does not log requests", ""),
+    Flag(("--enable-log-requests",), bool, _never, "", "request logging is not implemented in epplat"),
+    Flag(("--disable-uvicorn-access-log",), bool, _always, "set --uvicorn-log-level warning to hide it", ""),
+    Flag(("--enable-server-load-tracking",), bool, _always, "epplat's /load always counts requests", ""),
+    Flag(("--compilation-config", "-O"), str, _always, "epplat compiles nothing; CUDA graphs follow "
+         "--enforce-eager", ""),
+    Flag(("--async-scheduling",), bool, _always, "epplat schedules each step after the last one's "
+         "outputs (no overlap): the same tokens, without async scheduling's speed-up", ""),
+    Flag(("--enable-dbo",), bool, _never, "", "dual batch overlap is not implemented in epplat yet"),
+    Flag(("--swap-space",), str, _always, "epplat preempts by recomputation, never swapping", ""),
+    Flag(("--scheduling-policy",), str, _is("fcfs"), "first come, first served",
+         "only fcfs scheduling exists in epplat"),
+    Flag(("--enable-auto-tool-choice",), bool, _never, "", "tool calling is not implemented in epplat yet"),
+    Flag(("--tool-call-parser",), str, _never, "", "tool calling is not implemented in epplat yet"),
+    Flag(("--reasoning-parser",), str, _never, "", "reasoning parsers are not implemented in epplat yet"),
+    Flag(("--enable-lora",), bool, _never, "", "LoRA adapters are not implemented in epplat"),
+    Flag(("--revision",), str, _never, "", "epplat serves a local checkpoint folder (no hub revisions)"),
+    Flag(("--hf-overrides",), str, lambda v, _a: v.strip() in ("{}", ""), "nothing to override",
+         "config overrides are not implemented in epplat"),
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags, on `epplat serve`'s parser (defaults absent, so that only flags given are checked)."""
+    group = p.add_argument_group("vLLM flags without an epplat concept (accepted only where they change nothing)")
+    for f in FLAGS:
+        if f.kind is bool:
+            group.add_argument(*f.names, dest=f.dest, action="store_true", default=argparse.SUPPRESS)
+        else:
+            group.add_argument(*f.names, dest=f.dest, type=int if f.kind is int else str, default=argparse.SUPPRESS)
+    # vLLM's positive spelling of what epplat has as --no-enable-chunked-prefill
+    p.add_argument("--enable-chunked-prefill", dest="enable_chunked_prefill", action="store_true",
+                   help=argparse.SUPPRESS)
+
+
+def check(args: argparse.Namespace) -> None:
+    """One info line per accepted flag given; ConfigError naming the first refused one."""
+    for f in FLAGS:
+        if not hasattr(args, f.dest):
+            continue
+        value = getattr(args, f.dest)
+        shown = f.names[0] if f.kind is bool else f"{f.names[0]} {value}"
+        if not f.accepts(value, args):
+            raise ConfigError(f"{shown}: {f.refusal}")
+        logger.info("%s: accepted (%s)", shown, f.note)
+        if f.effect is not None:
+            f.effect()

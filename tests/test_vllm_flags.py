@@ -1,0 +1,85 @@
+"""`vllm serve` command lines (as vLLM's and vllm-ascend's docs write them) with the program name
+swapped: each either serves, or fails with one line naming the unsupported part."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+
+import openai
+import pytest
+
+from server_utils import Server
+
+# (command line from the docs, the model swapped for MODEL; sizes kept small enough for the test checkpoint)
+ACCEPTED = [
+    # vLLM quickstart
+    "vllm serve MODEL --generation-config vllm",
+    # vLLM expert-parallel deployment
+    "vllm serve MODEL --tensor-parallel-size 1 --data-parallel-size 2 --enable-expert-parallel --trust-remote-code",
+    # vllm-ascend Qwen3-MoE tutorial
+    "vllm serve MODEL --tensor-parallel-size 2 --enable-expert-parallel --max-model-len 256 "
+    "--max-num-batched-tokens 256 --trust-remote-code --gpu-memory-utilization 0.9 "
+    "--compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8]}' --async-scheduling",
+    # vLLM production-stack / Kubernetes manifests
+    "vllm serve MODEL --trust-remote-code --enable-chunked-prefill --max-num-batched-tokens 1024 "
+    "--disable-log-requests --disable-log-stats --distributed-executor-backend mp -pp 1 --swap-space 4",
+    "vllm serve MODEL --kv-cache-dtype auto --load-format safetensors --tokenizer-mode auto --max-logprobs 20 "
+    "--generation-config auto -O3 --enable-prefix-caching --data-parallel-backend mp",
+]
+REFUSED = [
+    ("vllm serve MODEL --tensor-parallel-size 2 --pipeline-parallel-size 2", "--pipeline-parallel-size 2: pipeline"),
+    ("vllm serve MODEL -tp 2 --distributed-executor-backend ray", "--distributed-executor-backend ray: only"),
+    ("vllm serve MODEL --enable-auto-tool-choice --tool-call-parser hermes", "--enable-auto-tool-choice: tool"),
+    ("vllm serve MODEL --reasoning-parser deepseek_r1", "--reasoning-parser deepseek_r1: reasoning"),
+    ("vllm serve MODEL --kv-cache-dtype fp8", "--kv-cache-dtype fp8: a KV cache dtype"),
+    ("vllm serve MODEL --data-parallel-size 2 --enable-expert-parallel --enable-dbo", "--enable-dbo: dual batch"),
+    ("vllm serve MODEL --load-format dummy", "--load-format dummy: epplat loads safetensors"),
+    ("vllm serve MODEL --chat-template ./template.jinja", "--chat-template ./template.jinja: a chat template"),
+    ("vllm serve MODEL --data-parallel-size 2 --data-parallel-hybrid-lb", "--data-parallel-hybrid-lb: hybrid"),
+]
+
+
+def epplat_argv(line: str, model) -> list[str]:
+    argv = shlex.split(line.replace("MODEL", str(model)))
+    assert argv[0] == "vllm"
+    return argv[1:]
+
+
+@pytest.mark.parametrize("line", ACCEPTED)
+def test_vllm_command_lines_are_accepted(line, qwen3_moe_dir, monkeypatch):
+    monkeypatch.delenv("EPPLAT_LOG_STATS_INTERVAL", raising=False)    # restored after (--disable-log-stats sets it)
+    from epplat.cli import build_parser
+    from epplat.serve import engine_config_from_args
+    cfg = engine_config_from_args(build_parser().parse_args(epplat_argv(line, qwen3_moe_dir)))
+    if cfg.parallel.ipc_dir:
+        shutil.rmtree(cfg.parallel.ipc_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("line,message", REFUSED)
+def test_vllm_command_lines_that_would_change_results_fail_in_one_line(line, message, qwen3_moe_dir, capsys):
+    from epplat.cli import main
+    assert main(epplat_argv(line, qwen3_moe_dir)) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"epplat serve: error: {message}"), err
+
+
+def test_generation_config_with_sampling_defaults_is_refused(qwen3_moe_dir, tmp_path, capsys):
+    from epplat.cli import main
+    model = shutil.copytree(qwen3_moe_dir, tmp_path / "m")
+    gc = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gc, "temperature": 0.6, "top_p": 0.95}))
+    assert main(["serve", str(model), "--generation-config", "auto"]) == 1
+    assert "generation_config.json sampling defaults are not applied" in capsys.readouterr().err
+
+
+def test_a_vllm_command_line_serves(qwen3_moe_dir):
+    argv = epplat_argv(ACCEPTED[3], qwen3_moe_dir)[2:]
+    with Server(str(qwen3_moe_dir), *argv, "--dtype", "float32", "--max-model-len", "256",
+                env={"EPPLAT_LOG_STATS_INTERVAL": "0"}) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        assert c.completions.create(model=str(qwen3_moe_dir), prompt="hi", max_tokens=3).usage.completion_tokens == 3
+        assert "--trust-remote-code: accepted (epplat runs its own implementation" in s.output()
+        assert "-pp 1: accepted" not in s.output() and "--pipeline-parallel-size 1: accepted" in s.output()
+        assert "Avg prompt throughput" not in s.output()     # --disable-log-stats, as in vLLM
