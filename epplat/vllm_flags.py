@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from epplat.config import ConfigError
 
@@ -29,6 +30,7 @@ class Flag:
     accepts: Callable[[object, argparse.Namespace], bool]
     note: str                                   # accepted: how epplat reads it
     refusal: str                                # refused: what is unsupported
+    effect: Optional[Callable[[], None]] = None  # accepted: what it changes (vLLM's meaning, where epplat has it)
 
     @property
     def dest(self) -> str:
@@ -96,8 +98,8 @@ FLAGS = (
          "epplat loads safetensors checkpoints only (auto / safetensors)"),
     Flag(("--max-logprobs",), int, _is(20), "epplat's limit is 20 logprobs per token",
          "epplat's logprobs limit is fixed at 20"),
-    Flag(("--disable-log-stats",), bool, _always, "the periodic stats line still prints; /metrics is unchanged",
-         ""),
+    Flag(("--disable-log-stats",), bool, _always, "no periodic stats line from the engines; /metrics is unchanged",
+         "", lambda: os.environ.__setitem__("EPPLAT_LOG_STATS_INTERVAL", "inf")),
     Flag(("--disable-log-requests",), bool, _always, "epplat does not log requests", ""),
     Flag(("--enable-log-requests",), bool, _never, "", "request logging is not implemented in epplat"),
     Flag(("--disable-uvicorn-access-log",), bool, _always, "set --uvicorn-log-level warning to hide it", ""),
@@ -143,3 +145,5 @@ def check(args: argparse.Namespace) -> None:
         if not f.accepts(value, args):
             raise ConfigError(f"{shown}: {f.refusal}")
         logger.info("%s: accepted (%s)", shown, f.note)
+        if f.effect is not None:
+            f.effect()

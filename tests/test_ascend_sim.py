@@ -7,6 +7,7 @@ simulated HCCL."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -221,16 +222,17 @@ def test_torchair_graphs_dp2_ep_decode_equal_to_eager(qwen3_moe_dir):
     assert log.count("torchair graphs for decode batch sizes [2]") == 2
 
 
-_CACHED_GRAPHS = r'''
-import sys, torch, torch_npu, torchair
+_GRAPHS = r"""
+import json, sys, torch, torch_npu, torchair
 from epplat.config import CacheConfig, EngineConfig, ModelConfig
 from epplat.core.engine.core import init_kv_cache
 from epplat.core.engine.model_runner import ModelInput, ModelRunner
 from epplat.core.model.attention import build_attn_metadata
 from epplat.plugins import registry
-cfg = EngineConfig(model=ModelConfig(model=sys.argv[1], dtype="bfloat16"), platform="ascend",
-                   cache=CacheConfig(kv_cache_memory_bytes=64 << 20), additional_config={"torchair_graph_config": {
-                       "enabled": True, "graph_batch_sizes": [1, 4], "use_cached_graph": True}})
+model, kv_mib, graphs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+cfg = EngineConfig(model=ModelConfig(model=model, dtype="bfloat16"), platform="ascend",
+                   cache=CacheConfig(kv_cache_memory_bytes=kv_mib << 20), additional_config={"torchair_graph_config": {
+                       "enabled": True, **graphs}})
 platform = registry().load("platform", "ascend")()
 platform.configure(cfg)
 runner = ModelRunner(cfg, platform, platform.device(0))
@@ -241,16 +243,45 @@ with torch.inference_mode():
     eager = runner.model(torch.tensor(mi.token_ids), torch.tensor(mi.positions),
                          build_attn_metadata(mi.seqs, runner.block_size, runner.device, runner.pad_block))
 assert torch.equal(graph, eager), (graph - eager).abs().max()
-names = [c[1] for c in torchair.calls if c[0] == "cache_compile"]
-configs = [c[2] for c in torchair.calls if c[0] == "cache_compile"]
-assert names == ["forward_decode_bs4", "forward_decode_bs1"], names
-assert all(c.experimental_config.frozen_parameter for c in configs)
-assert torchair.calls[0] == ("patch_for_hcom",)
-print("ok")
-'''
+print(json.dumps({"cache_compile": [c[1] for c in torchair.calls if c[0] == "cache_compile"],
+                  "frozen": all(c[2].experimental_config.frozen_parameter for c in torchair.calls
+                                if c[0] == "cache_compile"),
+                  "reloaded": [c[1] for c in torchair.calls if c[0] == "cache_reload"],
+                  "graphs": sum(c[0] == "graph" for c in torchair.calls), "first": torchair.calls[0][0]}))
+"""
 
 
-def test_torchair_cached_graphs_per_batch_size(qwen3_moe_dir):
-    r = subprocess.run([sys.executable, "-c", _CACHED_GRAPHS, str(qwen3_moe_dir)], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, **SIM_ENV})
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+def _graphs(model_dir, kv_mib: int, graphs: dict, cache_home) -> tuple[dict, str]:
+    r = subprocess.run([sys.executable, "-c", _GRAPHS, str(model_dir), str(kv_mib), json.dumps(graphs)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **SIM_ENV, "TORCHAIR_CACHE_HOME": str(cache_home)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
+def test_torchair_cached_graphs_capture_whole_and_reload_per_kv_shape(qwen3_moe_dir, tmp_path):
+    """torchair's cache_compile compiles whole graphs (the simulation, like torchair, with fullgraph=True: a host
+    sync in the decode step fails the capture) and reloads its cache without guards on restart: a restart with
+    another KV cache size must not reload the graphs of the first, the same size must."""
+    cached = {"graph_batch_sizes": [1, 4], "use_cached_graph": True}
+    first, _ = _graphs(qwen3_moe_dir, 64, cached, tmp_path)
+    assert first["cache_compile"] == ["forward_decode_bs4", "forward_decode_bs1"] and first["frozen"], first
+    assert first["reloaded"] == [] and first["graphs"] == 2 and first["first"] == "patch_for_hcom", first
+    other, _ = _graphs(qwen3_moe_dir, 32, cached, tmp_path)         # another KV size: compiled anew
+    assert other["reloaded"] == [] and other["graphs"] == 2, other
+    again, _ = _graphs(qwen3_moe_dir, 64, cached, tmp_path)         # the first size: both graphs reloaded
+    assert again["reloaded"] == ["forward_decode_bs4", "forward_decode_bs1"] and again["graphs"] == 0, again
+
+
+def test_torchair_graphs_for_more_batch_sizes_than_the_recompile_limit(qwen3_moe_dir, tmp_path):
+    """Nine decode batch sizes, one past dynamo's recompile limit (8): every one is compiled, none silently eager."""
+    out, err = _graphs(qwen3_moe_dir, 64, {"graph_batch_sizes": list(range(1, 10))}, tmp_path)
+    assert "recompile_limit" not in err and "run eagerly" not in err, err[-3000:]
+    assert out["graphs"] >= 9, out
+
+
+def test_torchair_cached_graphs_refuse_host_syncs(qwen3_moe_dir):
+    graphs = '{"torchair_graph_config": {"enabled": true, "use_cached_graph": true}}'
+    one_error_line(epplat("serve", str(qwen3_moe_dir), "--platform", "ascend", "-dp", "2", "-ep",
+                          "--additional-config", graphs, env=SIM_ENV),
+                   "use_cached_graph compiles whole decode graphs, which expert parallelism")

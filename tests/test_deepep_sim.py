@@ -1,8 +1,12 @@
 """The DeepEP all2all backends (epplat/platforms/cuda/all2all_deepep.py) on a *simulation* of
 ``deep_ep`` (tests/simulations/deepep: DeepEP's Buffer API over gloo, no GPU): two EP ranks as real
 processes, uneven and empty batches; dispatch -> this rank's experts -> combine must equal all
-experts computed locally. The real package runs only on GPUs; this checks how the backends use
-its API, not the kernels."""
+experts computed locally. The simulation asserts what DeepEP asserts (its EP-size configs, the
+low-latency hidden sizes, the NVSHMEM queue-pair depth, one live low-latency buffer) and leaves
+garbage (NaN) in unused receive slots. A prefill-sized step (300 tokens on a rank, past the
+low-latency capacity) goes through the normal kernels; hidden 64 and an EP size of 1 are
+refused in one line naming DeepEP's sets. The real package runs only on GPUs; this checks how
+the backends use its API, not the kernels."""
 
 from __future__ import annotations
 
@@ -27,30 +31,49 @@ def _rank(rank, world, port, name, errors):
         emap = ExpertMap(8, rank, world)
         backend = getattr(all2all_deepep, name)(emap, group=dist.group.WORLD, device=torch.device("cpu"))
         g = torch.Generator().manual_seed(0)
-        w13 = (torch.randn(8, 64, 96, generator=g) / 8).bfloat16()
-        w2 = (torch.randn(8, 48, 64, generator=g) / 7).bfloat16()
+        hidden = 2048                 # a size DeepEP's low-latency kernels are built for
+        w13 = (torch.randn(8, hidden, 96, generator=g) / 45).bfloat16()
+        w2 = (torch.randn(8, 48, hidden, generator=g) / 7).bfloat16()
         mine = slice(emap.local_ids.start, emap.local_ids.stop)
-        for tokens in ((5, 9), (0, 3), (12, 12)):
+        for tokens in ((5, 9), (0, 3), (300, 260), (12, 12)):     # 300: a prefill past the low-latency capacity
             t = tokens[rank]
             backend.set_step_tokens(list(tokens))
-            x = torch.randn(t, 64).bfloat16()
+            x = torch.randn(t, hidden).bfloat16()
             ids = torch.rand(t, 8).topk(2, dim=-1).indices
             w = torch.softmax(torch.randn(t, 2), -1).bfloat16()
             recv = backend.dispatch(x, ids, w)
             y = reference_experts(recv.x, recv.topk_ids, recv.topk_weights, w13[mine], w2[mine], F.silu) \
                 if recv.x.shape[0] else recv.x
             out = backend.combine(y)
-            assert out.shape == (t, 64)
+            assert out.shape == (t, hidden)
             if t:
                 torch.testing.assert_close(out.float(), reference_experts(x, ids, w, w13, w2, F.silu).float(),
                                            atol=2e-2, rtol=2e-2)
-        made = [c for c in deep_ep.calls if c[0] == "Buffer"]
-        assert len(made) == 1 and made[0][1]["low_latency_mode"] == (name == "DeepEPLowLatency"), made
+        made = [c[1]["low_latency_mode"] for c in deep_ep.calls if c[0] == "Buffer"]
+        # one buffer each; the low-latency backend's prefill steps made the normal kernels' buffer
+        assert made == ([True, False] if name == "DeepEPLowLatency" else [False]), made
+        if name == "DeepEPLowLatency":
+            lowlat = [c[1]["tokens"] for c in deep_ep.calls if c[0] == "low_latency_dispatch"]
+            assert lowlat == [(5, 9)[rank], (0, 3)[rank], 12], lowlat
+            assert [c[1]["tokens"] for c in deep_ep.calls if c[0] == "dispatch"] == [(300, 260)[rank]]
         try:
-            backend.dispatch(torch.randn(2, 64), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
+            backend.dispatch(torch.randn(2, hidden), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
             raise AssertionError("float32 activations were accepted")
         except ConfigError as e:
             assert "bfloat16" in str(e)
+        if name == "DeepEPLowLatency":      # a fresh backend: its hidden size is checked before a buffer is made
+            other = getattr(all2all_deepep, name)(emap, group=dist.group.WORLD, device=torch.device("cpu"))
+            try:
+                other.dispatch(torch.randn(2, 64).bfloat16(), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
+                raise AssertionError("hidden 64 was accepted")
+            except ConfigError as e:
+                assert "hidden sizes [2048, 2560" in str(e) and "not 64" in str(e) and "\n" not in str(e), e
+        alone = dist.new_group([0]), dist.new_group([1])
+        try:
+            getattr(all2all_deepep, name)(ExpertMap(8), group=alone[rank], device=torch.device("cpu"))
+            raise AssertionError("an EP size of 1 was accepted")
+        except ConfigError as e:
+            assert "supports EP sizes [2, 4, 8, 16" in str(e) and "not 1" in str(e), e
         dist.destroy_process_group()
     except Exception as e:   # reported to the parent, which fails the test with it
         import traceback

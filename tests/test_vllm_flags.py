@@ -48,7 +48,8 @@ def epplat_argv(line: str, model) -> list[str]:
 
 
 @pytest.mark.parametrize("line", ACCEPTED)
-def test_vllm_command_lines_are_accepted(line, qwen3_moe_dir):
+def test_vllm_command_lines_are_accepted(line, qwen3_moe_dir, monkeypatch):
+    monkeypatch.delenv("EPPLAT_LOG_STATS_INTERVAL", raising=False)    # restored after (--disable-log-stats sets it)
     from epplat.cli import build_parser
     from epplat.serve import engine_config_from_args
     cfg = engine_config_from_args(build_parser().parse_args(epplat_argv(line, qwen3_moe_dir)))
@@ -75,8 +76,10 @@ def test_generation_config_with_sampling_defaults_is_refused(qwen3_moe_dir, tmp_
 
 def test_a_vllm_command_line_serves(qwen3_moe_dir):
     argv = epplat_argv(ACCEPTED[3], qwen3_moe_dir)[2:]
-    with Server(str(qwen3_moe_dir), *argv, "--dtype", "float32", "--max-model-len", "256") as s:
+    with Server(str(qwen3_moe_dir), *argv, "--dtype", "float32", "--max-model-len", "256",
+                env={"EPPLAT_LOG_STATS_INTERVAL": "0"}) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
         assert c.completions.create(model=str(qwen3_moe_dir), prompt="hi", max_tokens=3).usage.completion_tokens == 3
         assert "--trust-remote-code: accepted (epplat runs its own implementation" in s.output()
         assert "-pp 1: accepted" not in s.output() and "--pipeline-parallel-size 1: accepted" in s.output()
+        assert "Avg prompt throughput" not in s.output()     # --disable-log-stats, as in vLLM

@@ -118,8 +118,9 @@ class _ReferenceW8A8Linear(torch.nn.Module):
         return reference_w8a8_linear(x.reshape(-1, x.shape[-1]), self.wq, self.ws).reshape(*x.shape[:-1], -1)
 
 
-def reference_w8a8_greedy(w8a8_dir: Path, workdir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """The oracle for a W8A8 checkpoint: transformers' model of the same architecture (float32) whose
+def reference_w8a8_greedy(w8a8_dir: Path, workdir: Path, prompts: list[list[int]], max_tokens: int,
+                          dtype=torch.float16) -> list[list[int]]:
+    """The oracle for a W8A8 checkpoint: transformers' model of the same architecture (in ``dtype``) whose
     quantized projections and experts compute with the integer arithmetic above; greedy new tokens
     (``ignore_eos``), one prompt at a time."""
     from transformers import AutoModelForCausalLM
@@ -132,7 +133,7 @@ def reference_w8a8_greedy(w8a8_dir: Path, workdir: Path, prompts: list[list[int]
                for k, t in ck.items() if not k.endswith((".weight_scale", ".weight_offset"))},
               str(workdir / "model.safetensors"))
     shutil.copy(Path(w8a8_dir) / "config.json", workdir / "config.json")
-    model = AutoModelForCausalLM.from_pretrained(workdir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(workdir, dtype=dtype).eval()
     quant = lambda key: (ck[key + ".weight"], ck[key + ".weight_scale"].reshape(-1))  # noqa: E731
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}."

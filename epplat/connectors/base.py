@@ -63,7 +63,12 @@ class KVConnectorBase:
 
     metadata_type: type[KVConnectorMetadata] = KVConnectorMetadata
 
+    @classmethod
+    def check_config(cls, engine) -> None:
+        """Raise ConfigError when this connector cannot serve `engine` (checked before any engine starts)."""
+
     def __init__(self, config, engine, role: KVConnectorRole, dp_rank: int = 0, tp_rank: int = 0):
+        self.check_config(engine)
         self.config, self.engine, self.role = config, engine, role
         self.dp_rank, self.tp_rank = dp_rank, tp_rank
         self.block_size = engine.cache.block_size

@@ -26,15 +26,18 @@ def connector_class(cfg: EngineConfig, warn: bool = False) -> type[KVConnectorBa
                               f"kv_connector_module_path {path!r}: {e}") from None
         if not (isinstance(cls, type) and issubclass(cls, KVConnectorBase)):
             raise ConfigError(f"--kv-transfer-config: {path}.{kv.kv_connector} is not a KVConnectorBase")
+        cls.check_config(cfg)
         return cls
     from epplat.plugins import PluginError, registry
     if path and warn:
         logger.warning("kv_connector_module_path %r is vLLM's module; using epplat's registered connector %r "
                        "instead", path, kv.kv_connector)
     try:
-        return registry().load("kv_connector", kv.kv_connector, cfg.platform)
+        cls = registry().load("kv_connector", kv.kv_connector, cfg.platform)
     except PluginError as e:
         raise ConfigError(f"--kv-transfer-config: {e}") from None
+    cls.check_config(cfg)
+    return cls
 
 
 def make_connector(cfg: EngineConfig, role: KVConnectorRole, dp_rank: int = 0, tp_rank: int = 0):

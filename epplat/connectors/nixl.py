@@ -70,11 +70,14 @@ def load_nixl():
 class NixlConnector(KVConnectorBase):
     metadata_type = NixlMetadata
 
-    def __init__(self, config, engine, role, dp_rank: int = 0, tp_rank: int = 0):
-        super().__init__(config, engine, role, dp_rank, tp_rank)
+    @classmethod
+    def check_config(cls, engine) -> None:
         if engine.parallel.tensor_parallel_size != 1:
             raise ConfigError("NixlConnector: --tensor-parallel-size above 1 is not supported yet "
                               "(each DP rank of either side is one rank)")
+
+    def __init__(self, config, engine, role, dp_rank: int = 0, tp_rank: int = 0):
+        super().__init__(config, engine, role, dp_rank, tp_rank)
         self.engine_id = config.engine_id
         self.host = _env("NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
         self.port = int(_env("NIXL_SIDE_CHANNEL_PORT", "5600")) + dp_rank

@@ -14,13 +14,23 @@ from epplat.platforms.interface import Platform
 logger = logging.getLogger(__name__)
 
 
+def traced_experts(x, topk_ids, topk_weights, w13, w2, act) -> Optional[torch.Tensor]:
+    """bfloat16 experts while torchair traces a graph: counts stay on the device (cache_compile captures whole
+    graphs, fullgraph=True, where the reference's host sync is an error); None (the reference) otherwise."""
+    if torch.compiler.is_compiling() and x.dtype == torch.bfloat16 and x.shape[0]:   # 0 rows: an EP rank's dummy
+        from epplat.core.moe.experts import capturable_experts
+        return capturable_experts(x, topk_ids, topk_weights, w13, w2, act)
+    return None
+
+
 class AscendPlatform(Platform):
     name = "ascend"
     device_type = "npu"
     dist_backend = "hccl"
     default_all2all = "hccl"
     default_graph_runner = "eager"      # "torchair" with torchair_graph_config.enabled (see configure)
-    kernels = Kernels(grouped_mm=bf16_grouped_mm)   # torch ops; the NPU's grouped GEMM takes bfloat16
+    # torch ops; the NPU's grouped GEMM takes bfloat16
+    kernels = Kernels(grouped_mm=bf16_grouped_mm, experts=traced_experts)
 
     @classmethod
     def check(cls) -> Optional[str]:
@@ -40,6 +50,15 @@ class AscendPlatform(Platform):
         from epplat.config import ConfigError
         from epplat.platforms.ascend.ascend_config import parse
         acfg = parse(cfg.additional_config, cfg.enforce_eager)
+        if acfg.torchair_graph_config.use_cached_graph:
+            # cache_compile captures whole graphs (fullgraph=True): nothing in a decode step may sync with the host
+            syncs = [what for what, on in (
+                ("expert parallelism (the hccl all2all's split sizes)",
+                 cfg.parallel.enable_expert_parallel and cfg.parallel.world_size > 1),
+                ("--quantization ascend (W8A8's expert counts)", cfg.model.quantization == "ascend")) if on]
+            if syncs:
+                raise ConfigError(f"torchair_graph_config.use_cached_graph compiles whole decode graphs, which "
+                                  f"{' and '.join(syncs)} cannot be part of (a host sync); leave use_cached_graph off")
         sched = acfg.ascend_scheduler_config
         if sched.enabled:
             cfg.scheduler.enable_chunked_prefill = sched.enable_chunked_prefill

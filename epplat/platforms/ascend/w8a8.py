@@ -96,7 +96,13 @@ class AscendW8A8(QuantMethod):
                 yield i, layer.mlp
 
     def process_model(self, model) -> None:
-        scale_dtype = torch.bfloat16 if model.embed_tokens.dtype == torch.bfloat16 else torch.float32
+        dtype = model.embed_tokens.dtype
+        if dtype not in (torch.bfloat16, torch.float16):
+            # npu_dynamic_quant takes float16/bfloat16 only and npu_quant_matmul has no float32 output
+            raise ConfigError(f"--quantization ascend computes in bfloat16 or float16 (torch_npu's int8 ops take no "
+                              f"{str(dtype).removeprefix('torch.')}); use --dtype bfloat16")
+        # npu_grouped_matmul's per-token int8 path: a bf16 scale with bf16 output, an fp32 scale with fp16 output
+        scale_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         for i, moe in self._moe_layers(model):
             missing = [f"layers.{i}.mlp.experts.{e}.{p}" for e in range(moe.gate.shape[0]) for p in ("gate", "up", "down")
                        if f"layers.{i}.mlp.experts.{e}.{p}" not in self.quantized]

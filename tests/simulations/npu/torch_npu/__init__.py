@@ -93,8 +93,19 @@ if "hccl" not in dist.Backend.backend_list:
 
 
 # -- quantized ops -------------------------------------------------------------------------------
+# The dtype rules below are the documented ones: torch_npu's API reference (hiascend.com, PyTorch
+# 6.0.0 "torch_npu.npu_dynamic_quant"; Ascend/op-plugin docs/context/torch_npu-npu_quant_matmul.md and
+# torch_npu-npu_grouped_matmul.md, the ops of the torch-npu 2.13.0 / 2.14.0 wheels).
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def npu_dynamic_quant(input, *, smooth_scales=None, group_index=None, dst_type=None):
     """Per-token symmetric int8: scale = max|x| / 127 per row, y = round(x / scale)."""
+    # npu_dynamic_quant: x FLOAT16 or BFLOAT16, more than one dimension; scale out FLOAT32
+    if input.dtype not in _HALF:
+        raise RuntimeError(f"npu_dynamic_quant: x must be float16 or bfloat16, got {input.dtype}")
+    if input.dim() < 2:
+        raise RuntimeError("npu_dynamic_quant: x must have more than one dimension")
     x = input.float()
     if smooth_scales is not None:
         x = x * smooth_scales.float()
@@ -111,6 +122,15 @@ def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=No
         raise RuntimeError(f"npu_quant_matmul: scale must be 1-d of 1 or n={x2.shape[-1]}, got {list(scale.shape)}")
     if pertoken_scale is not None and (pertoken_scale.dim() != 1 or pertoken_scale.numel() != x1.shape[0]):
         raise RuntimeError(f"npu_quant_matmul: pertoken_scale must be 1-d of m={x1.shape[0]}")
+    # npu_quant_matmul: output_dtype int8 (default), float16, bfloat16 or int32; no float32 output
+    if output_dtype not in (None, torch.int8, torch.float16, torch.bfloat16, torch.int32):
+        raise RuntimeError(f"npu_quant_matmul: output_dtype {output_dtype} is not supported")
+    # with pertoken_scale (dynamic quantization) the output is float16 or bfloat16; a bfloat16 scale pairs with
+    # bfloat16 output
+    if pertoken_scale is not None and output_dtype not in _HALF:
+        raise RuntimeError("npu_quant_matmul: pertoken_scale needs output_dtype float16 or bfloat16")
+    if scale.dtype == torch.bfloat16 and output_dtype != torch.bfloat16:
+        raise RuntimeError("npu_quant_matmul: a bfloat16 scale needs output_dtype bfloat16")
     acc = torch.matmul(x1.to(torch.int32), x2.to(torch.int32)).to(torch.float32)
     out = acc * scale.float().reshape(1, -1)
     if pertoken_scale is not None:
@@ -130,6 +150,15 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     if split_item != 2 or group_type != 0 or len(x) != 1 or len(weight) != 1:
         raise RuntimeError("simulated npu_grouped_matmul supports split_item=2, group_type=0, one x, one weight")
     xs, w = x[0], weight[0]
+    if w.dtype == torch.int8 and per_token_scale is not None:
+        # npu_grouped_matmul, per-token (dynamic) int8: a bfloat16 scale with bfloat16 output, or a float32
+        # scale with float16 output; per_token_scale float32
+        pair = (scale[0].dtype, output_dtype)
+        if pair not in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)):
+            raise RuntimeError(f"npu_grouped_matmul: per-token int8 takes a bfloat16 scale with bfloat16 output or a "
+                               f"float32 scale with float16 output, got scale {pair[0]} and output {pair[1]}")
+        if per_token_scale[0].dtype != torch.float32:
+            raise RuntimeError("npu_grouped_matmul: per_token_scale must be float32")
     counts = group_list.tolist() if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1)
                                                                          ).tolist()
     outs, start = [], 0
