@@ -278,27 +278,35 @@ def test_metrics_have_vllms_families_and_move_under_load(qwen_server, client):
     for name in ("epplat:engine_requests_received", "epplat:eplb_balancedness", "epplat:prompt_tokens_computed"):
         assert name in before
 
+    # the last request streams, long enough that /metrics scraped while it streams must see it running
+    lens = [24, 25, 26, 27, 28, 1500]
+
     async def load():
         c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        reqs = asyncio.gather(*(c.completions.create(model="qwen-test", prompt=shared + str(i), max_tokens=24 + i,
-                                                     temperature=0, extra_body={"ignore_eos": True})
-                                   for i in range(6)))
-        task, during = asyncio.ensure_future(reqs), []
-        while not task.done():
-            during.append(await asyncio.to_thread(scrape, url))
-            await asyncio.sleep(0.02)
-        return await task, during
-    responses, during = asyncio.run(load())
+
+        def create(i, n, **kw):
+            return c.completions.create(model="qwen-test", prompt=shared + str(i), max_tokens=n, temperature=0,
+                                        extra_body={"ignore_eos": True}, **kw)
+        short = asyncio.ensure_future(asyncio.gather(*(create(i, n) for i, n in enumerate(lens[:-1]))))
+        stream = await create(len(lens) - 1, lens[-1], stream=True, stream_options={"include_usage": True})
+        during, usage = [], None
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            elif len(during) < 3:
+                during.append(await asyncio.to_thread(scrape, url))
+        return [r.usage for r in await short] + [usage], during
+    usages, during = asyncio.run(load())
     after = scrape(url)
 
     def moved(sample, **labels):
         return value(after, sample, **labels) - value(before, sample, **labels)
-    out = [r.usage.completion_tokens for r in responses]
-    assert out == [24 + i for i in range(6)]
+    out = [u.completion_tokens for u in usages]
+    assert out == lens
     assert moved("vllm:request_success_total", finished_reason="length") == 6
     assert moved("vllm:generation_tokens_total") == sum(out)
-    assert moved("vllm:prompt_tokens_total") == sum(r.usage.prompt_tokens for r in responses)
-    assert moved("vllm:prefix_cache_queries_total") >= sum(r.usage.prompt_tokens for r in responses) - 6
+    assert moved("vllm:prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert moved("vllm:prefix_cache_queries_total") >= sum(u.prompt_tokens for u in usages) - 6
     assert moved("vllm:prefix_cache_hits_total") >= 6 * 16     # the shared prefix's first block, at least
     for hist in VLLM_FAMILIES["histogram"]:
         n = sum(o - 1 for o in out) if hist == "inter_token_latency_seconds" else 6
@@ -308,10 +316,16 @@ def test_metrics_have_vllms_families_and_move_under_load(qwen_server, client):
     assert max(value(d, "vllm:kv_cache_usage_perc") for d in during) > 0
     assert value(after, "vllm:num_requests_running") == value(after, "vllm:num_requests_waiting") == 0
     assert value(after, "vllm:kv_cache_usage_perc") == 0
-    # vLLM's periodic line (EPPLAT_LOG_STATS_INTERVAL=1 for this server)
-    assert re.search(r"Engine 000: Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: [\d.]+ "
-                     r"tokens/s, Running: \d+ reqs, Waiting: \d+ reqs, GPU KV cache usage: [\d.]+%, Prefix cache "
-                     r"hit rate: [\d.]+%", qwen_server.output())
+    # vLLM's periodic line (EPPLAT_LOG_STATS_INTERVAL=1 for this server): printed by a step at least 1 s after
+    # the last one, so keep the engine stepping (bounded) until a step has come that late
+    line = (r"Engine 000: Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: [\d.]+ "
+            r"tokens/s, Running: \d+ reqs, Waiting: \d+ reqs, GPU KV cache usage: [\d.]+%, Prefix cache "
+            r"hit rate: [\d.]+%")
+    deadline = time.monotonic() + 20
+    while not re.search(line, qwen_server.output()) and time.monotonic() < deadline:
+        client.completions.create(model="qwen-test", prompt="tick", max_tokens=4, temperature=0)
+        time.sleep(0.2)
+    assert re.search(line, qwen_server.output())
 
 
 def test_tokenize_detokenize_ping_load(qwen_server, qwen3_moe_dir):
