@@ -27,6 +27,7 @@ import json
 import math
 import os
 import socket
+import socketserver
 import struct
 import threading
 from pathlib import Path
@@ -36,40 +37,15 @@ import msgspec
 calls: list[str] = []          # what the product called, in order (for tests in this process)
 
 
-class LLMRole(enum.Enum):
-    PROMPT = 1
-    DECODER = 2
-    MIX = 3
-
-
-class DataType(enum.Enum):
-    DT_FLOAT = 0
-    DT_FLOAT16 = 1
-    DT_INT8 = 2
-    DT_INT32 = 3
-    DT_INT64 = 9
-    DT_BF16 = 27
-
-
+LLMRole = enum.Enum("LLMRole", {"PROMPT": 1, "DECODER": 2, "MIX": 3})
+DataType = enum.Enum("DataType", {"DT_FLOAT": 0, "DT_FLOAT16": 1, "DT_INT8": 2, "DT_INT32": 3, "DT_INT64": 9,
+                                  "DT_BF16": 27})
 _DT_BYTES = {DataType.DT_FLOAT: 4, DataType.DT_FLOAT16: 2, DataType.DT_INT8: 1, DataType.DT_INT32: 4,
              DataType.DT_INT64: 8, DataType.DT_BF16: 2}
-
-
-class RegisterMemStatus(enum.Enum):
-    OK = 0
-    PREPARING = 1
-    FAILED = 2
-
-
-class LLMStatusCode(enum.Enum):
-    LLM_SUCCESS = 0
-    LLM_PARAM_INVALID = 1
-    LLM_TIMEOUT = 2
-    LLM_LINK_FAILED = 3
-    LLM_NOT_YET_LINK = 4
-    LLM_ALREADY_LINK = 5
-    LLM_FEATURE_NOT_ENABLED = 6
-    LLM_REPEAT_REQUEST = 7
+RegisterMemStatus = enum.Enum("RegisterMemStatus", {"OK": 0, "PREPARING": 1, "FAILED": 2})
+LLMStatusCode = enum.Enum("LLMStatusCode", {"LLM_SUCCESS": 0, "LLM_PARAM_INVALID": 1, "LLM_TIMEOUT": 2,
+                                            "LLM_LINK_FAILED": 3, "LLM_NOT_YET_LINK": 4, "LLM_ALREADY_LINK": 5,
+                                            "LLM_FEATURE_NOT_ENABLED": 6, "LLM_REPEAT_REQUEST": 7})
 
 
 class LLMException(Exception):
@@ -217,9 +193,15 @@ class LLMDataDist:
         self.timeout = int(options.get("llm.SyncKvCacheWaitTime", "1000")) / 1000
         if options.get("llm.EnableCacheManager") == "1":
             self._cache_manager = CacheManager(self)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        (_fabric() / f"cluster-{self.cluster_id}").write_text(str(self.sock.getsockname()[1]))
-        threading.Thread(target=self._serve, daemon=True, name="sim-llm-datadist").start()
+        owner = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                owner._answer(self.request)
+        self.fabric = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.fabric.daemon_threads = True
+        (_fabric() / f"cluster-{self.cluster_id}").write_text(str(self.fabric.server_address[1]))
+        threading.Thread(target=self.fabric.serve_forever, daemon=True, name="sim-llm-datadist").start()
 
     @property
     def cache_manager(self) -> CacheManager:
@@ -274,7 +256,8 @@ class LLMDataDist:
     def finalize(self) -> None:
         calls.append("finalize")
         if self.options is not None:
-            self.sock.close()
+            self.fabric.shutdown()
+            self.fabric.server_close()
 
     # -- the fabric ----------------------------------------------------------------------------------------
     def ask(self, cluster_id: int, msg: dict) -> dict:
@@ -286,26 +269,17 @@ class LLMDataDist:
         except (OSError, ValueError, ConnectionError) as e:
             raise LLMException(f"cluster {cluster_id} unreachable: {e}", LLMStatusCode.LLM_LINK_FAILED) from None
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
     def _answer(self, conn) -> None:
-        with conn:
-            try:
-                msg = _recv(conn)
-                if msg["op"] == "link":
-                    with self.lock:
-                        self.peer_links.add(msg["name"])
-                    _send(conn, {"ok": True})
-                elif msg["op"] == "read":
-                    _send(conn, self._read(msg))
-            except (OSError, ConnectionError, KeyError):
-                pass
+        try:
+            msg = _recv(conn)
+            if msg["op"] == "link":
+                with self.lock:
+                    self.peer_links.add(msg["name"])
+                _send(conn, {"ok": True})
+            elif msg["op"] == "read":
+                _send(conn, self._read(msg))
+        except (OSError, ConnectionError, KeyError):
+            pass
 
     def _read(self, msg) -> dict:
         if self.options.get("llm.EnableRemoteCacheAccessible") != "1":
