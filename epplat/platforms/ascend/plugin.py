@@ -43,7 +43,7 @@ def _w8a8():
 
 @hookimpl
 def epplat_platforms():
-    return [Registration("ascend", _platform, check=_check, help="Huawei Ascend NPUs: torch_npu, HCCL")]
+    return [Registration("ascend", _platform, check=_check, auto_priority=1, help="Huawei Ascend NPUs: torch_npu, HCCL")]
 
 
 @hookimpl
