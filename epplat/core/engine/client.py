@@ -48,6 +48,7 @@ class CompletionOutput:
     num_output_tokens: int
     kv_transfer_params: Optional[dict] = None
     times: Optional[P.RequestTimes] = None     # the engine's queue / prefill / decode times, when finished
+    prompt_logprobs: Optional[list[list[P.TokenLogprob]]] = None   # on the first output, when asked
 
 
 class _RequestState:
@@ -57,6 +58,7 @@ class _RequestState:
         self.detok = IncrementalDetokenizer(tokenizer, params.stop, params.skip_special_tokens,
                                             params.include_stop_str_in_output)
         self.num_prompt = num_prompt
+        self.min_tokens = params.min_tokens
         self.num_output = 0
         self.engine_done = False
 
@@ -64,12 +66,15 @@ class _RequestState:
         self.num_output += len(out.new_token_ids)
         finish, reason = out.finish_reason, out.stop_reason
         self.engine_done = finish is not None
-        matched = self.detok.add(out.new_token_ids, final=finish is not None)
+        # vLLM's min_tokens: no stop string ends the output before it has min_tokens tokens
+        matched = self.detok.add(out.new_token_ids, final=finish is not None,
+                                 check_stop=self.num_output > self.min_tokens)
         if matched is not None:
             finish, reason = "stop", matched
         return CompletionOutput(self.request_id, self.detok.delta(final=finish is not None),
                                 list(out.new_token_ids), out.logprobs, finish, reason,
-                                self.num_prompt, self.num_output, out.kv_transfer_params, out.times)
+                                self.num_prompt, self.num_output, out.kv_transfer_params, out.times,
+                                out.prompt_logprobs)
 
 
 class EngineClient:
@@ -228,7 +233,7 @@ class EngineClient:
             raise EngineError(f"engine {engine} unreachable: {e}") from None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: P.SamplingParams,
-                       kv_transfer_params: Optional[dict] = None) -> AsyncIterator[CompletionOutput]:
+                       kv_transfer_params: Optional[dict] = None, priority: int = 0) -> AsyncIterator[CompletionOutput]:
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already running")
         st = _RequestState(request_id, params, self.tokenizer, len(prompt_token_ids))
@@ -240,7 +245,7 @@ class EngineClient:
         try:
             await self._send(engine, P.EngineRequest(request_id, list(prompt_token_ids), params,
                                                      self.eos_token_ids, time.time(), self.client_index,
-                                                     kv_transfer_params))
+                                                     kv_transfer_params, priority))
             while True:
                 item = await st.queue.get()
                 if isinstance(item, Exception):
