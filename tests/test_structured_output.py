@@ -25,8 +25,8 @@ SCHEMA = {"type": "object",
           "required": ["name", "age", "ok"], "additionalProperties": False}
 REGEX = r"[A-Z][a-z]{2,5}-[0-9]{3}"
 CHOICES = ["red alert", "green", "blue sky"]
-GRAMMAR = 'root ::= "(" num ("+" num)* ")"\nnum ::= [1-9] [0-9]?'
-GRAMMAR_RE = r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)"
+GRAMMAR = 'root ::= "(" num ("+" num)? ("*" num)? ")"\nnum ::= [1-9] [0-9]?'
+GRAMMAR_RE = r"\([1-9][0-9]?(\+[1-9][0-9]?)?(\*[1-9][0-9]?)?\)"
 
 
 def valid(doc) -> bool:
@@ -36,6 +36,13 @@ def valid(doc) -> bool:
             and type(doc["age"]) is int and 0 <= doc["age"] <= 120 and type(doc["ok"]) is bool
             and (isinstance(doc.get("tags", []), list) and len(doc.get("tags", [])) <= 3
                  and all(t in "abc" for t in doc.get("tags", []))))
+
+
+def closing(model_dir) -> dict[str, float]:
+    """logit_bias favouring the tokens that close a JSON string or object."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return {str(i): 4.0 for i in range(len(tok)) if tok.decode([i]).strip() in ('"', '}', '"}', '",', '"]')}
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +56,15 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
 
 
-def test_outputs_follow_their_grammar_in_one_batch(server):
+def test_outputs_follow_their_grammar_in_one_batch(server, qwen3_moe_dir):
     # random weights write whitespace as readily as anything else: without vLLM's disable_any_whitespace
     # JSON could run to max_tokens in whitespace
     tight = {"structured_outputs": {"disable_any_whitespace": True}}
     constraints = {
         "json_schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
                         **tight},
-        "json_object": {"response_format": {"type": "json_object"}, **tight},
+        # any object: its strings end only when the model picks a quote; a bias makes that likely
+        "json_object": {"response_format": {"type": "json_object"}, **tight, "logit_bias": closing(qwen3_moe_dir)},
         "json": {"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}},
         "regex": {"structured_outputs": {"regex": REGEX}},
         "choice": {"structured_outputs": {"choice": CHOICES}},
@@ -96,10 +104,9 @@ def test_outputs_follow_their_grammar_in_one_batch(server):
             jobs = [one(k, t, chat) for k in constraints for t, chat in ((0.0, False), (1.0, True), (1.0, False))]
             return await asyncio.gather(*jobs)
     results = asyncio.run(run())
-    for kind, text, finish in results:
-        if kind != "free":
-            assert finish == "stop", (kind, text)
-            assert ok(kind, text), (kind, text)
+    bad = [(kind, text, finish) for kind, text, finish in results
+           if kind != "free" and not (finish == "stop" and ok(kind, text))]
+    assert bad == [], [(kind, finish, text[:80]) for kind, text, finish in bad]
     # without a grammar this checkpoint writes no JSON, nor anything the regex or choices allow
     free = [text for kind, text, _ in results if kind == "free"]
     assert not any(ok(k, t) for t in free for k in ("json_object", "regex", "choice", "grammar"))

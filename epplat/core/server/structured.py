@@ -36,7 +36,7 @@ def _from_response_format(rf: dict, so: dict) -> None:
 def _from_structured_outputs(so: dict) -> Optional[StructuredOutput]:
     def bad(message: str):
         return APIError(400, message, "structured_outputs")
-    kinds = [k for k in _KINDS if so.get(k)]
+    kinds = [k for k in _KINDS if so.get(k) not in (None, False)]
     if not kinds:
         return None
     if len(kinds) > 1:
@@ -50,7 +50,7 @@ def _from_structured_outputs(so: dict) -> Optional[StructuredOutput]:
     if kind == "json":
         return StructuredOutput("json", value if isinstance(value, str) else json.dumps(value), spaces)
     if kind == "choice":
-        if not (isinstance(value, list) and all(isinstance(c, str) and c for c in value)):
+        if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
             raise bad("structured_outputs.choice must be a list of non-empty strings")
         return StructuredOutput("grammar", choice_grammar(value))
     if not isinstance(value, str):
