@@ -26,7 +26,7 @@ N = 8
 
 @pytest.fixture(scope="module")
 def server(qwen3_moe_dir):
-    with Server(str(qwen3_moe_dir), "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "1",
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "--max-model-len", "4096", "--max-num-seqs", "1",
                 "--max-num-batched-tokens", "32", "--scheduling-policy", "priority") as s:
         yield s
 
@@ -181,13 +181,13 @@ def test_prompt_logprobs_truncation_and_bad_values(server, client, tok, qwen3_mo
                                   extra_body={"truncate_prompt_tokens": 7, "ignore_eos": True})
     assert r.usage.prompt_tokens == 7
     assert r.choices[0].text == tok.decode(hf_greedy_with(qwen3_moe_dir, prompt[-7:], 4))
-    long = " ".join(["word"] * 700)
+    long = " ".join(["word"] * 4500)
     r = client.completions.create(model=None, prompt=long, max_tokens=2, extra_body={"truncate_prompt_tokens": 100})
     assert r.usage.prompt_tokens == 100
 
     for body in ({"presence_penalty": 3}, {"repetition_penalty": 0}, {"logit_bias": {"x": 1}},
                  {"logit_bias": {"999999": 1}}, {"min_tokens": 20, "max_tokens": 4}, {"allowed_token_ids": []},
-                 {"allowed_token_ids": [10 ** 7]}, {"prompt_logprobs": 21}, {"truncate_prompt_tokens": 513}):
+                 {"allowed_token_ids": [10 ** 7]}, {"prompt_logprobs": 21}, {"truncate_prompt_tokens": 4097}):
         resp = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4, **body})
         assert resp.status_code == 400, (body, resp.text)
         assert "\n" not in resp.json()["error"]["message"]
@@ -195,22 +195,26 @@ def test_prompt_logprobs_truncation_and_bad_values(server, client, tok, qwen3_mo
 
 
 def test_a_high_priority_request_overtakes_waiting_ones(server):
-    """One sequence at a time (--max-num-seqs 1): while a long request runs, three wait; the one with
-    the lowest priority value, sent last, runs first (fcfs would run it last)."""
+    """One sequence at a time (--max-num-seqs 1): while a long streamed request runs, three wait; when
+    it is dropped, the one with the lowest priority value, sent last, runs first (fcfs: last)."""
     async def run():
         done: list[str] = []
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
-            async def go(name, priority, tokens):
-                r = await c.post("/v1/completions", json={"prompt": "hello", "max_tokens": tokens, "priority": priority,
+            async def go(name, priority):
+                r = await c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4, "priority": priority,
                                                           "ignore_eos": True, "temperature": 0})
                 assert r.status_code == 200, r.text
                 done.append(name)
-            first = asyncio.create_task(go("long", 0, 150))
-            await asyncio.sleep(0.5)
             rest = []
-            for name, prio in (("low-1", 5), ("low-2", 5), ("high", -1)):
-                rest.append(asyncio.create_task(go(name, prio, 4)))
-                await asyncio.sleep(0.05)
-            await asyncio.gather(first, *rest)
+            async with c.stream("POST", "/v1/completions", json={"prompt": "hello", "max_tokens": 4000,
+                                                                 "ignore_eos": True, "stream": True}) as long:
+                async for line in long.aiter_lines():
+                    if line.startswith("data:"):
+                        break                       # it runs: the others queue behind it
+                for name, prio in (("low-1", 5), ("low-2", 5), ("high", -1)):
+                    rest.append(asyncio.create_task(go(name, prio)))
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.2)
+            await asyncio.gather(*rest)             # the long one was dropped (aborted) above
         return done
-    assert asyncio.run(run()) == ["long", "high", "low-1", "low-2"]
+    assert asyncio.run(run()) == ["high", "low-1", "low-2"]

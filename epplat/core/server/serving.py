@@ -161,8 +161,8 @@ class OpenAIServing:
                           for x in reversed(e)} for e in entries]
 
     # -- chat ----------------------------------------------------------------------------
-    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
-        arrival, created = time.monotonic(), int(time.time())
+    async def chat_jobs(self, req: ChatCompletionRequest, raw: Request, prefix: str = "chatcmpl-"):
+        """A chat request's engine jobs: (jobs, prompt ids, model name, X-Request-Id base, response id)."""
         model = self.check_model(req.model)
         self._check_choices(1, req.n)
         text = await self.render_chat(req)
@@ -170,9 +170,14 @@ class OpenAIServing:
         ids = (self._remote_prompt(req.kv_transfer_params) or [ids])[0]
         self._check_kv(req.kv_transfer_params)
         base = self._base_id(raw)
-        rid = f"chatcmpl-{base}"
+        rid = f"{prefix}{base}"
         jobs = self._jobs(rid, [ids], req.n, lambda plen: self._params(req, plen, req.output_limit, req.num_logprobs),
                           req.kv_transfer_params, req.priority)
+        return jobs, ids, model, base, rid
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        arrival, created = time.monotonic(), int(time.time())
+        jobs, ids, model, base, rid = await self.chat_jobs(req, raw)
         if req.stream:
             return _with_id(self._sse(self._chat_chunks(req, jobs, arrival, rid, created, model)), base)
         choices = await self._collect(jobs, arrival, raw)
@@ -232,7 +237,8 @@ class OpenAIServing:
     def _base_id(self, raw: Request) -> str:
         """The request's X-Request-Id header (as vLLM takes it), else a new one; 400 while one is in flight."""
         base = raw.headers.get("X-Request-Id") or uuid.uuid4().hex
-        if any(rid.startswith((f"cmpl-{base}-", f"chatcmpl-{base}-")) for rid in getattr(self.client, "states", {})):
+        if any(rid.startswith((f"cmpl-{base}-", f"chatcmpl-{base}-", f"resp_{base}-"))
+               for rid in getattr(self.client, "states", {})):
             raise APIError(400, f"a request with X-Request-Id {base!r} is already in flight")
         return base
 
