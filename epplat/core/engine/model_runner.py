@@ -85,7 +85,7 @@ class ModelRunner:
         backend_name = cfg.parallel.all2all_backend or platform.default_all2all
         backend_cls = reg.load("all2all", backend_name, platform.name)
         par = cfg.parallel
-        redundant = par.eplb.num_redundant_experts if par.enable_eplb else 0
+        redundant = par.eplb.num_redundant_experts if par.enable_eplb or par.enable_elastic_ep else 0
         emap = ExpertMap(self.model_cfg.num_experts or 1, ps.ep_rank, ps.ep_size, redundant)
         self.all2all = backend_cls(emap, group=ps.ep_group, device=device)
         torch.manual_seed(cfg.model.seed)
