@@ -302,7 +302,8 @@ class EngineConfig(msgspec.Struct):
 
     def check(self) -> None:
         """The checks that need the checkpoint and the plugins: the model is one epplat serves, the layout
-        splits it, the selected plugins run on this platform, the platform takes --additional-config.
+        splits it, the speculative config fits it, the selected plugins (KV connector and quantization
+        method included) run on this platform, the platform takes --additional-config.
         Raises ConfigError / PluginError with one line; ``epplat serve`` and every engine core call it."""
         from epplat.plugins import registry
         reg = registry()
@@ -330,7 +331,15 @@ class EngineConfig(msgspec.Struct):
             raise ConfigError(f"--max-num-batched-tokens ({batched}) is smaller than --max-model-len ({max_len}); "
                               "enable chunked prefill or raise it")
         check_layout(mc, par)
+        if self.speculative is not None:
+            check_speculative(self.speculative, hf, model, par)
         reg.load("platform", self.platform).apply_additional_config(self)
+        if self.kv_transfer is not None:     # an unknown or unusable connector is one line before any engine starts
+            from epplat.connectors.loader import connector_class
+            connector_class(self, warn=True)
+        if self.model.quantization:   # the method checks the checkpoint's quantization files
+            from epplat.core.model.quant import load_quant_method
+            load_quant_method(self, architecture(hf).canonical_name, self.platform)
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -338,6 +347,16 @@ class EngineConfig(msgspec.Struct):
     @staticmethod
     def from_json(data: bytes) -> "EngineConfig":
         return msgspec.json.decode(data, type=EngineConfig)
+
+
+def check_speculative(spec: SpeculativeConfig, hf: dict, model: str, par: ParallelConfig) -> None:
+    """--speculative-config drafts with the checkpoint's own MTP layer, on one DP rank."""
+    if not hf.get("num_nextn_predict_layers"):
+        raise ConfigError(f"--speculative-config method {spec.method!r} drafts with the checkpoint's MTP layer; "
+                          f"{hf.get('architectures')} checkpoint {model!r} has none (num_nextn_predict_layers)")
+    if par.data_parallel_size > 1:
+        raise ConfigError("--speculative-config runs on one DP rank for now (TP is fine): drop "
+                          "--data-parallel-size")
 
 
 def check_layout(mc, par: ParallelConfig) -> None:

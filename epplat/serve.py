@@ -13,7 +13,6 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Optional
 from pathlib import Path
 
 from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, KVTransferConfig, ModelConfig,
@@ -201,34 +200,13 @@ def engine_config_from_args(args) -> EngineConfig:
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config,
-        speculative=(speculative_config_from_args(args, mcfg.hf_config(), parallel)
+        speculative=(SpeculativeConfig.parse(args.speculative_config)
                      if args.speculative_config is not None else None),
         kv_transfer=KVTransferConfig.parse(args.kv_transfer_config))
     cfg.check()
-    if cfg.kv_transfer is not None:     # an unknown or unusable connector is one line before any engine starts
-        from epplat.connectors.loader import connector_class
-        connector_class(cfg, warn=True)
-    if args.quantization:   # the method checks the checkpoint's quantization files before any engine starts
-        from epplat.core.model.quant import load_quant_method
-        from epplat.core.model.registry import architecture
-        load_quant_method(cfg, architecture(mcfg.hf_config()).canonical_name, platform)
     if parallel.single_node:
         parallel.ipc_dir = tempfile.mkdtemp(prefix="epplat-")
     return cfg
-
-
-def speculative_config_from_args(args, hf: dict, par: ParallelConfig) -> Optional[SpeculativeConfig]:
-    if args.speculative_config is None:
-        return None
-    spec = SpeculativeConfig.parse(args.speculative_config)
-    if not hf.get("num_nextn_predict_layers"):
-        raise ConfigError(f"--speculative-config method {spec.method!r} drafts with the checkpoint's MTP layer; "
-                          f"{hf.get('architectures')} checkpoint {args.model_flag or args.model!r} has none "
-                          "(num_nextn_predict_layers)")
-    if par.data_parallel_size > 1:
-        raise ConfigError("--speculative-config runs on one DP rank for now (TP is fine): drop "
-                          "--data-parallel-size")
-    return spec
 
 
 def parallel_config_from_args(args) -> ParallelConfig:

@@ -5,6 +5,7 @@ DeepseekV3ForCausalLM on `epplat make-model` checkpoints, and the KV cache holds
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -181,16 +182,24 @@ def test_bad_speculative_configs_are_one_line(spec, needle):
 
 
 def test_speculative_config_needs_mtp_layers_and_one_engine_process(v3_dir, v3_mtp_dir):
-    import argparse
-    from epplat.config import ConfigError, ModelConfig, ParallelConfig
-    from epplat.serve import speculative_config_from_args
+    """EngineConfig.check refuses the speculative configs the engine cannot serve, with the one line
+    `epplat serve` prints, for a config built in Python as for one built from flags."""
+    from epplat.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig, SpeculativeConfig
+    from epplat.serve import add_cli, engine_config_from_args
     spec = '{"method": "deepseek_mtp", "num_speculative_tokens": 1}'
-    for model, par, needle in ((v3_dir, ParallelConfig(), "has none (num_nextn_predict_layers)"),
-                               (v3_mtp_dir, ParallelConfig(data_parallel_size=2), "runs on one DP rank")):
-        args = argparse.Namespace(speculative_config=spec, model=str(model), model_flag=None)
-        with pytest.raises(ConfigError, match=re.escape(needle)) as e:
-            speculative_config_from_args(args, ModelConfig(str(model)).hf_config(), par)
-        assert "\n" not in str(e.value)
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    for model, dp, needle in ((v3_dir, 1, "has none (num_nextn_predict_layers)"),
+                              (v3_mtp_dir, 2, "runs on one DP rank")):
+        cfg = EngineConfig(ModelConfig(str(model)), parallel=ParallelConfig(data_parallel_size=dp),
+                           speculative=SpeculativeConfig.parse(spec))
+        with pytest.raises(ConfigError, match=re.escape(needle)) as built:
+            cfg.check()
+        args = parser.parse_args(["serve", str(model), "-dp", str(dp), "--speculative-config", spec,
+                                  "--platform", "cpu"])
+        with pytest.raises(ConfigError, match=re.escape(needle)) as flagged:
+            engine_config_from_args(args)
+        assert str(built.value) == str(flagged.value) and "\n" not in str(built.value)
 
 
 def test_ascend_simulation_dp2_ep_hccl(v3_dir):
