@@ -14,8 +14,10 @@ import torch
 
 import simulations
 from hf_oracle import hf_greedy
-from server_utils import Server
-from test_parallel import MAX_TOKENS, complete
+import threading
+
+from server_utils import Server, kill_headless, rpc_port, start_headless
+from test_parallel import MAX_TOKENS, complete, per_rank_requests
 
 # the long prompt is prefilled in chunks of 32 (a chunk attending to cached latents)
 PROMPTS = [[5, 17, 99, 230, 7, 64, 300, 12], [400, 401, 402], list(range(100, 170)), [3, 9],
@@ -104,6 +106,45 @@ def test_dp2_ep_naive_all2all_eplb_with_redundant_experts(v3_dir):
         for _ in range(2):                       # a rebalance at step 8 in the first batch, more in the second
             assert complete(s.url, "ds", PROMPTS) == want
         assert re.search(r"EPLB rebalance \d+ at step", s.output()), s.output()[-3000:]
+
+
+def _dp2_ep_flags(port):
+    return ["--dtype", "float32", "--data-parallel-size", "2", "--data-parallel-address", "127.0.0.1",
+            "--data-parallel-rpc-port", str(port), "--enable-expert-parallel", "--max-model-len", "256",
+            "--served-model-name", "ds"]
+
+
+def test_two_nodes_headless_dp2_ep(v2_dir):
+    """DP=2 + EP over two "nodes" on loopback: the second node's engine started with --headless."""
+    common = [*_dp2_ep_flags(rpc_port()), "--data-parallel-size-local", "1"]
+    headless = start_headless(str(v2_dir), "--data-parallel-start-rank", "1", *common)
+    try:
+        with Server(str(v2_dir), *common, timeout=180) as primary:
+            assert complete(primary.url, "ds", PROMPTS) == expected(v2_dir)
+            served = per_rank_requests(primary.url)
+            assert set(served) == {"0", "1"} and all(v > 0 for v in served.values()), served
+            assert "EP rank 0/2 holds experts 0-3 of 8" in primary.output()
+    finally:
+        kill_headless(headless)
+
+
+def test_external_load_balancing_dp2_ep(v3_dir):
+    """One `epplat serve` per DP rank (vLLM's --data-parallel-rank), each its own API server; EP spans both."""
+    common = _dp2_ep_flags(rpc_port())
+    servers = {}
+    t = threading.Thread(target=lambda: servers.setdefault(1, Server(str(v3_dir), *common, "--data-parallel-rank", "1")))
+    t.start()
+    try:
+        servers[0] = Server(str(v3_dir), *common, "--data-parallel-rank", "0")
+        t.join(120)
+        want, half = expected(v3_dir), len(PROMPTS) // 2
+        assert complete(servers[0].url, "ds", PROMPTS[:half]) == want[:half]
+        assert complete(servers[1].url, "ds", PROMPTS[half:]) == want[half:]
+        assert per_rank_requests(servers[1].url) == {"1": half}
+    finally:
+        t.join(120)
+        for srv in servers.values():
+            srv.stop()
 
 
 def test_expert_map_gives_the_first_ranks_one_more_and_even_backends_refuse():
