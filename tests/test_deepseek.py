@@ -222,25 +222,40 @@ def test_bad_speculative_configs_are_one_line(spec, needle):
     assert "\n" not in str(e.value)
 
 
-def test_speculative_config_needs_mtp_layers_and_one_engine_process(v3_dir, v3_mtp_dir):
-    """EngineConfig.check refuses the speculative configs the engine cannot serve, with the one line
+def test_speculative_config_needs_mtp_layers(v3_dir):
+    """EngineConfig.check refuses a speculative config the checkpoint cannot serve, with the one line
     `epplat serve` prints, for a config built in Python as for one built from flags."""
-    from epplat.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig, SpeculativeConfig
+    from epplat.config import ConfigError, EngineConfig, ModelConfig, SpeculativeConfig
     from epplat.serve import add_cli, engine_config_from_args
     spec = '{"method": "deepseek_mtp", "num_speculative_tokens": 1}'
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers())
-    for model, dp, needle in ((v3_dir, 1, "has none (num_nextn_predict_layers)"),
-                              (v3_mtp_dir, 2, "runs on one DP rank")):
-        cfg = EngineConfig(ModelConfig(str(model)), parallel=ParallelConfig(data_parallel_size=dp),
-                           speculative=SpeculativeConfig.parse(spec))
-        with pytest.raises(ConfigError, match=re.escape(needle)) as built:
-            cfg.check()
-        args = parser.parse_args(["serve", str(model), "-dp", str(dp), "--speculative-config", spec,
-                                  "--platform", "cpu"])
-        with pytest.raises(ConfigError, match=re.escape(needle)) as flagged:
-            engine_config_from_args(args)
-        assert str(built.value) == str(flagged.value) and "\n" not in str(built.value)
+    needle = "has none (num_nextn_predict_layers)"
+    cfg = EngineConfig(ModelConfig(str(v3_dir)), speculative=SpeculativeConfig.parse(spec))
+    with pytest.raises(ConfigError, match=re.escape(needle)) as built:
+        cfg.check()
+    args = parser.parse_args(["serve", str(v3_dir), "--speculative-config", spec, "--platform", "cpu"])
+    with pytest.raises(ConfigError, match=re.escape(needle)) as flagged:
+        engine_config_from_args(args)
+    assert str(built.value) == str(flagged.value) and "\n" not in str(built.value)
+
+
+def test_mtp_speculative_decoding_dp2_ep_in_lockstep(v3_mtp_dir):
+    """DP=2 + EP: the MTP layer's experts are spread over both ranks, so every rank runs each draft pass
+    (empty when it has nothing to draft) and the all2all collectives pair up; greedy output unchanged."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    spec = json.dumps({"method": "deepseek_mtp", "num_speculative_tokens": 2})
+    with Server(str(v3_mtp_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
+                "--speculative-config", spec, "--served-model-name", "ds", timeout=180) as s:
+        want = expected(v3_mtp_dir)
+        assert complete(s.url, "ds", PROMPTS) == want
+        assert complete(s.url, "ds", PROMPTS[:1]) == want[:1]          # one rank drafts, the other runs empty passes
+        samples = {x.name: x.value for f in text_string_to_metric_families(httpx.get(s.url + "/metrics").text)
+                   for x in f.samples}
+        assert "EP rank 1/2 holds experts 4-7 of 8" in s.output()
+    drafted, accepted = (samples[f"vllm:spec_decode_num_{w}_total"] for w in ("draft_tokens", "accepted_tokens"))
+    assert 0 < accepted < drafted, samples
 
 
 def test_ascend_simulation_dp2_ep_hccl(v3_dir):
