@@ -332,7 +332,7 @@ class EngineConfig(msgspec.Struct):
                               "enable chunked prefill or raise it")
         check_layout(mc, par)
         if self.speculative is not None:
-            check_speculative(self.speculative, hf, model, par)
+            check_speculative(self.speculative, hf, model)
         reg.load("platform", self.platform).apply_additional_config(self)
         if self.kv_transfer is not None:     # an unknown or unusable connector is one line before any engine starts
             from epplat.connectors.loader import connector_class
@@ -349,14 +349,12 @@ class EngineConfig(msgspec.Struct):
         return msgspec.json.decode(data, type=EngineConfig)
 
 
-def check_speculative(spec: SpeculativeConfig, hf: dict, model: str, par: ParallelConfig) -> None:
-    """--speculative-config drafts with the checkpoint's own MTP layer, on one DP rank."""
+def check_speculative(spec: SpeculativeConfig, hf: dict, model: str) -> None:
+    """--speculative-config drafts with the checkpoint's own MTP layer (in every layout: DP ranks run
+    their draft passes in lockstep)."""
     if not hf.get("num_nextn_predict_layers"):
         raise ConfigError(f"--speculative-config method {spec.method!r} drafts with the checkpoint's MTP layer; "
                           f"{hf.get('architectures')} checkpoint {model!r} has none (num_nextn_predict_layers)")
-    if par.data_parallel_size > 1:
-        raise ConfigError("--speculative-config runs on one DP rank for now (TP is fine): drop "
-                          "--data-parallel-size")
 
 
 def check_layout(mc, par: ParallelConfig) -> None:

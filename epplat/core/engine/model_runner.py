@@ -292,8 +292,11 @@ class ModelRunner:
     def draft_forward(self, d: DraftInput) -> torch.Tensor:
         """One MTP pass (every TP rank runs it); returns its hidden states."""
         dev = self.device
+        if hasattr(self.all2all, "set_step_tokens"):
+            self.all2all.set_step_tokens(None)     # the step's counts are not the pass's: exchange them per layer
         meta = build_attn_metadata(d.seqs, self.block_size, dev, self.pad_block)
-        prev = (self.draft_hidden if d.from_draft else self.hidden).index_select(0, torch.tensor(d.src, device=dev))
+        src = torch.tensor(d.src, dtype=torch.long, device=dev)
+        prev = (self.draft_hidden if d.from_draft else self.hidden).index_select(0, src)
         self.draft_hidden = self.model.mtp(torch.tensor(d.token_ids, dtype=torch.long, device=dev),
                                            torch.tensor(d.positions, dtype=torch.long, device=dev), prev, meta)
         return self.draft_hidden
