@@ -14,6 +14,7 @@ scales, and prints one line per scale plus a summary (JSON with --out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -132,17 +133,9 @@ def main() -> int:
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.time() + 300
-        while True:
-            if server.poll() is not None or time.time() > deadline:
-                print(open(log.name).read()[-3000:], file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        if not _healthy(server, url):
+            print(open(log.name).read()[-3000:], file=sys.stderr)
+            return 1
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         streams = Streams(url, model, args.concurrency, args.max_tokens)
         time.sleep(args.settle)
@@ -176,12 +169,30 @@ def main() -> int:
                 json.dump(summary, f, indent=1)
         return 0 if streams.lost == 0 and all(r["status"] == 200 for r in rows) else 1
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+        _stop(server)
+
+
+def _healthy(server: subprocess.Popen, url: str, timeout: float = 300.0) -> bool:
+    """Whether the server answers /health with 200 within ``timeout`` s (False: it exited or never did)."""
+    end = time.time() + timeout
+    while server.poll() is None and time.time() < end:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return True
+        time.sleep(0.3)
+    return False
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """The server's process group: SIGTERM, and SIGKILL for what is left after 30 s."""
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        if server.poll() is not None:
+            return
+        os.killpg(server.pid, sig)
+        try:
+            server.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 if __name__ == "__main__":
