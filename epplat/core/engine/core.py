@@ -126,6 +126,8 @@ class EngineCore:
         if not batch:
             if ep_counts and any(ep_counts):
                 self.runner.execute([], ep_counts, publish, kv_meta)
+                if self.runner.drafter is not None:       # the other ranks' draft passes need this one's
+                    self.runner.drafter.propose([], publish, lockstep=True)
             elif kv_meta is not None:                   # asynchronous loads start with no step to ride on
                 if publish is not None and kv_meta != self._no_kv_meta:
                     publish(KVLoad(kv_meta))
@@ -171,7 +173,7 @@ class EngineCore:
                                         times=req.times() if req.finish_reason else None))
         if drafter is not None:
             drafter.propose([(req, row, start, req.num_computed - start) for req, row, start in self.runner.rows],
-                            publish)
+                            publish, lockstep=ep_counts is not None)
             drafter.log_every(self.stat_log.interval)
         self.stat_log.step(prompt_tokens, generated, self.scheduler, self.blocks)
         return outputs
