@@ -229,55 +229,80 @@ from epplat.core.engine.core import init_kv_cache
 from epplat.core.engine.model_runner import ModelInput, ModelRunner
 from epplat.core.model.attention import build_attn_metadata
 from epplat.plugins import registry
-model, kv_mib, graphs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-cfg = EngineConfig(model=ModelConfig(model=model, dtype="bfloat16"), platform="ascend",
-                   cache=CacheConfig(kv_cache_memory_bytes=kv_mib << 20), additional_config={"torchair_graph_config": {
-                       "enabled": True, **graphs}})
-platform = registry().load("platform", "ascend")()
-platform.configure(cfg)
-runner = ModelRunner(cfg, platform, platform.device(0))
-init_kv_cache(runner, cfg, runner.ps)
-mi = ModelInput([5, 9, 11], [3, 7, 2], [(4, 1, [0]), (8, 1, [1]), (3, 1, [2])])   # 3 decodes: padded to 4
-graph = runner.forward(mi)
-with torch.inference_mode():
-    eager = runner.model(torch.tensor(mi.token_ids), torch.tensor(mi.positions),
-                         build_attn_metadata(mi.seqs, runner.block_size, runner.device, runner.pad_block))
-assert torch.equal(graph, eager), (graph - eager).abs().max()
-print(json.dumps({"cache_compile": [c[1] for c in torchair.calls if c[0] == "cache_compile"],
-                  "frozen": all(c[2].experimental_config.frozen_parameter for c in torchair.calls
-                                if c[0] == "cache_compile"),
-                  "reloaded": [c[1] for c in torchair.calls if c[0] == "cache_reload"],
-                  "graphs": sum(c[0] == "graph" for c in torchair.calls), "first": torchair.calls[0][0]}))
+model = sys.argv[1]
+for kv_mib, graphs in json.loads(sys.argv[2]):      # one engine after the other, in this process
+    cfg = EngineConfig(model=ModelConfig(model=model, dtype="bfloat16"), platform="ascend",
+                       cache=CacheConfig(kv_cache_memory_bytes=kv_mib << 20), additional_config={
+                           "torchair_graph_config": {"enabled": True, **graphs}})
+    platform = registry().load("platform", "ascend")()
+    platform.configure(cfg)
+    before = len(torchair.calls)
+    runner = ModelRunner(cfg, platform, platform.device(0))
+    init_kv_cache(runner, cfg, runner.ps)
+    mi = ModelInput([5, 9, 11], [3, 7, 2], [(4, 1, [0]), (8, 1, [1]), (3, 1, [2])])   # 3 decodes: padded to 4
+    graph = runner.forward(mi)
+    with torch.inference_mode():
+        eager = runner.model(torch.tensor(mi.token_ids), torch.tensor(mi.positions),
+                             build_attn_metadata(mi.seqs, runner.block_size, runner.device, runner.pad_block))
+    assert torch.equal(graph, eager), (graph - eager).abs().max()
+    calls = torchair.calls[before:]
+    print(json.dumps({"cache_compile": [c[1] for c in calls if c[0] == "cache_compile"],
+                      "frozen": all(c[2].experimental_config.frozen_parameter for c in calls
+                                    if c[0] == "cache_compile"),
+                      "reloaded": [c[1] for c in calls if c[0] == "cache_reload"],
+                      "graphs": sum(c[0] == "graph" for c in calls), "first": calls[0][0]}))
 """
 
 
-def _graphs(model_dir, kv_mib: int, graphs: dict, cache_home) -> tuple[dict, str]:
-    r = subprocess.run([sys.executable, "-c", _GRAPHS, str(model_dir), str(kv_mib), json.dumps(graphs)],
+@pytest.fixture(scope="module")
+def one_layer_moe(tmp_path_factory):
+    """The torchair tests' checkpoint: one MoE layer (each graph traces the whole model, so layers cost compile time)."""
+    from epplat.tools.make_model import make_model
+    return make_model("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe_1l"), layers=1, hidden=64, experts=8, top_k=2,
+                      heads=4, kv_heads=2, head_dim=32, moe_intermediate=64, vocab_size=2048, seed=1)
+
+
+def _graphs(model_dir, runs: list, cache_home) -> tuple[list, str]:
+    """Engines with torchair graphs, one per (KV cache MiB, torchair_graph_config) of `runs`, one after the
+    other in one process: what each compiled, reloaded and captured, and the process's stderr."""
+    r = subprocess.run([sys.executable, "-c", _GRAPHS, str(model_dir), json.dumps(runs)],
                        capture_output=True, text=True, timeout=300,
                        env={**os.environ, **SIM_ENV, "TORCHAIR_CACHE_HOME": str(cache_home)})
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+    return [json.loads(line) for line in r.stdout.strip().splitlines()[-len(runs):]], r.stderr
 
 
-def test_torchair_cached_graphs_capture_whole_and_reload_per_kv_shape(qwen3_moe_dir, tmp_path):
+CACHED = {"graph_batch_sizes": [1, 4], "use_cached_graph": True}
+
+
+@pytest.fixture(scope="module")
+def first_start(one_layer_moe, tmp_path_factory):
+    """One process, two engines: cached graphs with a 64 MiB KV cache (a cache on disk after), then graphs
+    for nine decode batch sizes, one past dynamo's recompile limit (8)."""
+    home = tmp_path_factory.mktemp("torchair_cache")
+    (cached, many), err = _graphs(one_layer_moe, [[64, CACHED], [64, {"graph_batch_sizes": list(range(1, 10))}]],
+                                  home)
+    return home, cached, many, err
+
+
+def test_torchair_cached_graphs_capture_whole_and_reload_per_kv_shape(one_layer_moe, first_start):
     """torchair's cache_compile compiles whole graphs (the simulation, like torchair, with fullgraph=True: a host
     sync in the decode step fails the capture) and reloads its cache without guards on restart: a restart with
     another KV cache size must not reload the graphs of the first, the same size must."""
-    cached = {"graph_batch_sizes": [1, 4], "use_cached_graph": True}
-    first, _ = _graphs(qwen3_moe_dir, 64, cached, tmp_path)
+    home, first, _, _ = first_start
     assert first["cache_compile"] == ["forward_decode_bs4", "forward_decode_bs1"] and first["frozen"], first
     assert first["reloaded"] == [] and first["graphs"] == 2 and first["first"] == "patch_for_hcom", first
-    other, _ = _graphs(qwen3_moe_dir, 32, cached, tmp_path)         # another KV size: compiled anew
-    assert other["reloaded"] == [] and other["graphs"] == 2, other
-    again, _ = _graphs(qwen3_moe_dir, 64, cached, tmp_path)         # the first size: both graphs reloaded
+    # a restart: the first size reloads both graphs, then another KV size in the same process compiles anew
+    (again, other), _ = _graphs(one_layer_moe, [[64, CACHED], [32, CACHED]], home)
     assert again["reloaded"] == ["forward_decode_bs4", "forward_decode_bs1"] and again["graphs"] == 0, again
+    assert other["reloaded"] == [] and other["graphs"] == 2, other
 
 
-def test_torchair_graphs_for_more_batch_sizes_than_the_recompile_limit(qwen3_moe_dir, tmp_path):
+def test_torchair_graphs_for_more_batch_sizes_than_the_recompile_limit(first_start):
     """Nine decode batch sizes, one past dynamo's recompile limit (8): every one is compiled, none silently eager."""
-    out, err = _graphs(qwen3_moe_dir, 64, {"graph_batch_sizes": list(range(1, 10))}, tmp_path)
+    _, _, many, err = first_start
     assert "recompile_limit" not in err and "run eagerly" not in err, err[-3000:]
-    assert out["graphs"] >= 9, out
+    assert many["graphs"] >= 9, many
 
 
 def test_torchair_cached_graphs_refuse_host_syncs(qwen3_moe_dir):
