@@ -79,17 +79,24 @@ def _all2all_worker(rank: int, world: int, init: str, tokens: list, result_dir: 
         ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)]) if n else \
             torch.empty(0, k, dtype=torch.long)
         w = torch.rand(n, k, generator=g)
-        recv = backend.dispatch(x, ids, w)
+        recv = backend.dispatch(x.to("npu"), ids.to("npu"), w.to("npu"))
         assert recv.topk_ids.shape[1] == 1 and bool((recv.topk_ids >= 0).all())
         y = reference_experts(recv.x, recv.topk_ids, recv.topk_weights, w13[local.start:local.stop],
                               w2[local.start:local.stop], torch.nn.functional.silu)
         out = backend.combine(y)
         ref = reference_experts(x, ids, w, w13, w2, torch.nn.functional.silu)
         torch.save((out, ref), os.path.join(result_dir, f"r{rank}s{step}.pt"))
+    for host in (torch.zeros(2), torch.zeros(2, device="npu").cpu()):     # as HCCL, the group refuses host memory
+        try:
+            dist.all_reduce(host)
+            raise AssertionError("an hccl group took a CPU tensor")
+        except RuntimeError as e:
+            assert "Tensors must be NPU and dense" in str(e), e
     dist.destroy_process_group()
 
 
 def test_hccl_all2all_matches_the_single_process_reference(tmp_path, simulation):
+    """The hccl all2all on the SIMULATED "hccl" group (which, as HCCL, refuses CPU tensors) equals the reference."""
     world = 2
     tokens = [[5, 3], [0, 4], [7, 0]]             # uneven, and ranks with no token (dummy steps)
     init = f"file://{tempfile.mkdtemp()}/store"
@@ -195,6 +202,41 @@ def test_npu_memory_budget_too_small_is_one_line(qwen3_moe_dir):
                "--max-model-len", "256", env=SIM_ENV)
     one_error_line(r, "no NPU memory left for the KV cache: raise --gpu-memory-utilization (0.001)")
     assert "Memory profiling:" in r.stderr and "outside torch" in r.stderr
+
+
+def test_npu_memory_queries_count_what_torch_holds_and_the_kv_budget_takes_off_activations(
+        one_layer_moe, simulation, monkeypatch):
+    """SIMULATED torch_npu on a 1 GiB device (SIM_NPU_HBM_BYTES): memory_allocated / max_memory_allocated count the
+    storages made on it, as torch_npu's allocator statistics do. The platform's KV budget is half of it (at
+    --gpu-memory-utilization 0.5) less what torch holds and less the profile's peak activations (not its scratch
+    cache); a real engine's profiling run leaves nothing behind."""
+    simulation("npu")
+    monkeypatch.setenv("SIM_NPU_HBM_BYTES", str(1 << 30))
+    from epplat.config import CacheConfig, EngineConfig, ModelConfig
+    from epplat.core.engine.model_runner import ModelRunner
+    from epplat.plugins import registry
+    import torch_npu  # noqa: F401  (the simulation)
+    npu, mib = torch.npu, 1 << 20
+    cfg = EngineConfig(model=ModelConfig(model=str(one_layer_moe), dtype="float32"), platform="ascend",
+                       cache=CacheConfig(gpu_memory_utilization=0.5))
+    platform = registry().load("platform", "ascend")()
+    platform.configure(cfg)
+    base = npu.memory_allocated()
+    runner = ModelRunner(cfg, platform, platform.device(0))
+    held = npu.memory_allocated()
+    assert held - base >= runner.weight_bytes > 0           # the weights live on the device
+
+    def profile():                   # an 8 MiB scratch cache kept to the end, a 3 MiB activation freed before
+        scratch = torch.zeros(8 * mib, dtype=torch.uint8, device=runner.device)
+        activation = torch.empty(3 * mib, dtype=torch.uint8, device=runner.device)
+        del activation
+        return scratch.nbytes
+    assert platform.kv_cache_bytes(cfg.cache, runner.weight_bytes, runner.device, profile) == (512 - 3) * mib - held
+    assert npu.memory_allocated() == held and npu.max_memory_allocated() == held + 11 * mib
+    blocks = runner.num_blocks_from_memory(256)             # the real profiling run: the largest step
+    assert npu.memory_allocated() == held, "the profiling run left tensors on the device"
+    assert npu.max_memory_allocated() > held                # its scratch cache and inputs were on the device
+    assert 0 < blocks * runner.kv_bytes_per_block() <= 512 * mib - held
 
 
 def test_torchair_graphs_dp2_ep_decode_equal_to_eager(qwen3_moe_dir):
