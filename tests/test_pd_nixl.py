@@ -164,17 +164,19 @@ def test_expired_blocks_and_dead_prefill_are_recomputed_on_decode(pd, qwen3_moe_
     assert metric(decode.url, "vllm:kv_cache_usage_perc") == 0.0
 
 
-def test_handshake_refuses_a_different_kv_layout(qwen3_moe_dir):
+def test_handshake_refuses_a_different_kv_layout_and_an_unauthenticated_peer(qwen3_moe_dir):
     import torch
-    from epplat.config import CacheConfig, EngineConfig, KVTransferConfig, ModelConfig
+    from epplat.config import CacheConfig, EngineConfig, KVTransferConfig, ModelConfig, ParallelConfig
+    from epplat.connectors import side_channel
     from epplat.connectors.base import KVConnectorRole
     from epplat.connectors.nixl import NixlConnector
+    from epplat.core.engine.frame_auth import FrameAuth
     port = free_port()
     sides = []
     for role, dtype in (("kv_producer", torch.float32), ("kv_consumer", torch.bfloat16)):
         cfg = KVTransferConfig.parse(kv(role))
-        eng = EngineConfig(ModelConfig(str(qwen3_moe_dir)), cache=CacheConfig(block_size=16), kv_transfer=cfg)
-        import os
+        eng = EngineConfig(ModelConfig(str(qwen3_moe_dir)), cache=CacheConfig(block_size=16), kv_transfer=cfg,
+                           parallel=ParallelConfig(internal_secret="pd-secret"))
         os.environ["EPPLAT_NIXL_SIDE_CHANNEL_PORT"] = str(port)
         try:
             c = NixlConnector(cfg, eng, KVConnectorRole.WORKER)
@@ -184,4 +186,14 @@ def test_handshake_refuses_a_different_kv_layout(qwen3_moe_dir):
         sides.append(c)
     with pytest.raises(RuntimeError, match=r"refused: different dtype \(here float32, there bfloat16\)"):
         sides[1]._handshake("127.0.0.1", port)
+    # a peer without the deployment's secret is refused, and the channel keeps answering the others
+    for secret in ("another-secret", "pd-secret"[:-1]):
+        with pytest.raises(PermissionError, match="need the same --internal-secret"):
+            side_channel.request("127.0.0.1", port, {"op": "lease", "request_id": "x"}, FrameAuth(secret))
+    import socket
+    with socket.create_connection(("127.0.0.1", port)) as s:       # raw bytes: no tag at all
+        s.sendall(b"\x00\x00\x00\x03abc")
+        assert b"internal-secret" in s.recv(1000)
+    r = side_channel.request("127.0.0.1", port, {"op": "lease", "request_id": "x"}, FrameAuth("pd-secret"))
+    assert r == {"error": "request x holds no blocks here (finished reading, expired or unknown)"}
     sides[0].shutdown()

@@ -121,6 +121,8 @@ class EngineCore:
         if not batch:
             if ep_counts and any(ep_counts):
                 self.runner.execute([], ep_counts, publish, kv_meta)
+                if self.runner.drafter is not None:       # the other ranks' draft passes need this one's
+                    self.runner.drafter.propose([], publish, lockstep=True)
             elif kv_meta is not None:
                 self.runner.kv_start_load(kv_meta)      # asynchronous loads start with no step to ride on
             return []
@@ -164,7 +166,7 @@ class EngineCore:
                                         times=req.times() if req.finish_reason else None))
         if drafter is not None:
             drafter.propose([(req, row, start, req.num_computed - start) for req, row, start in self.runner.rows],
-                            publish)
+                            publish, lockstep=ep_counts is not None)
             drafter.log_every(self.stat_log.interval)
         self.stat_log.step(prompt_tokens, generated, self.scheduler, self.blocks)
         return outputs
