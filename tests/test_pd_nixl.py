@@ -1,5 +1,6 @@
 """Prefill/decode disaggregation through the real `nixl` package on the cpu platform: a prefill
-server (DP=2 with EP) and a decode server as separate `epplat serve` processes; the decode side
+server (DP=2 with EP) and a decode server of another layout (TP=2: each rank reads its own KV heads
+of every block) as separate `epplat serve` processes; the decode side
 READs the prefill side's KV blocks (UCX over host memory) and its greedy tokens equal
 transformers', streaming and not, for prompts shorter and longer than a block, from vLLM's
 placeholder prompt; it computes only each prompt's last token (its metrics). Faults: blocks that
@@ -42,7 +43,8 @@ def pd(qwen3_moe_dir):
     env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": str(TIMEOUT_S)}
     with Server(str(qwen3_moe_dir), *common, "--data-parallel-size", "2", "--enable-expert-parallel",
                 "--kv-transfer-config", kv("kv_producer"), env=env, timeout=240) as prefill, \
-            Server(str(qwen3_moe_dir), *common, "--kv-transfer-config", kv("kv_consumer"), timeout=240) as decode:
+            Server(str(qwen3_moe_dir), *common, "--tensor-parallel-size", "2", "--kv-transfer-config", kv("kv_consumer"),
+                   timeout=240) as decode:
         yield prefill, decode
 
 

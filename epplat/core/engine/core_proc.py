@@ -143,13 +143,16 @@ _plan_decoder = None
 
 
 def _worker_loop(runner, cfg, ps, watch) -> None:
-    from epplat.core.engine.model_runner import DraftInput, ModelInput
-    decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput)
+    from epplat.core.engine.model_runner import DraftInput, KVLoad, ModelInput
+    decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput | KVLoad)
     auth = FrameAuth(cfg.parallel.internal_secret)
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.tp_rank, run_dir(cfg)))
     while True:
-        if not sock.poll(_IDLE_POLL_MS):
+        busy = runner.kv_busy()
+        if busy:
+            runner.kv_connector.get_finished()      # a TP worker's connector reports to its driver's
+        if not sock.poll(_KV_POLL_MS if busy else _IDLE_POLL_MS):
             if not watch.alive():
                 return
             continue
@@ -158,7 +161,10 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
         except BadFrame as e:
             auth.dropped("the step plan socket", e)
             continue
-        (runner.draft_forward if isinstance(plan, DraftInput) else runner.forward)(plan)
+        if isinstance(plan, KVLoad):
+            runner.kv_start_load(plan.kv_meta)
+        else:
+            (runner.draft_forward if isinstance(plan, DraftInput) else runner.forward)(plan)
 
 
 # -- drivers -------------------------------------------------------------------------------
@@ -191,6 +197,7 @@ class _DriverIO:
             w = self.ctx.socket(zmq.PUSH)
             w.bind(par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
             self.workers.append(w)
+        core.tp_publish = self.publish if self.workers else None
         self.waves = ps.ep and ps.dp_size > 1
         self.wakes: set[int] = set()
         self.wave = 0                     # waves run so far (the same on every DP rank)
