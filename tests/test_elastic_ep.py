@@ -217,9 +217,48 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
             assert _batch(client, model, pool) == expected[0]
 
 
-def test_elastic_ep_needs_expert_parallel(model_dir):
+@pytest.mark.parametrize("args, needle", [
+    ((), "--enable-elastic-ep scales expert-parallel DP ranks: add --enable-expert-parallel"),
+    (("-ep", "--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'),
+     "--enable-elastic-ep does not run with --speculative-config or --kv-transfer-config yet"),
+])
+def test_elastic_ep_flag_errors_are_one_line(model_dir, args, needle):
     out = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(model_dir), "-dp", "2",
-                          "--enable-elastic-ep"], capture_output=True, text=True, timeout=120)
+                          "--enable-elastic-ep", *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == ("epplat serve: error: --enable-elastic-ep scales expert-parallel "
-                                                   "DP ranks: add --enable-expert-parallel")
+    assert out.stderr.strip().splitlines()[-1] == f"epplat serve: error: {needle}"
+
+
+def _rendezvous_rank(rank: int, ipc_dir: str, out) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from epplat.config import ParallelConfig
+    from epplat.core.distributed.elastic_world import JoinAborted, rendezvous
+    par = ParallelConfig(ipc_dir=ipc_dir, enable_expert_parallel=True)
+    dist.init_process_group("gloo", init_method=f"file://{ipc_dir}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        rendezvous(par, rank, 1, 3, dist.group.WORLD, timeout=1.0)   # the third rank never comes
+        out.put((rank, "joined"))
+    except JoinAborted as e:
+        t = torch.tensor([rank + 1])
+        dist.all_reduce(t)                       # the world they were serving in still works
+        out.put((rank, f"{e} / old world sum {int(t)}"))
+
+
+def test_join_of_a_missing_rank_aborts_on_every_running_rank(tmp_path):
+    """A new rank that never checks in (it died after starting): the running ranks all give the scale up
+    together, with their world intact (core_proc then answers the scale call with this error)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rendezvous_rank, args=(r, str(tmp_path), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert results == {r: "2 of 3 ranks joined world generation 1 within 1 s / old world sum 3" for r in range(2)}

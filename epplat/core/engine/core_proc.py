@@ -414,12 +414,17 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
 
 def _rescale(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> bool:
     """Run the scale call every rank agreed on; False when this rank left the group."""
+    from epplat.core.distributed.elastic_world import JoinAborted
     from epplat.core.engine import elastic
     call, io.scale = io.scale, None
     new_size, generation = call.args
     t0 = time.perf_counter()
     try:
         stays = elastic.rescale(core, ps, new_size, generation, io.wave)
+    except JoinAborted as e:     # nothing changed here: this rank serves on in its world
+        logger.error("elastic EP: scale to %d DP ranks aborted: %s", new_size, e)
+        io._send(call.client_index, P.UtilityResult(call.call_id, error=str(e)))
+        return True
     except Exception as e:
         io._send(call.client_index, P.UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}"))
         raise

@@ -107,6 +107,8 @@ class ElasticScaler:
         self.generation += 1            # every attempt its own store: a failed one may have written to its own
         generation, t0 = self.generation, time.monotonic()
         spare, self.spare = self.spare, None
+        if spare is not None and not spare.proc.is_alive():
+            spare = None                     # it died meanwhile: every new rank starts cold
         try:
             procs = await asyncio.to_thread(start_engines, cfg, dp_ranks=new_ranks,
                                             join={"generation": generation, "old_size": old}, spare=spare)
@@ -116,7 +118,14 @@ class ElasticScaler:
         self.phases["start"], t0 = time.monotonic() - t0, time.monotonic()
         for r in new_ranks:
             client.load[r] = 0                  # EngineReady from these ranks is now taken
-        await self._call_all(range(old), new_size, generation)
+        try:
+            await self._call_all(range(old), new_size, generation)
+        except APIError as e:                   # the running ranks kept their world (JoinAborted)
+            from epplat.core.distributed.launcher import stop_engines
+            await asyncio.to_thread(stop_engines, procs)
+            for r in new_ranks:
+                client.load.pop(r, None)
+            raise APIError(500, f"{e.message}; still {old} data parallel engines") from None
         self.phases["re-form"] = time.monotonic() - t0
         deadline = time.monotonic() + _CALL_TIMEOUT
         while not set(new_ranks) <= client._ready:
