@@ -195,11 +195,12 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         per_rank = _requests_per_rank(s.url)
         assert per_rank["size"] == 2 and "2" not in per_rank, per_rank
 
-        # a new rank killed while it starts: 500, and the server serves at the old size
+        # a new rank killed while it starts: 500, and the server serves at the old size (of the two new
+        # ranks, one is the spare engine started before, the other starts now: that one is killed)
         pgid = s.proc.pid
         old = set(group_pids(pgid))
         box = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", _scale(s.url, {"new_data_parallel_size": 3})))
+        t = threading.Thread(target=lambda: box.setdefault("r", _scale(s.url, {"new_data_parallel_size": 4})))
         t.start()
         killed = []
         while not killed and t.is_alive():
