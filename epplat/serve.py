@@ -129,6 +129,8 @@ def add_cli(sub) -> None:
     par.add_argument("--api-server-count", "-asc", type=_int_range(1), default=1)
     par.add_argument("--enable-expert-parallel", "-ep", action="store_true")
     par.add_argument("--enable-eplb", action="store_true", help="expert-parallel load balancer (needs -ep)")
+    par.add_argument("--enable-elastic-ep", action="store_true",
+                     help="let POST /scale_elastic_ep grow or shrink the DP ranks at run time (needs -ep)")
     par.add_argument("--eplb-config", default=None, metavar="JSON",
                      help="EPLB settings as JSON or dotted flags (--eplb-config.window_size 1000): window_size, "
                           "step_interval, log_balancedness, num_redundant_experts, use_async, policy")
@@ -222,7 +224,8 @@ def parallel_config_from_args(args) -> ParallelConfig:
         data_parallel_rank=args.data_parallel_rank, data_parallel_address=args.data_parallel_address or "127.0.0.1",
         data_parallel_rpc_port=args.data_parallel_rpc_port or 29550, api_server_count=args.api_server_count,
         headless=args.headless, enable_expert_parallel=args.enable_expert_parallel,
-        all2all_backend=args.all2all_backend, enable_eplb=args.enable_eplb, eplb=eplb)
+        all2all_backend=args.all2all_backend, enable_eplb=args.enable_eplb,
+        enable_elastic_ep=args.enable_elastic_ep, eplb=eplb)
     if not parallel.single_node and not args.data_parallel_address:
         raise ConfigError("multi-node and external load-balancing layouts need --data-parallel-address "
                           "(the address of the node with DP rank 0)")
