@@ -311,7 +311,7 @@ class OpenAIServing:
             async with contextlib.aclosing(self.client.generate(job.request_id, job.prompt_ids, job.params,
                                                                 job.kv_transfer_params)) as outputs:
                 async for out in outputs:
-                    track.output(len(out.token_ids))
+                    track.output(len(out.token_ids), out.step_times)
                     reason = out.finish_reason or reason
                     times = out.times or times
                     yield out
