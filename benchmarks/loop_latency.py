@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from soak import SHAPE, free_port
+from soak import launch
 
 MAX_MODEL_LEN = 4096
 
@@ -98,25 +97,10 @@ def main() -> int:
     ap.add_argument("--out")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="epplat-loop-"))
-    model = str(tmp / "model")
-    subprocess.run([sys.executable, "-m", "epplat.cli", "make-model", "qwen3_moe", model, *SHAPE], check=True,
-                   stdout=subprocess.DEVNULL)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "epplat.cli", "serve", model, "--port", str(port),
-                             "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", "256M",
-                             *args.serve_args.split()], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc, url, cmd = launch(tmp, None, MAX_MODEL_LEN, ["--kv-cache-memory-bytes", "256M", *args.serve_args.split()])
+    if proc is None:
+        return 1
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
         probe = HealthProbe(url)
         probe.start()
         time.sleep(3)
@@ -128,7 +112,7 @@ def main() -> int:
         probe.running.clear()
         probe.join()
         result["health_failures"] = probe.failures
-        result["args"] = vars(args)
+        result["command"], result["args"] = " ".join(cmd), vars(args)
         print(json.dumps(result, indent=1))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
