@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
 # Stages: tests decode decode-fp8 moe prefill sampler serve serve-fp8 serve-prefill serve-decode
+#         deepseek-decode serve-deepseek
 # (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA").
 set -u
@@ -34,6 +35,16 @@ for s in $stages; do
             else load="--input-len 128 --output-len 256 --concurrency 128 --num-prompts 256"; fi
             python3 benchmarks/serve_1gpu.py --model-dir $m $load --skip-transformers ${SERVE_ARGS:-} \
               --out "$OUT/$s${SERVE_TAG:-}.json" 2>&1 | tee "$OUT/$s${SERVE_TAG:-}.log" | tail -5 ;;
+    deepseek-decode) python3 benchmarks/deepseek_decode_roofline.py --batch 1 64 256 --profile 64 \
+              --out "$OUT/deepseek_decode.json" 2>&1 | tee "$OUT/deepseek_decode.log" | tail -40 ;;
+    serve-deepseek)   # DeepSeek-V2-Lite's shapes with DS_LAYERS layers (first dense), decode-heavy load
+            m=/tmp/serve_ds; [ -d $m ] || epplat make-model deepseek_v2 $m --layers ${DS_LAYERS:-4} --hidden 2048 \
+              --heads 16 --head-dim 128 --q-lora-rank 0 --kv-lora-rank 512 --rope-head-dim 64 --experts 64 --top-k 6 \
+              --shared-experts 2 --first-dense 1 --moe-intermediate 1408 --intermediate 10944 --vocab-size 102400 \
+              --dtype bfloat16 --max-shard-size 4GB --seed 0 >/dev/null
+            python3 benchmarks/serve_1gpu.py --model-dir $m --input-len 128 --output-len 256 --concurrency 64 \
+              --num-prompts 128 --skip-transformers --out "$OUT/serve_deepseek.json" 2>&1 \
+              | tee "$OUT/serve_deepseek.log" | tail -8 ;;
     serve)  python3 benchmarks/serve_1gpu.py --out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
     serve-fp8) python3 benchmarks/serve_1gpu.py --epplat-arg=--quantization --epplat-arg=fp8 --skip-transformers \
               --out "$OUT/serve_fp8.json" 2>&1 | tee "$OUT/serve_fp8.log" | tail -12 ;;

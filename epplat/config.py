@@ -187,6 +187,7 @@ class ParallelConfig(msgspec.Struct):
     enable_expert_parallel: bool = False
     all2all_backend: Optional[str] = None  # None: the platform's default
     enable_eplb: bool = False
+    enable_elastic_ep: bool = False        # --enable-elastic-ep: DP ranks added and removed at run time
     eplb: EPLBConfig = msgspec.field(default_factory=EPLBConfig)
     internal_secret: str = ""             # authenticates every internal zmq frame (frame_auth.py)
     distributed_timeout_seconds: int = 600   # a collective that takes longer fails its engine
@@ -215,8 +216,18 @@ class ParallelConfig(msgspec.Struct):
                               "on the node with DP rank 0)")
         if self.enable_eplb and not self.enable_expert_parallel:
             raise ConfigError("--enable-eplb balances experts over expert-parallel ranks: add --enable-expert-parallel")
-        if self.eplb.num_redundant_experts and not self.enable_eplb:
+        if self.eplb.num_redundant_experts and not (self.enable_eplb or self.enable_elastic_ep):
             raise ConfigError("--eplb-config num_redundant_experts needs --enable-eplb")
+        if self.enable_elastic_ep:
+            self._check_elastic()
+
+    def _check_elastic(self) -> None:
+        if not self.enable_expert_parallel:
+            raise ConfigError("--enable-elastic-ep scales expert-parallel DP ranks: add --enable-expert-parallel")
+        if not self.single_node or self.api_server_count != 1 or self.tensor_parallel_size != 1:
+            raise ConfigError("--enable-elastic-ep runs on one node with one API server and "
+                              "--tensor-parallel-size 1 for now: drop --data-parallel-rank, --headless, "
+                              "--data-parallel-size-local, --api-server-count and --tensor-parallel-size")
 
     @property
     def single_node(self) -> bool:
@@ -291,7 +302,8 @@ class EngineConfig(msgspec.Struct):
 
     def check(self) -> None:
         """The checks that need the checkpoint and the plugins: the model is one epplat serves, the layout
-        splits it, the selected plugins run on this platform, the platform takes --additional-config.
+        splits it, the speculative config fits it, the selected plugins (KV connector and quantization
+        method included) run on this platform, the platform takes --additional-config.
         Raises ConfigError / PluginError with one line; ``epplat serve`` and every engine core call it."""
         from epplat.plugins import registry
         reg = registry()
@@ -319,7 +331,17 @@ class EngineConfig(msgspec.Struct):
             raise ConfigError(f"--max-num-batched-tokens ({batched}) is smaller than --max-model-len ({max_len}); "
                               "enable chunked prefill or raise it")
         check_layout(mc, par)
+        if par.enable_elastic_ep and (self.speculative or self.kv_transfer):
+            raise ConfigError("--enable-elastic-ep does not run with --speculative-config or --kv-transfer-config yet")
+        if self.speculative is not None:
+            check_speculative(self.speculative, hf, model)
         reg.load("platform", self.platform).apply_additional_config(self)
+        if self.kv_transfer is not None:     # an unknown or unusable connector is one line before any engine starts
+            from epplat.connectors.loader import connector_class
+            connector_class(self, warn=True)
+        if self.model.quantization:   # the method checks the checkpoint's quantization files
+            from epplat.core.model.quant import load_quant_method
+            load_quant_method(self, architecture(hf).canonical_name, self.platform)
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -327,6 +349,14 @@ class EngineConfig(msgspec.Struct):
     @staticmethod
     def from_json(data: bytes) -> "EngineConfig":
         return msgspec.json.decode(data, type=EngineConfig)
+
+
+def check_speculative(spec: SpeculativeConfig, hf: dict, model: str) -> None:
+    """--speculative-config drafts with the checkpoint's own MTP layer (in every layout: DP ranks run
+    their draft passes in lockstep)."""
+    if not hf.get("num_nextn_predict_layers"):
+        raise ConfigError(f"--speculative-config method {spec.method!r} drafts with the checkpoint's MTP layer; "
+                          f"{hf.get('architectures')} checkpoint {model!r} has none (num_nextn_predict_layers)")
 
 
 def check_layout(mc, par: ParallelConfig) -> None:
@@ -337,7 +367,7 @@ def check_layout(mc, par: ParallelConfig) -> None:
                           f"--tensor-parallel-size {tp}")
     if par.enable_expert_parallel:
         redundant = par.eplb.num_redundant_experts
-        if par.enable_eplb and (mc.num_experts + redundant) % world:   # otherwise the first ranks hold one more
+        if (par.enable_eplb or par.enable_elastic_ep) and (mc.num_experts + redundant) % world:   # otherwise the first ranks hold one more
             extra = f" + {redundant} redundant" if redundant else ""
             raise ConfigError(f"{mc.num_experts}{extra} experts do not divide over EP size {world} "
                               f"(tensor-parallel-size x data-parallel-size)")

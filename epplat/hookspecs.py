@@ -52,6 +52,10 @@ class Registration:
     check:     returns None when usable here, else a short reason ("torch_npu not installed").
     platforms: platform names it runs on; empty means every platform.
     help:      one line for ``epplat plugins``.
+    auto_priority: platforms only: how well the platform fits a machine where ``check()`` passes, for
+               ``--platform auto``: 0 runs anywhere (cpu, and by default a plugin's platform), 1 drives an
+               accelerator found here (cuda, ascend). The highest wins; epplat's own platform wins a tie,
+               so a plugin's platform is picked over a built-in one only when it says it fits better.
     """
 
     name: str
@@ -59,6 +63,7 @@ class Registration:
     check: Callable[[], Optional[str]] = lambda: None
     platforms: tuple = ()
     help: str = ""
+    auto_priority: int = 0
     kind: str = field(default="", compare=False)
     plugin: str = field(default="", compare=False)
 
@@ -70,7 +75,8 @@ def epplat_platforms() -> list[Registration]:
     ``load()`` returns a :class:`epplat.platforms.interface.Platform` subclass: device
     type, torch.distributed backend (gloo / nccl / hccl), device setup, memory query
     and the platform's default all2all backend and graph runner. ``check()`` is the
-    availability test used by ``--platform auto``.
+    availability test used by ``--platform auto``, which picks the usable platform of the highest
+    ``auto_priority`` (epplat's own on a tie).
     """
 
 

@@ -59,14 +59,23 @@ class Registry:
         return self.get(kind, name, platform).load()
 
     def pick_platform(self, name: str = "auto") -> str:
-        """Resolve ``--platform auto``: the first usable accelerator, else cpu."""
+        """Resolve ``--platform auto``: of the usable platforms, the one of the highest ``auto_priority``;
+        on a tie epplat's own (an accelerator it drives before cpu), else a one-line PluginError."""
         if name != "auto":
             self.get("platform", name)
             return name
-        for cand in sorted(self.by_kind["platform"], key=lambda n: n == "cpu"):
-            if self.by_kind["platform"][cand].check() is None:
-                return cand
-        raise PluginError("no usable platform found (not even cpu)")
+        usable = [r for r in self.by_kind["platform"].values() if r.check() is None]
+        if not usable:
+            raise PluginError("no usable platform found (not even cpu)")
+        top = max(r.auto_priority for r in usable)
+        best = sorted((r for r in usable if r.auto_priority == top), key=lambda r: r.name)
+        builtin = [r for r in best if r.plugin == hookspecs.PROJECT]
+        if builtin:
+            return builtin[0].name
+        if len(best) > 1:
+            raise PluginError("--platform auto: " + ", ".join(f"{r.name!r} ({r.plugin})" for r in best)
+                              + " all fit this machine equally; choose one with --platform")
+        return best[0].name
 
 
 @functools.lru_cache(maxsize=1)

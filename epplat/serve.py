@@ -13,7 +13,6 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Optional
 from pathlib import Path
 
 from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, KVTransferConfig, ModelConfig,
@@ -128,6 +127,8 @@ def add_cli(sub) -> None:
     par.add_argument("--api-server-count", "-asc", type=_int_range(1), default=1)
     par.add_argument("--enable-expert-parallel", "-ep", action="store_true")
     par.add_argument("--enable-eplb", action="store_true", help="expert-parallel load balancer (needs -ep)")
+    par.add_argument("--enable-elastic-ep", action="store_true",
+                     help="let POST /scale_elastic_ep grow or shrink the DP ranks at run time (needs -ep)")
     par.add_argument("--eplb-config", default=None, metavar="JSON",
                      help="EPLB settings as JSON or dotted flags (--eplb-config.window_size 1000): window_size, "
                           "step_interval, log_balancedness, num_redundant_experts, use_async, policy")
@@ -199,34 +200,13 @@ def engine_config_from_args(args) -> EngineConfig:
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         platform=platform, enforce_eager=args.enforce_eager, additional_config=args.additional_config,
-        speculative=(speculative_config_from_args(args, mcfg.hf_config(), parallel)
+        speculative=(SpeculativeConfig.parse(args.speculative_config)
                      if args.speculative_config is not None else None),
         kv_transfer=KVTransferConfig.parse(args.kv_transfer_config))
     cfg.check()
-    if cfg.kv_transfer is not None:     # an unknown or unusable connector is one line before any engine starts
-        from epplat.connectors.loader import connector_class
-        connector_class(cfg, warn=True)
-    if args.quantization:   # the method checks the checkpoint's quantization files before any engine starts
-        from epplat.core.model.quant import load_quant_method
-        from epplat.core.model.registry import architecture
-        load_quant_method(cfg, architecture(mcfg.hf_config()).canonical_name, platform)
     if parallel.single_node:
         parallel.ipc_dir = tempfile.mkdtemp(prefix="epplat-")
     return cfg
-
-
-def speculative_config_from_args(args, hf: dict, par: ParallelConfig) -> Optional[SpeculativeConfig]:
-    if args.speculative_config is None:
-        return None
-    spec = SpeculativeConfig.parse(args.speculative_config)
-    if not hf.get("num_nextn_predict_layers"):
-        raise ConfigError(f"--speculative-config method {spec.method!r} drafts with the checkpoint's MTP layer; "
-                          f"{hf.get('architectures')} checkpoint {args.model_flag or args.model!r} has none "
-                          "(num_nextn_predict_layers)")
-    if par.data_parallel_size > 1:
-        raise ConfigError("--speculative-config runs on one DP rank for now (TP is fine): drop "
-                          "--data-parallel-size")
-    return spec
 
 
 def parallel_config_from_args(args) -> ParallelConfig:
@@ -241,7 +221,8 @@ def parallel_config_from_args(args) -> ParallelConfig:
         data_parallel_rank=args.data_parallel_rank, data_parallel_address=args.data_parallel_address or "127.0.0.1",
         data_parallel_rpc_port=args.data_parallel_rpc_port or 29550, api_server_count=args.api_server_count,
         headless=args.headless, enable_expert_parallel=args.enable_expert_parallel,
-        all2all_backend=args.all2all_backend, enable_eplb=args.enable_eplb, eplb=eplb)
+        all2all_backend=args.all2all_backend, enable_eplb=args.enable_eplb,
+        enable_elastic_ep=args.enable_elastic_ep, eplb=eplb)
     if not parallel.single_node and not args.data_parallel_address:
         raise ConfigError("multi-node and external load-balancing layouts need --data-parallel-address "
                           "(the address of the node with DP rank 0)")

@@ -57,6 +57,15 @@ def qwen3_moe_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def skewed_dir(tmp_path_factory):
+    """A Qwen3-MoE checkpoint whose router is skewed on purpose (EPLB has load to balance)."""
+    from epplat.tools.make_model import make_model
+    return make_model("qwen3_moe", tmp_path_factory.mktemp("skewed"), layers=2, hidden=64, experts=8, top_k=2,
+                      heads=4, kv_heads=2, head_dim=32, moe_intermediate=64, vocab_size=2048, seed=5,
+                      router_skew=1.5)
+
+
+@pytest.fixture(scope="session")
 def mixtral_dir(tmp_path_factory):
     from epplat.tools.make_model import make_model
     return make_model("mixtral", tmp_path_factory.mktemp("mixtral"), layers=2, hidden=64, experts=8, top_k=2,

@@ -32,3 +32,11 @@ def hf_greedy(model_dir, prompt_token_ids_list: list[list[int]], max_tokens: int
         end = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
         out.append(new[:end])
     return out
+
+
+def hf_greedy_texts(model_dir, prompt_token_ids_list: list[list[int]], max_tokens: int) -> list[str]:
+    """``hf_greedy`` with ``ignore_eos``, each decoded as the server's text (special tokens skipped)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [tok.decode(r, skip_special_tokens=True)
+            for r in hf_greedy(model_dir, prompt_token_ids_list, max_tokens, ignore_eos=True)]

@@ -79,17 +79,24 @@ def _all2all_worker(rank: int, world: int, init: str, tokens: list, result_dir: 
         ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)]) if n else \
             torch.empty(0, k, dtype=torch.long)
         w = torch.rand(n, k, generator=g)
-        recv = backend.dispatch(x, ids, w)
+        recv = backend.dispatch(x.to("npu"), ids.to("npu"), w.to("npu"))
         assert recv.topk_ids.shape[1] == 1 and bool((recv.topk_ids >= 0).all())
         y = reference_experts(recv.x, recv.topk_ids, recv.topk_weights, w13[local.start:local.stop],
                               w2[local.start:local.stop], torch.nn.functional.silu)
         out = backend.combine(y)
         ref = reference_experts(x, ids, w, w13, w2, torch.nn.functional.silu)
         torch.save((out, ref), os.path.join(result_dir, f"r{rank}s{step}.pt"))
+    for host in (torch.zeros(2), torch.zeros(2, device="npu").cpu()):     # as HCCL, the group refuses host memory
+        try:
+            dist.all_reduce(host)
+            raise AssertionError("an hccl group took a CPU tensor")
+        except RuntimeError as e:
+            assert "Tensors must be NPU and dense" in str(e), e
     dist.destroy_process_group()
 
 
 def test_hccl_all2all_matches_the_single_process_reference(tmp_path, simulation):
+    """The hccl all2all on the SIMULATED "hccl" group (which, as HCCL, refuses CPU tensors) equals the reference."""
     world = 2
     tokens = [[5, 3], [0, 4], [7, 0]]             # uneven, and ranks with no token (dummy steps)
     init = f"file://{tempfile.mkdtemp()}/store"
@@ -197,6 +204,41 @@ def test_npu_memory_budget_too_small_is_one_line(qwen3_moe_dir):
     assert "Memory profiling:" in r.stderr and "outside torch" in r.stderr
 
 
+def test_npu_memory_queries_count_what_torch_holds_and_the_kv_budget_takes_off_activations(
+        one_layer_moe, simulation, monkeypatch):
+    """SIMULATED torch_npu on a 1 GiB device (SIM_NPU_HBM_BYTES): memory_allocated / max_memory_allocated count the
+    storages made on it, as torch_npu's allocator statistics do. The platform's KV budget is half of it (at
+    --gpu-memory-utilization 0.5) less what torch holds and less the profile's peak activations (not its scratch
+    cache); a real engine's profiling run leaves nothing behind."""
+    simulation("npu")
+    monkeypatch.setenv("SIM_NPU_HBM_BYTES", str(1 << 30))
+    from epplat.config import CacheConfig, EngineConfig, ModelConfig
+    from epplat.core.engine.model_runner import ModelRunner
+    from epplat.plugins import registry
+    import torch_npu  # noqa: F401  (the simulation)
+    npu, mib = torch.npu, 1 << 20
+    cfg = EngineConfig(model=ModelConfig(model=str(one_layer_moe), dtype="float32"), platform="ascend",
+                       cache=CacheConfig(gpu_memory_utilization=0.5))
+    platform = registry().load("platform", "ascend")()
+    platform.configure(cfg)
+    base = npu.memory_allocated()
+    runner = ModelRunner(cfg, platform, platform.device(0))
+    held = npu.memory_allocated()
+    assert held - base >= runner.weight_bytes > 0           # the weights live on the device
+
+    def profile():                   # an 8 MiB scratch cache kept to the end, a 3 MiB activation freed before
+        scratch = torch.zeros(8 * mib, dtype=torch.uint8, device=runner.device)
+        activation = torch.empty(3 * mib, dtype=torch.uint8, device=runner.device)
+        del activation
+        return scratch.nbytes
+    assert platform.kv_cache_bytes(cfg.cache, runner.weight_bytes, runner.device, profile) == (512 - 3) * mib - held
+    assert npu.memory_allocated() == held and npu.max_memory_allocated() == held + 11 * mib
+    blocks = runner.num_blocks_from_memory(256)             # the real profiling run: the largest step
+    assert npu.memory_allocated() == held, "the profiling run left tensors on the device"
+    assert npu.max_memory_allocated() > held                # its scratch cache and inputs were on the device
+    assert 0 < blocks * runner.kv_bytes_per_block() <= 512 * mib - held
+
+
 def test_torchair_graphs_dp2_ep_decode_equal_to_eager(qwen3_moe_dir):
     """Decode steps through torchair (torch.compile on the simulated npu backend), DP=2 + EP: the same tokens
     as eager. bfloat16: torch.compile cannot trace the CPU reference experts' float32 grouped GEMM."""
@@ -229,55 +271,80 @@ from epplat.core.engine.core import init_kv_cache
 from epplat.core.engine.model_runner import ModelInput, ModelRunner
 from epplat.core.model.attention import build_attn_metadata
 from epplat.plugins import registry
-model, kv_mib, graphs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-cfg = EngineConfig(model=ModelConfig(model=model, dtype="bfloat16"), platform="ascend",
-                   cache=CacheConfig(kv_cache_memory_bytes=kv_mib << 20), additional_config={"torchair_graph_config": {
-                       "enabled": True, **graphs}})
-platform = registry().load("platform", "ascend")()
-platform.configure(cfg)
-runner = ModelRunner(cfg, platform, platform.device(0))
-init_kv_cache(runner, cfg, runner.ps)
-mi = ModelInput([5, 9, 11], [3, 7, 2], [(4, 1, [0]), (8, 1, [1]), (3, 1, [2])])   # 3 decodes: padded to 4
-graph = runner.forward(mi)
-with torch.inference_mode():
-    eager = runner.model(torch.tensor(mi.token_ids), torch.tensor(mi.positions),
-                         build_attn_metadata(mi.seqs, runner.block_size, runner.device, runner.pad_block))
-assert torch.equal(graph, eager), (graph - eager).abs().max()
-print(json.dumps({"cache_compile": [c[1] for c in torchair.calls if c[0] == "cache_compile"],
-                  "frozen": all(c[2].experimental_config.frozen_parameter for c in torchair.calls
-                                if c[0] == "cache_compile"),
-                  "reloaded": [c[1] for c in torchair.calls if c[0] == "cache_reload"],
-                  "graphs": sum(c[0] == "graph" for c in torchair.calls), "first": torchair.calls[0][0]}))
+model = sys.argv[1]
+for kv_mib, graphs in json.loads(sys.argv[2]):      # one engine after the other, in this process
+    cfg = EngineConfig(model=ModelConfig(model=model, dtype="bfloat16"), platform="ascend",
+                       cache=CacheConfig(kv_cache_memory_bytes=kv_mib << 20), additional_config={
+                           "torchair_graph_config": {"enabled": True, **graphs}})
+    platform = registry().load("platform", "ascend")()
+    platform.configure(cfg)
+    before = len(torchair.calls)
+    runner = ModelRunner(cfg, platform, platform.device(0))
+    init_kv_cache(runner, cfg, runner.ps)
+    mi = ModelInput([5, 9, 11], [3, 7, 2], [(4, 1, [0]), (8, 1, [1]), (3, 1, [2])])   # 3 decodes: padded to 4
+    graph = runner.forward(mi)
+    with torch.inference_mode():
+        eager = runner.model(torch.tensor(mi.token_ids), torch.tensor(mi.positions),
+                             build_attn_metadata(mi.seqs, runner.block_size, runner.device, runner.pad_block))
+    assert torch.equal(graph, eager), (graph - eager).abs().max()
+    calls = torchair.calls[before:]
+    print(json.dumps({"cache_compile": [c[1] for c in calls if c[0] == "cache_compile"],
+                      "frozen": all(c[2].experimental_config.frozen_parameter for c in calls
+                                    if c[0] == "cache_compile"),
+                      "reloaded": [c[1] for c in calls if c[0] == "cache_reload"],
+                      "graphs": sum(c[0] == "graph" for c in calls), "first": calls[0][0]}))
 """
 
 
-def _graphs(model_dir, kv_mib: int, graphs: dict, cache_home) -> tuple[dict, str]:
-    r = subprocess.run([sys.executable, "-c", _GRAPHS, str(model_dir), str(kv_mib), json.dumps(graphs)],
+@pytest.fixture(scope="module")
+def one_layer_moe(tmp_path_factory):
+    """The torchair tests' checkpoint: one MoE layer (each graph traces the whole model, so layers cost compile time)."""
+    from epplat.tools.make_model import make_model
+    return make_model("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe_1l"), layers=1, hidden=64, experts=8, top_k=2,
+                      heads=4, kv_heads=2, head_dim=32, moe_intermediate=64, vocab_size=2048, seed=1)
+
+
+def _graphs(model_dir, runs: list, cache_home) -> tuple[list, str]:
+    """Engines with torchair graphs, one per (KV cache MiB, torchair_graph_config) of `runs`, one after the
+    other in one process: what each compiled, reloaded and captured, and the process's stderr."""
+    r = subprocess.run([sys.executable, "-c", _GRAPHS, str(model_dir), json.dumps(runs)],
                        capture_output=True, text=True, timeout=300,
                        env={**os.environ, **SIM_ENV, "TORCHAIR_CACHE_HOME": str(cache_home)})
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+    return [json.loads(line) for line in r.stdout.strip().splitlines()[-len(runs):]], r.stderr
 
 
-def test_torchair_cached_graphs_capture_whole_and_reload_per_kv_shape(qwen3_moe_dir, tmp_path):
+CACHED = {"graph_batch_sizes": [1, 4], "use_cached_graph": True}
+
+
+@pytest.fixture(scope="module")
+def first_start(one_layer_moe, tmp_path_factory):
+    """One process, two engines: cached graphs with a 64 MiB KV cache (a cache on disk after), then graphs
+    for nine decode batch sizes, one past dynamo's recompile limit (8)."""
+    home = tmp_path_factory.mktemp("torchair_cache")
+    (cached, many), err = _graphs(one_layer_moe, [[64, CACHED], [64, {"graph_batch_sizes": list(range(1, 10))}]],
+                                  home)
+    return home, cached, many, err
+
+
+def test_torchair_cached_graphs_capture_whole_and_reload_per_kv_shape(one_layer_moe, first_start):
     """torchair's cache_compile compiles whole graphs (the simulation, like torchair, with fullgraph=True: a host
     sync in the decode step fails the capture) and reloads its cache without guards on restart: a restart with
     another KV cache size must not reload the graphs of the first, the same size must."""
-    cached = {"graph_batch_sizes": [1, 4], "use_cached_graph": True}
-    first, _ = _graphs(qwen3_moe_dir, 64, cached, tmp_path)
+    home, first, _, _ = first_start
     assert first["cache_compile"] == ["forward_decode_bs4", "forward_decode_bs1"] and first["frozen"], first
     assert first["reloaded"] == [] and first["graphs"] == 2 and first["first"] == "patch_for_hcom", first
-    other, _ = _graphs(qwen3_moe_dir, 32, cached, tmp_path)         # another KV size: compiled anew
-    assert other["reloaded"] == [] and other["graphs"] == 2, other
-    again, _ = _graphs(qwen3_moe_dir, 64, cached, tmp_path)         # the first size: both graphs reloaded
+    # a restart: the first size reloads both graphs, then another KV size in the same process compiles anew
+    (again, other), _ = _graphs(one_layer_moe, [[64, CACHED], [32, CACHED]], home)
     assert again["reloaded"] == ["forward_decode_bs4", "forward_decode_bs1"] and again["graphs"] == 0, again
+    assert other["reloaded"] == [] and other["graphs"] == 2, other
 
 
-def test_torchair_graphs_for_more_batch_sizes_than_the_recompile_limit(qwen3_moe_dir, tmp_path):
+def test_torchair_graphs_for_more_batch_sizes_than_the_recompile_limit(first_start):
     """Nine decode batch sizes, one past dynamo's recompile limit (8): every one is compiled, none silently eager."""
-    out, err = _graphs(qwen3_moe_dir, 64, {"graph_batch_sizes": list(range(1, 10))}, tmp_path)
+    _, _, many, err = first_start
     assert "recompile_limit" not in err and "run eagerly" not in err, err[-3000:]
-    assert out["graphs"] >= 9, out
+    assert many["graphs"] >= 9, many
 
 
 def test_torchair_cached_graphs_refuse_host_syncs(qwen3_moe_dir):

@@ -44,8 +44,11 @@ def _rank(rank, world, port, name, errors):
             recv = backend.dispatch(x, ids, w)
             y = reference_experts(recv.x, recv.topk_ids, recv.topk_weights, w13[mine], w2[mine], F.silu) \
                 if recv.x.shape[0] else recv.x
+            if name == "DeepEPLowLatency" and max(tokens) <= backend.cap:
+                # unused receive slots hold garbage (NaN in the simulation), which no expert may read
+                assert bool(recv.x.isnan().any()), "the simulation left no garbage in unused slots"
             out = backend.combine(y)
-            assert out.shape == (t, hidden)
+            assert out.shape == (t, hidden) and bool(out.isfinite().all())
             if t:
                 torch.testing.assert_close(out.float(), reference_experts(x, ids, w, w13, w2, F.silu).float(),
                                            atol=2e-2, rtol=2e-2)
@@ -97,3 +100,44 @@ def test_deepep_backend_on_a_simulated_deep_ep(name, simulation):
     while not errors.empty():
         failures.append(errors.get())
     assert not failures and all(p.exitcode == 0 for p in procs), "\n".join(failures)
+
+
+def test_deepep_limits_are_one_line_and_the_simulation_keeps_one_low_latency_buffer(simulation):
+    """What DeepEP (commit 567632d) cannot run is refused in one line before any buffer is made: top-k above 11
+    in the low-latency kernels, an EP size its config maps lack, and the low-latency backend above 8 ranks
+    (its prefill kernels would initialise NVSHMEM a second time). The EP sizes come from torch's "fake"
+    process group (one process standing for 16 ranks; nothing is exchanged). The SIMULATED deep_ep asserts,
+    as DeepEP, that a process holds one live low-latency buffer."""
+    simulation("deepep")
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import deep_ep
+    from epplat.config import ConfigError
+    from epplat.core.moe.all2all import ExpertMap
+    from epplat.platforms.cuda.all2all_deepep import DeepEPHighThroughput, DeepEPLowLatency
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=16)
+    try:
+        cpu = torch.device("cpu")
+        two, six = dist.new_group([0, 1]), dist.new_group(list(range(6)))
+        low = DeepEPLowLatency(ExpertMap(16, 0, 2), group=two, device=cpu)
+        made = len(deep_ep.calls)
+        x = torch.zeros(2, 2048, dtype=torch.bfloat16)
+        with pytest.raises(ConfigError, match=r"^--all2all-backend deepep_low_latency: DeepEP's low-latency kernels "
+                                              r"take top-k up to 11, not 12$"):
+            low.dispatch(x, torch.zeros(2, 12, dtype=torch.long), torch.ones(2, 12))
+        assert low.buffer is None and len(deep_ep.calls) == made
+        with pytest.raises(ConfigError, match=r"runs prefill through DeepEP's normal kernels, which need NVSHMEM of "
+                                              r"their own above 8 ranks; EP size 16: use deepep_high_throughput$"):
+            DeepEPLowLatency(ExpertMap(32, 0, 16), group=dist.group.WORLD, device=cpu)
+        assert DeepEPHighThroughput(ExpertMap(32, 0, 16), group=dist.group.WORLD, device=cpu).size == 16
+        for cls in (DeepEPHighThroughput, DeepEPLowLatency):
+            with pytest.raises(ConfigError, match=r"DeepEP supports EP sizes \[2, 4, 8, 16, .*\], not 6$"):
+                cls(ExpertMap(12, 0, 6), group=six, device=cpu)
+        first = deep_ep.Buffer(two, 0, 1 << 20, low_latency_mode=True)
+        with pytest.raises(AssertionError, match="already live"):
+            deep_ep.Buffer(two, 0, 1 << 20, low_latency_mode=True)
+        first.destroy()
+        deep_ep.Buffer(two, 0, 1 << 20, low_latency_mode=True).destroy()     # once the first is gone
+    finally:
+        dist.destroy_process_group()

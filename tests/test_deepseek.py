@@ -5,6 +5,7 @@ DeepseekV3ForCausalLM on `epplat make-model` checkpoints, and the KV cache holds
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -13,8 +14,10 @@ import torch
 
 import simulations
 from hf_oracle import hf_greedy
-from server_utils import Server
-from test_parallel import MAX_TOKENS, complete
+import threading
+
+from server_utils import Server, kill_headless, rpc_port, start_headless
+from test_parallel import MAX_TOKENS, complete, per_rank_requests
 
 # the long prompt is prefilled in chunks of 32 (a chunk attending to cached latents)
 PROMPTS = [[5, 17, 99, 230, 7, 64, 300, 12], [400, 401, 402], list(range(100, 170)), [3, 9],
@@ -105,6 +108,45 @@ def test_dp2_ep_naive_all2all_eplb_with_redundant_experts(v3_dir):
         assert re.search(r"EPLB rebalance \d+ at step", s.output()), s.output()[-3000:]
 
 
+def _dp2_ep_flags(port):
+    return ["--dtype", "float32", "--data-parallel-size", "2", "--data-parallel-address", "127.0.0.1",
+            "--data-parallel-rpc-port", str(port), "--enable-expert-parallel", "--max-model-len", "256",
+            "--served-model-name", "ds"]
+
+
+def test_two_nodes_headless_dp2_ep(v2_dir):
+    """DP=2 + EP over two "nodes" on loopback: the second node's engine started with --headless."""
+    common = [*_dp2_ep_flags(rpc_port()), "--data-parallel-size-local", "1"]
+    headless = start_headless(str(v2_dir), "--data-parallel-start-rank", "1", *common)
+    try:
+        with Server(str(v2_dir), *common, timeout=180) as primary:
+            assert complete(primary.url, "ds", PROMPTS) == expected(v2_dir)
+            served = per_rank_requests(primary.url)
+            assert set(served) == {"0", "1"} and all(v > 0 for v in served.values()), served
+            assert "EP rank 0/2 holds experts 0-3 of 8" in primary.output()
+    finally:
+        kill_headless(headless)
+
+
+def test_external_load_balancing_dp2_ep(v3_dir):
+    """One `epplat serve` per DP rank (vLLM's --data-parallel-rank), each its own API server; EP spans both."""
+    common = _dp2_ep_flags(rpc_port())
+    servers = {}
+    t = threading.Thread(target=lambda: servers.setdefault(1, Server(str(v3_dir), *common, "--data-parallel-rank", "1")))
+    t.start()
+    try:
+        servers[0] = Server(str(v3_dir), *common, "--data-parallel-rank", "0")
+        t.join(120)
+        want, half = expected(v3_dir), len(PROMPTS) // 2
+        assert complete(servers[0].url, "ds", PROMPTS[:half]) == want[:half]
+        assert complete(servers[1].url, "ds", PROMPTS[half:]) == want[half:]
+        assert per_rank_requests(servers[1].url) == {"1": half}
+    finally:
+        t.join(120)
+        for srv in servers.values():
+            srv.stop()
+
+
 def test_expert_map_gives_the_first_ranks_one_more_and_even_backends_refuse():
     from epplat.core.moe.all2all import All2AllBackend, ExpertMap
     assert [list(ExpertMap(10, r, 4).local_ids) for r in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
@@ -180,17 +222,40 @@ def test_bad_speculative_configs_are_one_line(spec, needle):
     assert "\n" not in str(e.value)
 
 
-def test_speculative_config_needs_mtp_layers_and_one_engine_process(v3_dir, v3_mtp_dir):
-    import argparse
-    from epplat.config import ConfigError, ModelConfig, ParallelConfig
-    from epplat.serve import speculative_config_from_args
+def test_speculative_config_needs_mtp_layers(v3_dir):
+    """EngineConfig.check refuses a speculative config the checkpoint cannot serve, with the one line
+    `epplat serve` prints, for a config built in Python as for one built from flags."""
+    from epplat.config import ConfigError, EngineConfig, ModelConfig, SpeculativeConfig
+    from epplat.serve import add_cli, engine_config_from_args
     spec = '{"method": "deepseek_mtp", "num_speculative_tokens": 1}'
-    for model, par, needle in ((v3_dir, ParallelConfig(), "has none (num_nextn_predict_layers)"),
-                               (v3_mtp_dir, ParallelConfig(data_parallel_size=2), "runs on one DP rank")):
-        args = argparse.Namespace(speculative_config=spec, model=str(model), model_flag=None)
-        with pytest.raises(ConfigError, match=re.escape(needle)) as e:
-            speculative_config_from_args(args, ModelConfig(str(model)).hf_config(), par)
-        assert "\n" not in str(e.value)
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    needle = "has none (num_nextn_predict_layers)"
+    cfg = EngineConfig(ModelConfig(str(v3_dir)), speculative=SpeculativeConfig.parse(spec))
+    with pytest.raises(ConfigError, match=re.escape(needle)) as built:
+        cfg.check()
+    args = parser.parse_args(["serve", str(v3_dir), "--speculative-config", spec, "--platform", "cpu"])
+    with pytest.raises(ConfigError, match=re.escape(needle)) as flagged:
+        engine_config_from_args(args)
+    assert str(built.value) == str(flagged.value) and "\n" not in str(built.value)
+
+
+def test_mtp_speculative_decoding_dp2_ep_in_lockstep(v3_mtp_dir):
+    """DP=2 + EP: the MTP layer's experts are spread over both ranks, so every rank runs each draft pass
+    (empty when it has nothing to draft) and the all2all collectives pair up; greedy output unchanged."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    spec = json.dumps({"method": "deepseek_mtp", "num_speculative_tokens": 2})
+    with Server(str(v3_mtp_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256",
+                "--speculative-config", spec, "--served-model-name", "ds", timeout=180) as s:
+        want = expected(v3_mtp_dir)
+        assert complete(s.url, "ds", PROMPTS) == want
+        assert complete(s.url, "ds", PROMPTS[:1]) == want[:1]          # one rank drafts, the other runs empty passes
+        samples = {x.name: x.value for f in text_string_to_metric_families(httpx.get(s.url + "/metrics").text)
+                   for x in f.samples}
+        assert "EP rank 1/2 holds experts 4-7 of 8" in s.output()
+    drafted, accepted = (samples[f"vllm:spec_decode_num_{w}_total"] for w in ("draft_tokens", "accepted_tokens"))
+    assert 0 < accepted < drafted, samples
 
 
 def test_ascend_simulation_dp2_ep_hccl(v3_dir):

@@ -30,14 +30,6 @@ LONG_PROMPT, LONG = [11, 222, 333, 44, 5], 48
 
 
 @pytest.fixture(scope="module")
-def skewed_dir(tmp_path_factory):
-    from epplat.tools.make_model import make_model
-    return make_model("qwen3_moe", tmp_path_factory.mktemp("skewed"), layers=2, hidden=64, experts=8, top_k=2,
-                      heads=4, kv_heads=2, head_dim=32, moe_intermediate=64, vocab_size=2048, seed=5,
-                      router_skew=1.5)
-
-
-@pytest.fixture(scope="module")
 def expected(skewed_dir):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(skewed_dir)

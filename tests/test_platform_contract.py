@@ -14,9 +14,13 @@ import sys
 from pathlib import Path
 
 import openai
+import pluggy
 import pytest
 import torch
 
+from epplat import hookspecs
+from epplat.hookspecs import Registration, hookimpl
+from epplat.plugins import PluginError, Registry, registry
 from hf_oracle import hf_greedy
 from plugin_listing import plugin_statuses
 from server_utils import Server
@@ -86,10 +90,51 @@ def test_core_has_no_kernel_registry_and_no_device_branch():
     assert not platform_imports, platform_imports
 
 
+class _Platforms:
+    """A plugin (registered with pluggy as an entry point's module would be) listing `regs` as its platforms."""
+
+    def __init__(self, *regs):
+        self.regs = regs
+
+    @hookimpl
+    def epplat_platforms(self):
+        return list(self.regs)
+
+
+def _registry_with(*regs) -> Registry:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    pm.register(_Platforms(*regs), name="vendor")
+    return Registry(pm)
+
+
+def test_platform_auto_prefers_epplats_own_unless_a_plugin_says_it_fits_better():
+    """--platform auto: a usable plugin platform of the default priority loses to the built-in one the machine
+    matches (cpu here, cuda on a GPU host); one that declares a higher auto_priority wins; two plugins
+    tied at the top are one line asking for --platform."""
+    builtin = registry().pick_platform()
+    assert builtin in ("cpu", "cuda", "ascend")
+    plain = Registration("vendor_cpu", lambda: None)
+    assert _registry_with(plain).pick_platform() == builtin
+    unusable = Registration("vendor_npu", lambda: None, check=lambda: "no vendor NPU here", auto_priority=5)
+    assert _registry_with(plain, unusable).pick_platform() == builtin
+    better = Registration("vendor_npu", lambda: None, auto_priority=2)
+    assert _registry_with(plain, better).pick_platform() == "vendor_npu"
+    assert _registry_with(better).pick_platform("cpu") == "cpu"        # a named platform is taken as named
+    rival = Registration("vendor_gpu", lambda: None, auto_priority=2)
+    with pytest.raises(PluginError, match=r"^--platform auto: 'vendor_gpu' \(vendor\), 'vendor_npu' \(vendor\) all "
+                                          r"fit this machine equally; choose one with --platform$"):
+        _registry_with(better, rival).pick_platform()
+
+
 def test_example_platform_package_serves_transformers_tokens(example_env, qwen3_moe_dir):
     listing = subprocess.run([sys.executable, "-m", "epplat.cli", "plugins"], capture_output=True, text=True,
                              env={**os.environ, **example_env}, check=True).stdout
     assert plugin_statuses(listing)["einsum"] == ("epplat-example-platform", "usable")
+    auto = subprocess.run([sys.executable, "-c", "from epplat.plugins import registry; print(registry().pick_platform())"],
+                          capture_output=True, text=True, env={**os.environ, **example_env}, check=True).stdout.split()
+    assert auto == [registry().pick_platform()]      # installed and usable, yet --platform auto keeps epplat's own
     kernels = subprocess.run([sys.executable, "-m", "epplat.cli", "einsum-kernels"], capture_output=True, text=True,
                              env={**os.environ, **example_env}, check=True).stdout.split()   # the package's own command
     assert kernels[:2] == ["rms_norm", "epplat_example_platform.rms_norm"] and "epplat_example_platform.dense_experts" in kernels

@@ -1,5 +1,8 @@
-"""A small request/response channel over TCP for KV connectors (handshakes, leases): each message
-is a 4-byte big-endian length and a msgpack map. No pickle crosses it."""
+"""A small request/response channel over TCP for KV connectors (handshakes, leases, "finished
+reading" notices): each message is a 4-byte big-endian length and a msgpack map sealed with the
+deployment's secret (the engine's BLAKE2b frame auth, ``--internal-secret``), so a prefill and a
+decode server talk only when they were given the same secret. No pickle crosses it; a peer
+without the secret gets one refusal and the channel goes on."""
 
 from __future__ import annotations
 
@@ -11,14 +14,17 @@ from typing import Callable
 
 import msgspec
 
+from epplat.core.engine.frame_auth import TAG_BYTES, BadFrame, FrameAuth
+
 logger = logging.getLogger(__name__)
 
 _MAX = 64 << 20
+UNAUTHENTICATED = "not authenticated: the prefill and decode servers need the same --internal-secret " \
+                  "(EPPLAT_INTERNAL_SECRET)"
 
 
-def _send(sock: socket.socket, obj) -> None:
-    data = msgspec.msgpack.encode(obj)
-    sock.sendall(struct.pack(">I", len(data)) + data)
+def _send(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(struct.pack(">I", len(payload)) + payload)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -31,25 +37,36 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _recv(sock: socket.socket):
+def _recv(sock: socket.socket) -> bytes:
     (n,) = struct.unpack(">I", _recv_exact(sock, 4))
     if n > _MAX:
         raise ConnectionError(f"side channel message of {n} bytes")
-    return msgspec.msgpack.decode(_recv_exact(sock, n))
+    return _recv_exact(sock, n)
 
 
-def request(host: str, port: int, msg: dict, timeout: float = 10.0) -> dict:
-    """Send one message and return the answer (ConnectionError / OSError when the peer is not there)."""
+def _decode(auth: FrameAuth, frame: bytes):
+    msg = auth.decode(msgspec.msgpack.Decoder(), frame)
+    if not isinstance(msg, dict):
+        raise BadFrame("not a map")
+    return msg
+
+
+def request(host: str, port: int, msg: dict, auth: FrameAuth, timeout: float = 10.0) -> dict:
+    """Send one message and return the answer (ConnectionError / OSError when the peer is not there,
+    PermissionError when either side lacks the other's secret)."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        _send(sock, msg)
-        return _recv(sock)
+        _send(sock, auth.seal(msgspec.msgpack.encode(msg)))
+        try:
+            return _decode(auth, _recv(sock))
+        except BadFrame:
+            raise PermissionError(f"side channel {host}:{port}: {UNAUTHENTICATED}") from None
 
 
 class SideChannelServer:
-    """Answers each connection's one message with handler(message) in a daemon thread."""
+    """Answers each connection's one authentic message with handler(message) in a daemon thread."""
 
-    def __init__(self, host: str, port: int, handler: Callable[[dict], dict]):
-        self.handler = handler
+    def __init__(self, host: str, port: int, handler: Callable[[dict], dict], auth: FrameAuth):
+        self.handler, self.auth = handler, auth
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, name="kv-side-channel", daemon=True)
@@ -61,13 +78,21 @@ class SideChannelServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            with conn:
+            threading.Thread(target=self._answer, args=(conn,), name="kv-side-channel-peer", daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(10.0)
                 try:
-                    conn.settimeout(10.0)
-                    msg = _recv(conn)
-                    _send(conn, self.handler(msg) if isinstance(msg, dict) else {"error": "not a map"})
-                except Exception as e:      # a bad peer must not end the channel
-                    logger.warning("KV side channel: %s", e)
+                    msg = _decode(self.auth, _recv(conn))
+                except BadFrame as e:
+                    self.auth.dropped("the KV side channel", e)
+                    _send(conn, bytes(TAG_BYTES) + msgspec.msgpack.encode({"error": UNAUTHENTICATED}))
+                    return
+                _send(conn, self.auth.seal(msgspec.msgpack.encode(self.handler(msg))))
+            except Exception as e:      # a bad peer must not end the channel
+                logger.warning("KV side channel: %s", e)
 
     def close(self) -> None:
         self.sock.close()

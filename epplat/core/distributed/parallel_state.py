@@ -65,11 +65,12 @@ def collective_timeout() -> Optional[datetime.timedelta]:
 
 
 def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
-    """Join the world (store at data_parallel_address:data_parallel_rpc_port) and make the groups."""
+    """Join the world (store at data_parallel_address:data_parallel_rpc_port) and make the groups.
+    With --enable-elastic-ep a world of one process is a torch.distributed world too (ranks join it later)."""
     tp, dp = parallel.tensor_parallel_size, parallel.data_parallel_size
     st = ParallelState(rank=rank, world_size=tp * dp, tp_rank=rank % tp, tp_size=tp, dp_rank=rank // tp,
                        dp_size=dp, ep=parallel.enable_expert_parallel)
-    if st.world_size == 1:
+    if st.world_size == 1 and not parallel.enable_elastic_ep:
         return st
     global _timeout
     timeout = _timeout = datetime.timedelta(seconds=parallel.distributed_timeout_seconds)
@@ -78,6 +79,13 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
     store = None if init else _tcp_store(parallel, rank, st.world_size, timeout)
     dist.init_process_group(backend, init_method=init, store=store, rank=rank, world_size=st.world_size,
                             timeout=timeout)
+    make_groups(st, timeout)
+    return st
+
+
+def make_groups(st: ParallelState, timeout) -> None:
+    """The TP, TP-gloo and drivers groups of a world just joined (every rank calls it, in the same order)."""
+    tp, dp = st.tp_size, st.dp_size
     st.world_group = dist.group.WORLD
     for d in range(dp):
         ranks = list(range(d * tp, (d + 1) * tp))
@@ -85,13 +93,11 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
         if d == st.dp_rank:
             st.tp_group, st.tp_cpu_group = g, cpu
     drivers = dist.new_group([d * tp for d in range(dp)], backend="gloo", timeout=timeout)
-    if st.is_driver:
-        st.dp_group = drivers
+    st.dp_group = drivers if st.is_driver else None
     if tp == 1:
         st.tp_group = st.tp_cpu_group = None
-    logger.info("rank %d/%d: DP rank %d, TP rank %d, EP %s", rank, st.world_size, st.dp_rank, st.tp_rank,
+    logger.info("rank %d/%d: DP rank %d, TP rank %d, EP %s", st.rank, st.world_size, st.dp_rank, st.tp_rank,
                 f"rank {st.ep_rank}/{st.ep_size}" if st.ep else "off")
-    return st
 
 
 def _source_address(head: str) -> str:

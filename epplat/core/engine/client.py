@@ -141,6 +141,7 @@ class EngineClient:
         self.procs = procs or []          # engine processes this process launched (health checks)
         self.max_model_len = 0
         self.vocab_size = 0
+        self.num_blocks = 0
         self.states: dict[str, _RequestState] = {}
         self.engine_of: dict[str, int] = {}
         self.load: dict[int, int] = {r: 0 for r in self.engine_ranks}
@@ -222,6 +223,7 @@ class EngineClient:
             msg = self._decode(frames[-1], "the API server's request socket")
             if isinstance(msg, P.EngineReady) and msg.engine_index in self.load:
                 self.max_model_len, self.vocab_size = msg.max_model_len, msg.vocab_size
+                self.num_blocks = msg.num_blocks       # a rank added by a scale gets the same KV cache size
                 self.last_heard[msg.engine_index] = time.monotonic()
                 self._ready.add(msg.engine_index)
 

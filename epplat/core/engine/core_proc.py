@@ -52,8 +52,10 @@ class PeerGone(RuntimeError):
     """An API server stopped reading this engine's outputs."""
 
 
-def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, parent_pid: int) -> None:
-    """Entry point of every engine process (spawned by the launcher)."""
+def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, parent_pid: int,
+                       join: dict | None = None) -> None:
+    """Entry point of every engine process (spawned by the launcher). ``join``: this rank joins running ones
+    (elastic EP: {"generation": g, "old_size": n}) once its model and KV cache are ready."""
     die_with_parent(parent_pid)
     setup_logging()
     for sig in (signal.SIGINT, signal.SIGTERM):   # the launcher decides when we stop (after its drain)
@@ -65,7 +67,10 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, 
         platform = registry().load("platform", cfg.platform)()
         platform.configure(cfg)
         device = platform.device(local_rank)
-        ps = init_parallel(cfg.parallel, rank, platform.dist_backend)
+        par = cfg.parallel
+        ps = (init_parallel(par, rank, platform.dist_backend) if join is None else   # joins later, in elastic.join
+              ParallelState(rank=rank, world_size=par.world_size, dp_rank=rank, dp_size=par.data_parallel_size,
+                            ep=par.enable_expert_parallel))
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, _local_procs(cfg))))
         platform.max_threads = torch.get_num_threads()
         runner = ModelRunner(cfg, platform, device, ps)
@@ -81,11 +86,16 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, 
         ready_conn.send_bytes(msgspec.json.encode({"error": f"{type(e).__name__}: {e}"}))
         return
     ready_conn.send_bytes(msgspec.json.encode({"ok": rank}))
+    wave = 0
+    if join is not None:
+        from epplat.core.engine import elastic
+        wave = elastic.join(core, ps, join["generation"], join["old_size"])
     watch = _Liveness(ps)
     if not ps.is_driver:
         _worker_loop(runner, cfg, ps, watch)
         return
     io = _DriverIO(cfg, ps, core)
+    io.wave = wave
     try:
         _driver_loop(core, io, ps, watch)
     except PeerGone as e:
@@ -133,13 +143,16 @@ _plan_decoder = None
 
 
 def _worker_loop(runner, cfg, ps, watch) -> None:
-    from epplat.core.engine.model_runner import DraftInput, ModelInput
-    decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput)
+    from epplat.core.engine.model_runner import DraftInput, KVLoad, ModelInput
+    decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput | KVLoad)
     auth = FrameAuth(cfg.parallel.internal_secret)
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.tp_rank, run_dir(cfg)))
     while True:
-        if not sock.poll(_IDLE_POLL_MS):
+        busy = runner.kv_busy()
+        if busy:
+            runner.kv_connector.get_finished()      # a TP worker's connector reports to its driver's
+        if not sock.poll(_KV_POLL_MS if busy else _IDLE_POLL_MS):
             if not watch.alive():
                 return
             continue
@@ -148,7 +161,10 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
         except BadFrame as e:
             auth.dropped("the step plan socket", e)
             continue
-        (runner.draft_forward if isinstance(plan, DraftInput) else runner.forward)(plan)
+        if isinstance(plan, KVLoad):
+            runner.kv_start_load(plan.kv_meta)
+        else:
+            (runner.draft_forward if isinstance(plan, DraftInput) else runner.forward)(plan)
 
 
 # -- drivers -------------------------------------------------------------------------------
@@ -181,8 +197,12 @@ class _DriverIO:
             w = self.ctx.socket(zmq.PUSH)
             w.bind(par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
             self.workers.append(w)
+        core.tp_publish = self.publish if self.workers else None
         self.waves = ps.ep and ps.dp_size > 1
         self.wakes: set[int] = set()
+        self.wave = 0                     # waves run so far (the same on every DP rank)
+        self.scale = None                 # a scale_elastic_ep call not yet run (elastic EP)
+        self.wake_in = None
         if self.waves:
             self._setup_wake_channel(par)
         ready = P.EngineReady(ps.dp_rank, core.max_model_len, core.runner.model_cfg.vocab_size, core.num_blocks)
@@ -258,6 +278,8 @@ class _DriverIO:
             core.add_request(msg)
         elif isinstance(msg, P.AbortRequests):
             self.send_outputs(core.abort(msg.request_ids))
+        elif msg.method == "scale_elastic_ep" and self.core.cfg.parallel.enable_elastic_ep:
+            self.scale = msg              # run by every driver at a step they agree on (_run_wave)
         elif msg.method == "stats":
             self._send(msg.client_index, P.UtilityResult(msg.call_id, msgspec.to_builtins(core.stats())))
         else:
@@ -301,6 +323,24 @@ class _DriverIO:
         except zmq.Again:
             raise PeerGone(f"an API server read nothing for {SEND_TIMEOUT_MS // 1000} s") from None
 
+    def rescaled(self, watch: "_Liveness") -> None:
+        """After this rank joined a world of another size: the store key, the wake channel, the waves."""
+        ps = self.ps
+        store = dist.distributed_c10d._get_default_store()
+        watch.store = store if ps.rank else None
+        if ps.rank == 0:
+            store.set(_STORE_KEY, str(len(self.dealers)))
+        self.waves = ps.ep and ps.dp_size > 1
+        self.wakes.clear()
+        if self.waves and self.wake_in is None:
+            self._setup_wake_channel(self.core.cfg.parallel)
+        elif self.waves:
+            if self.wake_in not in dict(self.poller.sockets):
+                self.poller.register(self.wake_in, zmq.POLLIN)
+            dist.barrier(group=ps.dp_group)     # the new ranks' _setup_wake_channel ends with it
+        elif self.wake_in is not None and self.wake_in in dict(self.poller.sockets):
+            self.poller.unregister(self.wake_in)
+
     def close(self) -> None:
         for s in self.dealers + self.outs + self.workers:
             s.close(linger=500)
@@ -335,38 +375,69 @@ def _wake_forwarder(ctx, pull_addr: str, pub_addr: str, auth: FrameAuth) -> None
 
 
 def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> None:
-    wave = 0
     while True:
-        io.poll(0 if core.has_work() else _KV_POLL_MS if core.kv_pending() else _IDLE_POLL_MS)
+        io.poll(0 if core.has_work() or io.scale else _KV_POLL_MS if core.kv_pending() else _IDLE_POLL_MS)
         core.poll_kv()
         if not io.waves:
-            if core.has_work():
+            if io.scale is not None:
+                if not _rescale(core, io, ps, watch):
+                    return
+            elif core.has_work():
                 io.send_outputs(core.run(core.schedule(), publish=io.publish if io.workers else None))
             elif not watch.alive():
                 return
             continue
-        woken = io.woken(wave)
-        if not core.has_work() and not woken:
+        woken = io.woken(io.wave)
+        if not core.has_work() and not woken and io.scale is None:
             if not watch.alive():
                 return
             continue
         if not woken:
-            io.send_wake(wave)
-        _run_wave(core, io, ps)
-        wave += 1
+            io.send_wake(io.wave)
+        scale = _run_wave(core, io, ps)
+        io.wave += 1
+        if scale and not _rescale(core, io, ps, watch):
+            return
 
 
-def _run_wave(core, io: _DriverIO, ps: ParallelState) -> None:
-    """Step in lockstep with every DP rank until none has work."""
-    flags = torch.zeros(2, dtype=torch.long)
-    gathered = [torch.zeros(2, dtype=torch.long) for _ in range(ps.dp_size)]
+def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
+    """Step in lockstep with every DP rank until none has work; True when every rank got the same
+    scale call (elastic EP), which then runs after this step on all of them."""
+    flags = torch.zeros(3, dtype=torch.long)
+    gathered = [torch.zeros(3, dtype=torch.long) for _ in range(ps.dp_size)]
     while True:
         io.poll(0)
         has_work = core.has_work()
         batch = core.schedule() if has_work else []
         flags[0], flags[1] = int(has_work), sum(n for _, n in batch)
+        flags[2] = io.scale.args[1] if io.scale is not None else 0       # the scale's world generation
         dist.all_gather(gathered, flags, group=ps.dp_group)
-        if not any(int(g[0]) for g in gathered):
-            return
+        scale = len({int(g[2]) for g in gathered}) == 1 and int(gathered[0][2]) > 0
+        if not any(int(g[0]) or int(g[2]) for g in gathered):
+            return False
         ep_counts = [int(g[1]) for g in gathered for _ in range(ps.tp_size)]
         io.send_outputs(core.run(batch, ep_counts, io.publish if io.workers else None))
+        if scale:
+            return True
+
+
+def _rescale(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> bool:
+    """Run the scale call every rank agreed on; False when this rank left the group."""
+    from epplat.core.distributed.elastic_world import JoinAborted
+    from epplat.core.engine import elastic
+    call, io.scale = io.scale, None
+    new_size, generation = call.args
+    t0 = time.perf_counter()
+    try:
+        stays = elastic.rescale(core, ps, new_size, generation, io.wave)
+    except JoinAborted as e:     # nothing changed here: this rank serves on in its world
+        logger.error("elastic EP: scale to %d DP ranks aborted: %s", new_size, e)
+        io._send(call.client_index, P.UtilityResult(call.call_id, error=str(e)))
+        return True
+    except Exception as e:
+        io._send(call.client_index, P.UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}"))
+        raise
+    if stays:
+        io.rescaled(watch)
+    io._send(call.client_index, P.UtilityResult(call.call_id, {"stays": stays, "seconds": time.perf_counter() - t0}))
+    return stays

@@ -65,6 +65,12 @@ class DraftInput(msgspec.Struct, array_like=True, tag=True):
     from_draft: bool                            # previous = the last draft pass's output (else the step's)
 
 
+class KVLoad(msgspec.Struct, array_like=True, tag=True):
+    """KV connector metadata for loads that start between steps (no step to ride on), sent to the TP workers."""
+
+    kv_meta: bytes
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, platform, device, ps: Optional[ParallelState] = None):
         cfg.check()          # the same one-line errors for a config built in Python as for `epplat serve`
@@ -85,7 +91,7 @@ class ModelRunner:
         backend_name = cfg.parallel.all2all_backend or platform.default_all2all
         backend_cls = reg.load("all2all", backend_name, platform.name)
         par = cfg.parallel
-        redundant = par.eplb.num_redundant_experts if par.enable_eplb else 0
+        redundant = par.eplb.num_redundant_experts if par.enable_eplb or par.enable_elastic_ep else 0
         emap = ExpertMap(self.model_cfg.num_experts or 1, ps.ep_rank, ps.ep_size, redundant)
         self.all2all = backend_cls(emap, group=ps.ep_group, device=device)
         torch.manual_seed(cfg.model.seed)
@@ -132,6 +138,9 @@ class ModelRunner:
 
     def kv_start_load(self, kv_meta: bytes) -> None:
         self.kv_connector.start_load_kv(self._kv_meta_decoder.decode(kv_meta))
+
+    def kv_busy(self) -> bool:
+        return self.kv_connector is not None and self.kv_connector.busy()
 
     def _eplb_state(self, emap: ExpertMap):
         from epplat.core.moe.eplb_state import EplbState
@@ -292,8 +301,11 @@ class ModelRunner:
     def draft_forward(self, d: DraftInput) -> torch.Tensor:
         """One MTP pass (every TP rank runs it); returns its hidden states."""
         dev = self.device
+        if hasattr(self.all2all, "set_step_tokens"):
+            self.all2all.set_step_tokens(None)     # the step's counts are not the pass's: exchange them per layer
         meta = build_attn_metadata(d.seqs, self.block_size, dev, self.pad_block)
-        prev = (self.draft_hidden if d.from_draft else self.hidden).index_select(0, torch.tensor(d.src, device=dev))
+        src = torch.tensor(d.src, dtype=torch.long, device=dev)
+        prev = (self.draft_hidden if d.from_draft else self.hidden).index_select(0, src)
         self.draft_hidden = self.model.mtp(torch.tensor(d.token_ids, dtype=torch.long, device=dev),
                                            torch.tensor(d.positions, dtype=torch.long, device=dev), prev, meta)
         return self.draft_hidden

@@ -103,10 +103,12 @@ class MtpDrafter:
         return self.runner.draft_forward(d)
 
     @torch.inference_mode()
-    def propose(self, rows: list, publish=None) -> None:
+    def propose(self, rows: list, publish=None, lockstep: bool = False) -> None:
         """rows: (request, first row in the step's hidden states, first position, positions computed and
         kept) of this step's requests, after their new tokens were appended. Sets each running request's
-        spec_token_ids. ``publish`` sends each pass to the TP workers first."""
+        spec_token_ids. ``publish`` sends each pass to the TP workers first. With ``lockstep`` (DP ranks
+        whose MoE layers exchange tokens) every rank runs all k passes, empty ones included, so that
+        the MTP layer's all2all collectives pair up across ranks whatever each rank drafts."""
         dev = self.runner.device
         ids, pos, seqs, take, src, drafting = [], [], [], [], [], []
         for req, row, start, kept in rows:
@@ -120,14 +122,14 @@ class MtpDrafter:
             if start + kept == req.num_tokens - 1 and self._room(req):
                 take.append(len(ids) - 1)
                 drafting.append(req)
-        if not ids:
+        if not ids and not lockstep:
             return
         out = self._pass(DraftInput(ids, pos, seqs, src, False), publish)
         rows_out = take
         for step in range(self.k):
             if step:
                 live = [i for i, r in enumerate(drafting) if self._room(r) > step]
-                if not live:
+                if not live and not lockstep:
                     break
                 rows_prev = [rows_out[i] for i in live]
                 drafting = [drafting[i] for i in live]
@@ -137,6 +139,8 @@ class MtpDrafter:
                                  publish)
                 rows_out = list(range(len(drafting)))
             if not drafting:
+                if lockstep:
+                    continue
                 return
             h = out.index_select(0, torch.tensor(rows_out, device=dev))
             for r, t in zip(drafting, self.mtp.compute_logits(h).argmax(dim=-1).tolist()):

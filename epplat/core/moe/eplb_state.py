@@ -52,6 +52,24 @@ def _takes(fn, name: str) -> bool:
         return False
 
 
+def run_policy(policy, logical: torch.Tensor, num_physical: int, num_groups: int, num_nodes: int, ep_size: int,
+               old: torch.Tensor) -> torch.Tensor:
+    """The policy's phy2log [L, num_physical] for the logical load [L, E], checked (ValueError when it is
+    not a placement that gives every expert a slot). ``old`` [L, any] is the current placement."""
+    num_experts = logical.shape[1]
+    extra = {"old_phy2log": old.clone()} if _takes(policy, "old_phy2log") else {}
+    new = policy(logical, num_physical, num_groups, num_nodes, ep_size, **extra)[0]
+    new = torch.as_tensor(new, dtype=torch.long).cpu()
+    shape = (old.shape[0], num_physical)
+    if tuple(new.shape) != shape:
+        raise ValueError(f"phy2log has shape {tuple(new.shape)}, expected {shape}")
+    if new.min() < 0 or new.max() >= num_experts:
+        raise ValueError("phy2log names an expert that does not exist")
+    for row in new:
+        replica_tables(row, num_experts)    # raises when an expert has no slot
+    return new
+
+
 class EplbState:
     def __init__(self, cfg, layers: list, expert_map, policy, group=None, num_groups: int = 1, num_nodes: int = 1):
         """cfg: EPLBConfig; layers: the MoE layers; group: the EP process group (None: one process)."""
@@ -177,22 +195,12 @@ class EplbState:
 
     def _run_policy(self, logical: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """The policy's phy2log, checked; the old placement (no move) when it fails or is invalid."""
-        shape = (old.shape[0], self.map.num_physical)
-        extra = {"old_phy2log": old.clone()} if _takes(self.policy, "old_phy2log") else {}
         try:
-            new = self.policy(logical, self.map.num_physical, self.num_groups, self.num_nodes,
-                              self.map.ep_size, **extra)[0]
-            new = torch.as_tensor(new, dtype=torch.long).cpu()
-            if tuple(new.shape) != shape:
-                raise ValueError(f"phy2log has shape {tuple(new.shape)}, expected {shape}")
-            if new.min() < 0 or new.max() >= self.map.num_experts:
-                raise ValueError("phy2log names an expert that does not exist")
-            for row in new:
-                replica_tables(row, self.map.num_experts)    # raises when an expert has no slot
+            return run_policy(self.policy, logical, self.map.num_physical, self.num_groups, self.num_nodes,
+                              self.map.ep_size, old)
         except Exception as e:
             logger.error("EPLB policy %r failed, placement kept: %s", self.cfg.policy, e)
             return old
-        return new
 
     def _commit(self, pause: float, overlapped: Optional[float] = None) -> None:
         result, self._result = self._result, None

@@ -43,14 +43,15 @@ def keep_in_place(old: torch.Tensor, new: torch.Tensor, num_local: int) -> torch
 
 
 def plan_moves(old: torch.Tensor, new: torch.Tensor, num_local: int) -> list[Move]:
-    """The copies that turn placement ``old`` [L, P] into ``new`` [L, P] (slot -> logical expert)."""
+    """The copies that turn placement ``old`` [L, P] into ``new`` [L, P] (slot -> logical expert; -1 in
+    ``new``: nothing needed there)."""
     moves = []
     for layer, (o, n) in enumerate(zip(old.tolist(), new.tolist())):
         holders: dict[int, list[int]] = {}
         for slot, expert in enumerate(o):
             holders.setdefault(expert, []).append(slot)
         for dst, expert in enumerate(n):
-            if o[dst] == expert:
+            if expert < 0 or o[dst] == expert:      # -1: the slot is left empty (a departing rank's)
                 continue
             srcs = holders[expert]
             local = [s for s in srcs if s // num_local == dst // num_local]

@@ -28,7 +28,7 @@ from epplat.core.server.protocol import (
 from epplat.core.server.request_gate import RequestGate
 from epplat.core.server.server_load import InFlight, ServerLoad
 from epplat.core.server.serving import OpenAIServing
-from epplat.core.server import tokenize as tok_api
+from epplat.core.server import elastic_scaler, tokenize as tok_api
 from epplat.core.server.tokenizer_pool import TokenizerPool
 
 logger = logging.getLogger("epplat.server")
@@ -160,6 +160,7 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
         return await serving.chat(req, raw)
 
     app.include_router(v1)
+    elastic_scaler.add_routes(app, client)
     app.openapi = functools.partial(_openapi_without_422, app)
     return app
 

@@ -65,8 +65,11 @@ class Metrics:
                                  "for request.", _E2E)
                        for what, doc in (("queue", "WAITING"), ("prefill", "PREFILL"), ("decode", "DECODE"),
                                          ("inference", "RUNNING"))]
-        self.engine_requests = Gauge("epplat:engine_requests_received", "Requests each DP rank's engine received.",
-                                     m + ["dp_rank"], registry=r).labels
+        self.engine_requests_family = Gauge("epplat:engine_requests_received",
+                                            "Requests each DP rank's engine received.", m + ["dp_rank"], registry=r)
+        self.engine_requests = self.engine_requests_family.labels
+        self._ranks: set = set()
+        self.dp_size = gauge("epplat:data_parallel_size", "DP engines serving (elastic EP scales change it).")
         self.eplb_balancedness = gauge("epplat:eplb_balancedness", "EPLB: mean/max tokens per EP rank, last "
                                        "measured (a window with log_balancedness, or before a rebalance).")
         self.eplb_rebalances = gauge("epplat:eplb_rebalances", "EPLB rebalances since the engines started.")
@@ -89,6 +92,11 @@ class Metrics:
             self._advance("spec", self.spec_decode,
                           (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens))
             self._advance("computed", [self.prompt_tokens_computed], (stats.num_prompt_tokens_computed,))
+        if per_engine:
+            self.dp_size.set(len(per_engine))      # changes with elastic EP scales
+            for rank in self._ranks - set(per_engine):
+                self.engine_requests_family.remove(self.model, str(rank))
+            self._ranks = set(per_engine)
         for rank, st in (per_engine or {}).items():
             self.engine_requests(self.model, str(rank)).set(st.num_requests_received)
             if st.eplb_balancedness >= 0:      # the same on every rank: measured over the whole EP group

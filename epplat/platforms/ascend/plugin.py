@@ -1,5 +1,5 @@
-"""Registers the ascend platform, its HCCL all2all backend, the torchair graph runner, W8A8 quantization
-and the ``epplat ranktable`` command."""
+"""Registers the ascend platform, its HCCL all2all backend, the torchair graph runner, W8A8 quantization,
+the LLMDataDist KV connector and the ``epplat ranktable`` command."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _w8a8():
 
 @hookimpl
 def epplat_platforms():
-    return [Registration("ascend", _platform, check=_check, help="Huawei Ascend NPUs: torch_npu, HCCL")]
+    return [Registration("ascend", _platform, check=_check, auto_priority=1, help="Huawei Ascend NPUs: torch_npu, HCCL")]
 
 
 @hookimpl
@@ -68,3 +68,23 @@ def epplat_quantization_methods():
 def epplat_cli_commands(subparsers):
     from epplat.platforms.ascend import ranktable_cli
     ranktable_cli.add_cli(subparsers)
+
+
+def _llmdatadist():
+    from epplat.platforms.ascend.llmdatadist_connector import LLMDataDistCMgrConnector
+    return LLMDataDistCMgrConnector
+
+
+def _llmdatadist_check():
+    why = _check()
+    if why:
+        return why
+    import importlib.util
+    return None if importlib.util.find_spec("llm_datadist") else "llm_datadist not importable (it ships with CANN)"
+
+
+@hookimpl
+def epplat_kv_connectors():
+    return [Registration("LLMDataDistCMgrConnector", _llmdatadist, check=_llmdatadist_check, platforms=("ascend",),
+                         help="prefill/decode disaggregation on Ascend: the decode NPU pulls KV blocks through "
+                              "llm_datadist (HCCL), devices from DISAGGREGATED_PREFILL_RANK_TABLE_PATH")]

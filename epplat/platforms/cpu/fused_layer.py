@@ -43,9 +43,10 @@ def _eligible(layer: DecoderLayer) -> bool:
 
 def decode_layer(layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, meta) -> Optional[torch.Tensor]:
     """``layer(x, positions, meta)`` for a batch of single-token decodes; None when it does not apply."""
-    ok = getattr(layer, "_cpu_fused_ok", None)
-    if ok is None:
-        ok = layer._cpu_fused_ok = _eligible(layer)
+    cached = getattr(layer, "_cpu_fused_ok", None)
+    if cached is None or cached[0] is not layer.mlp.all2all:     # elastic EP gives the layer a new backend
+        cached = layer._cpu_fused_ok = (layer.mlp.all2all, _eligible(layer))
+    ok = cached[1]
     t = x.shape[0]
     if (not ok or meta.prefills or meta.num_decodes != t or not 0 < t <= cpu_kernels.MAX_LINEAR_ROWS
             or x.dtype != torch.float32 or layer.mlp.load is not None or layer.mlp.log2phy is not None):

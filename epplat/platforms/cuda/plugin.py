@@ -27,7 +27,8 @@ def _triton_check():
 
 @hookimpl
 def epplat_platforms():
-    return [Registration("cuda", _platform, check=_check, help="NVIDIA GPUs: NCCL collectives, Triton, CUDA graphs")]
+    return [Registration("cuda", _platform, check=_check, auto_priority=1,
+                         help="NVIDIA GPUs: NCCL collectives, Triton, CUDA graphs")]
 
 
 def _nvshmem():

@@ -11,6 +11,7 @@ import datetime
 import os
 import sys
 import types
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,88 @@ def _set_device(device) -> None:
     _current[0] = idx
 
 
+# What torch holds on the simulated device: the bytes of every live storage made by the allocation kernels
+# below, and their peak since reset_peak_memory_stats. torch_npu's queries read its caching allocator's
+# statistics the same way (torch_npu/npu/memory.py in the torch-npu 2.13.0 / 2.14.0 wheels: memory_allocated
+# is "allocated_bytes.all.current", max_memory_allocated "allocated_bytes.all.peak", memory_reserved
+# "reserved_bytes.all.current"); there is no caching here, so reserved equals allocated and empty_cache frees
+# nothing. mem_get_info reports the host's memory (where "npu" tensors live), so the budget's "outside torch"
+# term is every other use of it; SIM_NPU_HBM_BYTES=N makes it an N-byte device that only torch uses.
+_stats = {"current": 0, "peak": 0}
+_on_npu: dict = {}          # data_ptr -> bytes of every live storage made on the simulated device
+
+
+def _allocated(t: torch.Tensor) -> torch.Tensor:
+    storage = t.untyped_storage()
+    n, ptr = storage.nbytes(), storage.data_ptr()
+    _stats["current"] += n
+    _stats["peak"] = max(_stats["peak"], _stats["current"])
+    _on_npu[ptr] = n
+    weakref.finalize(storage, _freed, ptr, n)      # the storage's Python object lives as long as the storage
+    return t
+
+
+def _freed(ptr: int, n: int) -> None:
+    _stats["current"] -= n
+    _on_npu.pop(ptr, None)
+
+
+# Host memory the simulation can name: "npu" tensors are CPU tensors and ops on them run CPU kernels, so a
+# computed tensor's device is unknown here; what is known to be host memory is what a factory made with no
+# device (torch's default device is the CPU) and what .cpu() copied off the device. Those are refused by
+# "hccl" groups (below); tensors made on the device, or computed, pass.
+_on_host: dict = {}
+
+
+def on_host(t: torch.Tensor) -> bool:
+    """Whether `t` is known host memory (made without a device, or copied off the device by .cpu())."""
+    return t.numel() > 0 and t.untyped_storage().data_ptr() in _on_host
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    storage = t.untyped_storage()
+    ptr = storage.data_ptr()
+    if ptr and ptr not in _on_npu:
+        _on_host[ptr] = True
+        weakref.finalize(storage, _on_host.pop, ptr, None)
+    return t
+
+
+def _made_on_host(factory):
+    def make(*args, **kwargs):
+        t = factory(*args, **kwargs)
+        if kwargs.get("device") is None and not torch.compiler.is_compiling() and isinstance(t, torch.Tensor):
+            _host(t)
+        return t
+    make.__name__ = make.__qualname__ = factory.__name__
+    make._sim_npu = True
+    return make
+
+
+for _name in ("tensor", "zeros", "ones", "empty", "full", "arange"):
+    if not hasattr(getattr(torch, _name), "_sim_npu"):
+        setattr(torch, _name, _made_on_host(getattr(torch, _name)))
+_tensor_cpu = torch.Tensor.cpu
+
+
+def _cpu(self, *args, **kwargs):
+    """.cpu() of a device tensor is a copy in host memory (here the tensor already is a CPU one: copy it)."""
+    if torch.compiler.is_compiling() or self.numel() == 0 or self.untyped_storage().data_ptr() not in _on_npu:
+        return _tensor_cpu(self, *args, **kwargs)
+    return _host(self.clone())
+
+
+torch.Tensor.cpu = _cpu
+
+
+def _reset_peak(device=None) -> None:
+    _stats["peak"] = _stats["current"]
+
+
 def _mem_get_info(device=None):
+    if os.environ.get("SIM_NPU_HBM_BYTES"):
+        total = int(os.environ["SIM_NPU_HBM_BYTES"])
+        return total - _stats["current"], total
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     return free, total
@@ -53,9 +135,9 @@ npu.current_device = lambda: _current[0]
 npu.synchronize = lambda device=None: None
 npu.mem_get_info = _mem_get_info
 npu.empty_cache = lambda: None
-# the CPU has no allocator statistics: torch holds nothing "on the device", all used memory is outside it
-npu.reset_peak_memory_stats = lambda device=None: None
-npu.memory_allocated = npu.max_memory_allocated = npu.memory_reserved = lambda device=None: 0
+npu.reset_peak_memory_stats = _reset_peak
+npu.memory_allocated = npu.memory_reserved = lambda device=None: _stats["current"]
+npu.max_memory_allocated = lambda device=None: _stats["peak"]
 npu.set_compile_mode = lambda jit_compile=False: None
 npu.manual_seed = npu.manual_seed_all = lambda seed: None    # CPU tensors follow torch.manual_seed
 npu._is_in_bad_fork = lambda: False
@@ -78,9 +160,10 @@ torch.Tensor.npu = lambda self, device=None, non_blocking=False: self.to("npu")
 # "npu" memory is CPU memory: the two allocation kernels every factory, .to("npu") and copy go through
 _aten = torch.library.Library("aten", "IMPL", "PrivateUse1")
 _aten.impl("empty.memory_format", lambda size, dtype=None, layout=None, device=None, pin_memory=None,
-           memory_format=None: torch.empty(size, dtype=dtype, layout=layout, device="cpu", memory_format=memory_format))
+           memory_format=None: _allocated(torch.empty(size, dtype=dtype, layout=layout, device="cpu",
+                                                      memory_format=memory_format)))
 _aten.impl("empty_strided", lambda size, stride, dtype=None, layout=None, device=None, pin_memory=None:
-           torch.empty_strided(size, stride, dtype=dtype, layout=layout, device="cpu"))
+           _allocated(torch.empty_strided(size, stride, dtype=dtype, layout=layout, device="cpu")))
 
 
 # -- "hccl": gloo underneath -------------------------------------------------------------------
@@ -90,6 +173,47 @@ def _hccl(store, rank, size, timeout=datetime.timedelta(minutes=30)):
 
 if "hccl" not in dist.Backend.backend_list:
     dist.Backend.register_backend("hccl", _hccl, devices=["cpu"])
+
+
+# An HCCL group takes NPU tensors only: torch_npu/csrc/distributed/ProcessGroupHCCL.cpp (Ascend/pytorch, as in
+# the torch-npu 2.13.0 / 2.14.0 wheels), check_npu_single_tensor / check_npu_tensors_different_devices:
+# TORCH_CHECK(false, "Tensors must be NPU and dense") for a tensor that is not on the NPU. Gloo would take a
+# CPU tensor, so the collectives the product calls check first, when the group is an "hccl" one, that no
+# tensor is known host memory (on_host above). (Inside a torch.compile trace the tensors are fake ones.)
+def _npu_only(collective):
+    def checked(*args, **kwargs):
+        group = kwargs.get("group")
+        if group is None:
+            group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
+        if not torch.compiler.is_compiling() and dist.get_backend(group) == "hccl":
+            for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor) and on_host(t):
+                    raise RuntimeError(f"{collective.__name__}: Tensors must be NPU and dense (an HCCL group got a "
+                                       f"CPU tensor of shape {list(t.shape)})")
+        return collective(*args, **kwargs)
+    checked.__name__ = checked.__qualname__ = collective.__name__
+    checked._npu_checked = True
+    return checked
+
+
+def _npu_only_p2p(batch_isend_irecv):
+    def checked(p2p_op_list):
+        for op in p2p_op_list:
+            if not torch.compiler.is_compiling() and dist.get_backend(op.group) == "hccl" and on_host(op.tensor):
+                raise RuntimeError("batch_isend_irecv: Tensors must be NPU and dense (an HCCL group got a CPU "
+                                   f"tensor of shape {list(op.tensor.shape)})")
+        return batch_isend_irecv(p2p_op_list)
+    checked.__name__ = checked.__qualname__ = "batch_isend_irecv"
+    checked._npu_checked = True
+    return checked
+
+
+for _name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_to_all_single",
+              "reduce_scatter_tensor", "send", "recv"):
+    if not hasattr(getattr(dist, _name), "_npu_checked"):
+        setattr(dist, _name, _npu_only(getattr(dist, _name)))
+if not hasattr(dist.batch_isend_irecv, "_npu_checked"):
+    dist.batch_isend_irecv = _npu_only_p2p(dist.batch_isend_irecv)
 
 
 # -- quantized ops -------------------------------------------------------------------------------
@@ -161,6 +285,14 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
             raise RuntimeError("npu_grouped_matmul: per_token_scale must be float32")
     counts = group_list.tolist() if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1)
                                                                          ).tolist()
+    # torch_npu-npu_grouped_matmul.md (Ascend/op-plugin docs, the op of the torch-npu 2.13.0 / 2.14.0 wheels),
+    # group_type 0 with one x, one weight, one y: group_list is required, non-negative (non-decreasing for
+    # group_list_type 0), at most 1024 groups, and its last value (type 0) or its sum (type 1) equals x's rows
+    if len(counts) > 1024 or any(c < 0 for c in counts):
+        raise RuntimeError("npu_grouped_matmul: group_list must be non-negative and non-decreasing, at most 1024 groups")
+    if sum(counts) != xs.shape[0]:
+        raise RuntimeError(f"npu_grouped_matmul: group_list covers {sum(counts)} rows, x has {xs.shape[0]} (the last "
+                           "value, or the sum for group_list_type 1, must equal x's first dimension)")
     outs, start = [], 0
     for e, c in enumerate(counts):
         rows = xs[start:start + c]
@@ -171,8 +303,6 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
             outs.append((rows @ w[e]).to(output_dtype or rows.dtype))
         start += c
     out = torch.cat(outs) if outs else xs.new_empty((0, w.shape[-1]), dtype=output_dtype or xs.dtype)
-    if start < xs.shape[0]:  # rows past the last group are left untouched (zeros here)
-        out = torch.cat([out, out.new_zeros((xs.shape[0] - start, w.shape[-1]))])
     return [out]
 
 

@@ -1,0 +1,120 @@
+"""Elastic EP in an engine process: a DP rank's part of a scale (POST /scale_elastic_ep).
+
+Every driver of the current world receives the scale call and, at one step they agree on
+(core_proc's waves), runs ``rescale``; a new rank runs ``join`` after loading its model and
+sizing its KV cache from the running ranks' block count. Scaling down, the experts move
+off the departing ranks over the old world, the departing ranks leave, and the others
+form the smaller world. Scaling up, the staying and the new ranks form the larger world,
+rank 0 tells the new ones the current placement and wave number, and the experts move
+to the placement the EPLB policy chose. Nothing else about a staying rank changes: its
+model, KV cache, scheduler and running requests carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from epplat.core.distributed.elastic_world import join_world, rendezvous
+from epplat.core.moe import eplb_transfer
+from epplat.core.moe.all2all import ExpertMap
+from epplat.core.moe.elastic_placement import initial_placement, move_experts, moe_layers, new_placement, placement
+from epplat.plugins import registry
+
+logger = logging.getLogger(__name__)
+
+
+def rescale(core, ps, new_size: int, generation: int, wave: int) -> bool:
+    """A running rank's part of a scale to ``new_size`` DP ranks; False when this rank leaves."""
+    runner, t0 = core.runner, time.perf_counter()
+    layers = moe_layers(runner.model)
+    per_rank = runner.all2all.expert_map.num_local
+    _settle_eplb(runner)
+    old, old_size = placement(layers), ps.dp_size
+    if new_size < old_size:
+        new = new_placement(layers, runner.eplb, _policy(runner), _num_groups(runner), old, new_size, per_rank,
+                            ps.dp_group)
+        gone = torch.full((len(layers), per_rank * (old_size - new_size)), -1, dtype=torch.long)
+        new, moves, staged = move_experts(layers, old, torch.cat([new, gone], 1), ps.rank, per_rank,
+                                          ps.world_group)
+        if ps.rank >= new_size:
+            logger.info("elastic EP: DP rank %d handed its experts over and leaves", ps.rank)
+            return False
+        store = rendezvous(runner.cfg.parallel, ps.rank, generation, new_size)
+        join_world(runner.cfg.parallel, ps, generation, new_size, runner.platform.dist_backend, store)
+        _adopt(runner, ps, per_rank)
+        eplb_transfer.commit(staged, layers, new[:, :per_rank * new_size])
+    else:
+        store = rendezvous(runner.cfg.parallel, ps.rank, generation, new_size, ps.dp_group)   # JoinAborted
+        join_world(runner.cfg.parallel, ps, generation, new_size, runner.platform.dist_backend, store)
+        moves = _grow(runner, ps, layers, per_rank, old_size, old, wave)[1]
+    if ps.rank == 0:
+        logger.info("elastic EP: %d -> %d DP ranks (world generation %d): %d expert moves, %.2f s on this rank",
+                    old_size, new_size, generation, len(moves), time.perf_counter() - t0)
+    return True
+
+
+def join(core, ps, generation: int, old_size: int) -> int:
+    """A new rank's part of a scale-up (its ``ps`` already names its rank and the new size); returns the
+    wave number the running ranks are at."""
+    runner = core.runner
+    store = rendezvous(runner.cfg.parallel, ps.rank, generation, ps.dp_size)
+    join_world(runner.cfg.parallel, ps, generation, ps.dp_size, runner.platform.dist_backend, store)
+    return _grow(runner, ps, moe_layers(runner.model), runner.all2all.expert_map.num_local, old_size, None, 0)[0]
+
+
+def _grow(runner, ps, layers, per_rank: int, old_size: int, old, wave: int) -> tuple[int, list]:
+    """In the larger world: rank 0's placement and wave to everyone, the policy's placement, the moves."""
+    group = ps.dp_group
+    head = torch.tensor([wave])
+    dist.broadcast(head, src=0, group=group)
+    current = torch.empty(len(layers), per_rank * old_size, dtype=torch.long) if old is None else old.clone()
+    dist.broadcast(current, src=0, group=group)
+    num_experts = layers[0].gate.shape[0]
+    current = torch.cat([current, initial_placement(len(layers), per_rank * old_size, per_rank * ps.dp_size,
+                                                    num_experts)], 1)
+    # each rank's load is in its own slot numbering, so the load is summed before the layers change
+    new = new_placement(layers, runner.eplb, _policy(runner), _num_groups(runner), current, ps.dp_size, per_rank,
+                        group)
+    new, moves, staged = move_experts(layers, current, new, ps.rank, per_rank, ps.world_group)
+    _adopt(runner, ps, per_rank)
+    eplb_transfer.commit(staged, layers, new)
+    return int(head), moves
+
+
+def _adopt(runner, ps, per_rank: int) -> None:
+    """The expert map, all2all backend and EPLB state of the new world (the placement follows at commit)."""
+    par = runner.cfg.parallel
+    num_experts = runner.model_cfg.num_experts
+    par.data_parallel_size = ps.dp_size
+    par.eplb.num_redundant_experts = per_rank * ps.dp_size - num_experts
+    emap = ExpertMap(num_experts, ps.ep_rank, ps.ep_size, par.eplb.num_redundant_experts)
+    runner.all2all = type(runner.all2all)(emap, group=ps.ep_group, device=runner.device)
+    for layer in moe_layers(runner.model):
+        layer.all2all, layer.expert_map = runner.all2all, emap
+    if runner.eplb is not None:
+        rebalances = runner.eplb.rebalances
+        runner.eplb = runner._eplb_state(emap)
+        runner.eplb.rebalances = rebalances
+
+
+def _settle_eplb(runner) -> None:
+    """An asynchronous rebalance in flight finishes (on every rank: its transfer is collective) first."""
+    eplb = runner.eplb
+    if eplb is not None and eplb.pending is not None:
+        eplb.pending.join()
+        eplb.pending = None
+        eplb._commit(pause=0.0, overlapped=time.perf_counter() - eplb._t0)
+
+
+def _policy(runner):
+    if runner.eplb is not None:
+        return runner.eplb.policy
+    return registry().load("eplb_policy", runner.cfg.parallel.eplb.policy, runner.platform.name)
+
+
+def _num_groups(runner) -> int:
+    return getattr(runner.model_cfg, "num_expert_groups", 1) or 1

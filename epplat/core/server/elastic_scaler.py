@@ -1,0 +1,200 @@
+"""Elastic EP in the API server: POST /scale_elastic_ep (and /scale) grows or shrinks the DP ranks.
+
+Scaling up, the new engine processes start beside the running ones (which keep serving),
+load the model and take the running ranks' KV cache size; then every running driver gets
+the scale call, they all re-form the world with the new ranks at one step, the experts
+move to the EPLB policy's placement, and the new ranks are routed to once they say
+ready. Scaling down, the departing ranks get no new requests, their running ones finish
+(within drain_timeout, else 408 and nothing changes), their experts move to the staying
+ranks, and they leave. Requests that arrive meanwhile wait in the staying ranks' queues
+for at most the re-forming. Answers are vLLM's (vllm-interfaces.md); 409 while a scale runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import msgspec
+from fastapi import Request
+
+from epplat.config import ConfigError
+from epplat.core.distributed.spare_engine import SpareEngine
+from epplat.core.server.protocol import APIError
+
+logger = logging.getLogger("epplat.server")
+
+DEFAULT_DRAIN_TIMEOUT = 120
+_CALL_TIMEOUT = 300.0
+
+
+def parse_scale_body(body) -> tuple[int, int]:
+    """vLLM's body {"new_data_parallel_size": N, "drain_timeout": S}; APIError(400) when it is not that."""
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object with new_data_parallel_size")
+    size, drain = body.get("new_data_parallel_size"), body.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
+    if size is None:
+        raise APIError(400, "new_data_parallel_size is required")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise APIError(400, "new_data_parallel_size must be a positive integer")
+    if not isinstance(drain, int) or isinstance(drain, bool) or drain <= 0:
+        raise APIError(400, "drain_timeout must be a positive integer")
+    return size, drain
+
+
+class ElasticScaler:
+    """The scale operations of one API server's engine client (the only API server: config.py says so)."""
+
+    def __init__(self, client):
+        from epplat.core.model.registry import architecture
+        self.client = client
+        self.scaling = False
+        self.generation = 0              # world generation; the startup world is 0
+        self.phases: dict[str, float] = {}     # seconds of each part of the last scale (logged)
+        self.procs = {r: p for r, p in zip(client.engine_ranks, client.procs)}   # TP 1: one process a rank
+        par, hf = client.cfg.parallel, client.cfg.model.hf_config()
+        self.num_experts = architecture(hf).parse_config(hf).num_experts
+        self.per_rank = (self.num_experts + par.eplb.num_redundant_experts) // par.data_parallel_size
+        self.spare = SpareEngine()
+
+    @property
+    def size(self) -> int:
+        return self.client.cfg.parallel.data_parallel_size
+
+    def check_size(self, new_size: int) -> None:
+        """400 for a size the experts cannot be placed on (each rank keeps its number of expert slots)."""
+        if self.per_rank * new_size < self.num_experts:
+            raise APIError(400, f"new_data_parallel_size {new_size} is too small: {new_size} ranks x "
+                                f"{self.per_rank} expert slots each cannot hold the model's {self.num_experts} "
+                                "experts")
+
+    async def scale(self, new_size: int, drain_timeout: int) -> str:
+        if self.scaling:
+            raise APIError(409, "A scale is already running; try again when /is_scaling_elastic_ep says false")
+        self.check_size(new_size)
+        self.scaling, self.phases = True, {}
+        t0, old = time.perf_counter(), self.size
+        try:
+            if new_size > old:
+                await self._grow(new_size)
+            elif new_size < old:
+                await self._shrink(new_size, drain_timeout)
+        finally:
+            self.scaling = False
+            if self.spare is None or not self.spare.proc.is_alive():
+                self.spare = SpareEngine()           # for the next scale-up
+        logger.info("elastic EP: scaled from %d to %d data parallel engines in %.2f s (%s)", old, new_size,
+                    time.perf_counter() - t0, ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items()))
+        return f"Scaled to {new_size} data parallel engines"
+
+    def _new_rank_config(self, new_size: int):
+        cfg = type(self.client.cfg).from_json(self.client.cfg.to_json())
+        self._resize(cfg.parallel, new_size)
+        cfg.cache.num_gpu_blocks_override = self.client.num_blocks    # the running ranks' size: no profiling
+        return cfg
+
+    def _resize(self, par, new_size: int) -> None:
+        par.data_parallel_size = new_size
+        par.eplb.num_redundant_experts = self.per_rank * new_size - self.num_experts
+
+    async def _grow(self, new_size: int) -> None:
+        from epplat.core.distributed.launcher import start_engines
+        client, old = self.client, self.size
+        new_ranks = list(range(old, new_size))
+        cfg = self._new_rank_config(new_size)
+        self.generation += 1            # every attempt its own store: a failed one may have written to its own
+        generation, t0 = self.generation, time.monotonic()
+        spare, self.spare = self.spare, None
+        if spare is not None and not spare.proc.is_alive():
+            spare = None                     # it died meanwhile: every new rank starts cold
+        try:
+            procs = await asyncio.to_thread(start_engines, cfg, dp_ranks=new_ranks,
+                                            join={"generation": generation, "old_size": old}, spare=spare)
+        except ConfigError as e:
+            raise APIError(500, f"Scale failed: a new engine did not start ({e}); still {old} data parallel "
+                                "engines") from None
+        self.phases["start"], t0 = time.monotonic() - t0, time.monotonic()
+        for r in new_ranks:
+            client.load[r] = 0                  # EngineReady from these ranks is now taken
+        try:
+            await self._call_all(range(old), new_size, generation)
+        except APIError as e:                   # the running ranks kept their world (JoinAborted)
+            from epplat.core.distributed.launcher import stop_engines
+            await asyncio.to_thread(stop_engines, procs)
+            for r in new_ranks:
+                client.load.pop(r, None)
+            raise APIError(500, f"{e.message}; still {old} data parallel engines") from None
+        self.phases["re-form"] = time.monotonic() - t0
+        deadline = time.monotonic() + _CALL_TIMEOUT
+        while not set(new_ranks) <= client._ready:
+            if time.monotonic() > deadline or not all(p.is_alive() for p in procs):
+                raise APIError(500, "Scale failed: the new engines joined but did not become ready")
+            await asyncio.sleep(0.02)
+        for r, p in zip(new_ranks, procs):
+            self.procs[r] = p
+            client.procs.append(p)
+        client.engine_ranks.extend(new_ranks)
+        self._resize(client.cfg.parallel, new_size)
+
+    async def _shrink(self, new_size: int, drain_timeout: int) -> None:
+        client, old = self.client, self.size
+        leaving = list(range(new_size, old))
+        del client.engine_ranks[new_size:]          # no new request goes to a departing rank
+        t0 = deadline = time.monotonic()
+        deadline += drain_timeout
+        while any(client.load.get(r) for r in leaving):
+            if time.monotonic() > deadline:
+                client.engine_ranks.extend(leaving)
+                raise APIError(408, f"Scale failed due to request drain timeout after {drain_timeout} seconds")
+            await asyncio.sleep(0.02)
+        self.phases["drain"] = time.monotonic() - t0
+        procs = [self.procs.pop(r) for r in leaving]
+        for p in procs:                             # their exit is not an engine death
+            client.procs.remove(p)
+        for r in leaving:
+            client.last_heard.pop(r, None)
+        self.generation += 1
+        generation, t0 = self.generation, time.monotonic()
+        await self._call_all(range(old), new_size, generation)
+        self.phases["re-form"] = time.monotonic() - t0
+        for r in leaving:
+            client.load.pop(r, None)
+            client._ready.discard(r)
+        threading.Thread(target=lambda: [p.join(30) for p in procs], daemon=True).start()   # reaped meanwhile
+        self._resize(client.cfg.parallel, new_size)
+
+    async def _call_all(self, ranks, new_size: int, generation: int) -> None:
+        try:
+            await asyncio.gather(*(self.client.call(r, "scale_elastic_ep", new_size, generation,
+                                                    timeout=_CALL_TIMEOUT) for r in ranks))
+        except Exception as e:
+            raise APIError(500, f"Scale failed while the engines re-formed their group: {e}") from None
+
+
+def add_routes(app, client) -> None:
+    """POST /scale_elastic_ep, /scale (the PR's first name) and /is_scaling_elastic_ep."""
+    par = getattr(getattr(client, "cfg", None), "parallel", None)
+    state = {"scaler": ElasticScaler(client)} if par is not None and par.enable_elastic_ep else {}
+
+    def scaler() -> ElasticScaler:
+        if "scaler" not in state:
+            raise APIError(400, "This server was not started with --enable-elastic-ep")
+        return state["scaler"]
+
+    async def scale_elastic_ep(raw: Request):
+        try:
+            body = msgspec.json.decode(await raw.body())
+        except msgspec.DecodeError:
+            raise APIError(400, "Invalid JSON format") from None
+        new_size, drain_timeout = parse_scale_body(body)
+        return {"message": await scaler().scale(new_size, drain_timeout)}
+
+    for path in ("/scale_elastic_ep", "/scale"):
+        app.add_api_route(path, scale_elastic_ep, methods=["POST"],
+                          summary="elastic EP: grow or shrink the data parallel engines (vLLM's body)")
+
+    @app.post("/is_scaling_elastic_ep")
+    async def is_scaling_elastic_ep():
+        return {"is_scaling_elastic_ep": bool(state.get("scaler") and state["scaler"].scaling)}

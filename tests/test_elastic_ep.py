@@ -1,0 +1,264 @@
+"""Elastic EP end to end on the cpu platform: one real `epplat serve` (gloo, DP 2, EP, EPLB with
+redundant experts) scaled 2 -> 3 -> 2 through POST /scale_elastic_ep while the openai client keeps
+a streaming request and batches running. Every completion before, during and after equals
+transformers' greedy tokens; the new rank is routed to; each error answer (400, 408, 409, 500
+with the old size kept) is checked on the same server."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from hf_oracle import hf_greedy_texts
+from server_utils import Server, group_pids
+
+POOL = [[(i * 37 + j * 11) % 2000 + 3 for j in range(12)] for i in range(6)]
+SHORT = 6
+STREAM_PROMPT, STREAM_TOKENS = [11, 222, 333, 44, 5], 160
+
+
+@pytest.fixture(scope="module")
+def model_dir(skewed_dir):
+    return skewed_dir
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    return hf_greedy_texts(model_dir, POOL, SHORT), hf_greedy_texts(model_dir, [STREAM_PROMPT], STREAM_TOKENS)[0]
+
+
+def _scale(url: str, body, timeout: float = 180) -> httpx.Response:
+    return httpx.post(url + "/scale_elastic_ep", content=body if isinstance(body, bytes) else json.dumps(body),
+                      headers={"content-type": "application/json"}, timeout=timeout)
+
+
+def _requests_per_rank(url: str) -> dict[str, float]:
+    """epplat:engine_requests_received by DP rank, and the DP size gauge under the key "size"."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in fam.samples:
+            if sample.name == "epplat:engine_requests_received":
+                out[sample.labels["dp_rank"]] = sample.value
+            elif sample.name == "epplat:data_parallel_size":
+                out["size"] = sample.value
+    return out
+
+
+def _batch(client, model, pool) -> list[str]:
+    return list(pool.map(lambda p: client.completions.create(
+        model=model, prompt=p, max_tokens=SHORT, temperature=0, extra_body={"ignore_eos": True}).choices[0].text,
+        POOL))
+
+
+class _Load:
+    """Batches of the POOL prompts sent over and over on a thread; every answer is checked."""
+
+    def __init__(self, client, model, short):
+        self.client, self.model, self.short = client, model, short
+        self.done, self.failures, self.rounds = threading.Event(), [], 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        with cf.ThreadPoolExecutor(3) as pool:
+            while not self.done.is_set():
+                try:
+                    outs = _batch(self.client, self.model, pool)
+                    if outs != self.short:
+                        self.failures.append(f"tokens differ: {outs}")
+                except Exception as e:     # noqa: BLE001 (any failure is a lost request)
+                    self.failures.append(repr(e))
+                self.rounds += 1
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(120)
+
+
+class _Stream:
+    """One streaming completion on a thread; its text and the longest gap between chunks."""
+
+    def __init__(self, client, model, max_tokens=STREAM_TOKENS):
+        self.text, self.error, self.gaps = "", None, []
+        self.started = threading.Event()
+
+        def run():
+            try:
+                last = None
+                for chunk in client.completions.create(model=model, prompt=STREAM_PROMPT, max_tokens=max_tokens,
+                                                       temperature=0, stream=True, extra_body={"ignore_eos": True}):
+                    now = time.monotonic()
+                    if last is not None:
+                        self.gaps.append(now - last)
+                    last = now
+                    self.text += chunk.choices[0].text
+                    self.started.set()
+            except Exception as e:     # noqa: BLE001
+                self.error = e
+            self.started.set()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert self.started.wait(60)
+
+    def result(self) -> str:
+        self.thread.join(180)
+        assert self.error is None, self.error
+        return self.text
+
+
+def _scale_with_traffic(s: Server, client, model, expected, new_size: int) -> float:
+    """Scale to new_size under a stream and batches; checks they all complete with the oracle's tokens."""
+    short, long = expected
+    load = _Load(client, model, short)
+    stream = _Stream(client, model)
+    t0 = time.monotonic()
+    r = _scale(s.url, {"new_data_parallel_size": new_size, "drain_timeout": 120})
+    took = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    assert r.json() == {"message": f"Scaled to {new_size} data parallel engines"}
+    rounds = load.rounds
+    while load.rounds < rounds + 2:        # batches after the scale, on the new set of ranks
+        time.sleep(0.05)
+    load.stop()
+    assert stream.result() == long
+    assert load.failures == [], load.failures
+    return took
+
+
+@pytest.mark.slow
+def test_scale_2_3_2_loses_no_request(model_dir, expected):
+    model = str(model_dir)
+    eplb = {"window_size": 8, "step_interval": 1000, "num_redundant_experts": 2}
+    with Server(model, "--dtype", "float32", "-dp", "2", "-ep", "--enable-elastic-ep", "--enable-eplb",
+                "--eplb-config", json.dumps(eplb), "--max-model-len", "1024", "--max-num-seqs", "8",
+                "--distributed-timeout-seconds", "60") as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=180)
+        with cf.ThreadPoolExecutor(3) as pool:
+            assert _batch(client, model, pool) == expected[0]
+        # bad bodies and impossible sizes: 400, the size unchanged
+        for body, needle in ((b"{not json", "Invalid JSON format"), ({}, "new_data_parallel_size is required"),
+                             ({"new_data_parallel_size": 0}, "positive integer"),
+                             ({"new_data_parallel_size": "3"}, "positive integer"),
+                             ({"new_data_parallel_size": 3, "drain_timeout": -1}, "drain_timeout"),
+                             ({"new_data_parallel_size": 1}, "cannot hold the model's 8 experts")):
+            r = _scale(s.url, body)
+            assert r.status_code == 400 and needle in r.json()["error"]["message"], (body, r.text)
+        assert httpx.post(s.url + "/is_scaling_elastic_ep").json() == {"is_scaling_elastic_ep": False}
+
+        # up: 2 -> 3 under load; a second scale meanwhile gets 409, and /health answers
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("took", _scale_with_traffic(s, client, model, expected, 3)))
+        t.start()
+        deadline = time.time() + 30
+        while not httpx.post(s.url + "/is_scaling_elastic_ep").json()["is_scaling_elastic_ep"]:
+            assert time.time() < deadline, "the scale never said it was running"
+            time.sleep(0.02)
+        r = _scale(s.url, {"new_data_parallel_size": 4})
+        assert r.status_code == 409, r.text
+        assert httpx.get(s.url + "/health").status_code == 200
+        t.join(300)
+        assert "took" in box, s.output()[-4000:]
+        assert httpx.post(s.url + "/is_scaling_elastic_ep").json() == {"is_scaling_elastic_ep": False}
+        log = s.output()
+        assert "EP rank 2/3 holds physical experts 10-14 of 15" in log
+        assert re.search(r"elastic EP: 2 -> 3 DP ranks \(world generation 1\): \d+ expert moves", log)
+        per_rank = _requests_per_rank(s.url)
+        assert per_rank["size"] == 3 and per_rank.get("2", 0) > 0, per_rank    # the new rank was routed to
+
+        # a drain that cannot finish: 408, and the three ranks keep serving
+        slow = [_Stream(client, model, max_tokens=900) for _ in range(3)]    # one of them runs on rank 2
+        r = _scale(s.url, {"new_data_parallel_size": 2, "drain_timeout": 1})
+        assert r.status_code == 408 and "drain timeout after 1 seconds" in r.json()["error"]["message"], r.text
+        for st in slow:
+            st.result()
+        before = _requests_per_rank(s.url).get("2", 0)
+        with cf.ThreadPoolExecutor(3) as pool:
+            assert _batch(client, model, pool) == expected[0]
+        assert _requests_per_rank(s.url).get("2", 0) > before
+
+        # down: 3 -> 2 under load
+        _scale_with_traffic(s, client, model, expected, 2)
+        assert re.search(r"elastic EP: 3 -> 2 DP ranks \(world generation 2\)", s.output())
+        assert "DP rank 2 handed its experts over and leaves" in s.output()
+        per_rank = _requests_per_rank(s.url)
+        assert per_rank["size"] == 2 and "2" not in per_rank, per_rank
+
+        # a new rank killed while it starts: 500, and the server serves at the old size (of the two new
+        # ranks, one is the spare engine started before, the other starts now: that one is killed)
+        pgid = s.proc.pid
+        old = set(group_pids(pgid))
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("r", _scale(s.url, {"new_data_parallel_size": 4})))
+        t.start()
+        killed = []
+        while not killed and t.is_alive():
+            for pid in set(group_pids(pgid)) - old:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.01)
+        t.join(120)
+        r = box["r"]
+        assert killed and r.status_code == 500, r.text
+        assert "still 2 data parallel engines" in r.json()["error"]["message"]
+        assert httpx.get(s.url + "/health").status_code == 200
+        with cf.ThreadPoolExecutor(3) as pool:
+            assert _batch(client, model, pool) == expected[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    ((), "--enable-elastic-ep scales expert-parallel DP ranks: add --enable-expert-parallel"),
+    (("-ep", "--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'),
+     "--enable-elastic-ep does not run with --speculative-config or --kv-transfer-config yet"),
+])
+def test_elastic_ep_flag_errors_are_one_line(model_dir, args, needle):
+    out = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(model_dir), "-dp", "2",
+                          "--enable-elastic-ep", *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == f"epplat serve: error: {needle}"
+
+
+def _rendezvous_rank(rank: int, ipc_dir: str, out) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from epplat.config import ParallelConfig
+    from epplat.core.distributed.elastic_world import JoinAborted, rendezvous
+    par = ParallelConfig(ipc_dir=ipc_dir, enable_expert_parallel=True)
+    dist.init_process_group("gloo", init_method=f"file://{ipc_dir}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        rendezvous(par, rank, 1, 3, dist.group.WORLD, timeout=1.0)   # the third rank never comes
+        out.put((rank, "joined"))
+    except JoinAborted as e:
+        t = torch.tensor([rank + 1])
+        dist.all_reduce(t)                       # the world they were serving in still works
+        out.put((rank, f"{e} / old world sum {int(t)}"))
+
+
+def test_join_of_a_missing_rank_aborts_on_every_running_rank(tmp_path):
+    """A new rank that never checks in (it died after starting): the running ranks all give the scale up
+    together, with their world intact (core_proc then answers the scale call with this error)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rendezvous_rank, args=(r, str(tmp_path), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert results == {r: "2 of 3 ranks joined world generation 1 within 1 s / old world sum 3" for r in range(2)}

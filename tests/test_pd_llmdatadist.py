@@ -1,0 +1,103 @@
+"""Prefill/decode disaggregation through the ascend plugin's LLMDataDistCMgrConnector on SIMULATED
+Ascend libraries (tests/simulations: torch_npu's "npu" tensors live on the CPU; llm_datadist links the
+"devices" of the ranktable and pull_blocks moves the KV bytes for real between the server processes,
+over loopback). The ranktable comes from `epplat ranktable` (fake npu-smi / hccn_tool); the
+--kv-transfer-config is vllm-ascend's, pasted with its module path. A prefill server (DP=2 with EP)
+and a decode server as separate `epplat serve --platform ascend` processes: greedy tokens of
+PD-split requests equal transformers', the decode side computes only each prompt's last token, the
+prefill side frees every held block. Bad configurations are one error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import simulations
+from hf_oracle import hf_greedy
+from server_utils import Server, free_port
+from simulations.ascend_tools import env_with, install
+from test_pd_nixl import PROMPTS, decode_call, prefill_blocks_free, prefill_call
+from test_server import metric
+
+MODULE = "vllm_ascend.distributed.llmdatadist_c_mgr_connector"
+
+
+def kv(role, **extra):
+    return json.dumps({"kv_connector": "LLMDataDistCMgrConnector", "kv_buffer_device": "npu", "kv_role": role,
+                       "kv_parallel_size": 1, "kv_port": "20001", "engine_id": "0", "kv_rank": 0,
+                       "kv_connector_module_path": MODULE,
+                       "kv_connector_extra_config": {"prefill": {"dp_size": 2, "tp_size": 1},
+                                                     "decode": {"dp_size": 1, "tp_size": 1}, **extra}})
+
+
+@pytest.fixture(scope="module")
+def ascend_pd(qwen3_moe_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("llmdd")
+    tools = env_with(install(tmp / "bin", kind="910b", npus=4, ip_prefix="29.7.91.", ip_start=60))
+    table = tmp / "ranktable.json"
+    r = subprocess.run([sys.executable, "-m", "epplat.cli", "ranktable", "--ips", "127.0.0.1", "--npus-per-node", "4",
+                        "--prefill-device-cnt", "2", "--decode-device-cnt", "2", "--master-port", str(free_port()),
+                        "--output", str(table)], capture_output=True, text=True, env=tools, timeout=60)
+    assert r.returncode == 0, r.stderr
+    (tmp / "fabric").mkdir()
+    env = {**simulations.env("npu", "datadist"), "PATH": tools["PATH"], "DISAGGREGATED_PREFILL_RANK_TABLE_PATH":
+           str(table), "VLLM_HOST_IP": "127.0.0.1", "SIM_LLM_DATADIST_FABRIC": str(tmp / "fabric"),
+           "HCCL_IF_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": "30"}
+    common = ("--platform", "ascend", "--dtype", "float32", "--max-model-len", "256")
+    with Server(str(qwen3_moe_dir), *common, "-dp", "2", "-ep", "--kv-transfer-config", kv("kv_producer"),
+                env={**env, "ASCEND_RT_VISIBLE_DEVICES": "0,1", "VLLM_ASCEND_LLMDD_RPC_PORT": str(free_port())},
+                timeout=240) as prefill, \
+            Server(str(qwen3_moe_dir), *common, "--kv-transfer-config", kv("kv_consumer"),
+                   env={**env, "ASCEND_RT_VISIBLE_DEVICES": "2,3", "VLLM_ASCEND_LLMDD_RPC_PORT": str(free_port())},
+                   timeout=240) as decode:
+        yield prefill, decode, env
+
+
+def test_llmdatadist_pd_split_on_simulated_ascend_equals_transformers(ascend_pd, qwen3_moe_dir):
+    from transformers import AutoTokenizer
+    prefill, decode, _ = ascend_pd
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    want = [tok.decode(w, skip_special_tokens=True) for w in hf_greedy(qwen3_moe_dir, PROMPTS, 8, ignore_eos=True)]
+    computed0 = metric(decode.url, "epplat:prompt_tokens_computed_total")
+    got = []
+    for ids, stream in [(PROMPTS[0], False), (PROMPTS[1], True), ([9, *PROMPTS[1]], False)]:
+        params = prefill_call(prefill, ids)
+        assert params["remote_tp_size"] == "1" and params["remote_host"] == "127.0.0.1", params
+        got.append(decode_call(decode, params, 8, stream))
+    want.append(tok.decode(hf_greedy(qwen3_moe_dir, [[9, *PROMPTS[1]]], 8, ignore_eos=True)[0],
+                           skip_special_tokens=True))
+    assert got == want, (got, want)
+    # the decode side computed only each prompt's last token; it pulled the rest
+    assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == 3, decode.output()[-3000:]
+    assert prefill_blocks_free(prefill, 20), "the prefill side kept blocks the decoder read"
+    plog, dlog = prefill.output(), decode.output()
+    assert f"'{MODULE}' is vLLM's module; using epplat's registered connector 'LLMDataDistCMgrConnector'" in plog
+    # each DP rank of the prefill side is its own ranktable device (clusters 1 and 2); decode is device 2 (3)
+    assert "is cluster 1 (device 0, 29.7.91.60)" in plog and "is cluster 2 (device 1, 29.7.91.61)" in plog
+    assert "is cluster 3 (device 2, 29.7.91.62)" in dlog and "computing its prompt" not in dlog
+    assert metric(decode.url, "vllm:kv_cache_usage_perc") == 0.0
+
+
+@pytest.mark.parametrize("role, extra, env, needle", [
+    ("kv_both", {}, {}, "LLMDataDistCMgrConnector: kv_role must be kv_producer or kv_consumer, not kv_both"),
+    ("kv_consumer", {"decode": {"dp_size": 2, "tp_size": 1}}, {},
+     "kv_connector_extra_config.decode.dp_size is 2 but this decode server has 1"),
+    ("kv_producer", {}, {"DISAGGREGATED_PREFILL_RANK_TABLE_PATH": "/nonexistent/rt.json"},
+     "DISAGGREGATED_PREFILL_RANK_TABLE_PATH: cannot read /nonexistent/rt.json"),
+])
+def test_llmdatadist_bad_configs_are_one_line(ascend_pd, qwen3_moe_dir, role, extra, env, needle):
+    _, _, base = ascend_pd
+    cfg = json.loads(kv(role))
+    cfg["kv_connector_extra_config"].update(extra)
+    if role == "kv_producer":
+        cfg["kv_connector_extra_config"]["prefill"] = {"dp_size": 1, "tp_size": 1}
+    r = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(qwen3_moe_dir), "--platform", "ascend",
+                        "--kv-transfer-config", json.dumps(cfg)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **base, **env})
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in r.stderr, r.stderr
