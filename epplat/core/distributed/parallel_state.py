@@ -75,7 +75,7 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
     global _timeout
     timeout = _timeout = datetime.timedelta(seconds=parallel.distributed_timeout_seconds)
     init = parallel.dist_init_method()
-    _bind_gloo_to("127.0.0.1" if init else _source_address(parallel.data_parallel_address))
+    bind_gloo_to("127.0.0.1" if init else _source_address(parallel.data_parallel_address))
     store = None if init else _tcp_store(parallel, rank, st.world_size, timeout)
     dist.init_process_group(backend, init_method=init, store=store, rank=rank, world_size=st.world_size,
                             timeout=timeout)
@@ -108,7 +108,7 @@ def _source_address(head: str) -> str:
         return s.getsockname()[0]
 
 
-def _bind_gloo_to(address: str) -> None:
+def bind_gloo_to(address: str) -> None:
     """Gloo's listeners go on the interface holding `address` (the loopback on a single node), not on
     whatever the host name resolves to; GLOO_SOCKET_IFNAME, when set, is the operator's choice."""
     if "GLOO_SOCKET_IFNAME" in os.environ:
