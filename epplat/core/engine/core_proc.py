@@ -222,7 +222,8 @@ class _DriverIO:
     def _setup_wake_channel(self, par) -> None:
         pull_addr, pub_addr = par.wake_endpoints()
         if self.ps.dp_rank == 0:
-            threading.Thread(target=_wake_forwarder, args=(self.ctx, pull_addr, pub_addr), daemon=True).start()
+            args = (self.ctx, pull_addr, pub_addr, FrameAuth(par.internal_secret))
+            threading.Thread(target=_wake_forwarder, args=args, daemon=True).start()
         self.wake_out = self.ctx.socket(zmq.PUSH)
         self.wake_out.connect(pull_addr)
         self.wake_in = self.ctx.socket(zmq.SUB)
@@ -364,12 +365,20 @@ def _api_server_count(par, ps: ParallelState) -> int:
     return int(store.get(_STORE_KEY))
 
 
-def _wake_forwarder(ctx, pull_addr: str, pub_addr: str) -> None:
+def _wake_forwarder(ctx, pull_addr: str, pub_addr: str, auth: FrameAuth) -> None:
+    """PULL -> PUB, forwarding authentic frames only (a stranger's are dropped, with the stranger)."""
     pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
     pull.bind(pull_addr)
     pub.bind(pub_addr)
     try:
-        zmq.proxy(pull, pub)
+        while True:
+            frame = pull.recv(copy=False)
+            try:
+                auth.open(frame)
+            except BadFrame as e:
+                auth.dropped("the wake channel", e, frame)
+                continue
+            pub.send(frame)
     except zmq.ContextTerminated:
         pass
 

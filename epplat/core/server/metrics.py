@@ -132,16 +132,17 @@ class RequestTracker:
         self.last = arrival
         self.num_output = 0
 
-    def output(self, num_new_tokens: int) -> None:
-        if not num_new_tokens:
-            return
-        now = time.monotonic()
-        if self.first is None:
-            self.first = now
-            self.m.ttft.observe(now - self.arrival)
-        else:
-            self.m.itl.observe(now - self.last)
-        self.last = now
+    def output(self, num_new_tokens: int, step_times: list[float]) -> None:
+        """A delta of `num_new_tokens` tokens, from engine steps whose tokens arrived at `step_times`
+        (several when the consumer fell behind and their outputs were merged): one TTFT or ITL each, as in
+        vLLM, where they are measured per engine output."""
+        for t in step_times:
+            if self.first is None:
+                self.first = t
+                self.m.ttft.observe(t - self.arrival)
+            else:
+                self.m.itl.observe(t - self.last)
+            self.last = t
         self.num_output += num_new_tokens
 
     def finish(self, reason: str, num_prompt_tokens: int, times=None) -> None:
