@@ -1,11 +1,14 @@
 """Prefill/decode disaggregation through the real `nixl` package on the cpu platform: a prefill
-server (DP=2 with EP) and a decode server as separate `epplat serve` processes; the decode side
+server (DP=2 with EP) and a decode server of another layout (TP=2: each rank reads its own KV heads
+of every block) as separate `epplat serve` processes; the decode side
 READs the prefill side's KV blocks (UCX over host memory) and its greedy tokens equal
 transformers', streaming and not, for prompts shorter and longer than a block, from vLLM's
 placeholder prompt; it computes only each prompt's last token (its metrics). Faults: blocks that
 expired on the prefill side and a dead prefill server are recomputed on the decode side (same
 tokens); the prefill side frees every held block; a handshake between different KV layouts is
-refused with a clear error. `epplat proxy` chains the two (streaming and not, chat too)."""
+refused with a clear error; a peer without the deployment's secret is refused on the side channel.
+`epplat proxy` chains the two (streaming and not, chat too), and a client that leaves mid-stream
+aborts its request on the decoder."""
 
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ def pd(qwen3_moe_dir):
     env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": str(TIMEOUT_S)}
     with Server(str(qwen3_moe_dir), *common, "--data-parallel-size", "2", "--enable-expert-parallel",
                 "--kv-transfer-config", kv("kv_producer"), env=env, timeout=240) as prefill, \
-            Server(str(qwen3_moe_dir), *common, "--kv-transfer-config", kv("kv_consumer"), timeout=240) as decode:
+            Server(str(qwen3_moe_dir), *common, "--tensor-parallel-size", "2", "--kv-transfer-config", kv("kv_consumer"),
+                   timeout=240) as decode:
         yield prefill, decode
 
 
@@ -139,9 +143,65 @@ def test_proxy_chains_prefill_and_decode(pd, qwen3_moe_dir):
         chat = client.chat.completions.create(model=str(qwen3_moe_dir), messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=4, temperature=0)
         assert chat.choices[0].message.content is not None and chat.usage.completion_tokens == 4
+        # a client that leaves mid-stream: the proxy closes its call, which aborts the request on the decoder
+        aborted0 = metric(decode.url, "vllm:request_success_total", finished_reason="abort")
+        with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+                "prompt": prompt, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+            chunks = r.iter_lines()
+            assert [next(chunks) for _ in range(3)]
+        t0 = time.time()
+        while metric(decode.url, "vllm:request_success_total", finished_reason="abort") == aborted0:
+            assert time.time() - t0 < 10, "the decoder did not abort the request the client left"
+            time.sleep(0.1)
+        assert metric(decode.url, "vllm:num_requests_running") == 0
+        assert prefill_blocks_free(prefill, 4) and metric(decode.url, "vllm:kv_cache_usage_perc") == 0.0
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
+    assert prefill_blocks_free(prefill)
+
+
+def test_vllm_toy_proxy_flow_with_the_openai_client(pd, qwen3_moe_dir):
+    """vLLM's toy proxy flow, step by step, through the real `openai` client: the prefill copy of the
+    request without stream and stream_options (and min_tokens, which epplat refuses with a 400 anyway),
+    max_tokens 1 and vLLM's do_remote_decode kv_transfer_params; the decode call the original request
+    (streamed, with stream_options) plus the kv_transfer_params the prefill response carries; the same
+    X-Request-Id to both. Completions and chat."""
+    import openai
+    from transformers import AutoTokenizer
+    prefill, decode = pd
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    pc = openai.OpenAI(base_url=prefill.url + "/v1", api_key="none", max_retries=0)
+    dc = openai.OpenAI(base_url=decode.url + "/v1", api_key="none", max_retries=0)
+    remote_decode = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                     "remote_block_ids": None, "remote_host": None, "remote_port": None}
+    prompt = [(7 * i + 3) % 1900 + 50 for i in range(19)]
+    want = tok.decode(hf_greedy(qwen3_moe_dir, [prompt], 6, ignore_eos=True)[0], skip_special_tokens=True)
+    request = {"model": str(qwen3_moe_dir), "prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": True,
+               "stream_options": {"include_usage": True}}
+    extra = {"ignore_eos": True}
+    computed0 = metric(decode.url, "epplat:prompt_tokens_computed_total")
+    prefill_req = {k: v for k, v in request.items() if k not in ("stream", "stream_options")}
+    first = pc.completions.create(**{**prefill_req, "max_tokens": 1}, extra_headers={"X-Request-Id": "toy-1"},
+                                  extra_body={"ignore_eos": True, "kv_transfer_params": remote_decode})
+    params = first.kv_transfer_params
+    assert params["do_remote_prefill"] and params["remote_request_id"] == "cmpl-toy-1-0", params
+    chunks = list(dc.completions.create(**request, extra_headers={"X-Request-Id": "toy-1"},
+                                        extra_body={**extra, "kv_transfer_params": params}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens == len(prompt)
+    assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == 1
+    # chat: the same flow; the decode side continues the conversation the prefill side computed
+    messages = [{"role": "user", "content": "hello there"}]
+    whole = dc.chat.completions.create(model=str(qwen3_moe_dir), messages=messages, max_tokens=5, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    first = pc.chat.completions.create(model=str(qwen3_moe_dir), messages=messages, max_tokens=1, temperature=0,
+                                       extra_headers={"X-Request-Id": "toy-2"},
+                                       extra_body={"ignore_eos": True, "kv_transfer_params": remote_decode})
+    chunks = dc.chat.completions.create(model=str(qwen3_moe_dir), messages=messages, max_tokens=5, temperature=0,
+                                        stream=True, extra_headers={"X-Request-Id": "toy-2"},
+                                        extra_body={"ignore_eos": True, "kv_transfer_params": first.kv_transfer_params})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert prefill_blocks_free(prefill)
 
 

@@ -103,8 +103,14 @@ class KVConnectorBase:
         """After the forward of a step: the saves in meta (the keys and values of this step are in the cache)."""
 
     def get_finished(self) -> tuple[set[str], set[str]]:
-        """(request ids whose held blocks are sent and may be freed, request ids whose loads completed)."""
+        """(request ids whose held blocks are sent and may be freed, request ids whose loads completed).
+        Only the driver's (TP rank 0's) answer is read: the other TP ranks' connectors, polled while
+        ``busy``, report to it themselves."""
         return set(), set()
+
+    def busy(self) -> bool:
+        """Whether transfers of this worker are in flight (a TP worker then polls get_finished)."""
+        return False
 
     def get_failed_loads(self) -> set[str]:
         """Request ids whose loads failed: the engine computes their prompts itself."""

@@ -11,18 +11,28 @@ descriptors of adjacent blocks merged. A read's completion notifies the prefill 
 the blocks. Other requests keep stepping meanwhile. When the prefill side is gone, refuses, or has
 freed the blocks, the request is recomputed here from the prompt tokens it carries, with a warning.
 
+A decode side with tensor parallelism: every TP rank reads its own KV heads of the blocks (whole
+blocks when the heads match the prefill rank's, else its heads of every token), and the TP workers
+report their reads to their driver over an authenticated ipc socket; the driver reports a request
+received (or failed) once every rank has. The prefill side frees the blocks after one read per
+decode TP rank.
+
 Limits: one rank per DP rank on the prefill side (tensor parallel size 1); the KV layouts must match.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+
+import msgspec
+import zmq
 
 from epplat.config import ConfigError
 from epplat.connectors import side_channel
 from epplat.connectors.pull import (HeldBlocks, Pull, PullConnector, compat, compat_error, env, head_range,
                                     total_kv_heads)
-from epplat.core.engine.frame_auth import FrameAuth
+from epplat.core.engine.frame_auth import BadFrame, FrameAuth
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +76,9 @@ class NixlConnector(PullConnector):
         self.remote: dict[tuple[str, int], tuple[str, list, int, int]] = {}   # -> agent, bases, block bytes, heads
         self.inflight: dict[str, tuple[object, str]] = {}
         self.failed: set[str] = set()
-        self.server = None
+        self.failed_out: set[str] = set()
+        self.tp_state: dict[str, list] = {}        # driver: request id -> [TP ranks that reported, any failed]
+        self.tp_sock = self.server = None
 
     def endpoint(self) -> tuple[str, int]:
         return self.host, self.port
@@ -92,6 +104,11 @@ class NixlConnector(PullConnector):
                                                for t in tensors], self.mem)
         self.bases = [t.data_ptr() for t in tensors]
         self.my_compat = compat(self.engine, kv_caches)
+        if self.tp_size > 1:
+            par = self.engine.parallel
+            where = f"ipc://{par.ipc_dir or tempfile.gettempdir()}/kv-reads-dp{self.dp_rank}-{par.data_parallel_rpc_port}"
+            self.tp_sock = zmq.Context.instance().socket(zmq.PULL if self.tp_rank == 0 else zmq.PUSH)
+            (self.tp_sock.bind if self.tp_rank == 0 else self.tp_sock.connect)(where)
         if self.config.is_producer:
             self.server = side_channel.SideChannelServer(self.host, self.port, self._answer, self.auth)
             logger.info("NixlConnector: DP rank %d serves its KV blocks at %s:%d (agent %s)", self.dp_rank, self.host,
@@ -165,13 +182,9 @@ class NixlConnector(PullConnector):
                                "here instead", pull.request_id, pull.remote_host, pull.remote_port, e)
                 self.failed.add(pull.request_id)
 
-    def get_finished(self) -> tuple[set[str], set[str]]:
-        received: set[str] = set()
-        if self.agent is None:
-            return set(), received
-        for msgs in self.agent.get_new_notifs().values():
-            for m in msgs:
-                self.held.read(m.decode())
+    def _poll_reads(self) -> tuple[set[str], set[str]]:
+        """This rank's reads that ended since the last poll: (done, failed)."""
+        done = set()
         for rid, (handle, where) in list(self.inflight.items()):
             state = self.agent.check_xfer_state(handle)
             if state == "PROC":
@@ -179,17 +192,65 @@ class NixlConnector(PullConnector):
             del self.inflight[rid]
             self.agent.release_xfer_handle(handle)
             if state == "DONE":
-                received.add(rid)
+                done.add(rid)
             else:
                 logger.warning("NixlConnector: request %s: the read from %s failed; computing its prompt here", rid,
                                where)
                 self.failed.add(rid)
-        return self.held.freeable(), received
+        failed, self.failed = self.failed, set()
+        return done, failed
+
+    def _gather(self, done: set[str], failed: set[str]) -> tuple[set[str], set[str]]:
+        """The driver: requests every TP rank has finished reading (done, or failed on some rank)."""
+        reports = [(done, failed)]
+        while True:
+            try:
+                raw = self.tp_sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                msg = self.auth.decode(msgspec.msgpack.Decoder(dict[str, list[str]]), raw)
+                reports.append((set(msg["done"]), set(msg["failed"])))
+            except (BadFrame, KeyError) as e:
+                self.auth.dropped("the KV reads socket", e)
+        for d, f in reports:
+            for rid in d | f:
+                state = self.tp_state.setdefault(rid, [0, False])
+                state[0] += 1
+                state[1] = state[1] or rid in f
+        done, failed = set(), set()
+        for rid, (ranks, bad) in list(self.tp_state.items()):
+            if ranks == self.tp_size:
+                del self.tp_state[rid]
+                (failed if bad else done).add(rid)
+        return done, failed
+
+    def busy(self) -> bool:
+        return bool(self.inflight or self.failed)
+
+    def get_finished(self) -> tuple[set[str], set[str]]:
+        if self.agent is None:
+            return set(), set()
+        for msgs in self.agent.get_new_notifs().values():
+            for m in msgs:
+                self.held.read(m.decode())
+        done, failed = self._poll_reads()
+        if self.tp_sock is not None and self.tp_rank > 0:
+            if done or failed:
+                self.tp_sock.send(self.auth.seal(msgspec.msgpack.encode({"done": sorted(done),
+                                                                         "failed": sorted(failed)})))
+            return set(), set()
+        if self.tp_sock is not None:
+            done, failed = self._gather(done, failed)
+        self.failed_out |= failed
+        return self.held.freeable(), done
 
     def get_failed_loads(self) -> set[str]:
-        failed, self.failed = self.failed, set()
+        failed, self.failed_out = self.failed_out, set()
         return failed
 
     def shutdown(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.tp_sock is not None:
+            self.tp_sock.close(linger=0)

@@ -66,32 +66,20 @@ def build_app(prefillers: list[str], decoders: list[str], max_retries: int = 3, 
         ties = [i for i in pool if i.score() == best]
         return ties[next(counter) % len(ties)]
 
-    async def post(inst: Instance, path: str, body: dict, headers: dict) -> httpx.Response:
-        """A non-streamed call with retries; 4xx answers are the client's and come back as they are."""
+    async def call(inst: Instance, path: str, body: dict, headers: dict, stream: bool) -> httpx.Response:
+        """A call with retries (connection errors and 5xx answers, waits doubling); a 4xx answer is the
+        client's and comes back as it is. With `stream`, the body is left to read."""
         delay = retry_delay
         for attempt in range(max_retries + 1):
-            try:
-                r = await client.post(inst.url + path, json=body, headers=headers)
-                if r.status_code < 500 or attempt == max_retries:
-                    return r
-            except httpx.HTTPError:
-                if attempt == max_retries:
-                    raise
-            await asyncio.sleep(delay)
-            delay *= 2
-        raise AssertionError("unreachable")
-
-    async def open_stream(inst: Instance, path: str, body: dict, headers: dict) -> httpx.Response:
-        delay = retry_delay
-        for attempt in range(max_retries + 1):
+            last = attempt == max_retries
             try:
                 r = await client.send(client.build_request("POST", inst.url + path, json=body, headers=headers),
-                                      stream=True)
-                if r.status_code < 500 or attempt == max_retries:
+                                      stream=stream)
+                if r.status_code < 500 or last:
                     return r
                 await r.aclose()
             except httpx.HTTPError:
-                if attempt == max_retries:
+                if last:
                     raise
             await asyncio.sleep(delay)
             delay *= 2
@@ -115,7 +103,7 @@ def build_app(prefillers: list[str], decoders: list[str], max_retries: int = 3, 
         p.active_tokens += cost
         p.active_requests += 1
         try:
-            r = await post(p, path, _prefill_body(body, chat), headers)
+            r = await call(p, path, _prefill_body(body, chat), headers, stream=False)
         except httpx.HTTPError as e:
             return JSONResponse({"error": {"message": f"prefiller {p.url}: {e}", "type": "ServiceUnavailableError",
                                            "code": 503}}, status_code=503)
@@ -130,7 +118,7 @@ def build_app(prefillers: list[str], decoders: list[str], max_retries: int = 3, 
         d.active_tokens += cost
         d.active_requests += 1
         try:
-            upstream = await open_stream(d, path, dbody, headers)
+            upstream = await call(d, path, dbody, headers, stream=True)
         except httpx.HTTPError as e:
             d.active_tokens -= cost
             d.active_requests -= 1

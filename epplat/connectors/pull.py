@@ -87,9 +87,11 @@ class HeldBlocks:
     """The prefill side's finished requests whose blocks wait for their readers (thread-safe: the side
     channel's threads lease and release, the engine's loop collects what may be freed)."""
 
+    LEASE_WAIT_S = 2.0      # a lease may come before the engine loop has recorded the hold of a just-finished request
+
     def __init__(self, timeout: float):
         self.timeout = timeout
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.deadline: dict[str, float] = {}
         self.readers: dict[str, int] = {}        # request id -> reads still to report (once leased)
         self.done: set[str] = set()
@@ -99,12 +101,14 @@ class HeldBlocks:
         with self.lock:
             for rid in rids:
                 self.deadline.setdefault(rid, deadline)
+            self.lock.notify_all()
 
     def lease(self, rid, readers: int = 1) -> Optional[str]:
         """A reader is about to read rid's blocks (`readers` reads in all, one per decode TP rank); the
         error line when it holds none."""
         with self.lock:
-            if rid not in self.deadline:
+            if not self.lock.wait_for(lambda: rid in self.deadline or rid in self.done, self.LEASE_WAIT_S) \
+                    or rid not in self.deadline:
                 return f"request {rid} holds no blocks here (finished reading, expired or unknown)"
             self.readers.setdefault(rid, max(1, int(readers)))
             self.deadline[rid] = time.monotonic() + self.timeout

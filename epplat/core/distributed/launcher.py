@@ -19,10 +19,11 @@ from epplat.core.engine.core_proc import run_engine_process
 logger = logging.getLogger(__name__)
 
 
-def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None,
-                  join: dict | None = None) -> list[multiprocessing.Process]:
+def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None, join: dict | None = None,
+                  spare=None) -> list[multiprocessing.Process]:
     """Spawn the local engine processes (of ``dp_ranks``, by default this node's) and wait until each is
-    ready; ConfigError on failure. ``join``: they join running engines (elastic EP, core_proc)."""
+    ready; ConfigError on failure. ``join``: they join running engines (elastic EP, core_proc), the first
+    one in ``spare`` (a SpareEngine) when given."""
     ctx = multiprocessing.get_context("spawn")
     par = cfg.parallel
     procs, conns = [], []
@@ -30,11 +31,16 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None,
     for d in (par.local_dp_ranks() if dp_ranks is None else dp_ranks):
         for t in range(par.tensor_parallel_size):
             rank = d * par.tensor_parallel_size + t
-            parent, child = ctx.Pipe(duplex=False)
             local = rank if join else len(procs)
-            p = ctx.Process(target=run_engine_process, args=(raw, rank, local, child, os.getpid(), join), daemon=True,
-                            name=f"EngineCore_DP{d}" + (f"_TP{t}" if par.tensor_parallel_size > 1 else ""))
-            p.start()
+            name = f"EngineCore_DP{d}" + (f"_TP{t}" if par.tensor_parallel_size > 1 else "")
+            if spare is not None:
+                p, parent = spare.assign(raw, rank, local, join, name)
+                spare = None
+            else:
+                parent, child = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=run_engine_process, args=(raw, rank, local, child, os.getpid(), join),
+                                daemon=True, name=name)
+                p.start()
             procs.append(p)
             conns.append(parent)
     deadline = time.time() + timeout

@@ -15,7 +15,7 @@ from epplat.connectors.base import KVConnectorRole
 from epplat.connectors.loader import make_connector
 from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.engine.block_manager import BlockManager
-from epplat.core.engine.model_runner import ModelRunner
+from epplat.core.engine.model_runner import KVLoad, ModelRunner
 from epplat.core.engine.protocol import EngineOutput, EngineRequest, EngineStats
 from epplat.core.engine.request import Request
 from epplat.core.engine.scheduler import Scheduler
@@ -64,6 +64,8 @@ class EngineCore:
         self.blocks = BlockManager(self.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         spec = cfg.speculative
         self.kv_connector = make_connector(cfg, KVConnectorRole.SCHEDULER, self.ps.dp_rank)
+        self.tp_publish = None                      # the driver's send to its TP workers (set by the driver)
+        self._no_kv_meta = msgspec.msgpack.encode(self.kv_connector.metadata_type()) if self.kv_connector else None
         self.scheduler = Scheduler(cfg.scheduler, self.blocks, lookahead=spec.num_speculative_tokens if spec else 0,
                                    connector=self.kv_connector)
         if spec is not None:
@@ -95,13 +97,16 @@ class EngineCore:
         return self.scheduler.kv_pending()
 
     def poll_kv(self) -> None:
-        """Between steps: hand the workers what the connector decided since the last step, and take their
-        report of finished KV transfers (this process's worker side)."""
+        """Between steps: hand the workers what the connector decided since the last step (this process's
+        worker side, and ``tp_publish`` sends it to this DP rank's TP workers), and take their report of
+        finished KV transfers (this process's worker side gathers the TP workers')."""
         worker = self.runner.kv_connector
         if worker is None or not self.scheduler.kv_pending():
             return
         meta = self.kv_connector.build_connector_meta()
         if meta != type(meta)():
+            if self.tp_publish is not None:
+                self.tp_publish(KVLoad(msgspec.msgpack.encode(meta)))
             worker.start_load_kv(meta)
         self.scheduler.kv_finished(*worker.get_finished(), worker.get_failed_loads())
 
@@ -123,8 +128,10 @@ class EngineCore:
                 self.runner.execute([], ep_counts, publish, kv_meta)
                 if self.runner.drafter is not None:       # the other ranks' draft passes need this one's
                     self.runner.drafter.propose([], publish, lockstep=True)
-            elif kv_meta is not None:
-                self.runner.kv_start_load(kv_meta)      # asynchronous loads start with no step to ride on
+            elif kv_meta is not None:                   # asynchronous loads start with no step to ride on
+                if publish is not None and kv_meta != self._no_kv_meta:
+                    publish(KVLoad(kv_meta))
+                self.runner.kv_start_load(kv_meta)
             return []
         now = time.monotonic()
         for req, _ in batch:

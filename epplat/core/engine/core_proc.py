@@ -143,13 +143,16 @@ _plan_decoder = None
 
 
 def _worker_loop(runner, cfg, ps, watch) -> None:
-    from epplat.core.engine.model_runner import DraftInput, ModelInput
-    decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput)
+    from epplat.core.engine.model_runner import DraftInput, KVLoad, ModelInput
+    decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput | KVLoad)
     auth = FrameAuth(cfg.parallel.internal_secret)
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.tp_rank, run_dir(cfg)))
     while True:
-        if not sock.poll(_IDLE_POLL_MS):
+        busy = runner.kv_busy()
+        if busy:
+            runner.kv_connector.get_finished()      # a TP worker's connector reports to its driver's
+        if not sock.poll(_KV_POLL_MS if busy else _IDLE_POLL_MS):
             if not watch.alive():
                 return
             continue
@@ -158,7 +161,10 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
         except BadFrame as e:
             auth.dropped("the step plan socket", e)
             continue
-        (runner.draft_forward if isinstance(plan, DraftInput) else runner.forward)(plan)
+        if isinstance(plan, KVLoad):
+            runner.kv_start_load(plan.kv_meta)
+        else:
+            (runner.draft_forward if isinstance(plan, DraftInput) else runner.forward)(plan)
 
 
 # -- drivers -------------------------------------------------------------------------------
@@ -191,6 +197,7 @@ class _DriverIO:
             w = self.ctx.socket(zmq.PUSH)
             w.bind(par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
             self.workers.append(w)
+        core.tp_publish = self.publish if self.workers else None
         self.waves = ps.ep and ps.dp_size > 1
         self.wakes: set[int] = set()
         self.wave = 0                     # waves run so far (the same on every DP rank)
@@ -207,7 +214,8 @@ class _DriverIO:
     def _setup_wake_channel(self, par) -> None:
         pull_addr, pub_addr = par.wake_endpoints()
         if self.ps.dp_rank == 0:
-            threading.Thread(target=_wake_forwarder, args=(self.ctx, pull_addr, pub_addr), daemon=True).start()
+            args = (self.ctx, pull_addr, pub_addr, FrameAuth(par.internal_secret))
+            threading.Thread(target=_wake_forwarder, args=args, daemon=True).start()
         self.wake_out = self.ctx.socket(zmq.PUSH)
         self.wake_out.connect(pull_addr)
         self.wake_in = self.ctx.socket(zmq.SUB)
@@ -348,12 +356,20 @@ def _api_server_count(par, ps: ParallelState) -> int:
     return int(store.get(_STORE_KEY))
 
 
-def _wake_forwarder(ctx, pull_addr: str, pub_addr: str) -> None:
+def _wake_forwarder(ctx, pull_addr: str, pub_addr: str, auth: FrameAuth) -> None:
+    """PULL -> PUB, forwarding authentic frames only (a stranger's are dropped, with the stranger)."""
     pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
     pull.bind(pull_addr)
     pub.bind(pub_addr)
     try:
-        zmq.proxy(pull, pub)
+        while True:
+            frame = pull.recv(copy=False)
+            try:
+                auth.open(frame)
+            except BadFrame as e:
+                auth.dropped("the wake channel", e, frame)
+                continue
+            pub.send(frame)
     except zmq.ContextTerminated:
         pass
 
@@ -407,12 +423,17 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
 
 def _rescale(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> bool:
     """Run the scale call every rank agreed on; False when this rank left the group."""
+    from epplat.core.distributed.elastic_world import JoinAborted
     from epplat.core.engine import elastic
     call, io.scale = io.scale, None
     new_size, generation = call.args
     t0 = time.perf_counter()
     try:
         stays = elastic.rescale(core, ps, new_size, generation, io.wave)
+    except JoinAborted as e:     # nothing changed here: this rank serves on in its world
+        logger.error("elastic EP: scale to %d DP ranks aborted: %s", new_size, e)
+        io._send(call.client_index, P.UtilityResult(call.call_id, error=str(e)))
+        return True
     except Exception as e:
         io._send(call.client_index, P.UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}"))
         raise

@@ -65,6 +65,12 @@ class DraftInput(msgspec.Struct, array_like=True, tag=True):
     from_draft: bool                            # previous = the last draft pass's output (else the step's)
 
 
+class KVLoad(msgspec.Struct, array_like=True, tag=True):
+    """KV connector metadata for loads that start between steps (no step to ride on), sent to the TP workers."""
+
+    kv_meta: bytes
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, platform, device, ps: Optional[ParallelState] = None):
         cfg.check()          # the same one-line errors for a config built in Python as for `epplat serve`
@@ -132,6 +138,9 @@ class ModelRunner:
 
     def kv_start_load(self, kv_meta: bytes) -> None:
         self.kv_connector.start_load_kv(self._kv_meta_decoder.decode(kv_meta))
+
+    def kv_busy(self) -> bool:
+        return self.kv_connector is not None and self.kv_connector.busy()
 
     def _eplb_state(self, emap: ExpertMap):
         from epplat.core.moe.eplb_state import EplbState

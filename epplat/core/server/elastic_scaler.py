@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import msgspec
 from fastapi import Request
 
 from epplat.config import ConfigError
+from epplat.core.distributed.spare_engine import SpareEngine
 from epplat.core.server.protocol import APIError
 
 logger = logging.getLogger("epplat.server")
@@ -45,16 +47,17 @@ def parse_scale_body(body) -> tuple[int, int]:
 class ElasticScaler:
     """The scale operations of one API server's engine client (the only API server: config.py says so)."""
 
-    def __init__(self, client):
+    def __init__(self, client, metrics=None):
         from epplat.core.model.registry import architecture
-        self.client = client
+        self.client, self.metrics = client, metrics
         self.scaling = False
         self.generation = 0              # world generation; the startup world is 0
-        self.scale_events = 0
+        self.phases: dict[str, float] = {}     # seconds of each part of the last scale (logged)
         self.procs = {r: p for r, p in zip(client.engine_ranks, client.procs)}   # TP 1: one process a rank
         par, hf = client.cfg.parallel, client.cfg.model.hf_config()
         self.num_experts = architecture(hf).parse_config(hf).num_experts
         self.per_rank = (self.num_experts + par.eplb.num_redundant_experts) // par.data_parallel_size
+        self.spare = SpareEngine()
 
     @property
     def size(self) -> int:
@@ -71,18 +74,22 @@ class ElasticScaler:
         if self.scaling:
             raise APIError(409, "A scale is already running; try again when /is_scaling_elastic_ep says false")
         self.check_size(new_size)
-        self.scaling = True
+        self.scaling, self.phases = True, {}
         t0, old = time.perf_counter(), self.size
         try:
             if new_size > old:
                 await self._grow(new_size)
             elif new_size < old:
                 await self._shrink(new_size, drain_timeout)
-            self.scale_events += new_size != old
         finally:
             self.scaling = False
-        logger.info("elastic EP: scaled from %d to %d data parallel engines in %.2f s", old, new_size,
-                    time.perf_counter() - t0)
+            if self.spare is None or not self.spare.proc.is_alive():
+                self.spare = SpareEngine()           # for the next scale-up
+        took = time.perf_counter() - t0
+        logger.info("elastic EP: scaled from %d to %d data parallel engines in %.2f s (%s)", old, new_size, took,
+                    ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items()))
+        if self.metrics is not None and new_size != old:
+            self.metrics.elastic_scaled(old, new_size, took)
         return f"Scaled to {new_size} data parallel engines"
 
     def _new_rank_config(self, new_size: int):
@@ -100,22 +107,34 @@ class ElasticScaler:
         client, old = self.client, self.size
         new_ranks = list(range(old, new_size))
         cfg = self._new_rank_config(new_size)
-        generation = self.generation + 1
+        self.generation += 1            # every attempt its own store: a failed one may have written to its own
+        generation, t0 = self.generation, time.monotonic()
+        spare, self.spare = self.spare, None
+        if spare is not None and not spare.proc.is_alive():
+            spare = None                     # it died meanwhile: every new rank starts cold
         try:
             procs = await asyncio.to_thread(start_engines, cfg, dp_ranks=new_ranks,
-                                            join={"generation": generation, "old_size": old})
+                                            join={"generation": generation, "old_size": old}, spare=spare)
         except ConfigError as e:
             raise APIError(500, f"Scale failed: a new engine did not start ({e}); still {old} data parallel "
                                 "engines") from None
+        self.phases["start"], t0 = time.monotonic() - t0, time.monotonic()
         for r in new_ranks:
             client.load[r] = 0                  # EngineReady from these ranks is now taken
-        await self._call_all(range(old), new_size, generation)
+        try:
+            await self._call_all(range(old), new_size, generation)
+        except APIError as e:                   # the running ranks kept their world (JoinAborted)
+            from epplat.core.distributed.launcher import stop_engines
+            await asyncio.to_thread(stop_engines, procs)
+            for r in new_ranks:
+                client.load.pop(r, None)
+            raise APIError(500, f"{e.message}; still {old} data parallel engines") from None
+        self.phases["re-form"] = time.monotonic() - t0
         deadline = time.monotonic() + _CALL_TIMEOUT
         while not set(new_ranks) <= client._ready:
             if time.monotonic() > deadline or not all(p.is_alive() for p in procs):
                 raise APIError(500, "Scale failed: the new engines joined but did not become ready")
             await asyncio.sleep(0.02)
-        self.generation = generation
         for r, p in zip(new_ranks, procs):
             self.procs[r] = p
             client.procs.append(p)
@@ -126,24 +145,27 @@ class ElasticScaler:
         client, old = self.client, self.size
         leaving = list(range(new_size, old))
         del client.engine_ranks[new_size:]          # no new request goes to a departing rank
-        deadline = time.monotonic() + drain_timeout
+        t0 = deadline = time.monotonic()
+        deadline += drain_timeout
         while any(client.load.get(r) for r in leaving):
             if time.monotonic() > deadline:
                 client.engine_ranks.extend(leaving)
                 raise APIError(408, f"Scale failed due to request drain timeout after {drain_timeout} seconds")
             await asyncio.sleep(0.02)
+        self.phases["drain"] = time.monotonic() - t0
         procs = [self.procs.pop(r) for r in leaving]
         for p in procs:                             # their exit is not an engine death
             client.procs.remove(p)
         for r in leaving:
             client.last_heard.pop(r, None)
-        generation = self.generation + 1
+        self.generation += 1
+        generation, t0 = self.generation, time.monotonic()
         await self._call_all(range(old), new_size, generation)
-        self.generation = generation
+        self.phases["re-form"] = time.monotonic() - t0
         for r in leaving:
             client.load.pop(r, None)
             client._ready.discard(r)
-        await asyncio.to_thread(lambda: [p.join(30) for p in procs])
+        threading.Thread(target=lambda: [p.join(30) for p in procs], daemon=True).start()   # reaped meanwhile
         self._resize(client.cfg.parallel, new_size)
 
     async def _call_all(self, ranks, new_size: int, generation: int) -> None:
@@ -154,15 +176,14 @@ class ElasticScaler:
             raise APIError(500, f"Scale failed while the engines re-formed their group: {e}") from None
 
 
-def add_routes(app, client) -> None:
+def add_routes(app, client, metrics) -> None:
     """POST /scale_elastic_ep, /scale (the PR's first name) and /is_scaling_elastic_ep."""
-    state: dict = {}
+    par = getattr(getattr(client, "cfg", None), "parallel", None)
+    state = {"scaler": ElasticScaler(client, metrics)} if par is not None and par.enable_elastic_ep else {}
 
     def scaler() -> ElasticScaler:
-        if not getattr(getattr(client, "cfg", None), "parallel", None) or not client.cfg.parallel.enable_elastic_ep:
-            raise APIError(400, "This server was not started with --enable-elastic-ep")
         if "scaler" not in state:
-            state["scaler"] = ElasticScaler(client)
+            raise APIError(400, "This server was not started with --enable-elastic-ep")
         return state["scaler"]
 
     async def scale_elastic_ep(raw: Request):
