@@ -44,7 +44,7 @@ def _scale(url: str, body, timeout: float = 180) -> httpx.Response:
 
 
 def _requests_per_rank(url: str) -> dict[str, float]:
-    """epplat:engine_requests_received by DP rank, and the DP size gauge under the key "size"."""
+    """epplat:engine_requests_received by DP rank, the DP size gauge ("size") and the scales ("up", "down")."""
     from prometheus_client.parser import text_string_to_metric_families
     out = {}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
@@ -53,6 +53,8 @@ def _requests_per_rank(url: str) -> dict[str, float]:
                 out[sample.labels["dp_rank"]] = sample.value
             elif sample.name == "epplat:data_parallel_size":
                 out["size"] = sample.value
+            elif sample.name == "epplat:elastic_ep_scales_total":
+                out[sample.labels["direction"]] = sample.value
     return out
 
 
@@ -176,6 +178,7 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         assert re.search(r"elastic EP: 2 -> 3 DP ranks \(world generation 1\): \d+ expert moves", log)
         per_rank = _requests_per_rank(s.url)
         assert per_rank["size"] == 3 and per_rank.get("2", 0) > 0, per_rank    # the new rank was routed to
+        assert per_rank["up"] == 1 and "down" not in per_rank, per_rank
 
         # a drain that cannot finish: 408, and the three ranks keep serving
         slow = [_Stream(client, model, max_tokens=900) for _ in range(3)]    # one of them runs on rank 2
@@ -193,7 +196,7 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         assert re.search(r"elastic EP: 3 -> 2 DP ranks \(world generation 2\)", s.output())
         assert "DP rank 2 handed its experts over and leaves" in s.output()
         per_rank = _requests_per_rank(s.url)
-        assert per_rank["size"] == 2 and "2" not in per_rank, per_rank
+        assert per_rank["size"] == 2 and "2" not in per_rank and per_rank["down"] == 1, per_rank
 
         # a new rank killed while it starts: 500, and the server serves at the old size (of the two new
         # ranks, one is the spare engine started before, the other starts now: that one is killed)

@@ -60,6 +60,7 @@ def join_world(parallel, st: ParallelState, generation: int, world_size: int, ba
     parallel_state._timeout = timeout
     st.world_size = st.dp_size = world_size
     st.dp_rank = st.rank
+    parallel_state.bind_gloo_to("127.0.0.1")       # single node: gloo on the loopback
     dist.init_process_group(backend, store=store, rank=st.rank, world_size=world_size, timeout=timeout)
     make_groups(st, timeout)
     logger.info("elastic EP: rank %d joined world generation %d of %d ranks in %.2f s", st.rank, generation,
