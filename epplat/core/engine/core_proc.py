@@ -71,8 +71,7 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, 
         ps = (init_parallel(par, rank, platform.dist_backend) if join is None else   # joins later, in elastic.join
               ParallelState(rank=rank, world_size=par.world_size, dp_rank=rank, dp_size=par.data_parallel_size,
                             ep=par.enable_expert_parallel))
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, _local_procs(cfg))))
-        platform.max_threads = torch.get_num_threads()
+        platform.max_threads = _share_threads(_local_procs(cfg))
         runner = ModelRunner(cfg, platform, device, ps)
         if ps.is_driver:
             core = EngineCore(cfg, platform, device, ps, runner)
@@ -110,6 +109,15 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, 
         raise
     finally:
         io.close()
+
+
+_ALL_THREADS = torch.get_num_threads()   # the machine's, before this process takes its share
+
+
+def _share_threads(local_procs: int) -> int:
+    """This process's share of the machine's threads among ``local_procs`` engine processes."""
+    torch.set_num_threads(max(1, _ALL_THREADS // max(1, local_procs)))
+    return torch.get_num_threads()
 
 
 def _local_procs(cfg: EngineConfig) -> int:
@@ -326,6 +334,7 @@ class _DriverIO:
     def rescaled(self, watch: "_Liveness") -> None:
         """After this rank joined a world of another size: the store key, the wake channel, the waves."""
         ps = self.ps
+        self.core.runner.platform.max_threads = _share_threads(ps.world_size)   # one node (config.py says so)
         store = dist.distributed_c10d._get_default_store()
         watch.store = store if ps.rank else None
         if ps.rank == 0:
