@@ -181,6 +181,33 @@ def percentile(xs: list, q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] * 1000 if len(xs) > 1 else float("nan")
 
 
+def launch(tmp: Path, model: str | None, max_model_len: int, serve_args: list[str]):
+    """`epplat serve` (on a random-weight Qwen3-MoE made in `tmp` when `model` is None), its log in
+    tmp/server.log, once healthy: (process, url, command); (None, url, command) when it never was."""
+    if model is None:
+        model = str(tmp / "model")
+        subprocess.run([sys.executable, "-m", "epplat.cli", "make-model", "qwen3_moe", model, *SHAPE], check=True,
+                       stdout=subprocess.DEVNULL)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp / "server.log", "w")
+    cmd = [sys.executable, "-m", "epplat.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--max-model-len", str(max_model_len), *serve_args]
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.time()
+    while server.poll() is None and time.time() - t0 < 600:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return server, url, cmd
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    print((tmp / "server.log").read_text()[-4000:], file=sys.stderr)
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)
+    return None, url, cmd
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", help="checkpoint (default: a random-weight Qwen3-MoE made here)")
@@ -191,29 +218,10 @@ def main() -> int:
     ap.add_argument("--out")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="epplat-soak-"))
-    model = args.model_dir
-    if model is None:
-        model = str(tmp / "model")
-        subprocess.run([sys.executable, "-m", "epplat.cli", "make-model", "qwen3_moe", model, *SHAPE], check=True,
-                       stdout=subprocess.DEVNULL)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp / "server.log", "w")
-    cmd = [sys.executable, "-m", "epplat.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), *args.serve_args.split()]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server, url, cmd = launch(tmp, args.model_dir, MAX_MODEL_LEN, args.serve_args.split())
+    if server is None:
+        return 1
     try:
-        t0 = time.time()
-        while True:
-            if server.poll() is not None or time.time() - t0 > 600:
-                print((tmp / "server.log").read_text()[-4000:], file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
         log_path = tmp / "server.log"
         samples, stop = [], threading.Event()
 

@@ -331,6 +331,8 @@ class EngineConfig(msgspec.Struct):
             raise ConfigError(f"--max-num-batched-tokens ({batched}) is smaller than --max-model-len ({max_len}); "
                               "enable chunked prefill or raise it")
         check_layout(mc, par)
+        if par.enable_elastic_ep and (self.speculative or self.kv_transfer):
+            raise ConfigError("--enable-elastic-ep does not run with --speculative-config or --kv-transfer-config yet")
         if self.speculative is not None:
             check_speculative(self.speculative, hf, model)
         reg.load("platform", self.platform).apply_additional_config(self)

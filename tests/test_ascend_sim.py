@@ -204,27 +204,21 @@ def test_npu_memory_budget_too_small_is_one_line(qwen3_moe_dir):
     assert "Memory profiling:" in r.stderr and "outside torch" in r.stderr
 
 
-def test_npu_memory_queries_count_what_torch_holds_and_the_kv_budget_takes_off_activations(
-        one_layer_moe, simulation, monkeypatch):
-    """SIMULATED torch_npu on a 1 GiB device (SIM_NPU_HBM_BYTES): memory_allocated / max_memory_allocated count the
-    storages made on it, as torch_npu's allocator statistics do. The platform's KV budget is half of it (at
-    --gpu-memory-utilization 0.5) less what torch holds and less the profile's peak activations (not its scratch
-    cache); a real engine's profiling run leaves nothing behind."""
-    simulation("npu")
-    monkeypatch.setenv("SIM_NPU_HBM_BYTES", str(1 << 30))
+def _memory_worker(_rank: int, model_dir: str) -> None:
+    import torch_npu  # noqa: F401  (the simulation, imported in this worker only)
+
     from epplat.config import CacheConfig, EngineConfig, ModelConfig
     from epplat.core.engine.model_runner import ModelRunner
     from epplat.plugins import registry
-    import torch_npu  # noqa: F401  (the simulation)
     npu, mib = torch.npu, 1 << 20
-    cfg = EngineConfig(model=ModelConfig(model=str(one_layer_moe), dtype="float32"), platform="ascend",
+    cfg = EngineConfig(model=ModelConfig(model=model_dir, dtype="float32"), platform="ascend",
                        cache=CacheConfig(gpu_memory_utilization=0.5))
     platform = registry().load("platform", "ascend")()
     platform.configure(cfg)
     base = npu.memory_allocated()
     runner = ModelRunner(cfg, platform, platform.device(0))
     held = npu.memory_allocated()
-    assert held - base >= runner.weight_bytes > 0           # the weights live on the device
+    assert held - base >= runner.weight_bytes > 0, (base, held)         # the weights live on the device
 
     def profile():                   # an 8 MiB scratch cache kept to the end, a 3 MiB activation freed before
         scratch = torch.zeros(8 * mib, dtype=torch.uint8, device=runner.device)
@@ -237,6 +231,17 @@ def test_npu_memory_queries_count_what_torch_holds_and_the_kv_budget_takes_off_a
     assert npu.memory_allocated() == held, "the profiling run left tensors on the device"
     assert npu.max_memory_allocated() > held                # its scratch cache and inputs were on the device
     assert 0 < blocks * runner.kv_bytes_per_block() <= 512 * mib - held
+
+
+def test_npu_memory_queries_count_what_torch_holds_and_the_kv_budget_takes_off_activations(
+        one_layer_moe, simulation, monkeypatch):
+    """SIMULATED torch_npu on a 1 GiB device (SIM_NPU_HBM_BYTES): memory_allocated / max_memory_allocated count the
+    storages made on it, as torch_npu's allocator statistics do. The platform's KV budget is half of it (at
+    --gpu-memory-utilization 0.5) less what torch holds and less the profile's peak activations (not its scratch
+    cache); a real engine's profiling run leaves nothing behind."""
+    simulation("npu")
+    monkeypatch.setenv("SIM_NPU_HBM_BYTES", str(1 << 30))
+    torch.multiprocessing.spawn(_memory_worker, args=(str(one_layer_moe),), nprocs=1)
 
 
 def test_torchair_graphs_dp2_ep_decode_equal_to_eager(qwen3_moe_dir):

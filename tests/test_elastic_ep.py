@@ -44,7 +44,7 @@ def _scale(url: str, body, timeout: float = 180) -> httpx.Response:
 
 
 def _requests_per_rank(url: str) -> dict[str, float]:
-    """epplat:engine_requests_received by DP rank, and the DP size gauge under the key "size"."""
+    """epplat:engine_requests_received by DP rank, the DP size gauge ("size") and the scales ("up", "down")."""
     from prometheus_client.parser import text_string_to_metric_families
     out = {}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
@@ -53,6 +53,8 @@ def _requests_per_rank(url: str) -> dict[str, float]:
                 out[sample.labels["dp_rank"]] = sample.value
             elif sample.name == "epplat:data_parallel_size":
                 out["size"] = sample.value
+            elif sample.name == "epplat:elastic_ep_scales_total":
+                out[sample.labels["direction"]] = sample.value
     return out
 
 
@@ -176,6 +178,7 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         assert re.search(r"elastic EP: 2 -> 3 DP ranks \(world generation 1\): \d+ expert moves", log)
         per_rank = _requests_per_rank(s.url)
         assert per_rank["size"] == 3 and per_rank.get("2", 0) > 0, per_rank    # the new rank was routed to
+        assert per_rank["up"] == 1 and "down" not in per_rank, per_rank
 
         # a drain that cannot finish: 408, and the three ranks keep serving
         slow = [_Stream(client, model, max_tokens=900) for _ in range(3)]    # one of them runs on rank 2
@@ -193,7 +196,7 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         assert re.search(r"elastic EP: 3 -> 2 DP ranks \(world generation 2\)", s.output())
         assert "DP rank 2 handed its experts over and leaves" in s.output()
         per_rank = _requests_per_rank(s.url)
-        assert per_rank["size"] == 2 and "2" not in per_rank, per_rank
+        assert per_rank["size"] == 2 and "2" not in per_rank and per_rank["down"] == 1, per_rank
 
         # a new rank killed while it starts: 500, and the server serves at the old size (of the two new
         # ranks, one is the spare engine started before, the other starts now: that one is killed)
@@ -217,9 +220,48 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
             assert _batch(client, model, pool) == expected[0]
 
 
-def test_elastic_ep_needs_expert_parallel(model_dir):
+@pytest.mark.parametrize("args, needle", [
+    ((), "--enable-elastic-ep scales expert-parallel DP ranks: add --enable-expert-parallel"),
+    (("-ep", "--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'),
+     "--enable-elastic-ep does not run with --speculative-config or --kv-transfer-config yet"),
+])
+def test_elastic_ep_flag_errors_are_one_line(model_dir, args, needle):
     out = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(model_dir), "-dp", "2",
-                          "--enable-elastic-ep"], capture_output=True, text=True, timeout=120)
+                          "--enable-elastic-ep", *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == ("epplat serve: error: --enable-elastic-ep scales expert-parallel "
-                                                   "DP ranks: add --enable-expert-parallel")
+    assert out.stderr.strip().splitlines()[-1] == f"epplat serve: error: {needle}"
+
+
+def _rendezvous_rank(rank: int, ipc_dir: str, out) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from epplat.config import ParallelConfig
+    from epplat.core.distributed.elastic_world import JoinAborted, rendezvous
+    par = ParallelConfig(ipc_dir=ipc_dir, enable_expert_parallel=True)
+    dist.init_process_group("gloo", init_method=f"file://{ipc_dir}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        rendezvous(par, rank, 1, 3, dist.group.WORLD, timeout=1.0)   # the third rank never comes
+        out.put((rank, "joined"))
+    except JoinAborted as e:
+        t = torch.tensor([rank + 1])
+        dist.all_reduce(t)                       # the world they were serving in still works
+        out.put((rank, f"{e} / old world sum {int(t)}"))
+
+
+def test_join_of_a_missing_rank_aborts_on_every_running_rank(tmp_path):
+    """A new rank that never checks in (it died after starting): the running ranks all give the scale up
+    together, with their world intact (core_proc then answers the scale call with this error)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rendezvous_rank, args=(r, str(tmp_path), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert results == {r: "2 of 3 ranks joined world generation 1 within 1 s / old world sum 3" for r in range(2)}

@@ -1,8 +1,10 @@
 """Faults and shutdowns with real processes: a killed launcher leaves no engine behind and a
-restart on the same port serves; SIGTERM drains in-flight streams and exits 0 without leaving
-the socket folder; frames that are garbage or sealed with another deployment's secret are
-dropped on every bound internal socket; a stopped (wedged) engine turns /health to 503, ends
-in-flight requests with an OpenAI-style 503 and makes the server exit non-zero."""
+restart on the same port serves, on one node and on two (the head killed); SIGTERM drains
+in-flight streams and exits 0 without leaving the socket folder; frames that are garbage or
+sealed with another deployment's secret are dropped on every bound internal socket, with the
+peer that sent them, and a raw socket speaking no ZMTP is dropped, each logged once; a
+stopped (wedged) engine turns /health to 503, ends in-flight requests with an OpenAI-style
+503 and makes the server exit non-zero."""
 
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 
 import httpx
 import msgspec
+import pytest
 import zmq
 
 from epplat.core.engine import protocol as P
@@ -113,18 +117,33 @@ def test_bad_frames_are_dropped_and_a_stopped_engine_ends_the_server(qwen3_moe_d
         fake_output = P.encoder.encode(P.EngineOutputs(0, [P.EngineOutput("cmpl-x-0", [1], finish_reason="stop")]))
         fake_ready = P.encoder.encode(P.EngineReady(0, 4, 4, 4))
         fake_wake = P.encoder.encode(P.Wake(7, 0))
+        names = {"api0-out": "the API server's output socket", "api0-in": "the API server's request socket",
+                 "wake-in": "the wake channel"}
         for kind, name, msg in ((zmq.PUSH, "api0-out", fake_output), (zmq.DEALER, "api0-in", fake_ready),
                                 (zmq.PUSH, "wake-in", fake_wake)):
             sock = ctx.socket(kind)
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             sock.connect(f"ipc://{folder}/{name}")
             for frame in (b"", b"\xc1garbage", msg, stranger.seal(msg), stranger.seal(b"\x93\x01")):
                 sock.send(frame)
-            sock.close(linger=2000)
+            assert monitor.poll(5000), f"a peer sending bad frames to {name} was not dropped"
+            sock.close(linger=0)
+            raw = socket.socket(socket.AF_UNIX)        # a peer whose greeting is garbage
+            raw.settimeout(5)
+            raw.connect(f"{folder}/{name}")
+            raw.sendall(b"\xff" + os.urandom(128))
+            try:
+                while raw.recv(4096):                  # zmq's greeting, then the end: dropped
+                    pass
+            except ConnectionResetError:
+                pass
+            raw.close()
         time.sleep(1.5)
         assert greedy(s.url) == before            # still serving, the same tokens
         log = s.output()
-        for where in ("the API server's output socket", "the API server's request socket", "the wake channel"):
-            assert f"frame(s) on {where}" in log, where
+        for name, where in names.items():
+            assert f"frame(s) on {where} (and the peer" in log, where
+            assert len(re.findall(f"frame\\(s\\) on {where}", log)) == 1, where     # a burst is logged once
         assert httpx.get(s.url + "/health").status_code == 200
 
         stream = Stream(s.url, 200)
@@ -157,20 +176,22 @@ def test_bad_frames_are_dropped_and_a_stopped_engine_ends_the_server(qwen3_moe_d
             os.killpg(s.proc.pid, signal.SIGKILL)
 
 
-def _rank(rank: int, port: int, results) -> None:
+def _rank(rank: int, port: int, address: str, results) -> None:
     import torch
     import torch.distributed as dist
 
     from epplat.config import ParallelConfig
     from epplat.core.distributed.parallel_state import init_parallel
-    par = ParallelConfig(data_parallel_size=2, data_parallel_rpc_port=port, distributed_timeout_seconds=3,
-                         enable_expert_parallel=True)
+    par = ParallelConfig(data_parallel_size=2, data_parallel_rpc_port=port, data_parallel_address=address,
+                         distributed_timeout_seconds=3, enable_expert_parallel=True)
     ps = init_parallel(par, rank, "gloo")
     gathered = [torch.zeros(1) for _ in range(2)]
     dist.all_gather(gathered, torch.ones(1), group=ps.dp_group)
+    results.put((f"listeners of rank {rank}", tcp_listeners(os.getpid())))
     if rank == 1:
+        results.close()
+        results.join_thread()                         # sent before it stops
         os.kill(os.getpid(), signal.SIGSTOP)          # a wedged peer
-    results.put(("listeners", tcp_listeners(port)))
     t0 = time.time()
     try:
         dist.all_gather(gathered, torch.ones(1), group=ps.dp_group)
@@ -179,27 +200,89 @@ def _rank(rank: int, port: int, results) -> None:
         results.put(("timed out", time.time() - t0))
 
 
-def tcp_listeners(port: int) -> list[str]:
-    """Local addresses (hex, as /proc/net/tcp has them) listening on `port`."""
-    with open("/proc/net/tcp") as f:
-        rows = [line.split() for line in f.readlines()[1:]]
-    return [r[1].split(":")[0] for r in rows if r[3] == "0A" and int(r[1].split(":")[1], 16) == port]
+def tcp_listeners(pid: int) -> dict[int, str]:
+    """{port: local address} of the TCP sockets process `pid` listens on (from /proc/net/tcp*)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in (line.split() for line in f.readlines()[1:]):
+                if row[9] in inodes and row[3] == "0A":        # LISTEN
+                    addr, port = row[1].split(":")
+                    out[int(port, 16)] = socket.inet_ntoa(bytes.fromhex(addr)[::-1]) if len(addr) == 8 else addr
+    return out
 
 
-def test_the_store_binds_its_address_only_and_a_stopped_peer_times_a_collective_out():
+def host_address() -> str:
+    """This host's address on its default route (the loopback where it has none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))      # no packet is sent: only the route is looked up
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def test_the_store_and_gloo_bind_their_address_only_and_a_stopped_peer_times_a_collective_out():
+    """--data-parallel-address is the host's own (not where its host name resolves, the loopback here):
+    the store and every gloo listener of both ranks are there, none on another address or 0.0.0.0."""
     import multiprocessing
 
     from server_utils import rpc_port
     ctx = multiprocessing.get_context("spawn")
-    results, port = ctx.Queue(), rpc_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, results), daemon=True) for r in range(2)]
+    results, port, address = ctx.Queue(), rpc_port(), host_address()
+    procs = [ctx.Process(target=_rank, args=(r, port, address, results), daemon=True) for r in range(2)]
     for p in procs:
         p.start()
     try:
-        got = dict(results.get(timeout=120) for _ in range(2))
-        assert got["listeners"] == ["0100007F"]            # 127.0.0.1, not 0.0.0.0
+        got = dict(results.get(timeout=120) for _ in range(3))
+        head, other = got["listeners of rank 0"], got["listeners of rank 1"]
+        assert head.get(port) == address and len(head) > 1 and len(other) > 1, (head, other)   # store, gloo pairs
+        assert set(head.values()) == set(other.values()) == {address}, (address, head, other)
         assert 2.5 < got["timed out"] < 15                  # --distributed-timeout-seconds 3, not hours
     finally:
         for p in procs:
             p.kill()
             p.join()
+
+
+@pytest.mark.slow
+def test_a_killed_head_of_two_nodes_leaves_no_orphan_and_both_restart_on_the_same_ports(qwen3_moe_dir):
+    """DP=2 + EP over two (loopback) nodes: SIGKILL of the head's launcher with a stream in flight ends
+    every process of both nodes within 10 s (none keeps the TCPStore or a zmq port), and the same two
+    commands then serve again on the same ports, with the same greedy tokens."""
+    from server_utils import kill_headless, rpc_port, start_headless
+    common = ["--dtype", "float32", "-dp", "2", "--data-parallel-size-local", "1", "--data-parallel-address",
+              "127.0.0.1", "--data-parallel-rpc-port", str(rpc_port()), "-ep", "--max-model-len", "256"]
+    model, http_port, texts = str(qwen3_moe_dir), None, []
+    for run in ("killed", "restarted"):
+        headless = start_headless(model, "--data-parallel-start-rank", "1", *common)
+        head = None
+        try:
+            head = Server(model, *common, port=http_port, timeout=180)
+            http_port = head.port
+            texts.append(greedy(head.url))
+            if run == "killed":
+                stream = Stream(head.url, 200)
+                assert stream.started.wait(60) and stream.chunks, head.output()[-3000:]
+                os.kill(head.proc.pid, signal.SIGKILL)      # the head's launcher only, as the OOM killer would
+                head.proc.wait(10)
+                left = wait_gone(head.proc.pid, 10) + wait_gone(headless.pid, 10)
+                assert not left, f"processes outlived the killed head by 10 s: {left}"
+            else:
+                head.stop()
+                headless.wait(30)         # its engines end with the head's
+        finally:
+            if head is not None:
+                head.stop()
+                if group_pids(head.proc.pid):
+                    os.killpg(head.proc.pid, signal.SIGKILL)
+            kill_headless(headless)
+    assert texts[0] == texts[1]

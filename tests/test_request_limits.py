@@ -1,6 +1,6 @@
 """What one request may cost the API server, with a real server: a 50 MB body is refused
-while it is read and a long prompt is tokenized beside the event loop (/health answers
-within 100 ms throughout); the API key is checked before the body is read; caller chat
+while it is read, a long prompt is tokenized and a 12 MB token-id prompt parsed beside the
+event loop (/health answers within 100 ms throughout); the API key is checked before the body is read; caller chat
 templates and rendering options are refused; prompts x n is capped; non-finite and
 mistyped numbers are 400; X-Forwarded-For is not believed; a taken port is reported before
 any engine starts; the OpenAPI schema says what the server does (schemathesis, bounded)."""
@@ -63,6 +63,7 @@ def post(url: str, body: bytes, headers=KEY) -> httpx.Response:
 def test_health_answers_while_a_huge_body_and_a_long_prompt_are_handled(server):
     huge = json.dumps({"prompt": "x" * 50_000_000, "max_tokens": 4}).encode()      # encoded before polling
     long_prompt = json.dumps({"prompt": "hello world, " * 100_000, "max_tokens": 4}).encode()   # 1.3 MB
+    ids = b'{"prompt": [' + b",".join([b"1234"] * 2_500_000) + b'], "max_tokens": 4}'       # 12.5 MB of token ids
     before = rss_mib(server.proc.pid)
     poller = HealthPoller(server.url)
     time.sleep(0.3)
@@ -73,6 +74,8 @@ def test_health_answers_while_a_huge_body_and_a_long_prompt_are_handled(server):
     r = post(server.url + "/v1/completions", long_prompt)
     t2 = time.perf_counter()
     assert r.status_code == 400 and re.search(r"your prompt has \d{6} tokens", r.json()["error"]["message"]), r.text
+    r = post(server.url + "/v1/completions", ids)      # parsed and refused in a tokenizer worker, not on the loop
+    assert r.status_code == 400 and "your prompt has 2500000 tokens" in r.json()["error"]["message"], r.text
     time.sleep(0.3)
     poller.stop.set()
     poller.join()

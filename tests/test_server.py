@@ -270,7 +270,21 @@ def value(families, sample, **labels) -> float:
 def test_metrics_have_vllms_families_and_move_under_load(qwen_server, client):
     url, shared = qwen_server.url, "Experts are routed to tokens by a gate; " * 6
     client.completions.create(model="qwen-test", prompt=shared + "warm", max_tokens=2, temperature=0)
-    before = scrape(url)
+    # While a stream runs in the engine the gauges see it. How far the client has read says nothing of how
+    # far the engine is (a stalled test process found a 1,500-token stream finished at its first chunk), so
+    # the stream is one the engine cannot finish within the scrapes (3,900 tokens), closed after them.
+    long = {"model": "qwen-test", "prompt": shared, "max_tokens": 3900, "ignore_eos": True, "stream": True}
+    done = value(scrape(url), "vllm:request_success_total")
+    with httpx.stream("POST", url + "/v1/completions", json=long, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+        during = [scrape(url) for _ in range(3)]
+    assert all(value(d, "vllm:request_success_total") == done for d in during)    # the stream had not ended
+    assert max(value(d, "vllm:num_requests_running") for d in during) > 0
+    assert max(value(d, "vllm:kv_cache_usage_perc") for d in during) > 0
+    deadline = time.monotonic() + 20       # closed: aborted, its blocks freed
+    while value(before := scrape(url), "vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.1)
     for kind, names in VLLM_FAMILIES.items():
         for name in names:
             assert before.get(f"vllm:{name}", (None,))[0] == kind, (name, before.get(f"vllm:{name}"))

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 
+import torch
 import torch.distributed as dist
 
 from epplat.core.distributed import parallel_state
@@ -23,18 +24,43 @@ from epplat.core.distributed.parallel_state import ParallelState, make_groups
 logger = logging.getLogger(__name__)
 
 
-def join_world(parallel, st: ParallelState, generation: int, world_size: int, backend: str) -> None:
-    """Leave the current world (if any) and join generation ``generation`` of ``world_size`` ranks;
-    ``st`` is updated in place (every component holds it)."""
+JOIN_TIMEOUT_S = 30.0     # the new ranks are loaded when the scale call comes: joining takes well under this
+
+
+class JoinAborted(RuntimeError):
+    """Not every rank of the new world checked in; the ranks that were serving keep their world."""
+
+
+def rendezvous(parallel, rank: int, generation: int, world_size: int, old_group=None,
+               timeout: float = JOIN_TIMEOUT_S) -> "dist.FileStore":
+    """Check in to generation ``generation`` and wait for all ``world_size`` ranks, before anything of the
+    current world is given up. The ranks that were serving agree over ``old_group`` whether everyone came;
+    JoinAborted (on all of them) when not."""
+    store = dist.FileStore(os.path.join(parallel.ipc_dir, f"store-g{generation}"), world_size)
+    store.add("epplat/joined", 1)
+    deadline = time.monotonic() + timeout
+    while (n := store.add("epplat/joined", 0)) < world_size and time.monotonic() < deadline:
+        time.sleep(0.005)
+    came = torch.tensor([int(n >= world_size)])
+    if old_group is not None:
+        dist.all_reduce(came, op=dist.ReduceOp.MIN, group=old_group)
+    if not int(came):
+        raise JoinAborted(f"{n} of {world_size} ranks joined world generation {generation} within {timeout:g} s")
+    return store
+
+
+def join_world(parallel, st: ParallelState, generation: int, world_size: int, backend: str, store) -> None:
+    """Leave the current world (if any) and join generation ``generation`` of ``world_size`` ranks over
+    ``store`` (from rendezvous); ``st`` is updated in place (every component holds it)."""
     t0 = time.perf_counter()
     if dist.is_initialized():
         dist.destroy_process_group()
     timeout = parallel_state.collective_timeout() or datetime.timedelta(
         seconds=parallel.distributed_timeout_seconds)
     parallel_state._timeout = timeout
-    store = dist.FileStore(os.path.join(parallel.ipc_dir, f"store-g{generation}"), world_size)
     st.world_size = st.dp_size = world_size
     st.dp_rank = st.rank
+    parallel_state.bind_gloo_to("127.0.0.1")       # single node: gloo on the loopback
     dist.init_process_group(backend, store=store, rank=st.rank, world_size=world_size, timeout=timeout)
     make_groups(st, timeout)
     logger.info("elastic EP: rank %d joined world generation %d of %d ranks in %.2f s", st.rank, generation,

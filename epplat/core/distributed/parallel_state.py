@@ -9,8 +9,11 @@ the TP group. A single process needs no torch.distributed at all.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import logging
+import os
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -72,6 +75,7 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
     global _timeout
     timeout = _timeout = datetime.timedelta(seconds=parallel.distributed_timeout_seconds)
     init = parallel.dist_init_method()
+    bind_gloo_to("127.0.0.1" if init else _source_address(parallel.data_parallel_address))
     store = None if init else _tcp_store(parallel, rank, st.world_size, timeout)
     dist.init_process_group(backend, init_method=init, store=store, rank=rank, world_size=st.world_size,
                             timeout=timeout)
@@ -94,6 +98,40 @@ def make_groups(st: ParallelState, timeout) -> None:
         st.tp_group = st.tp_cpu_group = None
     logger.info("rank %d/%d: DP rank %d, TP rank %d, EP %s", st.rank, st.world_size, st.dp_rank, st.tp_rank,
                 f"rank {st.ep_rank}/{st.ep_size}" if st.ep else "off")
+
+
+def _source_address(head: str) -> str:
+    """This host's address towards `head` (the address itself on the head's host)."""
+    family = socket.AF_INET6 if ":" in head else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((head, 9))            # no packet is sent: only the route is looked up
+        return s.getsockname()[0]
+
+
+def bind_gloo_to(address: str) -> None:
+    """Gloo's listeners go on the interface holding `address` (the loopback on a single node), not on
+    whatever the host name resolves to; GLOO_SOCKET_IFNAME, when set, is the operator's choice."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    name = _interface_of(address)
+    if name is None:
+        logger.warning("no network interface holds %s; gloo listens where the host name resolves", address)
+        return
+    os.environ["GLOO_SOCKET_IFNAME"] = name
+
+
+def _interface_of(address: str) -> Optional[str]:
+    """The interface whose (first) IPv4 address is `address`; None for another one (or IPv6)."""
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+            if socket.inet_ntoa(raw[20:24]) == address:
+                return name
+    return None
 
 
 def _tcp_store(parallel, rank: int, world_size: int, timeout) -> "dist.TCPStore":

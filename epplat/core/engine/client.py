@@ -1,8 +1,11 @@
 """The engine client (frontend side): starts engine cores, sends requests, streams outputs.
 
-It runs in the API server's event loop. Each request gets a queue; a reader task
-routes engine outputs to those queues, detokenizes them and applies stop strings.
-Closing a request's output iterator early aborts it in the engine.
+It runs in the API server's event loop. A reader task takes the engine outputs that have
+arrived, in batches; a detokenizer thread turns each batch into text deltas (and applies
+stop strings) while the loop goes on serving; each request then finds what came for it
+merged into one output since it last looked (as vLLM's output collector does), so a
+consumer that falls behind catches up in one step instead of holding the loop token by
+token. Closing a request's output iterator early aborts it in the engine.
 
 An engine is dead when its process exits, when it says so, or when it has sent nothing
 (not even a heartbeat) for ``engine_iteration_timeout_s``; then every in-flight request
@@ -17,7 +20,8 @@ import itertools
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 import msgspec
@@ -30,6 +34,8 @@ from epplat.core.engine.detokenizer import IncrementalDetokenizer
 from epplat.core.engine.frame_auth import BadFrame, FrameAuth
 
 logger = logging.getLogger(__name__)
+
+MAX_BATCH_FRAMES = 256    # engine output frames the reader takes before handing them to the detokenizer
 
 
 class EngineError(RuntimeError):
@@ -48,28 +54,75 @@ class CompletionOutput:
     num_output_tokens: int
     kv_transfer_params: Optional[dict] = None
     times: Optional[P.RequestTimes] = None     # the engine's queue / prefill / decode times, when finished
+    step_times: list[float] = field(default_factory=list)   # when each engine step's tokens arrived (monotonic)
+
+    def merged(self, later: "CompletionOutput") -> "CompletionOutput":
+        """This delta followed by a later one, as one."""
+        lps = None if self.logprobs is None and later.logprobs is None else (self.logprobs or []) + (later.logprobs or [])
+        return CompletionOutput(later.request_id, self.text + later.text, self.token_ids + later.token_ids, lps,
+                                later.finish_reason, later.stop_reason, later.num_prompt_tokens,
+                                later.num_output_tokens, later.kv_transfer_params or self.kv_transfer_params,
+                                later.times or self.times, self.step_times + later.step_times)
 
 
 class _RequestState:
     def __init__(self, request_id: str, params: P.SamplingParams, tokenizer, num_prompt: int):
         self.request_id = request_id
-        self.queue: asyncio.Queue = asyncio.Queue()
         self.detok = IncrementalDetokenizer(tokenizer, params.stop, params.skip_special_tokens,
                                             params.include_stop_str_in_output)
         self.num_prompt = num_prompt
         self.num_output = 0
         self.engine_done = False
+        self.finished = False                     # a finish (the engine's or a stop string) was processed
+        self.pending: Optional[CompletionOutput] = None
+        self.error: Optional[Exception] = None
+        self.ready = asyncio.Event()
 
-    def process(self, out: P.EngineOutput) -> CompletionOutput:
+    def process(self, out: P.EngineOutput, arrived: float) -> Optional[CompletionOutput]:
+        """One engine output as a text delta (in the detokenizer thread); None after the finish."""
+        if self.finished:
+            return None
         self.num_output += len(out.new_token_ids)
         finish, reason = out.finish_reason, out.stop_reason
         self.engine_done = finish is not None
         matched = self.detok.add(out.new_token_ids, final=finish is not None)
         if matched is not None:
             finish, reason = "stop", matched
+        self.finished = finish is not None
         return CompletionOutput(self.request_id, self.detok.delta(final=finish is not None),
                                 list(out.new_token_ids), out.logprobs, finish, reason,
-                                self.num_prompt, self.num_output, out.kv_transfer_params, out.times)
+                                self.num_prompt, self.num_output, out.kv_transfer_params, out.times,
+                                [arrived] if out.new_token_ids else [])
+
+    def put(self, out: CompletionOutput) -> None:
+        self.pending = out if self.pending is None else self.pending.merged(out)
+        self.ready.set()
+
+    def fail(self, err: Exception) -> None:
+        self.error = err
+        self.ready.set()
+
+    async def get(self) -> CompletionOutput:
+        """Everything that came since the last call, merged; the request's error after that."""
+        await self.ready.wait()
+        out, self.pending = self.pending, None
+        if out is not None:
+            if self.error is None:
+                self.ready.clear()
+            return out
+        raise self.error
+
+
+def _process(batch: list, arrived: float) -> list:
+    """[(state, engine output)] -> [(state, delta or exception)]: the detokenizer thread's work."""
+    done = []
+    for st, out in batch:
+        try:
+            done.append((st, st.process(out, arrived)))
+        except Exception as e:
+            logger.error("request %s: detokenization failed: %s: %s", st.request_id, type(e).__name__, e)
+            done.append((st, e))
+    return done
 
 
 class EngineClient:
@@ -102,7 +155,7 @@ class EngineClient:
         self._last_check = 0.0
         self._started = False
         self._ready: set[int] = set()
-        self._last_stats = P.EngineStats()
+        self._detokenizer = ThreadPoolExecutor(1, thread_name_prefix="epplat-detokenizer")
 
     # -- startup -------------------------------------------------------------------------
     async def start(self, timeout: float = 600.0) -> None:
@@ -133,6 +186,7 @@ class EngineClient:
                 t.cancel()
             self.router.close(linger=0)
             self.output.close(linger=0)
+        self._detokenizer.shutdown(wait=False, cancel_futures=True)
 
     # -- health --------------------------------------------------------------------------
     @property
@@ -151,7 +205,7 @@ class EngineClient:
             for cb in self.on_dead:
                 cb()
         for st in self.states.values():
-            st.queue.put_nowait(err)
+            st.fail(err)
         for fut in self.calls.values():
             if not fut.done():
                 fut.set_exception(err)
@@ -160,12 +214,12 @@ class EngineClient:
         try:
             return self.auth.decode(P.message_decoder, frame)
         except BadFrame as e:
-            self.auth.dropped(where, e)
+            self.auth.dropped(where, e, frame)
             return None
 
     async def _read_router(self) -> None:
         while True:
-            frames = await self.router.recv_multipart()
+            frames = await self.router.recv_multipart(copy=False)
             msg = self._decode(frames[-1], "the API server's request socket")
             if isinstance(msg, P.EngineReady) and msg.engine_index in self.load:
                 self.max_model_len, self.vocab_size = msg.max_model_len, msg.vocab_size
@@ -182,34 +236,49 @@ class EngineClient:
                 self._mark_dead(f"DP rank {r} sent nothing (not even a heartbeat) for {limit:g} s")
 
     async def _read_outputs(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             if await self.output.poll(1000) == 0:
                 if self.healthy:    # notices a dead engine process
                     self._check_heartbeats()
                 continue
-            msg = self._decode(await self.output.recv(), "the API server's output socket")
-            index, now = getattr(msg, "engine_index", None), time.monotonic()
-            if index in self.last_heard:
-                self.last_heard[index] = now
+            frames = [await self.output.recv(copy=False)]
+            while len(frames) < MAX_BATCH_FRAMES and self.output.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                frames.append(await self.output.recv(copy=False))     # there: returns at once
+            now, batch = time.monotonic(), []
+            for frame in frames:
+                self._handle(self._decode(frame, "the API server's output socket"), now, batch)
             if now - self._last_check > 1.0 and not self.output.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 self._last_check = now      # busy, but nothing queued: a silent engine is silent
                 self._check_heartbeats()
-            if isinstance(msg, P.EngineOutputs):
-                if msg.stats is not None:
-                    self.engine_stats[msg.engine_index] = msg.stats
-                for out in msg.outputs:
-                    st = self.states.get(out.request_id)
-                    if st is not None:
-                        st.queue.put_nowait(out)
-            elif isinstance(msg, P.UtilityResult):
-                fut = self.calls.get(msg.call_id)
-                if fut and not fut.done():
-                    if msg.error:
-                        fut.set_exception(EngineError(msg.error))
-                    else:
-                        fut.set_result(msg.result)
-            elif isinstance(msg, P.EngineDead):
-                self._mark_dead(f"DP rank {msg.engine_index}: {msg.reason}")
+            if batch:
+                for st, out in await loop.run_in_executor(self._detokenizer, _process, batch, now):
+                    if isinstance(out, Exception):
+                        st.fail(out)
+                    elif out is not None:
+                        st.put(out)
+
+    def _handle(self, msg, now: float, batch: list) -> None:
+        """One message from an engine; request outputs go into `batch` for the detokenizer."""
+        index = getattr(msg, "engine_index", None)
+        if index in self.last_heard:
+            self.last_heard[index] = now
+        if isinstance(msg, P.EngineOutputs):
+            if msg.stats is not None:
+                self.engine_stats[msg.engine_index] = msg.stats
+            for out in msg.outputs:
+                st = self.states.get(out.request_id)
+                if st is not None:
+                    batch.append((st, out))
+        elif isinstance(msg, P.UtilityResult):
+            fut = self.calls.get(msg.call_id)
+            if fut and not fut.done():
+                if msg.error:
+                    fut.set_exception(EngineError(msg.error))
+                else:
+                    fut.set_result(msg.result)
+        elif isinstance(msg, P.EngineDead):
+            self._mark_dead(f"DP rank {msg.engine_index}: {msg.reason}")
 
     # -- requests ------------------------------------------------------------------------
     def _pick_engine(self) -> int:
@@ -244,10 +313,7 @@ class EngineClient:
                                                      self.eos_token_ids, time.time(), self.client_index,
                                                      kv_transfer_params))
             while True:
-                item = await st.queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                out = st.process(item)
+                out = await st.get()
                 if out.finish_reason is not None:
                     finished = True
                     yield out

@@ -71,8 +71,7 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, 
         ps = (init_parallel(par, rank, platform.dist_backend) if join is None else   # joins later, in elastic.join
               ParallelState(rank=rank, world_size=par.world_size, dp_rank=rank, dp_size=par.data_parallel_size,
                             ep=par.enable_expert_parallel))
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, _local_procs(cfg))))
-        platform.max_threads = torch.get_num_threads()
+        platform.max_threads = _share_threads(_local_procs(cfg))
         runner = ModelRunner(cfg, platform, device, ps)
         if ps.is_driver:
             core = EngineCore(cfg, platform, device, ps, runner)
@@ -110,6 +109,15 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, 
         raise
     finally:
         io.close()
+
+
+_ALL_THREADS = torch.get_num_threads()   # the machine's, before this process takes its share
+
+
+def _share_threads(local_procs: int) -> int:
+    """This process's share of the machine's threads among ``local_procs`` engine processes."""
+    torch.set_num_threads(max(1, _ALL_THREADS // max(1, local_procs)))
+    return torch.get_num_threads()
 
 
 def _local_procs(cfg: EngineConfig) -> int:
@@ -214,7 +222,8 @@ class _DriverIO:
     def _setup_wake_channel(self, par) -> None:
         pull_addr, pub_addr = par.wake_endpoints()
         if self.ps.dp_rank == 0:
-            threading.Thread(target=_wake_forwarder, args=(self.ctx, pull_addr, pub_addr), daemon=True).start()
+            args = (self.ctx, pull_addr, pub_addr, FrameAuth(par.internal_secret))
+            threading.Thread(target=_wake_forwarder, args=args, daemon=True).start()
         self.wake_out = self.ctx.socket(zmq.PUSH)
         self.wake_out.connect(pull_addr)
         self.wake_in = self.ctx.socket(zmq.SUB)
@@ -325,6 +334,7 @@ class _DriverIO:
     def rescaled(self, watch: "_Liveness") -> None:
         """After this rank joined a world of another size: the store key, the wake channel, the waves."""
         ps = self.ps
+        self.core.runner.platform.max_threads = _share_threads(ps.world_size)   # one node (config.py says so)
         store = dist.distributed_c10d._get_default_store()
         watch.store = store if ps.rank else None
         if ps.rank == 0:
@@ -355,12 +365,20 @@ def _api_server_count(par, ps: ParallelState) -> int:
     return int(store.get(_STORE_KEY))
 
 
-def _wake_forwarder(ctx, pull_addr: str, pub_addr: str) -> None:
+def _wake_forwarder(ctx, pull_addr: str, pub_addr: str, auth: FrameAuth) -> None:
+    """PULL -> PUB, forwarding authentic frames only (a stranger's are dropped, with the stranger)."""
     pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
     pull.bind(pull_addr)
     pub.bind(pub_addr)
     try:
-        zmq.proxy(pull, pub)
+        while True:
+            frame = pull.recv(copy=False)
+            try:
+                auth.open(frame)
+            except BadFrame as e:
+                auth.dropped("the wake channel", e, frame)
+                continue
+            pub.send(frame)
     except zmq.ContextTerminated:
         pass
 
@@ -414,12 +432,17 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
 
 def _rescale(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> bool:
     """Run the scale call every rank agreed on; False when this rank left the group."""
+    from epplat.core.distributed.elastic_world import JoinAborted
     from epplat.core.engine import elastic
     call, io.scale = io.scale, None
     new_size, generation = call.args
     t0 = time.perf_counter()
     try:
         stays = elastic.rescale(core, ps, new_size, generation, io.wave)
+    except JoinAborted as e:     # nothing changed here: this rank serves on in its world
+        logger.error("elastic EP: scale to %d DP ranks aborted: %s", new_size, e)
+        io._send(call.client_index, P.UtilityResult(call.call_id, error=str(e)))
+        return True
     except Exception as e:
         io._send(call.client_index, P.UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}"))
         raise

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from epplat.core.distributed.elastic_world import join_world
+from epplat.core.distributed.elastic_world import join_world, rendezvous
 from epplat.core.moe import eplb_transfer
 from epplat.core.moe.all2all import ExpertMap
 from epplat.core.moe.elastic_placement import initial_placement, move_experts, moe_layers, new_placement, placement
@@ -43,11 +43,13 @@ def rescale(core, ps, new_size: int, generation: int, wave: int) -> bool:
         if ps.rank >= new_size:
             logger.info("elastic EP: DP rank %d handed its experts over and leaves", ps.rank)
             return False
-        join_world(runner.cfg.parallel, ps, generation, new_size, runner.platform.dist_backend)
+        store = rendezvous(runner.cfg.parallel, ps.rank, generation, new_size)
+        join_world(runner.cfg.parallel, ps, generation, new_size, runner.platform.dist_backend, store)
         _adopt(runner, ps, per_rank)
         eplb_transfer.commit(staged, layers, new[:, :per_rank * new_size])
     else:
-        join_world(runner.cfg.parallel, ps, generation, new_size, runner.platform.dist_backend)
+        store = rendezvous(runner.cfg.parallel, ps.rank, generation, new_size, ps.dp_group)   # JoinAborted
+        join_world(runner.cfg.parallel, ps, generation, new_size, runner.platform.dist_backend, store)
         moves = _grow(runner, ps, layers, per_rank, old_size, old, wave)[1]
     if ps.rank == 0:
         logger.info("elastic EP: %d -> %d DP ranks (world generation %d): %d expert moves, %.2f s on this rank",
@@ -59,7 +61,8 @@ def join(core, ps, generation: int, old_size: int) -> int:
     """A new rank's part of a scale-up (its ``ps`` already names its rank and the new size); returns the
     wave number the running ranks are at."""
     runner = core.runner
-    join_world(runner.cfg.parallel, ps, generation, ps.dp_size, runner.platform.dist_backend)
+    store = rendezvous(runner.cfg.parallel, ps.rank, generation, ps.dp_size)
+    join_world(runner.cfg.parallel, ps, generation, ps.dp_size, runner.platform.dist_backend, store)
     return _grow(runner, ps, moe_layers(runner.model), runner.all2all.expert_map.num_local, old_size, None, 0)[0]
 
 

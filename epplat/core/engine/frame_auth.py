@@ -5,7 +5,9 @@ Every frame carries a keyed BLAKE2b tag of its bytes under the deployment's secr
 (``--internal-secret`` / ``EPPLAT_INTERNAL_SECRET``; generated per run on a single node).
 A frame whose tag does not match, or that does not decode, is dropped and logged (at most
 once a second per socket) and the receiver goes on: no peer can crash or steer an engine
-or an API server with bytes it made up.
+or an API server with bytes it made up. The peer that sent it is dropped too (its connection
+shut, when the frame was received as a zmq.Frame, which knows it); a peer whose greeting is
+not ZMTP's is dropped by zmq itself.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
+import socket
 import time
 
 import msgspec
+import zmq
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +58,29 @@ class FrameAuth:
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise BadFrame(f"undecodable message: {e}") from None
 
-    def dropped(self, where: str, err: Exception) -> None:
-        """Log a dropped frame; a flood is summarized once a second."""
+    def dropped(self, where: str, err: Exception, frame=None) -> None:
+        """Log a dropped frame (a flood is summarized once a second) and drop the peer that sent `frame`."""
+        peer = _drop_sender(frame) if isinstance(frame, zmq.Frame) else None
         now = time.monotonic()
         last, count = self._dropped.get(where, (0.0, 0))
         count += 1
         if now - last >= 1.0:
-            logger.warning("dropped %d frame(s) on %s: %s", count, where, err)
+            logger.warning("dropped %d frame(s) on %s%s: %s", count, where, f" (and the peer {peer})" if peer else "",
+                           err)
             last, count = now, 0
         self._dropped[where] = [last, count]
+
+
+def _drop_sender(frame: "zmq.Frame") -> str:
+    """Shut the connection `frame` came on (zmq then forgets that peer); its address, for the log."""
+    try:
+        fd = frame.get(zmq.SRCFD)
+        with socket.socket(fileno=os.dup(fd)) as s:
+            s.shutdown(socket.SHUT_RDWR)
+    except (zmq.ZMQError, OSError):
+        return ""
+    try:
+        return frame.get("Peer-Address") or "on a local socket"
+    except zmq.ZMQError:
+        return "on a local socket"
+

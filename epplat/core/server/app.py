@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from epplat import __version__
 from epplat.core.engine.client import sum_stats
+from epplat.core.server.body_check import invalid_json, validation_error
 from epplat.core.server.metrics import CONTENT_TYPE, Metrics
 from epplat.core.server.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, error_response)
@@ -77,15 +78,14 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
     async def _api_error(_, exc: APIError):
         return error_response(exc)
 
+    app.state.check_body = lambda kind, body: pool.check_body(kind, body, serving.max_model_len, max_choices)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_, exc: RequestValidationError):
         err = (exc.errors() or [{}])[0]
-        ctx = err.get("ctx") or {}
         if err.get("type") == "json_invalid":
-            return error_response(APIError(400, f"The request body is not valid JSON: {ctx.get('error', '')}"))
-        field = ".".join(str(x) for x in err.get("loc", ())[1:])
-        msg = err.get("msg", "Invalid request.")
-        return error_response(APIError(400, f"{field}: {msg}" if field else msg, ctx.get("param") or field or None))
+            return error_response(invalid_json((err.get("ctx") or {}).get("error", "")))
+        return error_response(validation_error({**err, "loc": err.get("loc", ())[1:]}))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, exc: StarletteHTTPException):
@@ -113,11 +113,11 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
 
     @app.post("/tokenize", response_model=tok_api.TokenizeResponse, responses=_ERRORS)
     async def tokenize(raw: Request):
-        return await tok_api.tokenize(serving, tok_api.parse(tok_api.TokenizeRequest, await _body(raw)))
+        return await tok_api.tokenize(serving, tok_api.parse(tok_api.TokenizeRequest, await _body(raw, "tokenize")))
 
     @app.post("/detokenize", response_model=tok_api.DetokenizeResponse, responses=_ERRORS)
     async def detokenize(raw: Request):
-        return tok_api.detokenize(serving, tok_api.parse(tok_api.DetokenizeRequest, await _body(raw)))
+        return tok_api.detokenize(serving, tok_api.parse(tok_api.DetokenizeRequest, await _body(raw, "detokenize")))
 
     @app.get("/version")
     async def version():
@@ -160,7 +160,7 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
         return await serving.chat(req, raw)
 
     app.include_router(v1)
-    elastic_scaler.add_routes(app, client)
+    elastic_scaler.add_routes(app, client, metrics)
     app.openapi = functools.partial(_openapi_without_422, app)
     return app
 
@@ -173,11 +173,13 @@ _STREAMS = {200: {"description": "A JSON body, or server-sent events with `strea
                   "content": {"application/json": {}, "text/event-stream": {}}}}
 
 
-async def _body(raw: Request):
+async def _body(raw: Request, kind: str):
+    body = await raw.body()
+    await raw.app.state.check_body(kind, body)
     try:
-        return _decode_json(await raw.body())
+        return _decode_json(body)
     except msgspec.DecodeError as e:
-        raise APIError(400, f"The request body is not valid JSON: {e}") from None
+        raise invalid_json(e) from None
 
 
 def _openapi_without_422(app: FastAPI) -> dict:
@@ -202,14 +204,21 @@ class _MsgspecJSONRequest(Request):
         return self._json
 
 
+_BODY_KINDS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+
+
 class _MsgspecJSONRoute(APIRoute):
-    """Request bodies parsed by msgspec (FastAPI's own handler then validates them)."""
+    """Request bodies parsed by msgspec (FastAPI's own handler then validates them); a large one is
+    parsed and checked in a tokenizer worker first (body_check.py)."""
 
     def get_route_handler(self):
-        handler = super().get_route_handler()
+        handler, kind = super().get_route_handler(), _BODY_KINDS.get(self.path)
 
         async def route(request: Request):
-            return await handler(_MsgspecJSONRequest(request.scope, request.receive))
+            request = _MsgspecJSONRequest(request.scope, request.receive)
+            if kind is not None:
+                await request.app.state.check_body(kind, await request.body())
+            return await handler(request)
         return route
 
 

@@ -47,9 +47,9 @@ def parse_scale_body(body) -> tuple[int, int]:
 class ElasticScaler:
     """The scale operations of one API server's engine client (the only API server: config.py says so)."""
 
-    def __init__(self, client):
+    def __init__(self, client, metrics=None):
         from epplat.core.model.registry import architecture
-        self.client = client
+        self.client, self.metrics = client, metrics
         self.scaling = False
         self.generation = 0              # world generation; the startup world is 0
         self.phases: dict[str, float] = {}     # seconds of each part of the last scale (logged)
@@ -85,8 +85,11 @@ class ElasticScaler:
             self.scaling = False
             if self.spare is None or not self.spare.proc.is_alive():
                 self.spare = SpareEngine()           # for the next scale-up
-        logger.info("elastic EP: scaled from %d to %d data parallel engines in %.2f s (%s)", old, new_size,
-                    time.perf_counter() - t0, ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items()))
+        took = time.perf_counter() - t0
+        logger.info("elastic EP: scaled from %d to %d data parallel engines in %.2f s (%s)", old, new_size, took,
+                    ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items()))
+        if self.metrics is not None and new_size != old:
+            self.metrics.elastic_scaled(old, new_size, took)
         return f"Scaled to {new_size} data parallel engines"
 
     def _new_rank_config(self, new_size: int):
@@ -107,6 +110,8 @@ class ElasticScaler:
         self.generation += 1            # every attempt its own store: a failed one may have written to its own
         generation, t0 = self.generation, time.monotonic()
         spare, self.spare = self.spare, None
+        if spare is not None and not spare.proc.is_alive():
+            spare = None                     # it died meanwhile: every new rank starts cold
         try:
             procs = await asyncio.to_thread(start_engines, cfg, dp_ranks=new_ranks,
                                             join={"generation": generation, "old_size": old}, spare=spare)
@@ -116,7 +121,14 @@ class ElasticScaler:
         self.phases["start"], t0 = time.monotonic() - t0, time.monotonic()
         for r in new_ranks:
             client.load[r] = 0                  # EngineReady from these ranks is now taken
-        await self._call_all(range(old), new_size, generation)
+        try:
+            await self._call_all(range(old), new_size, generation)
+        except APIError as e:                   # the running ranks kept their world (JoinAborted)
+            from epplat.core.distributed.launcher import stop_engines
+            await asyncio.to_thread(stop_engines, procs)
+            for r in new_ranks:
+                client.load.pop(r, None)
+            raise APIError(500, f"{e.message}; still {old} data parallel engines") from None
         self.phases["re-form"] = time.monotonic() - t0
         deadline = time.monotonic() + _CALL_TIMEOUT
         while not set(new_ranks) <= client._ready:
@@ -164,10 +176,10 @@ class ElasticScaler:
             raise APIError(500, f"Scale failed while the engines re-formed their group: {e}") from None
 
 
-def add_routes(app, client) -> None:
+def add_routes(app, client, metrics) -> None:
     """POST /scale_elastic_ep, /scale (the PR's first name) and /is_scaling_elastic_ep."""
     par = getattr(getattr(client, "cfg", None), "parallel", None)
-    state = {"scaler": ElasticScaler(client)} if par is not None and par.enable_elastic_ep else {}
+    state = {"scaler": ElasticScaler(client, metrics)} if par is not None and par.enable_elastic_ep else {}
 
     def scaler() -> ElasticScaler:
         if "scaler" not in state:

@@ -70,6 +70,10 @@ class Metrics:
         self.engine_requests = self.engine_requests_family.labels
         self._ranks: set = set()
         self.dp_size = gauge("epplat:data_parallel_size", "DP engines serving (elastic EP scales change it).")
+        self.scales = Counter("epplat:elastic_ep_scales", "Elastic EP scales done, by direction (up, down).",
+                              m + ["direction"], registry=r).labels
+        self.last_scale_seconds = gauge("epplat:elastic_ep_last_scale_seconds",
+                                        "Seconds the last elastic EP scale took, request to answer.")
         self.eplb_balancedness = gauge("epplat:eplb_balancedness", "EPLB: mean/max tokens per EP rank, last "
                                        "measured (a window with log_balancedness, or before a rebalance).")
         self.eplb_rebalances = gauge("epplat:eplb_rebalances", "EPLB rebalances since the engines started.")
@@ -104,6 +108,11 @@ class Metrics:
                 self.eplb_rebalances.set(st.eplb_rebalances)
         return generate_latest(self.registry)
 
+    def elastic_scaled(self, old_size: int, new_size: int, seconds: float) -> None:
+        self.scales(self.model, "up" if new_size > old_size else "down").inc()
+        self.last_scale_seconds.set(seconds)
+        self.dp_size.set(new_size)
+
     def _advance(self, key: str, counters: list, totals: tuple) -> None:
         """The engines report totals; the counters advance by what is new since the last render (an engine
         that restarted from zero adds from zero again)."""
@@ -123,16 +132,17 @@ class RequestTracker:
         self.last = arrival
         self.num_output = 0
 
-    def output(self, num_new_tokens: int) -> None:
-        if not num_new_tokens:
-            return
-        now = time.monotonic()
-        if self.first is None:
-            self.first = now
-            self.m.ttft.observe(now - self.arrival)
-        else:
-            self.m.itl.observe(now - self.last)
-        self.last = now
+    def output(self, num_new_tokens: int, step_times: list[float]) -> None:
+        """A delta of `num_new_tokens` tokens, from engine steps whose tokens arrived at `step_times`
+        (several when the consumer fell behind and their outputs were merged): one TTFT or ITL each, as in
+        vLLM, where they are measured per engine output."""
+        for t in step_times:
+            if self.first is None:
+                self.first = t
+                self.m.ttft.observe(t - self.arrival)
+            else:
+                self.m.itl.observe(t - self.last)
+            self.last = t
         self.num_output += num_new_tokens
 
     def finish(self, reason: str, num_prompt_tokens: int, times=None) -> None:

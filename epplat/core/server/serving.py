@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from epplat.core.engine.client import EngineError
 from epplat.core.engine.protocol import SamplingParams
+from epplat.core.server.body_check import choices_error, context_error, prompt_list
 from epplat.core.server.metrics import Metrics
 from epplat.core.server.tokenizer_pool import TokenizerPool
 from epplat.core.server.protocol import (
@@ -81,7 +82,7 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         arrival, created = time.monotonic(), int(time.time())
         model = self.check_model(req.model)
-        prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
+        prompts = prompt_list(req.prompt)
         self._check_choices(len(prompts), req.n)
         ids = [self._check_ids(await self._encode(p, req.add_special_tokens) if isinstance(p, str) else list(p))
                for p in prompts]
@@ -233,9 +234,9 @@ class OpenAIServing:
         return name
 
     def _check_choices(self, num_prompts: int, n: int) -> None:
-        if num_prompts * n > self.max_choices:
-            raise APIError(400, f"{num_prompts} prompt(s) x n={n} asks for {num_prompts * n} choices; this server "
-                                f"allows at most {self.max_choices} per request (--max-choices-per-request).", "n")
+        err = choices_error(num_prompts, n, self.max_choices)
+        if err:
+            raise err
 
     def _template_options(self, req) -> dict:
         """chat_template_kwargs (variables for the template) and a caller's own template, if trusted."""
@@ -260,8 +261,7 @@ class OpenAIServing:
         return ids
 
     def _context_error(self, prompt_len: int):
-        raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, your "
-                            f"prompt has {prompt_len} tokens. Please reduce the length of the prompt.", "prompt")
+        raise context_error(self.max_model_len, prompt_len)
 
     def _check_ids(self, ids: list[int]) -> list[int]:
         if not ids:
@@ -311,7 +311,7 @@ class OpenAIServing:
             async with contextlib.aclosing(self.client.generate(job.request_id, job.prompt_ids, job.params,
                                                                 job.kv_transfer_params)) as outputs:
                 async for out in outputs:
-                    track.output(len(out.token_ids))
+                    track.output(len(out.token_ids), out.step_times)
                     reason = out.finish_reason or reason
                     times = out.times or times
                     yield out

@@ -8,7 +8,8 @@ do, as the tokenizer's Rust and C steps hold the GIL for long stretches (a 5 MB 
 held it for 0.75 s at a time) and /health would wait on them. A worker sends the ids back
 only when they fit the context; otherwise just their count, for the 400. Chat templates
 render in a thread (transformers renders them in Jinja's ImmutableSandboxedEnvironment),
-so the loop keeps answering while a long conversation renders.
+so the loop keeps answering while a long conversation renders. A large request body is
+decoded and checked in a worker first (body_check.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import signal
 from array import array
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Optional
+
+from epplat.core.server import body_check
+from epplat.core.server.protocol import APIError
 
 IN_PLACE_CHARS = 4096
 
@@ -74,6 +78,14 @@ class TokenizerPool:
         ids = array("q")
         ids.frombytes(raw)
         return n, ids.tolist()
+
+    async def check_body(self, kind: str, body: bytes, max_model_len: int, max_choices: int) -> None:
+        """A body too large to parse on the loop is parsed in a worker first; raises its 400 if it fails there."""
+        if len(body) <= body_check.IN_PLACE_BODY_BYTES:
+            return
+        err = await asyncio.wrap_future(self._procs.submit(body_check.check, kind, body, max_model_len, max_choices))
+        if err is not None:
+            raise APIError(*err)
 
     async def render(self, fn, /, *args, **kwargs):
         """fn(*args, **kwargs) in a template thread."""

@@ -15,6 +15,7 @@ import weakref
 
 import torch
 import torch.distributed as dist
+import torch.utils._device
 
 if os.environ.get("SIM_NPU_BROKEN_CANN"):
     raise ImportError("libhccl.so: cannot open shared object file: No such file or directory")
@@ -43,9 +44,9 @@ def _set_device(device) -> None:
 
 # What torch holds on the simulated device: the bytes of every live storage made by the allocation kernels
 # below, and their peak since reset_peak_memory_stats. torch_npu's queries read its caching allocator's
-# statistics the same way (torch_npu/npu/memory.py in the torch-npu 2.13.0 / 2.14.0 wheels: memory_allocated
+# statistics the same way (Ascend/pytorch torch_npu/npu/memory.py, read at commit 026318d: memory_allocated
 # is "allocated_bytes.all.current", max_memory_allocated "allocated_bytes.all.peak", memory_reserved
-# "reserved_bytes.all.current"); there is no caching here, so reserved equals allocated and empty_cache frees
+# "reserved_bytes.all.current", as torch.cuda's); there is no caching here, so reserved equals allocated and empty_cache frees
 # nothing. mem_get_info reports the host's memory (where "npu" tensors live), so the budget's "outside torch"
 # term is every other use of it; SIM_NPU_HBM_BYTES=N makes it an N-byte device that only torch uses.
 _stats = {"current": 0, "peak": 0}
@@ -99,6 +100,9 @@ def _made_on_host(factory):
     return make
 
 
+# `with torch.device(...)` gives a device to the factories of this cached set: fill it with torch's own
+# functions first (the wrappers call them, so the context still reaches them)
+torch.utils._device._device_constructors()
 for _name in ("tensor", "zeros", "ones", "empty", "full", "arange"):
     if not hasattr(getattr(torch, _name), "_sim_npu"):
         setattr(torch, _name, _made_on_host(getattr(torch, _name)))
@@ -175,8 +179,8 @@ if "hccl" not in dist.Backend.backend_list:
     dist.Backend.register_backend("hccl", _hccl, devices=["cpu"])
 
 
-# An HCCL group takes NPU tensors only: torch_npu/csrc/distributed/ProcessGroupHCCL.cpp (Ascend/pytorch, as in
-# the torch-npu 2.13.0 / 2.14.0 wheels), check_npu_single_tensor / check_npu_tensors_different_devices:
+# An HCCL group takes NPU tensors only: torch_npu/csrc/distributed/ProcessGroupHCCL.cpp (Ascend/pytorch source,
+# the checks every collective runs on its tensors):
 # TORCH_CHECK(false, "Tensors must be NPU and dense") for a tensor that is not on the NPU. Gloo would take a
 # CPU tensor, so the collectives the product calls check first, when the group is an "hccl" one, that no
 # tensor is known host memory (on_host above). (Inside a torch.compile trace the tensors are fake ones.)
@@ -285,7 +289,7 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
             raise RuntimeError("npu_grouped_matmul: per_token_scale must be float32")
     counts = group_list.tolist() if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1)
                                                                          ).tolist()
-    # torch_npu-npu_grouped_matmul.md (Ascend/op-plugin docs, the op of the torch-npu 2.13.0 / 2.14.0 wheels),
+    # docs/context/torch_npu-npu_grouped_matmul.md (Ascend/op-plugin, read at commit 07557e5):
     # group_type 0 with one x, one weight, one y: group_list is required, non-negative (non-decreasing for
     # group_list_type 0), at most 1024 groups, and its last value (type 0) or its sum (type 1) equals x's rows
     if len(counts) > 1024 or any(c < 0 for c in counts):
