@@ -23,7 +23,7 @@ import time
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_vs_vllm import SHAPE, busy_warning, free_port, start, stop  # noqa: E402
+from serve_vs_vllm import bench_model, busy_warning, free_port, start, stop  # noqa: E402
 
 from epplat.tools.bench_serve import run_benchmark  # noqa: E402
 
@@ -65,10 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     logdir = tempfile.mkdtemp(prefix="epplat-pd-")
-    if args.model_dir is None:
-        args.model_dir = f"{logdir}/model"
-        subprocess.run([sys.executable, "-m", "epplat.cli", "make-model", "qwen3_moe", args.model_dir, *SHAPE],
-                       check=True, capture_output=True)
+    args.model_dir = bench_model(args.model_dir, logdir)
     common = [args.model_dir, "--host", "127.0.0.1", "--max-model-len", "4096", "--served-model-name", args.model_dir]
     results = {"config": vars(args).copy()}
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_vs_vllm import SHAPE, busy_warning, free_port, start, stop  # noqa: E402
+from serve_vs_vllm import bench_model, busy_warning, free_port, start, stop  # noqa: E402
 
 from epplat.tools.bench_serve import run_benchmark  # noqa: E402
 
@@ -36,10 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     logdir = tempfile.mkdtemp(prefix="epplat-prefix-")
-    if args.model_dir is None:
-        args.model_dir = f"{logdir}/model"
-        subprocess.run([sys.executable, "-m", "epplat.cli", "make-model", "qwen3_moe", args.model_dir, *SHAPE],
-                       check=True, capture_output=True)
+    args.model_dir = bench_model(args.model_dir, logdir)
     results = {"config": vars(args).copy()}
     for name, flag in (("prefix caching on", "--enable-prefix-caching"),
                        ("prefix caching off", "--no-enable-prefix-caching")):

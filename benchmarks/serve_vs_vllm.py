@@ -95,6 +95,15 @@ def cpu_busy(seconds: float = 2.0) -> float:
     return 1.0 - (i1 - i0) / max(t1 - t0, 1)
 
 
+def bench_model(model_dir, logdir: str) -> str:
+    """`model_dir`, or the benchmark shape made with `epplat make-model` under logdir when it is None."""
+    if model_dir is None:
+        model_dir = f"{logdir}/model"
+        subprocess.run([sys.executable, "-m", "epplat.cli", "make-model", "qwen3_moe", model_dir, *SHAPE],
+                       check=True, capture_output=True)
+    return model_dir
+
+
 def busy_warning(name) -> float:
     """How busy the CPUs are just before a run; warns when other work shares them (figures then mean little)."""
     busy = cpu_busy()

@@ -279,6 +279,7 @@ class SchedulerConfig(msgspec.Struct):
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    policy: str = "fcfs"       # --scheduling-policy: fcfs, or priority (lower request priority first, as vLLM)
 
 
 class CacheConfig(msgspec.Struct):

@@ -101,6 +101,8 @@ def add_cli(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--max-model-len", type=_int_range(1), default=None)
     p.add_argument("--max-num-seqs", type=_int_range(1), default=256)
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                   help="vLLM's: fcfs, or priority (requests' `priority` field, lower first)")
     p.add_argument("--max-num-batched-tokens", type=_int_range(1), default=None,
                    help="tokens a step may schedule (default 2048; 16384 on cuda)")
     p.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128], default=16)
@@ -194,7 +196,8 @@ def engine_config_from_args(args) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens or max(default_batched,
                                                                                             args.max_num_seqs),
-                                  enable_chunked_prefill=args.enable_chunked_prefill),
+                                  enable_chunked_prefill=args.enable_chunked_prefill,
+                                  policy=args.scheduling_policy),
         cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
                           num_gpu_blocks_override=args.num_gpu_blocks_override,
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,

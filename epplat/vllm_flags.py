@@ -110,8 +110,6 @@ FLAGS = (
          "outputs (no overlap): the same tokens, without async scheduling's speed-up", ""),
     Flag(("--enable-dbo",), bool, _never, "", "dual batch overlap is not implemented in epplat yet"),
     Flag(("--swap-space",), str, _always, "epplat preempts by recomputation, never swapping", ""),
-    Flag(("--scheduling-policy",), str, _is("fcfs"), "first come, first served",
-         "only fcfs scheduling exists in epplat"),
     Flag(("--enable-auto-tool-choice",), bool, _never, "", "tool calling is not implemented in epplat yet"),
     Flag(("--tool-call-parser",), str, _never, "", "tool calling is not implemented in epplat yet"),
     Flag(("--reasoning-parser",), str, _never, "", "reasoning parsers are not implemented in epplat yet"),

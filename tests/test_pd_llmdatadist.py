@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -82,22 +83,32 @@ def test_llmdatadist_pd_split_on_simulated_ascend_equals_transformers(ascend_pd,
     assert metric(decode.url, "vllm:kv_cache_usage_perc") == 0.0
 
 
-@pytest.mark.parametrize("role, extra, env, needle", [
-    ("kv_both", {}, {}, "LLMDataDistCMgrConnector: kv_role must be kv_producer or kv_consumer, not kv_both"),
-    ("kv_consumer", {"decode": {"dp_size": 2, "tp_size": 1}}, {},
-     "kv_connector_extra_config.decode.dp_size is 2 but this decode server has 1"),
-    ("kv_producer", {}, {"DISAGGREGATED_PREFILL_RANK_TABLE_PATH": "/nonexistent/rt.json"},
-     "DISAGGREGATED_PREFILL_RANK_TABLE_PATH: cannot read /nonexistent/rt.json"),
-])
-def test_llmdatadist_bad_configs_are_one_line(ascend_pd, qwen3_moe_dir, role, extra, env, needle):
+def test_llmdatadist_bad_configs_are_one_line(ascend_pd, qwen3_moe_dir, monkeypatch):
+    from epplat.config import ConfigError, EngineConfig, KVTransferConfig, ModelConfig, ParallelConfig
+    from epplat.platforms.ascend.llmdatadist_connector import LLMDataDistCMgrConnector
     _, _, base = ascend_pd
-    cfg = json.loads(kv(role))
-    cfg["kv_connector_extra_config"].update(extra)
-    if role == "kv_producer":
-        cfg["kv_connector_extra_config"]["prefill"] = {"dp_size": 1, "tp_size": 1}
     r = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(qwen3_moe_dir), "--platform", "ascend",
-                        "--kv-transfer-config", json.dumps(cfg)], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, **base, **env})
-    assert r.returncode != 0
+                        "--kv-transfer-config", kv("kv_both")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **base})
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
-    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode != 0 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "LLMDataDistCMgrConnector: kv_role must be kv_producer or kv_consumer, not kv_both" in errors[0]
+    # the other checks, in this process (the same ConfigError lines the CLI prints)
+    monkeypatch.setenv("DISAGGREGATED_PREFILL_RANK_TABLE_PATH", base["DISAGGREGATED_PREFILL_RANK_TABLE_PATH"])
+    for role, extra, env, needle in [
+            ("kv_consumer", {"decode": {"dp_size": 2, "tp_size": 1}}, None,
+             "kv_connector_extra_config.decode.dp_size is 2 but this decode server has 1"),
+            ("kv_consumer", {"decode": {"dp": 1}}, None,
+             "kv_connector_extra_config.decode must be an object of dp_size, tp_size"),
+            ("kv_producer", {"prefill": {"dp_size": 1, "tp_size": 1}}, "/nonexistent/rt.json",
+             "DISAGGREGATED_PREFILL_RANK_TABLE_PATH: cannot read /nonexistent/rt.json"),
+            ("kv_producer", {"prefill": {"dp_size": 1, "tp_size": 1}}, "",
+             "set DISAGGREGATED_PREFILL_RANK_TABLE_PATH to the ranktable `epplat ranktable` wrote")]:
+        cfg = json.loads(kv(role))
+        cfg["kv_connector_extra_config"].update(extra)
+        if env is not None:
+            monkeypatch.setenv("DISAGGREGATED_PREFILL_RANK_TABLE_PATH", env)
+        eng = EngineConfig(ModelConfig(str(qwen3_moe_dir)), parallel=ParallelConfig(internal_secret="x"),
+                           kv_transfer=KVTransferConfig.parse(json.dumps(cfg)))
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            LLMDataDistCMgrConnector.check_config(eng)

@@ -2,7 +2,8 @@
 restart on the same port serves, on one node and on two (the head killed); SIGTERM drains
 in-flight streams and exits 0 without leaving the socket folder; frames that are garbage or
 sealed with another deployment's secret are dropped on every bound internal socket, with the
-peer that sent them, and a raw socket speaking no ZMTP is dropped, each logged once; a
+peer that sent them, and a raw socket speaking no ZMTP is dropped, each logged once; a node
+with another deployment's secret is refused before the world forms; a
 stopped (wedged) engine turns /health to 503, ends in-flight requests with an OpenAI-style
 503 and makes the server exit non-zero."""
 
@@ -183,7 +184,7 @@ def _rank(rank: int, port: int, address: str, results) -> None:
     from epplat.config import ParallelConfig
     from epplat.core.distributed.parallel_state import init_parallel
     par = ParallelConfig(data_parallel_size=2, data_parallel_rpc_port=port, data_parallel_address=address,
-                         distributed_timeout_seconds=3, enable_expert_parallel=True)
+                         distributed_timeout_seconds=3, enable_expert_parallel=True, internal_secret="s")
     ps = init_parallel(par, rank, "gloo")
     gathered = [torch.zeros(1) for _ in range(2)]
     dist.all_gather(gathered, torch.ones(1), group=ps.dp_group)
@@ -247,6 +248,39 @@ def test_the_store_and_gloo_bind_their_address_only_and_a_stopped_peer_times_a_c
         assert head.get(port) == address and len(head) > 1 and len(other) > 1, (head, other)   # store, gloo pairs
         assert set(head.values()) == set(other.values()) == {address}, (address, head, other)
         assert 2.5 < got["timed out"] < 15                  # --distributed-timeout-seconds 3, not hours
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+
+
+def _join(rank: int, port: int, secret: str, results) -> None:
+    from epplat.config import ConfigError, ParallelConfig
+    from epplat.core.distributed.parallel_state import init_parallel
+    par = ParallelConfig(data_parallel_size=2, data_parallel_rpc_port=port, data_parallel_address="127.0.0.1",
+                         distributed_timeout_seconds=20, internal_secret=secret)
+    try:
+        init_parallel(par, rank, "gloo")
+        results.put((rank, "joined"))
+    except ConfigError as e:
+        results.put((rank, str(e)))
+
+
+def test_a_node_with_another_secret_is_refused_before_the_world_forms():
+    """TCPStore and gloo authenticate nobody: the head checks each rank's proof of the secret first."""
+    import multiprocessing
+
+    from server_utils import rpc_port
+    ctx = multiprocessing.get_context("spawn")
+    results, port = ctx.Queue(), rpc_port()
+    procs = [ctx.Process(target=_join, args=(r, port, secret, results), daemon=True)
+             for r, secret in ((0, "deployment"), (1, "another deployment"))]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=60) for _ in range(2))
+        assert "world rank(s) [1] do not have this deployment's --internal-secret" in got[0], got
+        assert "the head refused this node" in got[1], got
     finally:
         for p in procs:
             p.kill()

@@ -20,6 +20,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from epplat.config import ConfigError
+from epplat.core.distributed.store_auth import check_peers
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
     init = parallel.dist_init_method()
     bind_gloo_to("127.0.0.1" if init else _source_address(parallel.data_parallel_address))
     store = None if init else _tcp_store(parallel, rank, st.world_size, timeout)
+    if store is not None and parallel.internal_secret:
+        check_peers(store, parallel.internal_secret, rank, st.world_size)
     dist.init_process_group(backend, init_method=init, store=store, rank=rank, world_size=st.world_size,
                             timeout=timeout)
     make_groups(st, timeout)

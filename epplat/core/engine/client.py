@@ -55,6 +55,7 @@ class CompletionOutput:
     kv_transfer_params: Optional[dict] = None
     times: Optional[P.RequestTimes] = None     # the engine's queue / prefill / decode times, when finished
     step_times: list[float] = field(default_factory=list)   # when each engine step's tokens arrived (monotonic)
+    prompt_logprobs: Optional[list[list[P.TokenLogprob]]] = None   # on the first output, when asked
 
     def merged(self, later: "CompletionOutput") -> "CompletionOutput":
         """This delta followed by a later one, as one."""
@@ -62,7 +63,8 @@ class CompletionOutput:
         return CompletionOutput(later.request_id, self.text + later.text, self.token_ids + later.token_ids, lps,
                                 later.finish_reason, later.stop_reason, later.num_prompt_tokens,
                                 later.num_output_tokens, later.kv_transfer_params or self.kv_transfer_params,
-                                later.times or self.times, self.step_times + later.step_times)
+                                later.times or self.times, self.step_times + later.step_times,
+                                self.prompt_logprobs or later.prompt_logprobs)
 
 
 class _RequestState:
@@ -71,6 +73,7 @@ class _RequestState:
         self.detok = IncrementalDetokenizer(tokenizer, params.stop, params.skip_special_tokens,
                                             params.include_stop_str_in_output)
         self.num_prompt = num_prompt
+        self.min_tokens = params.min_tokens
         self.num_output = 0
         self.engine_done = False
         self.finished = False                     # a finish (the engine's or a stop string) was processed
@@ -85,14 +88,16 @@ class _RequestState:
         self.num_output += len(out.new_token_ids)
         finish, reason = out.finish_reason, out.stop_reason
         self.engine_done = finish is not None
-        matched = self.detok.add(out.new_token_ids, final=finish is not None)
+        # vLLM's min_tokens: no stop string ends the output before it has min_tokens tokens
+        matched = self.detok.add(out.new_token_ids, final=finish is not None,
+                                 check_stop=self.num_output > self.min_tokens)
         if matched is not None:
             finish, reason = "stop", matched
         self.finished = finish is not None
         return CompletionOutput(self.request_id, self.detok.delta(final=finish is not None),
                                 list(out.new_token_ids), out.logprobs, finish, reason,
                                 self.num_prompt, self.num_output, out.kv_transfer_params, out.times,
-                                [arrived] if out.new_token_ids else [])
+                                [arrived] if out.new_token_ids else [], out.prompt_logprobs)
 
     def put(self, out: CompletionOutput) -> None:
         self.pending = out if self.pending is None else self.pending.merged(out)
@@ -299,7 +304,7 @@ class EngineClient:
             raise EngineError(f"engine {engine} unreachable: {e}") from None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: P.SamplingParams,
-                       kv_transfer_params: Optional[dict] = None) -> AsyncIterator[CompletionOutput]:
+                       kv_transfer_params: Optional[dict] = None, priority: int = 0) -> AsyncIterator[CompletionOutput]:
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already running")
         st = _RequestState(request_id, params, self.tokenizer, len(prompt_token_ids))
@@ -311,7 +316,7 @@ class EngineClient:
         try:
             await self._send(engine, P.EngineRequest(request_id, list(prompt_token_ids), params,
                                                      self.eos_token_ids, time.time(), self.client_index,
-                                                     kv_transfer_params))
+                                                     kv_transfer_params, priority))
             while True:
                 out = await st.get()
                 if out.finish_reason is not None:
@@ -351,7 +356,9 @@ class EngineClient:
         try:
             parts = await asyncio.gather(*(self.call(r, "stats", timeout=5.0) for r in self.engine_ranks))
             return {r: msgspec.convert(p, P.EngineStats) for r, p in zip(self.engine_ranks, parts)}
-        except (EngineError, asyncio.TimeoutError):
+        except (EngineError, asyncio.TimeoutError) as e:
+            logger.warning("engine stats: an engine did not answer (%s); /metrics shows the stats its last "
+                           "outputs carried", type(e).__name__)
             return dict(self.engine_stats)
 
     async def get_stats(self) -> P.EngineStats:

@@ -20,6 +20,7 @@ from epplat.core.engine.protocol import EngineOutput, EngineRequest, EngineStats
 from epplat.core.engine.request import Request
 from epplat.core.engine.scheduler import Scheduler
 from epplat.core.engine.spec_decode import MtpDrafter, accepted_count
+from epplat.core.engine.structured_output import Grammars
 from epplat.core.engine.stat_log import StatLog
 
 logger = logging.getLogger(__name__)
@@ -74,11 +75,22 @@ class EngineCore:
         self.num_received = 0
         self.stat_log = StatLog(self.ps.dp_rank)
         self.num_prompt_tokens_computed = 0
+        self.grammars = Grammars(cfg.model.model, self.runner.model_cfg.vocab_size)
 
-    def add_request(self, er: EngineRequest) -> None:
+    def add_request(self, er: EngineRequest) -> list[EngineOutput]:
+        """Queue a request; returns its output at once when it cannot run (its grammar did not compile)."""
         self.num_received += 1
         self.client_of[er.request_id] = er.client_index
-        self.scheduler.add(Request(er))
+        req = Request(er)
+        spec = er.params.structured_output
+        if spec is not None:
+            try:
+                req.grammar = self.grammars.matcher(spec, sorted(req.eos_token_ids))
+            except Exception as e:        # the API server checked it parses; never let one request stop the engine
+                logger.error("request %s: its %s constraint did not compile: %s", er.request_id, spec.kind, e)
+                return [EngineOutput(er.request_id, [], finish_reason="abort", num_prompt_tokens=req.prompt_len)]
+        self.scheduler.add(req)
+        return []
 
     def abort(self, request_ids: list[str]) -> list[EngineOutput]:
         out = []
@@ -170,13 +182,22 @@ class EngineCore:
                                         finish_reason=req.finish_reason, stop_reason=req.stop_reason,
                                         num_prompt_tokens=req.prompt_len, num_cached_tokens=req.num_cached_tokens,
                                         kv_transfer_params=req.kv_transfer_out,
-                                        times=req.times() if req.finish_reason else None))
+                                        times=req.times() if req.finish_reason else None,
+                                        prompt_logprobs=self._prompt_logprobs(req)))
         if drafter is not None:
             drafter.propose([(req, row, start, req.num_computed - start) for req, row, start in self.runner.rows],
                             publish, lockstep=ep_counts is not None)
             drafter.log_every(self.stat_log.interval)
         self.stat_log.step(prompt_tokens, generated, self.scheduler, self.blocks)
         return outputs
+
+    @staticmethod
+    def _prompt_logprobs(req: Request):
+        """The prompt logprobs, once, on a request's first output."""
+        if req.params.prompt_logprobs is None or req.prompt_logprobs_sent:
+            return None
+        req.prompt_logprobs_sent = True
+        return req.prompt_logprobs
 
     def step(self) -> list[EngineOutput]:
         return self.run(self.schedule())

@@ -283,7 +283,7 @@ class _DriverIO:
     def _handle(self, msg) -> None:
         core = self.core
         if isinstance(msg, P.EngineRequest):
-            core.add_request(msg)
+            self.send_outputs(core.add_request(msg))
         elif isinstance(msg, P.AbortRequests):
             self.send_outputs(core.abort(msg.request_ids))
         elif msg.method == "scale_elastic_ep" and self.core.cfg.parallel.enable_elastic_ep:

@@ -41,10 +41,11 @@ class IncrementalDetokenizer:
         self.text = ""
         self.sent = 0
 
-    def add(self, token_ids: list[int], final: bool = False) -> Optional[str]:
+    def add(self, token_ids: list[int], final: bool = False, check_stop: bool = True) -> Optional[str]:
         """Append tokens; returns the stop string if one matched (text is cut there).
 
-        ``final`` flushes an incomplete UTF-8 tail as U+FFFD, as a full decode would.
+        ``final`` flushes an incomplete UTF-8 tail as U+FFFD, as a full decode would; without
+        ``check_stop`` the new text is not searched for stop strings.
         """
         self.ids.extend(token_ids)
         prefix = self.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
@@ -54,7 +55,7 @@ class IncrementalDetokenizer:
         old_len = len(self.text)
         self.text += new[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        for s in self.stop:
+        for s in self.stop if check_stop else ():
             i = self.text.find(s, max(0, old_len - len(s) + 1))
             if i >= 0:
                 self.text = self.text[: i + len(s) if self.include_stop else i]

@@ -19,7 +19,7 @@ import torch
 from epplat.config import ConfigError, EngineConfig
 from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.engine.request import Request
-from epplat.core.engine.sampler import sample
+from epplat.core.engine.sampler import sample, token_logprobs
 from epplat.core.model.attention import build_attn_metadata
 from epplat.core.model.decoder import MoEForCausalLM
 from epplat.core.model.loader import load_checkpoint
@@ -125,6 +125,7 @@ class ModelRunner:
         self.block_size = cfg.cache.block_size
         self.drafter = None                        # set by the engine core with --speculative-config
         self.rows: list = []                       # (request, first row, first position) of the last step
+        self.prompt_rows: list = []
         self.kv_connector = None
 
     def attach_kv_connector(self) -> None:
@@ -258,14 +259,33 @@ class ModelRunner:
             raise ConfigError("no memory left for the KV cache; lower the model size or raise the KV budget")
         return int(n)
 
+    PROMPT_LOGPROB_ROWS = 256      # prompt positions whose logits are computed at once (prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor) -> None:
+        """Requests asking prompt_logprobs: the logprobs of the prompt tokens this step's positions
+        predict, appended to ``req.prompt_logprobs``."""
+        todo = self.prompt_rows
+        for i in range(0, len(todo), self.PROMPT_LOGPROB_ROWS):
+            part = todo[i:i + self.PROMPT_LOGPROB_ROWS]
+            logits = self.model.compute_logits(hidden[torch.tensor([row for row, _, _ in part], device=self.device)])
+            entries = token_logprobs(logits, [t for _, _, t in part], [r.params.prompt_logprobs for _, r, _ in part])
+            for (_, req, _), entry in zip(part, entries):
+                req.prompt_logprobs.append(entry)
+
     def prepare(self, batch: list[tuple[Request, int]], ep_counts=None, kv_meta=None):
         """Lay a scheduled batch out as a ModelInput (decodes first); returns it and who samples where."""
         batch = sorted(batch, key=lambda rn: rn[1] != 1)
         ids, pos, seqs, sample_rows, sample_reqs = [], [], [], [], []
         self.rows = []
+        self.prompt_rows = []       # (row, request, the prompt token it predicts) for prompt_logprobs
         for req, n in batch:
             start = req.num_computed
             self.rows.append((req, len(ids), start))
+            if req.params.prompt_logprobs is not None:
+                # position p predicts prompt token p + 1; positions done before a preemption are skipped
+                self.prompt_rows += [(len(ids) + p - start, req, req.token_ids[p + 1])
+                                     for p in range(max(start, len(req.prompt_logprobs)),
+                                                    min(start + n, req.prompt_len - 1))]
             # speculative drafts follow the request's tokens; every one of them is sampled at too
             tokens = req.token_ids + req.spec_token_ids if req.spec_token_ids else req.token_ids
             ids.extend(tokens[start:start + n])
@@ -321,6 +341,7 @@ class ModelRunner:
         if publish is not None:
             publish(mi)
         hidden = self.forward(mi)
+        self._prompt_logprobs(hidden)
         out: dict = {}
         if sample_reqs:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])

@@ -7,6 +7,16 @@ from typing import Optional
 import msgspec
 
 
+class StructuredOutput(msgspec.Struct, array_like=True):
+    """A constraint on the output (epplat.core.engine.structured_output): kind is json (spec: a JSON
+    schema), json_object (spec unused), regex, or grammar (EBNF). any_whitespace: JSON may put any
+    whitespace between its tokens (vLLM's default; its disable_any_whitespace turns it off)."""
+
+    kind: str
+    spec: str = ""
+    any_whitespace: bool = True
+
+
 class SamplingParams(msgspec.Struct, omit_defaults=True):
     """Per-request sampling settings, with OpenAI / vLLM meanings.
 
@@ -29,6 +39,14 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     prompt_logprobs: Optional[int] = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = {}
+    min_tokens: int = 0
+    bad_words_token_ids: list[list[int]] = []
+    allowed_token_ids: Optional[list[int]] = None
+    structured_output: Optional[StructuredOutput] = None
 
 
 class EngineRequest(msgspec.Struct, tag="add"):
@@ -41,6 +59,7 @@ class EngineRequest(msgspec.Struct, tag="add"):
     arrival_time: float = 0.0
     client_index: int = 0
     kv_transfer_params: Optional[dict] = None    # for the KV connector (vLLM's request field)
+    priority: int = 0                            # --scheduling-policy priority: lower runs first (vLLM's)
 
 
 class AbortRequests(msgspec.Struct, tag="abort"):
@@ -101,6 +120,9 @@ class EngineOutput(msgspec.Struct, array_like=True):
     num_cached_tokens: int = 0
     kv_transfer_params: Optional[dict] = None    # the KV connector's, on the finishing output
     times: Optional[RequestTimes] = None         # on the finishing output of a request that was scheduled
+    # asked with prompt_logprobs: on its first output, one entry per prompt token after the first
+    # (the prompt token, then the top alternatives), as ``logprobs``
+    prompt_logprobs: Optional[list[list[TokenLogprob]]] = None
 
 
 class EngineStats(msgspec.Struct):

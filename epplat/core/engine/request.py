@@ -8,7 +8,9 @@ from typing import Optional
 
 import torch
 
-from epplat.core.engine.protocol import EngineRequest, RequestTimes, SamplingParams
+from epplat.core.engine.logits_rules import has_rules
+from epplat.core.engine.protocol import EngineRequest, RequestTimes, SamplingParams, TokenLogprob
+from epplat.core.engine.structured_output import accept
 
 
 class Status(enum.Enum):
@@ -41,6 +43,11 @@ class Request:
         self.scheduled_ts: Optional[float] = None     # first scheduled
         self.first_token_ts: Optional[float] = None
         self.last_token_ts: Optional[float] = None
+        self.priority = req.priority
+        self.has_rules = has_rules(self.params)       # logits rules to apply before sampling
+        self.prompt_logprobs: list[list[TokenLogprob]] = []   # asked with prompt_logprobs: those computed so far
+        self.prompt_logprobs_sent = False
+        self.grammar = None      # structured output: its xgrammar matcher (set by the engine core)
         self.generator: Optional[torch.Generator] = None
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
@@ -71,7 +78,9 @@ class Request:
         if self.first_token_ts is None:
             self.first_token_ts = self.last_token_ts
         p = self.params
-        if not p.ignore_eos and token in self.eos_token_ids:
+        if self.grammar is not None and accept(self, token):
+            self.finish_reason = "stop"          # the grammar has ended (on a stop token)
+        elif not p.ignore_eos and token in self.eos_token_ids:
             self.finish_reason = "stop"
         elif token in p.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token

@@ -13,8 +13,9 @@ top_p of the mass (a full sort is the last of those widenings). Each draw takes 
 uniform number (inverse CDF over the row's running mass). A seeded request is sampled on its own with noise from
 its own generator, so its tokens do not depend on what else is in the batch.
 
-Logprobs are those of the model's raw distribution (before temperature and filters), as
-vLLM returns by default.
+Request rules on the logits (penalties, logit_bias, bans: epplat.core.engine.logits_rules) come
+first, for greedy rows too. Logprobs are those of the model's raw distribution (before the rules,
+temperature and filters), as vLLM returns by default.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from epplat.core.engine.logits_rules import apply_rules
 from epplat.core.engine.protocol import TokenLogprob
+from epplat.core.engine.structured_output import apply_grammars
 from epplat.core.engine.request import Request
 
 # best tokens a top-p row without top-k looks at first; widened by WIDEN while they hold less
@@ -35,7 +38,8 @@ WIDEN = 8
 
 def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[Optional[list[TokenLogprob]]]]:
     """logits: [B, V] float32, one row per request. Returns tokens and per-request logprobs."""
-    logits = logits.float()
+    raw = logits = logits.float()
+    logits = apply_rules(apply_grammars(logits, reqs), reqs)
     greedy = [r.params.temperature <= 1e-5 for r in reqs]
     if all(greedy):
         tokens = logits.argmax(dim=-1)
@@ -51,7 +55,7 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[O
     logprobs: list[Optional[list[TokenLogprob]]] = [None] * len(reqs)
     want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
     if want:
-        lp = torch.log_softmax(logits[want], dim=-1)
+        lp = torch.log_softmax(raw[want], dim=-1)
         for j, i in enumerate(want):
             logprobs[i] = _token_logprobs(lp[j], token_list[i], reqs[i].params.logprobs)
     return token_list, logprobs
@@ -162,7 +166,7 @@ def _narrowed(x: torch.Tensor, top_k: list[int], rows: list[int], prm: torch.Ten
 def sampling_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     """[B, V] in vocabulary order: the distribution each row's token is drawn from."""
     out = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-    for f in filtered(logits, reqs):
+    for f in filtered(apply_rules(apply_grammars(logits.float(), reqs), reqs), reqs):
         rows = torch.tensor(f.rows, device=logits.device)
         probs = f.probs / f.probs.sum(dim=-1, keepdim=True)
         if f.ids is None:
@@ -204,4 +208,19 @@ def _token_logprobs(lp: torch.Tensor, token: int, n: int) -> list[TokenLogprob]:
     if n > 0:
         vals, ids = lp.topk(n)
         out += [TokenLogprob(t, v, k + 1) for k, (t, v) in enumerate(zip(ids.tolist(), vals.tolist()))]
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int]) -> list[list[TokenLogprob]]:
+    """For each row, the raw logprob and rank of tokens[row], then its num_top[row] best alternatives
+    (prompt logprobs: the rows are prompt positions, the tokens the prompt tokens that follow them)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    tok = torch.tensor(tokens, device=lp.device)[:, None]
+    chosen = lp.gather(1, tok)
+    ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+    k = max(num_top)
+    vals, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    out = []
+    for t, c, rank, v, i, n in zip(tokens, chosen[:, 0].tolist(), ranks, vals.tolist(), ids.tolist(), num_top):
+        out.append([TokenLogprob(t, c, rank)] + [TokenLogprob(a, b, j + 1) for j, (a, b) in enumerate(zip(i[:n], v[:n]))])
     return out

@@ -5,7 +5,9 @@ first, in arrival order: a decode takes one token, an unfinished prefill the nex
 chunk that fits. When the KV cache cannot grow, the most recently admitted running
 request is preempted (its blocks freed, to be recomputed later). Waiting requests
 are admitted while budget, ``max_num_seqs`` and free blocks allow, each starting after the
-longest prefix of it found in the prefix cache.
+longest prefix of it found in the prefix cache. With the priority policy (vLLM's), the waiting
+queue is kept in (priority, arrival) order and so are the running requests at each step, so that
+the victim of a preemption is the running request last in that order.
 
 With a KV connector, a new request may also find prompt tokens elsewhere: loaded before this
 step's forward (synchronously), or asynchronously, the request then waiting outside the batch
@@ -15,6 +17,7 @@ the connector holds (for another engine to read) waits in ``held`` until they ar
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 
 from epplat.config import SchedulerConfig
@@ -35,7 +38,18 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
-        self.waiting.append(req)
+        self._wait(req, front=False)
+
+    def _wait(self, req: Request, front: bool) -> None:
+        """Into the waiting queue: at its (priority, arrival) place under the priority policy, else at
+        the back (new) or the front (preempted, or back from a KV load)."""
+        if self.cfg.policy == "priority":
+            keys = [(r.priority, r.arrival) for r in self.waiting]
+            self.waiting.insert(bisect.bisect_right(keys, (req.priority, req.arrival)), req)
+        elif front:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -62,7 +76,7 @@ class Scheduler:
             req.num_computed += req.num_external_tokens
             self.blocks.cache_full_blocks(req)
             req.status = Status.WAITING
-            self.waiting.appendleft(req)
+            self._wait(req, front=True)
 
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
@@ -93,11 +107,13 @@ class Scheduler:
         req.num_computed = 0
         req.spec_token_ids = []
         req.status = Status.WAITING
-        self.waiting.appendleft(req)
+        self._wait(req, front=True)
         self.num_preemptions += 1
 
     def schedule(self) -> list[tuple[Request, int]]:
         budget = self.cfg.max_num_batched_tokens
+        if self.cfg.policy == "priority":
+            self.running.sort(key=lambda r: (r.priority, r.arrival))
         out: list[tuple[Request, int]] = []
         preempted = False
         i = 0
@@ -128,7 +144,8 @@ class Scheduler:
                 out.append((req, n))
                 budget -= n
                 continue
-            hit = self.blocks.cached_prefix(req)
+            # prompt logprobs need every prompt position computed here (as vLLM, no prefix-cache hit)
+            hit = self.blocks.cached_prefix(req) if req.params.prompt_logprobs is None else []
             local = len(hit) * self.blocks.block_size
             ext, load_async = 0, False
             if self.connector is not None:

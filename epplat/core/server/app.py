@@ -26,6 +26,7 @@ from epplat.core.server.metrics import CONTENT_TYPE, Metrics
 from epplat.core.server.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, error_response)
 from epplat.core.server.request_gate import RequestGate
+from epplat.core.server.responses import ResponsesRequest, responses
 from epplat.core.server.server_load import InFlight, ServerLoad
 from epplat.core.server.serving import OpenAIServing
 from epplat.core.server import elastic_scaler, tokenize as tok_api
@@ -158,6 +159,10 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
     @v1.post("/chat/completions", responses=_STREAMS)
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         return await serving.chat(req, raw)
+
+    @v1.post("/responses", responses=_STREAMS)
+    async def create_response(req: ResponsesRequest, raw: Request):
+        return await responses(serving, req, raw)
 
     app.include_router(v1)
     elastic_scaler.add_routes(app, client, metrics)

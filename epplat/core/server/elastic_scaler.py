@@ -22,7 +22,7 @@ from fastapi import Request
 
 from epplat.config import ConfigError
 from epplat.core.distributed.spare_engine import SpareEngine
-from epplat.core.server.protocol import APIError
+from epplat.core.server.protocol import APIError, ErrorResponse
 
 logger = logging.getLogger("epplat.server")
 
@@ -194,8 +194,12 @@ def add_routes(app, client, metrics) -> None:
         new_size, drain_timeout = parse_scale_body(body)
         return {"message": await scaler().scale(new_size, drain_timeout)}
 
+    errors = {code: {"model": ErrorResponse, "description": what} for code, what in (
+        (400, "Invalid body, or no --enable-elastic-ep"), (401, "Missing or wrong API key"),
+        (408, "The drain timed out"), (409, "A scale is already running"), (413, "Request body too large"),
+        (500, "The scale failed"), (503, "Engine not available"))}
     for path in ("/scale_elastic_ep", "/scale"):
-        app.add_api_route(path, scale_elastic_ep, methods=["POST"],
+        app.add_api_route(path, scale_elastic_ep, methods=["POST"], responses=errors,
                           summary="elastic EP: grow or shrink the data parallel engines (vLLM's body)")
 
     @app.post("/is_scaling_elastic_ep")

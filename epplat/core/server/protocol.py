@@ -61,8 +61,7 @@ class StreamOptions(BaseModel):
 
 # Fields vLLM accepts that change what is generated and that epplat does not implement: a
 # value other than "off" (None / false / 0 / empty) gets a 400 rather than being ignored.
-_UNSUPPORTED = ("logit_bias", "prompt_logprobs", "min_tokens", "truncate_prompt_tokens", "allowed_token_ids",
-                "bad_words", "use_beam_search", "structured_outputs", "guided_json", "guided_regex",
+_UNSUPPORTED = ("use_beam_search", "guided_json", "guided_regex",
                 "guided_choice", "guided_grammar", "prompt_embeds", "logprob_token_ids", "tools", "functions",
                 "suffix")
 
@@ -86,13 +85,22 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
+    logit_bias: Optional[dict[str, float]] = None
+    min_tokens: int = Field(default=0, ge=0)
+    bad_words: Optional[list[str]] = None
+    allowed_token_ids: Optional[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]] = None
+    prompt_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    truncate_prompt_tokens: Optional[int] = Field(default=None, ge=-1)
+    return_tokens_as_token_ids: Optional[bool] = None
+    priority: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: Optional[str] = None
     response_format: Optional[dict] = None
+    structured_outputs: Optional[dict] = None      # vLLM's: exactly one of json, regex, choice, grammar, json_object
     tool_choice: Optional[Union[str, dict]] = None
     kv_transfer_params: Optional[dict] = None      # for the KV connector (prefill/decode disaggregation)
 
@@ -109,18 +117,20 @@ class _SamplingRequest(BaseModel):
     def _stop_list(cls, v):
         return [v] if isinstance(v, str) else v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v):
+        if v is not None and not all(k.lstrip("-").isdigit() for k in v):
+            raise invalid("logit_bias", "logit_bias keys must be token ids")
+        return v
+
     @model_validator(mode="after")
     def _supported(self):
-        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
-            if getattr(self, name) not in (None, neutral):
-                raise invalid(name, f"{name} other than {neutral} is not supported")
         for name in _UNSUPPORTED:
             if (self.model_extra or {}).get(name) not in (None, False, 0, "", [], {}):
                 raise invalid(name, f"{name} is not supported")
         if self.best_of not in (None, 1, self.n):
             raise invalid("best_of", "best_of other than n is not supported")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise invalid("response_format", "response_format other than {'type': 'text'} is not supported")
         if self.tool_choice not in (None, "none"):
             raise invalid("tool_choice", "tool calling is not supported")
         if self.stream_options is not None and not self.stream:
@@ -228,12 +238,29 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[Optional[dict[str, float]]] = []
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob, as prompt_logprobs carry it (one dict per prompt token, keyed by token id)."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+PromptLogprobs = list[Optional[dict[int, PromptLogprob]]]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogProbs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
+
+
+class CompletionResponseChoice(CompletionChoice):
+    """A non-streamed choice: with the prompt's logprobs when asked (prompt_logprobs)."""
+
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
 
 class _Chunk(BaseModel):
@@ -252,7 +279,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[CompletionResponseChoice]
     usage: UsageInfo
     kv_transfer_params: Optional[dict] = None      # the KV connector's (null without one), as vLLM's
 
@@ -300,6 +327,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: Optional[PromptLogprobs] = None
     kv_transfer_params: Optional[dict] = None
 
 

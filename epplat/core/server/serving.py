@@ -21,11 +21,13 @@ from epplat.core.engine.client import EngineError
 from epplat.core.engine.protocol import SamplingParams
 from epplat.core.server.body_check import choices_error, context_error, prompt_list
 from epplat.core.server.metrics import Metrics
+from epplat.core.server.structured import structured_output
 from epplat.core.server.tokenizer_pool import TokenizerPool
 from epplat.core.server.protocol import (
     APIError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatLogProb,
     ChatLogProbs, ChatLogProbsContent, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogProbs,
-    CompletionRequest, CompletionResponse, CompletionStreamResponse, DeltaMessage, UsageInfo)
+    CompletionRequest, CompletionResponse, CompletionResponseChoice, CompletionStreamResponse, DeltaMessage,
+    PromptLogprob, UsageInfo)
 
 logger = logging.getLogger("epplat.server")
 
@@ -43,6 +45,7 @@ class _Job:
     prompt_ids: list[int]
     params: SamplingParams
     kv_transfer_params: Optional[dict] = None
+    priority: int = 0
 
 
 @dataclass
@@ -55,6 +58,7 @@ class _Choice:
     finish_reason: Optional[str] = None
     stop_reason: object = None
     kv_transfer_params: Optional[dict] = None
+    prompt_logprobs: Optional[list] = None
 
 
 class OpenAIServing:
@@ -84,14 +88,15 @@ class OpenAIServing:
         model = self.check_model(req.model)
         prompts = prompt_list(req.prompt)
         self._check_choices(len(prompts), req.n)
-        ids = [self._check_ids(await self._encode(p, req.add_special_tokens) if isinstance(p, str) else list(p))
+        ids = [self._check_ids(self._truncate(req, await self._encode(p, req.add_special_tokens, req)
+                                              if isinstance(p, str) else list(p)))
                for p in prompts]
         ids = self._remote_prompt(req.kv_transfer_params) or ids
         self._check_kv(req.kv_transfer_params)
         base = self._base_id(raw)
         rid = f"cmpl-{base}"
         jobs = self._jobs(rid, ids, req.n, lambda plen: self._params(req, plen, req.max_tokens, req.logprobs),
-                          req.kv_transfer_params)
+                          req.kv_transfer_params, req.priority)
         echo = [(p if isinstance(p, str) else self.tok.decode(p)) if req.echo else ""
                 for p in prompts for _ in range(req.n)]
         if req.stream:
@@ -99,9 +104,11 @@ class OpenAIServing:
         choices = await self._collect(jobs, arrival, raw)
         out = []
         for i, c in enumerate(choices):
-            lp = self._completion_logprobs(c.logprobs, len(echo[i]))[0] if req.logprobs is not None else None
-            out.append(CompletionChoice(index=i, text=echo[i] + c.text, logprobs=lp, finish_reason=c.finish_reason,
-                                        stop_reason=c.stop_reason))
+            lp = (self._completion_logprobs(c.logprobs, len(echo[i]), req.return_tokens_as_token_ids)[0]
+                  if req.logprobs is not None else None)
+            out.append(CompletionResponseChoice(index=i, text=echo[i] + c.text, logprobs=lp,
+                                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                                prompt_logprobs=self._prompt_logprobs(c.prompt_logprobs)))
         return _with_id(_json(CompletionResponse(id=rid, created=created, model=model, choices=out,
                                                  usage=UsageInfo.of(sum(map(len, ids)),
                                                                     sum(c.num_tokens for c in choices)),
@@ -122,45 +129,66 @@ class OpenAIServing:
             if req.logprobs is None:
                 yield completion_chunk_json(rid, created, model, i, text, out.finish_reason, out.stop_reason, usage)
                 continue
-            lp, offsets[i] = self._completion_logprobs(out.logprobs or [], offsets[i])
+            lp, offsets[i] = self._completion_logprobs(out.logprobs or [], offsets[i], req.return_tokens_as_token_ids)
             yield chunk([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=out.finish_reason,
                                           stop_reason=out.stop_reason)], usage)
         if req.include_usage:
             yield chunk([], UsageInfo.of(sum(len(j.prompt_ids) for j in jobs[::req.n]), sum(num_tokens)))
 
-    def _completion_logprobs(self, entries, offset: int) -> tuple[CompletionLogProbs, int]:
+    def _completion_logprobs(self, entries, offset: int, as_ids: Optional[bool]) -> tuple[CompletionLogProbs, int]:
         """The legacy format; `offset` is where the first token's text starts. Returns the next offset too."""
         lp = CompletionLogProbs()
+        name = self._token_name(as_ids)
         for e in entries:
-            s = self._token_str(e[0].token_id)
+            s = name(e[0].token_id)
             lp.tokens.append(s)
             lp.token_logprobs.append(max(e[0].logprob, _MIN_LOGPROB))
-            lp.top_logprobs.append({self._token_str(x.token_id): max(x.logprob, _MIN_LOGPROB) for x in e})
+            lp.top_logprobs.append({name(x.token_id): max(x.logprob, _MIN_LOGPROB) for x in e})
             lp.text_offset.append(offset)
             offset += len(s)
         return lp, offset
 
+    def _token_name(self, as_ids: Optional[bool]) -> Callable[[int], str]:
+        """How logprobs name a token: its text, or with return_tokens_as_token_ids "token_id:{id}" (vLLM's)."""
+        return (lambda t: f"token_id:{t}") if as_ids else self._token_str
+
+    def _prompt_logprobs(self, entries: Optional[list]):
+        """vLLM's prompt_logprobs: None for the first prompt token, then {token id: Logprob} with the
+        prompt token and the top alternatives."""
+        if entries is None:
+            return None
+        return [None] + [{x.token_id: PromptLogprob(logprob=max(x.logprob, _MIN_LOGPROB), rank=x.rank,
+                                                    decoded_token=self._token_str(x.token_id))
+                          for x in reversed(e)} for e in entries]
+
     # -- chat ----------------------------------------------------------------------------
-    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
-        arrival, created = time.monotonic(), int(time.time())
+    async def chat_jobs(self, req: ChatCompletionRequest, raw: Request, prefix: str = "chatcmpl-"):
+        """A chat request's engine jobs: (jobs, prompt ids, model name, X-Request-Id base, response id)."""
         model = self.check_model(req.model)
         self._check_choices(1, req.n)
         text = await self.render_chat(req)
-        ids = self._check_ids(await self._encode(text, req.add_special_tokens))
+        ids = self._check_ids(self._truncate(req, await self._encode(text, req.add_special_tokens, req)))
         ids = (self._remote_prompt(req.kv_transfer_params) or [ids])[0]
         self._check_kv(req.kv_transfer_params)
         base = self._base_id(raw)
-        rid = f"chatcmpl-{base}"
+        rid = f"{prefix}{base}"
         jobs = self._jobs(rid, [ids], req.n, lambda plen: self._params(req, plen, req.output_limit, req.num_logprobs),
-                          req.kv_transfer_params)
+                          req.kv_transfer_params, req.priority)
+        return jobs, ids, model, base, rid
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        arrival, created = time.monotonic(), int(time.time())
+        jobs, ids, model, base, rid = await self.chat_jobs(req, raw)
         if req.stream:
             return _with_id(self._sse(self._chat_chunks(req, jobs, arrival, rid, created, model)), base)
         choices = await self._collect(jobs, arrival, raw)
         out = [ChatChoice(index=i, message=ChatResponseMessage(content=c.text),
-                          logprobs=self._chat_logprobs(c.logprobs, req.top_logprobs) if req.logprobs else None,
+                          logprobs=self._chat_logprobs(c.logprobs, req.top_logprobs, req.return_tokens_as_token_ids)
+                          if req.logprobs else None,
                           finish_reason=c.finish_reason, stop_reason=c.stop_reason) for i, c in enumerate(choices)]
         return _with_id(_json(ChatCompletionResponse(id=rid, created=created, model=model, choices=out,
                                                      usage=UsageInfo.of(len(ids), sum(c.num_tokens for c in choices)),
+                                                     prompt_logprobs=self._prompt_logprobs(choices[0].prompt_logprobs),
                                                      kv_transfer_params=choices[0].kv_transfer_params)), base)
 
     async def _chat_chunks(self, req, jobs, arrival, rid, created, model):
@@ -175,16 +203,19 @@ class OpenAIServing:
         async for i, out in self._merged(jobs, arrival):
             num_tokens[i] += len(out.token_ids)
             delta = DeltaMessage(content=out.text) if out.text or not out.finish_reason else DeltaMessage()
-            lp = self._chat_logprobs(out.logprobs or [], req.top_logprobs) if req.logprobs else None
+            lp = (self._chat_logprobs(out.logprobs or [], req.top_logprobs, req.return_tokens_as_token_ids)
+                  if req.logprobs else None)
             yield chunk([ChatStreamChoice(index=i, delta=delta, logprobs=lp, finish_reason=out.finish_reason,
                                           stop_reason=out.stop_reason)],
                         UsageInfo.of(prompt_len, num_tokens[i]) if req.continuous_usage else None)
         if req.include_usage:
             yield chunk([], UsageInfo.of(prompt_len, sum(num_tokens)))
 
-    def _chat_logprobs(self, entries, top: Optional[int]) -> ChatLogProbs:
+    def _chat_logprobs(self, entries, top: Optional[int], as_ids: Optional[bool]) -> ChatLogProbs:
+        name = self._token_name(as_ids)
+
         def item(x, cls=ChatLogProb, **kw):
-            s = self._token_str(x.token_id)
+            s = name(x.token_id)
             return cls(token=s, logprob=max(x.logprob, _MIN_LOGPROB), bytes=list(s.encode("utf-8", "replace")), **kw)
         top = top or 0
         return ChatLogProbs(content=[item(e[0], ChatLogProbsContent, top_logprobs=[item(x) for x in e[1:1 + top]])
@@ -207,7 +238,8 @@ class OpenAIServing:
     def _base_id(self, raw: Request) -> str:
         """The request's X-Request-Id header (as vLLM takes it), else a new one; 400 while one is in flight."""
         base = raw.headers.get("X-Request-Id") or uuid.uuid4().hex
-        if any(rid.startswith((f"cmpl-{base}-", f"chatcmpl-{base}-")) for rid in getattr(self.client, "states", {})):
+        if any(rid.startswith((f"cmpl-{base}-", f"chatcmpl-{base}-", f"resp_{base}-"))
+               for rid in getattr(self.client, "states", {})):
             raise APIError(400, f"a request with X-Request-Id {base!r} is already in flight")
         return base
 
@@ -254,11 +286,25 @@ class OpenAIServing:
                                 "template variable).", "chat_template_kwargs")
         return kwargs
 
-    async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        n, ids = await self.pool.encode(text, add_special_tokens, self.max_model_len)
+    async def _encode(self, text: str, add_special_tokens: bool, req=None) -> list[int]:
+        """The text's ids (a 400 when they do not fit the context and the request does not truncate them)."""
+        truncating = req is not None and req.truncate_prompt_tokens is not None
+        n, ids = await self.pool.encode(text, add_special_tokens, 1 << 62 if truncating else self.max_model_len)
         if ids is None:
             self._context_error(n)
         return ids
+
+    def _truncate(self, req, ids: list[int]) -> list[int]:
+        """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: max_model_len of them)."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return ids
+        if k > self.max_model_len:
+            raise APIError(400, f"truncate_prompt_tokens value ({k}) is greater than max_model_len "
+                                f"({self.max_model_len}). Please request a smaller truncation size.",
+                           "truncate_prompt_tokens")
+        k = self.max_model_len if k == -1 else k
+        return ids[-k:] if k else []
 
     def _context_error(self, prompt_len: int):
         raise context_error(self.max_model_len, prompt_len)
@@ -284,23 +330,70 @@ class OpenAIServing:
         stop_ids = list(req.stop_token_ids or [])
         if any(t < 0 or t >= self.vocab_size for t in stop_ids):
             raise APIError(400, f"stop_token_ids must be in [0, {self.vocab_size}).", "stop_token_ids")
+        if req.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got "
+                                f"{req.min_tokens}.", "min_tokens")
+        self._check_priority(req.priority)
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
             seed=req.seed, stop=list(req.stop or []), stop_token_ids=stop_ids, ignore_eos=req.ignore_eos,
             logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output)
+            include_stop_str_in_output=req.include_stop_str_in_output, prompt_logprobs=req.prompt_logprobs,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            logit_bias=self._logit_bias(req.logit_bias), min_tokens=req.min_tokens,
+            bad_words_token_ids=self._bad_words(req.bad_words or []),
+            allowed_token_ids=self._in_vocab(req.allowed_token_ids, "allowed_token_ids"),
+            structured_output=self._structured(req))
+
+    def _in_vocab(self, ids: Optional[list[int]], param: str) -> Optional[list[int]]:
+        if ids is not None and any(t >= self.vocab_size for t in ids):
+            raise APIError(400, f"{param} contains out-of-vocab token ids (vocabulary size {self.vocab_size}).", param)
+        return ids
+
+    def _logit_bias(self, bias: Optional[dict[str, float]]) -> dict[int, float]:
+        """Token id -> bias, clamped to [-100, 100] as vLLM does."""
+        out = {int(t): min(100.0, max(-100.0, b)) for t, b in (bias or {}).items()}
+        bad = sorted(t for t in out if not 0 <= t < self.vocab_size)
+        if bad:
+            raise APIError(400, f"token_id(s) {bad} in logit_bias contain out-of-vocab token ids.", "logit_bias")
+        return out
+
+    def _bad_words(self, words: list[str]) -> list[list[int]]:
+        """vLLM's tokenization of bad words: each word as written, and with a leading space when that is
+        a different token sequence of the same length."""
+        out: list[list[int]] = []
+        for word in words:
+            for prefix in ("", " "):
+                ids = self.tok.encode(prefix + word.lstrip(), add_special_tokens=False)
+                if ids and (not prefix or (ids[0] != out[-1][0] and len(ids) == len(out[-1]))):
+                    out.append(ids)
+        return [self._in_vocab(ids, "bad_words") for ids in out]
+
+    def _structured(self, req):
+        spec = structured_output(req)
+        if spec is not None and getattr(getattr(self.client, "cfg", None), "speculative", None) is not None:
+            raise APIError(400, "structured output together with --speculative-config is not supported",
+                           "structured_outputs" if req.structured_outputs else "response_format")
+        return spec
+
+    def _check_priority(self, priority: int) -> None:
+        cfg = getattr(self.client, "cfg", None)
+        if priority != 0 and getattr(getattr(cfg, "scheduler", None), "policy", "fcfs") != "priority":
+            raise APIError(400, f"Got priority {priority} but Priority scheduling is not enabled "
+                                "(start the server with --scheduling-policy priority).", "priority")
 
     @staticmethod
     def _jobs(rid: str, prompts: list[list[int]], n: int, params_for: Callable[[int], SamplingParams],
-              kv_transfer_params: Optional[dict] = None) -> list[_Job]:
+              kv_transfer_params: Optional[dict] = None, priority: int = 0) -> list[_Job]:
         """n engine requests per prompt, `{rid}-{choice index}`; with a seed, sample j gets seed + j."""
         jobs: list[_Job] = []
         for ids in prompts:
             params = params_for(len(ids))
             for j in range(n):
                 p = params if params.seed is None or j == 0 else msgspec.structs.replace(params, seed=params.seed + j)
-                jobs.append(_Job(len(jobs), f"{rid}-{len(jobs)}", ids, p, kv_transfer_params))
+                jobs.append(_Job(len(jobs), f"{rid}-{len(jobs)}", ids, p, kv_transfer_params, priority))
         return jobs
 
     # -- running engine requests -----------------------------------------------------------
@@ -309,7 +402,7 @@ class OpenAIServing:
         track, reason, times = self.metrics.track(arrival), "abort", None
         try:
             async with contextlib.aclosing(self.client.generate(job.request_id, job.prompt_ids, job.params,
-                                                                job.kv_transfer_params)) as outputs:
+                                                                job.kv_transfer_params, job.priority)) as outputs:
                 async for out in outputs:
                     track.output(len(out.token_ids), out.step_times)
                     reason = out.finish_reason or reason
@@ -371,6 +464,7 @@ class OpenAIServing:
                     c.text += out.text
                     c.num_tokens += len(out.token_ids)
                     c.logprobs += out.logprobs or []
+                    c.prompt_logprobs = out.prompt_logprobs or c.prompt_logprobs
                     if out.finish_reason:
                         c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
                         c.kv_transfer_params = out.kv_transfer_params

@@ -1,0 +1,93 @@
+"""Output throughput of grammar-constrained against unconstrained decoding, the same load on one server.
+
+One `epplat serve` on the benchmark checkpoint of serve_vs_vllm.py (random weights, `epplat
+make-model`, --vocab-size of its tokenizer); --num-prompts completions of --output-len tokens
+each (ignore_eos), --concurrency in flight, sampled at temperature 1, first without a constraint,
+then with a JSON schema (structured_outputs json: an array of at least 200 short strings,
+disable_any_whitespace, so no output can end before --output-len), alternating for --rounds rounds
+side by side. Throughput is generated tokens (usage) over the wall time of the round.
+
+    python benchmarks/structured_output_bench.py --out structured.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_vs_vllm import SHAPE, busy_warning, free_port, start, stop  # noqa: E402
+
+SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 200}
+
+
+async def one_round(url: str, args, constrained: bool) -> tuple[float, int]:
+    """(seconds, generated tokens) of the whole load."""
+    extra = {"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}} if constrained else {}
+    sem = asyncio.Semaphore(args.concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, trust_env=False) as c:
+        async def go(i):
+            async with sem:
+                r = await c.post("/v1/completions", json={"prompt": f"Item {i}:", "max_tokens": args.output_len,
+                                                          "temperature": 1.0, "seed": i, "ignore_eos": True, **extra})
+                r.raise_for_status()
+                body = r.json()
+                if constrained:     # an unfinished array of strings: a prefix of valid JSON
+                    assert body["choices"][0]["text"].startswith("["), body
+                return body["usage"]["completion_tokens"]
+        t = time.perf_counter()
+        tokens = await asyncio.gather(*(go(i) for i in range(args.num_prompts)))
+        return time.perf_counter() - t, sum(tokens)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", default=None, help="checkpoint (default: make the benchmark shape)")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    logdir = tempfile.mkdtemp(prefix="epplat-structured-")
+    if args.model_dir is None:
+        args.model_dir = f"{logdir}/model"
+        subprocess.run([sys.executable, "-m", "epplat.cli", "make-model", "qwen3_moe", args.model_dir, *SHAPE,
+                        "--vocab-size", str(args.vocab_size)], check=True, capture_output=True)
+    port = free_port()
+    cmd = [sys.executable, "-m", "epplat.cli", "serve", args.model_dir, "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", "1024", "--disable-log-stats"]
+    busy = busy_warning("structured output")
+    proc, _ = start(cmd, f"{logdir}/serve.log", port)
+    url = f"http://127.0.0.1:{port}"
+    rates: dict[str, list[float]] = {"unconstrained": [], "json schema": []}
+    try:
+        asyncio.run(one_round(url, argparse.Namespace(**{**vars(args), "num_prompts": args.concurrency}), True))
+        for _ in range(args.rounds):
+            for name, constrained in (("unconstrained", False), ("json schema", True)):
+                secs, tokens = asyncio.run(one_round(url, args, constrained))
+                rates[name].append(tokens / secs)
+                print(f"{name}: {tokens} tokens in {secs:.2f} s = {tokens / secs:.1f} tok/s", flush=True)
+    finally:
+        stop(proc)
+    free, tight = statistics.median(rates["unconstrained"]), statistics.median(rates["json schema"])
+    print(f"median output throughput: unconstrained {free:.1f} tok/s, json schema {tight:.1f} tok/s "
+          f"({(1 - tight / free) * 100:+.1f}% cost)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"config": vars(args), "command": cmd, "cpu_busy_before": busy, "tok_per_s": rates}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Structured output (vLLM's response_format / structured_outputs) through xgrammar, an optional extra.
+
+The API server turns a request's constraint into a ``StructuredOutput`` (json schema, json_object,
+regex or EBNF grammar; a choice becomes a grammar) and checks that it parses (``check``). The
+engine core compiles it against the model's vocabulary (compiled grammars are cached) into one
+matcher per request; every step the matchers of the batch's constrained rows fill one token
+bitmask, which is applied to the logits on their device in one call before sampling, and each
+sampled token advances its matcher. A matcher that has reached its end allows only the stop
+tokens (the request's EOS), and the request stops there.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from epplat.core.engine.protocol import StructuredOutput
+
+if TYPE_CHECKING:
+    from epplat.core.engine.request import Request
+
+KINDS = ("json", "json_object", "regex", "grammar")
+
+
+def xgrammar():
+    try:
+        import xgrammar
+    except ImportError:
+        raise RuntimeError("structured output needs the xgrammar package: pip install 'epplat[structured]' "
+                           "(or pip install xgrammar)") from None
+    return xgrammar
+
+
+def _grammar(spec: StructuredOutput):
+    xgr = xgrammar()
+    if spec.kind in ("json", "json_object"):      # json_object: any JSON object, as vLLM compiles it
+        return xgr.Grammar.from_json_schema(spec.spec if spec.kind == "json" else '{"type": "object"}',
+                                            any_whitespace=spec.any_whitespace)
+    if spec.kind == "regex":
+        return xgr.Grammar.from_regex(spec.spec)
+    return xgr.Grammar.from_ebnf(spec.spec)
+
+
+def check(spec: StructuredOutput) -> None:
+    """ValueError (one line) when the constraint does not parse; RuntimeError when xgrammar is missing."""
+    try:
+        _grammar(spec)
+    except RuntimeError as e:
+        if "xgrammar package" in str(e):
+            raise
+        raise ValueError(f"invalid {spec.kind} for structured output: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text.split("] ", 1)[-1][:300]        # drop xgrammar's "[time] file:line:" prefix
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """An EBNF grammar whose only sentences are the choices (vLLM's structured_outputs.choice)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class Grammars:
+    """One engine's compiler: the model's vocabulary as xgrammar sees it, and compiled grammars by spec."""
+
+    def __init__(self, model_dir: str, vocab_size: int):
+        self.model_dir, self.vocab_size = model_dir, vocab_size
+        self._lock = threading.Lock()
+        self._compiler = None
+
+    def _compiled(self, spec: StructuredOutput):
+        with self._lock:
+            if self._compiler is None:
+                xgr = xgrammar()
+                from transformers import AutoTokenizer
+                tok = AutoTokenizer.from_pretrained(self.model_dir)
+                info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=self.vocab_size)
+                self._compiler = xgr.GrammarCompiler(info)
+                self._compile = functools.lru_cache(maxsize=256)(
+                    lambda s: self._compiler.compile_grammar(_grammar(StructuredOutput(*s))))
+            return self._compile((spec.kind, spec.spec, spec.any_whitespace))
+
+    def matcher(self, spec: StructuredOutput, stop_token_ids: list[int]):
+        """A fresh matcher for one request; its end allows only stop_token_ids."""
+        return xgrammar().GrammarMatcher(self._compiled(spec), override_stop_tokens=stop_token_ids or None)
+
+
+def apply_grammars(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """Ban, in every constrained row, the tokens its grammar does not allow next (one bitmask, one
+    masking call on the logits' device). logits [B, V] float32, left as they are."""
+    rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+    if not rows:
+        return logits
+    xgr = xgrammar()
+    logits = logits.clone()          # the raw logits stay as they are (logprobs)
+    mask = xgr.allocate_token_bitmask(len(reqs), logits.shape[1])
+    for i in rows:
+        reqs[i].grammar.fill_next_token_bitmask(mask, i)
+    xgr.apply_token_bitmask_inplace(logits, mask.to(logits.device, non_blocking=True), indices=rows)
+    return logits
+
+
+def accept(req: Request, token: int) -> Optional[str]:
+    """Advance the request's matcher; "stop" when its grammar has ended."""
+    m = req.grammar
+    if not m.accept_token(token):
+        raise RuntimeError(f"request {req.request_id}: token {token} is outside its grammar")
+    return "stop" if m.is_terminated() else None

@@ -1,0 +1,141 @@
+"""Structured output through xgrammar, with the real server and the openai client: response_format
+json_schema / json_object and vLLM's structured_outputs (json, regex, choice, grammar). The
+checkpoint has random weights, so what it writes parses and validates only because the grammar
+forces it; the same requests without a constraint do not parse (checked too). Constrained and
+unconstrained requests, greedy and sampled, run in one batch; malformed constraints are 400s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import openai
+import pytest
+
+from server_utils import Server
+
+SCHEMA = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 6},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+                         "ok": {"type": "boolean"}},
+          "required": ["name", "age", "ok"], "additionalProperties": False}
+REGEX = r"[A-Z][a-z]{2,5}-[0-9]{3}"
+CHOICES = ["red alert", "green", "blue sky"]
+GRAMMAR = 'root ::= "(" num ("+" num)? ("*" num)? ")"\nnum ::= [1-9] [0-9]?'
+GRAMMAR_RE = r"\([1-9][0-9]?(\+[1-9][0-9]?)?(\*[1-9][0-9]?)?\)"
+
+
+def valid(doc) -> bool:
+    """SCHEMA's rules, written out."""
+    return (isinstance(doc, dict) and set(doc) <= {"name", "age", "tags", "ok"} and {"name", "age", "ok"} <= set(doc)
+            and isinstance(doc["name"], str) and len(doc["name"]) <= 6
+            and type(doc["age"]) is int and 0 <= doc["age"] <= 120 and type(doc["ok"]) is bool
+            and (isinstance(doc.get("tags", []), list) and len(doc.get("tags", [])) <= 3
+                 and all(t in "abc" for t in doc.get("tags", []))))
+
+
+def closing(model_dir) -> dict[str, float]:
+    """logit_bias favouring the tokens that close a JSON string or object."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return {str(i): 4.0 for i in range(len(tok)) if tok.decode([i]).strip() in ('"', '}', '"}', '",', '"]')}
+
+
+@pytest.fixture(scope="module")
+def server(qwen3_moe_dir):
+    with Server(str(qwen3_moe_dir), "--dtype", "float32", "--max-model-len", "1024") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+
+def test_outputs_follow_their_grammar_in_one_batch(server, qwen3_moe_dir):
+    # random weights write whitespace as readily as anything else: without vLLM's disable_any_whitespace
+    # JSON could run to max_tokens in whitespace
+    tight = {"structured_outputs": {"disable_any_whitespace": True}}
+    constraints = {
+        "json_schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
+                        **tight},
+        # any object: its strings end only when the model picks a quote; a bias makes that likely
+        "json_object": {"response_format": {"type": "json_object"}, **tight, "logit_bias": closing(qwen3_moe_dir)},
+        "json": {"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}},
+        "regex": {"structured_outputs": {"regex": REGEX}},
+        "choice": {"structured_outputs": {"choice": CHOICES}},
+        "grammar": {"structured_outputs": {"grammar": GRAMMAR}},
+        "free": {},
+    }
+
+    def ok(kind, text):
+        if kind in ("json_schema", "json"):
+            try:
+                return valid(json.loads(text))
+            except ValueError:
+                return False
+        if kind == "json_object":
+            try:
+                return isinstance(json.loads(text), dict)
+            except ValueError:
+                return False
+        return {"regex": lambda t: re.fullmatch(REGEX, t), "choice": lambda t: t in CHOICES,
+                "grammar": lambda t: re.fullmatch(GRAMMAR_RE, t), "free": lambda t: True}[kind](text) is not None \
+            and (kind != "choice" or text in CHOICES)
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
+            async def one(kind, temperature, chat):
+                body = {"max_tokens": 300, "temperature": temperature, "seed": 3, **constraints[kind]}
+                if chat:
+                    r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Who?"}],
+                                                                   **body})
+                    assert r.status_code == 200, r.text
+                    choice = r.json()["choices"][0]
+                    return kind, choice["message"]["content"], choice["finish_reason"]
+                r = await c.post("/v1/completions", json={"prompt": "Person:", **body})
+                assert r.status_code == 200, r.text
+                choice = r.json()["choices"][0]
+                return kind, choice["text"], choice["finish_reason"]
+            jobs = [one(k, t, chat) for k in constraints for t, chat in ((0.0, False), (1.0, True), (1.0, False))]
+            return await asyncio.gather(*jobs)
+    results = asyncio.run(run())
+    bad = [(kind, text, finish) for kind, text, finish in results
+           if kind != "free" and not (finish == "stop" and ok(kind, text))]
+    assert bad == [], [(kind, finish, text[:80]) for kind, text, finish in bad]
+    # without a grammar this checkpoint writes no JSON, nor anything the regex or choices allow
+    free = [text for kind, text, _ in results if kind == "free"]
+    assert not any(ok(k, t) for t in free for k in ("json_object", "regex", "choice", "grammar"))
+
+
+def test_streamed_structured_output(client):
+    stream = client.chat.completions.create(model=None, messages=[{"role": "user", "content": "x"}], max_tokens=400,
+                                            temperature=1.0, seed=5, stream=True,
+                                            response_format={"type": "json_schema",
+                                                             "json_schema": {"name": "p", "schema": SCHEMA}},
+                                            extra_body={"structured_outputs": {"disable_any_whitespace": True}})
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert valid(json.loads(text)), text
+
+
+@pytest.mark.parametrize("body", [
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+    {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
+    {"response_format": {"type": "yaml"}},
+    {"structured_outputs": {"regex": "(["}},
+    {"structured_outputs": {"grammar": "root ::= "}},
+    {"structured_outputs": {"choice": []}},
+    {"structured_outputs": {"regex": "a", "choice": ["b"]}},
+    {"structured_outputs": {"json": "{not json"}},
+    {"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
+])
+def test_malformed_constraints_are_400s(server, client, body):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]["message"]
+    assert msg and "\n" not in msg
+    assert client.completions.create(model=None, prompt="ok?", max_tokens=2).usage.completion_tokens >= 1
