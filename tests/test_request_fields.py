@@ -194,6 +194,13 @@ def test_prompt_logprobs_truncation_and_bad_values(server, client, tok, qwen3_mo
     assert client.completions.create(model=None, prompt="still up", max_tokens=2).usage.completion_tokens >= 1
 
 
+async def waiting(c) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    text = (await c.get("/metrics")).text
+    return sum(x.value for f in text_string_to_metric_families(text) for x in f.samples
+               if x.name == "vllm:num_requests_waiting")
+
+
 def test_a_high_priority_request_overtakes_waiting_ones(server):
     """One sequence at a time (--max-num-seqs 1): while a long streamed request runs, three wait; when
     it is dropped, the one with the lowest priority value, sent last, runs first (fcfs: last)."""
@@ -208,13 +215,18 @@ def test_a_high_priority_request_overtakes_waiting_ones(server):
             rest = []
             async with c.stream("POST", "/v1/completions", json={"prompt": "hello", "max_tokens": 4000,
                                                                  "ignore_eos": True, "stream": True}) as long:
-                async for line in long.aiter_lines():
+                lines = long.aiter_lines()          # kept: a dropped iterator may close the stream early
+                async for line in lines:
                     if line.startswith("data:"):
                         break                       # it runs: the others queue behind it
                 for name, prio in (("low-1", 5), ("low-2", 5), ("high", -1)):
                     rest.append(asyncio.create_task(go(name, prio)))
                     await asyncio.sleep(0.02)
-                await asyncio.sleep(0.2)
+                for _ in range(300):                # until the engine holds all three waiting
+                    if await waiting(c) == 3:
+                        break
+                    await asyncio.sleep(0.1)
+                await lines.aclose()
             await asyncio.gather(*rest)             # the long one was dropped (aborted) above
         return done
     assert asyncio.run(run()) == ["high", "low-1", "low-2"]
