@@ -27,6 +27,7 @@ class ModelConfig(msgspec.Struct):
     max_model_len: Optional[int] = None
     seed: int = 0
     quantization: Optional[str] = None
+    tokenizer: Optional[str] = None     # --tokenizer: a tokenizer folder other than the model's
 
     def hf_config(self) -> dict:
         path = Path(self.model) / "config.json"

@@ -166,6 +166,13 @@ def add_cli(sub) -> None:
                      help="most prompts x n one request may ask for")
     rel.add_argument("--trust-request-chat-template", action="store_true",
                      help="accept chat templates sent in requests (chat_template); refused by default")
+    rel.add_argument("--generation-config", default="auto",
+                     help="vLLM's: auto applies the checkpoint's generation_config.json sampling defaults to "
+                          "requests that do not set them; vllm ignores them; a folder takes that folder's")
+    rel.add_argument("--chat-template", default=None, help="a chat template file, or the template inline")
+    rel.add_argument("--tokenizer", default=None, help="a tokenizer folder other than the model's")
+    rel.add_argument("--max-logprobs", type=_int_range(0), default=20,
+                     help="most logprobs (and prompt_logprobs) a request may ask for per token")
     rel.add_argument("--forwarded-allow-ips", default=None,
                      help="comma-separated addresses (or *) of proxies whose X-Forwarded-For/-Proto headers "
                           "are believed; none by default")
@@ -188,7 +195,8 @@ def engine_config_from_args(args) -> EngineConfig:
         logger.info("--all2all-backend %s is used for the MoE layers' (single-rank) dispatch; "
                     "add --enable-expert-parallel to spread experts over ranks", args.all2all_backend)
     mcfg = ModelConfig(model=model, served_model_name=(args.served_model_name or [model])[0], dtype=args.dtype,
-                       max_model_len=args.max_model_len, seed=args.seed, quantization=args.quantization)
+                       max_model_len=args.max_model_len, seed=args.seed, quantization=args.quantization,
+                       tokenizer=args.tokenizer)
     parallel = parallel_config_from_args(args)
     default_batched = registry().load("platform", platform).default_max_num_batched_tokens
     cfg = EngineConfig(
@@ -272,12 +280,16 @@ def _serve(args, cfg: EngineConfig) -> int:
     from epplat.core.server.api_server import run_api_server
     from epplat.core.server.tokenizer import load_tokenizer
     from epplat.core.server.app import bind_http_socket
+    from epplat.core.server.model_defaults import load_chat_template, sampling_defaults
     par = cfg.parallel
     stop = _StopSignals()
     http = None
     if not par.headless:
         try:
-            load_tokenizer(cfg.model.model)
+            load_tokenizer(cfg.model.tokenizer or cfg.model.model)
+            if args.chat_template is not None:
+                load_chat_template(args.chat_template)
+            sampling_defaults(cfg.model.model, args.generation_config)
             # the port is taken before the model loads, so a clash is reported at once
             http = bind_http_socket(args.host, args.port, reuse_port=par.api_server_count > 1)
         except (ConfigError, OSError) as e:
@@ -321,7 +333,8 @@ def _server_opts(args) -> dict:
             "shutdown_timeout": args.shutdown_timeout, "max_body_bytes": args.max_request_body_size,
             "tokenizer_pool_size": args.tokenizer_pool_size, "max_choices": args.max_choices_per_request,
             "trust_request_chat_template": args.trust_request_chat_template,
-            "forwarded_allow_ips": args.forwarded_allow_ips}
+            "forwarded_allow_ips": args.forwarded_allow_ips, "generation_config": args.generation_config,
+            "chat_template": args.chat_template, "tokenizer": args.tokenizer, "max_logprobs": args.max_logprobs}
 
 
 def _wait(procs, servers, grace: float = 10.0) -> int:

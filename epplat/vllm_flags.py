@@ -8,20 +8,14 @@ fp8 KV cache...) is faked here."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 from epplat.config import ConfigError
 
 logger = logging.getLogger("epplat.serve")
-
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                  "frequency_penalty")
-
 
 @dataclass(frozen=True)
 class Flag:
@@ -49,24 +43,6 @@ def _never(_v, _args) -> bool:
     return False
 
 
-def _no_sampling_defaults(value, args) -> bool:
-    """--generation-config: 'vllm' is epplat's behaviour; 'auto' / a folder too when they set no sampling default."""
-    if value == "vllm":
-        return True
-    folder = Path(args.model_flag or args.model or ".") if value == "auto" else Path(value)
-    path = folder / "generation_config.json"
-    try:
-        gc = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return False
-    return not any(k in gc for k in _SAMPLING_KEYS)
-
-
-def _same_tokenizer(value, args) -> bool:
-    model = args.model_flag or args.model
-    return model is not None and Path(value).resolve() == Path(model).resolve()
-
-
 FLAGS = (
     Flag(("--trust-remote-code",), bool, _always, "epplat runs its own implementation of the architectures it "
          "serves (no checkpoint code is run)", ""),
@@ -83,21 +59,12 @@ FLAGS = (
          "epplat's external load balancing is one engine per --data-parallel-rank; give it"),
     Flag(("--expert-placement-strategy",), str, _is("linear"), "contiguous experts per EP rank, as epplat "
          "places them", "only linear expert placement is implemented in epplat"),
-    Flag(("--generation-config",), str, _no_sampling_defaults, "no sampling defaults to apply",
-         "the checkpoint's generation_config.json sampling defaults are not applied by epplat yet; "
-         "pass --generation-config vllm (or set the sampling fields in each request)"),
-    Flag(("--tokenizer",), str, _same_tokenizer, "the model's own tokenizer",
-         "a tokenizer other than the checkpoint's own is not supported by epplat yet"),
     Flag(("--tokenizer-mode",), str, _is("auto", "hf"), "transformers' tokenizer",
          "only the auto / hf tokenizer modes exist in epplat"),
-    Flag(("--chat-template",), str, _never, "", "a chat template other than the checkpoint's own is not "
-         "supported by epplat yet"),
     Flag(("--kv-cache-dtype",), str, _is("auto"), "the KV cache in the model's dtype",
          "a KV cache dtype other than the model's (auto) is not implemented in epplat yet"),
     Flag(("--load-format",), str, _is("auto", "safetensors"), "weights read from the safetensors files",
          "epplat loads safetensors checkpoints only (auto / safetensors)"),
-    Flag(("--max-logprobs",), int, _is(20), "epplat's limit is 20 logprobs per token",
-         "epplat's logprobs limit is fixed at 20"),
     Flag(("--disable-log-stats",), bool, _always, "no periodic stats line from the engines; /metrics is unchanged",
          "", lambda: os.environ.__setitem__("EPPLAT_LOG_STATS_INTERVAL", "inf")),
     Flag(("--disable-log-requests",), bool, _always, "epplat does not log requests", ""),

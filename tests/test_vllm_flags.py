@@ -7,6 +7,7 @@ import json
 import shlex
 import shutil
 
+import httpx
 import openai
 import pytest
 
@@ -36,7 +37,9 @@ REFUSED = [
     ("vllm serve MODEL --kv-cache-dtype fp8", "--kv-cache-dtype fp8: a KV cache dtype"),
     ("vllm serve MODEL --data-parallel-size 2 --enable-expert-parallel --enable-dbo", "--enable-dbo: dual batch"),
     ("vllm serve MODEL --load-format dummy", "--load-format dummy: epplat loads safetensors"),
-    ("vllm serve MODEL --chat-template ./template.jinja", "--chat-template ./template.jinja: a chat template"),
+    ("vllm serve MODEL --chat-template ./no-such-template.jinja",
+     "--chat-template ./no-such-template.jinja: looks like a file path, but it cannot be opened"),
+    ("vllm serve MODEL --generation-config ./no-such-folder", "--generation-config ./no-such-folder: no generation"),
     ("vllm serve MODEL --data-parallel-size 2 --data-parallel-hybrid-lb", "--data-parallel-hybrid-lb: hybrid"),
 ]
 
@@ -65,13 +68,42 @@ def test_vllm_command_lines_that_would_change_results_fail_in_one_line(line, mes
     assert "\n" not in err and err.startswith(f"epplat serve: error: {message}"), err
 
 
-def test_generation_config_with_sampling_defaults_is_refused(qwen3_moe_dir, tmp_path, capsys):
-    from epplat.cli import main
-    model = shutil.copytree(qwen3_moe_dir, tmp_path / "m")
+TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
+
+
+def test_generation_config_chat_template_tokenizer_and_max_logprobs(qwen3_moe_dir, tmp_path):
+    """--generation-config auto applies the checkpoint's sampling defaults (top_k 1: sampling gives the
+    greedy text; max_new_tokens 5: the default length); --tokenizer serves a
+    checkpoint without tokenizer files; --chat-template (a file) renders chats; --max-logprobs caps
+    logprobs and prompt_logprobs."""
+    model, tok = tmp_path / "m", tmp_path / "tok"
+    shutil.copytree(qwen3_moe_dir, model)
+    tok.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.move(model / name, tok / name)
     gc = json.loads((model / "generation_config.json").read_text())
-    (model / "generation_config.json").write_text(json.dumps({**gc, "temperature": 0.6, "top_p": 0.95}))
-    assert main(["serve", str(model), "--generation-config", "auto"]) == 1
-    assert "generation_config.json sampling defaults are not applied" in capsys.readouterr().err
+    (model / "generation_config.json").write_text(json.dumps({**gc, "top_k": 1, "max_new_tokens": 5}))
+    (tmp_path / "t.jinja").write_text(TEMPLATE)
+    msgs = [{"role": "user", "content": "hi there"}]
+    with Server(str(model), "--tokenizer", str(tok), "--chat-template", str(tmp_path / "t.jinja"),
+                "--max-logprobs", "3", "--generation-config", "auto", "--dtype", "float32",
+                "--max-model-len", "256") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        greedy = c.chat.completions.create(model=str(model), messages=msgs, temperature=0, max_tokens=5,
+                                           extra_body={"ignore_eos": True})
+        sampled = c.chat.completions.create(model=str(model), messages=msgs, temperature=1.0, n=3, seed=1,
+                                            extra_body={"ignore_eos": True})
+        assert [ch.message.content for ch in sampled.choices] == [greedy.choices[0].message.content] * 3
+        assert sampled.usage.completion_tokens == 15
+        rendered = httpx.post(s.url + "/tokenize", json={"messages": msgs, "add_generation_prompt": True}).json()
+        from transformers import AutoTokenizer
+        t = AutoTokenizer.from_pretrained(tok)
+        assert rendered["tokens"] == t.encode("[user] hi there\n[assistant]", add_special_tokens=False)
+        assert c.completions.create(model=str(model), prompt="a", max_tokens=2, logprobs=3).choices[0].logprobs
+        for body in ({"logprobs": 4}, {"prompt_logprobs": 4}):
+            r = httpx.post(s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 2, **body})
+            assert r.status_code == 400 and "max allowed: 3" in r.json()["error"]["message"], r.text
+        assert "generation config recommended from the model creator" in s.output()
 
 
 def test_a_vllm_command_line_serves(qwen3_moe_dir):

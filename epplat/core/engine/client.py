@@ -356,7 +356,9 @@ class EngineClient:
         try:
             parts = await asyncio.gather(*(self.call(r, "stats", timeout=5.0) for r in self.engine_ranks))
             return {r: msgspec.convert(p, P.EngineStats) for r, p in zip(self.engine_ranks, parts)}
-        except (EngineError, asyncio.TimeoutError):
+        except (EngineError, asyncio.TimeoutError) as e:
+            logger.warning("engine stats: an engine did not answer (%s); /metrics shows the stats its last "
+                           "outputs carried", type(e).__name__)
             return dict(self.engine_stats)
 
     async def get_stats(self) -> P.EngineStats:

@@ -75,7 +75,7 @@ class EngineCore:
         self.num_received = 0
         self.stat_log = StatLog(self.ps.dp_rank)
         self.num_prompt_tokens_computed = 0
-        self.grammars = Grammars(cfg.model.model, self.runner.model_cfg.vocab_size)
+        self.grammars = Grammars(cfg.model.tokenizer or cfg.model.model, self.runner.model_cfg.vocab_size)
 
     def add_request(self, er: EngineRequest) -> list[EngineOutput]:
         """Queue a request; returns its output at once when it cannot run (its grammar did not compile)."""

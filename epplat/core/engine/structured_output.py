@@ -69,8 +69,8 @@ def choice_grammar(choices: list[str]) -> str:
 class Grammars:
     """One engine's compiler: the model's vocabulary as xgrammar sees it, and compiled grammars by spec."""
 
-    def __init__(self, model_dir: str, vocab_size: int):
-        self.model_dir, self.vocab_size = model_dir, vocab_size
+    def __init__(self, tokenizer_dir: str, vocab_size: int):
+        self.tokenizer_dir, self.vocab_size = tokenizer_dir, vocab_size
         self._lock = threading.Lock()
         self._compiler = None
 
@@ -79,7 +79,7 @@ class Grammars:
             if self._compiler is None:
                 xgr = xgrammar()
                 from transformers import AutoTokenizer
-                tok = AutoTokenizer.from_pretrained(self.model_dir)
+                tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
                 info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=self.vocab_size)
                 self._compiler = xgr.GrammarCompiler(info)
                 self._compile = functools.lru_cache(maxsize=256)(

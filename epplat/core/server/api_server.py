@@ -15,6 +15,7 @@ def run_api_server(cfg_json: bytes, index: int, engine_ranks: list[int], opts: d
     --api-server-count > 1). Returns the exit code: 1 when the engines died."""
     from epplat.core.engine.client import EngineClient
     from epplat.core.server.app import bind_http_socket, build_app, run_server
+    from epplat.core.server.model_defaults import load_chat_template, sampling_defaults
     from epplat.core.server.tokenizer import eos_token_ids, load_tokenizer
     from epplat.logs import setup_logging
     if parent_pid is not None:
@@ -22,11 +23,15 @@ def run_api_server(cfg_json: bytes, index: int, engine_ranks: list[int], opts: d
         die_with_parent(parent_pid)
     setup_logging()
     cfg = EngineConfig.from_json(cfg_json)
-    tokenizer = load_tokenizer(cfg.model.model)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.model)
+    if opts.get("chat_template") is not None:
+        tokenizer.chat_template = load_chat_template(opts["chat_template"])
     client = EngineClient(cfg, tokenizer, eos_token_ids(cfg.model.model, tokenizer), client_index=index,
                           engine_ranks=engine_ranks, procs=procs)
     names = opts["served_model_name"] or [cfg.model.model]
     app = build_app(client, served_model_names=names, api_key=opts["api_key"],
+                    sampling_defaults=sampling_defaults(cfg.model.model, opts.get("generation_config", "auto")),
+                    max_logprobs=opts.get("max_logprobs", 20),
                     **{k: opts[k] for k in ("tokenizer_pool_size", "max_choices", "trust_request_chat_template",
                                             "max_body_bytes")})
     if sock is None:

@@ -11,7 +11,6 @@ from pydantic_core import PydanticCustomError
 from epplat.connectors.base import check_kv_transfer_params
 
 _INT64 = 2**63 - 1
-MAX_LOGPROBS = 20
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -92,7 +91,7 @@ class _SamplingRequest(BaseModel):
     min_tokens: int = Field(default=0, ge=0)
     bad_words: Optional[list[str]] = None
     allowed_token_ids: Optional[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]] = None
-    prompt_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: Optional[int] = Field(default=None, ge=0)    # at most --max-logprobs (serving.py)
     truncate_prompt_tokens: Optional[int] = Field(default=None, ge=-1)
     return_tokens_as_token_ids: Optional[bool] = None
     priority: int = 0
@@ -158,7 +157,7 @@ class CompletionRequest(_SamplingRequest):
     prompt: Union[_Text, Annotated[list[_Text], Field(min_length=1)], _TokenIds,
                   Annotated[list[_TokenIds], Field(min_length=1)]]
     max_tokens: Optional[int] = Field(default=16, ge=1)   # vLLM's default; null: the rest of the context
-    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    logprobs: Optional[int] = Field(default=None, ge=0)
     echo: bool = False
     add_special_tokens: bool = True
 
@@ -191,7 +190,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Optional[int] = Field(default=None, ge=0)
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False

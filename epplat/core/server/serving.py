@@ -65,12 +65,15 @@ class OpenAIServing:
     """Turns validated requests into engine requests through `client` and their outputs into responses."""
 
     def __init__(self, client, served_model_names: list[str], metrics: Metrics, max_model_len: Optional[int] = None,
-                 *, tokenizer_pool: TokenizerPool, max_choices: int = 128, trust_request_chat_template: bool = False):
+                 *, tokenizer_pool: TokenizerPool, max_choices: int = 128, trust_request_chat_template: bool = False,
+                 sampling_defaults: Optional[dict] = None, max_logprobs: int = 20):
         self.client, self.names, self.metrics = client, list(served_model_names), metrics
         self.tok = client.tokenizer
         self.pool, self.max_choices, self.trust_template = tokenizer_pool, max_choices, trust_request_chat_template
         self._template_params = set(inspect.signature(self.tok.apply_chat_template).parameters) - {"kwargs"}
         self._max_model_len = max_model_len
+        self.defaults = dict(sampling_defaults or {})    # --generation-config: for fields a request leaves unset
+        self.max_logprobs = max_logprobs
         self._token_str = functools.lru_cache(maxsize=1 << 17)(lambda t: self.tok.decode([t]))
 
     @property
@@ -321,8 +324,13 @@ class OpenAIServing:
         limit = self.max_model_len
         if prompt_len >= limit:
             self._context_error(prompt_len)
+        for name, n in (("logprobs", logprobs), ("prompt_logprobs", req.prompt_logprobs)):
+            if n is not None and n > self.max_logprobs:
+                raise APIError(400, f"Requested {name} of {n}, which is greater than max allowed: "
+                                    f"{self.max_logprobs} (--max-logprobs)", name)
+        d = self.defaults
         if max_tokens is None:
-            max_tokens = limit - prompt_len
+            max_tokens = min(limit - prompt_len, d.get("max_tokens", limit))
         elif prompt_len + max_tokens > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
@@ -335,13 +343,16 @@ class OpenAIServing:
                                 f"{req.min_tokens}.", "min_tokens")
         self._check_priority(req.priority)
         return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+            max_tokens=max_tokens, temperature=d.get("temperature", 1.0) if req.temperature is None else req.temperature,
+            top_p=d.get("top_p", 1.0) if req.top_p is None else req.top_p,
+            top_k=max(0, d.get("top_k", 0) if req.top_k is None else req.top_k),
+            min_p=d.get("min_p", 0.0) if req.min_p is None else req.min_p,
             seed=req.seed, stop=list(req.stop or []), stop_token_ids=stop_ids, ignore_eos=req.ignore_eos,
             logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output, prompt_logprobs=req.prompt_logprobs,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=d.get("repetition_penalty", 1.0) if req.repetition_penalty is None
+            else req.repetition_penalty,
             logit_bias=self._logit_bias(req.logit_bias), min_tokens=req.min_tokens,
             bad_words_token_ids=self._bad_words(req.bad_words or []),
             allowed_token_ids=self._in_vocab(req.allowed_token_ids, "allowed_token_ids"),

@@ -243,6 +243,9 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias=None
     """x [T, in] -> [T, out] in x's dtype: x quantized per token, times int8 w [in, out] (int32 sums),
     times the per-output-channel scale [out] and the per-token scale; bias added in x's dtype."""
     import torch_npu
+    if x.shape[0] == 0:   # npu_quant_matmul takes no empty x1 (its docs); an idle DP rank's dummy step has no token
+        out = x.new_zeros((0, w.shape[1]))
+        return out if bias is None else out + bias
     xq, x_scale = torch_npu.npu_dynamic_quant(x)
     out = torch_npu.npu_quant_matmul(xq, w, scale, pertoken_scale=x_scale, output_dtype=x.dtype)
     return out if bias is None else out + bias

@@ -246,6 +246,11 @@ def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=No
     """int8 x1 [m, k] @ int8 x2 [k, n], int32 accumulation, * scale [n] (* pertoken_scale [m])."""
     if x1.dtype != torch.int8 or x2.dtype != torch.int8:
         raise RuntimeError("npu_quant_matmul: x1 and x2 must be int8")
+    # docs/context/torch_npu-npu_quant_matmul.md (Ascend/op-plugin, read at commit 1dd24f2), constraints:
+    # "传入的x1、x2、scale不能是空" (x1, x2 and scale must not be empty)
+    if not (x1.numel() and x2.numel() and scale.numel()):
+        raise RuntimeError(f"npu_quant_matmul: x1, x2 and scale must not be empty, got x1 {list(x1.shape)}, "
+                           f"x2 {list(x2.shape)}, scale {list(scale.shape)}")
     if scale.dim() != 1 or scale.numel() not in (1, x2.shape[-1]):
         raise RuntimeError(f"npu_quant_matmul: scale must be 1-d of 1 or n={x2.shape[-1]}, got {list(scale.shape)}")
     if pertoken_scale is not None and (pertoken_scale.dim() != 1 or pertoken_scale.numel() != x1.shape[0]):
@@ -300,6 +305,8 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     outs, start = [], 0
     for e, c in enumerate(counts):
         rows = xs[start:start + c]
+        if not c:                    # an expert with no rows (npu_quant_matmul, its per-group arithmetic, takes none)
+            continue
         if w.dtype == torch.int8:
             outs.append(npu_quant_matmul(rows, w[e], scale[0][e], pertoken_scale=per_token_scale[0][start:start + c],
                                          output_dtype=output_dtype))
