@@ -7,7 +7,13 @@ then with a JSON schema (structured_outputs json: an array of at least 200 short
 disable_any_whitespace, so no output can end before --output-len), alternating for --rounds rounds
 side by side. Throughput is generated tokens (usage) over the wall time of the round.
 
+--mask-only times just the grammar's work in one engine step instead, in this process: for a batch
+of --concurrency rows under the schema, filling the token bitmask, masking the logits
+(``apply_grammars``) and advancing the matchers, over --output-len steps (median and min of the
+steps; random logits, the most probable allowed token taken).
+
     python benchmarks/structured_output_bench.py --out structured.json
+    python benchmarks/structured_output_bench.py --mask-only
 """
 
 from __future__ import annotations
@@ -49,6 +55,32 @@ async def one_round(url: str, args, constrained: bool) -> tuple[float, int]:
         return time.perf_counter() - t, sum(tokens)
 
 
+def mask_only(args) -> None:
+    from epplat.core.engine.protocol import EngineRequest, SamplingParams, StructuredOutput
+    from epplat.core.engine.request import Request
+    from epplat.core.engine.structured_output import Grammars, accept, apply_grammars
+    import torch
+    spec = StructuredOutput("json", json.dumps(SCHEMA), any_whitespace=False)
+    grammars = Grammars(args.model_dir, args.vocab_size)
+    reqs = []
+    for i in range(args.concurrency):
+        r = Request(EngineRequest(str(i), [1], SamplingParams(structured_output=spec), eos_token_ids=[2]))
+        r.grammar = grammars.matcher(spec, [2])
+        reqs.append(r)
+    times = []
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(args.output_len):
+        reqs = [r for r in reqs if r.finish_reason is None]      # as the engine: a finished grammar leaves the batch
+        logits = torch.randn(len(reqs), args.vocab_size, generator=gen)
+        t = time.perf_counter()
+        tokens = apply_grammars(logits, reqs).argmax(dim=-1).tolist()
+        for r, tok in zip(reqs, tokens):
+            r.finish_reason = accept(r, tok)
+        times.append(time.perf_counter() - t)
+    print(f"grammar work per step, {args.concurrency} rows, vocabulary {args.vocab_size}: median "
+          f"{statistics.median(times) * 1e3:.2f} ms, min {min(times) * 1e3:.2f} ms over {len(times)} steps")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default=None, help="checkpoint (default: make the benchmark shape)")
@@ -58,12 +90,16 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--mask-only", action="store_true", help="time the grammar's work per step alone")
     args = p.parse_args(argv)
     logdir = tempfile.mkdtemp(prefix="epplat-structured-")
     if args.model_dir is None:
         args.model_dir = f"{logdir}/model"
         subprocess.run([sys.executable, "-m", "epplat.cli", "make-model", "qwen3_moe", args.model_dir, *SHAPE,
                         "--vocab-size", str(args.vocab_size)], check=True, capture_output=True)
+    if args.mask_only:
+        mask_only(args)
+        return 0
     port = free_port()
     cmd = [sys.executable, "-m", "epplat.cli", "serve", args.model_dir, "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", "1024", "--disable-log-stats"]

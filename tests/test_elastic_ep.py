@@ -20,12 +20,12 @@ import httpx
 import openai
 import pytest
 
-from hf_oracle import hf_greedy_texts
+from hf_oracle import hf_greedy, hf_greedy_texts
 from server_utils import Server, group_pids
 
 POOL = [[(i * 37 + j * 11) % 2000 + 3 for j in range(12)] for i in range(6)]
 SHORT = 6
-STREAM_PROMPT, STREAM_TOKENS = [11, 222, 333, 44, 5], 160
+STREAM_PROMPT, STREAM_TOKENS, LONGER_TOKENS = [11, 222, 333, 44, 5], 160, 480
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,12 @@ def model_dir(skewed_dir):
 
 @pytest.fixture(scope="module")
 def expected(model_dir):
-    return hf_greedy_texts(model_dir, POOL, SHORT), hf_greedy_texts(model_dir, [STREAM_PROMPT], STREAM_TOKENS)[0]
+    """transformers' texts: the short batch prompts, the stream prompt's first STREAM_TOKENS and LONGER_TOKENS."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = hf_greedy(model_dir, [STREAM_PROMPT], LONGER_TOKENS, ignore_eos=True)[0]
+    return (hf_greedy_texts(model_dir, POOL, SHORT), tok.decode(ids[:STREAM_TOKENS], skip_special_tokens=True),
+            tok.decode(ids, skip_special_tokens=True))
 
 
 def _scale(url: str, body, timeout: float = 180) -> httpx.Response:
@@ -93,20 +98,23 @@ class _Stream:
     """One streaming completion on a thread; its text and the longest gap between chunks."""
 
     def __init__(self, client, model, max_tokens=STREAM_TOKENS):
-        self.text, self.error, self.gaps = "", None, []
-        self.started = threading.Event()
+        self.text, self.error, self.gaps, self.last = "", None, [], 0.0
+        self.started, self.cancelled = threading.Event(), threading.Event()
 
         def run():
             try:
                 last = None
-                for chunk in client.completions.create(model=model, prompt=STREAM_PROMPT, max_tokens=max_tokens,
-                                                       temperature=0, stream=True, extra_body={"ignore_eos": True}):
-                    now = time.monotonic()
-                    if last is not None:
-                        self.gaps.append(now - last)
-                    last = now
-                    self.text += chunk.choices[0].text
-                    self.started.set()
+                with client.completions.create(model=model, prompt=STREAM_PROMPT, max_tokens=max_tokens,
+                                               temperature=0, stream=True, extra_body={"ignore_eos": True}) as chunks:
+                    for chunk in chunks:
+                        now = time.monotonic()
+                        if last is not None:
+                            self.gaps.append(now - last)
+                        last = self.last = now
+                        self.text += chunk.choices[0].text
+                        self.started.set()
+                        if self.cancelled.is_set():
+                            break       # the connection closes: the server aborts the request
             except Exception as e:     # noqa: BLE001
                 self.error = e
             self.started.set()
@@ -120,23 +128,41 @@ class _Stream:
         return self.text
 
 
-def _scale_with_traffic(s: Server, client, model, expected, new_size: int) -> float:
-    """Scale to new_size under a stream and batches; checks they all complete with the oracle's tokens."""
-    short, long = expected
+def _scale_with_traffic(s: Server, client, model, expected, new_size: int, during=None) -> float:
+    """Scale to new_size under batches and streams (three started before it, one longer one started while it
+    runs, on a staying rank); checks they all complete with the oracle's tokens, the longer one after the
+    scale's 200 (it was in flight across the re-forming). ``during()`` runs while the scale does."""
+    short, long, longer = expected
     load = _Load(client, model, short)
-    stream = _Stream(client, model)
+    before = [_Stream(client, model) for _ in range(3)]      # the router puts them on different ranks
+    box = {}
+
+    def scale():
+        box["r"] = _scale(s.url, {"new_data_parallel_size": new_size, "drain_timeout": 120})
+        box["done"] = time.monotonic()
     t0 = time.monotonic()
-    r = _scale(s.url, {"new_data_parallel_size": new_size, "drain_timeout": 120})
-    took = time.monotonic() - t0
+    thread = threading.Thread(target=scale)
+    thread.start()
+    while not httpx.post(s.url + "/is_scaling_elastic_ep").json()["is_scaling_elastic_ep"]:
+        assert thread.is_alive(), "the scale ended before /is_scaling_elastic_ep said it ran"
+        time.sleep(0.01)
+    across = _Stream(client, model, max_tokens=LONGER_TOKENS)
+    if during is not None:
+        during()
+    thread.join(300)
+    r = box["r"]
     assert r.status_code == 200, r.text
     assert r.json() == {"message": f"Scaled to {new_size} data parallel engines"}
     rounds = load.rounds
     while load.rounds < rounds + 2:        # batches after the scale, on the new set of ranks
         time.sleep(0.05)
     load.stop()
-    assert stream.result() == long
+    assert [st.result() for st in before] == [long] * 3
+    assert across.result() == longer
+    assert across.last > box["done"], ("the stream started during the scale ended before the scale did",
+                                       across.last - box["done"], re.findall(r"elastic EP: scaled.*", s.output()))
     assert load.failures == [], load.failures
-    return took
+    return box["done"] - t0
 
 
 @pytest.mark.slow
@@ -160,18 +186,11 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         assert httpx.post(s.url + "/is_scaling_elastic_ep").json() == {"is_scaling_elastic_ep": False}
 
         # up: 2 -> 3 under load; a second scale meanwhile gets 409, and /health answers
-        box = {}
-        t = threading.Thread(target=lambda: box.setdefault("took", _scale_with_traffic(s, client, model, expected, 3)))
-        t.start()
-        deadline = time.time() + 30
-        while not httpx.post(s.url + "/is_scaling_elastic_ep").json()["is_scaling_elastic_ep"]:
-            assert time.time() < deadline, "the scale never said it was running"
-            time.sleep(0.02)
-        r = _scale(s.url, {"new_data_parallel_size": 4})
-        assert r.status_code == 409, r.text
-        assert httpx.get(s.url + "/health").status_code == 200
-        t.join(300)
-        assert "took" in box, s.output()[-4000:]
+        def during_up():
+            r = _scale(s.url, {"new_data_parallel_size": 4})
+            assert r.status_code == 409, r.text
+            assert httpx.get(s.url + "/health").status_code == 200
+        _scale_with_traffic(s, client, model, expected, 3, during_up)
         assert httpx.post(s.url + "/is_scaling_elastic_ep").json() == {"is_scaling_elastic_ep": False}
         log = s.output()
         assert "EP rank 2/3 holds physical experts 10-14 of 15" in log
@@ -185,6 +204,7 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         r = _scale(s.url, {"new_data_parallel_size": 2, "drain_timeout": 1})
         assert r.status_code == 408 and "drain timeout after 1 seconds" in r.json()["error"]["message"], r.text
         for st in slow:
+            st.cancelled.set()
             st.result()
         before = _requests_per_rank(s.url).get("2", 0)
         with cf.ThreadPoolExecutor(3) as pool:

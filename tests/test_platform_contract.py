@@ -2,7 +2,8 @@
 one process do not change each other's kernels), core holds no kernel registry and no device
 branch, and a third-party platform package (examples/epplat-example-platform) installed with pip
 serves transformers' greedy tokens through its own kernels with ``--platform einsum`` (and adds its own
-``epplat`` subcommand through the CLI hook)."""
+``epplat`` subcommand through the CLI hook), while ``--platform auto`` keeps epplat's own platform unless a
+plugin's declares that it fits the machine better."""
 
 from __future__ import annotations
 
