@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -180,7 +181,7 @@ class ParallelConfig(msgspec.Struct):
     data_parallel_size_local: Optional[int] = None
     data_parallel_start_rank: int = 0
     data_parallel_rank: Optional[int] = None
-    data_parallel_address: str = "127.0.0.1"
+    data_parallel_address: Optional[str] = None   # required off one node; 127.0.0.1 on one
     data_parallel_rpc_port: int = 29550
     api_server_count: int = 1
     headless: bool = False
@@ -190,7 +191,7 @@ class ParallelConfig(msgspec.Struct):
     enable_eplb: bool = False
     enable_elastic_ep: bool = False        # --enable-elastic-ep: DP ranks added and removed at run time
     eplb: EPLBConfig = msgspec.field(default_factory=EPLBConfig)
-    internal_secret: str = ""             # authenticates every internal zmq frame (frame_auth.py)
+    internal_secret: str = ""             # authenticates every internal frame (frame_auth.py); one node: random
     distributed_timeout_seconds: int = 600   # a collective that takes longer fails its engine
     engine_iteration_timeout_s: float = 60.0  # an engine silent this long is dead to its API server
 
@@ -221,6 +222,15 @@ class ParallelConfig(msgspec.Struct):
             raise ConfigError("--eplb-config num_redundant_experts needs --enable-eplb")
         if self.enable_elastic_ep:
             self._check_elastic()
+        if self.single_node:
+            self.data_parallel_address = self.data_parallel_address or "127.0.0.1"
+            self.internal_secret = self.internal_secret or secrets.token_hex(32)
+        elif not self.data_parallel_address:
+            raise ConfigError("multi-node and external load-balancing layouts need --data-parallel-address "
+                              "(the address of the node with DP rank 0)")
+        elif not self.internal_secret:
+            raise ConfigError("multi-node and external load-balancing layouts need a shared secret for the internal "
+                              "sockets: set EPPLAT_INTERNAL_SECRET (or --internal-secret) to the same value on every node")
 
     def _check_elastic(self) -> None:
         if not self.enable_expert_parallel:

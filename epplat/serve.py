@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
 import sys
@@ -223,24 +222,17 @@ def engine_config_from_args(args) -> EngineConfig:
 def parallel_config_from_args(args) -> ParallelConfig:
     eplb = EPLBConfig.parse(args.eplb_config, {k: v for k in EPLBConfig.__struct_fields__
                                                if (v := getattr(args, f"eplb_config_{k}", None)) is not None})
-    secret = args.internal_secret or _env("INTERNAL_SECRET", None)
-    parallel = ParallelConfig(
-        internal_secret=secret or secrets.token_hex(32), distributed_timeout_seconds=args.distributed_timeout_seconds,
+    return ParallelConfig(
+        internal_secret=args.internal_secret or _env("INTERNAL_SECRET", ""),
+        distributed_timeout_seconds=args.distributed_timeout_seconds,
         engine_iteration_timeout_s=_env_float("ENGINE_ITERATION_TIMEOUT_S", 60.0),
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         data_parallel_size_local=args.data_parallel_size_local, data_parallel_start_rank=args.data_parallel_start_rank,
-        data_parallel_rank=args.data_parallel_rank, data_parallel_address=args.data_parallel_address or "127.0.0.1",
+        data_parallel_rank=args.data_parallel_rank, data_parallel_address=args.data_parallel_address,
         data_parallel_rpc_port=args.data_parallel_rpc_port or 29550, api_server_count=args.api_server_count,
         headless=args.headless, enable_expert_parallel=args.enable_expert_parallel,
         all2all_backend=args.all2all_backend, enable_eplb=args.enable_eplb,
         enable_elastic_ep=args.enable_elastic_ep, eplb=eplb)
-    if not parallel.single_node and not args.data_parallel_address:
-        raise ConfigError("multi-node and external load-balancing layouts need --data-parallel-address "
-                          "(the address of the node with DP rank 0)")
-    if not secret and not parallel.single_node:
-        raise ConfigError("multi-node and external load-balancing layouts need a shared secret for the internal "
-                          "sockets: set EPPLAT_INTERNAL_SECRET (or --internal-secret) to the same value on every node")
-    return parallel
 
 
 def run(args) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -10,9 +11,9 @@ import pytest
 from plugin_listing import plugin_statuses
 
 
-def epplat(*args, timeout=120):
+def epplat(*args, timeout=120, env=None):
     return subprocess.run([sys.executable, "-m", "epplat.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **env} if env else None)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -88,8 +89,20 @@ def test_checkpoint_missing_a_tensor_is_one_error_line(mixtral_dir, tmp_path):
     (["-dp", "2", "--data-parallel-size-local", "1"], "need --data-parallel-address"),
     (["-dp", "2", "--data-parallel-rank", "2", "--data-parallel-address", "127.0.0.1"], "must be below"),
     (["--headless", "--api-server-count", "2", "-dp", "2", "--data-parallel-address", "x"], "drop --api-server-count"),
+    (["-dp", "2", "--data-parallel-size-local", "1", "--data-parallel-address", "10.0.0.1"], "need a shared secret"),
 ])
 def test_bad_parallel_layouts_are_one_line(qwen3_moe_dir, flags, needle):
-    r = epplat("serve", str(qwen3_moe_dir), *flags)
+    r = epplat("serve", str(qwen3_moe_dir), *flags, env={"EPPLAT_INTERNAL_SECRET": ""})
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
     assert r.returncode != 0 and len(errors) == 1 and needle in errors[0], r.stderr
+
+
+def test_multi_node_rules_hold_for_a_config_built_in_python():
+    """The address and secret rules live in ParallelConfig, not in serve's flag parsing."""
+    from epplat.config import ConfigError, ParallelConfig
+    with pytest.raises(ConfigError, match="need --data-parallel-address"):
+        ParallelConfig(data_parallel_size=2, data_parallel_size_local=1, internal_secret="s")
+    with pytest.raises(ConfigError, match="need a shared secret"):
+        ParallelConfig(data_parallel_size=2, data_parallel_size_local=1, data_parallel_address="10.0.0.1")
+    one = ParallelConfig(data_parallel_size=2)
+    assert one.data_parallel_address == "127.0.0.1" and len(one.internal_secret) == 64    # one node: its own secret

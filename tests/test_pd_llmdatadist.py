@@ -5,7 +5,8 @@ over loopback). The ranktable comes from `epplat ranktable` (fake npu-smi / hccn
 --kv-transfer-config is vllm-ascend's, pasted with its module path. A prefill server (DP=2 with EP)
 and a decode server as separate `epplat serve --platform ascend` processes: greedy tokens of
 PD-split requests equal transformers', the decode side computes only each prompt's last token, the
-prefill side frees every held block. Bad configurations are one error line."""
+prefill side frees every held block; a prefill server that died is recomputed on the decode side.
+Bad configurations are one error line."""
 
 from __future__ import annotations
 
@@ -80,6 +81,16 @@ def test_llmdatadist_pd_split_on_simulated_ascend_equals_transformers(ascend_pd,
     # each DP rank of the prefill side is its own ranktable device (clusters 1 and 2); decode is device 2 (3)
     assert "is cluster 1 (device 0, 29.7.91.60)" in plog and "is cluster 2 (device 1, 29.7.91.61)" in plog
     assert "is cluster 3 (device 2, 29.7.91.62)" in dlog and "computing its prompt" not in dlog
+    assert metric(decode.url, "vllm:kv_cache_usage_perc") == 0.0
+    # a prefill server that died after answering: the decode side computes the prompt itself, same tokens
+    fresh = [(3 * i + 2) % 1900 + 30 for i in range(40)]
+    orphan = prefill_call(prefill, fresh)
+    prefill.stop()
+    computed0 = metric(decode.url, "epplat:prompt_tokens_computed_total")
+    assert decode_call(decode, orphan, 6) == tok.decode(hf_greedy(qwen3_moe_dir, [fresh], 6, ignore_eos=True)[0],
+                                                        skip_special_tokens=True)
+    assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == 40
+    assert "computing its prompt here instead" in decode.output()
     assert metric(decode.url, "vllm:kv_cache_usage_perc") == 0.0
 
 

@@ -16,6 +16,7 @@ workers pull only the blocks it lacks (the tail, when a prefix was cached here).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -88,6 +89,7 @@ class HeldBlocks:
     channel's threads lease and release, the engine's loop collects what may be freed)."""
 
     LEASE_WAIT_S = 2.0      # a lease may come before the engine loop has recorded the hold of a just-finished request
+    GONE_KEPT = 4096        # freed request ids remembered, so that a late lease for one is refused at once
 
     def __init__(self, timeout: float):
         self.timeout = timeout
@@ -95,20 +97,22 @@ class HeldBlocks:
         self.deadline: dict[str, float] = {}
         self.readers: dict[str, int] = {}        # request id -> reads still to report (once leased)
         self.done: set[str] = set()
+        self.gone: collections.OrderedDict = collections.OrderedDict()
 
     def hold(self, rids) -> None:
         deadline = time.monotonic() + self.timeout
         with self.lock:
             for rid in rids:
                 self.deadline.setdefault(rid, deadline)
+                self.gone.pop(rid, None)             # a request id used again (X-Request-Id)
             self.lock.notify_all()
 
     def lease(self, rid, readers: int = 1) -> Optional[str]:
         """A reader is about to read rid's blocks (`readers` reads in all, one per decode TP rank); the
         error line when it holds none."""
         with self.lock:
-            if not self.lock.wait_for(lambda: rid in self.deadline or rid in self.done, self.LEASE_WAIT_S) \
-                    or rid not in self.deadline:
+            if rid in self.gone or not self.lock.wait_for(lambda: rid in self.deadline or rid in self.gone,
+                                                          self.LEASE_WAIT_S) or rid not in self.deadline:
                 return f"request {rid} holds no blocks here (finished reading, expired or unknown)"
             self.readers.setdefault(rid, max(1, int(readers)))
             self.deadline[rid] = time.monotonic() + self.timeout
@@ -129,6 +133,9 @@ class HeldBlocks:
         self.deadline.pop(rid, None)
         self.readers.pop(rid, None)
         self.done.add(rid)
+        self.gone[rid] = None
+        if len(self.gone) > self.GONE_KEPT:
+            self.gone.popitem(last=False)
 
     def freeable(self) -> set[str]:
         now = time.monotonic()
