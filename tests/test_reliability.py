@@ -127,8 +127,11 @@ def test_bad_frames_are_dropped_and_a_stopped_engine_ends_the_server(qwen3_moe_d
             sock.connect(f"ipc://{folder}/{name}")
             for frame in (b"", b"\xc1garbage", msg, stranger.seal(msg), stranger.seal(b"\x93\x01")):
                 sock.send(frame)
-            assert monitor.poll(5000), f"a peer sending bad frames to {name} was not dropped"
+            dropped = monitor.poll(5000)
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
+            assert dropped, f"a peer sending bad frames to {name} was not dropped"
             raw = socket.socket(socket.AF_UNIX)        # a peer whose greeting is garbage
             raw.settimeout(5)
             raw.connect(f"{folder}/{name}")
@@ -139,6 +142,7 @@ def test_bad_frames_are_dropped_and_a_stopped_engine_ends_the_server(qwen3_moe_d
             except ConnectionResetError:
                 pass
             raw.close()
+        ctx.term()          # every socket closed: returns at once (a context left to the GC can hang it in term)
         time.sleep(1.5)
         assert greedy(s.url) == before            # still serving, the same tokens
         log = s.output()
