@@ -86,12 +86,14 @@ def test_16_concurrent_greedy_requests_match_transformers(aclient, qwen3_moe_dir
 
 
 def test_streaming_with_usage_equals_non_streaming(client):
-    full = client.completions.create(model="qwen-test", prompt=PROMPTS[1], max_tokens=20, temperature=0)
-    chunks = list(client.completions.create(model="qwen-test", prompt=PROMPTS[1], max_tokens=20, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    # 120 tokens: a reader that falls behind gets the deltas since its last read merged into one chunk (as
+    # vLLM's output collector does), so a short stream may come in two chunks; a long one cannot
+    opts = dict(model="qwen-test", prompt=PROMPTS[1], max_tokens=120, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**opts)
+    chunks = list(client.completions.create(**opts, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == full.choices[0].text
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == full.usage.completion_tokens == 120
     assert sum(1 for c in chunks if c.choices) > 2
 
 
