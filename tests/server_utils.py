@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,10 +19,43 @@ import httpx
 DEPLOYMENT = {"EPPLAT_INTERNAL_SECRET": "epplat-tests"}
 
 
-def free_port() -> int:
+# ports handed out by this test process: a port is given once, so two servers started by one
+# test (or a port a server derives from its base, e.g. a side channel's base + DP rank) never meet
+_HANDED_OUT: set[int] = set()
+# below the kernel's ephemeral range (32768-60999 by default): an outgoing connection of some other
+# process cannot take a port between the moment it is picked here and the moment a server binds it
+_LOW, _HIGH = 20000, 32768
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(offsets=(0,)) -> int:
+    """A base port P with P + each offset free (on every interface), outside the ephemeral range."""
+    rng = random.Random()
+    for _ in range(2000):
+        base = rng.randrange(_LOW, _HIGH - max(offsets))
+        ports = [base + off for off in offsets]
+        if not _HANDED_OUT.intersection(ports) and all(_bindable(p) for p in ports):
+            _HANDED_OUT.update(ports)
+            return base
+    raise RuntimeError("no free port range")
+
+
+def free_port(count: int = 1) -> int:
+    """A base port P with P .. P + count - 1 free (a server that adds its DP rank to P needs count = DP)."""
+    return free_ports(tuple(range(count)))
+
+
+def rpc_port() -> int:
+    """A base port for --data-parallel-rpc-port with the ports epplat derives from it (+1, +2, +10..+13) free."""
+    return free_ports((0, 1, 2, 10, 11, 12, 13))
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -36,27 +70,6 @@ def group_pids(pgid: int) -> list[int]:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 pids.append(int(p))
     return pids
-
-
-def rpc_port() -> int:
-    """A base port for --data-parallel-rpc-port with the ports epplat derives from it (+1, +2, +10..+13) free."""
-    for _ in range(100):
-        base = free_port()
-        if base > 65000:
-            continue
-        try:
-            socks = []
-            for off in (0, 1, 2, 10, 11, 12, 13):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + off))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def start_headless(model: str, *args: str, env: dict | None = None) -> subprocess.Popen:

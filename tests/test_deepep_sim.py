@@ -10,11 +10,11 @@ the backends use its API, not the kernels."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from server_utils import free_port
 
 
 def _rank(rank, world, port, name, errors):
@@ -86,9 +86,7 @@ def _rank(rank, world, port, name, errors):
 @pytest.mark.parametrize("name", ["DeepEPHighThroughput", "DeepEPLowLatency"])
 def test_deepep_backend_on_a_simulated_deep_ep(name, simulation):
     simulation("deepep")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, 2, port, name, errors)) for r in range(2)]

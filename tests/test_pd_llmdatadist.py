@@ -51,10 +51,10 @@ def ascend_pd(qwen3_moe_dir, tmp_path_factory):
            "HCCL_IF_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": "30"}
     common = ("--platform", "ascend", "--dtype", "float32", "--max-model-len", "256")
     with Server(str(qwen3_moe_dir), *common, "-dp", "2", "-ep", "--kv-transfer-config", kv("kv_producer"),
-                env={**env, "ASCEND_RT_VISIBLE_DEVICES": "0,1", "VLLM_ASCEND_LLMDD_RPC_PORT": str(free_port())},
+                env={**env, "ASCEND_RT_VISIBLE_DEVICES": "0,1", "VLLM_ASCEND_LLMDD_RPC_PORT": str(free_port(2))},
                 timeout=240) as prefill, \
             Server(str(qwen3_moe_dir), *common, "--kv-transfer-config", kv("kv_consumer"),
-                   env={**env, "ASCEND_RT_VISIBLE_DEVICES": "2,3", "VLLM_ASCEND_LLMDD_RPC_PORT": str(free_port())},
+                   env={**env, "ASCEND_RT_VISIBLE_DEVICES": "2,3", "VLLM_ASCEND_LLMDD_RPC_PORT": str(free_port(2))},
                    timeout=240) as decode:
         yield prefill, decode, env
 

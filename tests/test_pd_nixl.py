@@ -42,7 +42,7 @@ def kv(role):
 @pytest.fixture(scope="module")
 def pd(qwen3_moe_dir):
     common = ("--dtype", "float32", "--max-model-len", "512")
-    env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": str(TIMEOUT_S)}
+    env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port(2)), "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": str(TIMEOUT_S)}
     with Server(str(qwen3_moe_dir), *common, "--data-parallel-size", "2", "--enable-expert-parallel",
                 "--kv-transfer-config", kv("kv_producer"), env=env, timeout=240) as prefill, \
             Server(str(qwen3_moe_dir), *common, "--tensor-parallel-size", "2", "--kv-transfer-config", kv("kv_consumer"),

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from server_utils import free_port
 from simulations.ascend_tools import env_with, install
 
 
@@ -22,13 +23,6 @@ def one_error_line(r, needle: str) -> None:
     assert r.returncode != 0, r.stdout
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0] and needle in lines[0], r.stderr
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_one_node_910b(tmp_path):
