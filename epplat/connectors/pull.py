@@ -130,6 +130,11 @@ class HeldBlocks:
         if len(self.gone) > self.GONE_KEPT:
             self.gone.popitem(last=False)
 
+    def pending(self) -> bool:
+        """Whether blocks are held, or freed and not yet collected by freeable()."""
+        with self.lock:
+            return bool(self.deadline or self.done)
+
     def freeable(self) -> set[str]:
         now = time.monotonic()
         with self.lock:

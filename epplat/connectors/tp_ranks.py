@@ -8,6 +8,7 @@ held blocks are freed once every rank's readers are done).
 from __future__ import annotations
 
 import collections
+import tempfile
 import time
 
 import msgspec
@@ -51,6 +52,13 @@ class TPReports:
         (self.sock.bind if tp_rank == 0 else self.sock.connect)(where)
         self.loads: dict[str, list] = {}         # driver: request id -> [ranks that reported, any failed]
         self.sends: collections.Counter = collections.Counter()
+
+    @classmethod
+    def of(cls, engine, dp_rank: int, tp_rank: int, auth) -> "TPReports":
+        """The socket of this engine's DP rank `dp_rank`."""
+        par = engine.parallel
+        where = f"ipc://{par.ipc_dir or tempfile.gettempdir()}/kv-reads-dp{dp_rank}-{par.data_parallel_rpc_port}"
+        return cls(where, par.tensor_parallel_size, tp_rank, auth)
 
     def _send(self, msg: dict) -> None:
         self.sock.send(self.auth.seal(msgspec.msgpack.encode(msg)))
