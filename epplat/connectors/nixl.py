@@ -167,7 +167,7 @@ class NixlConnector(PullConnector):
             raise RuntimeError(r["error"])
 
     def start_load_kv(self, meta) -> None:
-        self.held.hold(meta.holds)
+        self.held.update(meta)
         for pull in meta.pulls:
             handles = []
             try:
@@ -229,11 +229,8 @@ class NixlConnector(PullConnector):
                 self.held.read(m.decode())
         done, failed = self._poll_reads()
         sent = self.held.freeable()
-        if self.tp is not None and self.tp_rank > 0:
-            self.tp.report(done, failed, sent)
-            return set(), set()
         if self.tp is not None:
-            done, failed, sent = self.tp.gather(done, failed, sent)
+            done, failed, sent = self.tp.collect(done, failed, sent)
         self.failed_out |= failed
         return sent, done
 

@@ -89,10 +89,14 @@ class TPReports:
                 infos[msg["rank"]] = msg["info"]
         return [infos[r] for r in range(self.tp_size)]
 
-    def report(self, done: set[str], failed: set[str], sent: set[str]) -> None:
-        """A worker's finished reads and freeable held requests."""
+    def collect(self, done: set[str], failed: set[str], sent: set[str]) -> tuple[set[str], set[str], set[str]]:
+        """This rank's finished reads (done, failed) and freeable held requests: a worker sends them to the
+        driver and gets nothing back; the driver gets what every rank has finished (gather)."""
+        if self.tp_rank == 0:
+            return self.gather(done, failed, sent)
         if done or failed or sent:
             self._send({"done": sorted(done), "failed": sorted(failed), "sent": sorted(sent)})
+        return set(), set(), set()
 
     def gather(self, done: set[str], failed: set[str], sent: set[str]) -> tuple[set[str], set[str], set[str]]:
         """The driver: (received, failed, freeable) over all ranks, given its own."""

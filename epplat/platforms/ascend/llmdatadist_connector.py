@@ -267,7 +267,7 @@ class LLMDataDistCMgrConnector(PullConnector):
             return next(c for c, i in self.linked.items() if i == comm)
 
     def start_load_kv(self, meta) -> None:
-        self.held.hold(meta.holds)
+        self.held.update(meta)
         for pull in meta.pulls:
             with self.lock:
                 self.pending += 1
@@ -282,11 +282,8 @@ class LLMDataDistCMgrConnector(PullConnector):
             received, self.received = self.received, set()
             failed, self.failed = self.failed, set()
         sent = self.held.freeable()
-        if self.tp is not None and self.tp_rank > 0:
-            self.tp.report(received, failed, sent)
-            return set(), set()
         if self.tp is not None:
-            received, failed, sent = self.tp.gather(received, failed, sent)
+            received, failed, sent = self.tp.collect(received, failed, sent)
         self.failed_out |= failed
         return sent, received
 
