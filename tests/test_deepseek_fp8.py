@@ -1,0 +1,77 @@
+"""``--quantization fp8`` with DeepSeek-V3's own fp8 checkpoint layout (``epplat make-model --fp8``) on
+cpu, where the fp8 weights are dequantized at load: served greedy tokens equal transformers' on a
+dequantized copy of the same checkpoint, the startup log says what was dequantized, and checkpoints
+the method cannot serve are one line. (The cuda platform's fp8 GEMMs: tests/test_gpu.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fp8_dequantized import write_dequantized
+from server_utils import Server
+from test_deepseek import DIMS, PROMPTS, expected
+from test_parallel import complete
+
+
+@pytest.fixture(scope="module")
+def fp8_dirs(tmp_path_factory):
+    """A V3-style fp8 checkpoint (tiny shapes: blocks cut short at the edges) and its dequantized copy."""
+    from epplat.tools.make_model import make_model
+    root = tmp_path_factory.mktemp("deepseek_v3_fp8")
+    d = make_model("deepseek_v3", root / "fp8", experts=8, seed=7, q_lora_rank=32, fp8=True, **DIMS)
+    return d, write_dequantized(d, root / "dequantized")
+
+
+def test_make_model_writes_deepseek_v3_fp8_layout(fp8_dirs):
+    from safetensors import safe_open
+    d, _ = fp8_dirs
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert qc == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight_scale_inv").get_shape() == [1, 1]
+    fp8 = {k for k, t in dtypes.items() if t == "F8_E4M3"}
+    assert {k + "_scale_inv" for k in fp8} == {k for k in dtypes if k.endswith("_scale_inv")}
+    a = "model.layers.1.self_attn."
+    for k in (a + "q_a_proj", a + "q_b_proj", a + "kv_a_proj_with_mqa", a + "kv_b_proj", a + "o_proj",
+              "model.layers.0.mlp.gate_proj", "model.layers.1.mlp.shared_experts.down_proj",
+              "model.layers.1.mlp.experts.7.up_proj"):
+        assert k + ".weight" in fp8, k
+    for k in ("model.embed_tokens", "lm_head", "model.layers.1.mlp.gate", a + "kv_a_layernorm", a + "q_a_layernorm"):
+        assert dtypes[k + ".weight"] == "F32", k
+
+
+def test_fp8_checkpoint_on_cpu_matches_transformers_on_the_dequantized_copy(fp8_dirs):
+    d, deq = fp8_dirs
+    with Server(str(d), "--quantization", "fp8", "--dtype", "float32", "--max-model-len", "256",
+                "--max-num-batched-tokens", "32", "--served-model-name", "ds") as s:
+        assert complete(s.url, "ds", PROMPTS) == expected(deq)
+        # 2 layers: 5 attention linears each, a dense MLP (3), 8 experts and a shared one (27)
+        assert "--quantization fp8 on cpu: the checkpoint's 40 fp8 weights (128x128 block scales) are dequantized " \
+               "to float32 at load" in s.output(), s.output()
+
+
+def test_checkpoints_fp8_cannot_serve_are_one_line(fp8_dirs, tmp_path):
+    from epplat.config import ConfigError, EngineConfig, ModelConfig
+    d, deq = fp8_dirs
+
+    def check(model_dir):
+        EngineConfig(model=ModelConfig(model=str(model_dir), quantization="fp8"), platform="cpu").check()
+
+    with pytest.raises(ConfigError, match="needs the cuda platform"):
+        check(deq)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in d.iterdir():
+        (bad / f.name).symlink_to(f)
+    cfg = json.loads((d / "config.json").read_text())
+    for qc, needle in (({"weight_block_size": [128, 64]}, "square weight blocks"),
+                       ({"activation_scheme": "static"}, "dynamic activation scales"),
+                       ({"quant_method": "awq"}, "quantized with 'awq'")):
+        (bad / "config.json").unlink()
+        (bad / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**cfg["quantization_config"], **qc}}))
+        with pytest.raises(ConfigError, match=needle):
+            check(bad)
