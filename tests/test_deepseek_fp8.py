@@ -75,3 +75,38 @@ def test_checkpoints_fp8_cannot_serve_are_one_line(fp8_dirs, tmp_path):
         (bad / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**cfg["quantization_config"], **qc}}))
         with pytest.raises(ConfigError, match=needle):
             check(bad)
+
+
+_FP8_LINEAR_INTERPRETED = r'''
+import torch
+from epplat.core.model.fp8_blocks import dequantize_blocks, quantize_blocks
+from epplat.platforms.cuda import fp8_linear as fl
+torch.manual_seed(0)
+for (m, n, k), fl.TARGET_PROGRAMS in zip(((1, 576, 2048), (1, 576, 2048), (3, 200, 300), (20, 130, 128), (70, 256, 384)),
+                                         (264, 1, 1, 264, 264)):     # 1: no split-K, a K loop of many blocks
+    # activations that quantize exactly (each 128-group: fp8 values times its own power-of-two scale, one at
+    # +-448): the interpreter rounds some values to float8 unlike the GPU (just under a power of two), so the
+    # rounding itself is checked in test_gpu.py
+    groups = -(-k // 128)
+    v = (torch.rand(m, groups * 128) * 896 - 448).to(torch.float8_e4m3fn).float()
+    v[:, ::128] = 448.0
+    x = (v.view(m, groups, 128) * torch.randint(-3, 3, (m, groups, 1)).exp2()).view(m, -1)[:, :k]
+    q, s = quantize_blocks(torch.randn(n, k) / k ** 0.5)
+    y = fl.fp8_linear(x, q, s, out_dtype=torch.float32).double()
+    ref = x.double() @ dequantize_blocks(q, s, 128, torch.float64).t()
+    err = ((y - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-5, (m, n, k, err)
+print("ok")
+'''
+
+
+def test_triton_fp8_block_linear_in_the_triton_interpreter():
+    """The cuda platform's fp8 block GEMM (tails, split-K, per-row and per-group activation scales, 128x128
+    weight block scales) run by Triton's CPU interpreter against float64; skipped without triton."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "-c", _FP8_LINEAR_INTERPRETED], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

@@ -20,11 +20,9 @@ NAME_scale_inv [ceil(out/128), ceil(in/128)]; the module's ``project`` runs fp8_
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -209,26 +207,12 @@ def write_fp8_checkpoint(src: str, dst: str, device: str = "cuda") -> None:
     """Copy a bf16/fp32 checkpoint to ``dst`` with its MoE expert weights in DeepSeek-V3's fp8
     layout (float8_e4m3fn weight + weight_scale_inv per 128x128 block); for tests and benchmarks.
     Quantizes on ``device`` (the same arithmetic as quantizing at load there)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from epplat.core.model.loader import checkpoint_files
+    from epplat.core.model.checkpoint_rewrite import rewrite_checkpoint
     from epplat.platforms.cuda.fp8_moe import quantize
-    src_p, dst_p = Path(src), Path(dst)
-    dst_p.mkdir(parents=True, exist_ok=True)
-    for f in src_p.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copy(f, dst_p / f.name)
-    cfg = json.loads((src_p / "config.json").read_text())
-    cfg["quantization_config"] = config_for(128)
-    (dst_p / "config.json").write_text(json.dumps(cfg, indent=2))
-    out = {}
-    for path in checkpoint_files(src):
-        for k, t in load_file(str(path)).items():
-            if ".experts." in k and k.endswith("_proj.weight"):
-                q, s = quantize(t.to(device).t())          # [in, out] blocks -> store [out, in] and [out/128, in/128]
-                out[k], out[k + "_scale_inv"] = q.t().contiguous().cpu(), s.t().contiguous().cpu()
-            else:
-                out[k] = t
-    save_file(out, str(dst_p / "model.safetensors"))
+
+    def tensors(k, t, _):
+        if ".experts." in k and k.endswith("_proj.weight"):
+            q, s = quantize(t.to(device).t())          # [in, out] blocks -> store [out, in] and [out/128, in/128]
+            return {k: q.t().contiguous().cpu(), k + "_scale_inv": s.t().contiguous().cpu()}
+        return {k: t}
+    rewrite_checkpoint(src, dst, tensors, lambda cfg: {**cfg, "quantization_config": config_for(128)})
