@@ -26,6 +26,8 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None, join
     one in ``spare`` (a SpareEngine) when given."""
     ctx = multiprocessing.get_context("spawn")
     par = cfg.parallel
+    if dp_ranks is None:
+        check_devices(cfg, len(par.local_dp_ranks()) * par.tensor_parallel_size)
     procs, conns = [], []
     raw = cfg.to_json()
     for d in (par.local_dp_ranks() if dp_ranks is None else dp_ranks):
@@ -62,6 +64,15 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None, join
         stop_engines(procs)
         raise
     return procs
+
+
+def check_devices(cfg: EngineConfig, local_procs: int) -> None:
+    """ConfigError when this node would run more engine processes than its platform has devices."""
+    from epplat.plugins import registry
+    count = registry().load("platform", cfg.platform).device_count()
+    if count is not None and local_procs > count:
+        raise ConfigError(f"{local_procs} engine processes on this node (DP ranks x --tensor-parallel-size) but the "
+                          f"{cfg.platform} platform has {count} devices here")
 
 
 def stop_engines(procs, grace: float = 10.0) -> None:

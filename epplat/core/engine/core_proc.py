@@ -118,7 +118,8 @@ _ALL_THREADS = torch.get_num_threads()   # the machine's, before this process ta
 
 def _share_threads(local_procs: int) -> int:
     """This process's share of the machine's threads among ``local_procs`` engine processes."""
-    torch.set_num_threads(max(1, _ALL_THREADS // max(1, local_procs)))
+    share = _ALL_THREADS // max(1, local_procs)
+    torch.set_num_threads(max(1, min(share, len(os.sched_getaffinity(0)))))     # a bound process: its cores
     return torch.get_num_threads()
 
 
@@ -451,15 +452,17 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
 
 def _rescale(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> bool:
     """Run the scale call every rank agreed on; False when this rank left the group."""
-    from epplat.core.distributed.elastic_world import JoinAborted
+    from epplat.core.distributed.elastic_world import JoinAborted, ScaleRolledBack
     from epplat.core.engine import elastic
     call, io.scale = io.scale, None
     new_size, generation = call.args
     t0 = time.perf_counter()
     try:
         stays = elastic.rescale(core, ps, new_size, generation, io.wave)
-    except JoinAborted as e:     # nothing changed here: this rank serves on in its world
+    except (JoinAborted, ScaleRolledBack) as e:     # this rank serves on in its world (the old one re-formed)
         logger.error("elastic EP: scale to %d DP ranks aborted: %s", new_size, e)
+        if isinstance(e, ScaleRolledBack):
+            io.rescaled(watch)
         io._send(call.client_index, P.UtilityResult(call.call_id, error=str(e)))
         return True
     except Exception as e:

@@ -167,7 +167,7 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
         return await responses(serving, req, raw)
 
     app.include_router(v1)
-    elastic_scaler.add_routes(app, client, metrics)
+    elastic_scaler.add_routes(app, client, metrics, load)
     app.openapi = functools.partial(_openapi_without_422, app)
     return app
 
