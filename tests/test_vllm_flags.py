@@ -28,11 +28,16 @@ ACCEPTED = [
     "--disable-log-requests --disable-log-stats --distributed-executor-backend mp -pp 1 --swap-space 4",
     "vllm serve MODEL --kv-cache-dtype auto --load-format safetensors --tokenizer-mode auto --max-logprobs 20 "
     "--generation-config auto -O3 --enable-prefix-caching --data-parallel-backend mp",
+    # vLLM tool calling and reasoning outputs docs
+    "vllm serve MODEL --enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3",
+    "vllm serve MODEL --enable-auto-tool-choice --tool-call-parser deepseek_v3 --reasoning-parser deepseek_r1",
 ]
 REFUSED = [
     ("vllm serve MODEL -tp 2 --distributed-executor-backend ray", "--distributed-executor-backend ray: only"),
-    ("vllm serve MODEL --enable-auto-tool-choice --tool-call-parser hermes", "--enable-auto-tool-choice: tool"),
-    ("vllm serve MODEL --reasoning-parser deepseek_r1", "--reasoning-parser deepseek_r1: reasoning"),
+    ("vllm serve MODEL --enable-auto-tool-choice --tool-call-parser qwen3_xml",
+     "unknown --tool-call-parser 'qwen3_xml'; available: deepseek_v3, hermes, llama3_json, mistral"),
+    ("vllm serve MODEL --reasoning-parser gpt_oss", "unknown --reasoning-parser 'gpt_oss'; available: deepseek_r1"),
+    ("vllm serve MODEL --enable-auto-tool-choice", "--enable-auto-tool-choice needs --tool-call-parser"),
     ("vllm serve MODEL --kv-cache-dtype fp8", "--kv-cache-dtype fp8: a KV cache dtype"),
     ("vllm serve MODEL --data-parallel-size 2 --enable-expert-parallel --enable-dbo", "--enable-dbo: dual batch"),
     ("vllm serve MODEL --load-format dummy", "--load-format dummy: epplat loads safetensors"),
