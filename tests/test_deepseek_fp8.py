@@ -63,6 +63,9 @@ def test_checkpoints_fp8_cannot_serve_are_one_line(fp8_dirs, tmp_path):
 
     with pytest.raises(ConfigError, match="needs the cuda platform"):
         check(deq)
+    cfg = EngineConfig(model=ModelConfig(model=str(d)), platform="cpu")
+    cfg.check()
+    assert cfg.model.quantization == "fp8"        # as vLLM: the checkpoint's quantization_config picks the method
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in d.iterdir():
