@@ -113,3 +113,69 @@ def test_triton_fp8_block_linear_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, "-c", _FP8_LINEAR_INTERPRETED], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def _cuda_method_loads(model_dir, tp: int):
+    """Each TP rank's model as the cuda platform's fp8 method loads it (on cpu: loading needs no GPU)."""
+    from epplat.config import EngineConfig, ModelConfig
+    from epplat.core.distributed.parallel_state import ParallelState
+    from epplat.core.model.loader import load_checkpoint
+    from epplat.core.model.registry import architecture
+    from epplat.core.moe.all2all import ExpertMap
+    from epplat.core.moe.all2all_torch import AllGatherReduceScatter
+    from epplat.platforms.cuda.fp8 import Fp8BlockQuant
+    cfg = EngineConfig(model=ModelConfig(model=str(model_dir), dtype="bfloat16", quantization="fp8"), platform="cuda")
+    hf = cfg.model.hf_config()
+    arch = architecture(hf)
+    mc = arch.parse_config(hf)
+    for r in range(tp):
+        model = arch.MODEL(mc, AllGatherReduceScatter(ExpertMap(mc.num_experts), device=torch.device("cpu")),
+                           torch.bfloat16, ParallelState(rank=r, world_size=tp, tp_rank=r, tp_size=tp))
+        quant = Fp8BlockQuant(cfg, arch.canonical_name)
+        quant.process_model(model)
+        load_checkpoint(model, str(model_dir), arch.canonical_name, "cpu", False, quant)
+        quant.after_loading(model)
+        yield model
+
+
+def test_cuda_fp8_method_keeps_each_tp_ranks_fp8_blocks(tmp_path):
+    """The cuda platform's --quantization fp8 on a DeepSeek-V3-layout checkpoint (shapes whose TP=2 halves
+    are whole 128-blocks): every linear is an fp8 parameter holding the checkpoint's bytes of this rank's
+    rows / columns, with the matching rows / columns of weight_scale_inv (gate and up stacked), kv_b_proj's
+    bf16 copy for the absorbed decode is its dequantized slice, and a TP split through the middle of a
+    block is refused in one line."""
+    from safetensors.torch import load_file
+
+    from epplat.core.model.fp8_blocks import dequantize_blocks
+    from epplat.tools.make_model import make_model
+    d = make_model("deepseek_v3", tmp_path / "m", fp8=True, dtype="bfloat16", layers=2, hidden=256, heads=4,
+                   head_dim=128, rope_head_dim=64, moe_intermediate=256, intermediate=512, kv_lora_rank=128,
+                   q_lora_rank=128, experts=8, vocab_size=512, seed=1)
+    ck = load_file(str(d / "model.safetensors"))
+
+    def fp8_bytes(t):
+        return t.view(torch.uint8)
+
+    for r, model in enumerate(_cuda_method_loads(d, 2)):
+        a, mlp, shared = model.layers[1].self_attn, model.layers[0].mlp, model.layers[1].shared_experts
+        p = "model.layers.1.self_attn."
+        rows = slice(r * 2 * 192, (r + 1) * 2 * 192)                        # 2 heads of qk 128 + 64 per rank
+        assert torch.equal(fp8_bytes(a.q_b_proj), fp8_bytes(ck[p + "q_b_proj.weight"][rows]))
+        assert torch.equal(a.q_b_proj_scale_inv, ck[p + "q_b_proj.weight_scale_inv"][r * 3:(r + 1) * 3])
+        assert torch.equal(a.o_proj_scale_inv, ck[p + "o_proj.weight_scale_inv"][:, r * 2:(r + 1) * 2])
+        assert torch.equal(a.kv_a_proj_with_mqa_scale_inv, ck[p + "kv_a_proj_with_mqa.weight_scale_inv"])  # 192 rows
+        kv_b = slice(r * 512, (r + 1) * 512)
+        assert torch.equal(a.w_kv_b, dequantize_blocks(ck[p + "kv_b_proj.weight"], ck[p + "kv_b_proj.weight_scale_inv"],
+                                                       128, torch.bfloat16)[kv_b])
+        q = "model.layers.0.mlp."
+        assert torch.equal(mlp.gate_up_scale_inv, torch.cat([ck[q + "gate_proj.weight_scale_inv"][r * 2:(r + 1) * 2],
+                                                             ck[q + "up_proj.weight_scale_inv"][r * 2:(r + 1) * 2]]))
+        assert torch.equal(fp8_bytes(mlp.down), fp8_bytes(ck[q + "down_proj.weight"][:, r * 256:(r + 1) * 256]))
+        assert torch.equal(shared.down_scale_inv, ck["model.layers.1.mlp.shared_experts.down_proj.weight_scale_inv"]
+                           [:, r:r + 1])
+        assert a.q_a_layernorm.weight.dtype == model.layers[1].mlp.gate.dtype == torch.bfloat16
+    small = make_model("deepseek_v3", tmp_path / "s", fp8=True, dtype="bfloat16", layers=1, hidden=128, heads=2,
+                       head_dim=32, rope_head_dim=16, intermediate=128, kv_lora_rank=128, q_lora_rank=128, experts=8,
+                       vocab_size=512, first_dense=1)
+    with pytest.raises(ValueError, match="does not fall on whole 128x128 blocks"):
+        list(_cuda_method_loads(small, 2))

@@ -51,6 +51,12 @@ def _fp8_project(module: Projections, name: str, x: torch.Tensor) -> torch.Tenso
     return fp8_linear(x, getattr(module, name), scale, getattr(module, name + "_bias", None))
 
 
+def _fp8_experts(*args, **kwargs):
+    """fp8_moe.fp8_experts, imported when first run (loading a checkpoint needs no triton)."""
+    from epplat.platforms.cuda.fp8_moe import fp8_experts
+    return fp8_experts(*args, **kwargs)
+
+
 def make_fp8_linear(module: Projections, param: str, weight: torch.Tensor, scale_inv: torch.Tensor) -> None:
     """Make linear `param` of `module` an fp8 one: weight float8_e4m3fn [out, in], scale_inv
     [ceil(out/128), ceil(in/128)] (kept as ``param``_scale_inv), run through fp8_linear."""
@@ -121,12 +127,11 @@ class Fp8BlockQuant(Fp8Checkpoint):
 
     @staticmethod
     def _swap(moe, w13, w2, s13, s2):
-        from epplat.platforms.cuda.fp8_moe import fp8_experts
         moe.w13 = nn.Parameter(w13, requires_grad=False)
         moe.w2 = nn.Parameter(w2, requires_grad=False)
         moe.w13_scale = nn.Parameter(s13, requires_grad=False)
         moe.w2_scale = nn.Parameter(s2, requires_grad=False)
-        moe.experts = functools.partial(fp8_experts, w13_scale=moe.w13_scale, w2_scale=moe.w2_scale)
+        moe.experts = functools.partial(_fp8_experts, w13_scale=moe.w13_scale, w2_scale=moe.w2_scale)
 
     def load_pair(self, model, name, weight, scale) -> bool:
         if _EXPERT.match(name):
