@@ -7,7 +7,10 @@ A frame whose tag does not match, or that does not decode, is dropped and logged
 once a second per socket) and the receiver goes on: no peer can crash or steer an engine
 or an API server with bytes it made up. The peer that sent it is dropped too (its connection
 shut, when the frame was received as a zmq.Frame, which knows it); a peer whose greeting is
-not ZMTP's is dropped by zmq itself.
+not ZMTP's is dropped by zmq itself. Every bound socket is made by `listen`: a ZAP domain on
+it makes zmq refuse ZMTP/1.0 and 2.0 peers (which need no handshake, so garbage that looks
+like their framing was kept connected, idle, for good; ZMTP 3 peers pass, as no ZAP handler
+is bound), and a peer that does not finish its handshake within HANDSHAKE_MS is dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +28,15 @@ import zmq
 logger = logging.getLogger(__name__)
 
 TAG_BYTES = 16
+HANDSHAKE_MS = 5000     # zmq's default is 30 s; our peers are processes of one deployment
+
+
+def listen(sock: "zmq.Socket", addr: str) -> "zmq.Socket":
+    """Bind `sock` to `addr`, refusing peers that speak ZMTP before 3.0 or stall their handshake."""
+    sock.setsockopt(zmq.ZAP_DOMAIN, b"epplat")
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+    sock.bind(addr)
+    return sock
 
 
 class BadFrame(ValueError):
