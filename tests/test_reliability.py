@@ -312,15 +312,23 @@ class RawPeer(threading.Thread):
 def test_tcp_listeners_drop_garbage_half_open_and_oversized_peers_without_costing_others():
     """The KV side channel drops a garbage peer and an oversized length prefix at once, and a silent or
     trickling peer at its deadline (side_channel.REQUEST_DEADLINE_S, 5 s), answering a real request
-    meanwhile. The TCPStore (torch's server, on the listener epplat binds) keeps such peers open but
-    answers the world's ranks meanwhile: checked, not changed."""
+    meanwhile. The multi-node rendezvous of `epplat ranktable` lets a real node join while such peers
+    are connected (it read them one at a time, 30 s each). The TCPStore (torch's server, on the
+    listener epplat binds) keeps such peers open but answers the world's ranks meanwhile: checked,
+    not changed."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
     from epplat.connectors import side_channel
     from epplat.core.distributed.parallel_state import _tcp_store
+    from epplat.platforms.ascend import rendezvous
 
+    meet_port, met = free_port(), []
+    meeting = threading.Thread(target=lambda: met.append(rendezvous.serve(
+        "127.0.0.1", meet_port, 1, 20, lambda msg: None, lambda msgs, all_joined: {"nodes": msgs})), daemon=True)
+    meeting.start()
+    time.sleep(0.5)
     auth = FrameAuth("kv secret")
     channel = side_channel.SideChannelServer("127.0.0.1", free_port(), lambda msg: {"echo": msg["op"]}, auth)
     store_port = free_port()
@@ -330,9 +338,15 @@ def test_tcp_listeners_drop_garbage_half_open_and_oversized_peers_without_costin
         garbage = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(64)
         oversized = struct.pack(">I", 32 << 20) + b"x" * 1000           # 32 MiB announced
         peers = {(where, kind): RawPeer(port, data, kind == "trickling")
-                 for where, port in (("side channel", channel.port), ("store", store_port))
+                 for where, port in (("side channel", channel.port), ("store", store_port), ("rendezvous", meet_port))
                  for kind, data in (("garbage", garbage), ("oversized", oversized), ("silent", b""),
                                     ("trickling", struct.pack(">I", 100) + b"y" * 100))}
+        time.sleep(0.5)
+        t = time.monotonic()
+        assert rendezvous.join("127.0.0.1", meet_port, {"node": 1}, 10) == {"nodes": [{"node": 1}]}
+        assert time.monotonic() - t < 3
+        meeting.join(5)
+        assert met == [{"nodes": [{"node": 1}]}]
         rank1 = dist.TCPStore("127.0.0.1", store_port, 2, False, timedelta(seconds=10))
         t0, answers = time.monotonic(), []
         while time.monotonic() - t0 < side_channel.REQUEST_DEADLINE_S + 2:
