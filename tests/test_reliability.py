@@ -304,7 +304,7 @@ class RawPeer(threading.Thread):
                 self.sock.settimeout(30)
                 while self.sock.recv(4096):
                     pass
-        except OSError:
+        except (OSError, ValueError):      # ValueError: closed by the test
             pass
         self.dropped_after = time.monotonic() - self.t0
 
