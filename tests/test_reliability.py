@@ -196,6 +196,7 @@ def test_bad_frames_are_dropped_and_a_stopped_engine_ends_the_server(qwen3_moe_d
         for name, where in names.items():
             lines = [ln for ln in log.splitlines() if f"frame(s) on {where}" in ln]
             assert len(lines) == 1, lines          # logged, a burst once (the monitor above saw the peer dropped)
+            assert "(and the peer " in lines[0], lines      # its connection found (zmq.SRCFD) and shut
         assert httpx.get(s.url + "/health").status_code == 200
 
         stream = Stream(s.url, 200)
