@@ -20,6 +20,7 @@ import hmac
 import logging
 import os
 import socket
+import struct
 import time
 
 import msgspec
@@ -84,15 +85,28 @@ class FrameAuth:
 
 
 def _drop_sender(frame: "zmq.Frame") -> str:
-    """Shut the connection `frame` came on (zmq then forgets that peer); its address, for the log."""
+    """Shut the connection `frame` came on (zmq then forgets that peer); its address, for the log.
+
+    zmq.SRCFD is the descriptor the frame was read from, which zmq closes once that peer is gone
+    and the kernel may then give to the next connection: frames of a peer already dropped, still
+    queued, would name a stranger's. So the descriptor is shut only while its peer is still the
+    frame's sender ("Peer-Address": the IP, or for IPC localhost:uid:gid:pid)."""
     try:
-        fd = frame.get(zmq.SRCFD)
+        fd, sender = frame.get(zmq.SRCFD), frame.get("Peer-Address")
         with socket.socket(fileno=os.dup(fd)) as s:
+            if _peer_address(s) != sender:
+                return ""
             s.shutdown(socket.SHUT_RDWR)
     except (zmq.ZMQError, OSError):
         return ""
-    try:
-        return frame.get("Peer-Address") or "on a local socket"
-    except zmq.ZMQError:
-        return "on a local socket"
+    if sender.startswith("localhost:"):
+        return f"process {sender.rsplit(':', 1)[1]} on a local socket"
+    return sender
 
+
+def _peer_address(s: socket.socket) -> str:
+    """The peer of `s` as zmq's Peer-Address writes it."""
+    if s.family == socket.AF_UNIX:
+        pid, uid, gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        return f"localhost:{uid}:{gid}:{pid}"
+    return s.getpeername()[0]
