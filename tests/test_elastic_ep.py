@@ -2,7 +2,8 @@
 redundant experts) scaled 2 -> 3 -> 2 through POST /scale_elastic_ep while the openai client keeps
 a streaming request and batches running. Every completion before, during and after equals
 transformers' greedy tokens; the new rank is routed to; each error answer (400, 408, 409, 500
-with the old size kept) is checked on the same server."""
+with the old size kept, a new rank killed while it starts or in the expert exchange) and the 503 with
+Retry-After for requests beyond the bound during a scale are checked on the same server."""
 
 from __future__ import annotations
 
@@ -128,10 +129,12 @@ class _Stream:
         return self.text
 
 
-def _scale_with_traffic(s: Server, client, model, expected, new_size: int, during=None) -> float:
+def _scale_with_traffic(s: Server, client, model, expected, new_size: int, during=None, status=200,
+                        message=None) -> float:
     """Scale to new_size under batches and streams (three started before it, one longer one started while it
     runs, on a staying rank); checks they all complete with the oracle's tokens, the longer one after the
-    scale's 200 (it was in flight across the re-forming). ``during()`` runs while the scale does."""
+    scale's answer (it was in flight across the re-forming). ``during()`` runs while the scale does; the scale
+    answers ``status`` with ``message``."""
     short, long, longer = expected
     load = _Load(client, model, short)
     before = [_Stream(client, model) for _ in range(3)]      # the router puts them on different ranks
@@ -146,13 +149,16 @@ def _scale_with_traffic(s: Server, client, model, expected, new_size: int, durin
     while not httpx.post(s.url + "/is_scaling_elastic_ep").json()["is_scaling_elastic_ep"]:
         assert thread.is_alive(), "the scale ended before /is_scaling_elastic_ep said it ran"
         time.sleep(0.01)
-    across = _Stream(client, model, max_tokens=LONGER_TOKENS)
     if during is not None:
         during()
+    across = _Stream(client, model, max_tokens=LONGER_TOKENS)
     thread.join(300)
     r = box["r"]
-    assert r.status_code == 200, r.text
-    assert r.json() == {"message": f"Scaled to {new_size} data parallel engines"}
+    assert r.status_code == status, r.text
+    if status == 200:
+        assert r.json() == {"message": f"Scaled to {new_size} data parallel engines"}
+    else:
+        assert message in r.json()["error"]["message"], r.text
     rounds = load.rounds
     while load.rounds < rounds + 2:        # batches after the scale, on the new set of ranks
         time.sleep(0.05)
@@ -169,9 +175,12 @@ def _scale_with_traffic(s: Server, client, model, expected, new_size: int, durin
 def test_scale_2_3_2_loses_no_request(model_dir, expected):
     model = str(model_dir)
     eplb = {"window_size": 8, "step_interval": 1000, "num_redundant_experts": 2}
+    cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    env = {"EPPLAT_CPU_OMP_THREADS_BIND": "|".join([cores] * 4),     # the cpu platform has 4 devices
+           "EPPLAT_ELASTIC_KILL_AT": "exchange:3"}     # the new rank of the third scale dies as experts move
     with Server(model, "--dtype", "float32", "-dp", "2", "-ep", "--enable-elastic-ep", "--enable-eplb",
                 "--eplb-config", json.dumps(eplb), "--max-model-len", "1024", "--max-num-seqs", "8",
-                "--distributed-timeout-seconds", "60") as s:
+                "--distributed-timeout-seconds", "60", env=env) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=180)
         with cf.ThreadPoolExecutor(3) as pool:
             assert _batch(client, model, pool) == expected[0]
@@ -180,7 +189,9 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
                              ({"new_data_parallel_size": 0}, "positive integer"),
                              ({"new_data_parallel_size": "3"}, "positive integer"),
                              ({"new_data_parallel_size": 3, "drain_timeout": -1}, "drain_timeout"),
-                             ({"new_data_parallel_size": 1}, "cannot hold the model's 8 experts")):
+                             ({"new_data_parallel_size": 1}, "cannot hold the model's 8 experts"),
+                             ({"new_data_parallel_size": 5}, "5 engine processes on this node (DP ranks x "
+                              "--tensor-parallel-size) but the cpu platform has 4 devices here")):
             r = _scale(s.url, body)
             assert r.status_code == 400 and needle in r.json()["error"]["message"], (body, r.text)
         assert httpx.post(s.url + "/is_scaling_elastic_ep").json() == {"is_scaling_elastic_ep": False}
@@ -199,10 +210,39 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         assert per_rank["size"] == 3 and per_rank.get("2", 0) > 0, per_rank    # the new rank was routed to
         assert per_rank["up"] == 1 and "down" not in per_rank, per_rank
 
-        # a drain that cannot finish: 408, and the three ranks keep serving
+        # a drain that cannot finish: 408, and the three ranks keep serving; requests sent meanwhile beyond
+        # what the two staying ranks run at once (2 x --max-num-seqs 8, with the 3 streams) get 503 and
+        # Retry-After, and are served when sent again after it
         slow = [_Stream(client, model, max_tokens=900) for _ in range(3)]    # one of them runs on rank 2
-        r = _scale(s.url, {"new_data_parallel_size": 2, "drain_timeout": 1})
-        assert r.status_code == 408 and "drain timeout after 1 seconds" in r.json()["error"]["message"], r.text
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault(
+            "r", _scale(s.url, {"new_data_parallel_size": 2, "drain_timeout": 2})))
+        t.start()
+        while not httpx.post(s.url + "/is_scaling_elastic_ep").json()["is_scaling_elastic_ep"]:
+            time.sleep(0.01)
+        gate = threading.Barrier(20)
+
+        def burst(_):
+            gate.wait()
+            body = {"model": model, "prompt": STREAM_PROMPT, "max_tokens": STREAM_TOKENS, "temperature": 0,
+                    "ignore_eos": True}
+            first = httpx.post(s.url + "/v1/completions", json=body, timeout=120)
+            retry = first
+            while retry.status_code == 503:
+                time.sleep(int(retry.headers["retry-after"]))
+                retry = httpx.post(s.url + "/v1/completions", json=body, timeout=120)
+            return first, retry.json()["choices"][0]["text"]
+        with cf.ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(burst, range(20)))
+        t.join(60)
+        r = box["r"]
+        assert r.status_code == 408 and "drain timeout after 2 seconds" in r.json()["error"]["message"], r.text
+        refused = [first for first, _ in answers if first.status_code == 503]
+        assert refused and all(first.status_code in (200, 503) for first, _ in answers), [
+            (a.status_code, a.text) for a, _ in answers]
+        assert int(refused[0].headers["retry-after"]) >= 1
+        assert "A scale of the data parallel engines is running" in refused[0].json()["error"]["message"]
+        assert [text for _, text in answers] == [expected[1]] * 20
         for st in slow:
             st.cancelled.set()
             st.result()
@@ -217,6 +257,15 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         assert "DP rank 2 handed its experts over and leaves" in s.output()
         per_rank = _requests_per_rank(s.url)
         assert per_rank["size"] == 2 and "2" not in per_rank and per_rank["down"] == 1, per_rank
+
+        # the new rank dies in the expert exchange (EPPLAT_ELASTIC_KILL_AT): 500, the two ranks form their
+        # world again, and every request sent before, during and after is served with the oracle's tokens
+        _scale_with_traffic(s, client, model, expected, 3, status=500, message="still 2 data parallel engines")
+        log = s.output()
+        assert "EPPLAT_ELASTIC_KILL_AT=exchange:3: rank killed at exchange" in log
+        assert "elastic EP: rank 0 is back in its world of 2 DP ranks" in log
+        assert "elastic EP: rank 1 is back in its world of 2 DP ranks" in log
+        assert _requests_per_rank(s.url)["size"] == 2
 
         # a new rank killed while it starts: 500, and the server serves at the old size (of the two new
         # ranks, one is the spare engine started before, the other starts now: that one is killed)
@@ -250,6 +299,16 @@ def test_elastic_ep_flag_errors_are_one_line(model_dir, args, needle):
                           "--enable-elastic-ep", *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == f"epplat serve: error: {needle}"
+
+
+def test_more_engine_processes_than_devices_is_one_line(model_dir):
+    """The cpu platform's devices are the core sets of EPPLAT_CPU_OMP_THREADS_BIND: DP 2 on one is refused."""
+    env = {**os.environ, "EPPLAT_CPU_OMP_THREADS_BIND": str(min(os.sched_getaffinity(0)))}
+    out = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(model_dir), "-dp", "2", "-ep",
+                          "--enable-elastic-ep"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == ("epplat serve: error: 2 engine processes on this node (DP ranks "
+                                                   "x --tensor-parallel-size) but the cpu platform has 1 devices here")
 
 
 def _rendezvous_rank(rank: int, ipc_dir: str, out) -> None:

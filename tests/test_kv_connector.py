@@ -128,3 +128,24 @@ def test_do_remote_prefill_without_a_connector_is_a_400(qwen3_moe_dir):
         "prompt": "This prompt is ignored during decode", "max_tokens": 2,
             "kv_transfer_params": {"do_remote_prefill": True, "remote_block_ids": [1], "remote_engine_id": "x"}})
     assert e.status_code == 400 and "--kv-transfer-config" in e.json()["error"]["message"]
+
+
+def test_which_remote_tp_ranks_a_decode_rank_reads():
+    """vLLM's heterogeneous TP between P and D: every KV head is read from exactly one remote rank, and a
+    remote rank whose heads another replica serves has no reader (the decode side releases it)."""
+    from epplat.connectors.tp_ranks import head_range, readers, sources
+
+    def check(total, p_tp, d_tp):
+        remote = [head_range(total, p_tp, r) for r in range(p_tp)]
+        for d in range(d_tp):
+            mine = head_range(total, d_tp, d)
+            got = sorted(h for r in sources(mine, remote, d) for h in range(*remote[r]) if mine[0] <= h < mine[1])
+            assert got == list(range(*mine)), (total, p_tp, d_tp, d)
+        return readers(total, d_tp, remote)
+
+    assert check(4, 1, 2) == [2]                # D splits finer: both decode ranks read the one prefill rank
+    assert check(4, 2, 1) == [1, 1]             # P splits finer: the decode rank reads both
+    assert check(4, 4, 2) == [1, 1, 1, 1]
+    assert check(2, 4, 1) == [1, 0, 1, 0]       # P replicates heads: one replica of each is read
+    assert check(2, 4, 4) == [1, 1, 1, 1]
+    assert check(1, 2, 2) == [1, 1]

@@ -1,6 +1,7 @@
 """Prefill/decode disaggregation through the real `nixl` package on the cpu platform: a prefill
 server (DP=2 with EP) and a decode server of another layout (TP=2: each rank reads its own KV heads
-of every block) as separate `epplat serve` processes; the decode side
+of every block) as separate `epplat serve` processes, both kv_both so that the TP=2 server is also a
+prefill side for the DP=2 one (each decode rank reads every block's heads from both prefill TP ranks); the decode side
 READs the prefill side's KV blocks (UCX over host memory) and its greedy tokens equal
 transformers', streaming and not, for prompts shorter and longer than a block, from vLLM's
 placeholder prompt; it computes only each prompt's last token (its metrics). Faults: blocks that
@@ -43,10 +44,12 @@ def kv(role):
 def pd(qwen3_moe_dir):
     common = ("--dtype", "float32", "--max-model-len", "512")
     env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port(2)), "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": str(TIMEOUT_S)}
+    # both kv_both: DP=2 -> TP=2 (each decode rank reads its heads of one prefill rank's blocks) and, for
+    # test_tp2_prefill_to_dp2_decode, TP=2 -> DP=2 (each decode rank reads from both prefill TP ranks)
     with Server(str(qwen3_moe_dir), *common, "--data-parallel-size", "2", "--enable-expert-parallel",
-                "--kv-transfer-config", kv("kv_producer"), env=env, timeout=240) as prefill, \
-            Server(str(qwen3_moe_dir), *common, "--tensor-parallel-size", "2", "--kv-transfer-config", kv("kv_consumer"),
-                   timeout=240) as decode:
+                "--kv-transfer-config", kv("kv_both"), env=env, timeout=240) as prefill, \
+            Server(str(qwen3_moe_dir), *common, "--tensor-parallel-size", "2", "--kv-transfer-config", kv("kv_both"),
+                   env={**env, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port(1))}, timeout=240) as decode:
         yield prefill, decode
 
 
@@ -208,6 +211,37 @@ def test_vllm_toy_proxy_flow_with_the_openai_client(pd, qwen3_moe_dir):
                                         extra_body={"ignore_eos": True, "kv_transfer_params": first.kv_transfer_params})
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert prefill_blocks_free(prefill)
+
+
+def test_tp2_prefill_to_dp2_decode(pd, qwen3_moe_dir):
+    """A TP=2 prefill side (each TP rank serves its own KV heads, leased at its own port, announced by the
+    DP rank's one side channel) and a decode side of TP=1 per DP rank that reads each block's heads from
+    both prefill ranks: greedy tokens equal transformers' through the openai client, streaming and not;
+    the decode side computes only each prompt's last token; both prefill TP ranks free their blocks."""
+    import openai
+    from transformers import AutoTokenizer
+    dp2, tp2 = pd
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    prompts = [[(13 * i + k) % 1900 + 60 for i in range(n)] for k, n in ((3, 9), (4, 37))]
+    want = [tok.decode(w, skip_special_tokens=True) for w in hf_greedy(qwen3_moe_dir, prompts, 8, ignore_eos=True)]
+    pc = openai.OpenAI(base_url=tp2.url + "/v1", api_key="none", max_retries=0)
+    dc = openai.OpenAI(base_url=dp2.url + "/v1", api_key="none", max_retries=0)
+    remote_decode = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                     "remote_block_ids": None, "remote_host": None, "remote_port": None}
+    computed0 = metric(dp2.url, "epplat:prompt_tokens_computed_total")
+    got = []
+    for ids, stream in [(prompts[0], False), (prompts[1], True)]:
+        first = pc.completions.create(model=str(qwen3_moe_dir), prompt=ids, max_tokens=1, temperature=0,
+                                      extra_body={"ignore_eos": True, "kv_transfer_params": remote_decode})
+        params = first.kv_transfer_params
+        assert params["tp_size"] == 2 and params["remote_block_ids"], params
+        out = dc.completions.create(model=str(qwen3_moe_dir), prompt=PLACEHOLDER, max_tokens=8, temperature=0,
+                                    stream=stream, extra_body={"ignore_eos": True, "kv_transfer_params": params})
+        got.append("".join(c.choices[0].text for c in out) if stream else out.choices[0].text)
+    assert got == want, dp2.output()[-3000:]
+    assert metric(dp2.url, "epplat:prompt_tokens_computed_total") - computed0 == 2, dp2.output()[-3000:]
+    assert "computing its prompt here" not in dp2.output()
+    assert prefill_blocks_free(tp2, 6), "a prefill TP rank kept blocks its reader had read"
 
 
 def test_expired_blocks_and_dead_prefill_are_recomputed_on_decode(pd, qwen3_moe_dir):

@@ -139,3 +139,13 @@ def test_malformed_constraints_are_400s(server, client, body):
     msg = r.json()["error"]["message"]
     assert msg and "\n" not in msg
     assert client.completions.create(model=None, prompt="ok?", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_auto_tool_choice_needs_the_flags(server):
+    """vLLM's rule: tools (tool_choice auto, their default) need --enable-auto-tool-choice and a parser;
+    this server has neither (test_tool_calling.py's has both)."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra in ({}, {"tool_choice": "auto"}):
+        r = httpx.post(server.url + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "x"}], "tools": tools, "max_tokens": 2, **extra})
+        assert r.status_code == 400 and "--enable-auto-tool-choice" in r.json()["error"]["message"], r.text

@@ -3,21 +3,25 @@ blocks a prefill instance computed, straight from the prefill process's KV cache
 the cpu platform, GPU memory on cuda), through NIXL's UCX backend. The request flow (what is held,
 what is pulled, the kv_transfer_params) is connectors/pull.py's.
 
-The decode worker asks the prefill DP rank's side channel (VLLM_NIXL_SIDE_CHANNEL_HOST,
-VLLM_NIXL_SIDE_CHANNEL_PORT + DP rank; authenticated with the deployment's secret) for its agent
-metadata once per engine (a handshake that refuses a different model, dtype or KV layout), then for
-a lease on the request's blocks, and READs the blocks it lacks in one transfer per request, the
-descriptors of adjacent blocks merged. A read's completion notifies the prefill agent, which frees
-the blocks. Other requests keep stepping meanwhile. When the prefill side is gone, refuses, or has
-freed the blocks, the request is recomputed here from the prompt tokens it carries, with a warning.
+Each DP rank of a prefill side has one side channel (VLLM_NIXL_SIDE_CHANNEL_HOST,
+VLLM_NIXL_SIDE_CHANNEL_PORT + DP rank, vLLM's ports; authenticated with the deployment's secret)
+that answers the handshake for all its TP ranks: each rank's agent metadata, KV cache addresses,
+KV heads and the port where it leases its blocks (TP rank 0 at the side channel itself, the others
+at ports of their own). The handshake refuses a different model, dtype or KV layout.
 
-A decode side with tensor parallelism: every TP rank reads its own KV heads of the blocks (whole
-blocks when the heads match the prefill rank's, else its heads of every token), and the TP workers
-report their reads to their driver over an authenticated ipc socket; the driver reports a request
-received (or failed) once every rank has. The prefill side frees the blocks after one read per
-decode TP rank.
+Any TP sizes on the two sides (vLLM's heterogeneous TP): every decode TP rank reads its own KV
+heads from the prefill TP ranks that hold them (from one rank when the head splits agree, from
+several when the prefill side splits finer, a slice of one rank's heads when coarser), in one
+transfer per prefill rank and request, the descriptors of adjacent blocks merged (whole blocks when
+both ranks hold the same heads, else the heads of every token). A read's completion notifies the
+prefill rank's agent; each prefill rank frees its blocks after the reads of every decode rank that
+reads it, and its driver reports the request freed once all its TP ranks have. The decode TP ranks
+report their reads to their driver, which reports a request received (or failed) once every rank
+has (connectors/tp_ranks.py). Other requests keep stepping meanwhile. When the prefill side is gone,
+refuses, or has freed the blocks, the request is recomputed here from the prompt tokens it
+carries, with a warning.
 
-Limits: one rank per DP rank on the prefill side (tensor parallel size 1); the KV layouts must match.
+Limits: the KV layouts must match (but the TP split).
 """
 
 from __future__ import annotations
@@ -25,14 +29,11 @@ from __future__ import annotations
 import logging
 import tempfile
 
-import msgspec
-import zmq
-
 from epplat.config import ConfigError
 from epplat.connectors import side_channel
-from epplat.connectors.pull import (HeldBlocks, Pull, PullConnector, compat, compat_error, env, head_range,
-                                    total_kv_heads)
-from epplat.core.engine.frame_auth import BadFrame, FrameAuth
+from epplat.connectors.pull import HeldBlocks, Pull, PullConnector, compat, compat_error, env, total_kv_heads
+from epplat.connectors.tp_ranks import TPReports, head_range, readers, sources
+from epplat.core.engine.frame_auth import FrameAuth
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,6 @@ def merge(descs: list[tuple[int, int, int]], remote: list[tuple[int, int, int]])
 
 
 class NixlConnector(PullConnector):
-    @classmethod
-    def check_config(cls, engine) -> None:
-        if engine.parallel.tensor_parallel_size != 1 and engine.kv_transfer.is_producer:
-            raise ConfigError("NixlConnector: a prefill side (kv_producer / kv_both) with --tensor-parallel-size "
-                              "above 1 is not supported yet (the decode side may use any)")
-
     def __init__(self, config, engine, role, dp_rank: int = 0, tp_rank: int = 0):
         super().__init__(config, engine, role, dp_rank, tp_rank)
         self.host = env("NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
@@ -73,12 +68,12 @@ class NixlConnector(PullConnector):
         self.auth = FrameAuth(engine.parallel.internal_secret)
         self.agent = None
         self.held = HeldBlocks(self.timeout)
-        self.remote: dict[tuple[str, int], tuple[str, list, int, int]] = {}   # -> agent, bases, block bytes, heads
-        self.inflight: dict[str, tuple[object, str]] = {}
+        self.remote: dict[tuple[str, int], list[dict]] = {}     # side channel -> its TP ranks (agent name added)
+        self.inflight: dict[str, tuple[list, str]] = {}          # request id -> transfer handles, where from
         self.failed: set[str] = set()
         self.failed_out: set[str] = set()
-        self.tp_state: dict[str, list] = {}        # driver: request id -> [TP ranks that reported, any failed]
-        self.tp_sock = self.server = None
+        self.spoiled: set[str] = set()              # reads started, then given up
+        self.tp = self.server = None
 
     def endpoint(self) -> tuple[str, int]:
         return self.host, self.port
@@ -95,7 +90,8 @@ class NixlConnector(PullConnector):
         self.dev = k.device.index or 0
         self.block_bytes = k[0].numel() * k.element_size()
         self.head_bytes = k.shape[3] * k.element_size()
-        self.heads = head_range(total_kv_heads(self.engine, k.shape[2]), self.tp_size, self.tp_rank)
+        self.total_heads = total_kv_heads(self.engine, k.shape[2])
+        self.heads = head_range(self.total_heads, self.tp_size, self.tp_rank)
         backends = self.config.kv_connector_extra_config.get("backends", ["UCX"])
         self.agent_name = f"{self.engine_id}-dp{self.dp_rank}-tp{self.tp_rank}"
         # no UCX progress thread: an idle one spins (0.4 of a core per agent, measured); the engine loop
@@ -106,42 +102,48 @@ class NixlConnector(PullConnector):
                                                for t in tensors], self.mem)
         self.bases = [t.data_ptr() for t in tensors]
         self.my_compat = compat(self.engine, kv_caches)
+        if self.config.is_producer:      # TP rank 0 at the DP rank's side channel port, the others where they can
+            self.server = side_channel.SideChannelServer(self.host, self.port if self.tp_rank == 0 else 0,
+                                                         self._answer, self.auth)
+        info = {"agent": self.agent.get_agent_metadata(), "bases": self.bases, "block_bytes": self.block_bytes,
+                "heads": list(self.heads), "port": self.server.port if self.server else 0}
+        self.ranks = [info]
         if self.tp_size > 1:
             par = self.engine.parallel
             where = f"ipc://{par.ipc_dir or tempfile.gettempdir()}/kv-reads-dp{self.dp_rank}-{par.data_parallel_rpc_port}"
-            self.tp_sock = zmq.Context.instance().socket(zmq.PULL if self.tp_rank == 0 else zmq.PUSH)
-            (self.tp_sock.bind if self.tp_rank == 0 else self.tp_sock.connect)(where)
-        if self.config.is_producer:
-            self.server = side_channel.SideChannelServer(self.host, self.port, self._answer, self.auth)
-            logger.info("NixlConnector: DP rank %d serves its KV blocks at %s:%d (agent %s)", self.dp_rank, self.host,
-                        self.port, self.agent_name)
+            self.tp = TPReports(where, self.tp_size, self.tp_rank, self.auth)
+            self.ranks = self.tp.exchange(info if self.config.is_producer else {})
+        if self.config.is_producer and self.tp_rank == 0:
+            logger.info("NixlConnector: DP rank %d serves the KV blocks of its %d TP rank(s) at %s:%d (agent %s)",
+                        self.dp_rank, self.tp_size, self.host, self.port, self.agent_name)
 
     def _answer(self, msg: dict) -> dict:
-        """The prefill side's side channel: handshakes and leases."""
-        if msg.get("op") == "handshake":
+        """The prefill side's side channel: handshakes (TP rank 0 only) and leases."""
+        if msg.get("op") == "handshake" and self.tp_rank == 0:
             why = compat_error(self.my_compat, msg.get("compat") or {})
             if why:
                 return {"error": why}
-            return {"agent": self.agent.get_agent_metadata(), "bases": self.bases, "block_bytes": self.block_bytes,
-                    "heads": list(self.heads), "engine_id": self.engine_id, "compat": self.my_compat}
+            return {"ranks": self.ranks, "engine_id": self.engine_id, "compat": self.my_compat}
         if msg.get("op") == "lease":
             why = self.held.lease(msg.get("request_id"), msg.get("readers", 1))
             return {"error": why} if why else {"ok": True}
         return {"error": "unknown op"}
 
-    def _handshake(self, host: str, port: int) -> tuple[str, list, int, tuple]:
+    def _handshake(self, host: str, port: int) -> list[dict]:
+        """The remote DP rank's TP ranks: agent name, bases, block bytes, heads and lease port of each."""
         key = (host, port)
         if key not in self.remote:
             r = side_channel.request(host, port, {"op": "handshake", "compat": self.my_compat}, self.auth)
             if "error" in r:
                 raise RuntimeError(f"NixlConnector handshake with {host}:{port} refused: {r['error']}")
-            name = self.agent.add_remote_agent(r["agent"])
-            self.remote[key] = (name, r["bases"], r["block_bytes"], tuple(r["heads"]))
+            ranks = [{**info, "heads": tuple(info["heads"]), "name": self.agent.add_remote_agent(info["agent"])}
+                     for info in r["ranks"]]
+            self.remote[key] = ranks
         return self.remote[key]
 
     def descriptors(self, pull: Pull, bases: list, block_bytes: int, heads: tuple) -> tuple[list, list]:
-        """The (local, remote) descriptors of a pull: whole blocks when both sides hold the same heads, else
-        this rank's heads of every token; runs adjacent on both sides merged."""
+        """The (local, remote) descriptors of a pull from one remote rank: whole blocks when both ranks hold
+        the same heads, else the heads both hold of every token; runs adjacent on both sides merged."""
         a, b = max(self.heads[0], heads[0]), min(self.heads[1], heads[1])
         if a >= b:
             raise RuntimeError(f"the remote rank holds KV heads {heads}, none of this rank's {self.heads}")
@@ -162,73 +164,65 @@ class NixlConnector(PullConnector):
                     remote.append((rbase + rb * block_bytes + t * rrow + (a - heads[0]) * hb, n, 0))
         return merge(local, remote)
 
+    def _lease(self, host: str, port: int, request_id: str, n: int) -> None:
+        r = side_channel.request(host, port, {"op": "lease", "request_id": request_id, "readers": n}, self.auth)
+        if "error" in r:
+            raise RuntimeError(r["error"])
+
     def start_load_kv(self, meta) -> None:
         self.held.hold(meta.holds)
         for pull in meta.pulls:
+            handles = []
             try:
-                name, bases, block_bytes, heads = self._handshake(pull.remote_host, pull.remote_port)
-                r = side_channel.request(pull.remote_host, pull.remote_port,
-                                         {"op": "lease", "request_id": pull.remote_request_id,
-                                          "readers": self.tp_size}, self.auth)
-                if "error" in r:
-                    raise RuntimeError(r["error"])
-                local, remote = self.descriptors(pull, bases, block_bytes, heads)
-                handle = self.agent.initialize_xfer("READ", self.agent.get_xfer_descs(local, self.mem),
-                                                    self.agent.get_xfer_descs(remote, self.mem), name,
-                                                    pull.remote_request_id.encode())
-                if self.agent.transfer(handle) == "ERR":
-                    raise RuntimeError("transfer did not start")
-                self.inflight[pull.request_id] = (handle, f"{pull.remote_host}:{pull.remote_port}")
+                ranks = self._handshake(pull.remote_host, pull.remote_port)
+                heads = [r["heads"] for r in ranks]
+                count = readers(self.total_heads, self.tp_size, heads)
+                mine = sources(self.heads, heads, self.tp_rank)
+                # every remote rank is leased by the local ranks that read it; one no rank reads (its heads
+                # served by a replica) is released by TP rank 0 at once
+                for r in mine + ([r for r, n in enumerate(count) if n == 0] if self.tp_rank == 0 else []):
+                    self._lease(pull.remote_host, ranks[r]["port"], pull.remote_request_id, count[r])
+                for r in mine:
+                    local, remote = self.descriptors(pull, ranks[r]["bases"], ranks[r]["block_bytes"], heads[r])
+                    handle = self.agent.initialize_xfer("READ", self.agent.get_xfer_descs(local, self.mem),
+                                                        self.agent.get_xfer_descs(remote, self.mem), ranks[r]["name"],
+                                                        pull.remote_request_id.encode())
+                    handles.append(handle)
+                    if self.agent.transfer(handle) == "ERR":
+                        raise RuntimeError("transfer did not start")
+                self.inflight[pull.request_id] = (handles, f"{pull.remote_host}:{pull.remote_port}")
             except (OSError, RuntimeError, ValueError, KeyError) as e:
                 logger.warning("NixlConnector: request %s: KV from %s:%d unavailable (%s); computing its prompt "
                                "here instead", pull.request_id, pull.remote_host, pull.remote_port, e)
-                self.failed.add(pull.request_id)
+                if handles:             # the transfers that started must end before their memory is reused
+                    self.inflight[pull.request_id] = (handles, f"{pull.remote_host}:{pull.remote_port}")
+                    self.spoiled.add(pull.request_id)
+                else:
+                    self.failed.add(pull.request_id)
 
     def _poll_reads(self) -> tuple[set[str], set[str]]:
         """This rank's reads that ended since the last poll: (done, failed)."""
         done = set()
-        for rid, (handle, where) in list(self.inflight.items()):
-            state = self.agent.check_xfer_state(handle)
-            if state == "PROC":
+        for rid, (handles, where) in list(self.inflight.items()):
+            states = [self.agent.check_xfer_state(h) for h in handles]
+            if "PROC" in states:
                 continue
             del self.inflight[rid]
-            self.agent.release_xfer_handle(handle)
-            if state == "DONE":
+            for h in handles:
+                self.agent.release_xfer_handle(h)
+            if all(s == "DONE" for s in states) and rid not in self.spoiled:
                 done.add(rid)
             else:
-                logger.warning("NixlConnector: request %s: the read from %s failed; computing its prompt here", rid,
-                               where)
+                if rid not in self.spoiled:
+                    logger.warning("NixlConnector: request %s: the read from %s failed; computing its prompt here",
+                                   rid, where)
+                self.spoiled.discard(rid)
                 self.failed.add(rid)
         failed, self.failed = self.failed, set()
         return done, failed
 
-    def _gather(self, done: set[str], failed: set[str]) -> tuple[set[str], set[str]]:
-        """The driver: requests every TP rank has finished reading (done, or failed on some rank)."""
-        reports = [(done, failed)]
-        while True:
-            try:
-                raw = self.tp_sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                msg = self.auth.decode(msgspec.msgpack.Decoder(dict[str, list[str]]), raw)
-                reports.append((set(msg["done"]), set(msg["failed"])))
-            except (BadFrame, KeyError) as e:
-                self.auth.dropped("the KV reads socket", e)
-        for d, f in reports:
-            for rid in d | f:
-                state = self.tp_state.setdefault(rid, [0, False])
-                state[0] += 1
-                state[1] = state[1] or rid in f
-        done, failed = set(), set()
-        for rid, (ranks, bad) in list(self.tp_state.items()):
-            if ranks == self.tp_size:
-                del self.tp_state[rid]
-                (failed if bad else done).add(rid)
-        return done, failed
-
     def busy(self) -> bool:
-        return bool(self.inflight or self.failed)
+        return bool(self.inflight or self.failed or self.held.deadline)
 
     def get_finished(self) -> tuple[set[str], set[str]]:
         if self.agent is None:
@@ -237,15 +231,14 @@ class NixlConnector(PullConnector):
             for m in msgs:
                 self.held.read(m.decode())
         done, failed = self._poll_reads()
-        if self.tp_sock is not None and self.tp_rank > 0:
-            if done or failed:
-                self.tp_sock.send(self.auth.seal(msgspec.msgpack.encode({"done": sorted(done),
-                                                                         "failed": sorted(failed)})))
+        sent = self.held.freeable()
+        if self.tp is not None and self.tp_rank > 0:
+            self.tp.report(done, failed, sent)
             return set(), set()
-        if self.tp_sock is not None:
-            done, failed = self._gather(done, failed)
+        if self.tp is not None:
+            done, failed, sent = self.tp.gather(done, failed, sent)
         self.failed_out |= failed
-        return self.held.freeable(), done
+        return sent, done
 
     def get_failed_loads(self) -> set[str]:
         failed, self.failed_out = self.failed_out, set()
@@ -254,5 +247,5 @@ class NixlConnector(PullConnector):
     def shutdown(self) -> None:
         if self.server is not None:
             self.server.close()
-        if self.tp_sock is not None:
-            self.tp_sock.close(linger=0)
+        if self.tp is not None:
+            self.tp.close()

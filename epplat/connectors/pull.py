@@ -70,13 +70,6 @@ def total_kv_heads(engine, local_heads: int) -> int:
     return int(hf.get("num_key_value_heads") or hf.get("num_attention_heads") or local_heads)
 
 
-def head_range(total: int, tp: int, rank: int) -> tuple[int, int]:
-    """The KV heads [start, stop) TP rank `rank` of `tp` holds (heads replicated when fewer than tp)."""
-    per = max(1, total // tp)
-    start = rank * per if total >= tp else rank // (tp // total)
-    return start, start + per
-
-
 def compat_error(mine: dict, theirs: dict) -> Optional[str]:
     diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
     if not diff:

@@ -67,11 +67,6 @@ def bf16_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> Opt
     return torch._grouped_mm(x, w, offs=offs) if x.dtype == torch.bfloat16 else None
 
 
-def bf16_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> Optional[torch.Tensor]:
-    """torch._grouped_mm for bfloat16 only (what it takes on GPUs and NPUs); None otherwise."""
-    return torch._grouped_mm(x, w, offs=offs) if x.dtype == torch.bfloat16 else None
-
-
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
 

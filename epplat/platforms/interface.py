@@ -34,6 +34,12 @@ class Platform:
             raise ConfigError(f"--additional-config: platform {cls.name!r} takes no keys; got "
                               f"{', '.join(sorted(cfg.additional_config))}")
 
+    @classmethod
+    def device_count(cls) -> Optional[int]:
+        """How many engine processes this node can give a device of their own (one each, by local rank);
+        None: no limit. Checked at startup and by an elastic EP scale-up (400 beyond it)."""
+        return None
+
     def configure(self, cfg) -> None:
         """Called in every engine process with its EngineConfig, before the device is set up."""
 

@@ -31,12 +31,13 @@ class JoinAborted(RuntimeError):
     """Not every rank of the new world checked in; the ranks that were serving keep their world."""
 
 
-def rendezvous(parallel, rank: int, generation: int, world_size: int, old_group=None,
+def rendezvous(parallel, rank: int, generation: "int | str", world_size: int, old_group=None,
                timeout: float = JOIN_TIMEOUT_S) -> "dist.FileStore":
     """Check in to generation ``generation`` and wait for all ``world_size`` ranks, before anything of the
     current world is given up. The ranks that were serving agree over ``old_group`` whether everyone came;
     JoinAborted (on all of them) when not."""
     store = dist.FileStore(os.path.join(parallel.ipc_dir, f"store-g{generation}"), world_size)
+    store.set(f"epplat/pid/{rank}", str(os.getpid()))      # agree() tells a dead rank by it (one node)
     store.add("epplat/joined", 1)
     deadline = time.monotonic() + timeout
     while (n := store.add("epplat/joined", 0)) < world_size and time.monotonic() < deadline:
@@ -47,6 +48,38 @@ def rendezvous(parallel, rank: int, generation: int, world_size: int, old_group=
     if not int(came):
         raise JoinAborted(f"{n} of {world_size} ranks joined world generation {generation} within {timeout:g} s")
     return store
+
+
+class ScaleRolledBack(RuntimeError):
+    """A rank of the new world failed (or died) before the experts were committed: the ranks that were
+    serving formed their old world again, with their placement; the scale failed."""
+
+
+def agree(store, rank: int, world_size: int, ok: bool, what: str, timeout: float) -> bool:
+    """Every rank of a world says over its generation's store whether ``what`` went well; True when all did,
+    False as soon as one says it failed or has died (its process is gone or a zombie: one node)."""
+    store.set(f"epplat/{what}/{rank}", "1" if ok else "0")
+    pending, deadline = set(range(world_size)), time.monotonic() + timeout
+    while pending:
+        for r in sorted(pending):
+            if store.check([f"epplat/{what}/{r}"]):
+                if store.get(f"epplat/{what}/{r}") != b"1":
+                    return False
+                pending.discard(r)
+            elif not _alive(int(store.get(f"epplat/pid/{r}"))) or time.monotonic() > deadline:
+                logger.error("elastic EP: rank %d did not finish the %s (%s)", r, what,
+                             "timed out" if time.monotonic() > deadline else "its process is gone")
+                return False
+        time.sleep(0.005)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def join_world(parallel, st: ParallelState, generation: int, world_size: int, backend: str, store) -> None:

@@ -1,4 +1,4 @@
-"""Starts this node's engine processes (one per local DP rank x TP rank) and stops them.
+"""Starts this node's engine processes (one per local DP rank x pipeline stage x TP rank) and stops them.
 
 Processes are spawned with multiprocessing; each reports over a pipe once its model
 and KV cache are ready (or the one-line error that stopped it).
@@ -26,13 +26,17 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None, join
     one in ``spare`` (a SpareEngine) when given."""
     ctx = multiprocessing.get_context("spawn")
     par = cfg.parallel
+    if dp_ranks is None:
+        check_devices(cfg, len(par.local_dp_ranks()) * par.tensor_parallel_size)
     procs, conns = [], []
     raw = cfg.to_json()
     for d in (par.local_dp_ranks() if dp_ranks is None else dp_ranks):
-        for t in range(par.tensor_parallel_size):
-            rank = d * par.tensor_parallel_size + t
+        for j in range(par.ranks_per_dp):
+            rank = d * par.ranks_per_dp + j
             local = rank if join else len(procs)
-            name = f"EngineCore_DP{d}" + (f"_TP{t}" if par.tensor_parallel_size > 1 else "")
+            pp, t = divmod(j, par.tensor_parallel_size)
+            name = (f"EngineCore_DP{d}" + (f"_PP{pp}" if par.pipeline_parallel_size > 1 else "")
+                    + (f"_TP{t}" if par.tensor_parallel_size > 1 else ""))
             if spare is not None:
                 p, parent = spare.assign(raw, rank, local, join, name)
                 spare = None
@@ -60,6 +64,15 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None, join
         stop_engines(procs)
         raise
     return procs
+
+
+def check_devices(cfg: EngineConfig, local_procs: int) -> None:
+    """ConfigError when this node would run more engine processes than its platform has devices."""
+    from epplat.plugins import registry
+    count = registry().load("platform", cfg.platform).device_count()
+    if count is not None and local_procs > count:
+        raise ConfigError(f"{local_procs} engine processes on this node (DP ranks x --tensor-parallel-size) but the "
+                          f"{cfg.platform} platform has {count} devices here")
 
 
 def stop_engines(procs, grace: float = 10.0) -> None:

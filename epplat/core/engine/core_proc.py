@@ -1,6 +1,7 @@
-"""Engine processes: one per (DP rank, TP rank). The TP-rank-0 process of a DP rank (the
-driver) runs the scheduler and talks to the API servers over zmq; the other TP ranks
-replay each step the driver sends them.
+"""Engine processes: one per (DP rank, pipeline stage, TP rank). The first stage's TP-rank-0
+process of a DP rank (the driver) runs the scheduler and talks to the API servers over zmq; the
+other ranks run their part of each step the driver sends them. With pipeline stages the driver
+keeps up to pipeline-parallel-size steps in flight (of different requests), so stages do not idle.
 
 With expert parallelism over several DP ranks, MoE layers are collective, so all
 drivers step together in "waves": an engine that gets work while idle wakes every
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import deque
 
 import msgspec
 import torch
@@ -116,12 +118,13 @@ _ALL_THREADS = torch.get_num_threads()   # the machine's, before this process ta
 
 def _share_threads(local_procs: int) -> int:
     """This process's share of the machine's threads among ``local_procs`` engine processes."""
-    torch.set_num_threads(max(1, _ALL_THREADS // max(1, local_procs)))
+    share = _ALL_THREADS // max(1, local_procs)
+    torch.set_num_threads(max(1, min(share, len(os.sched_getaffinity(0)))))     # a bound process: its cores
     return torch.get_num_threads()
 
 
 def _local_procs(cfg: EngineConfig) -> int:
-    return len(cfg.parallel.local_dp_ranks()) * cfg.parallel.tensor_parallel_size
+    return len(cfg.parallel.local_dp_ranks()) * cfg.parallel.ranks_per_dp
 
 
 class _Liveness:
@@ -155,7 +158,7 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
     decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput | KVLoad)
     auth = FrameAuth(cfg.parallel.internal_secret)
     sock = zmq.Context.instance().socket(zmq.PULL)
-    sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.tp_rank, run_dir(cfg)))
+    sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.pp_rank * ps.tp_size + ps.tp_rank, run_dir(cfg)))
     while True:
         busy = runner.kv_busy()
         if busy:
@@ -201,7 +204,8 @@ class _DriverIO:
             self.outs.append(o)
             self.poller.register(d, zmq.POLLIN)
         self.workers = []
-        for t in range(1, ps.tp_size):
+        self.in_flight: deque = deque()   # launched steps not yet completed (pipeline parallelism)
+        for t in range(1, ps.pp_size * ps.tp_size):
             w = self.ctx.socket(zmq.PUSH)
             listen(w, par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
             self.workers.append(w)
@@ -391,6 +395,8 @@ def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> No
             if io.scale is not None:
                 if not _rescale(core, io, ps, watch):
                     return
+            elif core.has_work() and ps.pp_size > 1:
+                _pipeline_step(core, io, ps.pp_size)
             elif core.has_work():
                 io.send_outputs(core.run(core.schedule(), publish=io.publish if io.workers else None))
             elif not watch.alive():
@@ -407,6 +413,20 @@ def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> No
         io.wave += 1
         if scale and not _rescale(core, io, ps, watch):
             return
+
+
+def _pipeline_step(core, io: _DriverIO, depth: int) -> None:
+    """Launch steps until ``depth`` are in flight (or nothing more can be scheduled), then complete the oldest.
+    Each step takes at most 1/depth of the requests, so that every stage has a step to work on."""
+    sched = core.scheduler
+    while len(io.in_flight) < depth:
+        batch = core.schedule(-(-(len(sched.running) + len(sched.waiting)) // depth))
+        step = core.launch(batch, publish=io.publish) if batch else None
+        if step is None:
+            break
+        io.in_flight.append(step)
+    if io.in_flight:
+        io.send_outputs(core.complete(io.in_flight.popleft()))
 
 
 def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
@@ -432,15 +452,17 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
 
 def _rescale(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> bool:
     """Run the scale call every rank agreed on; False when this rank left the group."""
-    from epplat.core.distributed.elastic_world import JoinAborted
+    from epplat.core.distributed.elastic_world import JoinAborted, ScaleRolledBack
     from epplat.core.engine import elastic
     call, io.scale = io.scale, None
     new_size, generation = call.args
     t0 = time.perf_counter()
     try:
         stays = elastic.rescale(core, ps, new_size, generation, io.wave)
-    except JoinAborted as e:     # nothing changed here: this rank serves on in its world
+    except (JoinAborted, ScaleRolledBack) as e:     # this rank serves on in its world (the old one re-formed)
         logger.error("elastic EP: scale to %d DP ranks aborted: %s", new_size, e)
+        if isinstance(e, ScaleRolledBack):
+            io.rescaled(watch)
         io._send(call.client_index, P.UtilityResult(call.call_id, error=str(e)))
         return True
     except Exception as e:

@@ -13,12 +13,14 @@ model, KV cache, scheduler and running requests carry on.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 
 import torch
 import torch.distributed as dist
 
-from epplat.core.distributed.elastic_world import join_world, rendezvous
+from epplat.core.distributed.elastic_world import ScaleRolledBack, agree, join_world, rendezvous
 from epplat.core.moe import eplb_transfer
 from epplat.core.moe.all2all import ExpertMap
 from epplat.core.moe.elastic_placement import initial_placement, move_experts, moe_layers, new_placement, placement
@@ -50,7 +52,11 @@ def rescale(core, ps, new_size: int, generation: int, wave: int) -> bool:
     else:
         store = rendezvous(runner.cfg.parallel, ps.rank, generation, new_size, ps.dp_group)   # JoinAborted
         join_world(runner.cfg.parallel, ps, generation, new_size, runner.platform.dist_backend, store)
-        moves = _grow(runner, ps, layers, per_rank, old_size, old, wave)[1]
+        try:
+            moves = _grow(runner, ps, layers, per_rank, old_size, old, wave, store, generation)[1]
+        except ScaleRolledBack:
+            _roll_back(runner, ps, layers, per_rank, old, generation)
+            raise
     if ps.rank == 0:
         logger.info("elastic EP: %d -> %d DP ranks (world generation %d): %d expert moves, %.2f s on this rank",
                     old_size, new_size, generation, len(moves), time.perf_counter() - t0)
@@ -63,11 +69,14 @@ def join(core, ps, generation: int, old_size: int) -> int:
     runner = core.runner
     store = rendezvous(runner.cfg.parallel, ps.rank, generation, ps.dp_size)
     join_world(runner.cfg.parallel, ps, generation, ps.dp_size, runner.platform.dist_backend, store)
-    return _grow(runner, ps, moe_layers(runner.model), runner.all2all.expert_map.num_local, old_size, None, 0)[0]
+    return _grow(runner, ps, moe_layers(runner.model), runner.all2all.expert_map.num_local, old_size, None, 0,
+                 store, generation)[0]
 
 
-def _grow(runner, ps, layers, per_rank: int, old_size: int, old, wave: int) -> tuple[int, list]:
-    """In the larger world: rank 0's placement and wave to everyone, the policy's placement, the moves."""
+def _grow(runner, ps, layers, per_rank: int, old_size: int, old, wave: int, store,
+          generation: int) -> tuple[int, list]:
+    """In the larger world: rank 0's placement and wave to everyone, the policy's placement, the moves; every
+    rank commits them only once all say their part of the exchange went well (ScaleRolledBack if not)."""
     group = ps.dp_group
     head = torch.tensor([wave])
     dist.broadcast(head, src=0, group=group)
@@ -79,10 +88,40 @@ def _grow(runner, ps, layers, per_rank: int, old_size: int, old, wave: int) -> t
     # each rank's load is in its own slot numbering, so the load is summed before the layers change
     new = new_placement(layers, runner.eplb, _policy(runner), _num_groups(runner), current, ps.dp_size, per_rank,
                         group)
-    new, moves, staged = move_experts(layers, current, new, ps.rank, per_rank, ps.world_group)
+    if old is None:
+        fault_point("exchange", generation)
+    try:
+        new, moves, staged = move_experts(layers, current, new, ps.rank, per_rank, ps.world_group)
+        ok = True
+    except RuntimeError as e:        # a peer died: gloo's pair to it closed
+        logger.error("elastic EP: rank %d: the expert exchange failed: %s", ps.rank, e)
+        ok = False
+    timeout = runner.cfg.parallel.distributed_timeout_seconds
+    if not agree(store, ps.rank, ps.dp_size, ok, "exchange", timeout):
+        raise ScaleRolledBack(f"a rank failed in the expert exchange of world generation {generation}")
     _adopt(runner, ps, per_rank)
     eplb_transfer.commit(staged, layers, new)
     return int(head), moves
+
+
+def _roll_back(runner, ps, layers, per_rank: int, old, generation: int) -> None:
+    """The ranks that were serving form their old world again (nothing was committed: their experts are as
+    they were) and rebuild the expert map and all2all backend on it."""
+    old_size = old.shape[1] // per_rank
+    store = rendezvous(runner.cfg.parallel, ps.rank, f"{generation}-rollback", old_size)
+    join_world(runner.cfg.parallel, ps, generation, old_size, runner.platform.dist_backend, store)
+    _adopt(runner, ps, per_rank)
+    eplb_transfer.commit([], layers, old)
+    logger.warning("elastic EP: rank %d is back in its world of %d DP ranks", ps.rank, old_size)
+
+
+def fault_point(name: str, generation: int) -> None:
+    """EPPLAT_ELASTIC_KILL_AT=NAME:GENERATION kills this (joining) rank at the named point of that scale: how
+    the tests make a new rank die mid-scale at a known place. Points: exchange (the experts are about to
+    move)."""
+    if os.environ.get("EPPLAT_ELASTIC_KILL_AT") == f"{name}:{generation}":
+        logger.warning("elastic EP: EPPLAT_ELASTIC_KILL_AT=%s:%d: rank killed at %s", name, generation, name)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _adopt(runner, ps, per_rank: int) -> None:

@@ -42,7 +42,7 @@ _decode_json = msgspec.json.Decoder().decode
 def build_app(client, *, served_model_names: list[str], api_key: Optional[str] = None,
               max_model_len: Optional[int] = None, model_path: Optional[str] = None, tokenizer_pool_size: int = 1,
               max_choices: int = 128, trust_request_chat_template: bool = False,
-              sampling_defaults: Optional[dict] = None, max_logprobs: int = 20,
+              sampling_defaults: Optional[dict] = None, max_logprobs: int = 20, chat_parsers=None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible app over an engine client.
 
@@ -57,7 +57,8 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
     pool = TokenizerPool(client.tokenizer, tokenizer_pool_size)
     serving = OpenAIServing(client, served_model_names, metrics, max_model_len, tokenizer_pool=pool,
                             max_choices=max_choices, trust_request_chat_template=trust_request_chat_template,
-                            sampling_defaults=sampling_defaults, max_logprobs=max_logprobs)
+                            sampling_defaults=sampling_defaults, max_logprobs=max_logprobs,
+                            **(chat_parsers or {}))
     created = int(time.time())
 
     @asynccontextmanager
@@ -169,7 +170,7 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
         return await responses(serving, req, raw)
 
     app.include_router(v1)
-    elastic_scaler.add_routes(app, client, metrics)
+    elastic_scaler.add_routes(app, client, metrics, load)
     app.openapi = functools.partial(_openapi_without_422, app)
     return app
 

@@ -7,7 +7,7 @@ move to the EPLB policy's placement, and the new ranks are routed to once they s
 ready. Scaling down, the departing ranks get no new requests, their running ones finish
 (within drain_timeout, else 408 and nothing changes), their experts move to the staying
 ranks, and they leave. Requests that arrive meanwhile wait in the staying ranks' queues
-for at most the re-forming. Answers are vLLM's (vllm-interfaces.md); 409 while a scale runs.
+for at most the re-forming, bounded (scale_admission.py). Answers are vLLM's (vllm-interfaces.md); 409 while a scale runs.
 """
 
 from __future__ import annotations
@@ -58,13 +58,25 @@ class ElasticScaler:
         self.num_experts = architecture(hf).parse_config(hf).num_experts
         self.per_rank = (self.num_experts + par.eplb.num_redundant_experts) // par.data_parallel_size
         self.spare = SpareEngine()
+        self.target = self.size          # the size being scaled to (the current one when none runs)
+        self.last_seconds = 3.0          # the last scale's length: the Retry-After of a 503 during one
+
+    def queue_bound(self) -> int:
+        """Requests in flight allowed while a scale runs: what the staying ranks run at once."""
+        return self.client.cfg.scheduler.max_num_seqs * min(self.size, self.target)
 
     @property
     def size(self) -> int:
         return self.client.cfg.parallel.data_parallel_size
 
     def check_size(self, new_size: int) -> None:
-        """400 for a size the experts cannot be placed on (each rank keeps its number of expert slots)."""
+        """400 for a size the experts cannot be placed on (each rank keeps its number of expert slots), or one
+        with more engine processes than this node has devices (one node: every rank is local)."""
+        from epplat.core.distributed.launcher import check_devices
+        try:
+            check_devices(self.client.cfg, new_size * self.client.cfg.parallel.tensor_parallel_size)
+        except ConfigError as e:
+            raise APIError(400, f"new_data_parallel_size {new_size} is too large: {e}") from None
         if self.per_rank * new_size < self.num_experts:
             raise APIError(400, f"new_data_parallel_size {new_size} is too small: {new_size} ranks x "
                                 f"{self.per_rank} expert slots each cannot hold the model's {self.num_experts} "
@@ -74,7 +86,7 @@ class ElasticScaler:
         if self.scaling:
             raise APIError(409, "A scale is already running; try again when /is_scaling_elastic_ep says false")
         self.check_size(new_size)
-        self.scaling, self.phases = True, {}
+        self.scaling, self.phases, self.target = True, {}, new_size
         t0, old = time.perf_counter(), self.size
         try:
             if new_size > old:
@@ -85,7 +97,8 @@ class ElasticScaler:
             self.scaling = False
             if self.spare is None or not self.spare.proc.is_alive():
                 self.spare = SpareEngine()           # for the next scale-up
-        took = time.perf_counter() - t0
+        took = self.last_seconds = time.perf_counter() - t0
+        self.target = self.size
         logger.info("elastic EP: scaled from %d to %d data parallel engines in %.2f s (%s)", old, new_size, took,
                     ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items()))
         if self.metrics is not None and new_size != old:
@@ -176,10 +189,13 @@ class ElasticScaler:
             raise APIError(500, f"Scale failed while the engines re-formed their group: {e}") from None
 
 
-def add_routes(app, client, metrics) -> None:
-    """POST /scale_elastic_ep, /scale (the PR's first name) and /is_scaling_elastic_ep."""
+def add_routes(app, client, metrics, in_flight) -> None:
+    """POST /scale_elastic_ep, /scale (the PR's first name) and /is_scaling_elastic_ep; the bound on the
+    requests that wait during a scale (scale_admission.py)."""
+    from epplat.core.server.scale_admission import ScaleAdmission
     par = getattr(getattr(client, "cfg", None), "parallel", None)
     state = {"scaler": ElasticScaler(client, metrics)} if par is not None and par.enable_elastic_ep else {}
+    app.add_middleware(ScaleAdmission, scaler=lambda: state.get("scaler"), in_flight=in_flight)
 
     def scaler() -> ElasticScaler:
         if "scaler" not in state:

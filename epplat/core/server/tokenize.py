@@ -11,7 +11,8 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from epplat.core.server.protocol import APIError, ChatMessage, invalid
+from epplat.core.server.protocol import APIError, ChatMessage, ChatTool, invalid
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
@@ -26,6 +27,7 @@ class TokenizeCompletionRequest(_Request):
 
 class TokenizeChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[ChatTool]] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -38,8 +40,6 @@ class TokenizeChatRequest(_Request):
         if self.add_generation_prompt and self.continue_final_message:
             raise invalid("continue_final_message",
                           "Cannot set both `continue_final_message` and `add_generation_prompt` to true.")
-        if (self.model_extra or {}).get("tools"):
-            raise invalid("tools", "tools is not supported")
         return self
 
 

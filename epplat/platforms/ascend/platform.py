@@ -87,6 +87,11 @@ class AscendPlatform(Platform):
                            "MLA query path and shared experts; prefill optimizations and super kernels are not "
                            "implemented)", ", ".join(idle))
 
+    @classmethod
+    def device_count(cls) -> Optional[int]:
+        import torch_npu  # noqa: F401
+        return torch.npu.device_count()         # ASCEND_RT_VISIBLE_DEVICES applied
+
     def device(self, local_rank: int = 0) -> torch.device:
         import torch_npu  # noqa: F401
         from epplat.platforms.ascend import hccl_env

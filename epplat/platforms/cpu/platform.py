@@ -1,4 +1,5 @@
-"""The cpu platform: gloo for collectives, KV cache sized by EPPLAT_CPU_KVCACHE_SPACE."""
+"""The cpu platform: gloo for collectives, KV cache sized by EPPLAT_CPU_KVCACHE_SPACE, ranks bound to the
+core sets of EPPLAT_CPU_OMP_THREADS_BIND (its devices)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from epplat.config import cpu_kv_cache_bytes
 from epplat.core.ops import Kernels
-from epplat.platforms.cpu import cpu_kernels
+from epplat.platforms.cpu import core_binding, cpu_kernels
 from epplat.platforms.interface import Platform
 
 
@@ -28,6 +29,15 @@ class CpuPlatform(Platform):
 
     def log_prefix(self) -> str:
         return "CPU"
+
+    @classmethod
+    def device_count(cls) -> Optional[int]:
+        sets = core_binding.core_sets()
+        return None if sets is None else len(sets)
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        core_binding.bind(local_rank)
+        return torch.device("cpu")
 
     def before_step(self, num_tokens: int) -> None:
         cpu_kernels.THREADS = self.max_threads

@@ -42,6 +42,10 @@ class CudaPlatform(Platform):
             return "no CUDA device visible" if torch.version.cuda else "torch built without CUDA"
         return None
 
+    @classmethod
+    def device_count(cls) -> Optional[int]:
+        return torch.cuda.device_count()        # CUDA_VISIBLE_DEVICES applied
+
     def device(self, local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
