@@ -106,12 +106,15 @@ def padded(body: dict) -> bytes:
     return json.dumps(body).encode() + b" " * (1 << 20)
 
 
-def post_from_a_child(url: str, body) -> tuple[int, int]:
-    """(status, size of the answer) of a post made by another process, so that reading a large answer
-    takes no GIL from the /health poller in this one."""
+def post_from_a_child(url: str, body, answer=None) -> tuple[int, int]:
+    """(status, size of the answer, kept in the file `answer` if given) of a post of the file `body`
+    made by another process, so that sending and reading large bodies takes no GIL from the
+    /health poller in this one."""
     code = ("import httpx, sys; r = httpx.post(sys.argv[1], content=open(sys.argv[2], 'rb').read(), "
-            "headers={'content-type': 'application/json'}, timeout=120); print(r.status_code, len(r.content))")
-    out = subprocess.run([sys.executable, "-c", code, url, str(body)], capture_output=True, text=True, timeout=180)
+            "headers={'content-type': 'application/json'}, timeout=120); print(r.status_code, len(r.content)); "
+            "sys.argv[3] and open(sys.argv[3], 'wb').write(r.content)")
+    out = subprocess.run([sys.executable, "-c", code, url, str(body), str(answer or "")], capture_output=True,
+                         text=True, timeout=180)
     status, size = out.stdout.split()
     return int(status), int(size)
 
@@ -145,26 +148,27 @@ def test_valid_large_bodies_are_parsed_once_beside_the_loop(server, tmp_path):
     assert not slow, f"/health answers of 100 ms or more (s after the post, latency): {slow}; answered in {took:.2f} s"
 
 
-def test_tokenize_and_detokenize_of_long_inputs_answer_beside_the_loop(server, qwen3_moe_dir):
+def test_tokenize_and_detokenize_of_long_inputs_answer_beside_the_loop(server, qwen3_moe_dir, tmp_path):
     """vLLM's /tokenize counts any length (no context check); a long input is tokenized, decoded and
     its answer written in a tokenizer worker; the body limit holds for both endpoints."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
     text = "hello world, experts " * 60_000          # 1.3 MB
     ids = tok.encode(text)
-    tokens_body = json.dumps({"tokens": ids}).encode()
+    (tmp_path / "text.json").write_text(json.dumps({"prompt": text, "return_token_strs": True}))
+    (tmp_path / "ids.json").write_text(json.dumps({"tokens": ids}))
     poller = HealthPoller(server.url)
     time.sleep(0.3)
     t0 = time.perf_counter()
-    r = post(server.url + "/tokenize", json.dumps({"prompt": text, "return_token_strs": True}).encode())
-    assert r.status_code == 200, r.text
-    got = r.json()
-    assert got["count"] == len(ids) > 64 and got["tokens"] == ids and got["max_model_len"] == 64
-    assert got["token_strs"] == tok.convert_ids_to_tokens(ids)
-    r = post(server.url + "/detokenize", tokens_body)
-    assert r.status_code == 200 and r.json() == {"prompt": tok.decode(ids)}
+    tokenized = post_from_a_child(server.url + "/tokenize", tmp_path / "text.json", tmp_path / "tokens.out")
+    detokenized = post_from_a_child(server.url + "/detokenize", tmp_path / "ids.json", tmp_path / "text.out")
     time.sleep(0.3)
     slow = slow_answers(poller, t0)
+    assert tokenized[0] == detokenized[0] == 200, (tokenized, detokenized)
+    got = json.loads((tmp_path / "tokens.out").read_bytes())
+    assert got["count"] == len(ids) > 64 and got["tokens"] == ids and got["max_model_len"] == 64
+    assert got["token_strs"] == tok.convert_ids_to_tokens(ids)
+    assert json.loads((tmp_path / "text.out").read_bytes()) == {"prompt": tok.decode(ids)}
     assert not slow, f"/health answers of 100 ms or more (s after the first post, latency): {slow}"
     r = post(server.url + "/detokenize", json.dumps({"tokens": ids + [len(tok) + 5]}).encode())
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.text
