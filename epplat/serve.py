@@ -114,6 +114,8 @@ def add_cli(sub) -> None:
     p.add_argument("--platform", default="auto", help="auto, cpu, cuda, ascend or a plugin's platform")
     par = p.add_argument_group("parallelism (vLLM's flags)")
     par.add_argument("--tensor-parallel-size", "-tp", type=_int_range(1), default=1)
+    par.add_argument("--pipeline-parallel-size", "-pp", type=_int_range(1), default=1,
+                     help="layers split over this many stages (EPPLAT_PP_LAYER_PARTITION=3,2 sets the split)")
     par.add_argument("--data-parallel-size", "-dp", type=_int_range(1), default=_env_int("DP_SIZE", 1))
     par.add_argument("--data-parallel-size-local", "-dpl", type=_int_range(1), default=None,
                      help="DP ranks started on this node (default: all from the start rank)")
@@ -231,7 +233,8 @@ def parallel_config_from_args(args) -> ParallelConfig:
         internal_secret=args.internal_secret or _env("INTERNAL_SECRET", ""),
         distributed_timeout_seconds=args.distributed_timeout_seconds,
         engine_iteration_timeout_s=_env_float("ENGINE_ITERATION_TIMEOUT_S", 60.0),
-        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
         data_parallel_size_local=args.data_parallel_size_local, data_parallel_start_rank=args.data_parallel_start_rank,
         data_parallel_rank=args.data_parallel_rank, data_parallel_address=args.data_parallel_address,
         data_parallel_rpc_port=args.data_parallel_rpc_port or 29550, api_server_count=args.api_server_count,
@@ -294,8 +297,8 @@ def _serve(args, cfg: EngineConfig) -> int:
         except (ConfigError, PluginError, OSError) as e:
             print(f"epplat serve: error: {e}", file=sys.stderr)
             return 1
-    logger.info("epplat %s serving %s on platform %s (TP=%d, DP=%d%s)", _version(), cfg.model.model, cfg.platform,
-                par.tensor_parallel_size, par.data_parallel_size, ", EP" if par.enable_expert_parallel else "")
+    logger.info("epplat %s serving %s on platform %s (TP=%d, PP=%d, DP=%d%s)", _version(), cfg.model.model,
+                cfg.platform, par.tensor_parallel_size, par.pipeline_parallel_size, par.data_parallel_size, ", EP" if par.enable_expert_parallel else "")
     if par.ipc_dir:
         logger.info("internal sockets in %s", par.ipc_dir)
     try:

@@ -2,7 +2,7 @@
 
 Each flag is accepted when its value changes nothing about what is served (one info line says
 how epplat reads it) and refused with one line naming the unsupported value when it would; nothing
-that a later piece of work implements (pipeline parallelism, Ray, dual batch overlap, tool calling,
+that a later piece of work implements (Ray, dual batch overlap, tool calling,
 fp8 KV cache...) is faked here."""
 
 from __future__ import annotations
@@ -46,8 +46,6 @@ def _never(_v, _args) -> bool:
 FLAGS = (
     Flag(("--trust-remote-code",), bool, _always, "epplat runs its own implementation of the architectures it "
          "serves (no checkpoint code is run)", ""),
-    Flag(("--pipeline-parallel-size", "-pp"), int, _is(1), "one pipeline stage",
-         "pipeline parallelism is not implemented in epplat (use -tp / -dp)"),
     Flag(("--distributed-executor-backend",), str, _is("mp", "uni"), "epplat runs its workers as processes",
          "only the multiprocessing backend (mp) exists in epplat; Ray is not implemented"),
     Flag(("--data-parallel-backend", "-dpb"), str, _is("mp"), "epplat's DP engines are processes",

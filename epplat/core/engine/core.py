@@ -18,7 +18,7 @@ from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.engine.block_manager import BlockManager
 from epplat.core.engine.model_runner import KVLoad, ModelRunner
 from epplat.core.engine.protocol import EngineOutput, EngineRequest, EngineStats
-from epplat.core.engine.request import Request
+from epplat.core.engine.request import Request, Status
 from epplat.core.engine.scheduler import Scheduler
 from epplat.core.engine.spec_decode import MtpDrafter, accepted_count
 from epplat.core.engine.structured_output import Grammars
@@ -28,16 +28,16 @@ logger = logging.getLogger(__name__)
 
 
 def init_kv_cache(runner: ModelRunner, cfg: EngineConfig, ps: ParallelState) -> tuple[int, int]:
-    """Size (agreed over the TP group) and allocate the KV cache; returns (num_blocks, max_model_len)."""
+    """Size (agreed over the DP rank's processes: every TP rank and pipeline stage) and allocate the KV cache; returns (num_blocks, max_model_len)."""
     hf_max = runner.model_cfg.max_position
     max_model_len = cfg.model.max_model_len or hf_max
     if max_model_len > hf_max:
         raise ConfigError(f"--max-model-len {max_model_len} is larger than the model's "
                           f"max_position_embeddings ({hf_max})")
     num_blocks = runner.num_blocks_from_memory(max_model_len)
-    if ps.tp_size > 1:
+    if ps.engine_cpu_group is not None:
         t = torch.tensor([num_blocks])
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ps.tp_cpu_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ps.engine_cpu_group)
         num_blocks = int(t)
     tokens = num_blocks * cfg.cache.block_size
     if tokens < max_model_len:
@@ -140,9 +140,9 @@ class EngineCore:
             worker.start_load_kv(meta)
         self.scheduler.kv_finished(*worker.get_finished(), worker.get_failed_loads())
 
-    def schedule(self):
+    def schedule(self, max_seqs: int | None = None):
         self.poll_kv()
-        return self.scheduler.schedule()
+        return self.scheduler.schedule(max_seqs)
 
     def _kv_meta(self) -> Optional[bytes]:
         if self.kv_connector is None:
@@ -152,6 +152,12 @@ class EngineCore:
     def run(self, batch, ep_counts=None, publish=None) -> list[EngineOutput]:
         """Execute a scheduled batch. In a DP wave an empty batch still runs the (empty) forward,
         so this rank takes part in the MoE collectives, unless no rank has tokens."""
+        step = self.launch(batch, ep_counts, publish)
+        return self.complete(step) if step is not None else []
+
+    def launch(self, batch, ep_counts=None, publish=None):
+        """Start a step (``run``'s first half): its requests are in flight, not scheduled again, until
+        ``complete``. None when nothing comes back (an empty batch)."""
         kv_meta = self._kv_meta()
         if not batch:
             if ep_counts and any(ep_counts):
@@ -162,12 +168,21 @@ class EngineCore:
                 if publish is not None and kv_meta != self._no_kv_meta:
                     publish(KVLoad(kv_meta))
                 self.runner.kv_start_load(kv_meta)
-            return []
+            return None
         now = time.monotonic()
         for req, _ in batch:
+            req.in_flight = True
             if req.scheduled_ts is None:
                 req.scheduled_ts = now
-        sampled = self.runner.execute(batch, ep_counts, publish, kv_meta)
+        return batch, ep_counts, publish, self.runner.launch(batch, ep_counts, publish, kv_meta)
+
+    def complete(self, step) -> list[EngineOutput]:
+        """Finish a launched step: take its samples, advance its requests, their outputs."""
+        batch, ep_counts, publish, in_flight = step
+        sampled = self.runner.collect(in_flight)
+        for req, _ in batch:
+            req.in_flight = False
+        batch = [(req, n) for req, n in batch if req.status is not Status.FINISHED]   # aborted meanwhile
         outputs = []
         prompt_tokens = sum(min(n, req.prompt_len - req.num_computed) for req, n in batch
                             if req.num_computed < req.prompt_len)

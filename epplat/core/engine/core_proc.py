@@ -1,6 +1,7 @@
-"""Engine processes: one per (DP rank, TP rank). The TP-rank-0 process of a DP rank (the
-driver) runs the scheduler and talks to the API servers over zmq; the other TP ranks
-replay each step the driver sends them.
+"""Engine processes: one per (DP rank, pipeline stage, TP rank). The first stage's TP-rank-0
+process of a DP rank (the driver) runs the scheduler and talks to the API servers over zmq; the
+other ranks run their part of each step the driver sends them. With pipeline stages the driver
+keeps up to pipeline-parallel-size steps in flight (of different requests), so stages do not idle.
 
 With expert parallelism over several DP ranks, MoE layers are collective, so all
 drivers step together in "waves": an engine that gets work while idle wakes every
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import deque
 
 import msgspec
 import torch
@@ -122,7 +124,7 @@ def _share_threads(local_procs: int) -> int:
 
 
 def _local_procs(cfg: EngineConfig) -> int:
-    return len(cfg.parallel.local_dp_ranks()) * cfg.parallel.tensor_parallel_size
+    return len(cfg.parallel.local_dp_ranks()) * cfg.parallel.ranks_per_dp
 
 
 class _Liveness:
@@ -156,7 +158,7 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
     decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput | KVLoad)
     auth = FrameAuth(cfg.parallel.internal_secret)
     sock = zmq.Context.instance().socket(zmq.PULL)
-    sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.tp_rank, run_dir(cfg)))
+    sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.pp_rank * ps.tp_size + ps.tp_rank, run_dir(cfg)))
     while True:
         busy = runner.kv_busy()
         if busy:
@@ -202,7 +204,8 @@ class _DriverIO:
             self.outs.append(o)
             self.poller.register(d, zmq.POLLIN)
         self.workers = []
-        for t in range(1, ps.tp_size):
+        self.in_flight: deque = deque()   # launched steps not yet completed (pipeline parallelism)
+        for t in range(1, ps.pp_size * ps.tp_size):
             w = self.ctx.socket(zmq.PUSH)
             w.bind(par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
             self.workers.append(w)
@@ -393,6 +396,8 @@ def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> No
             if io.scale is not None:
                 if not _rescale(core, io, ps, watch):
                     return
+            elif core.has_work() and ps.pp_size > 1:
+                _pipeline_step(core, io, ps.pp_size)
             elif core.has_work():
                 io.send_outputs(core.run(core.schedule(), publish=io.publish if io.workers else None))
             elif not watch.alive():
@@ -409,6 +414,20 @@ def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> No
         io.wave += 1
         if scale and not _rescale(core, io, ps, watch):
             return
+
+
+def _pipeline_step(core, io: _DriverIO, depth: int) -> None:
+    """Launch steps until ``depth`` are in flight (or nothing more can be scheduled), then complete the oldest.
+    Each step takes at most 1/depth of the requests, so that every stage has a step to work on."""
+    sched = core.scheduler
+    while len(io.in_flight) < depth:
+        batch = core.schedule(-(-(len(sched.running) + len(sched.waiting)) // depth))
+        step = core.launch(batch, publish=io.publish) if batch else None
+        if step is None:
+            break
+        io.in_flight.append(step)
+    if io.in_flight:
+        io.send_outputs(core.complete(io.in_flight.popleft()))
 
 
 def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
