@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -163,6 +164,24 @@ def test_proxy_chains_prefill_and_decode(pd, qwen3_moe_dir):
             time.sleep(0.1)
         assert metric(decode.url, "vllm:num_requests_running") == 0
         assert prefill_blocks_free(prefill, 4) and metric(decode.url, "vllm:kv_cache_usage_perc") == 0.0
+        # a client that leaves while its prefill call is in flight (the prefill server's API process stopped
+        # meanwhile, so the call cannot end first): the proxy closes that call, so the prefill server aborts
+        # the request, or, when it had finished, frees the blocks it held for a decoder at once (not after
+        # VLLM_NIXL_ABORT_REQUEST_TIMEOUT); no decoder is called
+        body = json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
+        decoded0 = metric(decode.url, "vllm:request_success_total")
+        os.kill(prefill.proc.pid, signal.SIGSTOP)
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as client_sock:
+                client_sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: "
+                                    b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                time.sleep(0.5)         # the proxy has sent the prefill call
+            time.sleep(0.5)             # the proxy has seen the client leave
+        finally:
+            os.kill(prefill.proc.pid, signal.SIGCONT)
+        assert prefill_blocks_free(prefill, 3), "the prefill server held the blocks of a client that left"
+        assert metric(prefill.url, "vllm:num_requests_running") == 0
+        assert metric(decode.url, "vllm:request_success_total") == decoded0
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
@@ -289,7 +308,6 @@ def test_handshake_refuses_a_different_kv_layout_and_an_unauthenticated_peer(qwe
     for secret in ("another-secret", "pd-secret"[:-1]):
         with pytest.raises(PermissionError, match="need the same --internal-secret"):
             side_channel.request("127.0.0.1", port, {"op": "lease", "request_id": "x"}, FrameAuth(secret))
-    import socket
     with socket.create_connection(("127.0.0.1", port)) as s:       # raw bytes: no tag at all
         s.sendall(b"\x00\x00\x00\x03abc")
         assert b"internal-secret" in s.recv(1000)

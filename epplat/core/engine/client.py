@@ -336,6 +336,13 @@ class EngineClient:
                 except zmq.ZMQError:
                     pass
 
+    async def release_kv(self, request_ids: list[str]) -> None:
+        """Finished requests whose blocks an engine holds for another engine to read (a prefill whose client
+        left): every engine frees those it holds that no reader has started on."""
+        for engine in self.engine_ranks:
+            if self.dead_reason is None:
+                await self._send(engine, P.AbortRequests(list(request_ids)))
+
     async def abort(self, request_id: str) -> None:
         engine = self.engine_of.get(request_id)
         if engine is not None and self.dead_reason is None:

@@ -517,6 +517,9 @@ class OpenAIServing:
         except Exception as e:
             logger.error("request %s failed: %s: %s", jobs[0].request_id.rsplit("-", 1)[0], type(e).__name__, e)
             raise public_error(e) from e
+        if any(c.kv_transfer_params for c in choices) and await raw.is_disconnected():
+            await self.client.release_kv([j.request_id for j in jobs])    # no decoder will read its blocks
+            raise APIError(499, "The client disconnected.")
         return choices
 
     @staticmethod
