@@ -31,7 +31,7 @@ import zmq.asyncio
 from epplat.config import ConfigError, EngineConfig
 from epplat.core.engine import protocol as P
 from epplat.core.engine.detokenizer import IncrementalDetokenizer
-from epplat.core.engine.frame_auth import BadFrame, FrameAuth
+from epplat.core.engine.frame_auth import BadFrame, FrameAuth, listen
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +171,9 @@ class EngineClient:
         self.zctx = zmq.asyncio.Context()
         self.router = self.zctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.bind(self.router_addr)
+        listen(self.router, self.router_addr)
         self.output = self.zctx.socket(zmq.PULL)
-        self.output.bind(self.output_addr)
+        listen(self.output, self.output_addr)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_outputs()), loop.create_task(self._read_router())]
         deadline = time.time() + timeout

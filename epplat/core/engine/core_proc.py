@@ -33,7 +33,7 @@ from epplat.config import ConfigError, EngineConfig
 from epplat.core.distributed.lifeline import die_with_parent
 from epplat.core.distributed.parallel_state import ParallelState, init_parallel
 from epplat.core.engine import protocol as P
-from epplat.core.engine.frame_auth import BadFrame, FrameAuth
+from epplat.core.engine.frame_auth import BadFrame, FrameAuth, listen
 from epplat.logs import setup_logging
 from epplat.plugins import PluginError, registry
 
@@ -207,7 +207,7 @@ class _DriverIO:
         self.in_flight: deque = deque()   # launched steps not yet completed (pipeline parallelism)
         for t in range(1, ps.pp_size * ps.tp_size):
             w = self.ctx.socket(zmq.PUSH)
-            w.bind(par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
+            listen(w, par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
             self.workers.append(w)
         core.tp_publish = self.publish if self.workers else None
         self.waves = ps.ep and ps.dp_size > 1
@@ -372,8 +372,8 @@ def _api_server_count(par, ps: ParallelState) -> int:
 def _wake_forwarder(ctx, pull_addr: str, pub_addr: str, auth: FrameAuth) -> None:
     """PULL -> PUB, forwarding authentic frames only (a stranger's are dropped, with the stranger)."""
     pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
-    pull.bind(pull_addr)
-    pub.bind(pub_addr)
+    listen(pull, pull_addr)
+    listen(pub, pub_addr)
     try:
         while True:
             frame = pull.recv(copy=False)

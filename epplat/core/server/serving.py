@@ -248,13 +248,15 @@ class OpenAIServing:
 
     async def render_chat(self, req) -> str:
         """A chat request's (or /tokenize's) messages, and its tools, through the chat template, as text."""
-        messages = [_message(m) for m in req.messages]
-        tools = [t.model_dump(exclude_none=True) for t in getattr(req, "tools", None) or []] or None
+        options = {"add_generation_prompt": req.add_generation_prompt, "tokenize": False,
+                   **({"continue_final_message": True} if req.continue_final_message else {}),
+                   **self._template_options(req)}
+
+        def render():      # in a template thread, messages and tools and all (a request may carry 100,000s)
+            tools = [t.model_dump(exclude_none=True) for t in getattr(req, "tools", None) or []] or None
+            return self.tok.apply_chat_template([_message(m) for m in req.messages], tools=tools, **options)
         try:
-            return await self.pool.render(
-                self.tok.apply_chat_template, messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
-                tokenize=False, **({"continue_final_message": True} if req.continue_final_message else {}),
-                **self._template_options(req))
+            return await self.pool.render(render)
         except APIError:
             raise
         except Exception as e:
