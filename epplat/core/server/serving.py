@@ -24,6 +24,7 @@ from epplat.core.server.chat_output import ChatOutputs
 from epplat.core.server.metrics import Metrics
 from epplat.core.server.structured import structured_output
 from epplat.core.server.tool_choice import check_tool_choice, tool_constraint
+from epplat.core.server.tokenizer import bad_words_token_ids
 from epplat.core.server.tokenizer_pool import TokenizerPool
 from epplat.core.server.protocol import (
     APIError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatLogProb,
@@ -400,15 +401,7 @@ class OpenAIServing:
         return out
 
     def _bad_words(self, words: list[str]) -> list[list[int]]:
-        """vLLM's tokenization of bad words: each word as written, and with a leading space when that is
-        a different token sequence of the same length."""
-        out: list[list[int]] = []
-        for word in words:
-            for prefix in ("", " "):
-                ids = self.tok.encode(prefix + word.lstrip(), add_special_tokens=False)
-                if ids and (not prefix or (ids[0] != out[-1][0] and len(ids) == len(out[-1]))):
-                    out.append(ids)
-        return [self._in_vocab(ids, "bad_words") for ids in out]
+        return [self._in_vocab(ids, "bad_words") for ids in bad_words_token_ids(self.tok, words)]
 
     def _parses_markers(self, req) -> bool:
         """The tool parser reads markers that may be special tokens: they stay in the text (as vLLM's)."""
