@@ -391,6 +391,7 @@ def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> No
     while True:
         io.poll(0 if core.has_work() or io.scale else _KV_POLL_MS if core.kv_pending() else _IDLE_POLL_MS)
         core.poll_kv()
+        io.send_outputs(core.poll_grammars())
         if not io.waves:
             if io.scale is not None:
                 if not _rescale(core, io, ps, watch):
@@ -436,6 +437,7 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
     gathered = [torch.zeros(3, dtype=torch.long) for _ in range(ps.dp_size)]
     while True:
         io.poll(0)
+        io.send_outputs(core.poll_grammars())
         has_work = core.has_work()
         batch = core.schedule() if has_work else []
         flags[0], flags[1] = int(has_work), sum(n for _, n in batch)
