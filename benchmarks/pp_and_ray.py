@@ -1,7 +1,8 @@
 """Pipeline parallelism against one stage on CPU on the same load, and start-up with the Ray backend
 against mp, one setup at a time, in one run.
 
-Setups: `epplat serve` with one stage (mp); `-pp 2` (mp); `-pp 2 --distributed-executor-backend ray`
+Setups: `epplat serve` with one stage (mp), with the engine's default threads (all cores) and with
+OMP_NUM_THREADS=1 (as many threads as each PP=2 stage gets on 2 cores); `-pp 2` (mp); `-pp 2 --distributed-executor-backend ray`
 on a Ray cluster this script starts first (ray.cluster_utils.Cluster: one node with --ray-cpus CPUs;
 its own start-up is not counted: the backend joins an existing cluster). The load is
 `epplat.tools.bench_serve` on the benchmark shape of serve_vs_vllm.py (random token-id prompts,
@@ -41,10 +42,11 @@ def main(argv=None) -> int:
     args.model_dir = bench_model(args.model_dir, logdir)
     common = ["--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory-bytes", "512M"]
     results = {}
-    for name, extra in (("1 stage (mp)", []), ("PP=2 (mp)", ["-pp", "2"])):
+    for name, extra, env in (("1 stage (mp)", [], None), ("1 stage (mp), 1 thread", [], {"OMP_NUM_THREADS": "1"}),
+                             ("PP=2 (mp)", ["-pp", "2"], None)):
         port = free_port()
         results[name] = serve_and_load(name, [*SERVE, args.model_dir, "--port", str(port), *common, *extra], port,
-                                       args, logdir)
+                                       args, logdir, env=env)
     from ray.cluster_utils import Cluster
     t0 = time.perf_counter()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.ray_cpus})
