@@ -350,6 +350,9 @@ class EngineConfig(msgspec.Struct):
             raise ConfigError(f"model {model!r} is not a local directory (epplat loads local Hugging Face "
                               "checkpoints; nothing is downloaded at run time)")
         hf = self.model.hf_config()
+        if self.model.quantization is None and (hf.get("quantization_config") or {}).get("quant_method") == "fp8":
+            self.model.quantization = "fp8"      # as vLLM: without --quantization the checkpoint's config picks it
+            reg.get("quantization", "fp8", self.platform)
         from epplat.core.model.registry import architecture
         try:
             mc = architecture(hf).parse_config(hf)
