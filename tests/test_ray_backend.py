@@ -7,17 +7,17 @@ are one line. One cluster for the whole module (Ray's start-up is the costly par
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
-import threading
-import time
 
 import httpx
 import openai
 import pytest
 
 from epplat.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig
-from server_utils import Server
+from server_utils import HealthPoller, Server
 from test_parallel import PROMPTS, complete, expected_texts
 
 
@@ -56,37 +56,20 @@ def test_dp_cores_placed_by_ray_then_a_killed_actor(cluster, qwen3_moe_dir):
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
         stream = c.completions.create(model=model, prompt="die", max_tokens=4000, stream=True,
                                       extra_body={"ignore_eos": True})
-        got, error, finished, health = 0, None, False, []
-        polling = threading.Event()
-
-        def poll_health():
-            while polling.is_set():
-                try:
-                    health.append(httpx.get(s.url + "/health", timeout=5).status_code)
-                except httpx.HTTPError:
-                    health.append("refused")
-                time.sleep(0.05)
-        poller = threading.Thread(target=poll_health)
+        got, error, finished = 0, None, False
+        poller = HealthPoller(s.url)
         try:
             for chunk in stream:
                 got += 1
                 if got == 3:
-                    polling.set()
                     poller.start()
-                    import os
-                    import signal
                     os.kill(pid, signal.SIGKILL)          # the actor's process, as a lost node or OOM kill ends it
                 if chunk.choices and chunk.choices[0].finish_reason:
                     finished = True
         except (openai.APIError, httpx.HTTPError) as e:
             error = e
         assert error is not None and not finished, f"stream ended normally after {got} chunks"
-        deadline = time.time() + 15
-        while time.time() < deadline and not set(health) - {200}:
-            time.sleep(0.1)
-        polling.clear()
-        poller.join()
-        assert next((h for h in health if h != 200), None) == 503, health
+        assert poller.first_change() == 503, poller.seen
 
 
 def _ray_cfg(model, **par) -> EngineConfig:
