@@ -119,6 +119,7 @@ def _cuda_method_loads(model_dir, tp: int):
     """Each TP rank's model as the cuda platform's fp8 method loads it (on cpu: loading needs no GPU)."""
     from epplat.config import EngineConfig, ModelConfig
     from epplat.core.distributed.parallel_state import ParallelState
+    from epplat.core.model.decoder import MoEForCausalLM
     from epplat.core.model.loader import load_checkpoint
     from epplat.core.model.registry import architecture
     from epplat.core.moe.all2all import ExpertMap
@@ -129,7 +130,7 @@ def _cuda_method_loads(model_dir, tp: int):
     arch = architecture(hf)
     mc = arch.parse_config(hf)
     for r in range(tp):
-        model = arch.MODEL(mc, AllGatherReduceScatter(ExpertMap(mc.num_experts), device=torch.device("cpu")),
+        model = getattr(arch, "MODEL", MoEForCausalLM)(mc, AllGatherReduceScatter(ExpertMap(mc.num_experts), device=torch.device("cpu")),
                            torch.bfloat16, ParallelState(rank=r, world_size=tp, tp_rank=r, tp_size=tp))
         quant = Fp8BlockQuant(cfg, arch.canonical_name)
         quant.process_model(model)

@@ -212,7 +212,8 @@ def test_deepseek_fp8_checkpoint_within_tolerance_of_the_dequantized_model(tmp_p
     under --quantization fp8 against the bf16 engine on its dequantized copy: the per-position relative L2
     error of the prompt's logits has a median under 0.15 and is under 0.3 for 3/4 of the positions (the
     activations are rounded to e4m3, and a 2-layer random model's routing flips under that; a torch
-    emulation of the same arithmetic on cpu gave a median of 0.07 and one position at 0.59); greedy
+    emulation of the same arithmetic on cpu, this model and prompt, gave a median of 0.06 and 90% of the
+    positions under 0.3, the largest 1.41, the same argmax at 76% of the positions); greedy
     tokens with CUDA graphs equal eager ones, and the first greedy token equals the bf16 model's for at
     least half the prompts. The startup log names what stays bf16 (kv_b_proj's absorbed copy)."""
     import logging

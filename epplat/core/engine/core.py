@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from typing import Optional
 
 import msgspec
@@ -76,26 +77,42 @@ class EngineCore:
         self.stat_log = StatLog(self.ps.dp_rank)
         self.num_prompt_tokens_computed = 0
         self.grammars = Grammars(cfg.model.tokenizer or cfg.model.model, self.runner.model_cfg.vocab_size)
+        self.compiling: dict[str, tuple[Request, Future]] = {}   # requests whose grammar is being compiled
 
     def add_request(self, er: EngineRequest) -> list[EngineOutput]:
-        """Queue a request; returns its output at once when it cannot run (its grammar did not compile)."""
+        """Queue a request (one with a grammar once it has compiled: ``poll_grammars``)."""
         self.num_received += 1
         self.client_of[er.request_id] = er.client_index
         req = Request(er)
         spec = er.params.structured_output
         if spec is not None:
-            try:
-                req.grammar = self.grammars.matcher(spec, sorted(req.eos_token_ids))
-            except Exception as e:        # the API server checked it parses; never let one request stop the engine
-                logger.error("request %s: its %s constraint did not compile: %s", er.request_id, spec.kind, e)
-                return [EngineOutput(er.request_id, [], finish_reason="abort", num_prompt_tokens=req.prompt_len)]
+            self.compiling[er.request_id] = (req, self.grammars.submit(spec, sorted(req.eos_token_ids)))
+            return []
         self.scheduler.add(req)
         return []
+
+    def poll_grammars(self) -> list[EngineOutput]:
+        """Between steps: requests whose grammar has compiled join the scheduler; one whose grammar did
+        not compile ends (abort), never the engine (the API server checked that it parses)."""
+        out = []
+        for rid, (req, compiled) in list(self.compiling.items()):
+            if not compiled.done():
+                continue
+            del self.compiling[rid]
+            try:
+                req.grammar = compiled.result()
+            except Exception as e:
+                logger.error("request %s: its %s constraint did not compile: %s", rid,
+                             req.params.structured_output.kind, e)
+                out.append(EngineOutput(rid, [], finish_reason="abort", num_prompt_tokens=req.prompt_len))
+                continue
+            self.scheduler.add(req)
+        return out
 
     def abort(self, request_ids: list[str]) -> list[EngineOutput]:
         out = []
         for rid in request_ids:
-            req = self.scheduler.abort(rid)
+            req = self.scheduler.abort(rid) or self.compiling.pop(rid, (None,))[0]
             if req is not None:
                 out.append(EngineOutput(rid, [], finish_reason="abort", num_prompt_tokens=req.prompt_len,
                                         times=req.times()))
@@ -105,8 +122,9 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def kv_pending(self) -> bool:
-        """Requests waiting on KV transfers (loads in flight, blocks held for another engine)."""
-        return self.scheduler.kv_pending()
+        """Requests waiting on KV transfers (loads in flight, blocks held for another engine) or on
+        their grammar's compile: the loop polls for their end."""
+        return self.scheduler.kv_pending() or bool(self.compiling)
 
     def poll_kv(self) -> None:
         """Between steps: hand the workers what the connector decided since the last step (this process's
@@ -220,7 +238,8 @@ class EngineCore:
     def stats(self) -> EngineStats:
         s = self.scheduler
         eplb = self.runner.eplb
-        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting), kv_usage=self.blocks.usage,
+        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting) + len(self.compiling),
+                           kv_usage=self.blocks.usage,
                            num_preemptions=s.num_preemptions, num_free_blocks=self.blocks.num_free,
                            num_total_blocks=self.num_blocks, num_requests_received=self.num_received,
                            eplb_balancedness=eplb.measured if eplb else -1.0,

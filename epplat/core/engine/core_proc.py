@@ -33,7 +33,7 @@ from epplat.config import ConfigError, EngineConfig
 from epplat.core.distributed.lifeline import die_with_parent
 from epplat.core.distributed.parallel_state import ParallelState, init_parallel
 from epplat.core.engine import protocol as P
-from epplat.core.engine.frame_auth import BadFrame, FrameAuth
+from epplat.core.engine.frame_auth import BadFrame, FrameAuth, listen
 from epplat.logs import setup_logging
 from epplat.plugins import PluginError, registry
 
@@ -210,7 +210,7 @@ class _DriverIO:
         self.in_flight: deque = deque()   # launched steps not yet completed (pipeline parallelism)
         for t in range(1, ps.pp_size * ps.tp_size):
             w = self.ctx.socket(zmq.PUSH)
-            w.bind(par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
+            listen(w, par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
             self.workers.append(w)
         core.tp_publish = self.publish if self.workers else None
         self.waves = ps.ep and ps.dp_size > 1
@@ -375,8 +375,8 @@ def _api_server_count(par, ps: ParallelState) -> int:
 def _wake_forwarder(ctx, pull_addr: str, pub_addr: str, auth: FrameAuth) -> None:
     """PULL -> PUB, forwarding authentic frames only (a stranger's are dropped, with the stranger)."""
     pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
-    pull.bind(pull_addr)
-    pub.bind(pub_addr)
+    listen(pull, pull_addr)
+    listen(pub, pub_addr)
     try:
         while True:
             frame = pull.recv(copy=False)
@@ -394,6 +394,7 @@ def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> No
     while True:
         io.poll(0 if core.has_work() or io.scale else _KV_POLL_MS if core.kv_pending() else _IDLE_POLL_MS)
         core.poll_kv()
+        io.send_outputs(core.poll_grammars())
         if not io.waves:
             if io.scale is not None:
                 if not _rescale(core, io, ps, watch):
@@ -439,6 +440,7 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
     gathered = [torch.zeros(3, dtype=torch.long) for _ in range(ps.dp_size)]
     while True:
         io.poll(0)
+        io.send_outputs(core.poll_grammars())
         has_work = core.has_work()
         batch = core.schedule() if has_work else []
         flags[0], flags[1] = int(has_work), sum(n for _, n in batch)

@@ -85,6 +85,8 @@ class Scheduler:
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
         if req is None:
+            if request_id in self.held:          # finished, its blocks held for a reader that will not come
+                self.connector.release(request_id)
             return None
         req.finish_reason = "abort"
         self.finish(req)

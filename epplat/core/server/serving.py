@@ -24,6 +24,7 @@ from epplat.core.server.chat_output import ChatOutputs
 from epplat.core.server.metrics import Metrics
 from epplat.core.server.structured import structured_output
 from epplat.core.server.tool_choice import check_tool_choice, tool_constraint
+from epplat.core.server.tokenizer import bad_words_token_ids
 from epplat.core.server.tokenizer_pool import TokenizerPool
 from epplat.core.server.protocol import (
     APIError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatLogProb,
@@ -101,7 +102,7 @@ class OpenAIServing:
                                               if isinstance(p, str) else list(p)))
                for p in prompts]
         ids = self._remote_prompt(req.kv_transfer_params) or ids
-        self._check_kv(req.kv_transfer_params)
+        self._check_kv(req.kv_transfer_params, req.n)
         base = self._base_id(raw)
         rid = f"cmpl-{base}"
         jobs = self._jobs(rid, ids, req.n, lambda plen: self._params(req, plen, req.max_tokens, req.logprobs),
@@ -179,7 +180,7 @@ class OpenAIServing:
         text = await self.render_chat(req)
         ids = self._check_ids(self._truncate(req, await self._encode(text, req.add_special_tokens, req)))
         ids = (self._remote_prompt(req.kv_transfer_params) or [ids])[0]
-        self._check_kv(req.kv_transfer_params)
+        self._check_kv(req.kv_transfer_params, req.n)
         base = self._base_id(raw)
         rid = f"{prefix}{base}"
         jobs = self._jobs(rid, [ids], req.n, lambda plen: self._params(req, plen, req.output_limit, req.num_logprobs),
@@ -247,13 +248,15 @@ class OpenAIServing:
 
     async def render_chat(self, req) -> str:
         """A chat request's (or /tokenize's) messages, and its tools, through the chat template, as text."""
-        messages = [_message(m) for m in req.messages]
-        tools = [t.model_dump(exclude_none=True) for t in getattr(req, "tools", None) or []] or None
+        options = {"add_generation_prompt": req.add_generation_prompt, "tokenize": False,
+                   **({"continue_final_message": True} if req.continue_final_message else {}),
+                   **self._template_options(req)}
+
+        def render():      # in a template thread, messages and tools and all (a request may carry 100,000s)
+            tools = [t.model_dump(exclude_none=True) for t in getattr(req, "tools", None) or []] or None
+            return self.tok.apply_chat_template([_message(m) for m in req.messages], tools=tools, **options)
         try:
-            return await self.pool.render(
-                self.tok.apply_chat_template, messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
-                tokenize=False, **({"continue_final_message": True} if req.continue_final_message else {}),
-                **self._template_options(req))
+            return await self.pool.render(render)
         except APIError:
             raise
         except Exception as e:
@@ -268,9 +271,13 @@ class OpenAIServing:
             raise APIError(400, f"a request with X-Request-Id {base!r} is already in flight")
         return base
 
-    def _check_kv(self, params: Optional[dict]) -> None:
+    def _check_kv(self, params: Optional[dict], n: int) -> None:
         """A decode call for KV computed elsewhere needs a connector here, else it would silently compute
-        from the (placeholder) prompt it carries."""
+        from the (placeholder) prompt it carries; a P/D-split request has one choice (one prefill's blocks
+        are held for, and read by, one decode request)."""
+        if params and (params.get("do_remote_prefill") or params.get("do_remote_decode")) and n > 1:
+            raise APIError(400, "n > 1 with a remote prefill or decode is not supported: one prefill's KV blocks "
+                                "are read by one decode request (send n separate requests)", "n")
         cfg = getattr(self.client, "cfg", None)
         if params and params.get("do_remote_prefill") and getattr(cfg, "kv_transfer", None) is None:
             raise APIError(400, "kv_transfer_params.do_remote_prefill needs a KV connector on this server "
@@ -394,15 +401,7 @@ class OpenAIServing:
         return out
 
     def _bad_words(self, words: list[str]) -> list[list[int]]:
-        """vLLM's tokenization of bad words: each word as written, and with a leading space when that is
-        a different token sequence of the same length."""
-        out: list[list[int]] = []
-        for word in words:
-            for prefix in ("", " "):
-                ids = self.tok.encode(prefix + word.lstrip(), add_special_tokens=False)
-                if ids and (not prefix or (ids[0] != out[-1][0] and len(ids) == len(out[-1]))):
-                    out.append(ids)
-        return [self._in_vocab(ids, "bad_words") for ids in out]
+        return [self._in_vocab(ids, "bad_words") for ids in bad_words_token_ids(self.tok, words)]
 
     def _parses_markers(self, req) -> bool:
         """The tool parser reads markers that may be special tokens: they stay in the text (as vLLM's)."""
@@ -524,6 +523,9 @@ class OpenAIServing:
         except Exception as e:
             logger.error("request %s failed: %s: %s", jobs[0].request_id.rsplit("-", 1)[0], type(e).__name__, e)
             raise public_error(e) from e
+        if any(c.kv_transfer_params for c in choices) and await raw.is_disconnected():
+            await self.client.release_kv([j.request_id for j in jobs])    # no decoder will read its blocks
+            raise APIError(499, "The client disconnected.")
         return choices
 
     @staticmethod

@@ -194,6 +194,9 @@ class Fp8BlockQuant(Fp8Checkpoint):
                 q2, s2 = quantize(moe.w2.data)
                 self._swap(moe, q13, q2, s13, s2)
             torch.cuda.empty_cache()
+            logger.info("--quantization fp8 on an unquantized checkpoint: the expert weights of %d MoE layers are "
+                        "quantized at load (128x128 blocks); the other linears stay %s", len(self._moe_layers(model)),
+                        str(model.embed_tokens.dtype).removeprefix("torch."))
             return
         absorbed = 0
         for module, param in set(self.linears.values()):
