@@ -97,15 +97,18 @@ def test_dp2_tp2_ep_with_experts_that_do_not_divide(v3_uneven_dir):
         assert needle in log, log
 
 
-def test_dp2_ep_naive_all2all_eplb_with_redundant_experts(v3_dir):
+def test_pp2_dp2_ep_naive_all2all_eplb_with_redundant_experts(v3_dir):
+    """PP=2 over 2 layers: stage 0 holds only the dense first layer (first_k_dense_replace=1), so it has no
+    experts to balance; stage 1's MoE layer is expert-parallel over the DP ranks and EPLB rebalances it."""
     cfg = {"window_size": 8, "step_interval": 8, "num_redundant_experts": 2}
-    with Server(str(v3_dir), "--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256", "--all2all-backend",
-                "naive", "--enable-eplb", "--eplb-config", json.dumps(cfg), "--served-model-name", "ds") as s:
+    with Server(str(v3_dir), "--dtype", "float32", "-pp", "2", "-dp", "2", "-ep", "--max-model-len", "256",
+                "--all2all-backend", "naive", "--enable-eplb", "--eplb-config", json.dumps(cfg),
+                "--served-model-name", "ds", timeout=300) as s:
         assert "EP rank 1/2 holds physical experts 5-9 of 10 (logical experts [5, 6, 7, 0, 1])" in s.output()
         want = expected(v3_dir)
         for _ in range(2):                       # a rebalance at step 8 in the first batch, more in the second
             assert complete(s.url, "ds", PROMPTS) == want
-        assert re.search(r"EPLB rebalance \d+ at step", s.output()), s.output()[-3000:]
+        assert re.search(r"EngineCore_DP0_PP1 [^\]]*\] EPLB rebalance \d+ at step", s.output()), s.output()[-3000:]
 
 
 def _dp2_ep_flags(port):

@@ -111,16 +111,20 @@ class ModelRunner:
         logger.info("Loading weights took %.2f seconds; model weights take %.4f GiB (%s, dtype %s, all2all %s)",
                     time.time() - t0, self.weight_bytes / (1 << 30), hf["architectures"][0],
                     str(self.dtype).removeprefix("torch."), backend_name)
-        if ps.ep and not redundant:
+        moe_layers = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, FusedMoE)]
+        if ps.ep and not moe_layers:               # a pipeline stage of dense layers only (first_k_dense_replace)
+            logger.info("Expert placement: pipeline stage %d holds no MoE layers", ps.pp_rank)
+        elif ps.ep and not redundant:
             logger.info("Expert placement: EP rank %d/%d holds experts %d-%d of %d; resident expert bytes "
                         "%d of %d (1/%d)", ps.ep_rank, ps.ep_size, emap.local_ids.start, emap.local_ids.stop - 1,
                         emap.num_experts, self.expert_bytes(), self.expert_bytes() * ps.ep_size, ps.ep_size)
         elif ps.ep:
-            first = next(layer.mlp for layer in self.model.layers if isinstance(layer.mlp, FusedMoE))
+            first = moe_layers[0]
             logger.info("Expert placement: EP rank %d/%d holds physical experts %d-%d of %d (logical experts %s); "
                         "resident expert bytes %d", ps.ep_rank, ps.ep_size, emap.local_ids.start,
                         emap.local_ids.stop - 1, emap.num_physical, first.local_logical_ids(), self.expert_bytes())
-        self.eplb = self._eplb_state(emap) if par.enable_eplb else None
+        # EPLB balances each stage's experts over its own EP group: a stage with no MoE layers has none
+        self.eplb = self._eplb_state(emap) if par.enable_eplb and moe_layers else None
         runner = "eager" if cfg.enforce_eager else platform.default_graph_runner
         self.stage = None
         if ps.pp_size > 1:
