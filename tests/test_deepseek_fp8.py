@@ -46,12 +46,14 @@ def test_make_model_writes_deepseek_v3_fp8_layout(fp8_dirs):
 
 def test_fp8_checkpoint_on_cpu_matches_transformers_on_the_dequantized_copy(fp8_dirs):
     d, deq = fp8_dirs
-    with Server(str(d), "--quantization", "fp8", "--dtype", "float32", "--max-model-len", "256",
+    with Server(str(d), "--quantization", "fp8", "--dtype", "float32", "-pp", "2", "--max-model-len", "256",
                 "--max-num-batched-tokens", "32", "--served-model-name", "ds") as s:
         assert complete(s.url, "ds", PROMPTS) == expected(deq)
-        # 2 layers: 5 attention linears each, a dense MLP (3), 8 experts and a shared one (27)
-        assert "--quantization fp8 on cpu: the checkpoint's 40 fp8 weights (128x128 block scales) are dequantized " \
-               "to float32 at load" in s.output(), s.output()
+        # 2 layers over 2 pipeline stages: 5 attention linears each, stage 0 a dense MLP (3), stage 1 8 experts
+        # and a shared one (27)
+        for n in (8, 32):
+            assert f"--quantization fp8 on cpu: the checkpoint's {n} fp8 weights (128x128 block scales) are " \
+                   "dequantized to float32 at load" in s.output(), s.output()
 
 
 def test_checkpoints_fp8_cannot_serve_are_one_line(fp8_dirs, tmp_path):

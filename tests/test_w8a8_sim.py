@@ -207,7 +207,9 @@ def test_w8a8_checkpoint_serves_the_reference_tokens_with_dp2_ep(w8a8_dir, tmp_p
         single = _complete(s.url, str(w8a8_dir))
         log1 = s.output()
     assert single == ref
-    with Server(*base, "-dp", "2", "-ep", "--additional-config", '{"enable_weight_nz_layout": true}', env=SIM_ENV) as s:
+    # PP=2: stage 0 holds the dense layer 0 (no experts), stage 1 the MoE layer 1, expert-parallel over DP=2
+    with Server(*base, "-pp", "2", "-dp", "2", "-ep", "--additional-config", '{"enable_weight_nz_layout": true}',
+                env=SIM_ENV, timeout=300) as s:
         assert _complete(s.url, str(w8a8_dir)) == single
         log2 = s.output()
     assert all(t for t in single)

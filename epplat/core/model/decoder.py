@@ -231,7 +231,7 @@ class MoEForCausalLM(nn.Module):
                  kernels: Kernels = TORCH):
         """``kernels``: the platform's record (epplat.core.ops), handed to every layer."""
         super().__init__()
-        self.cfg, self.kernels = cfg, kernels
+        self.cfg, self.kernels, self.dtype = cfg, kernels, dtype     # dtype: a later stage has no embed_tokens
         ps = ps or ParallelState()
         # a pipeline stage holds its layers; the first also the embedding and lm_head (the driver samples), the
         # last the final norm (epplat.core.distributed.pipeline)

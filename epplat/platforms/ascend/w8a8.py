@@ -91,12 +91,12 @@ class AscendW8A8(QuantMethod):
     # -- building the model ---------------------------------------------------------------------------
     def _moe_layers(self, model):
         from epplat.core.moe.layer import FusedMoE
-        for i, layer in enumerate(model.layers):
+        for i, layer in enumerate(model.layers, model.start):     # a pipeline stage holds layers start..end-1
             if isinstance(layer.mlp, FusedMoE) and f"layers.{i}.mlp.experts.0.gate" in self.quantized:
                 yield i, layer.mlp
 
     def process_model(self, model) -> None:
-        dtype = model.embed_tokens.dtype
+        dtype = model.dtype
         if dtype not in (torch.bfloat16, torch.float16):
             # npu_dynamic_quant takes float16/bfloat16 only and npu_quant_matmul has no float32 output
             raise ConfigError(f"--quantization ascend computes in bfloat16 or float16 (torch_npu's int8 ops take no "
@@ -136,7 +136,9 @@ class AscendW8A8(QuantMethod):
                 attr, param, _ = _PROJ[proj]
                 groups.setdefault((int(m.group(1)), attr, param), []).append(proj)
         for (i, attr, param), projs in sorted(groups.items()):
-            module = getattr(model.layers[i], attr) if i < len(model.layers) else None
+            if model._layer_at(i) is None and i < model.cfg.num_layers:
+                continue                                    # another pipeline stage's layer
+            module = getattr(model._layer_at(i), attr, None)
             if module is None or not hasattr(module, param):
                 raise ConfigError(f"{DESCRIPTION}: layer {i} has no {'dense MLP' if attr == 'mlp' else attr} for "
                                   f"its {SCHEME} {projs[0]}_proj")
@@ -158,7 +160,9 @@ class AscendW8A8(QuantMethod):
         if _LINEAR.match(name):
             return self._load_linear(model, name, tensor)
         layer, expert, proj, suffix = _EXPERT.match(name).groups()
-        moe = model.layers[int(layer)].mlp
+        if model._layer_at(int(layer)) is None:
+            return False                                    # another pipeline stage's layer
+        moe = model._layer_at(int(layer)).mlp
         if not suffix:
             if tensor.dtype != torch.int8:
                 raise ValueError(f"{DESCRIPTION} says {SCHEME} but the tensor is {tensor.dtype}, not int8")
@@ -185,7 +189,9 @@ class AscendW8A8(QuantMethod):
 
     def _load_linear(self, model, name: str, tensor: torch.Tensor) -> bool:
         m = _LINEAR.match(name)
-        layer, proj, suffix = model.layers[int(m.group(1))], m.group(3) or m.group(4), m.group(5)
+        layer, proj, suffix = model._layer_at(int(m.group(1))), m.group(3) or m.group(4), m.group(5)
+        if layer is None:
+            return False                                    # another pipeline stage's layer
         attr, param, column = _PROJ[proj]
         module = getattr(layer, attr)
         if not suffix:
@@ -212,7 +218,8 @@ class AscendW8A8(QuantMethod):
     def required_names(self, model) -> set[str]:
         experts = {f"layers.{i}.mlp.experts.{e}.{p}.weight_scale" for i, moe in self._moe_layers(model)
                    for e in set(moe.local_logical_ids()) for p in ("gate", "up", "down")}
-        return experts | {n + ".weight_scale" for n in self.quantized if _LINEAR.match(n)}
+        return experts | {n + ".weight_scale" for n in self.quantized
+                          if _LINEAR.match(n) and model._layer_at(int(_LINEAR.match(n).group(1))) is not None}
 
     def after_loading(self, model) -> None:
         from epplat.platforms.ascend.ascend_config import current

@@ -27,10 +27,10 @@ class Fp8Dequantize(Fp8Checkpoint):
 
     def load_pair(self, model, name, weight, scale) -> bool:
         self.count += 1
-        return model.load_weight(name, dequantize_blocks(weight, scale, self.block, model.embed_tokens.dtype))
+        return model.load_weight(name, dequantize_blocks(weight, scale, self.block, model.dtype))
 
     def after_loading(self, model) -> None:
         super().after_loading(model)
         logger.info("--quantization fp8 on cpu: the checkpoint's %d fp8 weights (%dx%d block scales) are dequantized "
                     "to %s at load; cpu has no fp8 GEMM", self.count, self.block, self.block,
-                    str(model.embed_tokens.dtype).removeprefix("torch."))
+                    str(model.dtype).removeprefix("torch."))

@@ -105,8 +105,8 @@ class Fp8BlockQuant(Fp8Checkpoint):
         return module, param
 
     def process_model(self, model) -> None:
-        if model.embed_tokens.dtype != torch.bfloat16:
-            raise ConfigError(f"--quantization fp8 runs with --dtype bfloat16, not {model.embed_tokens.dtype}")
+        if model.dtype != torch.bfloat16:
+            raise ConfigError(f"--quantization fp8 runs with --dtype bfloat16, not {model.dtype}")
         for moe in self._moe_layers(model):
             hidden, inter = moe.w13.shape[1], moe.intermediate
             if hidden % 128 or inter % 128:
@@ -196,7 +196,7 @@ class Fp8BlockQuant(Fp8Checkpoint):
             torch.cuda.empty_cache()
             logger.info("--quantization fp8 on an unquantized checkpoint: the expert weights of %d MoE layers are "
                         "quantized at load (128x128 blocks); the other linears stay %s", len(self._moe_layers(model)),
-                        str(model.embed_tokens.dtype).removeprefix("torch."))
+                        str(model.dtype).removeprefix("torch."))
             return
         absorbed = 0
         for module, param in set(self.linears.values()):
