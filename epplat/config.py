@@ -235,10 +235,9 @@ class ParallelConfig(msgspec.Struct):
     def _check_elastic(self) -> None:
         if not self.enable_expert_parallel:
             raise ConfigError("--enable-elastic-ep scales expert-parallel DP ranks: add --enable-expert-parallel")
-        if not self.single_node or self.api_server_count != 1 or self.tensor_parallel_size != 1:
-            raise ConfigError("--enable-elastic-ep runs on one node with one API server and "
-                              "--tensor-parallel-size 1 for now: drop --data-parallel-rank, --headless, "
-                              "--data-parallel-size-local, --api-server-count and --tensor-parallel-size")
+        if not self.single_node or self.api_server_count != 1:
+            raise ConfigError("--enable-elastic-ep runs on one node with one API server for now: drop "
+                              "--data-parallel-rank, --headless, --data-parallel-size-local and --api-server-count")
 
     @property
     def single_node(self) -> bool:

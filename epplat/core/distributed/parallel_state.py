@@ -38,6 +38,7 @@ class ParallelState:
     tp_cpu_group: Optional[object] = None  # gloo twin of tp_group for small CPU tensors (control)
     dp_group: Optional[object] = None      # gloo group of the drivers (tp_rank 0) of every DP rank
     world_group: Optional[object] = None
+    world_cpu_group: Optional[object] = None   # gloo twin of world_group (elastic EP's control tensors)
 
     @property
     def is_driver(self) -> bool:
@@ -97,6 +98,8 @@ def make_groups(st: ParallelState, timeout) -> None:
             st.tp_group, st.tp_cpu_group = g, cpu
     drivers = dist.new_group([d * tp for d in range(dp)], backend="gloo", timeout=timeout)
     st.dp_group = drivers if st.is_driver else None
+    st.world_cpu_group = (dist.new_group(list(range(st.world_size)), backend="gloo", timeout=timeout)
+                          if tp > 1 else drivers)
     if tp == 1:
         st.tp_group = st.tp_cpu_group = None
     logger.info("rank %d/%d: DP rank %d, TP rank %d, EP %s", st.rank, st.world_size, st.dp_rank, st.tp_rank,

@@ -34,7 +34,8 @@ def init_kv_cache(runner: ModelRunner, cfg: EngineConfig, ps: ParallelState) -> 
         raise ConfigError(f"--max-model-len {max_model_len} is larger than the model's "
                           f"max_position_embeddings ({hf_max})")
     num_blocks = runner.num_blocks_from_memory(max_model_len)
-    if ps.tp_size > 1:
+    if ps.tp_size > 1 and not cfg.cache.num_gpu_blocks_override:   # given: the same on every process (elastic
+        # EP's new ranks get it, and have no TP group before they join the world)
         t = torch.tensor([num_blocks])
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ps.tp_cpu_group)
         num_blocks = int(t)
