@@ -9,8 +9,11 @@ per batch size, eager and with CUDA graphs. The roofline is the bytes a step mus
 weight but the routed experts and the embedding table; the routed experts the batch hits,
 expected count under uniform routing; the batch's embedding rows; the latent cache: 576
 values per token and layer) over the device-to-device copy bandwidth of the same run.
+``--fp8`` serves it as ``--quantization fp8`` serves DeepSeek-V3's fp8 checkpoint: every linear of
+the attention and the MLPs and every expert in float8_e4m3 with 128x128 block scales (kv_b_proj's
+bf16 copy for the absorbed decode too); the roofline counts those bytes.
 
-    python benchmarks/deepseek_decode_roofline.py --batch 1 64 256 --context 512
+    python benchmarks/deepseek_decode_roofline.py --batch 1 64 256 --context 512 [--fp8]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main():
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--profile", type=int, nargs="*", default=[])
+    p.add_argument("--fp8", action="store_true", help="linears and experts in fp8, 128x128 block scales")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     hf = dict(SHAPES[a.shape], max_position_embeddings=a.context + 64)
@@ -54,6 +58,8 @@ def main():
     g = torch.Generator(device=dev).manual_seed(0)
     for prm in model.parameters():
         prm.data.normal_(0, 0.02, generator=g) if prm.dim() > 1 else prm.data.fill_(1.0)
+    if a.fp8:
+        to_fp8(model)
     blocks_per_seq = -(-(a.context + 1) // a.block_size)
     nblocks = max(a.batch) * blocks_per_seq
     for attn in model.kv_layers():
@@ -63,10 +69,13 @@ def main():
     a.vocab = cfg.vocab_size
     bw = copy_bandwidth(dev)
     routed = [n for n, _ in model.named_parameters() if ".mlp.w13" in n or ".mlp.w2" in n]
-    dense = sum(prm.numel() for n, prm in model.named_parameters()
-                if n not in routed and n != "embed_tokens") * elt
+    # a decode step reads kv_b_proj's absorbed bf16 copy where fp8 keeps one, not the fp8 weight (prefill's)
+    absorbed = [attn.w_kv_b for attn in model.kv_layers() if attn.w_kv_b is not None]
+    dense = sum(prm.numel() * prm.element_size() for n, prm in model.named_parameters()
+                if n not in routed and n != "embed_tokens" and not (absorbed and "kv_b_proj" in n))
+    dense += sum(w.numel() * w.element_size() for w in absorbed)
     moe_layers = cfg.num_layers - len(cfg.dense_layers)
-    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * elt
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * ((1 + 4 / 128 ** 2) if a.fp8 else elt)
     runner = CudaGraphRunner(model, dev)
     runner.capture(a.batch, blocks_per_seq, nblocks, (nblocks + 1) * a.block_size)
     times = step_times(model, runner, a, dev, nblocks, blocks_per_seq, a.profile)
@@ -81,7 +90,8 @@ def main():
                      "bytes": need, "kv_bytes": kv, "graph_frac_of_roofline": roof / graph})
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s (read+write); {a.shape} shape, "
           f"{cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k} + {cfg.n_shared_experts} shared, "
-          f"MLA latent {cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}, context {a.context}, bf16")
+          f"MLA latent {cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}, context {a.context}, "
+          + ("fp8 linears and experts (128x128 blocks), bf16 activations and KV cache" if a.fp8 else "bf16"))
     print(f"{'batch':>6}{'GB read':>9}{'of it KV':>9}{'roofline':>10}{'eager':>10}{'graphs':>10}{'graphs/roof':>13}")
     for r in rows:
         print(f"{r['batch']:>6}{r['bytes'] / 1e9:>9.2f}{r['kv_bytes'] / 1e9:>9.2f}{r['roofline_ms']:>8.2f}ms"
@@ -89,6 +99,28 @@ def main():
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"args": vars(a), "copy_bw": bw, "rows": rows}, f, indent=2)
+
+
+def to_fp8(model) -> None:
+    """Every linear of the attention and the MLPs and every expert in fp8 with 128x128 block scales, as
+    --quantization fp8 loads DeepSeek-V3's fp8 checkpoint (kv_b_proj's bf16 copy kept for the absorbed decode)."""
+    from epplat.core.model.decoder import Projections
+    from epplat.core.model.fp8_blocks import quantize_blocks
+    from epplat.core.model.mla import MLAttention
+    from epplat.core.moe.layer import FusedMoE
+    from epplat.platforms.cuda.fp8 import Fp8BlockQuant, make_fp8_linear
+    from epplat.platforms.cuda.fp8_moe import quantize
+    for module in list(model.modules()):
+        if isinstance(module, Projections):
+            for name, prm in list(module.named_parameters(recurse=False)):
+                if prm.dim() == 2:
+                    if isinstance(module, MLAttention) and name == "kv_b_proj":
+                        module.w_kv_b = prm.data
+                    make_fp8_linear(module, name, *quantize_blocks(prm.data))
+        elif isinstance(module, FusedMoE):
+            (q13, s13), (q2, s2) = quantize(module.w13.data), quantize(module.w2.data)
+            Fp8BlockQuant._swap(module, q13, q2, s13, s2)
+    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
 # Stages: tests decode decode-fp8 moe prefill sampler serve serve-fp8 serve-prefill serve-decode
-#         deepseek-decode serve-deepseek
+#         deepseek-decode deepseek-decode-fp8 serve-deepseek
 # (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA").
 set -u
@@ -18,7 +18,7 @@ stages=${*:-tests decode moe}
 for s in $stages; do
   echo "=== $s"; t0=$(date +%s)
   case $s in
-    tests)  python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -s 2>&1 | tee "$OUT/tests.log" | grep -E "^(PASSED|FAILED|ERROR)|fp8 logits|passed|failed"  ;;
+    tests)  python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -s 2>&1 | tee "$OUT/tests.log" | grep -E "^(PASSED|FAILED|ERROR)|fp8 logits|fp8 greedy|passed|failed"  ;;
     decode) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --profile 1 64 --compare-torch --out "$OUT/decode.json" 2>&1 \
               | tee "$OUT/decode.log" | tail -80 ;;
     decode-fp8) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --fp8 2>&1 \
@@ -37,6 +37,9 @@ for s in $stages; do
               --out "$OUT/$s${SERVE_TAG:-}.json" 2>&1 | tee "$OUT/$s${SERVE_TAG:-}.log" | tail -5 ;;
     deepseek-decode) python3 benchmarks/deepseek_decode_roofline.py --batch 1 64 256 --profile 64 \
               --out "$OUT/deepseek_decode.json" 2>&1 | tee "$OUT/deepseek_decode.log" | tail -40 ;;
+    deepseek-decode-fp8)   # the same step as deepseek-decode with every linear and expert in fp8 (run both to compare)
+            python3 benchmarks/deepseek_decode_roofline.py --batch 1 64 256 --fp8 \
+              --out "$OUT/deepseek_decode_fp8.json" 2>&1 | tee "$OUT/deepseek_decode_fp8.log" | tail -12 ;;
     serve-deepseek)   # DeepSeek-V2-Lite's shapes with DS_LAYERS layers (first dense), decode-heavy load
             m=/tmp/serve_ds; [ -d $m ] || epplat make-model deepseek_v2 $m --layers ${DS_LAYERS:-4} --hidden 2048 \
               --heads 16 --head-dim 128 --q-lora-rank 0 --kv-lora-rank 512 --rope-head-dim 64 --experts 64 --top-k 6 \

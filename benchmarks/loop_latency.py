@@ -3,9 +3,13 @@ detokenization, stream writing or the parsing of a large body.
 
 Starts `epplat serve` on a random-weight Qwen3-MoE (single engine), polls /health every
 20 ms on one kept-alive connection, and reports its latency (p50 / p99 / max, in ms) in
-three phases: idle; while --streams concurrent streams of --tokens tokens each run; while
+four phases: idle; while --streams concurrent streams of --tokens tokens each run; while
 a --body-mib MiB request body (a prompt of token ids, parsed and then refused as too long)
-is sent --bodies times in a row. Also prints how many tokens per second the streams got.
+is sent --bodies times in a row; while --bodies valid bodies of --body-mib MiB alternate
+(a /detokenize of token ids, answered with their text, and a completion whose prompt is one
+long text, tokenized and refused as over the context), each posted from a child process so
+that reading a large answer takes no GIL from the probe. Also prints how many tokens per
+second the streams got.
 
     python benchmarks/loop_latency.py --streams 64 --tokens 400 --out loop_latency.json
 """
@@ -18,6 +22,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -87,12 +92,27 @@ def big_bodies(url: str, mib: float, times: int) -> list:
     return codes
 
 
+def valid_bodies(url: str, mib: float, times: int, tmp: Path) -> list:
+    n = int(mib * (1 << 20))
+    (tmp / "detokenize.json").write_bytes(b'{"tokens": [' + b",".join([b"1234"] * (n // 5)) + b"]}")
+    (tmp / "completion.json").write_bytes(b'{"prompt": "' + b"experts route tokens " * (n // 21) + b'", "max_tokens": 1}')
+    code = ("import httpx, sys; r = httpx.post(sys.argv[1], content=open(sys.argv[2], 'rb').read(), "
+            "headers={'content-type': 'application/json'}, timeout=300); print(r.status_code)")
+    codes = []
+    for i in range(times):
+        path, name = (("/detokenize", "detokenize.json"), ("/v1/completions", "completion.json"))[i % 2]
+        out = subprocess.run([sys.executable, "-c", code, url + path, str(tmp / name)], capture_output=True, text=True)
+        codes.append(f"{path} {out.stdout.strip() or out.stderr[-200:]}")
+    return codes
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=400)
     ap.add_argument("--body-mib", type=float, default=12)
     ap.add_argument("--bodies", type=int, default=5)
+    ap.add_argument("--valid-bodies", type=int, default=4)
     ap.add_argument("--serve-args", default="", help="more flags for epplat serve")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -109,6 +129,8 @@ def main() -> int:
         result["streams"] = {**summary(probe.take()), "chunks": n_chunks, "tokens_per_s": round(n_chunks / secs)}
         codes = big_bodies(url, args.body_mib, args.bodies)
         result["big_bodies"] = {**summary(probe.take()), "status": sorted(set(codes))}
+        codes = valid_bodies(url, args.body_mib, args.valid_bodies, tmp)
+        result["valid_bodies"] = {**summary(probe.take()), "status": sorted(set(codes))}
         probe.running.clear()
         probe.join()
         result["health_failures"] = probe.failures

@@ -5,6 +5,7 @@
 __version__ = "0.1.0"
 
 _OFFLINE = {"LLM": "epplat.offline.llm", "SamplingParams": "epplat.offline.sampling_params",
+            "StructuredOutputsParams": "epplat.offline.sampling_params",
             "RequestOutput": "epplat.offline.outputs", "CompletionOutput": "epplat.offline.outputs"}
 
 

@@ -172,11 +172,12 @@ class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True):
 class ParallelConfig(msgspec.Struct):
     """The parallel layout, with vLLM's flag names.
 
-    World ranks are ``dp_rank * tensor_parallel_size + tp_rank``. ``data_parallel_rank``
+    World ranks are ``(dp_rank * pipeline_parallel_size + pp_rank) * tensor_parallel_size + tp_rank``. ``data_parallel_rank``
     is set in external load-balancing mode (one ``epplat serve`` per DP rank).
     """
 
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1       # --pipeline-parallel-size: layers split over this many stages
     data_parallel_size: int = 1
     data_parallel_size_local: Optional[int] = None
     data_parallel_start_rank: int = 0
@@ -235,9 +236,10 @@ class ParallelConfig(msgspec.Struct):
     def _check_elastic(self) -> None:
         if not self.enable_expert_parallel:
             raise ConfigError("--enable-elastic-ep scales expert-parallel DP ranks: add --enable-expert-parallel")
-        if not self.single_node or self.api_server_count != 1:
-            raise ConfigError("--enable-elastic-ep runs on one node with one API server for now: drop "
-                              "--data-parallel-rank, --headless, --data-parallel-size-local and --api-server-count")
+        if not self.single_node or self.api_server_count != 1 or self.pipeline_parallel_size != 1:
+            raise ConfigError("--enable-elastic-ep runs on one node with one API server and "
+                              "--pipeline-parallel-size 1 for now: drop --data-parallel-rank, --headless, "
+                              "--data-parallel-size-local, --api-server-count and --pipeline-parallel-size")
 
     @property
     def single_node(self) -> bool:
@@ -247,7 +249,12 @@ class ParallelConfig(msgspec.Struct):
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel_size * self.data_parallel_size
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    @property
+    def ranks_per_dp(self) -> int:
+        """Engine processes of one DP rank (every stage's TP ranks)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def external_lb(self) -> bool:
@@ -280,9 +287,9 @@ class ParallelConfig(msgspec.Struct):
         """The file store on a single node; None: a TCPStore at (address, rpc port) (parallel_state.py)."""
         return f"file://{self.ipc_dir}/store" if self.ipc_dir else None
 
-    def plan_endpoint(self, dp_rank: int, tp_rank: int, run_dir: str) -> str:
-        """Where a DP rank's driver sends each step to its TP worker `tp_rank` (same node)."""
-        return f"ipc://{run_dir}/dp{dp_rank}-tp{tp_rank}-{self.data_parallel_rpc_port}"
+    def plan_endpoint(self, dp_rank: int, local_rank: int, run_dir: str) -> str:
+        """Where a DP rank's driver sends each step to its worker `local_rank` (pp_rank * TP + tp_rank; same node)."""
+        return f"ipc://{run_dir}/dp{dp_rank}-tp{local_rank}-{self.data_parallel_rpc_port}"
 
 
 class SchedulerConfig(msgspec.Struct):
@@ -331,6 +338,9 @@ class EngineConfig(msgspec.Struct):
             raise ConfigError(f"model {model!r} is not a local directory (epplat loads local Hugging Face "
                               "checkpoints; nothing is downloaded at run time)")
         hf = self.model.hf_config()
+        if self.model.quantization is None and (hf.get("quantization_config") or {}).get("quant_method") == "fp8":
+            self.model.quantization = "fp8"      # as vLLM: without --quantization the checkpoint's config picks it
+            reg.get("quantization", "fp8", self.platform)
         from epplat.core.model.registry import architecture
         try:
             mc = architecture(hf).parse_config(hf)
@@ -342,6 +352,9 @@ class EngineConfig(msgspec.Struct):
             raise ConfigError(f"--max-num-batched-tokens ({batched}) is smaller than --max-model-len ({max_len}); "
                               "enable chunked prefill or raise it")
         check_layout(mc, par)
+        if par.pipeline_parallel_size > 1 and (self.speculative or self.kv_transfer):
+            raise ConfigError("--pipeline-parallel-size > 1 does not run with --speculative-config or "
+                              "--kv-transfer-config yet")
         if par.enable_elastic_ep and (self.speculative or self.kv_transfer):
             raise ConfigError("--enable-elastic-ep does not run with --speculative-config or --kv-transfer-config yet")
         if self.speculative is not None:
@@ -372,7 +385,10 @@ def check_speculative(spec: SpeculativeConfig, hf: dict, model: str) -> None:
 
 def check_layout(mc, par: ParallelConfig) -> None:
     """The one place that says whether a model (its parsed DecoderConfig) splits over a layout."""
-    tp, world = par.tensor_parallel_size, par.world_size
+    tp, world = par.tensor_parallel_size, par.tensor_parallel_size * par.data_parallel_size   # EP: within a stage
+    if par.pipeline_parallel_size > 1:
+        from epplat.core.distributed.pipeline import layer_partition
+        layer_partition(mc.num_layers, par.pipeline_parallel_size)
     if mc.num_heads % tp or (mc.num_kv_heads % tp and tp % mc.num_kv_heads):
         raise ConfigError(f"{mc.num_heads} attention heads / {mc.num_kv_heads} KV heads do not divide over "
                           f"--tensor-parallel-size {tp}")

@@ -40,6 +40,8 @@ KINDS = {
     "quantization": Kind("epplat_quantization_methods", "--quantization", "quantization methods"),
     "kv_connector": Kind("epplat_kv_connectors", "kv_connector", "KV connectors"),
     "eplb_policy": Kind("epplat_eplb_policies", "eplb policy", "EPLB policies"),
+    "tool_parser": Kind("epplat_tool_parsers", "--tool-call-parser", "tool-call parsers"),
+    "reasoning_parser": Kind("epplat_reasoning_parsers", "--reasoning-parser", "reasoning parsers"),
 }
 
 
@@ -132,6 +134,25 @@ def epplat_eplb_policies() -> list[Registration]:
     derives the routing tables from it and moves only the experts whose slot changes.
     A policy that declares a keyword ``old_phy2log`` also gets the current placement,
     to weigh migration cost. It runs on EP rank 0, whose result every rank adopts.
+    """
+
+
+@hookspec
+def epplat_tool_parsers() -> list[Registration]:
+    """Tool-call formats (``--tool-call-parser NAME``).
+
+    ``load()`` returns a subclass of ``epplat.core.server.tool_parsers.base.ToolParser``: where a
+    model's tool calls begin in its answer and the complete calls from there on.
+    """
+
+
+@hookspec
+def epplat_reasoning_parsers() -> list[Registration]:
+    """Reasoning formats (``--reasoning-parser NAME``).
+
+    ``load()`` returns a factory of an object with ``split(text) -> (reasoning, content)`` and
+    ``stream()`` (an object whose ``feed(delta, final)`` returns the deltas of both), as
+    ``epplat.core.server.reasoning_parsers.ThinkParser``.
     """
 
 

@@ -114,6 +114,8 @@ def add_cli(sub) -> None:
     p.add_argument("--platform", default="auto", help="auto, cpu, cuda, ascend or a plugin's platform")
     par = p.add_argument_group("parallelism (vLLM's flags)")
     par.add_argument("--tensor-parallel-size", "-tp", type=_int_range(1), default=1)
+    par.add_argument("--pipeline-parallel-size", "-pp", type=_int_range(1), default=1,
+                     help="layers split over this many stages (EPPLAT_PP_LAYER_PARTITION=3,2 sets the split)")
     par.add_argument("--data-parallel-size", "-dp", type=_int_range(1), default=_env_int("DP_SIZE", 1))
     par.add_argument("--data-parallel-size-local", "-dpl", type=_int_range(1), default=None,
                      help="DP ranks started on this node (default: all from the start rank)")
@@ -172,6 +174,11 @@ def add_cli(sub) -> None:
     rel.add_argument("--tokenizer", default=None, help="a tokenizer folder other than the model's")
     rel.add_argument("--max-logprobs", type=_int_range(0), default=20,
                      help="most logprobs (and prompt_logprobs) a request may ask for per token")
+    rel.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help="vLLM's: tool_choice auto (the model decides to call tools), read by --tool-call-parser")
+    rel.add_argument("--tool-call-parser", default=None, help="the model's tool-call format (epplat plugins lists them)")
+    rel.add_argument("--reasoning-parser", default=None,
+                     help="splits reasoning_content from content (qwen3, deepseek_r1; epplat plugins lists them)")
     rel.add_argument("--forwarded-allow-ips", default=None,
                      help="comma-separated addresses (or *) of proxies whose X-Forwarded-For/-Proto headers "
                           "are believed; none by default")
@@ -226,7 +233,8 @@ def parallel_config_from_args(args) -> ParallelConfig:
         internal_secret=args.internal_secret or _env("INTERNAL_SECRET", ""),
         distributed_timeout_seconds=args.distributed_timeout_seconds,
         engine_iteration_timeout_s=_env_float("ENGINE_ITERATION_TIMEOUT_S", 60.0),
-        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
         data_parallel_size_local=args.data_parallel_size_local, data_parallel_start_rank=args.data_parallel_start_rank,
         data_parallel_rank=args.data_parallel_rank, data_parallel_address=args.data_parallel_address,
         data_parallel_rpc_port=args.data_parallel_rpc_port or 29550, api_server_count=args.api_server_count,
@@ -273,6 +281,7 @@ def _serve(args, cfg: EngineConfig) -> int:
     from epplat.core.server.tokenizer import load_tokenizer
     from epplat.core.server.app import bind_http_socket
     from epplat.core.server.model_defaults import load_chat_template, sampling_defaults
+    from epplat.core.server.chat_output import chat_parsers
     par = cfg.parallel
     stop = _StopSignals()
     http = None
@@ -282,13 +291,14 @@ def _serve(args, cfg: EngineConfig) -> int:
             if args.chat_template is not None:
                 load_chat_template(args.chat_template)
             sampling_defaults(cfg.model.model, args.generation_config)
+            chat_parsers(args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser)
             # the port is taken before the model loads, so a clash is reported at once
             http = bind_http_socket(args.host, args.port, reuse_port=par.api_server_count > 1)
-        except (ConfigError, OSError) as e:
+        except (ConfigError, PluginError, OSError) as e:
             print(f"epplat serve: error: {e}", file=sys.stderr)
             return 1
-    logger.info("epplat %s serving %s on platform %s (TP=%d, DP=%d%s)", _version(), cfg.model.model, cfg.platform,
-                par.tensor_parallel_size, par.data_parallel_size, ", EP" if par.enable_expert_parallel else "")
+    logger.info("epplat %s serving %s on platform %s (TP=%d, PP=%d, DP=%d%s)", _version(), cfg.model.model,
+                cfg.platform, par.tensor_parallel_size, par.pipeline_parallel_size, par.data_parallel_size, ", EP" if par.enable_expert_parallel else "")
     if par.ipc_dir:
         logger.info("internal sockets in %s", par.ipc_dir)
     try:
@@ -326,7 +336,9 @@ def _server_opts(args) -> dict:
             "tokenizer_pool_size": args.tokenizer_pool_size, "max_choices": args.max_choices_per_request,
             "trust_request_chat_template": args.trust_request_chat_template,
             "forwarded_allow_ips": args.forwarded_allow_ips, "generation_config": args.generation_config,
-            "chat_template": args.chat_template, "tokenizer": args.tokenizer, "max_logprobs": args.max_logprobs}
+            "chat_template": args.chat_template, "tokenizer": args.tokenizer, "max_logprobs": args.max_logprobs,
+            "enable_auto_tool_choice": args.enable_auto_tool_choice, "tool_call_parser": args.tool_call_parser,
+            "reasoning_parser": args.reasoning_parser}
 
 
 def _wait(procs, servers, grace: float = 10.0) -> int:

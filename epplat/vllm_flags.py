@@ -2,7 +2,7 @@
 
 Each flag is accepted when its value changes nothing about what is served (one info line says
 how epplat reads it) and refused with one line naming the unsupported value when it would; nothing
-that a later piece of work implements (pipeline parallelism, Ray, dual batch overlap, tool calling,
+that a later piece of work implements (Ray, dual batch overlap, tool calling,
 fp8 KV cache...) is faked here."""
 
 from __future__ import annotations
@@ -46,8 +46,6 @@ def _never(_v, _args) -> bool:
 FLAGS = (
     Flag(("--trust-remote-code",), bool, _always, "epplat runs its own implementation of the architectures it "
          "serves (no checkpoint code is run)", ""),
-    Flag(("--pipeline-parallel-size", "-pp"), int, _is(1), "one pipeline stage",
-         "pipeline parallelism is not implemented in epplat (use -tp / -dp)"),
     Flag(("--distributed-executor-backend",), str, _is("mp", "uni"), "epplat runs its workers as processes",
          "only the multiprocessing backend (mp) exists in epplat; Ray is not implemented"),
     Flag(("--data-parallel-backend", "-dpb"), str, _is("mp"), "epplat's DP engines are processes",
@@ -77,9 +75,6 @@ FLAGS = (
          "outputs (no overlap): the same tokens, without async scheduling's speed-up", ""),
     Flag(("--enable-dbo",), bool, _never, "", "dual batch overlap is not implemented in epplat yet"),
     Flag(("--swap-space",), str, _always, "epplat preempts by recomputation, never swapping", ""),
-    Flag(("--enable-auto-tool-choice",), bool, _never, "", "tool calling is not implemented in epplat yet"),
-    Flag(("--tool-call-parser",), str, _never, "", "tool calling is not implemented in epplat yet"),
-    Flag(("--reasoning-parser",), str, _never, "", "reasoning parsers are not implemented in epplat yet"),
     Flag(("--enable-lora",), bool, _never, "", "LoRA adapters are not implemented in epplat"),
     Flag(("--revision",), str, _never, "", "epplat serves a local checkpoint folder (no hub revisions)"),
     Flag(("--hf-overrides",), str, lambda v, _a: v.strip() in ("{}", ""), "nothing to override",

@@ -37,7 +37,7 @@ def test_bad_choices_after_parsing_are_one_line(qwen3_moe_dir, tmp_path):
         (["serve", str(qwen3_moe_dir), "--platform", "tpu"], "unknown --platform 'tpu'; available: ascend, cpu, cuda"),
         (["serve", str(qwen3_moe_dir), "--platform", "ascend"], "torch_npu not installed"),
         (["serve", str(qwen3_moe_dir), "--all2all-backend", "nope"], "available: "),
-        (["serve", str(qwen3_moe_dir), "--quantization", "fp8"], "--quantization 'fp8' runs on cuda, not on platform 'cpu'"),
+        (["serve", str(qwen3_moe_dir), "--quantization", "fp8"], "--quantization fp8 on cpu serves fp8 checkpoints"),
         (["serve", str(qwen3_moe_dir), "--quantization", "int3"], "unknown --quantization 'int3'"),
         (["serve", str(qwen3_moe_dir), "--max-model-len", "100000"], "max_position_embeddings"),
     ]

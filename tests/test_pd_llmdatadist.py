@@ -2,8 +2,9 @@
 Ascend libraries (tests/simulations: torch_npu's "npu" tensors live on the CPU; llm_datadist links the
 "devices" of the ranktable and pull_blocks moves the KV bytes for real between the server processes,
 over loopback). The ranktable comes from `epplat ranktable` (fake npu-smi / hccn_tool); the
---kv-transfer-config is vllm-ascend's, pasted with its module path. A prefill server (DP=2 with EP)
-and a decode server as separate `epplat serve --platform ascend` processes: greedy tokens of
+--kv-transfer-config is vllm-ascend's, pasted with its module path. A prefill server (TP=2 with EP)
+and a decode server (TP=2) as separate `epplat serve --platform ascend` processes, every TP rank a
+ranktable device of its own and decode TP rank r pulling from prefill TP rank r: greedy tokens of
 PD-split requests equal transformers', the decode side computes only each prompt's last token, the
 prefill side frees every held block; a prefill server that died is recomputed on the decode side.
 Bad configurations are one error line."""
@@ -32,8 +33,8 @@ def kv(role, **extra):
     return json.dumps({"kv_connector": "LLMDataDistCMgrConnector", "kv_buffer_device": "npu", "kv_role": role,
                        "kv_parallel_size": 1, "kv_port": "20001", "engine_id": "0", "kv_rank": 0,
                        "kv_connector_module_path": MODULE,
-                       "kv_connector_extra_config": {"prefill": {"dp_size": 2, "tp_size": 1},
-                                                     "decode": {"dp_size": 1, "tp_size": 1}, **extra}})
+                       "kv_connector_extra_config": {"prefill": {"dp_size": 1, "tp_size": 2},
+                                                     "decode": {"dp_size": 1, "tp_size": 2}, **extra}})
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,10 @@ def ascend_pd(qwen3_moe_dir, tmp_path_factory):
            str(table), "VLLM_HOST_IP": "127.0.0.1", "SIM_LLM_DATADIST_FABRIC": str(tmp / "fabric"),
            "HCCL_IF_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": "30"}
     common = ("--platform", "ascend", "--dtype", "float32", "--max-model-len", "256")
-    with Server(str(qwen3_moe_dir), *common, "-dp", "2", "-ep", "--kv-transfer-config", kv("kv_producer"),
+    with Server(str(qwen3_moe_dir), *common, "-tp", "2", "-ep", "--kv-transfer-config", kv("kv_producer"),
                 env={**env, "ASCEND_RT_VISIBLE_DEVICES": "0,1", "VLLM_ASCEND_LLMDD_RPC_PORT": str(free_port(2))},
                 timeout=240) as prefill, \
-            Server(str(qwen3_moe_dir), *common, "--kv-transfer-config", kv("kv_consumer"),
+            Server(str(qwen3_moe_dir), *common, "-tp", "2", "--kv-transfer-config", kv("kv_consumer"),
                    env={**env, "ASCEND_RT_VISIBLE_DEVICES": "2,3", "VLLM_ASCEND_LLMDD_RPC_PORT": str(free_port(2))},
                    timeout=240) as decode:
         yield prefill, decode, env
@@ -68,7 +69,7 @@ def test_llmdatadist_pd_split_on_simulated_ascend_equals_transformers(ascend_pd,
     got = []
     for ids, stream in [(PROMPTS[0], False), (PROMPTS[1], True), ([9, *PROMPTS[1]], False)]:
         params = prefill_call(prefill, ids)
-        assert params["remote_tp_size"] == "1" and params["remote_host"] == "127.0.0.1", params
+        assert params["remote_tp_size"] == "2" and params["remote_host"] == "127.0.0.1", params
         got.append(decode_call(decode, params, 8, stream))
     want.append(tok.decode(hf_greedy(qwen3_moe_dir, [[9, *PROMPTS[1]]], 8, ignore_eos=True)[0],
                            skip_special_tokens=True))
@@ -78,9 +79,10 @@ def test_llmdatadist_pd_split_on_simulated_ascend_equals_transformers(ascend_pd,
     assert prefill_blocks_free(prefill, 20), "the prefill side kept blocks the decoder read"
     plog, dlog = prefill.output(), decode.output()
     assert f"'{MODULE}' is vLLM's module; using epplat's registered connector 'LLMDataDistCMgrConnector'" in plog
-    # each DP rank of the prefill side is its own ranktable device (clusters 1 and 2); decode is device 2 (3)
-    assert "is cluster 1 (device 0, 29.7.91.60)" in plog and "is cluster 2 (device 1, 29.7.91.61)" in plog
-    assert "is cluster 3 (device 2, 29.7.91.62)" in dlog and "computing its prompt" not in dlog
+    # each TP rank of either side is its own ranktable device (prefill clusters 1 and 2, decode 3 and 4)
+    assert "TP rank 0 is cluster 1 (device 0, 29.7.91.60)" in plog and "TP rank 1 is cluster 2 (device 1, 29.7.91.61)" in plog
+    assert "TP rank 0 is cluster 3 (device 2, 29.7.91.62)" in dlog and "TP rank 1 is cluster 4 (device 3, 29.7.91.63)" in dlog
+    assert "computing its prompt" not in dlog
     assert metric(decode.url, "vllm:kv_cache_usage_perc") == 0.0
     # a prefill server that died after answering: the decode side computes the prompt itself, same tokens
     fresh = [(3 * i + 2) % 1900 + 30 for i in range(40)]
@@ -111,6 +113,8 @@ def test_llmdatadist_bad_configs_are_one_line(ascend_pd, qwen3_moe_dir, monkeypa
              "kv_connector_extra_config.decode.dp_size is 2 but this decode server has 1"),
             ("kv_consumer", {"decode": {"dp": 1}}, None,
              "kv_connector_extra_config.decode must be an object of dp_size, tp_size"),
+            ("kv_consumer", {"prefill": {"dp_size": 1, "tp_size": 2}, "decode": {"dp_size": 1, "tp_size": 1}}, None,
+             "prefill tp_size 2 and decode tp_size 1 differ; pull_blocks moves whole blocks"),
             ("kv_producer", {"prefill": {"dp_size": 1, "tp_size": 1}}, "/nonexistent/rt.json",
              "DISAGGREGATED_PREFILL_RANK_TABLE_PATH: cannot read /nonexistent/rt.json"),
             ("kv_producer", {"prefill": {"dp_size": 1, "tp_size": 1}}, "",

@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
+import stat
+import struct
 import threading
 import time
 
@@ -24,7 +27,7 @@ import zmq
 
 from epplat.core.engine import protocol as P
 from epplat.core.engine.frame_auth import FrameAuth
-from server_utils import Server, group_pids
+from server_utils import Server, free_port, group_pids
 
 DP2_EP = ("--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256")
 GENERATED_SECRET = {"EPPLAT_INTERNAL_SECRET": ""}     # single node: the server makes its own
@@ -112,6 +115,45 @@ def test_sigkill_leaves_no_engine_a_restart_serves_and_sigterm_drains(qwen3_moe_
 ZMTP_SIGNATURE = b"\xff" + bytes(8) + b"\x7f"      # ZMTP 3's greeting starts so (rfc.zeromq.org/spec/23)
 
 
+ZMTP_1_0_FRAME = b"\x06\x00hello"                  # ZMTP/1.0: length 6, flags 0, body; no greeting to wait for
+
+
+def not_dropped_in_time(folder: str) -> list:
+    """Raw peers on every socket the server and its engines listen on: one that speaks ZMTP/1.0 (no
+    handshake, so zmq kept it, idle, for good), one that sends a ZMTP 3 signature and stops, and
+    one that sends nothing. Each must be dropped, the first within 2 s, the others within the
+    handshake limit (frame_auth.HANDSHAKE_MS, 5 s; zmq's default was 30 s): those that were not."""
+    limits = {"ZMTP/1.0": 2, "stalled ZMTP 3": 5 + 3, "silent": 5 + 3}
+    up = []
+    for name in sorted(os.listdir(folder)):
+        if stat.S_ISSOCK(os.stat(os.path.join(folder, name)).st_mode):
+            for kind, greeting in zip(limits, (ZMTP_1_0_FRAME, ZMTP_SIGNATURE, b"")):
+                raw = socket.socket(socket.AF_UNIX)
+                raw.connect(os.path.join(folder, name))
+                raw.sendall(greeting)
+                raw.setblocking(False)
+                up.append((name, kind, raw))
+    assert {name for name, _, _ in up} >= {"api0-in", "api0-out", "wake-in", "wake-out"}, up
+    t0, late = time.monotonic(), []
+    while up and time.monotonic() - t0 < max(limits.values()):
+        for peer in list(up):
+            try:
+                while peer[2].recv(4096):       # zmq's greeting, then the end
+                    pass
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                pass
+            up.remove(peer)
+            peer[2].close()
+            if time.monotonic() - t0 > limits[peer[1]]:
+                late.append(peer[:2])
+        time.sleep(0.05)
+    for peer in up:
+        peer[2].close()
+    return sorted(late + [peer[:2] for peer in up])
+
+
 def test_bad_frames_are_dropped_and_a_stopped_engine_ends_the_server(qwen3_moe_dir):
     s = Server(str(qwen3_moe_dir), *DP2_EP, env={"EPPLAT_ENGINE_ITERATION_TIMEOUT_S": "3", **GENERATED_SECRET})
     try:
@@ -147,12 +189,14 @@ def test_bad_frames_are_dropped_and_a_stopped_engine_ends_the_server(qwen3_moe_d
                 pass                                   # dropped before it read (or answered) everything
             raw.close()
         ctx.term()          # every socket closed: returns at once (a context left to the GC can hang it in term)
+        assert not_dropped_in_time(folder) == []
         time.sleep(1.5)
         assert greedy(s.url) == before            # still serving, the same tokens
         log = s.output()
         for name, where in names.items():
             lines = [ln for ln in log.splitlines() if f"frame(s) on {where}" in ln]
             assert len(lines) == 1, lines          # logged, a burst once (the monitor above saw the peer dropped)
+            assert "(and the peer " in lines[0], lines      # its connection found (zmq.SRCFD) and shut
         assert httpx.get(s.url + "/health").status_code == 200
 
         stream = Stream(s.url, 200)
@@ -237,6 +281,93 @@ def host_address() -> str:
             return s.getsockname()[0]
         except OSError:
             return "127.0.0.1"
+
+
+class RawPeer(threading.Thread):
+    """A raw TCP peer that sends `data` (one byte per 0.5 s when trickling) and notes when it is dropped."""
+
+    def __init__(self, port: int, data: bytes, trickle: bool = False):
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.data, self.trickle, self.t0, self.dropped_after = data, trickle, time.monotonic(), None
+        self.start()
+
+    def run(self):
+        try:
+            if self.trickle:
+                for i in range(len(self.data)):
+                    self.sock.sendall(self.data[i:i + 1])      # raises once the connection is gone
+                    time.sleep(0.5)
+                    if select.select([self.sock], [], [], 0)[0] and not self.sock.recv(4096):
+                        break
+            else:
+                self.sock.sendall(self.data)
+                self.sock.settimeout(30)
+                while self.sock.recv(4096):
+                    pass
+        except (OSError, ValueError):      # ValueError: closed by the test
+            pass
+        self.dropped_after = time.monotonic() - self.t0
+
+
+def test_tcp_listeners_drop_garbage_half_open_and_oversized_peers_without_costing_others():
+    """The KV side channel drops a garbage peer and an oversized length prefix at once, and a silent or
+    trickling peer at its deadline (side_channel.REQUEST_DEADLINE_S, 5 s), answering a real request
+    meanwhile. The multi-node rendezvous of `epplat ranktable` lets a real node join while such peers
+    are connected (it read them one at a time, 30 s each). The TCPStore (torch's server, on the
+    listener epplat binds) keeps such peers open but answers the world's ranks meanwhile: checked,
+    not changed."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from epplat.connectors import side_channel
+    from epplat.core.distributed.parallel_state import _tcp_store
+    from epplat.platforms.ascend import rendezvous
+
+    meet_port, met = free_port(), []
+    meeting = threading.Thread(target=lambda: met.append(rendezvous.serve(
+        "127.0.0.1", meet_port, 1, 20, lambda msg: None, lambda msgs, all_joined: {"nodes": msgs})), daemon=True)
+    meeting.start()
+    time.sleep(0.5)
+    auth = FrameAuth("kv secret")
+    channel = side_channel.SideChannelServer("127.0.0.1", free_port(), lambda msg: {"echo": msg["op"]}, auth)
+    store_port = free_port()
+    store = _tcp_store(type("Parallel", (), {"data_parallel_address": "127.0.0.1", "data_parallel_rpc_port": store_port}),
+                       0, 2, timedelta(seconds=30))
+    try:
+        garbage = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(64)
+        oversized = struct.pack(">I", 32 << 20) + b"x" * 1000           # 32 MiB announced
+        peers = {(where, kind): RawPeer(port, data, kind == "trickling")
+                 for where, port in (("side channel", channel.port), ("store", store_port), ("rendezvous", meet_port))
+                 for kind, data in (("garbage", garbage), ("oversized", oversized), ("silent", b""),
+                                    ("trickling", struct.pack(">I", 100) + b"y" * 100))}
+        time.sleep(0.5)
+        t = time.monotonic()
+        assert rendezvous.join("127.0.0.1", meet_port, {"node": 1}, 10) == {"nodes": [{"node": 1}]}
+        assert time.monotonic() - t < 3
+        meeting.join(5)
+        assert met == [{"nodes": [{"node": 1}]}]
+        rank1 = dist.TCPStore("127.0.0.1", store_port, 2, False, timedelta(seconds=10))
+        t0, answers = time.monotonic(), []
+        while time.monotonic() - t0 < side_channel.REQUEST_DEADLINE_S + 2:
+            t = time.monotonic()
+            assert side_channel.request("127.0.0.1", channel.port, {"op": "ping"}, auth, timeout=5) == {"echo": "ping"}
+            rank1.set("k", str(t))
+            assert store.get("k") == str(t).encode()
+            answers.append(time.monotonic() - t)
+            time.sleep(0.2)
+        assert max(answers) < 1.0, answers
+        dropped = {key: p.dropped_after for key, p in peers.items()}
+        limits = {"garbage": 1.0, "oversized": 1.0, "silent": side_channel.REQUEST_DEADLINE_S + 1.5,
+                  "trickling": side_channel.REQUEST_DEADLINE_S + 1.5}
+        late = {key: after for key, after in dropped.items()
+                if key[0] == "side channel" and (after is None or after > limits[key[1]])}
+        assert not late, dropped
+    finally:
+        channel.close()
+        for p in peers.values():
+            p.sock.close()
 
 
 def test_the_store_and_gloo_bind_their_address_only_and_a_stopped_peer_times_a_collective_out():

@@ -86,6 +86,97 @@ def test_health_answers_while_a_huge_body_and_a_long_prompt_are_handled(server):
     assert rss_mib(server.proc.pid) - before < 100
 
 
+def slow_answers(poller: HealthPoller, t0: float) -> list:
+    """(s after t0, latency) of each /health answer that took 100 ms or more."""
+    poller.stop.set()
+    poller.join()
+    assert poller.codes == {200} and len(poller.latencies) > 10
+    return [(round(at - t0, 3), round(lat, 3)) for at, lat in zip(poller.at, poller.latencies) if lat >= 0.1]
+
+
+def without_ids(x):
+    """An answer without its ids and times (which differ between two calls)."""
+    if isinstance(x, dict):
+        return {k: without_ids(v) for k, v in x.items() if k not in ("id", "created", "created_at")}
+    return [without_ids(v) for v in x] if isinstance(x, list) else x
+
+
+def padded(body: dict) -> bytes:
+    """`body` as JSON over 1 MiB (trailing whitespace), so a tokenizer worker parses it."""
+    return json.dumps(body).encode() + b" " * (1 << 20)
+
+
+def post_from_a_child(url: str, body, answer=None) -> tuple[int, int]:
+    """(status, size of the answer, kept in the file `answer` if given) of a post of the file `body`
+    made by another process, so that sending and reading large bodies takes no GIL from the
+    /health poller in this one."""
+    code = ("import httpx, sys; r = httpx.post(sys.argv[1], content=open(sys.argv[2], 'rb').read(), "
+            "headers={'content-type': 'application/json'}, timeout=120); print(r.status_code, len(r.content)); "
+            "sys.argv[3] and open(sys.argv[3], 'wb').write(r.content)")
+    out = subprocess.run([sys.executable, "-c", code, url, str(body), str(answer or "")], capture_output=True,
+                         text=True, timeout=180)
+    status, size = out.stdout.split()
+    return int(status), int(size)
+
+
+def test_valid_large_bodies_are_parsed_once_beside_the_loop(server, tmp_path):
+    """A body over 1 MiB that passes the worker's check is not parsed again on the event loop: the
+    worker's request model is what the route gets (same answers as the small body), and a 12.5 MB
+    /detokenize body of 2.5 M token ids, parsed, checked and decoded beside the loop (1.5 s of
+    parsing, checking and decoding on it before), leaves /health answering."""
+    for path, body in (("/v1/completions", {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 3, "temperature": 0}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                                 "temperature": 0}),
+                       ("/v1/responses", {"input": "hi", "max_output_tokens": 3, "temperature": 0, "store": False}),
+                       ("/tokenize", {"prompt": "hello experts", "return_token_strs": True}),
+                       ("/detokenize", {"tokens": [1, 2, 3, 300]})):
+        small, large = post(server.url + path, json.dumps(body).encode()), post(server.url + path, padded(body))
+        assert small.status_code == large.status_code == 200, (small.text, large.text)
+        assert without_ids(small.json()) == without_ids(large.json()), path
+    r = post(server.url + "/v1/completions", padded({"prompt": [1, 2, 3], "n": 9}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"      # still checked in the worker
+    body = tmp_path / "tokens.json"
+    body.write_bytes(b'{"tokens": [' + b",".join([b"1234"] * 2_500_000) + b']}')        # 12.5 MB, valid
+    poller = HealthPoller(server.url)
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    status, size = post_from_a_child(server.url + "/detokenize", body)
+    took = time.perf_counter() - t0
+    time.sleep(0.3)
+    assert status == 200 and size >= 2_500_000
+    slow = slow_answers(poller, t0)
+    assert not slow, f"/health answers of 100 ms or more (s after the post, latency): {slow}; answered in {took:.2f} s"
+
+
+def test_tokenize_and_detokenize_of_long_inputs_answer_beside_the_loop(server, qwen3_moe_dir, tmp_path):
+    """vLLM's /tokenize counts any length (no context check); a long input is tokenized, decoded and
+    its answer written in a tokenizer worker; the body limit holds for both endpoints."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    text = "hello world, experts " * 60_000          # 1.3 MB
+    ids = tok.encode(text)
+    (tmp_path / "text.json").write_text(json.dumps({"prompt": text, "return_token_strs": True}))
+    (tmp_path / "ids.json").write_text(json.dumps({"tokens": ids}))
+    poller = HealthPoller(server.url)
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    tokenized = post_from_a_child(server.url + "/tokenize", tmp_path / "text.json", tmp_path / "tokens.out")
+    detokenized = post_from_a_child(server.url + "/detokenize", tmp_path / "ids.json", tmp_path / "text.out")
+    time.sleep(0.3)
+    slow = slow_answers(poller, t0)
+    assert tokenized[0] == detokenized[0] == 200, (tokenized, detokenized)
+    got = json.loads((tmp_path / "tokens.out").read_bytes())
+    assert got["count"] == len(ids) > 64 and got["tokens"] == ids and got["max_model_len"] == 64
+    assert got["token_strs"] == tok.convert_ids_to_tokens(ids)
+    assert json.loads((tmp_path / "text.out").read_bytes()) == {"prompt": tok.decode(ids)}
+    assert not slow, f"/health answers of 100 ms or more (s after the first post, latency): {slow}"
+    r = post(server.url + "/detokenize", json.dumps({"tokens": ids + [len(tok) + 5]}).encode())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.text
+    for path in ("/tokenize", "/detokenize"):
+        r = post(server.url + path, b'{"prompt": "' + b"x" * (20 << 20) + b'"}')
+        assert r.status_code == 413, (path, r.text)
+
+
 def test_api_key_is_checked_before_the_body_is_read(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

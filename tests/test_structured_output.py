@@ -139,3 +139,64 @@ def test_malformed_constraints_are_400s(server, client, body):
     msg = r.json()["error"]["message"]
     assert msg and "\n" not in msg
     assert client.completions.create(model=None, prompt="ok?", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_auto_tool_choice_needs_the_flags(server):
+    """vLLM's rule: tools (tool_choice auto, their default) need --enable-auto-tool-choice and a parser;
+    this server has neither (test_tool_calling.py's has both)."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra in ({}, {"tool_choice": "auto"}):
+        r = httpx.post(server.url + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "x"}], "tools": tools, "max_tokens": 2, **extra})
+        assert r.status_code == 400 and "--enable-auto-tool-choice" in r.json()["error"]["message"], r.text
+
+
+def big_schema(fields: int) -> dict:
+    """A schema that takes xgrammar a while to compile (patterns on many fields)."""
+    return {"type": "object", "properties": {f"f{i}": {"type": "string", "pattern": "[a-z]{3,%d}" % (5 + i % 7)}
+                                             for i in range(fields)},
+            "required": [f"f{i}" for i in range(fields)]}
+
+
+def test_a_long_compile_does_not_delay_a_running_stream(server):
+    """The grammar compiles beside the engine loop: a stream running meanwhile keeps getting its
+    tokens while a request with a big schema waits for its compile (the stream's longest gap stays
+    well below the wait, a margin wide enough for a loaded machine's hiccups); compiled on the loop,
+    the stream would stall for the whole compile. Schemas grow until the wait is two seconds."""
+    import threading
+    import time
+    small = {"prompt": "x", "max_tokens": 1, "response_format": {"type": "json_object"}}
+    assert httpx.post(server.url + "/v1/completions", json=small, timeout=300).status_code == 200  # compiler ready
+    arrivals: list[float] = []
+    trials: list[dict] = []
+
+    def constrained(fields: int, done: dict):
+        done["sent"] = time.monotonic()
+        r = httpx.post(server.url + "/v1/completions", timeout=300,
+                       json={"prompt": "x", "max_tokens": 1, "response_format": {
+                           "type": "json_schema", "json_schema": {"name": "big", "schema": big_schema(fields)}}})
+        done.update(end=time.monotonic(), status=r.status_code)
+
+    with httpx.Client(base_url=server.url, timeout=300) as c, \
+            c.stream("POST", "/v1/completions", json={"prompt": "Once", "max_tokens": 1000, "ignore_eos": True,
+                                                      "stream": True}) as stream:
+        fields, thread = 2400, None
+        for line in stream.iter_lines():
+            if line.startswith("data: {"):
+                arrivals.append(time.monotonic())
+            if len(arrivals) >= 5 and (thread is None or "end" in trials[-1]):
+                if thread is not None:
+                    thread.join()
+                    if trials[-1]["end"] - trials[-1]["sent"] >= 2.0 or len(trials) == 3:
+                        break
+                    fields *= 2
+                trials.append({})
+                thread = threading.Thread(target=constrained, args=(fields, trials[-1]))
+                thread.start()
+        thread.join()
+    waits = [t["end"] - t["sent"] for t in trials]
+    assert all(t["status"] == 200 for t in trials) and waits[-1] >= 2.0, waits    # a compile took its time
+    sent, end = trials[-1]["sent"], trials[-1]["end"]
+    during = [a for a in arrivals if sent <= a <= end]
+    gap = max(b - a for a, b in zip(arrivals, arrivals[1:]) if b >= sent and a <= end)
+    assert len(during) >= 5 and gap < waits[-1] / 2, (waits, gap, len(during))

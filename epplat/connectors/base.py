@@ -92,6 +92,10 @@ class KVConnectorBase:
         kv_transfer_params for its response)."""
         return False, None
 
+    def release(self, request_id: str) -> None:
+        """A finished request's held blocks are no longer wanted (its client left): free them unless a
+        reader has started on them (the workers then report them sent as usual)."""
+
     # -- worker side ---------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: list[tuple]) -> None:
         """The KV cache of every layer, (key, value) tensors of [num_blocks, block_size, kv_heads, head_dim]."""

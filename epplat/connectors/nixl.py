@@ -27,7 +27,6 @@ Limits: the KV layouts must match (but the TP split).
 from __future__ import annotations
 
 import logging
-import tempfile
 
 from epplat.config import ConfigError
 from epplat.connectors import side_channel
@@ -109,9 +108,7 @@ class NixlConnector(PullConnector):
                 "heads": list(self.heads), "port": self.server.port if self.server else 0}
         self.ranks = [info]
         if self.tp_size > 1:
-            par = self.engine.parallel
-            where = f"ipc://{par.ipc_dir or tempfile.gettempdir()}/kv-reads-dp{self.dp_rank}-{par.data_parallel_rpc_port}"
-            self.tp = TPReports(where, self.tp_size, self.tp_rank, self.auth)
+            self.tp = TPReports.of(self.engine, self.dp_rank, self.tp_rank, self.auth)
             self.ranks = self.tp.exchange(info if self.config.is_producer else {})
         if self.config.is_producer and self.tp_rank == 0:
             logger.info("NixlConnector: DP rank %d serves the KV blocks of its %d TP rank(s) at %s:%d (agent %s)",
@@ -170,7 +167,7 @@ class NixlConnector(PullConnector):
             raise RuntimeError(r["error"])
 
     def start_load_kv(self, meta) -> None:
-        self.held.hold(meta.holds)
+        self.held.update(meta)
         for pull in meta.pulls:
             handles = []
             try:
@@ -222,7 +219,7 @@ class NixlConnector(PullConnector):
         return done, failed
 
     def busy(self) -> bool:
-        return bool(self.inflight or self.failed or self.held.deadline)
+        return bool(self.inflight or self.failed or self.held.pending())
 
     def get_finished(self) -> tuple[set[str], set[str]]:
         if self.agent is None:
@@ -232,11 +229,8 @@ class NixlConnector(PullConnector):
                 self.held.read(m.decode())
         done, failed = self._poll_reads()
         sent = self.held.freeable()
-        if self.tp is not None and self.tp_rank > 0:
-            self.tp.report(done, failed, sent)
-            return set(), set()
         if self.tp is not None:
-            done, failed, sent = self.tp.gather(done, failed, sent)
+            done, failed, sent = self.tp.collect(done, failed, sent)
         self.failed_out |= failed
         return sent, done
 

@@ -7,13 +7,15 @@ Each /v1/completions or /v1/chat/completions request goes first to the least loa
 ``kv_transfer_params.do_remote_decode``; the ``kv_transfer_params`` it answers with go with the
 original request to the least loaded decoder (its active tokens), whose answer, streamed or not,
 is passed back as it comes. Both calls carry the same X-Request-Id. A failed call is retried
-(--max-retries, doubling from --retry-delay seconds); a client that disconnects closes both
-upstream calls, which aborts the request on both servers. GET /healthcheck reports the instances.
+(--max-retries, doubling from --retry-delay seconds); a client that disconnects closes the upstream
+call in flight, which aborts the request on that server (on the prefiller, before it holds any
+blocks for a decoder; no decoder is then called). GET /healthcheck reports the instances.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -52,6 +54,28 @@ def _cost(body: dict) -> int:
     prompt = body.get("prompt") if "prompt" in body else body.get("messages")
     size = len(json.dumps(prompt)) // 4 if prompt is not None else 0
     return size + int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+
+
+async def _disconnected(raw: Request) -> None:
+    """Returns when the client goes away (the body is read: the next ASGI message is the disconnect)."""
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(raw: Request, work):
+    """work's result, or None when the client disconnects first: work is then cancelled, which closes its
+    upstream call (and so aborts the request on that server)."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(raw))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 def build_app(prefillers: list[str], decoders: list[str], max_retries: int = 3, retry_delay: float = 0.001):
@@ -103,13 +127,16 @@ def build_app(prefillers: list[str], decoders: list[str], max_retries: int = 3, 
         p.active_tokens += cost
         p.active_requests += 1
         try:
-            r = await call(p, path, _prefill_body(body, chat), headers, stream=False)
+            r = await _unless_gone(raw, call(p, path, _prefill_body(body, chat), headers, stream=False))
         except httpx.HTTPError as e:
             return JSONResponse({"error": {"message": f"prefiller {p.url}: {e}", "type": "ServiceUnavailableError",
                                            "code": 503}}, status_code=503)
         finally:
             p.active_tokens -= cost
             p.active_requests -= 1
+        if r is None:
+            logger.info("request %s: the client left during its prefill on %s; aborted there", rid, p.url)
+            return Response(status_code=499)
         if r.status_code != 200:
             return Response(r.content, status_code=r.status_code, media_type="application/json")
         dbody = dict(body)

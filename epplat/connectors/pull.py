@@ -51,6 +51,7 @@ class Pull(msgspec.Struct, array_like=True):
 class PullMetadata(KVConnectorMetadata):
     pulls: list[Pull] = []
     holds: list[str] = []          # prefill: request ids whose blocks are now held for a reader
+    releases: list[str] = []       # prefill: held request ids no reader will come for (their clients left)
 
 
 def compat(engine, kv_caches: list[tuple]) -> dict:
@@ -100,6 +101,15 @@ class HeldBlocks:
                 self.gone.pop(rid, None)             # a request id used again (X-Request-Id)
             self.lock.notify_all()
 
+    def update(self, meta: "PullMetadata") -> None:
+        """A step's new holds, and the releases of held blocks no reader has leased."""
+        self.hold(meta.holds)
+        with self.lock:
+            for rid in meta.releases:
+                if rid in self.deadline and rid not in self.readers:
+                    logger.info("freeing the blocks of request %s: its client left", rid)
+                    self._drop(rid)
+
     def lease(self, rid, readers: int = 1) -> Optional[str]:
         """A reader is about to read rid's blocks (`readers` reads in all, one per decode TP rank); the
         error line when it holds none."""
@@ -130,6 +140,11 @@ class HeldBlocks:
         if len(self.gone) > self.GONE_KEPT:
             self.gone.popitem(last=False)
 
+    def pending(self) -> bool:
+        """Whether blocks are held, or freed and not yet collected by freeable()."""
+        with self.lock:
+            return bool(self.deadline or self.done)
+
     def freeable(self) -> set[str]:
         now = time.monotonic()
         with self.lock:
@@ -155,6 +170,7 @@ class PullConnector(KVConnectorBase):
         self.tp_size = engine.parallel.tensor_parallel_size
         self.pulls: list[Pull] = []
         self.holds: list[str] = []
+        self.releases: list[str] = []
         self.loaded: set[str] = set()
 
     def endpoint(self) -> tuple[str, int]:
@@ -193,9 +209,12 @@ class PullConnector(KVConnectorBase):
                                int(p.remote_port), self.remote_tp_size(p, req)))
 
     def build_connector_meta(self) -> PullMetadata:
-        meta = PullMetadata(self.pulls, self.holds)
-        self.pulls, self.holds = [], []
+        meta = PullMetadata(self.pulls, self.holds, self.releases)
+        self.pulls, self.holds, self.releases = [], [], []
         return meta
+
+    def release(self, request_id: str) -> None:
+        self.releases.append(request_id)
 
     def request_finished(self, req) -> tuple[bool, Optional[dict]]:
         self.loaded.discard(req.request_id)

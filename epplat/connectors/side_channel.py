@@ -2,7 +2,10 @@
 reading" notices): each message is a 4-byte big-endian length and a msgpack map sealed with the
 deployment's secret (the engine's BLAKE2b frame auth, ``--internal-secret``), so a prefill and a
 decode server talk only when they were given the same secret. No pickle crosses it; a peer
-without the secret gets one refusal and the channel goes on."""
+without the secret gets one refusal and the channel goes on. The server reads a request of at
+most REQUEST_MAX bytes (a longer length prefix is dropped at once, before a byte is kept) within
+REQUEST_DEADLINE_S of the connection (a silent or trickling peer is dropped then), each
+connection in its own thread, at most MAX_PEERS at a time, so no peer holds up another."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import logging
 import socket
 import struct
 import threading
-from typing import Callable
+import time
+from typing import Callable, Optional
 
 import msgspec
 
@@ -18,7 +22,10 @@ from epplat.core.engine.frame_auth import TAG_BYTES, BadFrame, FrameAuth
 
 logger = logging.getLogger(__name__)
 
-_MAX = 64 << 20
+_MAX = 64 << 20             # an answer (a handshake's agent metadata may be large)
+REQUEST_MAX = 1 << 20       # a request: an op and a few ids
+REQUEST_DEADLINE_S = 5.0
+MAX_PEERS = 256
 UNAUTHENTICATED = "not authenticated: the prefill and decode servers need the same --internal-secret " \
                   "(EPPLAT_INTERNAL_SECRET)"
 
@@ -27,9 +34,14 @@ def _send(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(struct.pack(">I", len(payload)) + payload)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytes:
     buf = bytearray()
     while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionError(f"side channel peer sent {len(buf)} of {n} bytes in {REQUEST_DEADLINE_S:g} s")
+            sock.settimeout(left)
         part = sock.recv(n - len(buf))
         if not part:
             raise ConnectionError("side channel closed")
@@ -37,11 +49,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _recv(sock: socket.socket) -> bytes:
-    (n,) = struct.unpack(">I", _recv_exact(sock, 4))
-    if n > _MAX:
-        raise ConnectionError(f"side channel message of {n} bytes")
-    return _recv_exact(sock, n)
+def _recv(sock: socket.socket, limit: int = _MAX, deadline: Optional[float] = None) -> bytes:
+    (n,) = struct.unpack(">I", _recv_exact(sock, 4, deadline))
+    if n > limit:
+        raise ConnectionError(f"side channel message of {n} bytes (at most {limit})")
+    return _recv_exact(sock, n, deadline)
 
 
 def _decode(auth: FrameAuth, frame: bytes):
@@ -67,6 +79,7 @@ class SideChannelServer:
 
     def __init__(self, host: str, port: int, handler: Callable[[dict], dict], auth: FrameAuth):
         self.handler, self.auth = handler, auth
+        self.peers = threading.BoundedSemaphore(MAX_PEERS)
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, name="kv-side-channel", daemon=True)
@@ -78,21 +91,33 @@ class SideChannelServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._answer, args=(conn,), name="kv-side-channel-peer", daemon=True).start()
+            if not self.peers.acquire(blocking=False):
+                self.auth.dropped("the KV side channel", ConnectionError(f"{MAX_PEERS} peers at once"))
+                conn.close()
+                continue
+            try:
+                threading.Thread(target=self._answer, args=(conn,), name="kv-side-channel-peer", daemon=True).start()
+            except RuntimeError as e:     # no thread to be had: this peer goes, the channel stays
+                self.peers.release()
+                conn.close()
+                logger.warning("KV side channel: %s", e)
 
     def _answer(self, conn: socket.socket) -> None:
         with conn:
             try:
-                conn.settimeout(10.0)
                 try:
-                    msg = _decode(self.auth, _recv(conn))
+                    msg = _decode(self.auth, _recv(conn, REQUEST_MAX, time.monotonic() + REQUEST_DEADLINE_S))
                 except BadFrame as e:
                     self.auth.dropped("the KV side channel", e)
                     _send(conn, bytes(TAG_BYTES) + msgspec.msgpack.encode({"error": UNAUTHENTICATED}))
                     return
-                _send(conn, self.auth.seal(msgspec.msgpack.encode(self.handler(msg))))
+                answer = self.auth.seal(msgspec.msgpack.encode(self.handler(msg)))
+                conn.settimeout(10.0)
+                _send(conn, answer)
             except Exception as e:      # a bad peer must not end the channel
                 logger.warning("KV side channel: %s", e)
+            finally:
+                self.peers.release()
 
     def close(self) -> None:
         self.sock.close()

@@ -8,6 +8,7 @@ held blocks are freed once every rank's readers are done).
 from __future__ import annotations
 
 import collections
+import tempfile
 import time
 
 import msgspec
@@ -52,6 +53,13 @@ class TPReports:
         self.loads: dict[str, list] = {}         # driver: request id -> [ranks that reported, any failed]
         self.sends: collections.Counter = collections.Counter()
 
+    @classmethod
+    def of(cls, engine, dp_rank: int, tp_rank: int, auth) -> "TPReports":
+        """The socket of this engine's DP rank `dp_rank`."""
+        par = engine.parallel
+        where = f"ipc://{par.ipc_dir or tempfile.gettempdir()}/kv-reads-dp{dp_rank}-{par.data_parallel_rpc_port}"
+        return cls(where, par.tensor_parallel_size, tp_rank, auth)
+
     def _send(self, msg: dict) -> None:
         self.sock.send(self.auth.seal(msgspec.msgpack.encode(msg)))
 
@@ -81,10 +89,14 @@ class TPReports:
                 infos[msg["rank"]] = msg["info"]
         return [infos[r] for r in range(self.tp_size)]
 
-    def report(self, done: set[str], failed: set[str], sent: set[str]) -> None:
-        """A worker's finished reads and freeable held requests."""
+    def collect(self, done: set[str], failed: set[str], sent: set[str]) -> tuple[set[str], set[str], set[str]]:
+        """This rank's finished reads (done, failed) and freeable held requests: a worker sends them to the
+        driver and gets nothing back; the driver gets what every rank has finished (gather)."""
+        if self.tp_rank == 0:
+            return self.gather(done, failed, sent)
         if done or failed or sent:
             self._send({"done": sorted(done), "failed": sorted(failed), "sent": sorted(sent)})
+        return set(), set(), set()
 
     def gather(self, done: set[str], failed: set[str], sent: set[str]) -> tuple[set[str], set[str], set[str]]:
         """The driver: (received, failed, freeable) over all ranks, given its own."""

@@ -110,13 +110,16 @@ class LLM:
 
     def chat(self, messages, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
              use_tqdm: bool = True, chat_template: Optional[str] = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"} messages) or a list of them, through the chat template."""
+             continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None,
+             tools: Optional[list[dict]] = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} messages) or a list of them, through the chat
+        template (with the tools, when given)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conv in conversations:
             text = self.tokenizer.apply_chat_template(
                 conv, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                tools=tools,
                 **({"continue_final_message": True} if continue_final_message else {}), **(chat_template_kwargs or {}))
             prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
@@ -145,6 +148,10 @@ class LLM:
 
     async def _run_all(self, items, params) -> list[RequestOutput]:
         limit = self._client.max_model_len
+        items = [(text, ids[-sp.truncate_prompt_tokens:] if sp.truncate_prompt_tokens else ids)
+                 for (text, ids), sp in zip(items, params)]
+        for sp in {id(p): p for p in params}.values():
+            sp.check_vocab(self._client.vocab_size or len(self.tokenizer))
         for _, ids in items:
             if not ids or len(ids) >= limit:
                 raise ValueError(f"a prompt of {len(ids)} tokens does not fit this model's context ({limit} tokens,"
@@ -154,15 +161,25 @@ class LLM:
     async def _run(self, text: Optional[str], ids: list[int], sp: SamplingParams) -> RequestOutput:
         rid = str(next(self._ids))
         room = self._client.max_model_len - len(ids)
-        outs = await asyncio.gather(*(self._sample(f"{rid}-{j}", j, ids, sp.engine_params(j, room))
+        prompt_logprobs: list = []
+        outs = await asyncio.gather(*(self._sample(f"{rid}-{j}", j, ids, sp.engine_params(j, room, self.tokenizer),
+                                                   prompt_logprobs if j == 0 else [])
                                       for j in range(sp.n)))
-        return RequestOutput(request_id=rid, prompt=text, prompt_token_ids=ids, prompt_logprobs=None,
+        return RequestOutput(request_id=rid, prompt=text, prompt_token_ids=ids,
+                             prompt_logprobs=[None] + prompt_logprobs if sp.prompt_logprobs is not None else None,
                              outputs=list(outs))
 
-    async def _sample(self, rid: str, index: int, ids: list[int], params) -> CompletionOutput:
+    async def _sample(self, rid: str, index: int, ids: list[int], params, prompt_logprobs: list) -> CompletionOutput:
+        """One sample; the prompt's logprobs (vLLM's: {token id: Logprob}, the prompt token first) go
+        into prompt_logprobs."""
         out = CompletionOutput(index=index, text="", token_ids=[], cumulative_logprob=None,
                                logprobs=[] if params.logprobs is not None else None)
         async for delta in self._client.generate(rid, ids, params):
+            for entry in delta.prompt_logprobs or []:     # the prompt token's entry first, then the others
+                d = {}
+                for x in entry:
+                    d.setdefault(x.token_id, Logprob(x.logprob, x.rank, self.tokenizer.decode([x.token_id])))
+                prompt_logprobs.append(d)
             out.text += delta.text
             out.token_ids += delta.token_ids
             for entry in delta.logprobs or []:

@@ -32,7 +32,7 @@ class RequestOutput:
     request_id: str
     prompt: Optional[str]
     prompt_token_ids: list[int]
-    prompt_logprobs: None
+    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]]     # None for the first prompt token
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
     num_cached_tokens: int = 0

@@ -32,6 +32,34 @@ from epplat.tools import make_deepseek
 
 ARCHS = ("qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
+FP8_BLOCK = 128        # DeepSeek-V3's weight_block_size; tiny shapes get blocks cut short at the edges
+
+
+def _stored(spec, dtype: str) -> tuple[str, int]:
+    """(safetensors dtype code, bytes per element) of one spec: fp8 weights and their scales keep theirs."""
+    return {"fp8": ("F8_E4M3", 1), "fp8_scale": ("F32", 4)}.get(spec[2], DTYPES[dtype])
+
+
+def _fp8_specs(specs: list) -> list:
+    """DeepSeek-V3's fp8 layout: each linear it quantizes becomes an fp8 weight plus its weight_scale_inv."""
+    from epplat.core.model.fp8_blocks import DEEPSEEK_FP8
+    out = []
+    for name, shape, kind in specs:
+        if not DEEPSEEK_FP8.search(name):
+            out.append((name, shape, kind))
+            continue
+        out += [(name, shape, "fp8"),
+                (name + "_scale_inv", tuple(-(-d // FP8_BLOCK) for d in shape), "fp8_scale")]
+    return out
+
+
+def _fp8_tensor(spec, plain, shapes: dict):
+    """An fp8 spec's tensor: the random weight ``plain`` makes for its weight's name, quantized in blocks
+    (``shapes``: the fp8 weights' shapes by name)."""
+    from epplat.core.model.fp8_blocks import quantize_blocks
+    weight = spec[0].removesuffix("_scale_inv")
+    q, s = quantize_blocks(plain((weight, shapes[weight], "linear")), FP8_BLOCK)
+    return q if spec[2] == "fp8" else s
 
 
 def _config(arch, *, layers, hidden, experts, top_k, heads, kv_heads, head_dim, moe_inter, inter, vocab,
@@ -111,9 +139,10 @@ def skew_router(gate, alpha: float):
 def write_safetensors(path, specs, dtype: str, tensor_fn, workers: int = 1) -> None:
     """Write a .safetensors file tensor by tensor; ``tensor_fn(spec)`` makes each (on ``workers`` threads)."""
     import torch
-    code, elt = DTYPES[dtype]
     header, off = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape, _ in specs:
+    for spec in specs:
+        name, shape, _ = spec
+        code, elt = _stored(spec, dtype)
         n = math.prod(shape) * elt
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
@@ -135,7 +164,8 @@ def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts
                heads: int = 4, kv_heads: int = 2, head_dim: int = 32, moe_intermediate: int | None = None,
                intermediate: int | None = None, vocab_size: int = 2048, max_position: int = 4096, seed: int = 0,
                dtype: str = "float32", max_shard_bytes: int | None = None, std: float | None = None,
-               norm_std: float = 0.1, workers: int | None = None, router_skew: float = 0.0, **deepseek) -> Path:
+               norm_std: float = 0.1, workers: int | None = None, router_skew: float = 0.0, fp8: bool = False,
+               **deepseek) -> Path:
     """Write a random-weight checkpoint to ``outdir`` (created if missing) and return its path.
 
     ``moe_intermediate`` defaults to ``hidden``; ``intermediate`` (the dense MLP size, which
@@ -145,6 +175,8 @@ def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts
     router row e by (e+1)^-a (normalised to mean 1): low-numbered experts then win top-k
     more often, a skewed expert load for load-balancing tests. DeepSeek architectures take
     the keyword options of ``make_deepseek.OPTIONS`` (head_dim is their qk_nope / v head dim).
+    ``fp8`` (DeepSeek only) writes DeepSeek-V3's fp8 layout (epplat.core.model.fp8_blocks): the linears it
+    quantizes as float8_e4m3fn with a float32 ``weight_scale_inv`` per 128x128 block, the rest in ``dtype``.
     """
     from epplat.tools.tokenizer_gen import save_tokenizer
     if arch not in ARCHS:
@@ -162,20 +194,26 @@ def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts
     ids = save_tokenizer(out, vocab_size, max_position)
     if bad := set(deepseek) - set(make_deepseek.OPTIONS if arch.startswith("deepseek") else ()):
         raise ValueError(f"{arch} takes no option {', '.join(sorted(bad))}")
+    if fp8 and not arch.startswith("deepseek"):
+        raise ValueError("--fp8 writes DeepSeek-V3's fp8 layout: deepseek_v2 / deepseek_v3 only")
     make_cfg = (functools.partial(make_deepseek.config, opts=deepseek) if arch.startswith("deepseek")
                 else _config)
     cfg = make_cfg(arch, layers=layers, hidden=hidden, experts=experts, top_k=top_k, heads=heads, kv_heads=kv_heads,
                   head_dim=head_dim, moe_inter=moe_intermediate or hidden, inter=intermediate or 4 * hidden,
                   vocab=vocab_size, max_position=max_position, dtype=dtype, ids=ids)
+    if fp8:
+        from epplat.core.model.fp8_blocks import config_for
+        cfg["quantization_config"] = config_for(FP8_BLOCK)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
          "pad_token_id": ids["<|endoftext|>"], "do_sample": False}, indent=2))
 
-    specs, elt = tensor_specs(arch, cfg), DTYPES[dtype][1]
+    specs = tensor_specs(arch, cfg)
+    specs = _fp8_specs(specs) if fp8 else specs
     shards, size = [[]], 0
     for spec in specs:
-        n = math.prod(spec[1]) * elt
+        n = math.prod(spec[1]) * _stored(spec, dtype)[1]
         if shards[-1] and max_shard_bytes and size + n > max_shard_bytes:
             shards.append([])
             size = 0
@@ -186,6 +224,11 @@ def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts
     if router_skew:
         plain = fn
         fn = lambda s: skew_router(plain(s), router_skew) if _ROUTER.search(s[0]) else plain(s)  # noqa: E731
+    if fp8:
+        base = lambda s: make_tensor(s[0], s[1], s[2], seed, "float32", std, norm_std)  # noqa: E731
+        unquantized = fn
+        shapes = {s[0]: s[1] for s in specs if s[2] == "fp8"}
+        fn = lambda s: _fp8_tensor(s, base, shapes) if s[2].startswith("fp8") else unquantized(s)  # noqa: E731
     for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)   # a re-run with other sharding must not leave stale files
     if len(shards) == 1:
@@ -197,7 +240,8 @@ def make_model(arch: str, outdir, *, layers: int = 2, hidden: int = 128, experts
         write_safetensors(out / fname, shard, dtype, fn, workers)
         weight_map.update({name: fname for name, _, _ in shard})
     (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(math.prod(s) * elt for _, s, _ in specs)}, "weight_map": weight_map},
+        {"metadata": {"total_size": sum(math.prod(s[1]) * _stored(s, dtype)[1] for s in specs)},
+         "weight_map": weight_map},
         indent=2))
     return out
 
@@ -267,6 +311,9 @@ def add_cli(subparsers) -> None:
                    help="N(0, std^2) for every matrix (default: embeddings N(0,1), others N(0,1/fan_in))")
     p.add_argument("--router-skew", type=_positive_float, default=0.0, metavar="A",
                    help="scale router row e by (e+1)^-A: a skewed expert load (for load-balancing tests)")
+    p.add_argument("--fp8", action="store_true",
+                   help="deepseek: DeepSeek-V3's fp8 layout (float8_e4m3fn linears, a weight_scale_inv per "
+                        "128x128 block, quantization_config in config.json)")
     p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                    help="split the weights into shards of at most SIZE, e.g. 5GB (default: one file)")
     p.set_defaults(func=_run)
@@ -279,7 +326,7 @@ def _run(args) -> int:
                           moe_intermediate=args.moe_intermediate, intermediate=args.intermediate,
                           vocab_size=args.vocab_size, max_position=args.max_position, seed=args.seed,
                           dtype=args.dtype, max_shard_bytes=args.max_shard_size, std=args.std,
-                          router_skew=args.router_skew,
+                          router_skew=args.router_skew, fp8=args.fp8,
                           **{o: getattr(args, o) for o in make_deepseek.OPTIONS if getattr(args, o) is not None})
     except (ValueError, OSError) as e:
         print(f"epplat make-model: error: {e}", file=sys.stderr)

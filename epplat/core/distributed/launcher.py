@@ -1,4 +1,4 @@
-"""Starts this node's engine processes (one per local DP rank x TP rank) and stops them.
+"""Starts this node's engine processes (one per local DP rank x pipeline stage x TP rank) and stops them.
 
 Processes are spawned with multiprocessing; each reports over a pipe once its model
 and KV cache are ready (or the one-line error that stopped it).
@@ -31,10 +31,12 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None, join
     procs, conns = [], []
     raw = cfg.to_json()
     for d in (par.local_dp_ranks() if dp_ranks is None else dp_ranks):
-        for t in range(par.tensor_parallel_size):
-            rank = d * par.tensor_parallel_size + t
+        for j in range(par.ranks_per_dp):
+            rank = d * par.ranks_per_dp + j
             local = rank if join else len(procs)
-            name = f"EngineCore_DP{d}" + (f"_TP{t}" if par.tensor_parallel_size > 1 else "")
+            pp, t = divmod(j, par.tensor_parallel_size)
+            name = (f"EngineCore_DP{d}" + (f"_PP{pp}" if par.pipeline_parallel_size > 1 else "")
+                    + (f"_TP{t}" if par.tensor_parallel_size > 1 else ""))
             if spare is not None:
                 p, parent = spare.assign(raw, rank, local, join, name)
                 spare = None

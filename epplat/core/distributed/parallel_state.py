@@ -1,9 +1,10 @@
-"""Process groups: world, tensor-parallel (per DP rank), data-parallel (drivers) and expert-parallel.
+"""Process groups: world, tensor-parallel (per DP rank and stage), data-parallel (drivers) and expert-parallel.
 
-World rank = dp_rank * tp_size + tp_rank. Each DP rank is an engine core of tp_size
-processes; its tp_rank 0 process (the driver) runs the scheduler. The EP group is
-the whole world when expert parallelism is on; otherwise experts are sharded over
-the TP group. A single process needs no torch.distributed at all.
+World rank = (dp_rank * pp_size + pp_rank) * tp_size + tp_rank (vLLM's order). Each DP rank is an
+engine core of pp_size x tp_size processes; its first stage's tp_rank 0 process (the driver) runs
+the scheduler. The EP group is every rank of one pipeline stage over all DP ranks (the whole world
+without PP) when expert parallelism is on; otherwise experts are sharded over the TP group. A single
+process needs no torch.distributed at all.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class ParallelState:
     world_size: int = 1
     tp_rank: int = 0
     tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
     dp_rank: int = 0
     dp_size: int = 1
     ep: bool = False
@@ -39,22 +42,31 @@ class ParallelState:
     dp_group: Optional[object] = None      # gloo group of the drivers (tp_rank 0) of every DP rank
     world_group: Optional[object] = None
     world_cpu_group: Optional[object] = None   # gloo twin of world_group (elastic EP's control tensors)
+    engine_cpu_group: Optional[object] = None   # gloo group of this DP rank's processes (every stage and TP rank)
+    stage_group: Optional[object] = None     # this stage's ranks over every DP rank (the EP group with PP)
 
     @property
     def is_driver(self) -> bool:
-        return self.tp_rank == 0
+        return self.tp_rank == 0 and self.pp_rank == 0
 
     @property
     def ep_rank(self) -> int:
-        return self.rank if self.ep else 0
+        return self.dp_rank * self.tp_size + self.tp_rank if self.ep else 0
 
     @property
     def ep_size(self) -> int:
-        return self.world_size if self.ep else 1
+        return self.dp_size * self.tp_size if self.ep else 1
 
     @property
     def ep_group(self):
-        return self.world_group if self.ep else None
+        if not self.ep:
+            return None
+        return self.world_group if self.pp_size == 1 else self.stage_group
+
+    def ep_groups_ranks(self) -> list[list[int]]:
+        """The world ranks of every EP group (one per pipeline stage), in stage order."""
+        tp, pp = self.tp_size, self.pp_size
+        return [[(d * pp + s) * tp + t for d in range(self.dp_size) for t in range(tp)] for s in range(pp)]
 
 
 _timeout: Optional[datetime.timedelta] = None
@@ -69,9 +81,9 @@ def collective_timeout() -> Optional[datetime.timedelta]:
 def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
     """Join the world (store at data_parallel_address:data_parallel_rpc_port) and make the groups.
     With --enable-elastic-ep a world of one process is a torch.distributed world too (ranks join it later)."""
-    tp, dp = parallel.tensor_parallel_size, parallel.data_parallel_size
-    st = ParallelState(rank=rank, world_size=tp * dp, tp_rank=rank % tp, tp_size=tp, dp_rank=rank // tp,
-                       dp_size=dp, ep=parallel.enable_expert_parallel)
+    tp, pp, dp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.data_parallel_size
+    st = ParallelState(rank=rank, world_size=tp * pp * dp, tp_rank=rank % tp, tp_size=tp, pp_rank=rank % (tp * pp) // tp,
+                       pp_size=pp, dp_rank=rank // (tp * pp), dp_size=dp, ep=parallel.enable_expert_parallel)
     if st.world_size == 1 and not parallel.enable_elastic_ep:
         return st
     global _timeout
@@ -88,22 +100,36 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
 
 
 def make_groups(st: ParallelState, timeout) -> None:
-    """The TP, TP-gloo and drivers groups of a world just joined (every rank calls it, in the same order)."""
-    tp, dp = st.tp_size, st.dp_size
+    """The TP, TP-gloo, drivers (and with PP: per-DP-rank and per-stage) groups of a world just joined
+    (every rank calls it, in the same order)."""
+    tp, pp, dp = st.tp_size, st.pp_size, st.dp_size
     st.world_group = dist.group.WORLD
     for d in range(dp):
-        ranks = list(range(d * tp, (d + 1) * tp))
-        g, cpu = dist.new_group(ranks, timeout=timeout), dist.new_group(ranks, backend="gloo", timeout=timeout)
-        if d == st.dp_rank:
-            st.tp_group, st.tp_cpu_group = g, cpu
-    drivers = dist.new_group([d * tp for d in range(dp)], backend="gloo", timeout=timeout)
+        for s in range(pp):
+            first = (d * pp + s) * tp
+            ranks = list(range(first, first + tp))
+            g, cpu = dist.new_group(ranks, timeout=timeout), dist.new_group(ranks, backend="gloo", timeout=timeout)
+            if (d, s) == (st.dp_rank, st.pp_rank):
+                st.tp_group, st.tp_cpu_group = g, cpu
+    drivers = dist.new_group([d * pp * tp for d in range(dp)], backend="gloo", timeout=timeout)
     st.dp_group = drivers if st.is_driver else None
     st.world_cpu_group = (dist.new_group(list(range(st.world_size)), backend="gloo", timeout=timeout)
-                          if tp > 1 else drivers)
+                          if tp * pp > 1 else drivers)
+    if pp > 1:
+        for d in range(dp):
+            g = dist.new_group(list(range(d * pp * tp, (d + 1) * pp * tp)), backend="gloo", timeout=timeout)
+            if d == st.dp_rank:
+                st.engine_cpu_group = g
+        for s, ranks in enumerate(st.ep_groups_ranks()):
+            g = dist.new_group(ranks, timeout=timeout)
+            if s == st.pp_rank:
+                st.stage_group = g
     if tp == 1:
         st.tp_group = st.tp_cpu_group = None
-    logger.info("rank %d/%d: DP rank %d, TP rank %d, EP %s", st.rank, st.world_size, st.dp_rank, st.tp_rank,
-                f"rank {st.ep_rank}/{st.ep_size}" if st.ep else "off")
+    if pp == 1:
+        st.engine_cpu_group = st.tp_cpu_group
+    logger.info("rank %d/%d: DP rank %d, PP rank %d, TP rank %d, EP %s", st.rank, st.world_size, st.dp_rank,
+                st.pp_rank, st.tp_rank, f"rank {st.ep_rank}/{st.ep_size}" if st.ep else "off")
 
 
 def _source_address(head: str) -> str:

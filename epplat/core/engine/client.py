@@ -31,7 +31,7 @@ import zmq.asyncio
 from epplat.config import ConfigError, EngineConfig
 from epplat.core.engine import protocol as P
 from epplat.core.engine.detokenizer import IncrementalDetokenizer
-from epplat.core.engine.frame_auth import BadFrame, FrameAuth
+from epplat.core.engine.frame_auth import BadFrame, FrameAuth, listen
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +171,9 @@ class EngineClient:
         self.zctx = zmq.asyncio.Context()
         self.router = self.zctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.bind(self.router_addr)
+        listen(self.router, self.router_addr)
         self.output = self.zctx.socket(zmq.PULL)
-        self.output.bind(self.output_addr)
+        listen(self.output, self.output_addr)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_outputs()), loop.create_task(self._read_router())]
         deadline = time.time() + timeout
@@ -335,6 +335,13 @@ class EngineClient:
                                                 self.auth.seal(P.encoder.encode(P.AbortRequests([request_id])))])
                 except zmq.ZMQError:
                     pass
+
+    async def release_kv(self, request_ids: list[str]) -> None:
+        """Finished requests whose blocks an engine holds for another engine to read (a prefill whose client
+        left): every engine frees those it holds that no reader has started on."""
+        for engine in self.engine_ranks:
+            if self.dead_reason is None:
+                await self._send(engine, P.AbortRequests(list(request_ids)))
 
     async def abort(self, request_id: str) -> None:
         engine = self.engine_of.get(request_id)

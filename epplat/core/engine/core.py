@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from typing import Optional
 
 import msgspec
@@ -17,7 +18,7 @@ from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.engine.block_manager import BlockManager
 from epplat.core.engine.model_runner import KVLoad, ModelRunner
 from epplat.core.engine.protocol import EngineOutput, EngineRequest, EngineStats
-from epplat.core.engine.request import Request
+from epplat.core.engine.request import Request, Status
 from epplat.core.engine.scheduler import Scheduler
 from epplat.core.engine.spec_decode import MtpDrafter, accepted_count
 from epplat.core.engine.structured_output import Grammars
@@ -27,17 +28,16 @@ logger = logging.getLogger(__name__)
 
 
 def init_kv_cache(runner: ModelRunner, cfg: EngineConfig, ps: ParallelState) -> tuple[int, int]:
-    """Size (agreed over the TP group) and allocate the KV cache; returns (num_blocks, max_model_len)."""
+    """Size (agreed over the DP rank's processes: every TP rank and pipeline stage) and allocate the KV cache; returns (num_blocks, max_model_len)."""
     hf_max = runner.model_cfg.max_position
     max_model_len = cfg.model.max_model_len or hf_max
     if max_model_len > hf_max:
         raise ConfigError(f"--max-model-len {max_model_len} is larger than the model's "
                           f"max_position_embeddings ({hf_max})")
     num_blocks = runner.num_blocks_from_memory(max_model_len)
-    if ps.tp_size > 1 and not cfg.cache.num_gpu_blocks_override:   # given: the same on every process (elastic
-        # EP's new ranks get it, and have no TP group before they join the world)
+    if ps.engine_cpu_group is not None:     # (elastic EP's new ranks have none before they join: their count is given)
         t = torch.tensor([num_blocks])
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ps.tp_cpu_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ps.engine_cpu_group)
         num_blocks = int(t)
     tokens = num_blocks * cfg.cache.block_size
     if tokens < max_model_len:
@@ -77,26 +77,42 @@ class EngineCore:
         self.stat_log = StatLog(self.ps.dp_rank)
         self.num_prompt_tokens_computed = 0
         self.grammars = Grammars(cfg.model.tokenizer or cfg.model.model, self.runner.model_cfg.vocab_size)
+        self.compiling: dict[str, tuple[Request, Future]] = {}   # requests whose grammar is being compiled
 
     def add_request(self, er: EngineRequest) -> list[EngineOutput]:
-        """Queue a request; returns its output at once when it cannot run (its grammar did not compile)."""
+        """Queue a request (one with a grammar once it has compiled: ``poll_grammars``)."""
         self.num_received += 1
         self.client_of[er.request_id] = er.client_index
         req = Request(er)
         spec = er.params.structured_output
         if spec is not None:
-            try:
-                req.grammar = self.grammars.matcher(spec, sorted(req.eos_token_ids))
-            except Exception as e:        # the API server checked it parses; never let one request stop the engine
-                logger.error("request %s: its %s constraint did not compile: %s", er.request_id, spec.kind, e)
-                return [EngineOutput(er.request_id, [], finish_reason="abort", num_prompt_tokens=req.prompt_len)]
+            self.compiling[er.request_id] = (req, self.grammars.submit(spec, sorted(req.eos_token_ids)))
+            return []
         self.scheduler.add(req)
         return []
+
+    def poll_grammars(self) -> list[EngineOutput]:
+        """Between steps: requests whose grammar has compiled join the scheduler; one whose grammar did
+        not compile ends (abort), never the engine (the API server checked that it parses)."""
+        out = []
+        for rid, (req, compiled) in list(self.compiling.items()):
+            if not compiled.done():
+                continue
+            del self.compiling[rid]
+            try:
+                req.grammar = compiled.result()
+            except Exception as e:
+                logger.error("request %s: its %s constraint did not compile: %s", rid,
+                             req.params.structured_output.kind, e)
+                out.append(EngineOutput(rid, [], finish_reason="abort", num_prompt_tokens=req.prompt_len))
+                continue
+            self.scheduler.add(req)
+        return out
 
     def abort(self, request_ids: list[str]) -> list[EngineOutput]:
         out = []
         for rid in request_ids:
-            req = self.scheduler.abort(rid)
+            req = self.scheduler.abort(rid) or self.compiling.pop(rid, (None,))[0]
             if req is not None:
                 out.append(EngineOutput(rid, [], finish_reason="abort", num_prompt_tokens=req.prompt_len,
                                         times=req.times()))
@@ -106,8 +122,9 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def kv_pending(self) -> bool:
-        """Requests waiting on KV transfers (loads in flight, blocks held for another engine)."""
-        return self.scheduler.kv_pending()
+        """Requests waiting on KV transfers (loads in flight, blocks held for another engine) or on
+        their grammar's compile: the loop polls for their end."""
+        return self.scheduler.kv_pending() or bool(self.compiling)
 
     def poll_kv(self) -> None:
         """Between steps: hand the workers what the connector decided since the last step (this process's
@@ -123,9 +140,9 @@ class EngineCore:
             worker.start_load_kv(meta)
         self.scheduler.kv_finished(*worker.get_finished(), worker.get_failed_loads())
 
-    def schedule(self):
+    def schedule(self, max_seqs: int | None = None):
         self.poll_kv()
-        return self.scheduler.schedule()
+        return self.scheduler.schedule(max_seqs)
 
     def _kv_meta(self) -> Optional[bytes]:
         if self.kv_connector is None:
@@ -135,6 +152,12 @@ class EngineCore:
     def run(self, batch, ep_counts=None, publish=None) -> list[EngineOutput]:
         """Execute a scheduled batch. In a DP wave an empty batch still runs the (empty) forward,
         so this rank takes part in the MoE collectives, unless no rank has tokens."""
+        step = self.launch(batch, ep_counts, publish)
+        return self.complete(step) if step is not None else []
+
+    def launch(self, batch, ep_counts=None, publish=None):
+        """Start a step (``run``'s first half): its requests are in flight, not scheduled again, until
+        ``complete``. None when nothing comes back (an empty batch)."""
         kv_meta = self._kv_meta()
         if not batch:
             if ep_counts and any(ep_counts):
@@ -145,12 +168,21 @@ class EngineCore:
                 if publish is not None and kv_meta != self._no_kv_meta:
                     publish(KVLoad(kv_meta))
                 self.runner.kv_start_load(kv_meta)
-            return []
+            return None
         now = time.monotonic()
         for req, _ in batch:
+            req.in_flight = True
             if req.scheduled_ts is None:
                 req.scheduled_ts = now
-        sampled = self.runner.execute(batch, ep_counts, publish, kv_meta)
+        return batch, ep_counts, publish, self.runner.launch(batch, ep_counts, publish, kv_meta)
+
+    def complete(self, step) -> list[EngineOutput]:
+        """Finish a launched step: take its samples, advance its requests, their outputs."""
+        batch, ep_counts, publish, in_flight = step
+        sampled = self.runner.collect(in_flight)
+        for req, _ in batch:
+            req.in_flight = False
+        batch = [(req, n) for req, n in batch if req.status is not Status.FINISHED]   # aborted meanwhile
         outputs = []
         prompt_tokens = sum(min(n, req.prompt_len - req.num_computed) for req, n in batch
                             if req.num_computed < req.prompt_len)
@@ -206,7 +238,8 @@ class EngineCore:
     def stats(self) -> EngineStats:
         s = self.scheduler
         eplb = self.runner.eplb
-        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting), kv_usage=self.blocks.usage,
+        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting) + len(self.compiling),
+                           kv_usage=self.blocks.usage,
                            num_preemptions=s.num_preemptions, num_free_blocks=self.blocks.num_free,
                            num_total_blocks=self.num_blocks, num_requests_received=self.num_received,
                            eplb_balancedness=eplb.measured if eplb else -1.0,

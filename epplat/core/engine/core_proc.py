@@ -1,6 +1,7 @@
-"""Engine processes: one per (DP rank, TP rank). The TP-rank-0 process of a DP rank (the
-driver) runs the scheduler and talks to the API servers over zmq; the other TP ranks
-replay each step the driver sends them.
+"""Engine processes: one per (DP rank, pipeline stage, TP rank). The first stage's TP-rank-0
+process of a DP rank (the driver) runs the scheduler and talks to the API servers over zmq; the
+other ranks run their part of each step the driver sends them. With pipeline stages the driver
+keeps up to pipeline-parallel-size steps in flight (of different requests), so stages do not idle.
 
 With expert parallelism over several DP ranks, MoE layers are collective, so all
 drivers step together in "waves": an engine that gets work while idle wakes every
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import deque
 
 import msgspec
 import torch
@@ -31,7 +33,7 @@ from epplat.config import ConfigError, EngineConfig
 from epplat.core.distributed.lifeline import die_with_parent
 from epplat.core.distributed.parallel_state import ParallelState, init_parallel
 from epplat.core.engine import protocol as P
-from epplat.core.engine.frame_auth import BadFrame, FrameAuth
+from epplat.core.engine.frame_auth import BadFrame, FrameAuth, listen
 from epplat.logs import setup_logging
 from epplat.plugins import PluginError, registry
 
@@ -123,7 +125,7 @@ def _share_threads(local_procs: int) -> int:
 
 
 def _local_procs(cfg: EngineConfig) -> int:
-    return len(cfg.parallel.local_dp_ranks()) * cfg.parallel.tensor_parallel_size
+    return len(cfg.parallel.local_dp_ranks()) * cfg.parallel.ranks_per_dp
 
 
 class _Liveness:
@@ -158,7 +160,7 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
     decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput | KVLoad | Rescale)
     auth = FrameAuth(cfg.parallel.internal_secret)
     sock = zmq.Context.instance().socket(zmq.PULL)
-    sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.tp_rank, run_dir(cfg)))
+    sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.pp_rank * ps.tp_size + ps.tp_rank, run_dir(cfg)))
     while True:
         busy = runner.kv_busy()
         if busy:
@@ -228,9 +230,10 @@ class _DriverIO:
             self.outs.append(o)
             self.poller.register(d, zmq.POLLIN)
         self.workers = []
-        for t in range(1, ps.tp_size):
+        self.in_flight: deque = deque()   # launched steps not yet completed (pipeline parallelism)
+        for t in range(1, ps.pp_size * ps.tp_size):
             w = self.ctx.socket(zmq.PUSH)
-            w.bind(par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
+            listen(w, par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
             self.workers.append(w)
         core.tp_publish = self.publish if self.workers else None
         self.waves = ps.ep and ps.dp_size > 1
@@ -394,8 +397,8 @@ def _api_server_count(par, ps: ParallelState) -> int:
 def _wake_forwarder(ctx, pull_addr: str, pub_addr: str, auth: FrameAuth) -> None:
     """PULL -> PUB, forwarding authentic frames only (a stranger's are dropped, with the stranger)."""
     pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
-    pull.bind(pull_addr)
-    pub.bind(pub_addr)
+    listen(pull, pull_addr)
+    listen(pub, pub_addr)
     try:
         while True:
             frame = pull.recv(copy=False)
@@ -413,10 +416,13 @@ def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> No
     while True:
         io.poll(0 if core.has_work() or io.scale else _KV_POLL_MS if core.kv_pending() else _IDLE_POLL_MS)
         core.poll_kv()
+        io.send_outputs(core.poll_grammars())
         if not io.waves:
             if io.scale is not None:
                 if not _rescale(core, io, ps, watch):
                     return
+            elif core.has_work() and ps.pp_size > 1:
+                _pipeline_step(core, io, ps.pp_size)
             elif core.has_work():
                 io.send_outputs(core.run(core.schedule(), publish=io.publish if io.workers else None))
             elif not watch.alive():
@@ -435,6 +441,20 @@ def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> No
             return
 
 
+def _pipeline_step(core, io: _DriverIO, depth: int) -> None:
+    """Launch steps until ``depth`` are in flight (or nothing more can be scheduled), then complete the oldest.
+    Each step takes at most 1/depth of the requests, so that every stage has a step to work on."""
+    sched = core.scheduler
+    while len(io.in_flight) < depth:
+        batch = core.schedule(-(-(len(sched.running) + len(sched.waiting)) // depth))
+        step = core.launch(batch, publish=io.publish) if batch else None
+        if step is None:
+            break
+        io.in_flight.append(step)
+    if io.in_flight:
+        io.send_outputs(core.complete(io.in_flight.popleft()))
+
+
 def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
     """Step in lockstep with every DP rank until none has work; True when every rank got the same
     scale call (elastic EP), which then runs after this step on all of them."""
@@ -442,6 +462,7 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
     gathered = [torch.zeros(3, dtype=torch.long) for _ in range(ps.dp_size)]
     while True:
         io.poll(0)
+        io.send_outputs(core.poll_grammars())
         has_work = core.has_work()
         batch = core.schedule() if has_work else []
         flags[0], flags[1] = int(has_work), sum(n for _, n in batch)

@@ -7,7 +7,10 @@ A frame whose tag does not match, or that does not decode, is dropped and logged
 once a second per socket) and the receiver goes on: no peer can crash or steer an engine
 or an API server with bytes it made up. The peer that sent it is dropped too (its connection
 shut, when the frame was received as a zmq.Frame, which knows it); a peer whose greeting is
-not ZMTP's is dropped by zmq itself.
+not ZMTP's is dropped by zmq itself. Every bound socket is made by `listen`: a ZAP domain on
+it makes zmq refuse ZMTP/1.0 and 2.0 peers (which need no handshake, so garbage that looks
+like their framing was kept connected, idle, for good; ZMTP 3 peers pass, as no ZAP handler
+is bound), and a peer that does not finish its handshake within HANDSHAKE_MS is dropped.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hmac
 import logging
 import os
 import socket
+import struct
 import time
 
 import msgspec
@@ -25,6 +29,15 @@ import zmq
 logger = logging.getLogger(__name__)
 
 TAG_BYTES = 16
+HANDSHAKE_MS = 5000     # zmq's default is 30 s; our peers are processes of one deployment
+
+
+def listen(sock: "zmq.Socket", addr: str) -> "zmq.Socket":
+    """Bind `sock` to `addr`, refusing peers that speak ZMTP before 3.0 or stall their handshake."""
+    sock.setsockopt(zmq.ZAP_DOMAIN, b"epplat")
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+    sock.bind(addr)
+    return sock
 
 
 class BadFrame(ValueError):
@@ -72,15 +85,28 @@ class FrameAuth:
 
 
 def _drop_sender(frame: "zmq.Frame") -> str:
-    """Shut the connection `frame` came on (zmq then forgets that peer); its address, for the log."""
+    """Shut the connection `frame` came on (zmq then forgets that peer); its address, for the log.
+
+    zmq.SRCFD is the descriptor the frame was read from, which zmq closes once that peer is gone
+    and the kernel may then give to the next connection: frames of a peer already dropped, still
+    queued, would name a stranger's. So the descriptor is shut only while its peer is still the
+    frame's sender ("Peer-Address": the IP, or for IPC localhost:uid:gid:pid)."""
     try:
-        fd = frame.get(zmq.SRCFD)
+        fd, sender = frame.get(zmq.SRCFD), frame.get("Peer-Address")
         with socket.socket(fileno=os.dup(fd)) as s:
+            if _peer_address(s) != sender:
+                return ""
             s.shutdown(socket.SHUT_RDWR)
     except (zmq.ZMQError, OSError):
         return ""
-    try:
-        return frame.get("Peer-Address") or "on a local socket"
-    except zmq.ZMQError:
-        return "on a local socket"
+    if sender.startswith("localhost:"):
+        return f"process {sender.rsplit(':', 1)[1]} on a local socket"
+    return sender
 
+
+def _peer_address(s: socket.socket) -> str:
+    """The peer of `s` as zmq's Peer-Address writes it."""
+    if s.family == socket.AF_UNIX:
+        pid, uid, gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        return f"localhost:{uid}:{gid}:{pid}"
+    return s.getpeername()[0]

@@ -53,6 +53,7 @@ class ModelInput(msgspec.Struct, array_like=True, tag=True):
     seqs: list[tuple[int, int, list[int]]]      # (context_len, q_len, block_table), decodes first
     ep_counts: Optional[list[int]] = None       # tokens of every EP rank this step
     kv_meta: Optional[bytes] = None             # the KV connector's step metadata (msgpack)
+    out_rows: Optional[list[int]] = None        # pipeline parallel: the rows the last stage sends the driver
 
 
 class DraftInput(msgspec.Struct, array_like=True, tag=True):
@@ -121,6 +122,17 @@ class ModelRunner:
                         emap.local_ids.stop - 1, emap.num_physical, first.local_logical_ids(), self.expert_bytes())
         self.eplb = self._eplb_state(emap) if par.enable_eplb else None
         runner = "eager" if cfg.enforce_eager else platform.default_graph_runner
+        self.stage = None
+        if ps.pp_size > 1:
+            from epplat.core.distributed.pipeline import StageLink
+            self.stage = StageLink(ps, self.model_cfg.hidden_size, self.dtype, device)
+            if ps.tp_rank == 0 and ps.dp_rank == 0:
+                logger.info("Pipeline stage %d/%d holds layers %d-%d of %d", ps.pp_rank, ps.pp_size, self.model.start,
+                            self.model.end - 1, self.model_cfg.num_layers)
+            if runner != "eager" and ps.rank == 0:
+                logger.warning("graph runner %s off (running eagerly): pipeline stages take hidden states in, "
+                               "which its captured steps do not", runner)
+            runner = "eager"
         self.graph = reg.load("graph_runner", runner, platform.name)(self.model, device)
         self.block_size = cfg.cache.block_size
         self.drafter = None                        # set by the engine core with --speculative-config
@@ -151,7 +163,8 @@ class ModelRunner:
         local = 1 if par.external_lb else (par.data_parallel_size_local or par.data_parallel_size)
         nodes = par.data_parallel_size // local if par.data_parallel_size % local == 0 else 1
         return EplbState(par.eplb, layers, emap, policy, group=self.ps.ep_group,
-                         num_groups=getattr(self.model_cfg, "num_expert_groups", 1), num_nodes=nodes)
+                         num_groups=getattr(self.model_cfg, "num_expert_groups", 1), num_nodes=nodes,
+                         peer_ranks=self.ps.ep_groups_ranks())
 
     def expert_bytes(self) -> int:
         """Bytes of expert weights resident on this rank."""
@@ -242,7 +255,8 @@ class ModelRunner:
             self.eplb = eplb
             if eplb is not None:
                 eplb.reset()
-        self.model.compute_logits(hidden[-min(len(hidden), self.cfg.scheduler.max_num_seqs):])
+        if self.model.lm_head is not None and self.stage is None:
+            self.model.compute_logits(hidden[-min(len(hidden), self.cfg.scheduler.max_num_seqs):])
         scratch = (nblk + 2) * self.kv_bytes_per_block()
         for attn in self.model.kv_layers():
             attn.kv_cache = None
@@ -307,14 +321,28 @@ class ModelRunner:
         if kv_meta is not None:
             self.kv_connector.start_load_kv(kv_meta)
         self.platform.before_step(len(mi.token_ids))
-        hidden = self.graph.forward(torch.tensor(mi.token_ids, dtype=torch.long, device=dev),
-                                    torch.tensor(mi.positions, dtype=torch.long, device=dev), meta)
+        ids = torch.tensor(mi.token_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(mi.positions, dtype=torch.long, device=dev)
+        hidden = self.graph.forward(ids, pos, meta) if self.stage is None else self._stage_forward(mi, ids, pos, meta)
         if kv_meta is not None:
             self.kv_connector.save_kv(kv_meta)
         if self.eplb is not None:
             self.eplb.end_step()
         if getattr(self.model, "mtp", None) is not None:
             self.hidden = hidden                   # the draft model's input after the step
+        return hidden
+
+    def _stage_forward(self, mi: ModelInput, ids, pos, meta) -> torch.Tensor:
+        """This pipeline stage's layers: hidden states in from the previous stage, out to the next one (the
+        last stage's TP rank 0 sends the driver the rows it samples from). An empty step sends nothing."""
+        link, n = self.stage, len(mi.token_ids)
+        x = None if link.first else link.recv_hidden(n) if n else torch.empty(0, link.hidden, dtype=self.dtype,
+                                                                               device=self.device)
+        hidden = self.model(ids, pos, meta, x)     # empty steps too: MoE layers are collective over the EP group
+        if not link.last and n:
+            link.send_hidden(hidden)
+        elif link.last and mi.out_rows and self.ps.tp_rank == 0:
+            link.send_output(hidden[torch.tensor(mi.out_rows, dtype=torch.long, device=self.device)])
         return hidden
 
     @torch.inference_mode()
@@ -330,22 +358,60 @@ class ModelRunner:
                                            torch.tensor(d.positions, dtype=torch.long, device=dev), prev, meta)
         return self.draft_hidden
 
-    @torch.inference_mode()
     def execute(self, batch: list[tuple[Request, int]], ep_counts=None, publish=None, kv_meta=None):
         """Run one step; returns {request_id: [(token, logprobs), ...]} for requests that sampled (one
         pair, or with speculative drafts one per draft and one after them).
 
-        ``publish(model_input)`` sends the step to this DP rank's TP workers first.
+        ``publish(model_input)`` sends the step to this DP rank's TP workers (and other stages) first.
         """
+        return self.collect(self.launch(batch, ep_counts, publish, kv_meta))
+
+    @torch.inference_mode()
+    def launch(self, batch: list[tuple[Request, int]], ep_counts=None, publish=None, kv_meta=None) -> "StepInFlight":
+        """Start a step: lay it out, publish it, run this rank's part of the forward. With pipeline stages the
+        step's output rows come back from the last stage later (``collect``), so several steps may be in flight."""
         mi, sample_rows, sample_reqs = self.prepare(batch, ep_counts, kv_meta)
+        prompt_rows = self.prompt_rows
+        recv = None
+        if self.stage is not None:
+            mi.out_rows = [row for row, _, _ in prompt_rows] + sample_rows
+            k = len(prompt_rows)
+            prompt_rows = [(i, req, tok) for i, (_, req, tok) in enumerate(prompt_rows)]
+            sample_rows = list(range(k, k + len(sample_rows)))
+            if mi.out_rows:
+                recv = self.stage.post_output_recv(len(mi.out_rows))
         if publish is not None:
             publish(mi)
         hidden = self.forward(mi)
+        return StepInFlight(hidden, recv, self.rows, prompt_rows, sample_rows, sample_reqs)
+
+    @torch.inference_mode()
+    def collect(self, step: "StepInFlight") -> dict:
+        """Finish a launched step: its output rows (from the last stage with PP), prompt logprobs, samples."""
+        hidden = step.hidden
+        if step.recv is not None:
+            step.recv[0].wait()
+            hidden = step.recv[1]
+        elif self.stage is not None:
+            hidden = hidden[:0]
+        self.rows, self.prompt_rows = step.rows, step.prompt_rows
         self._prompt_logprobs(hidden)
         out: dict = {}
-        if sample_reqs:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-            tokens, logprobs = sample(logits, sample_reqs)
-            for req, tok, lp in zip(sample_reqs, tokens, logprobs):
+        if step.sample_reqs:
+            logits = self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
+            tokens, logprobs = sample(logits, step.sample_reqs)
+            for req, tok, lp in zip(step.sample_reqs, tokens, logprobs):
                 out.setdefault(req.request_id, []).append((tok, lp))
         return out
+
+
+class StepInFlight(msgspec.Struct):
+    """A launched step: this rank's forward output, the pending receive of the last stage's rows (PP), and
+    where each request's rows are."""
+
+    hidden: object
+    recv: object
+    rows: list
+    prompt_rows: list
+    sample_rows: list
+    sample_reqs: list

@@ -36,6 +36,7 @@ class Request:
         self.kv_transfer_params: Optional[dict] = req.kv_transfer_params   # from the API request
         self.kv_transfer_out: Optional[dict] = None   # the connector's, for the response
         self.status = Status.WAITING
+        self.in_flight = False       # in a launched step not yet completed (pipeline parallel): not scheduled
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[int] = None
         self.arrival = req.arrival_time or time.time()

@@ -9,6 +9,10 @@ longest prefix of it found in the prefix cache. With the priority policy (vLLM's
 queue is kept in (priority, arrival) order and so are the running requests at each step, so that
 the victim of a preemption is the running request last in that order.
 
+Requests in a step still in flight (pipeline parallelism keeps several) are neither scheduled nor
+preempted until it completes; ``max_seqs`` splits the requests over the steps in flight, so that
+each pipeline stage has one to work on.
+
 With a KV connector, a new request may also find prompt tokens elsewhere: loaded before this
 step's forward (synchronously), or asynchronously, the request then waiting outside the batch
 (in ``remote``) until the workers report its blocks received. A finished request whose blocks
@@ -81,6 +85,8 @@ class Scheduler:
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
         if req is None:
+            if request_id in self.held:          # finished, its blocks held for a reader that will not come
+                self.connector.release(request_id)
             return None
         req.finish_reason = "abort"
         self.finish(req)
@@ -110,18 +116,24 @@ class Scheduler:
         self._wait(req, front=True)
         self.num_preemptions += 1
 
-    def schedule(self) -> list[tuple[Request, int]]:
+    def schedule(self, max_seqs: int | None = None) -> list[tuple[Request, int]]:
+        """This step's (request, new tokens), at most ``max_seqs`` requests."""
         budget = self.cfg.max_num_batched_tokens
+        max_seqs = max_seqs or self.cfg.max_num_seqs
         if self.cfg.policy == "priority":
             self.running.sort(key=lambda r: (r.priority, r.arrival))
         out: list[tuple[Request, int]] = []
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out) < max_seqs:
             req = self.running[i]
+            if req.in_flight:
+                i += 1
+                continue
             n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed, budget)
             while not self.blocks.allocate(req, n + self.lookahead):
-                victim = self.running.pop()
+                victim = next(r for r in reversed(self.running) if not r.in_flight)   # req at the latest
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -132,7 +144,8 @@ class Scheduler:
                 i += 1
                 continue
             break
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.cfg.max_num_seqs:
+        while (self.waiting and budget > 0 and not preempted and len(self.running) < self.cfg.max_num_seqs
+               and len(out) < max_seqs):
             req = self.waiting[0]
             if req.block_table:                      # its KV arrived from elsewhere
                 n = min(req.num_tokens - req.num_computed, budget)

@@ -3,7 +3,8 @@
 The API server turns a request's constraint into a ``StructuredOutput`` (json schema, json_object,
 regex or EBNF grammar; a choice becomes a grammar) and checks that it parses (``check``). The
 engine core compiles it against the model's vocabulary (compiled grammars are cached) into one
-matcher per request; every step the matchers of the batch's constrained rows fill one token
+matcher per request, on a thread of its own (xgrammar compiles without the GIL), so that the other
+requests' steps do not wait for a compile: the request joins the scheduler once its matcher is ready; every step the matchers of the batch's constrained rows fill one token
 bitmask, which is applied to the logits on their device in one call before sampling, and each
 sampled token advances its matcher. A matcher that has reached its end allows only the stop
 tokens (the request's EOS), and the request stops there.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -73,6 +75,7 @@ class Grammars:
         self.tokenizer_dir, self.vocab_size = tokenizer_dir, vocab_size
         self._lock = threading.Lock()
         self._compiler = None
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     def _compiled(self, spec: StructuredOutput):
         with self._lock:
@@ -89,6 +92,12 @@ class Grammars:
     def matcher(self, spec: StructuredOutput, stop_token_ids: list[int]):
         """A fresh matcher for one request; its end allows only stop_token_ids."""
         return xgrammar().GrammarMatcher(self._compiled(spec), override_stop_tokens=stop_token_ids or None)
+
+    def submit(self, spec: StructuredOutput, stop_token_ids: list[int]) -> Future:
+        """``matcher`` on the compile thread: its future."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        return self._pool.submit(self.matcher, spec, stop_token_ids)
 
 
 def apply_grammars(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:

@@ -233,24 +233,32 @@ class MoEForCausalLM(nn.Module):
         super().__init__()
         self.cfg, self.kernels = cfg, kernels
         ps = ps or ParallelState()
+        # a pipeline stage holds its layers; the first also the embedding and lm_head (the driver samples), the
+        # last the final norm (epplat.core.distributed.pipeline)
+        self.start, self.end = 0, cfg.num_layers
+        if ps.pp_size > 1:
+            from epplat.core.distributed.pipeline import layer_range
+            self.start, self.end = layer_range(cfg.num_layers, ps.pp_rank, ps.pp_size)
+        first, last = ps.pp_rank == 0, ps.pp_rank == ps.pp_size - 1
         rope = self.make_rope(cfg, kernels)
-        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype) if first else None
         self.layers = nn.ModuleList(self.layer_class(cfg, i, rope, all2all, ps, dtype, kernels=kernels)
-                                    for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, kernels)
-        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size,
-                                                                                   dtype=dtype)
+                                    for i in range(self.start, self.end))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, kernels) if last else None
+        self.lm_head = None if not first else self.embed_tokens if cfg.tie_word_embeddings else _param(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.rope = rope
 
     @staticmethod
     def make_rope(cfg, kernels: Kernels = TORCH):
         return RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, kernels)
 
-    def forward(self, input_ids, positions, meta: AttnMetadata) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed_tokens)
+    def forward(self, input_ids, positions, meta: AttnMetadata, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``hidden``: the previous pipeline stage's output (this stage embeds no tokens then)."""
+        x = F.embedding(input_ids, self.embed_tokens) if hidden is None else hidden
         for layer in self.layers:
             x = layer(x, positions, meta)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head, None, self.kernels)
@@ -258,19 +266,22 @@ class MoEForCausalLM(nn.Module):
     def load_weight(self, name: str, t: torch.Tensor) -> bool:
         """Copy one tensor given by its canonical name; False when this rank keeps none of it."""
         if name in ("embed_tokens", "lm_head"):
-            if name == "lm_head" and self.cfg.tie_word_embeddings:
+            if (name == "lm_head" and self.cfg.tie_word_embeddings) or getattr(self, name) is None:
                 return False
             getattr(self, name).data.copy_(t)
             return True
         if name == "norm":
+            if self.norm is None:
+                return False
             self.norm.weight.data.copy_(t)
             return True
         _, idx, rest = name.split(".", 2)
-        return self._layer_at(int(idx)).load(rest, t)
+        layer = self._layer_at(int(idx))
+        return layer is not None and layer.load(rest, t)
 
     def _layer_at(self, idx: int):
-        """The decoder layer a checkpoint's layer index names."""
-        return self.layers[idx]
+        """The decoder layer a checkpoint's layer index names; None when another pipeline stage holds it."""
+        return self.layers[idx - self.start] if self.start <= idx < self.end else None
 
     def kv_layers(self) -> list:
         """The attention modules that own a KV cache, in order."""
@@ -278,15 +289,19 @@ class MoEForCausalLM(nn.Module):
 
     def required_names(self) -> set[str]:
         """Canonical names of every tensor this rank must load."""
-        names = {"embed_tokens", "norm"} | (set() if self.cfg.tie_word_embeddings else {"lm_head"})
-        for i, layer in enumerate(self.layers):
+        names = {n for n in ("embed_tokens", "norm", "lm_head") if getattr(self, n) is not None}
+        if self.cfg.tie_word_embeddings:
+            names.discard("lm_head")
+        for i, layer in enumerate(self.layers, self.start):
             names |= {f"layers.{i}.{n}" for n in layer.weight_names()}
         return names
 
     def wants(self, name: str) -> bool:
         """Whether this rank needs the canonical tensor `name` at all (skips other ranks' experts)."""
+        if name in ("embed_tokens", "lm_head", "norm"):
+            return getattr(self, name) is not None and not (name == "lm_head" and self.cfg.tie_word_embeddings)
+        layer = self._layer_at(int(name.split(".")[1])) if name.startswith("layers.") else self
+        if layer is None:
+            return False                       # another pipeline stage's layer
         m = _EXPERT.search(name)
-        if not m:
-            return not (name == "lm_head" and self.cfg.tie_word_embeddings)
-        layer = self._layer_at(int(name.split(".")[1]))
-        return isinstance(layer.mlp, FusedMoE) and int(m.group(1)) in layer.mlp.local_logical_ids()
+        return not m or (isinstance(layer.mlp, FusedMoE) and int(m.group(1)) in layer.mlp.local_logical_ids())

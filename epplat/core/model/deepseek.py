@@ -158,15 +158,15 @@ class DeepseekForCausalLM(MoEForCausalLM):
                               cfg.rope_interleave)
 
     def _layer_at(self, idx: int):
-        if idx < len(self.layers):
-            return self.layers[idx]
-        return self.mtp.layer if self.mtp is not None and idx == len(self.layers) else None
+        if idx < self.cfg.num_layers:
+            return super()._layer_at(idx)
+        return self.mtp.layer if self.mtp is not None and idx == self.cfg.num_layers else None
 
     def kv_layers(self) -> list:
         return super().kv_layers() + ([self.mtp.layer.self_attn] if self.mtp is not None else [])
 
     def load_weight(self, name: str, t: torch.Tensor) -> bool:
-        if self.mtp is not None and name.startswith(f"layers.{len(self.layers)}."):
+        if self.mtp is not None and name.startswith(f"layers.{self.cfg.num_layers}."):
             if self.mtp.load_own(name.split(".", 2)[2], t):
                 return True
         return super().load_weight(name, t)
@@ -174,7 +174,7 @@ class DeepseekForCausalLM(MoEForCausalLM):
     def required_names(self) -> set[str]:
         names = super().required_names()
         if self.mtp is not None:
-            p = f"layers.{len(self.layers)}."
+            p = f"layers.{self.cfg.num_layers}."
             names |= {p + n for n in self.mtp.layer.weight_names() | self.mtp.own_names()}
         return names
 

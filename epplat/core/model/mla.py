@@ -53,6 +53,9 @@ class MLAttention(Projections):
         self.o_proj = _param(hidden, self.h * self.dv, dtype=dtype)
         self.scale = softmax_scale(qk, cfg.rope_scaling)
         self.kv_cache: Optional[tuple] = None
+        # kv_b_proj in the model dtype for the absorbed decode, where a quantization method keeps kv_b_proj in
+        # a form the per-head batched GEMMs cannot take (fp8 blocks); None: kv_b_proj itself
+        self.w_kv_b: Optional[torch.Tensor] = None
         # (first, *deps) -> context manager running the query path on a second stream; set by a graph
         # runner that overlaps it with the latent's projection and cache write (ascend: enable_multistream_mla)
         self.query_side_stream = None
@@ -115,7 +118,7 @@ class MLAttention(Projections):
         return _tp_all_reduce(self.project("o_proj", out.reshape(-1, self.h * self.dv)), self.ps)
 
     def _w_kv(self):
-        w = self.kv_b_proj.view(self.h, self.dn + self.dv, self.r)
+        w = (self.kv_b_proj if self.w_kv_b is None else self.w_kv_b).view(self.h, self.dn + self.dv, self.r)
         return w[:, : self.dn], w[:, self.dn:]          # W_UK [h, dn, r], W_UV [h, dv, r]
 
     def _prefill_decompressed(self, q, ctx, mask):

@@ -71,8 +71,11 @@ def run_policy(policy, logical: torch.Tensor, num_physical: int, num_groups: int
 
 
 class EplbState:
-    def __init__(self, cfg, layers: list, expert_map, policy, group=None, num_groups: int = 1, num_nodes: int = 1):
-        """cfg: EPLBConfig; layers: the MoE layers; group: the EP process group (None: one process)."""
+    def __init__(self, cfg, layers: list, expert_map, policy, group=None, num_groups: int = 1, num_nodes: int = 1,
+                 peer_ranks: Optional[list] = None):
+        """cfg: EPLBConfig; layers: the MoE layers; group: the EP process group (None: one process);
+        peer_ranks: the ranks of every EP group of the world, this one's among them (one per pipeline stage:
+        every rank makes every group, in the same order)."""
         expert_map.require_even("EPLB")
         self.cfg, self.layers, self.map, self.policy = cfg, layers, expert_map, policy
         self.num_groups, self.num_nodes = num_groups, num_nodes
@@ -93,8 +96,11 @@ class EplbState:
         if group is not None:   # own groups: the transfer thread must not interleave with step collectives
             ranks = dist.get_process_group_ranks(group)
             timeout = collective_timeout()
-            self.xfer_group = dist.new_group(ranks, timeout=timeout)
-            self.ctrl_group = dist.new_group(ranks, backend="gloo", timeout=timeout)
+            for peers in peer_ranks or [ranks]:
+                xfer, ctrl = dist.new_group(peers, timeout=timeout), dist.new_group(peers, backend="gloo",
+                                                                                       timeout=timeout)
+                if peers == ranks:
+                    self.xfer_group, self.ctrl_group = xfer, ctrl
         if expert_map.num_redundant and expert_map.ep_rank == 0:
             per = expert_bytes(layers[0])
             logger.info("EPLB: %d redundant experts take %.2f MiB per EP rank (%d MoE layers x %d bytes per "

@@ -15,6 +15,7 @@ def run_api_server(cfg_json: bytes, index: int, engine_ranks: list[int], opts: d
     --api-server-count > 1). Returns the exit code: 1 when the engines died."""
     from epplat.core.engine.client import EngineClient
     from epplat.core.server.app import bind_http_socket, build_app, run_server
+    from epplat.core.server.chat_output import chat_parsers
     from epplat.core.server.model_defaults import load_chat_template, sampling_defaults
     from epplat.core.server.tokenizer import eos_token_ids, load_tokenizer
     from epplat.logs import setup_logging
@@ -32,6 +33,8 @@ def run_api_server(cfg_json: bytes, index: int, engine_ranks: list[int], opts: d
     app = build_app(client, served_model_names=names, api_key=opts["api_key"],
                     sampling_defaults=sampling_defaults(cfg.model.model, opts.get("generation_config", "auto")),
                     max_logprobs=opts.get("max_logprobs", 20),
+                    chat_parsers=chat_parsers(opts.get("enable_auto_tool_choice", False), opts.get("tool_call_parser"),
+                                              opts.get("reasoning_parser")),
                     **{k: opts[k] for k in ("tokenizer_pool_size", "max_choices", "trust_request_chat_template",
                                             "max_body_bytes")})
     if sock is None:

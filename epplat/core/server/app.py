@@ -42,7 +42,7 @@ _decode_json = msgspec.json.Decoder().decode
 def build_app(client, *, served_model_names: list[str], api_key: Optional[str] = None,
               max_model_len: Optional[int] = None, model_path: Optional[str] = None, tokenizer_pool_size: int = 1,
               max_choices: int = 128, trust_request_chat_template: bool = False,
-              sampling_defaults: Optional[dict] = None, max_logprobs: int = 20,
+              sampling_defaults: Optional[dict] = None, max_logprobs: int = 20, chat_parsers=None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible app over an engine client.
 
@@ -57,7 +57,8 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
     pool = TokenizerPool(client.tokenizer, tokenizer_pool_size)
     serving = OpenAIServing(client, served_model_names, metrics, max_model_len, tokenizer_pool=pool,
                             max_choices=max_choices, trust_request_chat_template=trust_request_chat_template,
-                            sampling_defaults=sampling_defaults, max_logprobs=max_logprobs)
+                            sampling_defaults=sampling_defaults, max_logprobs=max_logprobs,
+                            **(chat_parsers or {}))
     created = int(time.time())
 
     @asynccontextmanager
@@ -116,11 +117,13 @@ def build_app(client, *, served_model_names: list[str], api_key: Optional[str] =
 
     @app.post("/tokenize", response_model=tok_api.TokenizeResponse, responses=_ERRORS)
     async def tokenize(raw: Request):
-        return await tok_api.tokenize(serving, tok_api.parse(tok_api.TokenizeRequest, await _body(raw, "tokenize")))
+        req = await _request(raw, "tokenize", tok_api.TokenizeRequest)
+        return Response(await tok_api.tokenize(serving, req), media_type="application/json")
 
     @app.post("/detokenize", response_model=tok_api.DetokenizeResponse, responses=_ERRORS)
     async def detokenize(raw: Request):
-        return tok_api.detokenize(serving, tok_api.parse(tok_api.DetokenizeRequest, await _body(raw, "detokenize")))
+        req = await _request(raw, "detokenize", tok_api.DetokenizeRequest)
+        return Response(await tok_api.detokenize(serving, req), media_type="application/json")
 
     @app.get("/version")
     async def version():
@@ -180,11 +183,14 @@ _STREAMS = {200: {"description": "A JSON body, or server-sent events with `strea
                   "content": {"application/json": {}, "text/event-stream": {}}}}
 
 
-async def _body(raw: Request, kind: str):
+async def _request(raw: Request, kind: str, cls):
+    """The body as `cls`: parsed in a tokenizer worker when large, else here."""
     body = await raw.body()
-    await raw.app.state.check_body(kind, body)
+    parsed = await raw.app.state.check_body(kind, body)
+    if parsed is not None:
+        return parsed
     try:
-        return _decode_json(body)
+        return tok_api.parse(cls, _decode_json(body))
     except msgspec.DecodeError as e:
         raise invalid_json(e) from None
 
@@ -211,12 +217,13 @@ class _MsgspecJSONRequest(Request):
         return self._json
 
 
-_BODY_KINDS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+_BODY_KINDS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 
 
 class _MsgspecJSONRoute(APIRoute):
     """Request bodies parsed by msgspec (FastAPI's own handler then validates them); a large one is
-    parsed and checked in a tokenizer worker first (body_check.py)."""
+    parsed and validated in a tokenizer worker instead, and the request model it gives is the
+    body FastAPI sees (a model instance is not validated again)."""
 
     def get_route_handler(self):
         handler, kind = super().get_route_handler(), _BODY_KINDS.get(self.path)
@@ -224,7 +231,9 @@ class _MsgspecJSONRoute(APIRoute):
         async def route(request: Request):
             request = _MsgspecJSONRequest(request.scope, request.receive)
             if kind is not None:
-                await request.app.state.check_body(kind, await request.body())
+                parsed = await request.app.state.check_body(kind, await request.body())
+                if parsed is not None:
+                    request._json = parsed
             return await handler(request)
         return route
 

@@ -61,7 +61,7 @@ class StreamOptions(BaseModel):
 # Fields vLLM accepts that change what is generated and that epplat does not implement: a
 # value other than "off" (None / false / 0 / empty) gets a 400 rather than being ignored.
 _UNSUPPORTED = ("use_beam_search", "guided_json", "guided_regex",
-                "guided_choice", "guided_grammar", "prompt_embeds", "logprob_token_ids", "tools", "functions",
+                "guided_choice", "guided_grammar", "prompt_embeds", "logprob_token_ids", "functions",
                 "suffix")
 
 
@@ -100,7 +100,6 @@ class _SamplingRequest(BaseModel):
     user: Optional[str] = None
     response_format: Optional[dict] = None
     structured_outputs: Optional[dict] = None      # vLLM's: exactly one of json, regex, choice, grammar, json_object
-    tool_choice: Optional[Union[str, dict]] = None
     kv_transfer_params: Optional[dict] = None      # for the KV connector (prefill/decode disaggregation)
 
     @field_validator("kv_transfer_params")
@@ -130,8 +129,6 @@ class _SamplingRequest(BaseModel):
                 raise invalid(name, f"{name} is not supported")
         if self.best_of not in (None, 1, self.n):
             raise invalid("best_of", "best_of other than n is not supported")
-        if self.tool_choice not in (None, "none"):
-            raise invalid("tool_choice", "tool calling is not supported")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options", "Stream options can only be defined when `stream=True`.")
         return self
@@ -185,8 +182,32 @@ class ChatMessage(BaseModel):
     content: Optional[Union[str, list[dict]]] = None
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = True
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: Optional[bool] = False
@@ -207,7 +228,19 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.add_generation_prompt and self.continue_final_message:
             raise invalid("continue_final_message",
                           "Cannot set both `continue_final_message` and `add_generation_prompt` to true.")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise invalid("tool_choice", "When using `tool_choice`, `tools` must be set.")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+                t.function.name for t in self.tools}:
+            raise invalid("tool_choice", f"Tool '{self.tool_choice.function.name}' has not been passed in `tools`.")
         return self
+
+    @property
+    def tool_mode(self) -> str:
+        """none, auto, required or named (vLLM's default: auto when tools are given)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or ("auto" if self.tools else "none")
 
     @property
     def output_limit(self) -> Optional[int]:
@@ -306,9 +339,22 @@ class ChatLogProbs(BaseModel):
     content: Optional[list[ChatLogProbsContent]] = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
+    reasoning_content: Optional[str] = None     # with --reasoning-parser
     content: Optional[str] = None
+    tool_calls: list[ToolCall] = []
 
 
 class ChatChoice(BaseModel):
@@ -330,15 +376,33 @@ class ChatCompletionResponse(BaseModel):
     kv_transfer_params: Optional[dict] = None
 
 
-class DeltaMessage(BaseModel):
-    """Only the fields that are set: the first delta of a choice has the role, the others only content."""
-
-    role: Optional[str] = None
-    content: Optional[str] = None
+class _SetFieldsOnly(BaseModel):
+    """Serialized with only the fields that are set (not None), as vLLM streams deltas."""
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_SetFieldsOnly):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(_SetFieldsOnly):
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
+class DeltaMessage(_SetFieldsOnly):
+    """The first delta of a choice has the role, the others content, reasoning_content or tool calls."""
+
+    role: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatStreamChoice(BaseModel):

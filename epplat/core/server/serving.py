@@ -20,12 +20,15 @@ from pydantic import BaseModel
 from epplat.core.engine.client import EngineError
 from epplat.core.engine.protocol import SamplingParams
 from epplat.core.server.body_check import choices_error, context_error, prompt_list
+from epplat.core.server.chat_output import ChatOutputs
 from epplat.core.server.metrics import Metrics
 from epplat.core.server.structured import structured_output
+from epplat.core.server.tool_choice import check_tool_choice, tool_constraint
+from epplat.core.server.tokenizer import bad_words_token_ids
 from epplat.core.server.tokenizer_pool import TokenizerPool
 from epplat.core.server.protocol import (
     APIError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatLogProb,
-    ChatLogProbs, ChatLogProbsContent, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogProbs,
+    ChatCompletionRequest, ChatLogProbs, ChatLogProbsContent, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogProbs,
     CompletionRequest, CompletionResponse, CompletionResponseChoice, CompletionStreamResponse, DeltaMessage,
     PromptLogprob, UsageInfo)
 
@@ -66,7 +69,8 @@ class OpenAIServing:
 
     def __init__(self, client, served_model_names: list[str], metrics: Metrics, max_model_len: Optional[int] = None,
                  *, tokenizer_pool: TokenizerPool, max_choices: int = 128, trust_request_chat_template: bool = False,
-                 sampling_defaults: Optional[dict] = None, max_logprobs: int = 20):
+                 sampling_defaults: Optional[dict] = None, max_logprobs: int = 20, tool_parser=None,
+                 enable_auto_tool_choice: bool = False, reasoning_parser=None):
         self.client, self.names, self.metrics = client, list(served_model_names), metrics
         self.tok = client.tokenizer
         self.pool, self.max_choices, self.trust_template = tokenizer_pool, max_choices, trust_request_chat_template
@@ -74,6 +78,9 @@ class OpenAIServing:
         self._max_model_len = max_model_len
         self.defaults = dict(sampling_defaults or {})    # --generation-config: for fields a request leaves unset
         self.max_logprobs = max_logprobs
+        # --tool-call-parser / --reasoning-parser (instances; None without the flag)
+        self.tool_parser, self.reasoning_parser = tool_parser, reasoning_parser
+        self.auto_tools = enable_auto_tool_choice and tool_parser is not None
         self._token_str = functools.lru_cache(maxsize=1 << 17)(lambda t: self.tok.decode([t]))
 
     @property
@@ -95,7 +102,7 @@ class OpenAIServing:
                                               if isinstance(p, str) else list(p)))
                for p in prompts]
         ids = self._remote_prompt(req.kv_transfer_params) or ids
-        self._check_kv(req.kv_transfer_params)
+        self._check_kv(req.kv_transfer_params, req.n)
         base = self._base_id(raw)
         rid = f"cmpl-{base}"
         jobs = self._jobs(rid, ids, req.n, lambda plen: self._params(req, plen, req.max_tokens, req.logprobs),
@@ -169,10 +176,11 @@ class OpenAIServing:
         """A chat request's engine jobs: (jobs, prompt ids, model name, X-Request-Id base, response id)."""
         model = self.check_model(req.model)
         self._check_choices(1, req.n)
+        check_tool_choice(req, self.auto_tools)
         text = await self.render_chat(req)
         ids = self._check_ids(self._truncate(req, await self._encode(text, req.add_special_tokens, req)))
         ids = (self._remote_prompt(req.kv_transfer_params) or [ids])[0]
-        self._check_kv(req.kv_transfer_params)
+        self._check_kv(req.kv_transfer_params, req.n)
         base = self._base_id(raw)
         rid = f"{prefix}{base}"
         jobs = self._jobs(rid, [ids], req.n, lambda plen: self._params(req, plen, req.output_limit, req.num_logprobs),
@@ -185,10 +193,16 @@ class OpenAIServing:
         if req.stream:
             return _with_id(self._sse(self._chat_chunks(req, jobs, arrival, rid, created, model)), base)
         choices = await self._collect(jobs, arrival, raw)
-        out = [ChatChoice(index=i, message=ChatResponseMessage(content=c.text),
-                          logprobs=self._chat_logprobs(c.logprobs, req.top_logprobs, req.return_tokens_as_token_ids)
-                          if req.logprobs else None,
-                          finish_reason=c.finish_reason, stop_reason=c.stop_reason) for i, c in enumerate(choices)]
+        parse = self._chat_outputs(req)
+        out = []
+        for i, c in enumerate(choices):
+            msg = parse.whole(c.text)
+            out.append(ChatChoice(
+                index=i, message=ChatResponseMessage(reasoning_content=msg.reasoning_content, content=msg.content,
+                                                     tool_calls=msg.tool_calls),
+                logprobs=self._chat_logprobs(c.logprobs, req.top_logprobs, req.return_tokens_as_token_ids)
+                if req.logprobs else None,
+                finish_reason=parse.finish_reason(bool(msg.tool_calls), c.finish_reason), stop_reason=c.stop_reason))
         return _with_id(_json(ChatCompletionResponse(id=rid, created=created, model=model, choices=out,
                                                      usage=UsageInfo.of(len(ids), sum(c.num_tokens for c in choices)),
                                                      prompt_logprobs=self._prompt_logprobs(choices[0].prompt_logprobs),
@@ -203,12 +217,17 @@ class OpenAIServing:
         for job in jobs:
             yield chunk([ChatStreamChoice(index=job.index, delta=DeltaMessage(role="assistant", content=""))],
                         UsageInfo.of(prompt_len, 0) if req.continuous_usage else None)
+        parse = self._chat_outputs(req)
+        streams = [parse.stream() for _ in jobs]
         async for i, out in self._merged(jobs, arrival):
             num_tokens[i] += len(out.token_ids)
-            delta = DeltaMessage(content=out.text) if out.text or not out.finish_reason else DeltaMessage()
+            delta = streams[i].feed(out.text, bool(out.finish_reason))
             lp = (self._chat_logprobs(out.logprobs or [], req.top_logprobs, req.return_tokens_as_token_ids)
                   if req.logprobs else None)
-            yield chunk([ChatStreamChoice(index=i, delta=delta, logprobs=lp, finish_reason=out.finish_reason,
+            if delta is None and not out.finish_reason and not (lp and lp.content):
+                continue          # the parsers hold this text back until they know what it is
+            yield chunk([ChatStreamChoice(index=i, delta=delta or DeltaMessage(), logprobs=lp,
+                                          finish_reason=parse.finish_reason(streams[i].called, out.finish_reason),
                                           stop_reason=out.stop_reason)],
                         UsageInfo.of(prompt_len, num_tokens[i]) if req.continuous_usage else None)
         if req.include_usage:
@@ -224,14 +243,20 @@ class OpenAIServing:
         return ChatLogProbs(content=[item(e[0], ChatLogProbsContent, top_logprobs=[item(x) for x in e[1:1 + top]])
                                      for e in entries])
 
+    def _chat_outputs(self, req: ChatCompletionRequest) -> ChatOutputs:
+        return ChatOutputs(req, self.tool_parser, self.reasoning_parser)
+
     async def render_chat(self, req) -> str:
-        """A chat request's (or /tokenize's) messages through the chat template, as text."""
-        messages = [_message(m) for m in req.messages]
+        """A chat request's (or /tokenize's) messages, and its tools, through the chat template, as text."""
+        options = {"add_generation_prompt": req.add_generation_prompt, "tokenize": False,
+                   **({"continue_final_message": True} if req.continue_final_message else {}),
+                   **self._template_options(req)}
+
+        def render():      # in a template thread, messages and tools and all (a request may carry 100,000s)
+            tools = [t.model_dump(exclude_none=True) for t in getattr(req, "tools", None) or []] or None
+            return self.tok.apply_chat_template([_message(m) for m in req.messages], tools=tools, **options)
         try:
-            return await self.pool.render(
-                self.tok.apply_chat_template, messages, add_generation_prompt=req.add_generation_prompt,
-                tokenize=False, **({"continue_final_message": True} if req.continue_final_message else {}),
-                **self._template_options(req))
+            return await self.pool.render(render)
         except APIError:
             raise
         except Exception as e:
@@ -246,9 +271,13 @@ class OpenAIServing:
             raise APIError(400, f"a request with X-Request-Id {base!r} is already in flight")
         return base
 
-    def _check_kv(self, params: Optional[dict]) -> None:
+    def _check_kv(self, params: Optional[dict], n: int) -> None:
         """A decode call for KV computed elsewhere needs a connector here, else it would silently compute
-        from the (placeholder) prompt it carries."""
+        from the (placeholder) prompt it carries; a P/D-split request has one choice (one prefill's blocks
+        are held for, and read by, one decode request)."""
+        if params and (params.get("do_remote_prefill") or params.get("do_remote_decode")) and n > 1:
+            raise APIError(400, "n > 1 with a remote prefill or decode is not supported: one prefill's KV blocks "
+                                "are read by one decode request (send n separate requests)", "n")
         cfg = getattr(self.client, "cfg", None)
         if params and params.get("do_remote_prefill") and getattr(cfg, "kv_transfer", None) is None:
             raise APIError(400, "kv_transfer_params.do_remote_prefill needs a KV connector on this server "
@@ -348,7 +377,7 @@ class OpenAIServing:
             top_k=max(0, d.get("top_k", 0) if req.top_k is None else req.top_k),
             min_p=d.get("min_p", 0.0) if req.min_p is None else req.min_p,
             seed=req.seed, stop=list(req.stop or []), stop_token_ids=stop_ids, ignore_eos=req.ignore_eos,
-            logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+            logprobs=logprobs, skip_special_tokens=req.skip_special_tokens and not self._parses_markers(req),
             include_stop_str_in_output=req.include_stop_str_in_output, prompt_logprobs=req.prompt_logprobs,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=d.get("repetition_penalty", 1.0) if req.repetition_penalty is None
@@ -372,18 +401,16 @@ class OpenAIServing:
         return out
 
     def _bad_words(self, words: list[str]) -> list[list[int]]:
-        """vLLM's tokenization of bad words: each word as written, and with a leading space when that is
-        a different token sequence of the same length."""
-        out: list[list[int]] = []
-        for word in words:
-            for prefix in ("", " "):
-                ids = self.tok.encode(prefix + word.lstrip(), add_special_tokens=False)
-                if ids and (not prefix or (ids[0] != out[-1][0] and len(ids) == len(out[-1]))):
-                    out.append(ids)
-        return [self._in_vocab(ids, "bad_words") for ids in out]
+        return [self._in_vocab(ids, "bad_words") for ids in bad_words_token_ids(self.tok, words)]
+
+    def _parses_markers(self, req) -> bool:
+        """The tool parser reads markers that may be special tokens: they stay in the text (as vLLM's)."""
+        return (self.auto_tools and getattr(req, "tool_mode", "none") == "auto"
+                and not self.tool_parser.skip_special_tokens)
 
     def _structured(self, req):
         spec = structured_output(req)
+        spec = tool_constraint(req, spec) or spec
         if spec is not None and getattr(getattr(self.client, "cfg", None), "speculative", None) is not None:
             raise APIError(400, "structured output together with --speculative-config is not supported",
                            "structured_outputs" if req.structured_outputs else "response_format")
@@ -496,6 +523,9 @@ class OpenAIServing:
         except Exception as e:
             logger.error("request %s failed: %s: %s", jobs[0].request_id.rsplit("-", 1)[0], type(e).__name__, e)
             raise public_error(e) from e
+        if any(c.kv_transfer_params for c in choices) and await raw.is_disconnected():
+            await self.client.release_kv([j.request_id for j in jobs])    # no decoder will read its blocks
+            raise APIError(499, "The client disconnected.")
         return choices
 
     @staticmethod

@@ -63,10 +63,15 @@ def structured_output(req) -> Optional[StructuredOutput]:
     so = dict(req.structured_outputs or {})
     if req.response_format is not None:
         _from_response_format(req.response_format, so)
+    return checked(so, "response_format" if req.response_format else "structured_outputs")
+
+
+def checked(so: dict, param: str = "structured_outputs") -> Optional[StructuredOutput]:
+    """vLLM's structured_outputs fields as the engine's constraint, checked to parse (a 400 naming param)."""
     spec = _from_structured_outputs(so)
     if spec is not None:
         try:
             check(spec)
         except (ValueError, RuntimeError) as e:
-            raise APIError(400, str(e), "response_format" if req.response_format else "structured_outputs") from None
+            raise APIError(400, str(e), param) from None
     return spec

@@ -1,5 +1,9 @@
 """vLLM's /tokenize and /detokenize: a prompt (text, or chat messages through the chat template) to
-token ids and back, with vLLM's request and response shapes, on the server's own tokenizer."""
+token ids and back, with vLLM's request and response shapes, on the server's own tokenizer.
+
+As in vLLM, neither checks the context length (`count` says how long a prompt is); the body
+limit bounds them, and a long input is tokenized or decoded, and its answer written, in a
+tokenizer worker (tokenizer_pool.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +11,7 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from epplat.core.server.protocol import APIError, ChatMessage, invalid
-
-_NO_LIMIT = 1 << 62     # vLLM tokenizes prompts of any length here (the count says how long they are)
+from epplat.core.server.protocol import APIError, ChatMessage, ChatTool, invalid
 
 
 class _Request(BaseModel):
@@ -25,6 +27,7 @@ class TokenizeCompletionRequest(_Request):
 
 class TokenizeChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[ChatTool]] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -37,8 +40,6 @@ class TokenizeChatRequest(_Request):
         if self.add_generation_prompt and self.continue_final_message:
             raise invalid("continue_final_message",
                           "Cannot set both `continue_final_message` and `add_generation_prompt` to true.")
-        if (self.model_extra or {}).get("tools"):
-            raise invalid("tools", "tools is not supported")
         return self
 
 
@@ -72,21 +73,19 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-async def tokenize(serving, req: TokenizeRequest) -> TokenizeResponse:
-    """`serving` is the app's OpenAIServing (its model names, tokenizer pool and chat template rules)."""
+async def tokenize(serving, req: TokenizeRequest) -> bytes:
+    """TokenizeResponse's JSON. `serving` is the app's OpenAIServing (its model names, tokenizer pool
+    and chat template rules)."""
     serving.check_model(req.model)
     if isinstance(req, TokenizeChatRequest):
         text = await serving.render_chat(req)
     else:
         text = req.prompt
-    _, ids = await serving.pool.encode(text, req.add_special_tokens, _NO_LIMIT)
-    strs = serving.tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
-    return TokenizeResponse(count=len(ids), max_model_len=serving.max_model_len, tokens=ids, token_strs=strs)
+    return await serving.pool.tokenize_body(text, req.add_special_tokens, bool(req.return_token_strs),
+                                            serving.max_model_len)
 
 
-def detokenize(serving, req: DetokenizeRequest) -> DetokenizeResponse:
+async def detokenize(serving, req: DetokenizeRequest) -> bytes:
+    """DetokenizeResponse's JSON."""
     serving.check_model(req.model)
-    bad = [t for t in req.tokens if not 0 <= t < serving.vocab_size]
-    if bad:
-        raise APIError(400, f"Token id {bad[0]} is out of vocabulary (size {serving.vocab_size}).", "tokens")
-    return DetokenizeResponse(prompt=serving.tok.decode(req.tokens))
+    return await serving.pool.detokenize_body(req.tokens, serving.vocab_size)

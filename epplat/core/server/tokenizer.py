@@ -17,6 +17,18 @@ def load_tokenizer(model_dir: str):
         raise ConfigError(f"cannot load the tokenizer of {model_dir!r}: {e}") from None
 
 
+def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """vLLM's tokenization of bad words: each word as written, and with a leading space when that is
+    a different token sequence of the same length."""
+    out: list[list[int]] = []
+    for word in words:
+        for prefix in ("", " "):
+            ids = tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
+            if ids and (not prefix or (ids[0] != out[-1][0] and len(ids) == len(out[-1]))):
+                out.append(ids)
+    return out
+
+
 def eos_token_ids(model_dir: str, tokenizer) -> list[int]:
     """The ids that end generation, as transformers' generate uses them."""
     ids: list = []

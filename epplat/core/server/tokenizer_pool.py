@@ -9,7 +9,8 @@ held it for 0.75 s at a time) and /health would wait on them. A worker sends the
 only when they fit the context; otherwise just their count, for the 400. Chat templates
 render in a thread (transformers renders them in Jinja's ImmutableSandboxedEnvironment),
 so the loop keeps answering while a long conversation renders. A large request body is
-decoded and checked in a worker first (body_check.py).
+decoded and checked in a worker first (body_check.py). /tokenize and /detokenize of long
+inputs are answered by a worker whole: it tokenizes (or decodes) and writes the JSON body.
 """
 
 from __future__ import annotations
@@ -21,35 +22,84 @@ import os
 import signal
 from array import array
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Optional
+from typing import Optional, Union
+
+import msgspec
 
 from epplat.core.server import body_check
 from epplat.core.server.protocol import APIError
 
 IN_PLACE_CHARS = 4096
+IN_PLACE_IDS = 4096
 
-_worker_tokenizer = None
+_worker_tok = None
 
 
-def _worker_init(rust_json: Optional[str], model_dir: str, parent_pid: int) -> None:
+class _RustTokenizer:
+    """transformers' fast tokenizer's calls, on the Rust tokenizer it wraps."""
+
+    def __init__(self, rust_json: str, clean_up_spaces: bool):
+        from tokenizers import Tokenizer
+        self.rust, self.clean_up_spaces = Tokenizer.from_str(rust_json), clean_up_spaces
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.rust.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [self.rust.id_to_token(i) for i in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        text = self.rust.decode(ids, skip_special_tokens=False)
+        if self.clean_up_spaces:    # what transformers' clean_up_tokenization does
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
+
+
+def _worker_init(rust_json: Optional[str], clean_up_spaces: bool, model_dir: str, parent_pid: int) -> None:
     from epplat.core.distributed.lifeline import die_with_parent
     die_with_parent(parent_pid)
     for sig in (signal.SIGINT, signal.SIGTERM):   # the API server decides when the pool stops
         signal.signal(sig, signal.SIG_IGN)
-    global _worker_tokenizer
+    global _worker_tok
     if rust_json is not None:
-        from tokenizers import Tokenizer
-        rust = Tokenizer.from_str(rust_json)
-        _worker_tokenizer = lambda text, special: rust.encode(text, add_special_tokens=special).ids  # noqa: E731
+        _worker_tok = _RustTokenizer(rust_json, clean_up_spaces)
     else:
         from transformers import AutoTokenizer
-        slow = AutoTokenizer.from_pretrained(model_dir)
-        _worker_tokenizer = lambda text, special: slow.encode(text, add_special_tokens=special)  # noqa: E731
+        _worker_tok = AutoTokenizer.from_pretrained(model_dir)
 
 
 def _worker_encode(text: str, add_special_tokens: bool, limit: int) -> tuple[int, Optional[bytes]]:
-    ids = _worker_tokenizer(text, add_special_tokens)
+    ids = _worker_tok.encode(text, add_special_tokens=add_special_tokens)
     return len(ids), array("q", ids).tobytes() if len(ids) <= limit else None
+
+
+def tokenize_body(tok, text: str, add_special_tokens: bool, token_strs: bool, max_model_len: int) -> bytes:
+    """/tokenize's JSON body (vLLM's: any length is tokenized; `count` may exceed max_model_len)."""
+    ids = tok.encode(text, add_special_tokens=add_special_tokens)
+    return msgspec.json.encode({"count": len(ids), "max_model_len": max_model_len, "tokens": ids,
+                                "token_strs": tok.convert_ids_to_tokens(ids) if token_strs else None})
+
+
+def detokenize_body(tok, ids: list[int], vocab_size: int) -> bytes:
+    """/detokenize's JSON body; APIError for an id out of the vocabulary."""
+    if ids and not (0 <= min(ids) and max(ids) < vocab_size):
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise APIError(400, f"Token id {bad} is out of vocabulary (size {vocab_size}).", "tokens")
+    return msgspec.json.encode({"prompt": tok.decode(ids)})
+
+
+def _worker_tokenize(*args) -> bytes:
+    return tokenize_body(_worker_tok, *args)
+
+
+def _worker_detokenize(ids: Union[list[int], bytes], vocab_size: int) -> Union[bytes, tuple]:
+    try:
+        return detokenize_body(_worker_tok, body_check.unpack_ids(ids) if isinstance(ids, bytes) else ids,
+                               vocab_size)
+    except APIError as e:
+        return e.status, e.message, e.param
 
 
 class TokenizerPool:
@@ -58,8 +108,9 @@ class TokenizerPool:
     def __init__(self, tokenizer, size: int):
         self.tok, self.size = tokenizer, size
         rust = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else None
-        self._procs = ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"),
-                                          initializer=_worker_init, initargs=(rust, tokenizer.name_or_path, os.getpid()))
+        clean = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self._procs = ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                          initargs=(rust, clean, tokenizer.name_or_path, os.getpid()))
         self._threads = ThreadPoolExecutor(size, thread_name_prefix="epplat-template")
 
     async def warm_up(self) -> None:
@@ -79,13 +130,32 @@ class TokenizerPool:
         ids.frombytes(raw)
         return n, ids.tolist()
 
-    async def check_body(self, kind: str, body: bytes, max_model_len: int, max_choices: int) -> None:
-        """A body too large to parse on the loop is parsed in a worker first; raises its 400 if it fails there."""
+    async def check_body(self, kind: str, body: bytes, max_model_len: int, max_choices: int):
+        """A body too large to parse on the loop is parsed and validated in a worker: the request model
+        (None for a small body, which the loop parses), or its 400 raised."""
         if len(body) <= body_check.IN_PLACE_BODY_BYTES:
-            return
-        err = await asyncio.wrap_future(self._procs.submit(body_check.check, kind, body, max_model_len, max_choices))
-        if err is not None:
-            raise APIError(*err)
+            return None
+        got = await asyncio.wrap_future(self._procs.submit(body_check.check, kind, body, max_model_len, max_choices))
+        if isinstance(got, tuple):
+            raise APIError(*got)
+        return got
+
+    async def tokenize_body(self, text: str, add_special_tokens: bool, token_strs: bool, max_model_len: int) -> bytes:
+        if len(text) <= IN_PLACE_CHARS:
+            return tokenize_body(self.tok, text, add_special_tokens, token_strs, max_model_len)
+        return await asyncio.wrap_future(self._procs.submit(_worker_tokenize, text, add_special_tokens, token_strs,
+                                                            max_model_len))
+
+    async def detokenize_body(self, ids: Union[list[int], bytes], vocab_size: int) -> bytes:
+        """`ids` as a list, or as body_check.IdBytes from a worker's parse (handed on unpacked)."""
+        packed = isinstance(ids, bytes)
+        if (len(ids) // 8 if packed else len(ids)) <= IN_PLACE_IDS:
+            return detokenize_body(self.tok, body_check.unpack_ids(ids) if packed else ids, vocab_size)
+        arg = bytes(ids) if packed else body_check.PackedIds(ids)
+        got = await asyncio.wrap_future(self._procs.submit(_worker_detokenize, arg, vocab_size))
+        if isinstance(got, tuple):
+            raise APIError(*got)
+        return got
 
     async def render(self, fn, /, *args, **kwargs):
         """fn(*args, **kwargs) in a template thread."""

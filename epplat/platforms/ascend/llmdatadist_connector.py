@@ -16,9 +16,16 @@ deployment's secret) exchanges the devices' metadata, after which both sides ``l
 says it has finished reading, which frees them on the prefill side. Pulls run on a thread: other
 requests keep stepping. A failed pull recomputes the prompt locally, with a warning.
 
+With tensor parallelism every TP rank is a ranktable device of its own (its side channel at
+VLLM_ASCEND_LLMDD_RPC_PORT + DP rank x TP size + TP rank) holding its KV heads; decode TP rank r
+pulls whole blocks from prefill TP rank r, so both sides need the same TP size (pull_blocks moves
+whole blocks of one registered cache; a different size is refused, in the config when its
+kv_connector_extra_config says so, else at the pull, which recomputes with a warning). The TP
+workers report their pulls and freed blocks to their driver (connectors/tp_ranks.py).
+
 kv_connector_extra_config ``{"prefill": {"dp_size", "tp_size"}, "decode": {...}}`` (vllm-ascend's
-keys) is checked against this server's layout for its own role. Limits: tensor parallel size 1 on
-both sides; kv_both is refused (as vllm-ascend does).
+keys) is checked against this server's layout for its own role. Limits: the same TP size on both
+sides; kv_both is refused (as vllm-ascend does).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from epplat.config import ConfigError
 from epplat.connectors import side_channel
 from epplat.connectors.pull import HeldBlocks, Pull, PullConnector, compat, compat_error
+from epplat.connectors.tp_ranks import TPReports
 from epplat.core.engine.frame_auth import FrameAuth
 from epplat.platforms.ascend import ranktable
 
@@ -79,8 +87,6 @@ class LLMDataDistCMgrConnector(PullConnector):
         name = "LLMDataDistCMgrConnector"
         if kv.kv_role not in ("kv_producer", "kv_consumer"):
             raise ConfigError(f"{name}: kv_role must be kv_producer or kv_consumer, not {kv.kv_role}")
-        if par.tensor_parallel_size != 1:
-            raise ConfigError(f"{name}: --tensor-parallel-size above 1 is not supported yet")
         path = os.environ.get(RANKTABLE_ENV)
         if not path:
             raise ConfigError(f"{name}: set {RANKTABLE_ENV} to the ranktable `epplat ranktable` wrote")
@@ -101,6 +107,10 @@ class LLMDataDistCMgrConnector(PullConnector):
                 if side == mine and value != want[key]:
                     raise ConfigError(f"{name}: kv_connector_extra_config.{side}.{key} is {value} but this "
                                       f"{side} server has {want[key]}")
+        tps = [extra[side]["tp_size"] for side in ("prefill", "decode") if "tp_size" in extra.get(side, {})]
+        if len(tps) == 2 and tps[0] != tps[1]:
+            raise ConfigError(f"{name}: prefill tp_size {tps[0]} and decode tp_size {tps[1]} differ; pull_blocks "
+                              f"moves whole blocks, so both sides need the same tensor parallel size")
 
     def __init__(self, config, engine, role, dp_rank: int = 0, tp_rank: int = 0):
         super().__init__(config, engine, role, dp_rank, tp_rank)
@@ -113,7 +123,9 @@ class LLMDataDistCMgrConnector(PullConnector):
         self.linked: dict[int, int] = {}            # remote cluster id -> comm id
         self.received: set[str] = set()
         self.failed: set[str] = set()
-        self.datadist = self.server = None
+        self.failed_out: set[str] = set()
+        self.pending = 0                            # pulls submitted and not ended
+        self.datadist = self.server = self.tp = None
 
     def endpoint(self) -> tuple[str, int]:
         return self.ip, self.port
@@ -159,8 +171,10 @@ class LLMDataDistCMgrConnector(PullConnector):
         self.my_compat = compat(self.engine, kv_caches)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="llmdd-pull")
         self.server = side_channel.SideChannelServer(self.listen, self.port, self._answer, self.auth)
-        logger.info("LLMDataDistCMgrConnector: DP rank %d is cluster %d (device %s, %s) with its side channel at "
-                    "%s:%d", self.dp_rank, self.cluster_id, self.device["device_id"], self.device["device_ip"],
+        if self.tp_size > 1:
+            self.tp = TPReports.of(self.engine, self.dp_rank, self.tp_rank, self.auth)
+        logger.info("LLMDataDistCMgrConnector: DP rank %d TP rank %d is cluster %d (device %s, %s) with its side "
+                    "channel at %s:%d", self.dp_rank, self.tp_rank, self.cluster_id, self.device["device_id"], self.device["device_ip"],
                     self.ip, self.port)
 
     def _link(self, peer: dict) -> int:
@@ -214,8 +228,11 @@ class LLMDataDistCMgrConnector(PullConnector):
         return {"error": "unknown op"}
 
     def _pull(self, pull: Pull) -> None:
-        dd, where = self.dd, (pull.remote_host, pull.remote_port)
+        dd, where = self.dd, (pull.remote_host, pull.remote_port + self.tp_rank)    # the same TP rank there
         try:
+            if pull.remote_tp_size != self.tp_size:
+                raise RuntimeError(f"the prefill side has tensor parallel size {pull.remote_tp_size}, this side "
+                                   f"{self.tp_size}; pull_blocks moves whole blocks, so both need the same")
             r = side_channel.request(*where, {"op": "metadata", "device": self.device, "compat": self.my_compat},
                                      self.auth)
             if "error" in r:
@@ -239,32 +256,46 @@ class LLMDataDistCMgrConnector(PullConnector):
                            "prompt here instead", pull.request_id, *where, e)
             with self.lock:
                 self.failed.add(pull.request_id)
+                self.pending -= 1
             return
         with self.lock:
             self.received.add(pull.request_id)
+            self.pending -= 1
 
     def linked_cluster(self, comm: int) -> int:
         with self.lock:
             return next(c for c, i in self.linked.items() if i == comm)
 
     def start_load_kv(self, meta) -> None:
-        self.held.hold(meta.holds)
+        self.held.update(meta)
         for pull in meta.pulls:
+            with self.lock:
+                self.pending += 1
             self.executor.submit(self._pull, pull)
+
+    def busy(self) -> bool:
+        with self.lock:
+            return bool(self.pending or self.received or self.failed) or self.held.pending()
 
     def get_finished(self) -> tuple[set[str], set[str]]:
         with self.lock:
             received, self.received = self.received, set()
-        return self.held.freeable(), received
+            failed, self.failed = self.failed, set()
+        sent = self.held.freeable()
+        if self.tp is not None:
+            received, failed, sent = self.tp.collect(received, failed, sent)
+        self.failed_out |= failed
+        return sent, received
 
     def get_failed_loads(self) -> set[str]:
-        with self.lock:
-            failed, self.failed = self.failed, set()
+        failed, self.failed_out = self.failed_out, set()
         return failed
 
     def shutdown(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.tp is not None:
+            self.tp.close()
         if self.datadist is not None:
             for comm in list(self.linked.values()):
                 try:

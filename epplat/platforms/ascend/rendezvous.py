@@ -2,17 +2,23 @@
 
 The first node listens on ``address:port``; every other node connects (retrying until
 the deadline, the first node may start later), sends one JSON line, and waits for one
-JSON line back. Plain TCP and JSON: nothing is pickled.
+JSON line back. Plain TCP and JSON: nothing is pickled. The first node reads each connection
+in its own thread (a peer that connects and says nothing, or trickles, holds up no other node;
+it is dropped after PEER_DEADLINE_S), and a line over 16 MiB or one that is not a JSON object
+drops its peer.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import socket
+import threading
 import time
 from typing import Callable
 
 _MAX_LINE = 16 << 20
+PEER_DEADLINE_S = 30.0
 
 
 class RendezvousError(RuntimeError):
@@ -49,19 +55,14 @@ def serve(address: str, port: int, expected: int, timeout: float,
     except OSError as e:
         raise RendezvousError(f"cannot listen on {address}:{port} ({e.strerror}); is {address} an address "
                               f"of this node and --master-port free?") from None
-    conns, msgs = [], []
+    conns, msgs, arrived = [], [], queue.Queue()
+    threading.Thread(target=_accept, args=(srv, deadline, arrived), name="rendezvous-accept", daemon=True).start()
     try:
         while len(msgs) < expected:
-            srv.settimeout(max(0.1, deadline - time.monotonic()))
             try:
-                conn, _ = srv.accept()
-            except socket.timeout:
+                conn, msg = arrived.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
                 break
-            try:
-                msg = _recv(conn, min(deadline, time.monotonic() + 30))
-            except (OSError, ValueError, ConnectionError):
-                conn.close()
-                continue
             why = accept(msg)
             if why:
                 _send(conn, {"error": why})
@@ -80,6 +81,31 @@ def serve(address: str, port: int, expected: int, timeout: float,
         for c in conns:
             c.close()
         srv.close()
+        while not arrived.empty():       # read after the last one was taken
+            arrived.get()[0].close()
+
+
+def _accept(srv: socket.socket, deadline: float, arrived: "queue.Queue") -> None:
+    """Until the deadline (or the listener closes): each connection's message read in a thread of its own."""
+    while time.monotonic() < deadline:
+        srv.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            conn, _ = srv.accept()
+        except socket.timeout:
+            continue
+        except OSError:
+            return
+        threading.Thread(target=_read_one, args=(conn, min(deadline, time.monotonic() + PEER_DEADLINE_S), arrived),
+                         name="rendezvous-peer", daemon=True).start()
+
+
+def _read_one(conn: socket.socket, deadline: float, arrived: "queue.Queue") -> None:
+    try:
+        msg = _recv(conn, deadline)
+        conn.settimeout(30.0)       # for the answer
+        arrived.put((conn, msg))
+    except (OSError, ValueError, ConnectionError):
+        conn.close()
 
 
 def join(address: str, port: int, msg: dict, timeout: float) -> dict:

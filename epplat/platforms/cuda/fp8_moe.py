@@ -10,10 +10,12 @@ scales [E, H/128, 2I/128] and [E, I/128, H/128] (w ~= q * scale).
 
 Above MAX_FP8_ASSIGNMENTS the weights are dequantized to bf16 per call and go through the
 bf16 expert-sorted kernels (triton_moe_sorted; correct, not fast: prefill with fp8 is not
-optimised yet).
+optimised yet); the log says so the first time.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import triton
@@ -25,6 +27,7 @@ from epplat.platforms.cuda.triton_moe_sorted import sorted_experts
 
 BLOCK = 128
 FP8_MAX = 448.0
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -100,6 +103,19 @@ def _fp8_down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, y_ptr, num_assign, h
 MAX_FP8_ASSIGNMENTS = 4 * MAX_ASSIGNMENTS
 
 
+_said = []
+
+
+def _say_dequantized(num_assign: int, act: str) -> None:
+    """One log line, the first time, that fp8 experts run dequantized to bf16 (never silently)."""
+    if not _said:
+        _said.append(True)
+        why = (f"batches above {MAX_FP8_ASSIGNMENTS} (token, expert) assignments (this one: {num_assign})"
+               if act in _ACTS else f"activation {act!r}")
+        logger.info("fp8 experts: %s run with the expert weights dequantized to bfloat16 per call (the bf16 "
+                    "grouped GEMM: fp8 prefill kernels are not optimised yet)", why)
+
+
 def fp8_experts(x, topk_ids, topk_weights, w13, w2, act, *, w13_scale, w2_scale, bn: int = 64, stages: int = 3,
                 warps: int = 4):
     """reference_experts' sum with fp8 block-scaled w13/w2 (see the module docstring)."""
@@ -108,6 +124,7 @@ def fp8_experts(x, topk_ids, topk_weights, w13, w2, act, *, w13_scale, w2_scale,
     experts, hidden, inter = w13.shape[0], w13.shape[1], w2.shape[1]
     num_assign = rows * k
     if num_assign > MAX_FP8_ASSIGNMENTS or name not in _ACTS:
+        _say_dequantized(num_assign, name)
         args = (x.to(torch.bfloat16), topk_ids, topk_weights.to(torch.bfloat16), dequantize(w13, w13_scale),
                 dequantize(w2, w2_scale), act)
         out = sorted_experts(*args)

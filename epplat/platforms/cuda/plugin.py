@@ -81,15 +81,24 @@ def epplat_all2all_backends():
 
 
 def _fp8():
-    from epplat.platforms.cuda.fp8 import Fp8BlockQuant
-    return Fp8BlockQuant
+    def make(cfg, canonical_name):
+        if cfg.platform == "cpu":      # no fp8 GEMM there: the checkpoint's fp8 weights are dequantized at load
+            from epplat.platforms.cpu.fp8_dequantize import Fp8Dequantize
+            return Fp8Dequantize(cfg, canonical_name)
+        if why := _triton_check():
+            from epplat.plugins import PluginError
+            raise PluginError(f"--quantization fp8 is not usable here: {why}")
+        from epplat.platforms.cuda.fp8 import Fp8BlockQuant
+        return Fp8BlockQuant(cfg, canonical_name)
+    return make
 
 
 @hookimpl
 def epplat_quantization_methods():
-    return [Registration("fp8", _fp8, check=_triton_check, platforms=("cuda",),
-                         help="fp8 MoE experts, 128x128 block scales, per-token-group activations (Triton); "
-                              "also quantizes bf16 checkpoints at load")]
+    return [Registration("fp8", _fp8, platforms=("cuda", "cpu"),
+                         help="cuda: DeepSeek-V3's fp8 checkpoints (128x128 block scales, per-token-group "
+                              "activations, Triton), bf16 ones quantized at load (experts); cpu: fp8 checkpoints "
+                              "dequantized at load")]
 
 
 @hookimpl
