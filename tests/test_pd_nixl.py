@@ -201,7 +201,8 @@ def test_proxy_chains_prefill_and_decode(pd, qwen3_moe_dir):
             time.sleep(0.5)             # the proxy has seen the client leave
         finally:
             os.kill(prefill.proc.pid, signal.SIGCONT)
-        assert prefill_blocks_free(prefill, 3), "the prefill server held the blocks of a client that left"
+        # within 6 s: without the release the blocks stay held until TIMEOUT_S (12 s)
+        assert prefill_blocks_free(prefill, 6), "the prefill server held the blocks of a client that left"
         assert metric(prefill.url, "vllm:num_requests_running") == 0
         assert metric(decode.url, "vllm:request_success_total") == decoded0
     finally:
