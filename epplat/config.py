@@ -178,6 +178,8 @@ class ParallelConfig(msgspec.Struct):
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1       # --pipeline-parallel-size: layers split over this many stages
+    distributed_executor_backend: str = "mp"   # mp, or ray: engine processes as actors on a Ray cluster
+    data_parallel_backend: str = "mp"          # mp, or ray: DP engine cores placed through Ray
     data_parallel_size: int = 1
     data_parallel_size_local: Optional[int] = None
     data_parallel_start_rank: int = 0
@@ -223,6 +225,10 @@ class ParallelConfig(msgspec.Struct):
             raise ConfigError("--eplb-config num_redundant_experts needs --enable-eplb")
         if self.enable_elastic_ep:
             self._check_elastic()
+        if self.uses_ray and not self.single_node:
+            raise ConfigError("--distributed-executor-backend ray / --data-parallel-backend ray place every engine "
+                              "process from this launcher: drop --headless, --data-parallel-rank, "
+                              "--data-parallel-size-local and --data-parallel-start-rank")
         if self.single_node:
             self.data_parallel_address = self.data_parallel_address or "127.0.0.1"
             self.internal_secret = self.internal_secret or secrets.token_hex(32)
@@ -237,11 +243,11 @@ class ParallelConfig(msgspec.Struct):
         if not self.enable_expert_parallel:
             raise ConfigError("--enable-elastic-ep scales expert-parallel DP ranks: add --enable-expert-parallel")
         if (not self.single_node or self.api_server_count != 1 or self.tensor_parallel_size != 1
-                or self.pipeline_parallel_size != 1):
-            raise ConfigError("--enable-elastic-ep runs on one node with one API server and "
+                or self.pipeline_parallel_size != 1 or self.uses_ray):
+            raise ConfigError("--enable-elastic-ep runs on one node with one API server, the mp backends and "
                               "--tensor-parallel-size 1 for now: drop --data-parallel-rank, --headless, "
                               "--data-parallel-size-local, --api-server-count, --tensor-parallel-size and "
-                              "--pipeline-parallel-size")
+                              "--pipeline-parallel-size, and use the mp backends")
 
     @property
     def single_node(self) -> bool:
@@ -252,6 +258,10 @@ class ParallelConfig(msgspec.Struct):
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    @property
+    def uses_ray(self) -> bool:
+        return "ray" in (self.distributed_executor_backend, self.data_parallel_backend)
 
     @property
     def ranks_per_dp(self) -> int:

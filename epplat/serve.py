@@ -116,6 +116,11 @@ def add_cli(sub) -> None:
     par.add_argument("--tensor-parallel-size", "-tp", type=_int_range(1), default=1)
     par.add_argument("--pipeline-parallel-size", "-pp", type=_int_range(1), default=1,
                      help="layers split over this many stages (EPPLAT_PP_LAYER_PARTITION=3,2 sets the split)")
+    par.add_argument("--distributed-executor-backend", choices=["mp", "uni", "ray"], default="mp",
+                     help="ray: engine processes as actors on the Ray cluster at RAY_ADDRESS (pip install "
+                          "'epplat[ray]'); uni is mp")
+    par.add_argument("--data-parallel-backend", "-dpb", choices=["mp", "ray"], default="mp",
+                     help="ray: each DP rank's engine processes placed by Ray on one node of the cluster")
     par.add_argument("--data-parallel-size", "-dp", type=_int_range(1), default=_env_int("DP_SIZE", 1))
     par.add_argument("--data-parallel-size-local", "-dpl", type=_int_range(1), default=None,
                      help="DP ranks started on this node (default: all from the start rank)")
@@ -235,6 +240,8 @@ def parallel_config_from_args(args) -> ParallelConfig:
         distributed_timeout_seconds=args.distributed_timeout_seconds,
         engine_iteration_timeout_s=_env_float("ENGINE_ITERATION_TIMEOUT_S", 60.0),
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        distributed_executor_backend="mp" if args.distributed_executor_backend == "uni" else
+        args.distributed_executor_backend, data_parallel_backend=args.data_parallel_backend,
         data_parallel_size=args.data_parallel_size,
         data_parallel_size_local=args.data_parallel_size_local, data_parallel_start_rank=args.data_parallel_start_rank,
         data_parallel_rank=args.data_parallel_rank, data_parallel_address=args.data_parallel_address,

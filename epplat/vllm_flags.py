@@ -2,7 +2,7 @@
 
 Each flag is accepted when its value changes nothing about what is served (one info line says
 how epplat reads it) and refused with one line naming the unsupported value when it would; nothing
-that a later piece of work implements (Ray, dual batch overlap, tool calling,
+that a later piece of work implements (dual batch overlap, tool calling,
 fp8 KV cache...) is faked here."""
 
 from __future__ import annotations
@@ -46,10 +46,6 @@ def _never(_v, _args) -> bool:
 FLAGS = (
     Flag(("--trust-remote-code",), bool, _always, "epplat runs its own implementation of the architectures it "
          "serves (no checkpoint code is run)", ""),
-    Flag(("--distributed-executor-backend",), str, _is("mp", "uni"), "epplat runs its workers as processes",
-         "only the multiprocessing backend (mp) exists in epplat; Ray is not implemented"),
-    Flag(("--data-parallel-backend", "-dpb"), str, _is("mp"), "epplat's DP engines are processes",
-         "only the multiprocessing DP backend (mp) exists in epplat; Ray is not implemented"),
     Flag(("--data-parallel-hybrid-lb",), bool, _never, "", "hybrid DP load balancing is not implemented in "
          "epplat (internal: one API server for all ranks; external: --data-parallel-rank per engine)"),
     Flag(("--data-parallel-external-lb",), bool, lambda _v, a: a.data_parallel_rank is not None,

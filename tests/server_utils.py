@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import httpx
@@ -136,3 +137,34 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class HealthPoller:
+    """GET /health every 50 ms from start() until stop() (``seen``: the status codes, "refused" when the
+    server did not answer), so that a 503 window before a server exits is seen."""
+
+    def __init__(self, url: str):
+        self.url, self.seen = url, []
+        self._on = threading.Event()
+        self._thread = threading.Thread(target=self._poll)
+
+    def _poll(self) -> None:
+        while self._on.is_set():
+            try:
+                self.seen.append(httpx.get(self.url + "/health", timeout=5).status_code)
+            except httpx.HTTPError:
+                self.seen.append("refused")
+            time.sleep(0.05)
+
+    def start(self) -> None:
+        self._on.set()
+        self._thread.start()
+
+    def first_change(self, within: float = 15.0):
+        """The first answer other than 200 (waiting up to ``within`` s for one); polling stops."""
+        deadline = time.time() + within
+        while time.time() < deadline and not set(self.seen) - {200}:
+            time.sleep(0.1)
+        self._on.clear()
+        self._thread.join()
+        return next((h for h in self.seen if h != 200), None)

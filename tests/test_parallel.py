@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from hf_oracle import hf_greedy
-from server_utils import Server, group_pids, kill_headless, rpc_port, start_headless
+from server_utils import HealthPoller, Server, group_pids, kill_headless, rpc_port, start_headless
 
 PROMPTS = [[5, 17, 99, 230, 7, 64, 300, 12], [400, 401, 402], list(range(100, 130)), [3, 9],
            [1500, 1200, 900], [77] * 6, [1024, 12, 512], [250, 260, 270, 280]]
@@ -233,16 +233,7 @@ def test_least_loaded_routing_then_a_dying_rank_fails_health_and_in_flight_reque
         stream = c.completions.create(model=str(qwen3_moe_dir), prompt="die", max_tokens=4000, stream=True,
                                       extra_body={"ignore_eos": True})
         got, t0, error, finished = 0, time.time(), None, False
-        health, polling = [], threading.Event()
-
-        def poll_health():   # from before the kill, so the 503 window before the server exits is seen
-            while polling.is_set():
-                try:
-                    health.append(httpx.get(s.url + "/health", timeout=5).status_code)
-                except httpx.HTTPError:
-                    health.append("refused")
-                time.sleep(0.05)
-        poller = threading.Thread(target=poll_health)
+        poller = HealthPoller(s.url)     # from before the kill, so the 503 window before the server exits is seen
         try:
             for chunk in stream:
                 got += 1
@@ -253,7 +244,6 @@ def test_least_loaded_routing_then_a_dying_rank_fails_health_and_in_flight_reque
                         assert complete(s.url, str(qwen3_moe_dir), [p]) == [want]
                     assert per_rank_requests(s.url) == {busy: 1, str(1 - int(busy)): 3}
                 if got == 5:
-                    polling.set()
                     poller.start()
                     os.kill(pid, signal.SIGKILL)
                 if chunk.choices and chunk.choices[0].finish_reason:
@@ -262,10 +252,5 @@ def test_least_loaded_routing_then_a_dying_rank_fails_health_and_in_flight_reque
             error = e
         assert error is not None and not finished, f"stream ended normally after {got} chunks"
         assert time.time() - t0 < 60
-        deadline = time.time() + 15
-        while time.time() < deadline and not set(health) - {200}:
-            time.sleep(0.1)
-        polling.clear()
-        poller.join()
         # a live API server answers 503; a refused connection first would mean the server died with the rank
-        assert next((h for h in health if h != 200), None) == 503, health
+        assert poller.first_change() == 503, poller.seen

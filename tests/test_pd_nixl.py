@@ -152,6 +152,28 @@ def test_proxy_chains_prefill_and_decode(pd, qwen3_moe_dir):
         chat = client.chat.completions.create(model=str(qwen3_moe_dir), messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=4, temperature=0)
         assert chat.choices[0].message.content is not None and chat.usage.completion_tokens == 4
+        # sampling fields through the proxy: the decode side's answer equals one server's without P/D (the
+        # decode server itself, called directly); the first greedy token's text as a stop string, which
+        # min_tokens overrides
+        direct = openai.OpenAI(base_url=decode.url + "/v1", api_key="none", max_retries=0)
+        first = tok.decode(hf_greedy(qwen3_moe_dir, [prompt], 1, ignore_eos=True)[0])
+        for fields in [dict(temperature=0, stop=[first], logprobs=2, extra_body={"ignore_eos": True}),
+                       dict(temperature=0, stop=[first], logprobs=2, extra_body={"ignore_eos": True, "min_tokens": 5}),
+                       dict(temperature=1.0, seed=1234, top_p=0.9, logprobs=1)]:
+            a, b = (c.completions.create(model=str(qwen3_moe_dir), prompt=prompt, max_tokens=8, **fields)
+                    for c in (client, direct))
+            ca, cb = a.choices[0], b.choices[0]
+            assert (ca.text, ca.finish_reason, a.usage.completion_tokens) == \
+                (cb.text, cb.finish_reason, b.usage.completion_tokens), fields
+            assert ca.logprobs.tokens == cb.logprobs.tokens and len(ca.logprobs.top_logprobs) == len(cb.logprobs.tokens)
+            assert ca.logprobs.token_logprobs == pytest.approx(cb.logprobs.token_logprobs, abs=1e-3)
+        assert a.usage.completion_tokens == 8
+        stops = [client.completions.create(model=str(qwen3_moe_dir), prompt=prompt, max_tokens=8, temperature=0,
+                                           stop=[first], extra_body={"min_tokens": m}).usage.completion_tokens
+                 for m in (0, 5)]
+        assert stops[0] < 5 <= stops[1], stops           # the stop string ended it, unless min_tokens held it
+        with pytest.raises(openai.BadRequestError, match="n > 1 with a remote prefill"):
+            client.completions.create(model=str(qwen3_moe_dir), prompt=prompt, max_tokens=4, n=2)
         # a client that leaves mid-stream: the proxy closes its call, which aborts the request on the decoder
         aborted0 = metric(decode.url, "vllm:request_success_total", finished_reason="abort")
         with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
@@ -179,7 +201,8 @@ def test_proxy_chains_prefill_and_decode(pd, qwen3_moe_dir):
             time.sleep(0.5)             # the proxy has seen the client leave
         finally:
             os.kill(prefill.proc.pid, signal.SIGCONT)
-        assert prefill_blocks_free(prefill, 3), "the prefill server held the blocks of a client that left"
+        # within 6 s: without the release the blocks stay held until TIMEOUT_S (12 s)
+        assert prefill_blocks_free(prefill, 6), "the prefill server held the blocks of a client that left"
         assert metric(prefill.url, "vllm:num_requests_running") == 0
         assert metric(decode.url, "vllm:request_success_total") == decoded0
     finally:
@@ -190,7 +213,7 @@ def test_proxy_chains_prefill_and_decode(pd, qwen3_moe_dir):
 
 def test_vllm_toy_proxy_flow_with_the_openai_client(pd, qwen3_moe_dir):
     """vLLM's toy proxy flow, step by step, through the real `openai` client: the prefill copy of the
-    request without stream and stream_options (and min_tokens, which epplat refuses with a 400 anyway),
+    request without stream and stream_options (and min_tokens, which the decode call carries),
     max_tokens 1 and vLLM's do_remote_decode kv_transfer_params; the decode call the original request
     (streamed, with stream_options) plus the kv_transfer_params the prefill response carries; the same
     X-Request-Id to both. Completions and chat."""

@@ -33,7 +33,6 @@ ACCEPTED = [
     "vllm serve MODEL --enable-auto-tool-choice --tool-call-parser deepseek_v3 --reasoning-parser deepseek_r1",
 ]
 REFUSED = [
-    ("vllm serve MODEL -tp 2 --distributed-executor-backend ray", "--distributed-executor-backend ray: only"),
     ("vllm serve MODEL --enable-auto-tool-choice --tool-call-parser qwen3_xml",
      "unknown --tool-call-parser 'qwen3_xml'; available: deepseek_v3, hermes, llama3_json, mistral"),
     ("vllm serve MODEL --reasoning-parser gpt_oss", "unknown --reasoning-parser 'gpt_oss'; available: deepseek_r1"),

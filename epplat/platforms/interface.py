@@ -13,6 +13,7 @@ class Platform:
     name = "base"
     device_type = "cpu"
     dist_backend = "gloo"
+    ray_resource = "GPU"            # the Ray resource one engine process takes (one bundle per device)
     default_all2all = "allgather_reducescatter"
     default_graph_runner = "eager"
     default_max_num_batched_tokens = 2048   # --max-num-batched-tokens when not given

@@ -1,7 +1,7 @@
 """Starts this node's engine processes (one per local DP rank x pipeline stage x TP rank) and stops them.
 
-Processes are spawned with multiprocessing; each reports over a pipe once its model
-and KV cache are ready (or the one-line error that stopped it).
+Processes are spawned with multiprocessing (or placed on a Ray cluster as actors: ray_launcher.py);
+each reports over a pipe once its model and KV cache are ready (or the one-line error that stopped it).
 """
 
 from __future__ import annotations
@@ -24,10 +24,14 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None, join
     """Spawn the local engine processes (of ``dp_ranks``, by default this node's) and wait until each is
     ready; ConfigError on failure. ``join``: they join running engines (elastic EP, core_proc), the first
     one in ``spare`` (a SpareEngine) when given."""
-    ctx = multiprocessing.get_context("spawn")
     par = cfg.parallel
+    if par.uses_ray and join is None:
+        from epplat.core.distributed.ray_launcher import start_ray_engines
+        from epplat.plugins import registry
+        return start_ray_engines(cfg, registry().load("platform", cfg.platform), timeout)
     if dp_ranks is None:
-        check_devices(cfg, len(par.local_dp_ranks()) * par.tensor_parallel_size)
+        check_devices(cfg, len(par.local_dp_ranks()) * par.ranks_per_dp)
+    ctx = multiprocessing.get_context("spawn")
     procs, conns = [], []
     raw = cfg.to_json()
     for d in (par.local_dp_ranks() if dp_ranks is None else dp_ranks):

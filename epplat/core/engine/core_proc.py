@@ -56,12 +56,15 @@ class PeerGone(RuntimeError):
 
 def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, parent_pid: int,
                        join: dict | None = None) -> None:
-    """Entry point of every engine process (spawned by the launcher). ``join``: this rank joins running ones
-    (elastic EP: {"generation": g, "old_size": n}) once its model and KV cache are ready."""
-    die_with_parent(parent_pid)
+    """Entry point of every engine process (spawned by the launcher; ``parent_pid`` None: in a Ray actor, which
+    Ray ends with its job). ``join``: this rank joins running ones (elastic EP: {"generation": g, "old_size": n})
+    once its model and KV cache are ready."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     setup_logging()
-    for sig in (signal.SIGINT, signal.SIGTERM):   # the launcher decides when we stop (after its drain)
-        signal.signal(sig, signal.SIG_IGN)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):   # the launcher decides when we stop (after its drain)
+            signal.signal(sig, signal.SIG_IGN)
     cfg = EngineConfig.from_json(cfg_json)
     try:
         from epplat.core.engine.core import EngineCore, init_kv_cache

@@ -102,7 +102,7 @@ class OpenAIServing:
                                               if isinstance(p, str) else list(p)))
                for p in prompts]
         ids = self._remote_prompt(req.kv_transfer_params) or ids
-        self._check_kv(req.kv_transfer_params)
+        self._check_kv(req.kv_transfer_params, req.n)
         base = self._base_id(raw)
         rid = f"cmpl-{base}"
         jobs = self._jobs(rid, ids, req.n, lambda plen: self._params(req, plen, req.max_tokens, req.logprobs),
@@ -180,7 +180,7 @@ class OpenAIServing:
         text = await self.render_chat(req)
         ids = self._check_ids(self._truncate(req, await self._encode(text, req.add_special_tokens, req)))
         ids = (self._remote_prompt(req.kv_transfer_params) or [ids])[0]
-        self._check_kv(req.kv_transfer_params)
+        self._check_kv(req.kv_transfer_params, req.n)
         base = self._base_id(raw)
         rid = f"{prefix}{base}"
         jobs = self._jobs(rid, [ids], req.n, lambda plen: self._params(req, plen, req.output_limit, req.num_logprobs),
@@ -271,9 +271,13 @@ class OpenAIServing:
             raise APIError(400, f"a request with X-Request-Id {base!r} is already in flight")
         return base
 
-    def _check_kv(self, params: Optional[dict]) -> None:
+    def _check_kv(self, params: Optional[dict], n: int) -> None:
         """A decode call for KV computed elsewhere needs a connector here, else it would silently compute
-        from the (placeholder) prompt it carries."""
+        from the (placeholder) prompt it carries; a P/D-split request has one choice (one prefill's blocks
+        are held for, and read by, one decode request)."""
+        if params and (params.get("do_remote_prefill") or params.get("do_remote_decode")) and n > 1:
+            raise APIError(400, "n > 1 with a remote prefill or decode is not supported: one prefill's KV blocks "
+                                "are read by one decode request (send n separate requests)", "n")
         cfg = getattr(self.client, "cfg", None)
         if params and params.get("do_remote_prefill") and getattr(cfg, "kv_transfer", None) is None:
             raise APIError(400, "kv_transfer_params.do_remote_prefill needs a KV connector on this server "

@@ -174,8 +174,8 @@ class LLMDataDistCMgrConnector(PullConnector):
         if self.tp_size > 1:
             self.tp = TPReports.of(self.engine, self.dp_rank, self.tp_rank, self.auth)
         logger.info("LLMDataDistCMgrConnector: DP rank %d TP rank %d is cluster %d (device %s, %s) with its side "
-                    "channel at %s:%d", self.dp_rank, self.tp_rank, self.cluster_id, self.device["device_id"], self.device["device_ip"],
-                    self.ip, self.port)
+                    "channel at %s:%d", self.dp_rank, self.tp_rank, self.cluster_id, self.device["device_id"],
+                    self.device["device_ip"], self.ip, self.port)
 
     def _link(self, peer: dict) -> int:
         """Link this device with the peer's (both sides do; usable once both have)."""

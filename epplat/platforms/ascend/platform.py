@@ -27,6 +27,7 @@ class AscendPlatform(Platform):
     name = "ascend"
     device_type = "npu"
     dist_backend = "hccl"
+    ray_resource = "NPU"            # Ray's name for Ascend NPUs
     default_all2all = "hccl"
     default_graph_runner = "eager"      # "torchair" with torchair_graph_config.enabled (see configure)
     # torch ops; the NPU's grouped GEMM takes bfloat16

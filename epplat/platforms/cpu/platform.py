@@ -19,6 +19,7 @@ class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
+    ray_resource = "CPU"            # a device is one CPU of a Ray node
     # Below this many tokens torch's ops run on one thread (fork/join costs more than the small
     # ops gain); the C kernels, which hold most of a decode step, use every thread.
     MULTI_THREAD_TOKENS = 128

@@ -1,0 +1,216 @@
+"""Engine processes as Ray actors on an existing Ray cluster (``--distributed-executor-backend ray``,
+``--data-parallel-backend ray``).
+
+The cluster is the user's (``ray start --head`` / KubeRay): ``ray.init(address="auto")``, or
+``RAY_ADDRESS``. Each engine process takes one bundle of one *device*: the platform's
+``ray_resource`` ("GPU" on cuda, "NPU" on ascend; on cpu one "CPU", so a TP=2 x PP=2 engine takes
+4 CPUs). Placement groups (STRICT_PACK) keep what must share a node on one node:
+
+- ``--distributed-executor-backend ray``: one group per pipeline stage of each DP rank, so TP stays
+  inside a node and the stages go wherever Ray finds their devices (across nodes);
+- ``--data-parallel-backend ray`` alone: one group per DP rank (its engine core and its workers on
+  one node, as vLLM's DP engine core with local workers), the DP ranks spread over the cluster.
+
+A cluster that lacks the devices is one line naming what is missing. Only the start-up report (one
+JSON line) and Ray's own actor lifecycle go through Ray; every step, request and output goes over
+epplat's sockets and torch.distributed, as with mp. An actor that dies (killed, its node lost) is
+seen by ``RayEngine.is_alive`` as a dead process is with mp: ``/health`` turns 503 and requests end
+with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from epplat.config import ConfigError, EngineConfig
+
+logger = logging.getLogger(__name__)
+
+_PG_TIMEOUT_S = 30.0
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("the Ray backends need ray: pip install 'epplat[ray]'") from None
+    return ray
+
+
+class _Ready:
+    """The engine's start-up report (a one-line JSON), as the mp pipe's ``send_bytes`` gives it."""
+
+    def __init__(self):
+        self.event, self.raw = threading.Event(), b""
+
+    def send_bytes(self, raw: bytes) -> None:
+        self.raw = raw
+        self.event.set()
+
+
+class EngineActor:
+    """One engine process (core_proc.run_engine_process) in a Ray actor: ``start`` returns its start-up
+    report once its model and KV cache are ready; ``wait`` returns when it ends."""
+
+    def start(self, cfg_json: bytes, rank: int, name: str, env: dict) -> bytes:
+        import multiprocessing
+        from epplat.core.engine.core_proc import run_engine_process
+        os.environ.update(env)
+        multiprocessing.current_process().name = name
+        ready = _Ready()
+        self.thread = threading.Thread(target=run_engine_process, args=(cfg_json, rank, 0, ready, None),
+                                       name=name, daemon=True)
+        self.thread.start()
+        ready.event.wait()
+        return ready.raw
+
+    def wait(self) -> None:
+        self.thread.join()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayEngine:
+    """A Ray actor seen as launcher.stop_engines and the engine client see a multiprocessing.Process."""
+
+    def __init__(self, ray, actor, name: str, groups: list):
+        self.ray, self.actor, self.name, self.groups = ray, actor, name, groups
+        self.done = None
+        self.exitcode = None
+
+    def is_alive(self) -> bool:
+        if self.exitcode is not None:
+            return False
+        if self.done is None:
+            return True
+        ready, _ = self.ray.wait([self.done], timeout=0)
+        if not ready:
+            return True
+        try:
+            self.ray.get(self.done)
+            self.exitcode = 0
+        except Exception:
+            self.exitcode = -9          # the actor died (killed, or its node lost)
+        return False
+
+    def kill(self) -> None:
+        try:
+            self.ray.kill(self.actor)
+        except Exception:
+            pass
+        self.exitcode = -9 if self.exitcode is None else self.exitcode
+        for pg in self.groups:
+            try:
+                self.ray.util.remove_placement_group(pg)
+            except Exception:
+                pass
+
+    terminate = kill
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.done is not None:
+            self.ray.wait([self.done], timeout=timeout)
+
+
+def _placement(cfg: EngineConfig) -> list[list[int]]:
+    """The world ranks of each placement group (each group on one node)."""
+    par = cfg.parallel
+    per_dp, tp = par.ranks_per_dp, par.tensor_parallel_size
+    if par.distributed_executor_backend == "ray":
+        return [[d * per_dp + s * tp + t for t in range(tp)] for d in par.local_dp_ranks()
+                for s in range(par.pipeline_parallel_size)]
+    return [[d * per_dp + j for j in range(per_dp)] for d in par.local_dp_ranks()]
+
+
+def _check_resources(ray, resource: str, groups: list[list[int]]) -> None:
+    """One line when the cluster cannot hold the groups (each on one node), before anything waits."""
+    free = sorted((n["Resources"].get(resource, 0) for n in ray.nodes() if n.get("Alive")), reverse=True)
+    need = sorted((len(g) for g in groups), reverse=True)
+    for size in need:                     # first fit, largest groups first
+        for i, f in enumerate(free):
+            if f >= size:
+                free[i] -= size
+                break
+        else:
+            raise ConfigError(f"the Ray cluster lacks the devices: {len(groups)} group(s) of {need[0]} x {resource!r} "
+                              f"each on one node ({sum(need)} in all) are needed, its nodes have "
+                              f"{sorted((n['Resources'].get(resource, 0) for n in ray.nodes() if n.get('Alive')), reverse=True)} "
+                              f"(ray status shows them)")
+
+
+def start_ray_engines(cfg: EngineConfig, platform_cls, timeout: float = 900.0) -> list[RayEngine]:
+    """Place and start this layout's engine processes as Ray actors; ConfigError on failure."""
+    ray = import_ray()
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")      # every engine process's lines, as with mp
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True,
+                     logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError) as e:
+            raise ConfigError(f"no Ray cluster to join (ray.init(address='auto')): start one with `ray start --head` "
+                              f"or set RAY_ADDRESS ({str(e).splitlines()[0]})") from None
+    resource = platform_cls.ray_resource
+    groups = _placement(cfg)
+    _check_resources(ray, resource, groups)
+    t0 = time.time()
+    pgs = [placement_group([{resource: 1}] * len(g), strategy="STRICT_PACK") for g in groups]
+    ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=len(pgs), timeout=_PG_TIMEOUT_S)
+    if len(ready) < len(pgs):
+        for pg in pgs:
+            ray.util.remove_placement_group(pg)
+        raise ConfigError(f"the Ray cluster did not grant {len(pgs)} placement group(s) of {len(groups[0])} x "
+                          f"{resource!r} within {_PG_TIMEOUT_S:g} s (devices taken by other jobs? see ray status)")
+    env = {k: v for k, v in os.environ.items() if k.startswith(("EPPLAT_", "VLLM_"))}
+    actor_cls = ray.remote(EngineActor)
+    opts = {"CPU": "num_cpus", "GPU": "num_gpus"}
+    par = cfg.parallel
+    engines, starts = [], []
+    raw = cfg.to_json()
+    for gi, (g, pg) in enumerate(zip(groups, pgs)):
+        for bundle, rank in enumerate(g):
+            d, j = divmod(rank, par.ranks_per_dp)
+            s, t = divmod(j, par.tensor_parallel_size)
+            name = (f"EngineCore_DP{d}" + (f"_PP{s}" if par.pipeline_parallel_size > 1 else "")
+                    + (f"_TP{t}" if par.tensor_parallel_size > 1 else ""))
+            res = {opts[resource]: 1} if resource in opts else {"num_cpus": 0, "resources": {resource: 1}}
+            actor = actor_cls.options(name=f"{name}-{os.getpid()}", **res, scheduling_strategy=
+                                      PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)).remote()
+            engines.append(RayEngine(ray, actor, name, [pg] if bundle == 0 else []))
+            starts.append(actor.start.remote(raw, rank, name, env))
+    try:
+        pending = list(starts)
+        deadline = time.time() + timeout
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.time()))
+            if not done:
+                raise ConfigError("engine processes did not start in time")
+            import msgspec
+            info = msgspec.json.decode(ray.get(done[0]))
+            if "error" in info:
+                raise ConfigError(info["error"])
+    except ray.exceptions.RayActorError as e:
+        _stop(engines)
+        raise ConfigError(f"an engine actor died during startup: {str(e).splitlines()[0]}") from None
+    except BaseException:
+        _stop(engines)
+        raise
+    pids = ray.get([e.actor.pid.remote() for e in engines])
+    for e in engines:
+        e.done = e.actor.wait.remote()
+    nodes = [n for pg in pgs for _, n in sorted(ray.util.placement_group_table(pg)["bundles_to_node_id"].items())]
+    ids = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
+    logger.info("Ray placed %d engine process(es) in %d placement group(s) of %d x %s on %d node(s) in %.1f s: %s",
+                len(engines), len(pgs), len(groups[0]), resource, len(ids), time.time() - t0,
+                ", ".join(f"{e.name} pid {pid} on node {ids[n]} ({n[:8]})" for e, pid, n in zip(engines, pids, nodes)))
+    return engines
+
+
+def _stop(engines) -> None:
+    for e in engines:
+        e.kill()
