@@ -370,6 +370,37 @@ def test_tcp_listeners_drop_garbage_half_open_and_oversized_peers_without_costin
             p.sock.close()
 
 
+def test_a_stale_frame_does_not_drop_the_peer_that_took_its_descriptor_over(tmp_path):
+    """A frame still queued from a peer that is gone names (zmq.SRCFD) a descriptor the kernel may have
+    given to the next connection: dropping its sender must not shut that one (another process's)."""
+    import subprocess
+    import sys
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"ipc://{tmp_path}/r")
+    code = ("import sys, time, zmq; s = zmq.Context().socket(zmq.DEALER); s.setsockopt(zmq.RECONNECT_IVL, -1); "
+            "s.connect(sys.argv[1]); [(s.send(b'%d' % i), time.sleep(0.2)) for i in range(int(sys.argv[2]))]")
+    subprocess.run([sys.executable, "-c", code, f"ipc://{tmp_path}/r", "1"], check=True, timeout=60)
+    stale = router.recv_multipart(copy=False)[-1]
+    fd = stale.get(zmq.SRCFD)
+    time.sleep(0.5)                   # that peer is gone: zmq closes its descriptor
+    other = subprocess.Popen([sys.executable, "-c", code, f"ipc://{tmp_path}/r", "15"])
+    try:
+        assert router.poll(10000)
+        first = router.recv_multipart(copy=False)[-1]
+        assert first.get(zmq.SRCFD) == fd, "the kernel gave the new connection another descriptor"
+        FrameAuth("s").dropped("a test socket", ValueError("stale"), stale)
+        got = [first.bytes]
+        while router.poll(1000):
+            got.append(router.recv_multipart()[-1])
+        assert len(got) == 15, got       # the other process's connection was not shut
+    finally:
+        other.kill()
+        router.close(linger=0)
+        ctx.term()
+
+
 def test_the_store_and_gloo_bind_their_address_only_and_a_stopped_peer_times_a_collective_out():
     """--data-parallel-address is the host's own (not where its host name resolves, the loopback here):
     the store and every gloo listener of both ranks are there, none on another address or 0.0.0.0."""

@@ -76,8 +76,9 @@ class TorchairGraphRunner(StaticDecodeRunner):
         config = self.compiler_config()
         if self.opts.use_cached_graph:
             # cache_compile keys its on-disk cache on the method's name: one renamed forward per batch size
-            code = type(self.model).forward.__code__.replace(co_name=f"forward_decode_bs{size}")
-            fn = types.FunctionType(code, type(self.model).forward.__globals__, code.co_name)
+            forward = type(self.model).forward
+            code = forward.__code__.replace(co_name=f"forward_decode_bs{size}")
+            fn = types.FunctionType(code, forward.__globals__, code.co_name, forward.__defaults__, forward.__closure__)
             return torchair.inference.cache_compile(types.MethodType(fn, self.model), config=config, dynamic=False,
                                                     cache_dir=self._cache_dir(), ge_cache=False)
         if not shared:
