@@ -9,6 +9,7 @@ scales dp -> each size of --sizes in turn, --cycles times, waiting --settle seco
 scales, and prints one line per scale plus a summary (JSON with --out).
 
     python benchmarks/elastic_ep_bench.py --dp 2 --sizes 3,2,4,2 --cycles 2
+    python benchmarks/elastic_ep_bench.py --dp 1 --tp 2 --sizes 2,1 --cycles 3
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in demo model)")
     ap.add_argument("--dp", type=int, default=2)
+    ap.add_argument("--tp", type=int, default=1, help="--tensor-parallel-size (a DP rank is this many processes)")
     ap.add_argument("--sizes", default="3,2,4,2", help="the DP sizes to scale to, in turn")
     ap.add_argument("--cycles", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=4)
@@ -128,7 +130,7 @@ def main() -> int:
     log = tempfile.NamedTemporaryFile("w+", prefix="elastic-bench-", suffix=".log", delete=False)
     eplb = json.dumps({"num_redundant_experts": args.redundant, "window_size": 64, "step_interval": 100000})
     cmd = [sys.executable, "-m", "epplat.cli", "serve", *([args.model] if args.model else []), "--host", "127.0.0.1",
-           "--port", str(port), "-dp", str(args.dp), "-ep", "--enable-elastic-ep", "--enable-eplb",
+           "--port", str(port), "-dp", str(args.dp), "-tp", str(args.tp), "-ep", "--enable-elastic-ep", "--enable-eplb",
            "--eplb-config", eplb, "--kv-cache-memory-bytes", "256M", "--max-model-len", "1024"]
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})

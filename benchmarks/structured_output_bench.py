@@ -5,7 +5,9 @@ make-model`, --vocab-size of its tokenizer); --num-prompts completions of --outp
 each (ignore_eos), --concurrency in flight, sampled at temperature 1, first without a constraint,
 then with a JSON schema (structured_outputs json: an array of at least 200 short strings,
 disable_any_whitespace, so no output can end before --output-len), alternating for --rounds rounds
-side by side. Throughput is generated tokens (usage) over the wall time of the round.
+side by side. Throughput is generated tokens (usage) over the wall time of the round; the cost is
+also given as the median over rounds of each constrained round against the unconstrained round just
+before it (adjacent rounds share the machine's load best), with the load average before and after.
 
 --mask-only times just the grammar's work in one engine step instead, in this process: for a batch
 of --concurrency rows under the schema, filling the token bitmask, masking the logits
@@ -104,6 +106,7 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "epplat.cli", "serve", args.model_dir, "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", "1024", "--disable-log-stats"]
     busy = busy_warning("structured output")
+    load_before = os.getloadavg()
     proc, _ = start(cmd, f"{logdir}/serve.log", port)
     url = f"http://127.0.0.1:{port}"
     rates: dict[str, list[float]] = {"unconstrained": [], "json schema": []}
@@ -117,11 +120,16 @@ def main(argv=None) -> int:
     finally:
         stop(proc)
     free, tight = statistics.median(rates["unconstrained"]), statistics.median(rates["json schema"])
+    pairs = [1 - c / u for u, c in zip(rates["unconstrained"], rates["json schema"])]
+    load = (load_before, os.getloadavg())
     print(f"median output throughput: unconstrained {free:.1f} tok/s, json schema {tight:.1f} tok/s "
-          f"({(1 - tight / free) * 100:+.1f}% cost)")
+          f"({(1 - tight / free) * 100:+.1f}% cost); per adjacent pair: "
+          f"{', '.join(f'{x * 100:+.1f}%' for x in pairs)} (median {statistics.median(pairs) * 100:+.1f}%); "
+          f"load average before {load[0][0]:.1f}, after {load[1][0]:.1f} on {os.cpu_count()} CPUs")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"config": vars(args), "command": cmd, "cpu_busy_before": busy, "tok_per_s": rates}, f, indent=2)
+            json.dump({"config": vars(args), "command": cmd, "cpu_busy_before": busy, "tok_per_s": rates,
+                       "pair_costs": pairs, "load_average": load}, f, indent=2)
     return 0
 
 

@@ -242,12 +242,12 @@ class ParallelConfig(msgspec.Struct):
     def _check_elastic(self) -> None:
         if not self.enable_expert_parallel:
             raise ConfigError("--enable-elastic-ep scales expert-parallel DP ranks: add --enable-expert-parallel")
-        if (not self.single_node or self.api_server_count != 1 or self.tensor_parallel_size != 1
-                or self.pipeline_parallel_size != 1 or self.uses_ray):
+        if (not self.single_node or self.api_server_count != 1 or self.pipeline_parallel_size != 1
+                or self.uses_ray):
             raise ConfigError("--enable-elastic-ep runs on one node with one API server, the mp backends and "
-                              "--tensor-parallel-size 1 for now: drop --data-parallel-rank, --headless, "
-                              "--data-parallel-size-local, --api-server-count, --tensor-parallel-size and "
-                              "--pipeline-parallel-size, and use the mp backends")
+                              "--pipeline-parallel-size 1 for now: drop --data-parallel-rank, --headless, "
+                              "--data-parallel-size-local, --api-server-count and --pipeline-parallel-size, "
+                              "and use the mp backends")
 
     @property
     def single_node(self) -> bool:

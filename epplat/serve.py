@@ -181,7 +181,8 @@ def add_cli(sub) -> None:
                      help="most logprobs (and prompt_logprobs) a request may ask for per token")
     rel.add_argument("--enable-auto-tool-choice", action="store_true",
                      help="vLLM's: tool_choice auto (the model decides to call tools), read by --tool-call-parser")
-    rel.add_argument("--tool-call-parser", default=None, help="the model's tool-call format (epplat plugins lists them)")
+    rel.add_argument("--tool-call-parser", default=None,
+                     help="the model's tool-call format (epplat plugins lists them)")
     rel.add_argument("--reasoning-parser", default=None,
                      help="splits reasoning_content from content (qwen3, deepseek_r1; epplat plugins lists them)")
     rel.add_argument("--forwarded-allow-ips", default=None,

@@ -136,6 +136,9 @@ def _scale_with_traffic(s: Server, client, model, expected, new_size: int, durin
     scale's answer (it was in flight across the re-forming). ``during()`` runs while the scale does; the scale
     answers ``status`` with ``message``."""
     short, long, longer = expected
+    grows = new_size > _requests_per_rank(s.url)["size"]
+    ready = f"[DP rank {new_size - 1}] CPU KV cache size"     # the last new rank loaded (it joins next)
+    readies = s.output().count(ready)
     load = _Load(client, model, short)
     before = [_Stream(client, model) for _ in range(3)]      # the router puts them on different ranks
     box = {}
@@ -151,6 +154,8 @@ def _scale_with_traffic(s: Server, client, model, expected, new_size: int, durin
         time.sleep(0.01)
     if during is not None:
         during()
+    while grows and s.output().count(ready) == readies and thread.is_alive():
+        time.sleep(0.02)                  # the re-forming comes next, however long the new ranks took to load
     across = _Stream(client, model, max_tokens=LONGER_TOKENS)
     thread.join(300)
     r = box["r"]
@@ -210,42 +215,31 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         assert per_rank["size"] == 3 and per_rank.get("2", 0) > 0, per_rank    # the new rank was routed to
         assert per_rank["up"] == 1 and "down" not in per_rank, per_rank
 
-        # a drain that cannot finish: 408, and the three ranks keep serving; requests sent meanwhile beyond
-        # what the two staying ranks run at once (2 x --max-num-seqs 8, with the 3 streams) get 503 and
-        # Retry-After, and are served when sent again after it
-        slow = [_Stream(client, model, max_tokens=900) for _ in range(3)]    # one of them runs on rank 2
+        # a drain that cannot finish: 408, and the three ranks keep serving; with 16 streams in flight (what
+        # the two staying ranks run at once: 2 x --max-num-seqs 8), requests sent while it runs get 503 with
+        # Retry-After, and are served when sent again after the scale
+        slow = [_Stream(client, model, max_tokens=1000) for _ in range(16)]    # some of them run on rank 2
         box = {}
         t = threading.Thread(target=lambda: box.setdefault(
-            "r", _scale(s.url, {"new_data_parallel_size": 2, "drain_timeout": 2})))
+            "r", _scale(s.url, {"new_data_parallel_size": 2, "drain_timeout": 3})))
         t.start()
         while not httpx.post(s.url + "/is_scaling_elastic_ep").json()["is_scaling_elastic_ep"]:
             time.sleep(0.01)
-        gate = threading.Barrier(20)
-
-        def burst(_):
-            gate.wait()
-            body = {"model": model, "prompt": STREAM_PROMPT, "max_tokens": STREAM_TOKENS, "temperature": 0,
-                    "ignore_eos": True}
-            first = httpx.post(s.url + "/v1/completions", json=body, timeout=120)
-            retry = first
-            while retry.status_code == 503:
-                time.sleep(int(retry.headers["retry-after"]))
-                retry = httpx.post(s.url + "/v1/completions", json=body, timeout=120)
-            return first, retry.json()["choices"][0]["text"]
-        with cf.ThreadPoolExecutor(20) as pool:
-            answers = list(pool.map(burst, range(20)))
+        bodies = [{"model": model, "prompt": p, "max_tokens": SHORT, "temperature": 0, "ignore_eos": True}
+                  for p in POOL[:3]]
+        refused = [httpx.post(s.url + "/v1/completions", json=body, timeout=60) for body in bodies]
         t.join(60)
         r = box["r"]
-        assert r.status_code == 408 and "drain timeout after 2 seconds" in r.json()["error"]["message"], r.text
-        refused = [first for first, _ in answers if first.status_code == 503]
-        assert refused and all(first.status_code in (200, 503) for first, _ in answers), [
-            (a.status_code, a.text) for a, _ in answers]
-        assert int(refused[0].headers["retry-after"]) >= 1
-        assert "A scale of the data parallel engines is running" in refused[0].json()["error"]["message"]
-        assert [text for _, text in answers] == [expected[1]] * 20
+        assert r.status_code == 408 and "drain timeout after 3 seconds" in r.json()["error"]["message"], r.text
+        for answer in refused:
+            assert answer.status_code == 503, answer.text
+            assert int(answer.headers["retry-after"]) >= 1
+            assert "A scale of the data parallel engines is running" in answer.json()["error"]["message"]
         for st in slow:
             st.cancelled.set()
             st.result()
+        again = [httpx.post(s.url + "/v1/completions", json=body, timeout=60) for body in bodies]
+        assert [a.json()["choices"][0]["text"] for a in again] == expected[0][:3]
         before = _requests_per_rank(s.url).get("2", 0)
         with cf.ThreadPoolExecutor(3) as pool:
             assert _batch(client, model, pool) == expected[0]
@@ -287,6 +281,30 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         assert httpx.get(s.url + "/health").status_code == 200
         with cf.ThreadPoolExecutor(3) as pool:
             assert _batch(client, model, pool) == expected[0]
+
+
+@pytest.mark.slow
+def test_tp2_ranks_join_and_leave_with_their_tp_group(model_dir, expected):
+    """DP x TP: DP 1 -> 2 -> 1 at TP 2 (EP 2 -> 4 -> 2), each DP rank's two processes joining and leaving
+    together (up under the same traffic as above); every answer is transformers'."""
+    model = str(model_dir)
+    with Server(model, "--dtype", "float32", "-tp", "2", "-ep", "--enable-elastic-ep", "--enable-eplb",
+                "--eplb-config", json.dumps({"window_size": 8, "step_interval": 1000}), "--max-model-len", "1024",
+                "--max-num-seqs", "8", "--distributed-timeout-seconds", "60") as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=180)
+        _scale_with_traffic(s, client, model, expected, 2)
+        log = s.output()
+        assert "EP rank 3/4 holds physical experts 12-15 of 16" in log, log[-3000:]
+        assert re.search(r"elastic EP: 1 -> 2 DP ranks \(world generation 1\): \d+ expert moves", log)
+        assert _requests_per_rank(s.url).get("1", 0) > 0        # the new DP rank was routed to
+        r = _scale(s.url, {"new_data_parallel_size": 1})
+        assert r.status_code == 200, r.text
+        with cf.ThreadPoolExecutor(3) as pool:
+            assert _batch(client, model, pool) == expected[0]
+        log = s.output()
+        assert "DP rank 1 TP rank 1 handed its experts over and leaves" in log
+        assert "DP rank 1 TP rank 0 handed its experts over and leaves" in log
+        assert _requests_per_rank(s.url)["size"] == 1
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -34,7 +34,7 @@ class JoinAborted(RuntimeError):
 def rendezvous(parallel, rank: int, generation: "int | str", world_size: int, old_group=None,
                timeout: float = JOIN_TIMEOUT_S) -> "dist.FileStore":
     """Check in to generation ``generation`` and wait for all ``world_size`` ranks, before anything of the
-    current world is given up. The ranks that were serving agree over ``old_group`` whether everyone came;
+    current world is given up. The ranks that were serving agree over ``old_group`` (a gloo group of them all) whether everyone came;
     JoinAborted (on all of them) when not."""
     store = dist.FileStore(os.path.join(parallel.ipc_dir, f"store-g{generation}"), world_size)
     store.set(f"epplat/pid/{rank}", str(os.getpid()))      # agree() tells a dead rank by it (one node)
@@ -82,19 +82,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def join_world(parallel, st: ParallelState, generation: int, world_size: int, backend: str, store) -> None:
-    """Leave the current world (if any) and join generation ``generation`` of ``world_size`` ranks over
-    ``store`` (from rendezvous); ``st`` is updated in place (every component holds it)."""
+def join_world(parallel, st: ParallelState, generation, dp_size: int, backend: str, store) -> None:
+    """Leave the current world (if any) and join generation ``generation`` of ``dp_size`` DP ranks (each of
+    its TP processes) over ``store`` (from rendezvous); ``st`` is updated in place (every component holds it)."""
     t0 = time.perf_counter()
     if dist.is_initialized():
         dist.destroy_process_group()
     timeout = parallel_state.collective_timeout() or datetime.timedelta(
         seconds=parallel.distributed_timeout_seconds)
     parallel_state._timeout = timeout
-    st.world_size = st.dp_size = world_size
-    st.dp_rank = st.rank
+    st.dp_size, st.world_size = dp_size, dp_size * st.tp_size
+    st.dp_rank = st.rank // st.tp_size
     parallel_state.bind_gloo_to("127.0.0.1")       # single node: gloo on the loopback
-    dist.init_process_group(backend, store=store, rank=st.rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=st.rank, world_size=st.world_size, timeout=timeout)
     make_groups(st, timeout)
-    logger.info("elastic EP: rank %d joined world generation %d of %d ranks in %.2f s", st.rank, generation,
-                world_size, time.perf_counter() - t0)
+    logger.info("elastic EP: rank %d joined world generation %s of %d ranks in %.2f s", st.rank, generation,
+                st.world_size, time.perf_counter() - t0)

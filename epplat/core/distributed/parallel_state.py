@@ -41,6 +41,7 @@ class ParallelState:
     tp_cpu_group: Optional[object] = None  # gloo twin of tp_group for small CPU tensors (control)
     dp_group: Optional[object] = None      # gloo group of the drivers (tp_rank 0) of every DP rank
     world_group: Optional[object] = None
+    world_cpu_group: Optional[object] = None   # gloo twin of world_group (elastic EP's control tensors)
     engine_cpu_group: Optional[object] = None   # gloo group of this DP rank's processes (every stage and TP rank)
     stage_group: Optional[object] = None     # this stage's ranks over every DP rank (the EP group with PP)
 
@@ -112,6 +113,8 @@ def make_groups(st: ParallelState, timeout) -> None:
                 st.tp_group, st.tp_cpu_group = g, cpu
     drivers = dist.new_group([d * pp * tp for d in range(dp)], backend="gloo", timeout=timeout)
     st.dp_group = drivers if st.is_driver else None
+    st.world_cpu_group = (dist.new_group(list(range(st.world_size)), backend="gloo", timeout=timeout)
+                          if tp * pp > 1 else drivers)
     if pp > 1:
         for d in range(dp):
             g = dist.new_group(list(range(d * pp * tp, (d + 1) * pp * tp)), backend="gloo", timeout=timeout)

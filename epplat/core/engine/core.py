@@ -35,7 +35,7 @@ def init_kv_cache(runner: ModelRunner, cfg: EngineConfig, ps: ParallelState) -> 
         raise ConfigError(f"--max-model-len {max_model_len} is larger than the model's "
                           f"max_position_embeddings ({hf_max})")
     num_blocks = runner.num_blocks_from_memory(max_model_len)
-    if ps.engine_cpu_group is not None:
+    if ps.engine_cpu_group is not None:     # (elastic EP's new ranks have none before they join: their count is given)
         t = torch.tensor([num_blocks])
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ps.engine_cpu_group)
         num_blocks = int(t)

@@ -73,9 +73,10 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, 
         platform.configure(cfg)
         device = platform.device(local_rank)
         par = cfg.parallel
+        tp = par.tensor_parallel_size
         ps = (init_parallel(par, rank, platform.dist_backend) if join is None else   # joins later, in elastic.join
-              ParallelState(rank=rank, world_size=par.world_size, dp_rank=rank, dp_size=par.data_parallel_size,
-                            ep=par.enable_expert_parallel))
+              ParallelState(rank=rank, world_size=par.world_size, tp_rank=rank % tp, tp_size=tp, dp_rank=rank // tp,
+                            dp_size=par.data_parallel_size, ep=par.enable_expert_parallel))
         platform.max_threads = _share_threads(_local_procs(cfg))
         runner = ModelRunner(cfg, platform, device, ps)
         if ps.is_driver:
@@ -93,7 +94,7 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, 
     wave = 0
     if join is not None:
         from epplat.core.engine import elastic
-        wave = elastic.join(core, ps, join["generation"], join["old_size"])
+        wave = elastic.join(runner, ps, join["generation"], join["old_size"])
     watch = _Liveness(ps)
     if not ps.is_driver:
         _worker_loop(runner, cfg, ps, watch)
@@ -157,8 +158,9 @@ _plan_decoder = None
 
 
 def _worker_loop(runner, cfg, ps, watch) -> None:
+    from epplat.core.engine.elastic import Rescale
     from epplat.core.engine.model_runner import DraftInput, KVLoad, ModelInput
-    decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput | KVLoad)
+    decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput | KVLoad | Rescale)
     auth = FrameAuth(cfg.parallel.internal_secret)
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.pp_rank * ps.tp_size + ps.tp_rank, run_dir(cfg)))
@@ -175,10 +177,34 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
         except BadFrame as e:
             auth.dropped("the step plan socket", e)
             continue
-        if isinstance(plan, KVLoad):
+        if isinstance(plan, Rescale):
+            if not _worker_rescale(runner, ps, plan, watch):
+                return
+        elif isinstance(plan, KVLoad):
             runner.kv_start_load(plan.kv_meta)
         else:
             (runner.draft_forward if isinstance(plan, DraftInput) else runner.forward)(plan)
+
+
+def _worker_rescale(runner, ps, plan, watch) -> bool:
+    """A TP worker's part of its driver's scale call; False when its DP rank leaves."""
+    from epplat.core.distributed.elastic_world import JoinAborted, ScaleRolledBack
+    from epplat.core.engine import elastic
+    try:
+        stays = elastic.rescale(runner, ps, plan.new_size, plan.generation, plan.wave)
+    except JoinAborted:
+        return True
+    except ScaleRolledBack:
+        stays = True
+    if stays:
+        _rejoined(runner, ps, watch)
+    return stays
+
+
+def _rejoined(runner, ps, watch: _Liveness) -> None:
+    """After this process joined a world of another size: its share of the threads, the store it watches."""
+    runner.platform.max_threads = _share_threads(ps.world_size)   # one node (config.py says so)
+    watch.store = dist.distributed_c10d._get_default_store() if ps.rank else None
 
 
 # -- drivers -------------------------------------------------------------------------------
@@ -341,9 +367,8 @@ class _DriverIO:
     def rescaled(self, watch: "_Liveness") -> None:
         """After this rank joined a world of another size: the store key, the wake channel, the waves."""
         ps = self.ps
-        self.core.runner.platform.max_threads = _share_threads(ps.world_size)   # one node (config.py says so)
+        _rejoined(self.core.runner, ps, watch)
         store = dist.distributed_c10d._get_default_store()
-        watch.store = store if ps.rank else None
         if ps.rank == 0:
             store.set(_STORE_KEY, str(len(self.dealers)))
         self.waves = ps.ep and ps.dp_size > 1
@@ -462,8 +487,10 @@ def _rescale(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> bool:
     call, io.scale = io.scale, None
     new_size, generation = call.args
     t0 = time.perf_counter()
+    if io.workers:
+        io.publish(elastic.Rescale(new_size, generation, io.wave))     # its TP workers run it beside it
     try:
-        stays = elastic.rescale(core, ps, new_size, generation, io.wave)
+        stays = elastic.rescale(core.runner, ps, new_size, generation, io.wave)
     except (JoinAborted, ScaleRolledBack) as e:     # this rank serves on in its world (the old one re-formed)
         logger.error("elastic EP: scale to %d DP ranks aborted: %s", new_size, e)
         if isinstance(e, ScaleRolledBack):

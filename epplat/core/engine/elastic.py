@@ -1,7 +1,8 @@
 """Elastic EP in an engine process: a DP rank's part of a scale (POST /scale_elastic_ep).
 
 Every driver of the current world receives the scale call and, at one step they agree on
-(core_proc's waves), runs ``rescale``; a new rank runs ``join`` after loading its model and
+(core_proc's waves), runs ``rescale``, and so do its TP workers (the driver sends them a
+Rescale plan); every process of a new rank runs ``join`` after loading its model and
 sizing its KV cache from the running ranks' block count. Scaling down, the experts move
 off the departing ranks over the old world, the departing ranks leave, and the others
 form the smaller world. Scaling up, the staying and the new ranks form the larger world,
@@ -17,6 +18,7 @@ import os
 import signal
 import time
 
+import msgspec
 import torch
 import torch.distributed as dist
 
@@ -29,28 +31,38 @@ from epplat.plugins import registry
 logger = logging.getLogger(__name__)
 
 
-def rescale(core, ps, new_size: int, generation: int, wave: int) -> bool:
-    """A running rank's part of a scale to ``new_size`` DP ranks; False when this rank leaves."""
-    runner, t0 = core.runner, time.perf_counter()
+class Rescale(msgspec.Struct, array_like=True, tag=True):
+    """A driver's scale call, sent on to its TP workers (they run ``rescale`` with it beside the driver)."""
+
+    new_size: int
+    generation: int
+    wave: int
+
+
+def rescale(runner, ps, new_size: int, generation: int, wave: int) -> bool:
+    """A running process's part of a scale to ``new_size`` DP ranks (every TP process of a DP rank runs it);
+    False when this process leaves. Expert slots are per EP rank: DP ranks x TP processes."""
+    t0, tp = time.perf_counter(), ps.tp_size
     layers = moe_layers(runner.model)
     per_rank = runner.all2all.expert_map.num_local
     _settle_eplb(runner)
     old, old_size = placement(layers), ps.dp_size
     if new_size < old_size:
-        new = new_placement(layers, runner.eplb, _policy(runner), _num_groups(runner), old, new_size, per_rank,
-                            ps.dp_group)
-        gone = torch.full((len(layers), per_rank * (old_size - new_size)), -1, dtype=torch.long)
+        new = new_placement(layers, runner.eplb, _policy(runner), _num_groups(runner), old, new_size * tp, per_rank,
+                            ps.world_cpu_group)
+        gone = torch.full((len(layers), per_rank * (old_size - new_size) * tp), -1, dtype=torch.long)
         new, moves, staged = move_experts(layers, old, torch.cat([new, gone], 1), ps.rank, per_rank,
                                           ps.world_group)
-        if ps.rank >= new_size:
-            logger.info("elastic EP: DP rank %d handed its experts over and leaves", ps.rank)
+        if ps.dp_rank >= new_size:
+            logger.info("elastic EP: DP rank %d%s handed its experts over and leaves", ps.dp_rank,
+                        f" TP rank {ps.tp_rank}" if tp > 1 else "")
             return False
-        store = rendezvous(runner.cfg.parallel, ps.rank, generation, new_size)
+        store = rendezvous(runner.cfg.parallel, ps.rank, generation, new_size * tp)
         join_world(runner.cfg.parallel, ps, generation, new_size, runner.platform.dist_backend, store)
         _adopt(runner, ps, per_rank)
-        eplb_transfer.commit(staged, layers, new[:, :per_rank * new_size])
+        eplb_transfer.commit(staged, layers, new[:, :per_rank * new_size * tp])
     else:
-        store = rendezvous(runner.cfg.parallel, ps.rank, generation, new_size, ps.dp_group)   # JoinAborted
+        store = rendezvous(runner.cfg.parallel, ps.rank, generation, new_size * tp, ps.world_cpu_group)
         join_world(runner.cfg.parallel, ps, generation, new_size, runner.platform.dist_backend, store)
         try:
             moves = _grow(runner, ps, layers, per_rank, old_size, old, wave, store, generation)[1]
@@ -63,11 +75,10 @@ def rescale(core, ps, new_size: int, generation: int, wave: int) -> bool:
     return True
 
 
-def join(core, ps, generation: int, old_size: int) -> int:
-    """A new rank's part of a scale-up (its ``ps`` already names its rank and the new size); returns the
+def join(runner, ps, generation: int, old_size: int) -> int:
+    """A new process's part of a scale-up (its ``ps`` already names its rank and the new size); returns the
     wave number the running ranks are at."""
-    runner = core.runner
-    store = rendezvous(runner.cfg.parallel, ps.rank, generation, ps.dp_size)
+    store = rendezvous(runner.cfg.parallel, ps.rank, generation, ps.world_size)
     join_world(runner.cfg.parallel, ps, generation, ps.dp_size, runner.platform.dist_backend, store)
     return _grow(runner, ps, moe_layers(runner.model), runner.all2all.expert_map.num_local, old_size, None, 0,
                  store, generation)[0]
@@ -77,16 +88,16 @@ def _grow(runner, ps, layers, per_rank: int, old_size: int, old, wave: int, stor
           generation: int) -> tuple[int, list]:
     """In the larger world: rank 0's placement and wave to everyone, the policy's placement, the moves; every
     rank commits them only once all say their part of the exchange went well (ScaleRolledBack if not)."""
-    group = ps.dp_group
+    group, old_slots = ps.world_cpu_group, per_rank * old_size * ps.tp_size
     head = torch.tensor([wave])
     dist.broadcast(head, src=0, group=group)
-    current = torch.empty(len(layers), per_rank * old_size, dtype=torch.long) if old is None else old.clone()
+    current = torch.empty(len(layers), old_slots, dtype=torch.long) if old is None else old.clone()
     dist.broadcast(current, src=0, group=group)
     num_experts = layers[0].gate.shape[0]
-    current = torch.cat([current, initial_placement(len(layers), per_rank * old_size, per_rank * ps.dp_size,
+    current = torch.cat([current, initial_placement(len(layers), old_slots, per_rank * ps.world_size,
                                                     num_experts)], 1)
     # each rank's load is in its own slot numbering, so the load is summed before the layers change
-    new = new_placement(layers, runner.eplb, _policy(runner), _num_groups(runner), current, ps.dp_size, per_rank,
+    new = new_placement(layers, runner.eplb, _policy(runner), _num_groups(runner), current, ps.world_size, per_rank,
                         group)
     if old is None:
         fault_point("exchange", generation)
@@ -97,7 +108,7 @@ def _grow(runner, ps, layers, per_rank: int, old_size: int, old, wave: int, stor
         logger.error("elastic EP: rank %d: the expert exchange failed: %s", ps.rank, e)
         ok = False
     timeout = runner.cfg.parallel.distributed_timeout_seconds
-    if not agree(store, ps.rank, ps.dp_size, ok, "exchange", timeout):
+    if not agree(store, ps.rank, ps.world_size, ok, "exchange", timeout):
         raise ScaleRolledBack(f"a rank failed in the expert exchange of world generation {generation}")
     _adopt(runner, ps, per_rank)
     eplb_transfer.commit(staged, layers, new)
@@ -107,9 +118,9 @@ def _grow(runner, ps, layers, per_rank: int, old_size: int, old, wave: int, stor
 def _roll_back(runner, ps, layers, per_rank: int, old, generation: int) -> None:
     """The ranks that were serving form their old world again (nothing was committed: their experts are as
     they were) and rebuild the expert map and all2all backend on it."""
-    old_size = old.shape[1] // per_rank
-    store = rendezvous(runner.cfg.parallel, ps.rank, f"{generation}-rollback", old_size)
-    join_world(runner.cfg.parallel, ps, generation, old_size, runner.platform.dist_backend, store)
+    old_size = old.shape[1] // per_rank // ps.tp_size
+    store = rendezvous(runner.cfg.parallel, ps.rank, f"{generation}-rollback", old_size * ps.tp_size)
+    join_world(runner.cfg.parallel, ps, f"{generation}-rollback", old_size, runner.platform.dist_backend, store)
     _adopt(runner, ps, per_rank)
     eplb_transfer.commit([], layers, old)
     logger.warning("elastic EP: rank %d is back in its world of %d DP ranks", ps.rank, old_size)
@@ -129,7 +140,7 @@ def _adopt(runner, ps, per_rank: int) -> None:
     par = runner.cfg.parallel
     num_experts = runner.model_cfg.num_experts
     par.data_parallel_size = ps.dp_size
-    par.eplb.num_redundant_experts = per_rank * ps.dp_size - num_experts
+    par.eplb.num_redundant_experts = per_rank * ps.ep_size - num_experts
     emap = ExpertMap(num_experts, ps.ep_rank, ps.ep_size, par.eplb.num_redundant_experts)
     runner.all2all = type(runner.all2all)(emap, group=ps.ep_group, device=runner.device)
     for layer in moe_layers(runner.model):

@@ -53,10 +53,11 @@ class ElasticScaler:
         self.scaling = False
         self.generation = 0              # world generation; the startup world is 0
         self.phases: dict[str, float] = {}     # seconds of each part of the last scale (logged)
-        self.procs = {r: p for r, p in zip(client.engine_ranks, client.procs)}   # TP 1: one process a rank
         par, hf = client.cfg.parallel, client.cfg.model.hf_config()
+        self.tp = par.tensor_parallel_size
+        self.procs = {r: client.procs[i * self.tp:(i + 1) * self.tp] for i, r in enumerate(client.engine_ranks)}
         self.num_experts = architecture(hf).parse_config(hf).num_experts
-        self.per_rank = (self.num_experts + par.eplb.num_redundant_experts) // par.data_parallel_size
+        self.per_rank = (self.num_experts + par.eplb.num_redundant_experts) // par.world_size   # slots of an EP rank
         self.spare = SpareEngine()
         self.target = self.size          # the size being scaled to (the current one when none runs)
         self.last_seconds = 3.0          # the last scale's length: the Retry-After of a 503 during one
@@ -74,11 +75,11 @@ class ElasticScaler:
         with more engine processes than this node has devices (one node: every rank is local)."""
         from epplat.core.distributed.launcher import check_devices
         try:
-            check_devices(self.client.cfg, new_size * self.client.cfg.parallel.tensor_parallel_size)
+            check_devices(self.client.cfg, new_size * self.tp)
         except ConfigError as e:
             raise APIError(400, f"new_data_parallel_size {new_size} is too large: {e}") from None
-        if self.per_rank * new_size < self.num_experts:
-            raise APIError(400, f"new_data_parallel_size {new_size} is too small: {new_size} ranks x "
+        if self.per_rank * new_size * self.tp < self.num_experts:
+            raise APIError(400, f"new_data_parallel_size {new_size} is too small: {new_size * self.tp} EP ranks x "
                                 f"{self.per_rank} expert slots each cannot hold the model's {self.num_experts} "
                                 "experts")
 
@@ -113,7 +114,7 @@ class ElasticScaler:
 
     def _resize(self, par, new_size: int) -> None:
         par.data_parallel_size = new_size
-        par.eplb.num_redundant_experts = self.per_rank * new_size - self.num_experts
+        par.eplb.num_redundant_experts = self.per_rank * new_size * self.tp - self.num_experts
 
     async def _grow(self, new_size: int) -> None:
         from epplat.core.distributed.launcher import start_engines
@@ -148,9 +149,9 @@ class ElasticScaler:
             if time.monotonic() > deadline or not all(p.is_alive() for p in procs):
                 raise APIError(500, "Scale failed: the new engines joined but did not become ready")
             await asyncio.sleep(0.02)
-        for r, p in zip(new_ranks, procs):
-            self.procs[r] = p
-            client.procs.append(p)
+        for i, r in enumerate(new_ranks):
+            self.procs[r] = procs[i * self.tp:(i + 1) * self.tp]
+        client.procs.extend(procs)
         client.engine_ranks.extend(new_ranks)
         self._resize(client.cfg.parallel, new_size)
 
@@ -166,7 +167,7 @@ class ElasticScaler:
                 raise APIError(408, f"Scale failed due to request drain timeout after {drain_timeout} seconds")
             await asyncio.sleep(0.02)
         self.phases["drain"] = time.monotonic() - t0
-        procs = [self.procs.pop(r) for r in leaving]
+        procs = [p for r in leaving for p in self.procs.pop(r)]
         for p in procs:                             # their exit is not an engine death
             client.procs.remove(p)
         for r in leaving:

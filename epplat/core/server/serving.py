@@ -28,7 +28,7 @@ from epplat.core.server.tokenizer import bad_words_token_ids
 from epplat.core.server.tokenizer_pool import TokenizerPool
 from epplat.core.server.protocol import (
     APIError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatLogProb,
-    ChatCompletionRequest, ChatLogProbs, ChatLogProbsContent, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogProbs,
+    ChatLogProbs, ChatLogProbsContent, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogProbs,
     CompletionRequest, CompletionResponse, CompletionResponseChoice, CompletionStreamResponse, DeltaMessage,
     PromptLogprob, UsageInfo)
 
