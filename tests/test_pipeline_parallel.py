@@ -1,6 +1,6 @@
 """Pipeline parallelism on the cpu platform (gloo send/recv between real processes): an uneven split
 (5 layers over 2 stages) under chunked prefill and preemption, PP=2 with DP=2 + EP and EPLB rebalancing
-each stage's experts (PP=2 x TP=2 runs in test_ray_backend.py, placed by Ray: one launch for both). Greedy tokens (and every token's logprobs) equal transformers'
+each stage's experts (PP=2 x TP=2 on the mp backend with the uneven split, and placed by Ray in test_ray_backend.py). Greedy tokens (and every token's logprobs) equal transformers'
 through HTTP and the openai client. The engine core keeps several steps in flight (of different
 requests) and still gives transformers' tokens; bad layer splits are one line."""
 
@@ -88,14 +88,17 @@ def test_steps_in_flight_give_transformers_tokens(qwen3_moe_dir):
     assert core.blocks.num_free == core.num_blocks
 
 
-def test_uneven_split_over_two_stages(five_layer_dir):
-    """5 layers over 2 stages (3 + 2), chunked prefill and preemption in a tiny KV cache, every token's logprobs."""
+@pytest.mark.slow
+def test_uneven_split_over_two_stages_of_tp2(five_layer_dir):
+    """5 layers over 2 stages (3 + 2) of 2 TP ranks each (mp backend: PP=2 x TP=2, 4 processes), chunked prefill
+    and preemption in a tiny KV cache, every token's logprobs."""
     model = str(five_layer_dir)
     long_prompts = [[(i * 31 + j * 7) % 2000 + 3 for j in range(20)] for i in range(8)]
-    with Server(model, "--dtype", "float32", "-pp", "2", *TIGHT, timeout=300) as s:
+    with Server(model, "--dtype", "float32", "-pp", "2", "-tp", "2", *TIGHT, timeout=300) as s:
         log = s.output()
         assert "Pipeline stage 0/2 holds layers 0-2 of 5" in log and "Pipeline stage 1/2 holds layers 3-4 of 5" in log
-        assert re.search(r"rank 1/2: DP rank 0, PP rank 1, TP rank 0", log)
+        for rank, pp, tp in ((1, 0, 1), (2, 1, 0), (3, 1, 1)):
+            assert re.search(rf"rank {rank}/4: DP rank 0, PP rank {pp}, TP rank {tp}", log), log[-3000:]
         assert complete(s.url, model) == expected_texts(model, PROMPTS, 8)
         assert complete_in_one_request(s.url, model, long_prompts, 16) == expected_texts(model, long_prompts, 16)
         assert metric(s.url, "vllm:num_preemptions_total") > 0
