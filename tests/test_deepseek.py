@@ -120,15 +120,36 @@ def _dp2_ep_flags(port):
 def test_two_nodes_headless_dp2_ep(v2_dir):
     """DP=2 + EP over two "nodes" on loopback: the second node's engine started with --headless."""
     common = [*_dp2_ep_flags(rpc_port()), "--data-parallel-size-local", "1"]
-    headless = start_headless(str(v2_dir), "--data-parallel-start-rank", "1", *common)
+    headless = start_headless(str(v2_dir), "--data-parallel-start-rank", "1", *common, env={"VLLM_HOST_IP": "127.0.0.1"})
     try:
-        with Server(str(v2_dir), *common, timeout=180) as primary:
+        # the primary node names its address for internal traffic (vLLM's VLLM_HOST_IP, epplat's name first)
+        env = {"EPPLAT_HOST_IP": "127.0.0.1", "VLLM_HOST_IP": "192.0.2.1"}
+        with Server(str(v2_dir), *common, env=env, timeout=180) as primary:
+            assert "internal traffic (gloo) on 127.0.0.1 (lo, from EPPLAT_HOST_IP)" in primary.output()
             assert complete(primary.url, "ds", PROMPTS) == expected(v2_dir)
             served = per_rank_requests(primary.url)
             assert set(served) == {"0", "1"} and all(v > 0 for v in served.values()), served
             assert "EP rank 0/2 holds experts 0-3 of 8" in primary.output()
     finally:
         kill_headless(headless)
+
+
+def test_host_ip_names_the_interface_for_internal_traffic(monkeypatch):
+    """EPPLAT_HOST_IP, else VLLM_HOST_IP, else the route towards the head; an address no interface holds is one line."""
+    import os
+    from epplat.config import ConfigError
+    from epplat.core.distributed.parallel_state import bind_gloo_to, node_address
+    keep = ("EPPLAT_HOST_IP", "VLLM_HOST_IP", "GLOO_SOCKET_IFNAME")
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in keep})
+    assert node_address("127.0.0.1") == "127.0.0.1"
+    os.environ["VLLM_HOST_IP"] = "192.0.2.1"                     # TEST-NET-1: on no interface here
+    assert node_address("127.0.0.1") == "192.0.2.1"
+    with pytest.raises(ConfigError, match=r"^VLLM_HOST_IP=192\.0\.2\.1 is not an address of this host's network "
+                                          r"interfaces$"):
+        bind_gloo_to(node_address("127.0.0.1"), named=True)
+    os.environ["EPPLAT_HOST_IP"] = "127.0.0.1"
+    bind_gloo_to(node_address("127.0.0.1"), named=True)
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"
 
 
 def test_external_load_balancing_dp2_ep(v3_dir):

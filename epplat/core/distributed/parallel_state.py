@@ -89,7 +89,7 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
     global _timeout
     timeout = _timeout = datetime.timedelta(seconds=parallel.distributed_timeout_seconds)
     init = parallel.dist_init_method()
-    bind_gloo_to("127.0.0.1" if init else _source_address(parallel.data_parallel_address))
+    bind_gloo_to("127.0.0.1" if init else node_address(parallel.data_parallel_address), named=not init)
     store = None if init else _tcp_store(parallel, rank, st.world_size, timeout)
     if store is not None and parallel.internal_secret:
         check_peers(store, parallel.internal_secret, rank, st.world_size)
@@ -132,6 +132,12 @@ def make_groups(st: ParallelState, timeout) -> None:
                 st.pp_rank, st.tp_rank, f"rank {st.ep_rank}/{st.ep_size}" if st.ep else "off")
 
 
+def node_address(head: str) -> str:
+    """This node's address for internal traffic: EPPLAT_HOST_IP, else VLLM_HOST_IP (vLLM's meaning: the
+    node's IP when it has several interfaces), else the address the route towards `head` leaves from."""
+    return os.environ.get("EPPLAT_HOST_IP") or os.environ.get("VLLM_HOST_IP") or _source_address(head)
+
+
 def _source_address(head: str) -> str:
     """This host's address towards `head` (the address itself on the head's host)."""
     family = socket.AF_INET6 if ":" in head else socket.AF_INET
@@ -140,12 +146,18 @@ def _source_address(head: str) -> str:
         return s.getsockname()[0]
 
 
-def bind_gloo_to(address: str) -> None:
+def bind_gloo_to(address: str, named: bool = False) -> None:
     """Gloo's listeners go on the interface holding `address` (the loopback on a single node), not on
-    whatever the host name resolves to; GLOO_SOCKET_IFNAME, when set, is the operator's choice."""
+    whatever the host name resolves to; GLOO_SOCKET_IFNAME, when set, is the operator's choice.
+    ``named``: `address` may be the one EPPLAT_HOST_IP / VLLM_HOST_IP names, which an interface must hold."""
     if "GLOO_SOCKET_IFNAME" in os.environ:
         return
     name = _interface_of(address)
+    var = next((v for v in ("EPPLAT_HOST_IP", "VLLM_HOST_IP") if os.environ.get(v)), None) if named else None
+    if var:
+        if name is None:
+            raise ConfigError(f"{var}={address} is not an address of this host's network interfaces")
+        logger.info("internal traffic (gloo) on %s (%s, from %s)", address, name, var)
     if name is None:
         logger.warning("no network interface holds %s; gloo listens where the host name resolves", address)
         return
