@@ -115,6 +115,15 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, 
         raise
     finally:
         io.close()
+    if io.left:
+        _exit_now()
+
+
+def _exit_now() -> None:
+    """A rank that left its group (elastic EP) exits at once: it holds nothing to flush, and the interpreter's
+    own teardown (the old world, the sockets, the threads) took seconds that its launcher waits for."""
+    logging.shutdown()
+    os._exit(0)
 
 
 _ALL_THREADS = torch.get_num_threads()   # the machine's, before this process takes its share
@@ -186,7 +195,7 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
             continue
         if isinstance(plan, Rescale):
             if not _worker_rescale(runner, ps, plan, watch):
-                return
+                _exit_now()
         elif isinstance(plan, KVLoad):
             runner.kv_start_load(plan.kv_meta)
         else:
@@ -252,6 +261,7 @@ class _DriverIO:
         self.wakes: set[int] = set()
         self.wave = 0                     # waves run so far (the same on every DP rank)
         self.scale = None                 # a scale_elastic_ep call not yet run (elastic EP)
+        self.left = False                 # this rank left its group (elastic EP)
         self.wake_in = None
         if self.waves:
             self._setup_wake_channel(par)
@@ -529,6 +539,7 @@ def _rescale(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> bool:
         raise
     if stays:
         io.rescaled(watch)
+    io.left = not stays
     if io.head is not None:
         io.head.done(ok=True)
     io._send(call.client_index, P.UtilityResult(call.call_id, {"stays": stays, "seconds": time.perf_counter() - t0}))
