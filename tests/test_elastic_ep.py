@@ -322,12 +322,18 @@ def _wait_for(s: Server, pattern: str, timeout: float = 120) -> float:
     return time.monotonic()
 
 
-def _traffic(servers, model, expected):
-    """Batches on every server, a stream on each, all checked at the end (``_check``)."""
-    return [(_Load(_client(s), model, expected[0]), _Stream(_client(s), model)) for s in servers]
-
-
-def _check(traffic, expected) -> None:
+def _re_form_under_traffic(head: Server, servers, model, expected, change, start, done=None) -> None:
+    """``start()`` (a join or a leave) while batches and a stream run on each of ``servers``; once rank 0 (on
+    ``head``) logs that ``change`` ("server 2 joins ...") begins, one more stream each; then ``done()`` (the
+    joiner up, the leaver gone). Every answer is transformers', and the later streams end after the re-forming."""
+    traffic = [(_Load(_client(s), model, expected[0]), _Stream(_client(s), model)) for s in servers]
+    start()
+    _wait_for(head, "elastic EP: server " + re.escape(change))
+    across = [_Stream(_client(s), model) for s in servers]
+    sizes = re.search(r"\d+ -> \d+ DP ranks \(world generation \d+\)", change).group(0)
+    formed = _wait_for(head, rf"elastic EP: {re.escape(sizes)}: \d+ expert moves")
+    if done is not None:
+        done()
     for load, stream in traffic:
         rounds = load.rounds
         while load.rounds < rounds + 1 and load.thread.is_alive():    # a batch after the re-forming
@@ -335,6 +341,9 @@ def _check(traffic, expected) -> None:
         load.stop()
         assert load.failures == [], load.failures
         assert stream.result() == expected[1]
+    for st in across:
+        assert st.result() == expected[1]
+        assert st.last > formed, "the stream started as the group re-formed ended before it had re-formed"
 
 
 @pytest.mark.slow
@@ -357,20 +366,11 @@ def test_a_server_joins_and_one_stopped_with_sigterm_leaves(model_dir, expected)
         s0, s1 = servers[0], servers[1]
 
         # join: server 2 starts while both others serve batches and streams
-        traffic = _traffic([s0, s1], model, expected)
-        box = {}
-        joiner = threading.Thread(target=lambda: box.setdefault("s2", Server(
+        joiner = threading.Thread(target=lambda: servers.setdefault(2, Server(
             model, *common, "--data-parallel-size", "3", "--data-parallel-rank", "2", env=env)))
-        joiner.start()
-        _wait_for(s0, r"elastic EP: server 2 joins the group: 2 -> 3 DP ranks \(world generation 1\)")
-        across = [_Stream(_client(s), model) for s in (s0, s1)]
-        formed = _wait_for(s0, r"elastic EP: 2 -> 3 DP ranks \(world generation 1\): \d+ expert moves")
-        joiner.join(180)
-        s2 = servers[2] = box["s2"]
-        _check(traffic, expected)
-        for st in across:
-            assert st.result() == expected[1]
-            assert st.last > formed, "the stream started as the group re-formed ended before it had re-formed"
+        _re_form_under_traffic(s0, [s0, s1], model, expected, r"2 joins the group: 2 -> 3 DP ranks (world generation 1)",
+                               joiner.start, lambda: joiner.join(180))
+        s2 = servers[2]
         log2 = s2.output()
         assert "EP rank 2/3 holds physical experts 10-14 of 15" in log2
         assert "joining the running group as DP rank 2 of 3 (world generation 1)" in log2
@@ -378,16 +378,10 @@ def test_a_server_joins_and_one_stopped_with_sigterm_leaves(model_dir, expected)
             assert _batch(_client(s2), model, pool) == expected[0]
 
         # leave: server 1 (DP rank 1 of 3) gets SIGTERM; server 2 becomes DP rank 1
-        traffic = _traffic([s0, s2], model, expected)
-        os.killpg(s1.proc.pid, signal.SIGTERM)
-        _wait_for(s0, r"elastic EP: server 1 leaves the group: 3 -> 2 DP ranks \(world generation 2\)")
-        across = [_Stream(_client(s), model) for s in (s0, s2)]
-        formed = _wait_for(s0, r"elastic EP: 3 -> 2 DP ranks \(world generation 2\): \d+ expert moves")
-        assert s1.proc.wait(120) == 0, s1.output()[-3000:]
-        _check(traffic, expected)
-        for st in across:
-            assert st.result() == expected[1]
-            assert st.last > formed, "the stream started as the group re-formed ended before it had re-formed"
+        def gone():
+            assert s1.proc.wait(120) == 0, s1.output()[-3000:]
+        _re_form_under_traffic(s0, [s0, s2], model, expected, "1 leaves the group: 3 -> 2 DP ranks (world generation 2)",
+                               lambda: os.killpg(s1.proc.pid, signal.SIGTERM), gone)
         log1 = s1.output()
         assert "DP rank 1 handed its experts over and leaves" in log1
         assert "elastic EP: DP rank 1 (server 1) left the group (world generation 2)" in log1
