@@ -364,9 +364,8 @@ class EngineConfig(msgspec.Struct):
             raise ConfigError(f"--max-num-batched-tokens ({batched}) is smaller than --max-model-len ({max_len}); "
                               "enable chunked prefill or raise it")
         check_layout(mc, par)
-        if par.pipeline_parallel_size > 1 and (self.speculative or self.kv_transfer):
-            raise ConfigError("--pipeline-parallel-size > 1 does not run with --speculative-config or "
-                              "--kv-transfer-config yet")
+        if par.pipeline_parallel_size > 1 and self.speculative:
+            raise ConfigError("--pipeline-parallel-size > 1 does not run with --speculative-config yet")
         if par.enable_elastic_ep and (self.speculative or self.kv_transfer):
             raise ConfigError("--enable-elastic-ep does not run with --speculative-config or --kv-transfer-config yet")
         if self.speculative is not None:

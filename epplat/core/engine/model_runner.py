@@ -148,7 +148,8 @@ class ModelRunner:
         """The worker side of the --kv-transfer-config connector, given this rank's KV cache."""
         from epplat.connectors.base import KVConnectorRole
         from epplat.connectors.loader import make_connector
-        self.kv_connector = make_connector(self.cfg, KVConnectorRole.WORKER, self.ps.dp_rank, self.ps.tp_rank)
+        self.kv_connector = make_connector(self.cfg, KVConnectorRole.WORKER, self.ps.dp_rank, self.ps.tp_rank,
+                                           self.ps.pp_rank)
         if self.kv_connector is not None:
             self._kv_meta_decoder = msgspec.msgpack.Decoder(self.kv_connector.metadata_type)
             self.kv_connector.register_kv_caches([layer.self_attn.kv_cache for layer in self.model.layers])
