@@ -10,12 +10,14 @@ expired on the prefill side and a dead prefill server are recomputed on the deco
 tokens); the prefill side frees every held block; a handshake between different KV layouts is
 refused with a clear error; a peer without the deployment's secret is refused on the side channel.
 `epplat proxy` chains the two (streaming and not, chat too), and a client that leaves mid-stream
-aborts its request on the decoder."""
+aborts its request on the decoder. vLLM's PD client script (its Expert Parallel Deployment doc, from
+vLLM's sdist) runs unmodified but for its URLs against the pair."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,8 +45,11 @@ def kv(role):
 
 
 @pytest.fixture(scope="module")
-def pd(qwen3_moe_dir):
-    common = ("--dtype", "float32", "--max-model-len", "512")
+def pd(qwen3_moe_dir, tmp_path_factory):
+    # greedy unless a request says otherwise (vLLM's doc client script sets no temperature)
+    greedy = tmp_path_factory.mktemp("greedy")
+    (greedy / "generation_config.json").write_text(json.dumps({"temperature": 0.0}))
+    common = ("--dtype", "float32", "--max-model-len", "512", "--generation-config", str(greedy))
     env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port(2)), "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": str(TIMEOUT_S)}
     # both kv_both: DP=2 -> TP=2 x PP=2 (each decode rank reads its heads of its layer from one prefill rank's
     # blocks) and, for test_tp2_pp2_prefill_to_dp2_decode, back (each decode rank reads from all 4 prefill ranks)
@@ -210,6 +215,34 @@ def test_proxy_chains_prefill_and_decode(pd, qwen3_moe_dir):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
+    assert prefill_blocks_free(prefill)
+
+
+def test_vllm_doc_client_script_unmodified(pd, qwen3_moe_dir):
+    """vLLM's PD client script (its Expert Parallel Deployment doc, read out of vLLM's sdist), run as it
+    is but for its two URLs: it prints the decode side's answer to the doc's prompt, which must be
+    transformers' greedy continuation (up to EOS or the script's 150 tokens) of the prompt the
+    prefill side computed, the decode side computing only its last token."""
+    from transformers import AutoTokenizer
+
+    from vllm_sdist import doc_client_script
+    prefill, decode = pd
+    script = doc_client_script()
+    for url, ours in [("http://192.168.1.100:8000/v1", prefill.url + "/v1"),
+                      ("http://192.168.1.101:8001/v1", decode.url + "/v1")]:
+        assert script.count(url) == 1, url
+        script = script.replace(url, ours)
+    prompt = re.search(r'prompt="(Write a detailed[^"]*)"', script).group(1)
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    ids = tok(prompt).input_ids
+    assert len(ids) > 16, "the doc's prompt must span more than a block"
+    computed0 = metric(decode.url, "epplat:prompt_tokens_computed_total")
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    want = tok.decode(hf_greedy(qwen3_moe_dir, [ids], 150)[0], skip_special_tokens=True)   # while the script runs
+    stdout, stderr = run.communicate(timeout=180)
+    assert "Decode completed successfully" in stdout, stdout + stderr
+    assert stdout.split("Final response: ", 1)[1] == want + "\n"
+    assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == 1
     assert prefill_blocks_free(prefill)
 
 
