@@ -490,6 +490,13 @@ def test_triton_mla_decode_matches_the_torch_path(dtype):
     assert out is not None and out.shape == ref.shape
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     assert (out.float() - ref).abs().max() < tol
+    ql, qp, cache, tables, lens, scale = args
+    wide = torch.cat([tables, torch.full((tables.shape[0], 30), cache.shape[0] - 1, dtype=torch.int32,
+                                         device="cuda")], 1)          # a CUDA graph's full-width table
+    for h in (4, 20, 32):       # partial head groups (a TP rank of V2-Lite holds 8 heads), and whole ones
+        part = mla_decode_attention(ql[:, :h], qp[:, :h], cache, tables, lens, scale)
+        assert (part.float() - ref[:, :h]).abs().max() < tol, h
+        assert torch.equal(part, mla_decode_attention(ql[:, :h], qp[:, :h], cache, wide, lens, scale)), h
 
 
 def test_deepseek_cuda_graphs_give_the_eager_tokens(tmp_path):
