@@ -88,7 +88,7 @@ def _dequant(w, s_base, kb, cols, nblocks, cmask, dtype, W8: tl.constexpr):
     kb: the tile lies within one, BK <= 128), the product in float32 rounded once; others as loaded."""
     if W8:
         sc = tl.load(s_base + kb * nblocks + cols // 128, mask=cmask, other=0.0)
-        return (w.to(tl.float32) * sc[None, :]).to(dtype)
+        w = (w.to(tl.float32) * sc[None, :]).to(dtype)
     return w
 
 
