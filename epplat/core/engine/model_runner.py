@@ -403,7 +403,7 @@ class ModelRunner:
         out: dict = {}
         if step.sample_reqs:
             logits = self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
-            tokens, logprobs = sample(logits, step.sample_reqs)
+            tokens, logprobs = sample(logits, step.sample_reqs, self.kernels)
             for req, tok, lp in zip(step.sample_reqs, tokens, logprobs):
                 out.setdefault(req.request_id, []).append((tok, lp))
         return out
