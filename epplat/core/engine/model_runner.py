@@ -233,6 +233,12 @@ class ModelRunner:
                                         [total] * self.ps.ep_size if self.ps.ep_size > 1 else None))
         finally:
             self.eplb = eplb
+        if self.kernels.sample is not None and self.model.lm_head is not None:
+            # both variants of the sampling kernel: one key and temperature for the batch, or one a row
+            logits = torch.zeros(2, self.model.lm_head.shape[0], device=self.device)
+            self.kernels.sample(logits, 1.0, 0)
+            self.kernels.sample(logits, torch.ones(2, device=self.device), torch.zeros(2, dtype=torch.long,
+                                                                                      device=self.device))
         self.platform.synchronize()
         logger.info("Kernel warm-up (%d step shapes) took %.1f s", len(steps), time.time() - t0)
 

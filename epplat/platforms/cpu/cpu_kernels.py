@@ -3,9 +3,9 @@
 The shared library is cached under ``$EPPLAT_CACHE_DIR/kernels`` (default
 ``~/.cache/epplat/kernels``) by a hash of the source and flags; building takes about a
 second. The wrappers take the same arguments as the portable torch paths they stand in
-for (``sample``: the law of the sampler's draw, from its own noise) and return None for inputs they do not handle (non-float32, shapes off the 8/16
-grid, linears over more rows than the few where MKL's per-call weight packing loses),
-so the caller runs the torch path then.
+for (``sample``: the law of the sampler's draw, from its own noise) and return None for
+inputs they do not handle (non-float32, shapes off the 8/16 grid, linears over more rows
+than the few where MKL's per-call weight packing loses), so the caller runs the torch path then.
 When no compiler (or no AVX2/FMA) is there, :func:`load` logs one warning and the
 platform keeps the torch paths.
 """
@@ -33,6 +33,8 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 # Above this many rows, MKL's GEMM is faster than reading each weight row once.
 MAX_LINEAR_ROWS = 32
 
+# tokens of a sampling draw a thread takes at least (about a millisecond of work)
+RACE_TOKENS_PER_THREAD = 1 << 20
 # OpenMP threads of the kernels; the cpu platform sets its whole thread budget here (decode
 # steps run torch's own ops on one thread, where fork/join costs more than it saves)
 THREADS = 1
@@ -210,8 +212,10 @@ def sample(logits, temperature, keys) -> Optional[torch.Tensor]:
     inv_t = inv_t.to(torch.float32).contiguous()
     keys = keys.to(torch.int64).contiguous() if isinstance(keys, torch.Tensor) else torch.arange(keys, keys + b)
     out = torch.empty(b, dtype=torch.int64)
+    # a thread a RACE_TOKENS_PER_THREAD tokens: below that a fork/join costs more than it saves
+    threads = max(1, min(THREADS, logits.numel() // RACE_TOKENS_PER_THREAD))
     if _lib.sample_race(logits.data_ptr(), b, logits.shape[1], keys.data_ptr(), inv_t.data_ptr(), out.data_ptr(),
-                        THREADS):
+                        threads):
         raise MemoryError("sample_race: out of memory")
     return out
 
