@@ -84,7 +84,7 @@ def main():
         row = {"batch": b}
         for name, params in CASES.items():
             reqs = [Request(EngineRequest(str(i), [1], SamplingParams(**params))) for i in range(b)]
-            med, low = timed(lambda: sample(logits, reqs, kernels), dev, iters)
+            med, low = timed(lambda: sample(logits, reqs, kernels=kernels), dev, iters)
             row[name], row["min " + name] = med * 1e3, low * 1e3
             if name == "temperature 1.0":
                 med, low = timed(lambda: sample(logits, reqs), dev, iters)

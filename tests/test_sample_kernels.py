@@ -67,16 +67,16 @@ def test_sampler_sends_temperature_rows_to_the_kernel_and_the_rest_to_torch():
     x = torch.randn(6, vocab, generator=torch.Generator().manual_seed(2)) * 3
     reqs = [_req(0, temperature=0.0), _req(1, temperature=0.7, seed=11), _req(2, temperature=1.0, top_k=1),
             _req(3, temperature=1.0, min_p=1.0), _req(4, temperature=1.3, seed=12), _req(5, temperature=1.0, top_p=1e-6)]
-    tokens, _ = sample(x, reqs, cpu_kernel_record())
+    tokens, _ = sample(x, reqs, kernels=cpu_kernel_record())
     best = x.argmax(-1).tolist()
     assert [tokens[i] for i in (0, 2, 3, 5)] == [best[i] for i in (0, 2, 3, 5)]   # greedy and narrowed rows
     assert tokens[1] == race_token(x[1], 0.7, _key(11)) and tokens[4] == race_token(x[4], 1.3, _key(12))
     # a seeded row alone draws what it drew in the batch; unseeded rows take the kernel as well
-    assert sample(x[4:5], [_req(4, temperature=1.3, seed=12)], cpu_kernel_record())[0] == [tokens[4]]
+    assert sample(x[4:5], [_req(4, temperature=1.3, seed=12)], kernels=cpu_kernel_record())[0] == [tokens[4]]
     torch.manual_seed(5)
     base = int(torch.randint(1 << 62, (1,)))
     torch.manual_seed(5)
-    plain = sample(x[:3], [_req(i, temperature=0.9) for i in range(3)], cpu_kernel_record())[0]
+    plain = sample(x[:3], [_req(i, temperature=0.9) for i in range(3)], kernels=cpu_kernel_record())[0]
     assert plain == [race_token(x[i], 0.9, base + i) for i in range(3)]
 
 
@@ -88,7 +88,7 @@ from epplat.core.engine.sampler import sample
 from epplat.platforms.cpu.platform import cpu_kernel_record
 reqs = [Request(EngineRequest(str(s), [1], SamplingParams(temperature=1.0, seed=s))) for s in (3, 4)]
 x = torch.randn(2, 5000, generator=torch.Generator().manual_seed(0))
-print([sample(x, reqs, cpu_kernel_record())[0] for _ in range(4)])
+print([sample(x, reqs, kernels=cpu_kernel_record())[0] for _ in range(4)])
 '''
 
 
