@@ -20,6 +20,7 @@ from epplat.config import ConfigError, EngineConfig
 from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.engine.request import Request
 from epplat.core.engine.sampler import sample, token_logprobs
+from epplat.core.engine.structured_output import fill_bitmask
 from epplat.core.model.attention import build_attn_metadata
 from epplat.core.model.decoder import MoEForCausalLM
 from epplat.core.model.loader import load_checkpoint
@@ -387,8 +388,9 @@ class ModelRunner:
                 recv = self.stage.post_output_recv(len(mi.out_rows))
         if publish is not None:
             publish(mi)
+        bitmask = fill_bitmask(sample_reqs, self.model_cfg.vocab_size)     # on its thread, beside the forward
         hidden = self.forward(mi)
-        return StepInFlight(hidden, recv, self.rows, prompt_rows, sample_rows, sample_reqs)
+        return StepInFlight(hidden, recv, self.rows, prompt_rows, sample_rows, sample_reqs, bitmask)
 
     @torch.inference_mode()
     def collect(self, step: "StepInFlight") -> dict:
@@ -404,7 +406,7 @@ class ModelRunner:
         out: dict = {}
         if step.sample_reqs:
             logits = self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
-            tokens, logprobs = sample(logits, step.sample_reqs)
+            tokens, logprobs = sample(logits, step.sample_reqs, step.grammar_bitmask)
             for req, tok, lp in zip(step.sample_reqs, tokens, logprobs):
                 out.setdefault(req.request_id, []).append((tok, lp))
         return out
@@ -420,3 +422,4 @@ class StepInFlight(msgspec.Struct):
     prompt_rows: list
     sample_rows: list
     sample_reqs: list
+    grammar_bitmask: object = None      # the future of the sampled rows' grammar bitmask

@@ -36,10 +36,12 @@ FIRST_CANDIDATES = 512
 WIDEN = 8
 
 
-def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[Optional[list[TokenLogprob]]]]:
-    """logits: [B, V] float32, one row per request. Returns tokens and per-request logprobs."""
+def sample(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None
+           ) -> tuple[list[int], list[Optional[list[TokenLogprob]]]]:
+    """logits: [B, V] float32, one row per request; grammar_bitmask: the step's (``fill_bitmask``).
+    Returns tokens and per-request logprobs."""
     raw = logits = logits.float()
-    logits = apply_rules(apply_grammars(logits, reqs), reqs)
+    logits = apply_rules(apply_grammars(logits, reqs, grammar_bitmask), reqs)
     greedy = [r.params.temperature <= 1e-5 for r in reqs]
     if all(greedy):
         tokens = logits.argmax(dim=-1)
@@ -98,17 +100,30 @@ def filtered(logits: torch.Tensor, reqs: list[Request]) -> list[Filtered]:
             out.extend(_narrowed(x, [p.top_k if 0 < p.top_k < vocab else 0 for p in sub], rows, prm,
                                  any(p.min_p > 0 for p in sub), any(p.top_p < 1.0 for p in sub)))
         else:
-            out.append(Filtered(rows, _exp_min_p(x, prm[:, 2:3] if any(p.min_p > 0 for p in sub) else None), None))
+            banned = any(reqs[i].grammar is not None or reqs[i].has_rules for i in rows)   # -inf logits
+            out.append(Filtered(rows, _exp_min_p(x, prm[:, 2:3] if any(p.min_p > 0 for p in sub) else None, banned),
+                                None))
     return out
 
 
-def _exp_min_p(x: torch.Tensor, floor: Optional[torch.Tensor]) -> torch.Tensor:
+def _exp_min_p(x: torch.Tensor, floor: Optional[torch.Tensor], banned: bool = False) -> torch.Tensor:
     """exp(x - max) over the vocabulary (the softmax, not yet normalized), zero where min-p drops
-    (x - max below log(min_p))."""
+    (x - max below log(min_p)); banned: some logits may be -inf."""
     d = x - x.amax(dim=-1, keepdim=True)
     if floor is not None:
         d.masked_fill_(d < floor, float("-inf"))
-    return d.exp_()
+    return _exp_le0(d) if banned or floor is not None else d.exp_()
+
+
+# exp(-87.3) is float32's smallest normal number; below it (-inf included) the CPU's vectorized exp
+# leaves its fast path (an exp over a row of -inf takes 4x, over denormal results 100x as long)
+_EXP_FLOOR = -87.0
+
+
+def _exp_le0(d: torch.Tensor) -> torch.Tensor:
+    """exp of d <= 0 in place, zero below exp(_EXP_FLOOR) (where float32 has only denormals)."""
+    low = d < _EXP_FLOOR
+    return d.clamp_min_(_EXP_FLOOR).exp_().masked_fill_(low, 0.0)
 
 
 def _narrowed(x: torch.Tensor, top_k: list[int], rows: list[int], prm: torch.Tensor, min_p: bool,
@@ -123,7 +138,7 @@ def _narrowed(x: torch.Tensor, top_k: list[int], rows: list[int], prm: torch.Ten
     full_mass = None
     if any(no_k):
         d = x - x.amax(dim=-1, keepdim=True)
-        full_mass = d.masked_fill_(d < prm[:, 2:3], float("-inf")).exp_().sum(dim=-1)
+        full_mass = _exp_le0(d.masked_fill_(d < prm[:, 2:3], float("-inf"))).sum(dim=-1)
     width = max([k for k in top_k if k] + ([min(vocab, FIRST_CANDIDATES)] if any(no_k) else []))
     todo = list(range(len(rows)))
     out = []
