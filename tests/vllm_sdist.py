@@ -1,7 +1,8 @@
-"""vLLM's PD client script, as its Expert Parallel Deployment doc ships it: the doc is in vLLM's
-source distribution on PyPI (docs/serving/expert_parallel_deployment.md), not in its wheel, so
-.ci/run brings the sdist into .ci/vllm-sdist/ with pip (nothing of it is committed) and tests read
-the script out of the tarball as it is."""
+"""vLLM's PD client script, as its Expert Parallel Deployment doc ships it, and the toy P/D proxy of
+vLLM's NIXL integration tests: both are in vLLM's source distribution on PyPI
+(docs/serving/expert_parallel_deployment.md, tests/v1/kv_connector/nixl_integration/
+toy_proxy_server.py), not in its wheel, so .ci/run brings the sdist into .ci/vllm-sdist/ with pip
+(nothing of it is committed) and tests read them out of the tarball as they are."""
 
 from __future__ import annotations
 
@@ -19,14 +20,21 @@ FETCH = ("VLLM_TARGET_DEVICE=empty VLLM_VERSION_OVERRIDE=0.33.0 python -m pip do
          "--no-binary :all: --no-build-isolation vllm==0.33.0 -d .ci/vllm-sdist")
 
 
-def doc_client_script() -> str:
-    """The Python block under the doc's "Client Orchestration Example" heading, unmodified."""
+TOY_PROXY = "tests/v1/kv_connector/nixl_integration/toy_proxy_server.py"
+
+
+def read(path: str) -> str:
+    """A file of vLLM's source tree, from the sdist."""
     if not SDIST.is_file():
         if os.environ.get("CI"):
             pytest.fail(f"{SDIST} is missing: .ci/run fetches it ({FETCH})")
         pytest.skip(f"vLLM's sdist is not here; fetch it with: {FETCH}")
     with tarfile.open(SDIST) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith("/" + DOC))
-        text = tar.extractfile(member).read().decode()
-    section = text.split("### Client Orchestration Example", 1)[1]
+        member = next(m for m in tar.getmembers() if m.name.endswith("/" + path))
+        return tar.extractfile(member).read().decode()
+
+
+def doc_client_script() -> str:
+    """The Python block under the doc's "Client Orchestration Example" heading, unmodified."""
+    section = read(DOC).split("### Client Orchestration Example", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)

@@ -235,6 +235,12 @@ class ModelRunner:
                                         [total] * self.ps.ep_size if self.ps.ep_size > 1 else None))
         finally:
             self.eplb = eplb
+        if self.kernels.sample is not None and self.model.lm_head is not None:
+            # both variants of the sampling kernel: one key and temperature for the batch, or one a row
+            logits = torch.zeros(2, self.model.lm_head.shape[0], device=self.device)
+            self.kernels.sample(logits, 1.0, 0)
+            self.kernels.sample(logits, torch.ones(2, device=self.device), torch.zeros(2, dtype=torch.long,
+                                                                                      device=self.device))
         self.platform.synchronize()
         logger.info("Kernel warm-up (%d step shapes) took %.1f s", len(steps), time.time() - t0)
 
@@ -406,7 +412,7 @@ class ModelRunner:
         out: dict = {}
         if step.sample_reqs:
             logits = self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
-            tokens, logprobs = sample(logits, step.sample_reqs, step.grammar_bitmask)
+            tokens, logprobs = sample(logits, step.sample_reqs, step.grammar_bitmask, self.kernels)
             for req, tok, lp in zip(step.sample_reqs, tokens, logprobs):
                 out.setdefault(req.request_id, []).append((tok, lp))
         return out

@@ -1,6 +1,8 @@
-"""``--quantization fp8`` on CUDA: 128x128 block-scaled float8_e4m3 weights, activations quantized
-per token and 128-wide group at run time (DeepSeek-V3's scheme), GEMMs in Triton (fp8_linear for
-the linears, fp8_moe for the experts); a ``deep_gemm`` path is not wired in yet.
+"""``--quantization fp8`` on CUDA: 128x128 block-scaled float8_e4m3 weights (DeepSeek-V3's scheme),
+GEMMs in Triton that read the fp8 bytes: fp8_linear for the linears (activations quantized per
+token and 128-wide group above its decode sizes, unquantized below, where the weight bytes bound
+it), fp8_moe for the experts (the bf16 expert kernels reading fp8 tiles); a ``deep_gemm`` path is
+not wired in yet.
 
 Two sources:
 - an fp8 checkpoint in DeepSeek-V3's layout (epplat.core.model.fp8_blocks): every tensor it has
