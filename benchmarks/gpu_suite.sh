@@ -1,36 +1,51 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
-# Stages: tests decode decode-fp8 moe prefill sampler serve serve-fp8 serve-prefill serve-decode
-#         deepseek-decode deepseek-decode-fp8 serve-deepseek
+# Stages: tests decode decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
+#         serve-decode deepseek-decode deepseek-decode-fp8 serve-deepseek pd-nixl
 # (default: tests decode moe). Writes JSON and logs under $OUT.
-# Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA").
+# Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA"); nixl's, too big to
+# travel with them, in a folder NIXL_WHEELS that an earlier call on the warm machine left there.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
-fi
+for w in .whl ${NIXL_WHEELS:-}; do
+  [ -d "$w" ] || continue
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$w"/*.whl \
+    || exit 1
+done
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "epplat install failed"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+model_12l() {   # the 12-layer Qwen3-MoE checkpoint of the serve stages, made once; prints its folder
+  local m=/tmp/serve_model_12l
+  [ -d $m ] || epplat make-model qwen3_moe $m --layers 12 --hidden 2048 --heads 32 --kv-heads 4 --head-dim 128 \
+    --experts 128 --top-k 8 --moe-intermediate 768 --vocab-size 151936 --dtype bfloat16 --max-shard-size 4GB \
+    --seed 0 >/dev/null
+  echo $m
+}
 stages=${*:-tests decode moe}
 for s in $stages; do
   echo "=== $s"; t0=$(date +%s)
   case $s in
-    tests)  python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -s 2>&1 | tee "$OUT/tests.log" | grep -E "^(PASSED|FAILED|ERROR)|fp8 logits|fp8 greedy|passed|failed"  ;;
+    tests)  python3 -m pytest -q -rA -p no:cacheprovider --durations=12 tests/test_gpu.py -s 2>&1 | tee "$OUT/tests.log" | grep -E "^(PASSED|FAILED|ERROR)|fp8 logits|fp8 greedy|passed|failed"  ;;
     decode) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --profile 1 64 --compare-torch --out "$OUT/decode.json" 2>&1 \
               | tee "$OUT/decode.log" | tail -80 ;;
+    decode-bf16) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --out "$OUT/decode_bf16.json" 2>&1 \
+              | tee "$OUT/decode_bf16.log" | tail -8 ;;   # the decode-fp8 stage's bf16 side, no profile
     decode-fp8) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --fp8 2>&1 \
               | tee "$OUT/decode_fp8.log" | tail -8 ;;
     moe)    python3 benchmarks/moe_layer_bench.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | tail -40 ;;
+    moe-fp8)   # fp8 experts against the bf16 kernels the platform runs at each size, and the fp8 tile sweep only
+            python3 benchmarks/moe_layer_bench.py --tiles --sorted-tiles --out "$OUT/moe_fp8.json" 2>&1 \
+              | tee "$OUT/moe_fp8.log" | tail -24 ;;
     prefill) python3 benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --profile --out "$OUT/prefill.json" 2>&1 \
               | tee "$OUT/prefill.log" | tail -30 ;;
+    prefill-fp8) python3 benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --fp8 --out "$OUT/prefill_fp8.json" 2>&1 \
+              | tee "$OUT/prefill_fp8.log" | tail -8 ;;
     sampler) python3 benchmarks/sampler_bench.py --device cuda --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -16 ;;
     serve-prefill|serve-decode)   # the 12-layer checkpoint, made once; SERVE_ARGS adds epplat serve flags
-            m=/tmp/serve_model_12l; [ -d $m ] || epplat make-model qwen3_moe $m --layers 12 --hidden 2048 --heads 32 \
-              --kv-heads 4 --head-dim 128 --experts 128 --top-k 8 --moe-intermediate 768 --vocab-size 151936 \
-              --dtype bfloat16 --max-shard-size 4GB --seed 0 >/dev/null
+            m=$(model_12l)
             if [ $s = serve-prefill ]; then load="--input-len 2048 --output-len 4 --concurrency 16 --num-prompts 256"
             else load="--input-len 128 --output-len 256 --concurrency 128 --num-prompts 256"; fi
             python3 benchmarks/serve_1gpu.py --model-dir $m $load --skip-transformers ${SERVE_ARGS:-} \
@@ -38,8 +53,8 @@ for s in $stages; do
     deepseek-decode) python3 benchmarks/deepseek_decode_roofline.py --batch 1 64 256 --profile 64 \
               --out "$OUT/deepseek_decode.json" 2>&1 | tee "$OUT/deepseek_decode.log" | tail -40 ;;
     deepseek-decode-fp8)   # the same step as deepseek-decode with every linear and expert in fp8 (run both to compare)
-            python3 benchmarks/deepseek_decode_roofline.py --batch 1 64 256 --fp8 \
-              --out "$OUT/deepseek_decode_fp8.json" 2>&1 | tee "$OUT/deepseek_decode_fp8.log" | tail -12 ;;
+            python3 benchmarks/deepseek_decode_roofline.py --batch 1 64 256 --fp8 --profile 64 \
+              --out "$OUT/deepseek_decode_fp8.json" 2>&1 | tee "$OUT/deepseek_decode_fp8.log" | tail -40 ;;
     serve-deepseek)   # DeepSeek-V2-Lite's shapes with DS_LAYERS layers (first dense), decode-heavy load
             m=/tmp/serve_ds; [ -d $m ] || epplat make-model deepseek_v2 $m --layers ${DS_LAYERS:-4} --hidden 2048 \
               --heads 16 --head-dim 128 --q-lora-rank 0 --kv-lora-rank 512 --rope-head-dim 64 --experts 64 --top-k 6 \
@@ -51,6 +66,15 @@ for s in $stages; do
     serve)  python3 benchmarks/serve_1gpu.py --out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
     serve-fp8) python3 benchmarks/serve_1gpu.py --epplat-arg=--quantization --epplat-arg=fp8 --skip-transformers \
               --out "$OUT/serve_fp8.json" 2>&1 | tee "$OUT/serve_fp8.log" | tail -12 ;;
+    pd-nixl)   # a prefill and a decode server sharing the one GPU, NixlConnector on GPU memory, epplat proxy in
+               # front, against one colocated server, the same load (bench_serve), one after the other
+            python3 -c 'import nixl' || { echo "pd-nixl: nixl missing (NIXL_WHEELS, see docs/benchmarks.md)"; continue; }
+            UCX_PROTO_INFO=y python3 benchmarks/pd_vs_colocated.py --model-dir $(model_12l) --kv-buffer-device cuda \
+              --input-len 2048 --output-len 128 --concurrency 16 --num-prompts 64 \
+              --epplat-arg=--kv-cache-memory-bytes --epplat-arg=${PD_KV_BYTES:-20000000000} \
+              --logdir "$OUT/pd-nixl-logs" --out "$OUT/pd_nixl.json" 2>&1 | tee "$OUT/pd_nixl.log" | tail -6
+            # which UCX transport moved the KV (cuda_ipc between the two processes of one GPU, if UCX found it)
+            grep -h -A6 "remote memory read by ucp_get" "$OUT"/pd-nixl-logs/decode.log | grep -m4 -E "cuda|copy" ;;
     *) echo "unknown stage $s" ;;
   esac
   echo "=== $s took $(( $(date +%s) - t0 )) s"

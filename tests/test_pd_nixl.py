@@ -10,12 +10,15 @@ expired on the prefill side and a dead prefill server are recomputed on the deco
 tokens); the prefill side frees every held block; a handshake between different KV layouts is
 refused with a clear error; a peer without the deployment's secret is refused on the side channel.
 `epplat proxy` chains the two (streaming and not, chat too), and a client that leaves mid-stream
-aborts its request on the decoder."""
+aborts its request on the decoder. vLLM's PD client script (its Expert Parallel Deployment doc) runs
+unmodified but for its URLs against the pair, and vLLM's toy P/D proxy unmodified in front of it
+(both read out of vLLM's sdist)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,8 +46,11 @@ def kv(role):
 
 
 @pytest.fixture(scope="module")
-def pd(qwen3_moe_dir):
-    common = ("--dtype", "float32", "--max-model-len", "512")
+def pd(qwen3_moe_dir, tmp_path_factory):
+    # greedy unless a request says otherwise (vLLM's doc client script sets no temperature)
+    greedy = tmp_path_factory.mktemp("greedy")
+    (greedy / "generation_config.json").write_text(json.dumps({"temperature": 0.0}))
+    common = ("--dtype", "float32", "--max-model-len", "512", "--generation-config", str(greedy))
     env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port(2)), "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": str(TIMEOUT_S)}
     # both kv_both: DP=2 -> TP=2 x PP=2 (each decode rank reads its heads of its layer from one prefill rank's
     # blocks) and, for test_tp2_pp2_prefill_to_dp2_decode, back (each decode rank reads from all 4 prefill ranks)
@@ -207,6 +213,86 @@ def test_proxy_chains_prefill_and_decode(pd, qwen3_moe_dir):
         assert prefill_blocks_free(prefill, 6), "the prefill server held the blocks of a client that left"
         assert metric(prefill.url, "vllm:num_requests_running") == 0
         assert metric(decode.url, "vllm:request_success_total") == decoded0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    assert prefill_blocks_free(prefill)
+
+
+def test_vllm_doc_client_script_unmodified(pd, qwen3_moe_dir):
+    """vLLM's PD client script (its Expert Parallel Deployment doc, read out of vLLM's sdist), run as it
+    is but for its two URLs: it prints the decode side's answer to the doc's prompt, which must be
+    transformers' greedy continuation (up to EOS or the script's 150 tokens) of the prompt the
+    prefill side computed, the decode side computing only its last token."""
+    from transformers import AutoTokenizer
+
+    from vllm_sdist import doc_client_script
+    prefill, decode = pd
+    script = doc_client_script()
+    for url, ours in [("http://192.168.1.100:8000/v1", prefill.url + "/v1"),
+                      ("http://192.168.1.101:8001/v1", decode.url + "/v1")]:
+        assert script.count(url) == 1, url
+        script = script.replace(url, ours)
+    prompt = re.search(r'prompt="(Write a detailed[^"]*)"', script).group(1)
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    ids = tok(prompt).input_ids
+    assert len(ids) > 16, "the doc's prompt must span more than a block"
+    computed0 = metric(decode.url, "epplat:prompt_tokens_computed_total")
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    want = tok.decode(hf_greedy(qwen3_moe_dir, [ids], 150)[0], skip_special_tokens=True)   # while the script runs
+    stdout, stderr = run.communicate(timeout=180)
+    assert "Decode completed successfully" in stdout, stdout + stderr
+    assert stdout.split("Final response: ", 1)[1] == want + "\n"
+    assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == 1
+    assert prefill_blocks_free(prefill)
+
+
+def test_vllm_toy_proxy_unmodified(pd, qwen3_moe_dir, tmp_path):
+    """The toy P/D proxy of vLLM's NIXL integration tests (from vLLM's sdist), run as it is in front of
+    the pair: a completion and a streamed chat through it, with the real `openai` client, give
+    transformers' greedy tokens, the decode side computing only each prompt's last token."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from vllm_sdist import TOY_PROXY, read
+    prefill, decode = pd
+    script = tmp_path / "toy_proxy_server.py"
+    script.write_text(read(TOY_PROXY))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(script), "--port", str(port),
+                             "--prefiller-hosts", "127.0.0.1", "--prefiller-ports", str(prefill.port),
+                             "--decoder-hosts", "127.0.0.1", "--decoder-ports", str(decode.port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/healthcheck", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.1)
+        tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+        prompt = [(13 * i + 1) % 1900 + 30 for i in range(23)]
+        want = tok.decode(hf_greedy(qwen3_moe_dir, [prompt], 6, ignore_eos=True)[0], skip_special_tokens=True)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        computed0 = metric(decode.url, "epplat:prompt_tokens_computed_total")
+        out = client.completions.create(model=str(qwen3_moe_dir), prompt=prompt, max_tokens=6, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want
+        messages = [{"role": "user", "content": "hello toy proxy"}]     # a prompt no other test has cached
+        whole = openai.OpenAI(base_url=decode.url + "/v1", api_key="none", max_retries=0).chat.completions.create(
+            model=str(qwen3_moe_dir), messages=messages, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+        chunks = client.chat.completions.create(model=str(qwen3_moe_dir), messages=messages, max_tokens=5,
+                                                temperature=0, stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True})
+        chunks = list(chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            whole.choices[0].message.content
+        assert chunks[-1].usage.completion_tokens == 5
+        # the uncached chat prompt of the direct call was computed whole; the two through the proxy, 1 token each
+        assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == \
+            1 + 1 + whole.usage.prompt_tokens
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)

@@ -20,6 +20,7 @@ from epplat.config import ConfigError, EngineConfig
 from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.engine.request import Request
 from epplat.core.engine.sampler import sample, token_logprobs
+from epplat.core.engine.structured_output import fill_bitmask
 from epplat.core.model.attention import build_attn_metadata
 from epplat.core.model.decoder import MoEForCausalLM
 from epplat.core.model.loader import load_checkpoint
@@ -234,6 +235,12 @@ class ModelRunner:
                                         [total] * self.ps.ep_size if self.ps.ep_size > 1 else None))
         finally:
             self.eplb = eplb
+        if self.kernels.sample is not None and self.model.lm_head is not None:
+            # both variants of the sampling kernel: one key and temperature for the batch, or one a row
+            logits = torch.zeros(2, self.model.lm_head.shape[0], device=self.device)
+            self.kernels.sample(logits, 1.0, 0)
+            self.kernels.sample(logits, torch.ones(2, device=self.device), torch.zeros(2, dtype=torch.long,
+                                                                                      device=self.device))
         self.platform.synchronize()
         logger.info("Kernel warm-up (%d step shapes) took %.1f s", len(steps), time.time() - t0)
 
@@ -387,8 +394,9 @@ class ModelRunner:
                 recv = self.stage.post_output_recv(len(mi.out_rows))
         if publish is not None:
             publish(mi)
+        bitmask = fill_bitmask(sample_reqs, self.model_cfg.vocab_size)     # on its thread, beside the forward
         hidden = self.forward(mi)
-        return StepInFlight(hidden, recv, self.rows, prompt_rows, sample_rows, sample_reqs)
+        return StepInFlight(hidden, recv, self.rows, prompt_rows, sample_rows, sample_reqs, bitmask)
 
     @torch.inference_mode()
     def collect(self, step: "StepInFlight") -> dict:
@@ -404,7 +412,7 @@ class ModelRunner:
         out: dict = {}
         if step.sample_reqs:
             logits = self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
-            tokens, logprobs = sample(logits, step.sample_reqs)
+            tokens, logprobs = sample(logits, step.sample_reqs, step.grammar_bitmask, self.kernels)
             for req, tok, lp in zip(step.sample_reqs, tokens, logprobs):
                 out.setdefault(req.request_id, []).append((tok, lp))
         return out
@@ -420,3 +428,4 @@ class StepInFlight(msgspec.Struct):
     prompt_rows: list
     sample_rows: list
     sample_reqs: list
+    grammar_bitmask: object = None      # the future of the sampled rows' grammar bitmask
