@@ -38,8 +38,14 @@ WIDEN = 8
 
 def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[Optional[list[TokenLogprob]]]]:
     """logits: [B, V] float32, one row per request. Returns tokens and per-request logprobs."""
-    raw = logits = logits.float()
-    logits = apply_rules(apply_grammars(logits, reqs), reqs)
+    raw = logits.float()
+    token_list = sample_tokens(raw, reqs).tolist()
+    return token_list, sampled_logprobs(raw, reqs, token_list)
+
+
+def sample_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """The tokens, left on the logits' device (async scheduling reads them later)."""
+    logits = apply_rules(apply_grammars(logits.float(), reqs), reqs)
     greedy = [r.params.temperature <= 1e-5 for r in reqs]
     if all(greedy):
         tokens = logits.argmax(dim=-1)
@@ -51,14 +57,18 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[O
         tokens[rows] = logits[rows].argmax(dim=-1)
         rows = [i for i, g in enumerate(greedy) if not g]
         tokens[rows] = _sample_rows(logits[rows], [reqs[i] for i in rows])
-    token_list = tokens.tolist()
+    return tokens
+
+
+def sampled_logprobs(raw: torch.Tensor, reqs: list[Request], token_list: list[int]) -> list[Optional[list[TokenLogprob]]]:
+    """The logprobs of the sampled tokens (and the best alternatives) for requests that ask for them."""
     logprobs: list[Optional[list[TokenLogprob]]] = [None] * len(reqs)
     want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
     if want:
         lp = torch.log_softmax(raw[want], dim=-1)
         for j, i in enumerate(want):
             logprobs[i] = _token_logprobs(lp[j], token_list[i], reqs[i].params.logprobs)
-    return token_list, logprobs
+    return logprobs
 
 
 class Filtered(NamedTuple):
