@@ -9,17 +9,33 @@ steps launched since). Where the device is host memory (cpu) nothing is copied.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 _HOST = torch.device("cpu")
 
 
+_UNPINNABLE: set[str] = set()     # device types whose torch backend has no pinned host memory
+
+
 def to_device(values, dtype, device) -> torch.Tensor:
-    """A list (or nested lists) as a tensor on ``device``, copied without blocking."""
+    """A list (or nested lists) as a tensor on ``device``, copied without blocking (where the device's torch
+    backend has no pinned memory, said once in a warning, the copy blocks)."""
+    device = torch.device(device)
     t = torch.tensor(values, dtype=dtype)
-    if torch.device(device) == _HOST:
+    if device == _HOST:
         return t
-    return t.pin_memory().to(device, non_blocking=True)
+    if device.type not in _UNPINNABLE:
+        try:
+            return t.pin_memory().to(device, non_blocking=True)
+        except (NotImplementedError, RuntimeError) as e:
+            _UNPINNABLE.add(device.type)
+            logger.warning("no pinned host memory for %s devices (%s): host-to-device copies of step inputs "
+                           "wait for the device", device.type, str(e).splitlines()[0][:120])
+    return t.to(device)
 
 
 class HostCopy:

@@ -204,17 +204,18 @@ class EngineCore:
             if req.scheduled_ts is None:
                 req.scheduled_ts = now
         in_flight = self.runner.launch(batch, ep_counts, publish, kv_meta)
-        prompt_tokens = sum(min(n, req.prompt_len - req.num_computed) for req, n in batch
-                            if req.num_computed < req.prompt_len)
+        in_flight.prompt_tokens = sum(min(n, req.prompt_len - req.num_computed) for req, n in batch
+                                      if req.num_computed < req.prompt_len)
         for req, n in batch:
             req.num_computed += n
         for req in {id(r): r for r in in_flight.sample_reqs}.values():
             req.num_pending += 1
-        return batch, ep_counts, publish, in_flight, prompt_tokens
+        return batch, ep_counts, publish, in_flight
 
     def complete(self, step) -> list[EngineOutput]:
         """Finish a launched step: take its samples, advance its requests, their outputs."""
-        batch, ep_counts, publish, in_flight, prompt_tokens = step
+        batch, ep_counts, publish, in_flight = step
+        prompt_tokens = in_flight.prompt_tokens
         sampled = self.runner.collect(in_flight)
         for req, _ in batch:
             req.in_flight = False

@@ -459,3 +459,4 @@ class StepInFlight(msgspec.Struct):
     sample_rows: list
     sample_reqs: list
     sampled: object = None     # (HostCopy of the tokens, raw logits for logprobs) when sampled at launch
+    prompt_tokens: int = 0     # prompt tokens the step computes (the engine core's count)
