@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
 # Stages: tests decode decode-fp8 moe prefill sampler serve serve-fp8 serve-prefill serve-decode serve-decode-async
-#         deepseek-decode deepseek-decode-fp8 serve-deepseek
+#         deepseek-decode deepseek-decode-fp8 serve-deepseek pd-nixl
 # (default: tests decode moe). Writes JSON and logs under $OUT.
-# Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA").
+# Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA"); nixl's, too big to
+# travel with them, in a folder NIXL_WHEELS that an earlier call on the warm machine left there.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
-fi
+for w in .whl ${NIXL_WHEELS:-}; do
+  [ -d "$w" ] || continue
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$w"/*.whl \
+    || exit 1
+done
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "epplat install failed"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+model_12l() {   # the 12-layer Qwen3-MoE checkpoint of the serve stages, made once; prints its folder
+  local m=/tmp/serve_model_12l
+  [ -d $m ] || epplat make-model qwen3_moe $m --layers 12 --hidden 2048 --heads 32 --kv-heads 4 --head-dim 128 \
+    --experts 128 --top-k 8 --moe-intermediate 768 --vocab-size 151936 --dtype bfloat16 --max-shard-size 4GB \
+    --seed 0 >/dev/null
+  echo $m
+}
 stages=${*:-tests decode moe}
 for s in $stages; do
   echo "=== $s"; t0=$(date +%s)
@@ -28,9 +38,7 @@ for s in $stages; do
               | tee "$OUT/prefill.log" | tail -30 ;;
     sampler) python3 benchmarks/sampler_bench.py --device cuda --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -16 ;;
     serve-prefill|serve-decode|serve-decode-async)   # the 12-layer checkpoint, made once; SERVE_ARGS adds epplat serve flags
-            m=/tmp/serve_model_12l; [ -d $m ] || epplat make-model qwen3_moe $m --layers 12 --hidden 2048 --heads 32 \
-              --kv-heads 4 --head-dim 128 --experts 128 --top-k 8 --moe-intermediate 768 --vocab-size 151936 \
-              --dtype bfloat16 --max-shard-size 4GB --seed 0 >/dev/null
+            m=$(model_12l)
             if [ $s = serve-prefill ]; then load="--input-len 2048 --output-len 4 --concurrency 16 --num-prompts 256"
             else load="--input-len 128 --output-len 256 --concurrency 128 --num-prompts 256"; fi
             extra=; [ $s = serve-decode-async ] && extra=--epplat-arg=--async-scheduling
@@ -63,6 +71,15 @@ print(f"serve-decode-async: TPOT p50 {t:.2f} ms, in-process decode step (batch 1
     serve)  python3 benchmarks/serve_1gpu.py --out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
     serve-fp8) python3 benchmarks/serve_1gpu.py --epplat-arg=--quantization --epplat-arg=fp8 --skip-transformers \
               --out "$OUT/serve_fp8.json" 2>&1 | tee "$OUT/serve_fp8.log" | tail -12 ;;
+    pd-nixl)   # a prefill and a decode server sharing the one GPU, NixlConnector on GPU memory, epplat proxy in
+               # front, against one colocated server, the same load (bench_serve), one after the other
+            python3 -c 'import nixl' || { echo "pd-nixl: nixl missing (NIXL_WHEELS, see docs/benchmarks.md)"; continue; }
+            UCX_PROTO_INFO=y python3 benchmarks/pd_vs_colocated.py --model-dir $(model_12l) --kv-buffer-device cuda \
+              --input-len 2048 --output-len 128 --concurrency 16 --num-prompts 64 \
+              --epplat-arg=--kv-cache-memory-bytes --epplat-arg=${PD_KV_BYTES:-20000000000} \
+              --logdir "$OUT/pd-nixl-logs" --out "$OUT/pd_nixl.json" 2>&1 | tee "$OUT/pd_nixl.log" | tail -6
+            # which UCX transport moved the KV (cuda_ipc between the two processes of one GPU, if UCX found it)
+            grep -h -A6 "remote memory read by ucp_get" "$OUT"/pd-nixl-logs/decode.log | grep -m4 -E "cuda|copy" ;;
     *) echo "unknown stage $s" ;;
   esac
   echo "=== $s took $(( $(date +%s) - t0 )) s"

@@ -6,46 +6,80 @@ into its own registered buffer in one transfer, and the transfer completes when
 check_xfer_state says DONE. Two descriptor lists: ``per-block`` (one descriptor per block, as
 NixlConnector did before 2026-12-02) and ``merged`` (NixlConnector's ``merge``: runs of blocks
 adjacent on both sides become one descriptor; the blocks here are all adjacent). Agent metadata
-goes through a pipe as raw bytes. memcpy is torch's copy_ of a tensor of the same size
-(dst.copy_(src)). With and without the agents' UCX progress thread (nixl's default is on;
-an idle agent's thread then spins on a core: 1.26 s of CPU in 3 s idle, measured 2026-12-02).
-Each NIXL run is measured right after a memcpy run, alternating, so that both
-see the same machine load; the ratio is per pair.
+goes through a pipe as raw bytes. With and without the agents' UCX progress thread (nixl's
+default is on; an idle agent's thread then spins on a core: 1.26 s of CPU in 3 s idle, measured
+2026-12-02).
 
-    python benchmarks/nixl_bandwidth.py --mib 256 --block-kib 64 256 --iters 5
+Every iteration runs, in the initiator process and one right after the other so that all see the
+same machine load: torch's copy_ of the same bytes (dst.copy_(src)), libc memcpy of them (one
+call, one thread: the "plain memcpy"), process_vm_readv of the target's buffer (one call: the
+syscall that UCX's cma transport, the one it picks for host-memory READs between processes of one
+machine, makes; so the ceiling of NIXL here), then the NIXL READ, split into its phases: prepare
+(initialize_xfer), post (transfer) and wait (check_xfer_state until DONE). Ratios are medians of
+the per-iteration ratios. UCX_* variables of the environment reach both agents (e.g. UCX_TLS).
+
+    python benchmarks/nixl_bandwidth.py --mib 64 --block-kib 64 --iters 9
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import multiprocessing as mp
+import os
 import statistics
 import time
 
 import torch
 
+PHASES = ("torch_copy", "memcpy", "process_vm_readv", "nixl", "prepare", "post", "wait")
 
-def _target(conn, nbytes: int, prog_thread: bool) -> None:
+
+class _iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_iovec), ctypes.c_ulong,
+                                   ctypes.POINTER(_iovec), ctypes.c_ulong, ctypes.c_ulong]
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+
+
+def _buffer(nbytes: int, huge: bool) -> torch.Tensor:
+    """Random bytes; on huge pages as the cpu platform's KV cache (or on small pages, as before 2026-12-02)."""
+    from epplat.platforms.cpu import huge_pages
+    buf = huge_pages.zeros((nbytes,), torch.uint8) if huge else torch.zeros(nbytes, dtype=torch.uint8)
+    return buf.random_(0, 255)
+
+
+def _target(conn, nbytes: int, prog_thread: bool, huge: bool) -> None:
     from nixl._api import nixl_agent, nixl_agent_config
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    src = _buffer(nbytes, huge)
     agent = nixl_agent("target", nixl_agent_config(enable_prog_thread=prog_thread, backends=["UCX"]))
     agent.register_memory([(src.data_ptr(), nbytes, 0, "")], "DRAM")
     conn.send_bytes(agent.get_agent_metadata())
-    conn.send_bytes(str(src.data_ptr()).encode())
+    conn.send_bytes(f"{src.data_ptr()} {os.getpid()}".encode())
     conn.send_bytes(src[:4096].numpy().tobytes())
     while not conn.poll(0.001):      # until the initiator is done; without a progress thread, this
         agent.get_new_notifs()       # progresses the agent (connection set-up needs both sides), as the engine loop does
 
 
-def _initiator(conn, nbytes: int, block: int, iters: int, merged: bool, prog_thread: bool, out) -> None:
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _initiator(conn, nbytes: int, block: int, iters: int, merged: bool, prog_thread: bool, huge: bool, out) -> None:
     from nixl._api import nixl_agent, nixl_agent_config
 
     from epplat.connectors.nixl import merge
-    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    dst, src = _buffer(nbytes, huge), _buffer(nbytes, huge)
+    dst.copy_(src)                   # every page of both resident before the first measurement
     agent = nixl_agent("initiator", nixl_agent_config(enable_prog_thread=prog_thread, backends=["UCX"]))
     agent.register_memory([(dst.data_ptr(), nbytes, 0, "")], "DRAM")
     name = agent.add_remote_agent(conn.recv_bytes())
-    base = int(conn.recv_bytes())
+    base, pid = map(int, conn.recv_bytes().split())
     head = conn.recv_bytes()
     n = nbytes // block
     local = [(dst.data_ptr() + i * block, block, 0) for i in range(n)]
@@ -53,72 +87,78 @@ def _initiator(conn, nbytes: int, block: int, iters: int, merged: bool, prog_thr
     if merged:
         local, remote = merge(local, remote)
     local, remote = agent.get_xfer_descs(local, "DRAM"), agent.get_xfer_descs(remote, "DRAM")
-    times, mem = [], []
+    liov, riov = _iovec(dst.data_ptr(), nbytes), _iovec(base, nbytes)
+
+    def pvr():
+        got = _libc.process_vm_readv(pid, ctypes.byref(liov), 1, ctypes.byref(riov), 1, 0)
+        assert got == nbytes, (got, ctypes.get_errno())
+
+    rows = []
     for _ in range(iters + 1):      # the first one warms up the connection
-        mem.append(memcpy_once(nbytes))
+        row = {"torch_copy": _timed(lambda: dst.copy_(src)),
+               "memcpy": _timed(lambda: ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes))}
+        dst.zero_()
+        row["process_vm_readv"] = _timed(pvr)
+        assert dst[:4096].numpy().tobytes() == head
         dst.zero_()
         t0 = time.perf_counter()
         h = agent.initialize_xfer("READ", local, remote, name)
+        t1 = time.perf_counter()
         agent.transfer(h)
+        t2 = time.perf_counter()
         while (state := agent.check_xfer_state(h)) == "PROC":
             pass
-        times.append(time.perf_counter() - t0)
+        t3 = time.perf_counter()
         agent.release_xfer_handle(h)
         assert state == "DONE" and dst[:4096].numpy().tobytes() == head
-    out.send_bytes(",".join(f"{t:.6f}:{m:.6f}" for t, m in zip(times[1:], mem[1:])).encode())
+        row.update(nixl=t3 - t0, prepare=t1 - t0, post=t2 - t1, wait=t3 - t2)
+        rows.append(row)
+    out.send_bytes("\n".join(",".join(f"{r[k]:.6f}" for k in PHASES) for r in rows[1:]).encode())
     conn.send_bytes(b"done")
 
 
-def nixl_seconds(nbytes: int, block: int, iters: int, merged: bool, prog_thread: bool) -> list[tuple[float, float]]:
-    """(NIXL read seconds, memcpy seconds just before it) per iteration."""
+def measure(nbytes: int, block: int, iters: int, merged: bool, prog_thread: bool, huge: bool) -> list[dict]:
+    """Seconds of each of PHASES, one dict per iteration."""
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
     res_r, res_w = ctx.Pipe(duplex=False)
-    t = ctx.Process(target=_target, args=(a, nbytes, prog_thread))
-    i = ctx.Process(target=_initiator, args=(b, nbytes, block, iters, merged, prog_thread, res_w))
+    t = ctx.Process(target=_target, args=(a, nbytes, prog_thread, huge))
+    i = ctx.Process(target=_initiator, args=(b, nbytes, block, iters, merged, prog_thread, huge, res_w))
     t.start()
     i.start()
-    times = [tuple(map(float, x.split(":"))) for x in res_r.recv_bytes().decode().split(",")]
+    rows = [dict(zip(PHASES, map(float, line.split(",")))) for line in res_r.recv_bytes().decode().splitlines()]
     i.join()
     t.join()
-    return times
-
-
-_bufs: dict = {}
-
-
-def memcpy_once(nbytes: int) -> float:
-    if nbytes not in _bufs:
-        _bufs[nbytes] = (torch.randint(0, 255, (nbytes,), dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8))
-        _bufs[nbytes][1].copy_(_bufs[nbytes][0])
-    src, dst = _bufs[nbytes]
-    dst.zero_()
-    t0 = time.perf_counter()
-    dst.copy_(src)
-    return time.perf_counter() - t0
+    return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mib", type=int, default=256)
-    p.add_argument("--block-kib", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--mib", type=int, default=64)
+    p.add_argument("--block-kib", type=int, nargs="+", default=[64])
+    p.add_argument("--iters", type=int, default=9)
     p.add_argument("--layouts", nargs="+", choices=["per-block", "merged"], default=["per-block", "merged"])
-    p.add_argument("--progress-thread", nargs="+", choices=["on", "off"], default=["on", "off"],
+    p.add_argument("--progress-thread", nargs="+", choices=["on", "off"], default=["off"],
                    help="the agents' UCX progress thread (nixl's default on; NixlConnector's off)")
+    p.add_argument("--huge-pages", nargs="+", choices=["on", "off"], default=["off", "on"],
+                   help="every buffer on transparent huge pages (the cpu platform's KV cache since 2026-12-02) or not")
     args = p.parse_args(argv)
     nbytes = args.mib << 20
-    gbs = lambda ts: nbytes / statistics.median(ts) / 1e9   # noqa: E731
-    print(f"{args.mib} MiB, median of {args.iters}; memcpy is torch copy_ (1 thread of {torch.get_num_threads()}), "
-          f"run just before each NIXL read")
+    ucx = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("UCX_")) or "UCX defaults"
+    print(f"{args.mib} MiB, median of {args.iters}, {ucx}, load average {os.getloadavg()[0]:.1f}")
     for kib in args.block_kib:
-        for layout, prog in [(lay, p) for lay in args.layouts for p in args.progress_thread]:
-            pairs = nixl_seconds(nbytes, kib << 10, args.iters, layout == "merged", prog == "on")
-            nixl, mem = [p[0] for p in pairs], [p[1] for p in pairs]
-            ratio = statistics.median(m / t for t, m in pairs)
-            print(f"NIXL UCX READ, {kib} KiB blocks, {layout} descriptors, progress thread {prog}: "
-                  f"{gbs(nixl):.2f} GB/s, memcpy "
-                  f"{gbs(mem):.2f} GB/s, ratio {ratio:.2f}x (median of the pairs)")
+        for layout, prog, huge in [(lay, p, h) for lay in args.layouts for p in args.progress_thread
+                                   for h in args.huge_pages]:
+            rows = measure(nbytes, kib << 10, args.iters, layout == "merged", prog == "on", huge == "on")
+            med = {k: statistics.median(r[k] for r in rows) for k in PHASES}
+            ratio = lambda a, b: statistics.median(r[b] / r[a] for r in rows)   # noqa: E731
+            gbs = " ".join(f"{k} {nbytes / med[k] / 1e9:.2f}" for k in PHASES[:4])
+            print(f"{kib} KiB blocks, {layout}, progress thread {prog}, huge pages {huge}: GB/s {gbs}; NIXL phases ms prepare "
+                  f"{med['prepare'] * 1e3:.2f} post {med['post'] * 1e3:.2f} wait {med['wait'] * 1e3:.2f}; "
+                  f"NIXL/memcpy {ratio('nixl', 'memcpy'):.2f}x, NIXL/torch copy_ {ratio('nixl', 'torch_copy'):.2f}x, "
+                  f"NIXL/process_vm_readv {ratio('nixl', 'process_vm_readv'):.2f}x, "
+                  f"process_vm_readv/memcpy {ratio('process_vm_readv', 'memcpy'):.2f}x")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 

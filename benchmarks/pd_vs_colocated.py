@@ -8,6 +8,11 @@ streaming), --concurrency in flight, on the benchmark shape of serve_vs_vllm.py.
 TPOT and throughput of both; writes JSON (--out).
 
     python benchmarks/pd_vs_colocated.py --out pd.json
+
+On one GPU (gpu_suite.sh's pd-nixl stage) the pair shares the GPU and NixlConnector moves the KV
+cache in GPU memory: --kv-buffer-device cuda, and --epplat-arg flags for every server (e.g. the
+same --kv-cache-memory-bytes for each, so that the two fit beside each other and the colocated
+server has the KV cache of one of them).
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from epplat.tools.bench_serve import run_benchmark  # noqa: E402
 SERVE = [sys.executable, "-m", "epplat.cli", "serve"]
 
 
-def kv(role: str) -> str:
-    return json.dumps({"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"})
+def kv(role: str, device: str) -> str:
+    return json.dumps({"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": device})
 
 
 def start_proxy(port: int, prefill: int, decode: int, log_path: str):
@@ -62,11 +67,16 @@ def main(argv=None) -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--kv-buffer-device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--epplat-arg", action="append", default=[], help="a flag for every epplat serve (repeat)")
+    p.add_argument("--logdir", default=None, help="the servers' and the proxy's logs (default: a new temp folder)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    logdir = tempfile.mkdtemp(prefix="epplat-pd-")
+    logdir = args.logdir or tempfile.mkdtemp(prefix="epplat-pd-")
+    os.makedirs(logdir, exist_ok=True)
     args.model_dir = bench_model(args.model_dir, logdir)
-    common = [args.model_dir, "--host", "127.0.0.1", "--max-model-len", "4096", "--served-model-name", args.model_dir]
+    common = [args.model_dir, "--host", "127.0.0.1", "--max-model-len", "4096", "--served-model-name", args.model_dir,
+              *args.epplat_arg]
     results = {"config": vars(args).copy()}
 
     busy = busy_warning("colocated")
@@ -80,11 +90,12 @@ def main(argv=None) -> int:
     busy = busy_warning("pd pair")
     pp, dp, xp = free_port(), free_port(), free_port()
     env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}
+    dev = args.kv_buffer_device
     procs = []
     try:
-        procs.append(start([*SERVE, *common, "--port", str(pp), "--kv-transfer-config", kv("kv_producer")],
+        procs.append(start([*SERVE, *common, "--port", str(pp), "--kv-transfer-config", kv("kv_producer", dev)],
                            f"{logdir}/prefill.log", pp, env)[0])
-        procs.append(start([*SERVE, *common, "--port", str(dp), "--kv-transfer-config", kv("kv_consumer")],
+        procs.append(start([*SERVE, *common, "--port", str(dp), "--kv-transfer-config", kv("kv_consumer", dev)],
                            f"{logdir}/decode.log", dp)[0])
         procs.append(start_proxy(xp, pp, dp, f"{logdir}/proxy.log"))
         results["pd pair"] = {**load(f"http://127.0.0.1:{xp}", args), "cpu_busy_before": busy}

@@ -203,7 +203,7 @@ class ParallelConfig(msgspec.Struct):
         dp, start, rank, local = (self.data_parallel_size, self.data_parallel_start_rank, self.data_parallel_rank,
                                   self.data_parallel_size_local)
         if rank is not None:
-            if rank >= dp:
+            if rank >= dp and not self.enable_elastic_ep:     # elastic: a server may join a group of any size
                 raise ConfigError(f"--data-parallel-rank {rank} must be below --data-parallel-size {dp}")
             if self.headless or self.api_server_count != 1 or local not in (None, 1) or start:
                 raise ConfigError("--data-parallel-rank (external load balancing) runs one DP rank with its own "
@@ -242,12 +242,14 @@ class ParallelConfig(msgspec.Struct):
     def _check_elastic(self) -> None:
         if not self.enable_expert_parallel:
             raise ConfigError("--enable-elastic-ep scales expert-parallel DP ranks: add --enable-expert-parallel")
-        if (not self.single_node or self.api_server_count != 1 or self.pipeline_parallel_size != 1
-                or self.uses_ray):
-            raise ConfigError("--enable-elastic-ep runs on one node with one API server, the mp backends and "
-                              "--pipeline-parallel-size 1 for now: drop --data-parallel-rank, --headless, "
-                              "--data-parallel-size-local, --api-server-count and --pipeline-parallel-size, "
-                              "and use the mp backends")
+        if not self.single_node and not self.external_lb:
+            raise ConfigError("--enable-elastic-ep does not place new ranks on other nodes yet (no headless node "
+                              "announces spare ranks to the head): run every rank on one node, or each with its "
+                              "own server (--data-parallel-rank), which joins and leaves the group")
+        if self.api_server_count != 1 or self.pipeline_parallel_size != 1 or self.uses_ray:
+            raise ConfigError("--enable-elastic-ep runs with one API server, the mp backends and "
+                              "--pipeline-parallel-size 1 for now: drop --api-server-count and "
+                              "--pipeline-parallel-size, and use the mp backends")
 
     @property
     def single_node(self) -> bool:
@@ -365,9 +367,8 @@ class EngineConfig(msgspec.Struct):
             raise ConfigError(f"--max-num-batched-tokens ({batched}) is smaller than --max-model-len ({max_len}); "
                               "enable chunked prefill or raise it")
         check_layout(mc, par)
-        if par.pipeline_parallel_size > 1 and (self.speculative or self.kv_transfer):
-            raise ConfigError("--pipeline-parallel-size > 1 does not run with --speculative-config or "
-                              "--kv-transfer-config yet")
+        if par.pipeline_parallel_size > 1 and self.speculative:
+            raise ConfigError("--pipeline-parallel-size > 1 does not run with --speculative-config yet")
         if self.scheduler.async_scheduling:
             check_async_scheduling(self)
         if par.enable_elastic_ep and (self.speculative or self.kv_transfer):
@@ -421,7 +422,9 @@ def check_layout(mc, par: ParallelConfig) -> None:
                           f"--tensor-parallel-size {tp}")
     if par.enable_expert_parallel:
         redundant = par.eplb.num_redundant_experts
-        if (par.enable_eplb or par.enable_elastic_ep) and (mc.num_experts + redundant) % world:   # otherwise the first ranks hold one more
+        # a server of an elastic group other than DP rank 0 takes its expert slots from the running group
+        joins = par.enable_elastic_ep and par.external_lb and par.data_parallel_rank
+        if (par.enable_eplb or par.enable_elastic_ep) and not joins and (mc.num_experts + redundant) % world:
             extra = f" + {redundant} redundant" if redundant else ""
             raise ConfigError(f"{mc.num_experts}{extra} experts do not divide over EP size {world} "
                               f"(tensor-parallel-size x data-parallel-size)")

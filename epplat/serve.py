@@ -286,7 +286,7 @@ class _StopSignals:
 
 
 def _serve(args, cfg: EngineConfig) -> int:
-    from epplat.core.distributed.launcher import start_engines, stop_engines
+    from epplat.core.distributed.launcher import stop_engines
     from epplat.core.server.api_server import run_api_server
     from epplat.core.server.tokenizer import load_tokenizer
     from epplat.core.server.app import bind_http_socket
@@ -312,10 +312,11 @@ def _serve(args, cfg: EngineConfig) -> int:
     if par.ipc_dir:
         logger.info("internal sockets in %s", par.ipc_dir)
     try:
-        procs = start_engines(cfg)
+        procs = _start_engines(cfg)
     except ConfigError as e:
         print(f"epplat serve: error: {e}", file=sys.stderr)
         return 1
+    cfg = getattr(procs, "cfg", cfg)
     try:
         if par.headless:
             return _wait(procs, [])
@@ -323,7 +324,11 @@ def _serve(args, cfg: EngineConfig) -> int:
         index = par.data_parallel_rank if par.external_lb else 0
         if par.external_lb or par.api_server_count == 1:
             stop.starting = False
-            return run_api_server(cfg.to_json(), index, engine_ranks, _server_opts(args), procs, http)
+            code = run_api_server(cfg.to_json(), index, engine_ranks, _server_opts(args), procs, http)
+            if par.enable_elastic_ep and par.external_lb:
+                from epplat.core.distributed.elastic_members import leave
+                leave(cfg, procs)          # its requests drained: its experts move to the others, it leaves
+            return code
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")
         # not daemonic, as each starts its tokenizer workers; they die with this launcher (lifeline.py)
@@ -337,6 +342,32 @@ def _serve(args, cfg: EngineConfig) -> int:
         stop_engines(procs)
         if http is not None:
             http.close()
+
+
+class _Engines(list):
+    """The engine processes, and the config they run (a server joining a running group: its size)."""
+    cfg = None
+
+
+def _start_engines(cfg: EngineConfig):
+    """This node's engines; with elastic EP and external load balancing, a server started after its group
+    joins it (elastic_members.py)."""
+    from epplat.core.distributed.launcher import start_engines
+    par = cfg.parallel
+    if not (par.enable_elastic_ep and par.external_lb):
+        return start_engines(cfg)
+    from epplat.core.distributed import elastic_members
+    new, join = elastic_members.join_if_running(cfg)
+    if join is None:
+        return start_engines(cfg)
+    try:
+        procs = _Engines(start_engines(new, dp_ranks=[join["dp_rank"]], join=join))
+    except BaseException:
+        elastic_members.loaded(par, join, ok=False)
+        raise
+    elastic_members.loaded(par, join, ok=True)
+    procs.cfg = new
+    return procs
 
 
 def _server_opts(args) -> dict:

@@ -1,10 +1,14 @@
 """Every --tool-call-parser and --reasoning-parser on answers written in its model family's format:
 the whole answer's split (content, calls / reasoning_content, content), and the same answer streamed
-in random pieces adds up to it. (The server runs them end to end in test_tool_calling.py.)"""
+in random pieces adds up to it: a tool call's first delta has its id, type and name, its arguments
+follow in pieces as they are written (vLLM's streaming), adding up to the whole answer's. One
+difference, vLLM's too: a call cut off by the end of the output was streamed as far as it went, while
+the whole answer has it as content. (The server runs them end to end in test_tool_calling.py.)"""
 
 from __future__ import annotations
 
 import random
+from typing import Optional
 
 import pytest
 
@@ -14,6 +18,8 @@ from epplat.core.server.protocol import ChatCompletionRequest
 TOOLS = [{"type": "function", "function": {"name": n}} for n in ("get_weather", "get_time")]
 W = ("get_weather", '{"city": "Paris", "days": 3}')
 T = ("get_time", '{"zone": "UTC"}')
+CUT_OFF = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa'
+CUT_OFF_STREAMED = (None, [("get_weather", '{"city": "Pa')])
 DS_CALL = "<｜tool▁call▁begin｜>function<｜tool▁sep｜>{}\n```json\n{}\n```<｜tool▁call▁end｜>"
 
 # (parser, answer, expected content, expected calls)
@@ -22,8 +28,7 @@ TOOL_ANSWERS = [
                '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>',
      "Let me check.\n", [W, T]),
     ("hermes", "No tools needed: <tool_ here.", "No tools needed: <tool_ here.", []),
-    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', '<tool_call>\n{"name": '
-               '"get_weather", "arguments": {"city": "Pa', []),          # cut off: it stays content
+    ("hermes", CUT_OFF, CUT_OFF, []),          # cut off: it stays content (streamed: see CUT_OFF_STREAMED)
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}; '
                     '{"name": "get_time", "parameters": {"zone": "UTC"}}', None, [W, T]),
     ("llama3_json", '<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}', None, [T]),
@@ -52,8 +57,10 @@ def pieces(text: str, rng: random.Random) -> list[str]:
     return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
 
 
-def run_stream(outputs: ChatOutputs, parts: list[str]):
-    stream, reasoning, content, calls = outputs.stream(), None, None, []
+def run_stream(outputs: ChatOutputs, parts: list[str], pieces_of: Optional[dict] = None):
+    """The stream's reasoning, content and calls (name, arguments) by index; pieces_of: the number of
+    deltas of each call."""
+    stream, reasoning, content, calls = outputs.stream(), None, None, {}
     for k, part in enumerate(parts):
         d = stream.feed(part, k == len(parts) - 1)
         if d is None:
@@ -62,8 +69,16 @@ def run_stream(outputs: ChatOutputs, parts: list[str]):
             reasoning = (reasoning or "") + d.reasoning_content
         if d.content is not None:
             content = (content or "") + d.content
-        calls += [(c.function.name, c.function.arguments) for c in d.tool_calls or []]
-    return reasoning, content, calls
+        for c in d.tool_calls or []:
+            first = c.index not in calls
+            assert (c.id is not None, c.type, c.function.name is not None) == \
+                ((True, "function", True) if first else (False, None, False)), (first, c)
+            name, args = calls.get(c.index, (c.function.name, ""))
+            calls[c.index] = (name, args + (c.function.arguments or ""))
+            if pieces_of is not None:
+                pieces_of[c.index] = pieces_of.get(c.index, 0) + 1
+    assert sorted(calls) == list(range(len(calls)))
+    return reasoning, content, [calls[i] for i in sorted(calls)]
 
 
 @pytest.mark.parametrize("name,answer,content,calls", TOOL_ANSWERS)
@@ -74,11 +89,14 @@ def test_tool_parsers(name, answer, content, calls):
     whole = outputs.whole(answer)
     assert (whole.content, [(c.function.name, c.function.arguments) for c in whole.tool_calls]) == (content, calls)
     assert outputs.finish_reason(bool(calls), "stop") == ("tool_calls" if calls else "stop")
+    expected = CUT_OFF_STREAMED if answer == CUT_OFF else (content, calls)
     rng = random.Random(answer)
     for _ in range(50):
         _, streamed_content, streamed_calls = run_stream(outputs, pieces(answer, rng))
-        assert streamed_calls == calls
-        assert (streamed_content or None) == content
+        assert ((streamed_content or None), streamed_calls) == expected
+    counts: dict = {}                       # a character at a time: every call's arguments come in pieces
+    assert run_stream(outputs, list(answer), counts)[2] == expected[1]
+    assert all(counts[i] > 3 for i in range(len(expected[1]))), counts
 
 
 @pytest.mark.parametrize("name,answer,reasoning,content", REASONING_ANSWERS)

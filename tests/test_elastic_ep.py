@@ -3,7 +3,9 @@ redundant experts) scaled 2 -> 3 -> 2 through POST /scale_elastic_ep while the o
 a streaming request and batches running. Every completion before, during and after equals
 transformers' greedy tokens; the new rank is routed to; each error answer (400, 408, 409, 500
 with the old size kept, a new rank killed while it starts or in the expert exchange) and the 503 with
-Retry-After for requests beyond the bound during a scale are checked on the same server."""
+Retry-After for requests beyond the bound during a scale are checked on the same server. With external
+load balancing (a server per DP rank, on loopback) a server started later joins the group and one
+stopped with SIGTERM leaves it, while the other servers keep serving."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import openai
 import pytest
 
 from hf_oracle import hf_greedy, hf_greedy_texts
-from server_utils import Server, group_pids
+from server_utils import Server, group_pids, rpc_port
 
 POOL = [[(i * 37 + j * 11) % 2000 + 3 for j in range(12)] for i in range(6)]
 SHORT = 6
@@ -307,10 +309,102 @@ def test_tp2_ranks_join_and_leave_with_their_tp_group(model_dir, expected):
         assert _requests_per_rank(s.url)["size"] == 1
 
 
+def _client(s: Server):
+    return openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=180)
+
+
+def _wait_for(s: Server, pattern: str, timeout: float = 120) -> float:
+    """When ``pattern`` (a regular expression) showed in the server's log."""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, s.output()):
+        assert time.monotonic() < deadline, (pattern, s.output()[-3000:])
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def _re_form_under_traffic(head: Server, servers, model, expected, change, start, done=None) -> None:
+    """``start()`` (a join or a leave) while batches and a stream run on each of ``servers``; once rank 0 (on
+    ``head``) logs that ``change`` ("server 2 joins ...") begins, one more stream each; then ``done()`` (the
+    joiner up, the leaver gone). Every answer is transformers', and the later streams end after the re-forming."""
+    traffic = [(_Load(_client(s), model, expected[0]), _Stream(_client(s), model)) for s in servers]
+    start()
+    _wait_for(head, "elastic EP: server " + re.escape(change))
+    across = [_Stream(_client(s), model) for s in servers]
+    sizes = re.search(r"\d+ -> \d+ DP ranks \(world generation \d+\)", change).group(0)
+    formed = _wait_for(head, rf"elastic EP: {re.escape(sizes)}: \d+ expert moves")
+    if done is not None:
+        done()
+    for load, stream in traffic:
+        rounds = load.rounds
+        while load.rounds < rounds + 1 and load.thread.is_alive():    # a batch after the re-forming
+            time.sleep(0.05)
+        load.stop()
+        assert load.failures == [], load.failures
+        assert stream.result() == expected[1]
+    for st in across:
+        assert st.result() == expected[1]
+        assert st.last > formed, "the stream started as the group re-formed ended before it had re-formed"
+
+
+@pytest.mark.slow
+def test_a_server_joins_and_one_stopped_with_sigterm_leaves(model_dir, expected):
+    """External load balancing on loopback: servers 0 and 1 form the group, server 2 joins it, server 1 is
+    stopped with SIGTERM and leaves (server 2 becomes DP rank 1); batches and streams on the others throughout."""
+    model, port = str(model_dir), rpc_port()
+    env = {"OMP_NUM_THREADS": "1"}      # three servers' engines step together on the test machine's cores
+    eplb = {"window_size": 8, "step_interval": 1000, "num_redundant_experts": 2}
+    common = ["--dtype", "float32", "-ep", "--enable-elastic-ep", "--enable-eplb", "--eplb-config", json.dumps(eplb),
+              "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(port), "--max-model-len", "1024",
+              "--max-num-seqs", "8", "--distributed-timeout-seconds", "60"]
+    servers = {}
+    t = threading.Thread(target=lambda: servers.setdefault(1, Server(model, *common, "--data-parallel-size", "2",
+                                                                     "--data-parallel-rank", "1", env=env)))
+    t.start()
+    try:
+        servers[0] = Server(model, *common, "--data-parallel-size", "2", "--data-parallel-rank", "0", env=env)
+        t.join(120)
+        s0, s1 = servers[0], servers[1]
+
+        # join: server 2 starts while both others serve batches and streams
+        joiner = threading.Thread(target=lambda: servers.setdefault(2, Server(
+            model, *common, "--data-parallel-size", "3", "--data-parallel-rank", "2", env=env)))
+        _re_form_under_traffic(s0, [s0, s1], model, expected, r"2 joins the group: 2 -> 3 DP ranks (world generation 1)",
+                               joiner.start, lambda: joiner.join(180))
+        s2 = servers[2]
+        log2 = s2.output()
+        assert "EP rank 2/3 holds physical experts 10-14 of 15" in log2
+        assert "joining the running group as DP rank 2 of 3 (world generation 1)" in log2
+        with cf.ThreadPoolExecutor(3) as pool:
+            assert _batch(_client(s2), model, pool) == expected[0]
+
+        # leave: server 1 (DP rank 1 of 3) gets SIGTERM; server 2 becomes DP rank 1
+        def gone():
+            assert s1.proc.wait(120) == 0, s1.output()[-3000:]
+        _re_form_under_traffic(s0, [s0, s2], model, expected, "1 leaves the group: 3 -> 2 DP ranks (world generation 2)",
+                               lambda: os.killpg(s1.proc.pid, signal.SIGTERM), gone)
+        log1 = s1.output()
+        assert "DP rank 1 handed its experts over and leaves" in log1
+        assert "elastic EP: DP rank 1 (server 1) left the group (world generation 2)" in log1
+        assert "elastic EP: rank 1 joined world generation 2 of 2 ranks" in s2.output()    # server 2 moved down
+        for s in (s0, s2):
+            with cf.ThreadPoolExecutor(3) as pool:
+                assert _batch(_client(s), model, pool) == expected[0]
+        answer = httpx.post(s2.url + "/scale_elastic_ep", json={"new_data_parallel_size": 3})
+        assert answer.status_code == 400 and "joins the group and one stopped (SIGTERM) leaves it" in answer.text
+    finally:
+        t.join(120)
+        for s in sorted(servers.items(), reverse=True):    # DP rank 0 (the group's store) last
+            s[1].stop()
+
+
 @pytest.mark.parametrize("args, needle", [
     ((), "--enable-elastic-ep scales expert-parallel DP ranks: add --enable-expert-parallel"),
     (("-ep", "--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'),
      "--enable-elastic-ep does not run with --speculative-config or --kv-transfer-config yet"),
+    (("-ep", "--headless", "--data-parallel-address", "127.0.0.1"),
+     "--enable-elastic-ep does not place new ranks on other nodes yet (no headless node announces spare ranks "
+     "to the head): run every rank on one node, or each with its own server (--data-parallel-rank), which joins "
+     "and leaves the group"),
 ])
 def test_elastic_ep_flag_errors_are_one_line(model_dir, args, needle):
     out = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(model_dir), "-dp", "2",

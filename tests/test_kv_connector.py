@@ -128,18 +128,25 @@ def test_do_remote_prefill_without_a_connector_is_a_400(qwen3_moe_dir):
     assert e.status_code == 400 and "--kv-transfer-config" in e.json()["error"]["message"]
 
 
-def test_which_remote_tp_ranks_a_decode_rank_reads():
-    """vLLM's heterogeneous TP between P and D: every KV head is read from exactly one remote rank, and a
-    remote rank whose heads another replica serves has no reader (the decode side releases it)."""
+def test_which_remote_ranks_a_decode_rank_reads():
+    """vLLM's heterogeneous TP between P and D, and pipeline stages on either side: every KV head of every
+    layer is read from exactly one remote rank, and a remote rank whose part another replica serves has no
+    reader (the decode side releases it)."""
     from epplat.connectors.tp_ranks import head_range, readers, sources
 
-    def check(total, p_tp, d_tp):
-        remote = [head_range(total, p_tp, r) for r in range(p_tp)]
-        for d in range(d_tp):
-            mine = head_range(total, d_tp, d)
-            got = sorted(h for r in sources(mine, remote, d) for h in range(*remote[r]) if mine[0] <= h < mine[1])
-            assert got == list(range(*mine)), (total, p_tp, d_tp, d)
-        return readers(total, d_tp, remote)
+    def stages(layers, pp):
+        per = [layers // pp + (s < layers % pp) for s in range(pp)]
+        return [(sum(per[:s]), sum(per[:s + 1])) for s in range(pp)]
+
+    def check(total, p_tp, d_tp, layers=1, p_pp=1, d_pp=1):
+        remote = [(head_range(total, p_tp, r), st) for st in stages(layers, p_pp) for r in range(p_tp)]
+        local = [(head_range(total, d_tp, d), st) for st in stages(layers, d_pp) for d in range(d_tp)]
+        for i, (heads, lrange) in enumerate(local):
+            got = sorted((layer, h) for r in sources((heads, lrange), remote, i)
+                         for h in range(*remote[r][0]) for layer in range(*remote[r][1])
+                         if heads[0] <= h < heads[1] and lrange[0] <= layer < lrange[1])
+            assert got == [(layer, h) for layer in range(*lrange) for h in range(*heads)], (total, p_tp, d_tp, i)
+        return readers(local, remote)
 
     assert check(4, 1, 2) == [2]                # D splits finer: both decode ranks read the one prefill rank
     assert check(4, 2, 1) == [1, 1]             # P splits finer: the decode rank reads both
@@ -147,3 +154,8 @@ def test_which_remote_tp_ranks_a_decode_rank_reads():
     assert check(2, 4, 1) == [1, 0, 1, 0]       # P replicates heads: one replica of each is read
     assert check(2, 4, 4) == [1, 1, 1, 1]
     assert check(1, 2, 2) == [1, 1]
+    # pipeline stages: each decode rank reads its layers from the stages that hold them
+    assert check(2, 1, 2, layers=2, d_pp=2) == [4]                  # one prefill rank, PP=2 x TP=2 decode
+    assert check(2, 2, 1, layers=2, p_pp=2) == [1, 1, 1, 1]         # PP=2 x TP=2 prefill, one decode rank
+    assert check(2, 1, 1, layers=5, p_pp=2, d_pp=3) == [2, 2]       # uneven splits: layers 0-2, 3-4 vs 0-1, 2-3, 4
+    assert check(2, 2, 2, layers=3, p_pp=3, d_pp=2) == [1] * 6     # each prefill rank: one stage and TP rank reads it

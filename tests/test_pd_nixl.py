@@ -1,7 +1,8 @@
 """Prefill/decode disaggregation through the real `nixl` package on the cpu platform: a prefill
-server (DP=2 with EP) and a decode server of another layout (TP=2: each rank reads its own KV heads
-of every block) as separate `epplat serve` processes, both kv_both so that the TP=2 server is also a
-prefill side for the DP=2 one (each decode rank reads every block's heads from both prefill TP ranks); the decode side
+server (DP=2 with EP) and a decode server of another layout (TP=2 x PP=2: each rank reads its own KV
+heads of its stage's layer of every block) as separate `epplat serve` processes, both kv_both so that
+the PP x TP server is also a prefill side for the DP=2 one (each decode rank reads every block's heads
+from both prefill TP ranks of both stages, each stage's ranks serving their own layer); the decode side
 READs the prefill side's KV blocks (UCX over host memory) and its greedy tokens equal
 transformers', streaming and not, for prompts shorter and longer than a block, from vLLM's
 placeholder prompt; it computes only each prompt's last token (its metrics). Faults: blocks that
@@ -9,12 +10,15 @@ expired on the prefill side and a dead prefill server are recomputed on the deco
 tokens); the prefill side frees every held block; a handshake between different KV layouts is
 refused with a clear error; a peer without the deployment's secret is refused on the side channel.
 `epplat proxy` chains the two (streaming and not, chat too), and a client that leaves mid-stream
-aborts its request on the decoder."""
+aborts its request on the decoder. vLLM's PD client script (its Expert Parallel Deployment doc) runs
+unmodified but for its URLs against the pair, and vLLM's toy P/D proxy unmodified in front of it
+(both read out of vLLM's sdist)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,14 +46,18 @@ def kv(role):
 
 
 @pytest.fixture(scope="module")
-def pd(qwen3_moe_dir):
-    common = ("--dtype", "float32", "--max-model-len", "512")
+def pd(qwen3_moe_dir, tmp_path_factory):
+    # greedy unless a request says otherwise (vLLM's doc client script sets no temperature)
+    greedy = tmp_path_factory.mktemp("greedy")
+    (greedy / "generation_config.json").write_text(json.dumps({"temperature": 0.0}))
+    common = ("--dtype", "float32", "--max-model-len", "512", "--generation-config", str(greedy))
     env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port(2)), "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": str(TIMEOUT_S)}
-    # both kv_both: DP=2 -> TP=2 (each decode rank reads its heads of one prefill rank's blocks) and, for
-    # test_tp2_prefill_to_dp2_decode, TP=2 -> DP=2 (each decode rank reads from both prefill TP ranks)
+    # both kv_both: DP=2 -> TP=2 x PP=2 (each decode rank reads its heads of its layer from one prefill rank's
+    # blocks) and, for test_tp2_pp2_prefill_to_dp2_decode, back (each decode rank reads from all 4 prefill ranks)
     with Server(str(qwen3_moe_dir), *common, "--data-parallel-size", "2", "--enable-expert-parallel",
                 "--kv-transfer-config", kv("kv_both"), env=env, timeout=240) as prefill, \
-            Server(str(qwen3_moe_dir), *common, "--tensor-parallel-size", "2", "--kv-transfer-config", kv("kv_both"),
+            Server(str(qwen3_moe_dir), *common, "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
+                   "--kv-transfer-config", kv("kv_both"),
                    env={**env, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port(1))}, timeout=240) as decode:
         yield prefill, decode
 
@@ -211,6 +219,86 @@ def test_proxy_chains_prefill_and_decode(pd, qwen3_moe_dir):
     assert prefill_blocks_free(prefill)
 
 
+def test_vllm_doc_client_script_unmodified(pd, qwen3_moe_dir):
+    """vLLM's PD client script (its Expert Parallel Deployment doc, read out of vLLM's sdist), run as it
+    is but for its two URLs: it prints the decode side's answer to the doc's prompt, which must be
+    transformers' greedy continuation (up to EOS or the script's 150 tokens) of the prompt the
+    prefill side computed, the decode side computing only its last token."""
+    from transformers import AutoTokenizer
+
+    from vllm_sdist import doc_client_script
+    prefill, decode = pd
+    script = doc_client_script()
+    for url, ours in [("http://192.168.1.100:8000/v1", prefill.url + "/v1"),
+                      ("http://192.168.1.101:8001/v1", decode.url + "/v1")]:
+        assert script.count(url) == 1, url
+        script = script.replace(url, ours)
+    prompt = re.search(r'prompt="(Write a detailed[^"]*)"', script).group(1)
+    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+    ids = tok(prompt).input_ids
+    assert len(ids) > 16, "the doc's prompt must span more than a block"
+    computed0 = metric(decode.url, "epplat:prompt_tokens_computed_total")
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    want = tok.decode(hf_greedy(qwen3_moe_dir, [ids], 150)[0], skip_special_tokens=True)   # while the script runs
+    stdout, stderr = run.communicate(timeout=180)
+    assert "Decode completed successfully" in stdout, stdout + stderr
+    assert stdout.split("Final response: ", 1)[1] == want + "\n"
+    assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == 1
+    assert prefill_blocks_free(prefill)
+
+
+def test_vllm_toy_proxy_unmodified(pd, qwen3_moe_dir, tmp_path):
+    """The toy P/D proxy of vLLM's NIXL integration tests (from vLLM's sdist), run as it is in front of
+    the pair: a completion and a streamed chat through it, with the real `openai` client, give
+    transformers' greedy tokens, the decode side computing only each prompt's last token."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from vllm_sdist import TOY_PROXY, read
+    prefill, decode = pd
+    script = tmp_path / "toy_proxy_server.py"
+    script.write_text(read(TOY_PROXY))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(script), "--port", str(port),
+                             "--prefiller-hosts", "127.0.0.1", "--prefiller-ports", str(prefill.port),
+                             "--decoder-hosts", "127.0.0.1", "--decoder-ports", str(decode.port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/healthcheck", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.1)
+        tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
+        prompt = [(13 * i + 1) % 1900 + 30 for i in range(23)]
+        want = tok.decode(hf_greedy(qwen3_moe_dir, [prompt], 6, ignore_eos=True)[0], skip_special_tokens=True)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        computed0 = metric(decode.url, "epplat:prompt_tokens_computed_total")
+        out = client.completions.create(model=str(qwen3_moe_dir), prompt=prompt, max_tokens=6, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want
+        messages = [{"role": "user", "content": "hello toy proxy"}]     # a prompt no other test has cached
+        whole = openai.OpenAI(base_url=decode.url + "/v1", api_key="none", max_retries=0).chat.completions.create(
+            model=str(qwen3_moe_dir), messages=messages, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+        chunks = client.chat.completions.create(model=str(qwen3_moe_dir), messages=messages, max_tokens=5,
+                                                temperature=0, stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True})
+        chunks = list(chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            whole.choices[0].message.content
+        assert chunks[-1].usage.completion_tokens == 5
+        # the uncached chat prompt of the direct call was computed whole; the two through the proxy, 1 token each
+        assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == \
+            1 + 1 + whole.usage.prompt_tokens
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    assert prefill_blocks_free(prefill)
+
+
 def test_vllm_toy_proxy_flow_with_the_openai_client(pd, qwen3_moe_dir):
     """vLLM's toy proxy flow, step by step, through the real `openai` client: the prefill copy of the
     request without stream and stream_options (and min_tokens, which the decode call carries),
@@ -255,11 +343,12 @@ def test_vllm_toy_proxy_flow_with_the_openai_client(pd, qwen3_moe_dir):
     assert prefill_blocks_free(prefill)
 
 
-def test_tp2_prefill_to_dp2_decode(pd, qwen3_moe_dir):
-    """A TP=2 prefill side (each TP rank serves its own KV heads, leased at its own port, announced by the
-    DP rank's one side channel) and a decode side of TP=1 per DP rank that reads each block's heads from
-    both prefill ranks: greedy tokens equal transformers' through the openai client, streaming and not;
-    the decode side computes only each prompt's last token; both prefill TP ranks free their blocks."""
+def test_tp2_pp2_prefill_to_dp2_decode(pd, qwen3_moe_dir):
+    """A TP=2 x PP=2 prefill side (each rank serves its own KV heads of its stage's layer, leased at its own
+    port, announced by the DP rank's one side channel) and a decode side of TP=1 per DP rank that reads each
+    block's heads and layers from all four prefill ranks: greedy tokens equal transformers' through the
+    openai client, streaming and not; the decode side computes only each prompt's last token; every prefill
+    rank frees its blocks."""
     import openai
     from transformers import AutoTokenizer
     dp2, tp2 = pd
@@ -283,7 +372,7 @@ def test_tp2_prefill_to_dp2_decode(pd, qwen3_moe_dir):
     assert got == want, dp2.output()[-3000:]
     assert metric(dp2.url, "epplat:prompt_tokens_computed_total") - computed0 == 2, dp2.output()[-3000:]
     assert "computing its prompt here" not in dp2.output()
-    assert prefill_blocks_free(tp2, 6), "a prefill TP rank kept blocks its reader had read"
+    assert prefill_blocks_free(tp2, 6), "a prefill rank kept blocks its reader had read"
 
 
 def test_expired_blocks_and_dead_prefill_are_recomputed_on_decode(pd, qwen3_moe_dir):

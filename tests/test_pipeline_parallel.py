@@ -50,6 +50,8 @@ def test_layer_partition_is_vllms(monkeypatch):
     ({"EPPLAT_PP_LAYER_PARTITION": "2,2"}, ["-pp", "2"], "EPPLAT_PP_LAYER_PARTITION='2,2' must give 2 stages"),
     ({"EPPLAT_PP_LAYER_PARTITION": "2,x"}, ["-pp", "2"], "is not a comma-separated list"),
     ({}, ["-pp", "2", "--enable-elastic-ep", "-ep"], "--pipeline-parallel-size"),
+    ({}, ["-pp", "2", "--kv-transfer-config", '{"kv_connector": "DecodeBenchConnector", "kv_role": "kv_both"}'],
+     "--kv-transfer-config: DecodeBenchConnector does not run with --pipeline-parallel-size > 1"),
 ])
 def test_bad_splits_are_one_line(five_layer_dir, monkeypatch, env, flags, message):
     from epplat.cli import build_parser

@@ -97,3 +97,25 @@ def test_seeded_row_ignores_its_batch():
     batch = [_req(0, temperature=1.0), _req(1, top_k=3), _req(2, top_p=0.9, seed=11), _req(3, top_p=0.5)]
     mixed = sampler.sample(logits, batch)[0][2]
     assert alone[0] == alone[1] == mixed
+
+
+def test_banned_and_far_tokens_keep_the_reference_distribution():
+    """Rows with -inf logits (a grammar's or logit_bias's bans) and logits so far below the best that
+    exp leaves float32's normal range (their own exp path): the same distribution as the reference."""
+    vocab = 4096
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, vocab, generator=g) * 3
+    logits[:, 100:] = float("-inf")                 # banned: rows 0-2 keep 100 tokens
+    logits[1, 50:100] -= 95.0                       # exp(-95) is a denormal float32: no mass
+    logits[3, ::2] -= 120.0
+    params = [dict(temperature=1.0), dict(temperature=1.0), dict(temperature=0.7, min_p=0.05, top_p=0.9),
+              dict(temperature=1.0)]
+    reqs = [_req(i, **p) for i, p in enumerate(params)]
+    for r in reqs[:3]:
+        r.has_rules = True                          # as a ban through logit_bias would mark them
+    got = sampler.sampling_probs(logits, reqs).double()
+    ref = _reference(torch.where(torch.isinf(logits), -1e30, logits), params)
+    assert ((got - ref).abs().max(dim=1).values < 1e-5).all(), (got - ref).abs().max(dim=1).values
+    assert (got[:3, 100:] == 0).all() and (got[1, 50:100] == 0).all() and (got[3, ::2] == 0).all()
+    tokens, _ = sampler.sample(logits, reqs)
+    assert all(t < 100 for t in tokens[:3])

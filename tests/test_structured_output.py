@@ -200,3 +200,42 @@ def test_a_long_compile_does_not_delay_a_running_stream(server):
     during = [a for a in arrivals if sent <= a <= end]
     gap = max(b - a for a, b in zip(arrivals, arrivals[1:]) if b >= sent and a <= end)
     assert len(during) >= 5 and gap < waits[-1] / 2, (waits, gap, len(during))
+
+
+def test_the_bitmask_bans_what_xgrammar_bans(qwen3_moe_dir):
+    """In-process, one batch of five rows of which three are constrained (different places in their
+    grammars): the step's bitmask (filled on the grammar thread, unpacked on the logits' device)
+    bans exactly what xgrammar's own apply_token_bitmask_inplace bans, leaves the other rows as they
+    are, and the sampled tokens are inside the grammars."""
+    import torch
+    import xgrammar as xgr
+
+    from epplat.core.engine.protocol import EngineRequest, SamplingParams, StructuredOutput
+    from epplat.core.engine.request import Request
+    from epplat.core.engine.sampler import sample
+    from epplat.core.engine.structured_output import Grammars, apply_grammars, fill_bitmask
+    vocab = 2048
+    grammars = Grammars(str(qwen3_moe_dir), vocab)
+    specs = [StructuredOutput("json", json.dumps(SCHEMA)), None, StructuredOutput("regex", REGEX), None,
+             StructuredOutput("grammar", GRAMMAR)]
+    reqs = []
+    for i, spec in enumerate(specs):
+        r = Request(EngineRequest(str(i), [1], SamplingParams(structured_output=spec), eos_token_ids=[2]))
+        if spec is not None:
+            r.grammar = grammars.matcher(spec, [2])
+        reqs.append(r)
+    for prefix, r in zip(('{"name": "ab', '', 'Ab', '', '(12+'), reqs):
+        if prefix:
+            assert r.grammar.accept_string(prefix)
+    logits = torch.randn(len(reqs), vocab, generator=torch.Generator().manual_seed(0))
+    ref = logits.clone()
+    mask = xgr.allocate_token_bitmask(len(reqs), vocab)
+    for i in (0, 2, 4):
+        reqs[i].grammar.fill_next_token_bitmask(mask, i)
+    xgr.apply_token_bitmask_inplace(ref, mask, indices=[0, 2, 4])
+    got = apply_grammars(logits, reqs, fill_bitmask(reqs, vocab))
+    assert torch.equal(got, ref) and torch.isinf(got[[0, 2, 4]]).any(dim=1).all()
+    assert not torch.equal(got, logits) and torch.equal(got[[1, 3]], logits[[1, 3]])
+    assert torch.equal(apply_grammars(logits[:1], reqs[:1]), ref[:1])     # every row constrained, filled here
+    tokens, _ = sample(logits, reqs, fill_bitmask(reqs, vocab))
+    assert all(reqs[i].grammar.accept_token(tokens[i]) for i in (0, 2, 4))

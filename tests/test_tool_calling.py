@@ -6,7 +6,8 @@ checkpoint (random weights) with a chat template that renders tools as Qwen3's d
   that parse and validate (the same request with tool_choice none writes no such JSON);
 - tool_choice auto with ``--tool-call-parser hermes --reasoning-parser qwen3``: an answer forced
   (by a regex) into Qwen3's format comes back as reasoning_content, content and tool_calls, whole and
-  streamed alike, finish_reason tool_calls; a tool-call round trip goes back through the template;
+  streamed alike (the call's arguments streamed in pieces, the openai client's accumulation of them
+  equal to the whole answer's), finish_reason tool_calls; a tool-call round trip goes back through the template;
 - bad tool choices are 400s; a server without --enable-auto-tool-choice refuses auto
   (test_structured_output.py).
 """
@@ -19,6 +20,7 @@ import re
 import httpx
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from server_utils import Server
 
@@ -155,9 +157,21 @@ def test_auto_tool_choice_parses_hermes_calls_and_qwen3_reasoning(client):
     assert len(msg.tool_calls) == 1 and msg.tool_calls[0].function.name == "get_weather"
     assert valid_call("get_weather", msg.tool_calls[0].function.arguments)
 
-    reasoning, content, calls, finish = streamed(client.chat.completions.create(stream=True, **kw))
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    reasoning, content, calls, finish = streamed(chunks)
     assert (reasoning, content, finish) == (msg.reasoning_content, msg.content, "tool_calls")
     assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", msg.tool_calls[0].function.arguments)]
+    # vLLM's pieces: the call's first delta has its id, type and name, its arguments follow in pieces;
+    # the openai client's own accumulation of the stream gives the whole answer's call
+    deltas = [tc for ch in chunks for c in ch.choices for tc in c.delta.tool_calls or []]
+    assert deltas[0].id and deltas[0].type == "function" and deltas[0].function.name == "get_weather"
+    assert len(deltas) > 3 and not any(d.id or d.type or d.function.name for d in deltas[1:]), deltas
+    state = ChatCompletionStreamState(input_tools=TOOLS)
+    for chunk in chunks:
+        state.handle_chunk(chunk)
+    final = state.get_final_completion().choices[0].message
+    assert [(c.id, c.function.name, c.function.arguments) for c in final.tool_calls] == \
+        [(deltas[0].id, "get_weather", msg.tool_calls[0].function.arguments)]
 
     # tool_choice none: the same answer is not parsed for calls (the reasoning still is)
     none = client.chat.completions.create(tool_choice="none", **kw).choices[0]

@@ -62,15 +62,17 @@ class KVConnectorBase:
     do nothing, so a connector overrides only what it needs."""
 
     metadata_type: type[KVConnectorMetadata] = KVConnectorMetadata
+    pipeline_stages = False     # whether its worker side serves a rank holding one pipeline stage's layers
 
     @classmethod
     def check_config(cls, engine) -> None:
         """Raise ConfigError when this connector cannot serve `engine` (checked before any engine starts)."""
 
-    def __init__(self, config, engine, role: KVConnectorRole, dp_rank: int = 0, tp_rank: int = 0):
+    def __init__(self, config, engine, role: KVConnectorRole, dp_rank: int = 0, tp_rank: int = 0, pp_rank: int = 0):
         self.check_config(engine)
         self.config, self.engine, self.role = config, engine, role
-        self.dp_rank, self.tp_rank = dp_rank, tp_rank
+        self.dp_rank, self.tp_rank, self.pp_rank = dp_rank, tp_rank, pp_rank
+        self.local_rank = pp_rank * engine.parallel.tensor_parallel_size + tp_rank   # within the DP rank; 0: driver
         self.block_size = engine.cache.block_size
 
     # -- scheduler side ------------------------------------------------------------------

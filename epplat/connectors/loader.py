@@ -26,22 +26,24 @@ def connector_class(cfg: EngineConfig, warn: bool = False) -> type[KVConnectorBa
                               f"kv_connector_module_path {path!r}: {e}") from None
         if not (isinstance(cls, type) and issubclass(cls, KVConnectorBase)):
             raise ConfigError(f"--kv-transfer-config: {path}.{kv.kv_connector} is not a KVConnectorBase")
-        cls.check_config(cfg)
-        return cls
-    from epplat.plugins import PluginError, registry
-    if path and warn:
-        logger.warning("kv_connector_module_path %r is vLLM's module; using epplat's registered connector %r "
-                       "instead", path, kv.kv_connector)
-    try:
-        cls = registry().load("kv_connector", kv.kv_connector, cfg.platform)
-    except PluginError as e:
-        raise ConfigError(f"--kv-transfer-config: {e}") from None
+    else:
+        from epplat.plugins import PluginError, registry
+        if path and warn:
+            logger.warning("kv_connector_module_path %r is vLLM's module; using epplat's registered connector %r "
+                           "instead", path, kv.kv_connector)
+        try:
+            cls = registry().load("kv_connector", kv.kv_connector, cfg.platform)
+        except PluginError as e:
+            raise ConfigError(f"--kv-transfer-config: {e}") from None
     cls.check_config(cfg)
+    if cfg.parallel.pipeline_parallel_size > 1 and not cls.pipeline_stages:
+        raise ConfigError(f"--kv-transfer-config: {kv.kv_connector} does not run with --pipeline-parallel-size > 1")
     return cls
 
 
-def make_connector(cfg: EngineConfig, role: KVConnectorRole, dp_rank: int = 0, tp_rank: int = 0):
+def make_connector(cfg: EngineConfig, role: KVConnectorRole, dp_rank: int = 0, tp_rank: int = 0, pp_rank: int = 0):
     """The connector side for `role`, or None without --kv-transfer-config."""
     if cfg.kv_transfer is None:
         return None
-    return connector_class(cfg)(cfg.kv_transfer, cfg, role, dp_rank, tp_rank)
+    cls = connector_class(cfg)
+    return cls(cfg.kv_transfer, cfg, role, dp_rank, tp_rank, **({"pp_rank": pp_rank} if pp_rank else {}))

@@ -21,7 +21,11 @@ has (connectors/tp_ranks.py). Other requests keep stepping meanwhile. When the p
 refuses, or has freed the blocks, the request is recomputed here from the prompt tokens it
 carries, with a warning.
 
-Limits: the KV layouts must match (but the TP split).
+Pipeline stages on either side, any two counts: a rank holds its stage's layers, announced with its
+heads; each decode rank reads the layers it holds from the ranks of the stages holding them (each
+stage's ranks read and serve their own layers), every stage's ranks report to the driver.
+
+Limits: the KV layouts must match (but the TP and PP splits).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import logging
 from epplat.config import ConfigError
 from epplat.connectors import side_channel
 from epplat.connectors.pull import HeldBlocks, Pull, PullConnector, compat, compat_error, env, total_kv_heads
-from epplat.connectors.tp_ranks import TPReports, head_range, readers, sources
+from epplat.connectors.tp_ranks import TPReports, head_range, rank_layers, rank_parts, readers, sources
 from epplat.core.engine.frame_auth import FrameAuth
 
 logger = logging.getLogger(__name__)
@@ -60,8 +64,10 @@ def merge(descs: list[tuple[int, int, int]], remote: list[tuple[int, int, int]])
 
 
 class NixlConnector(PullConnector):
-    def __init__(self, config, engine, role, dp_rank: int = 0, tp_rank: int = 0):
-        super().__init__(config, engine, role, dp_rank, tp_rank)
+    pipeline_stages = True
+
+    def __init__(self, config, engine, role, dp_rank: int = 0, tp_rank: int = 0, pp_rank: int = 0):
+        super().__init__(config, engine, role, dp_rank, tp_rank, pp_rank)
         self.host = env("NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
         self.port = int(env("NIXL_SIDE_CHANNEL_PORT", "5600")) + dp_rank
         self.auth = FrameAuth(engine.parallel.internal_secret)
@@ -91,8 +97,11 @@ class NixlConnector(PullConnector):
         self.head_bytes = k.shape[3] * k.element_size()
         self.total_heads = total_kv_heads(self.engine, k.shape[2])
         self.heads = head_range(self.total_heads, self.tp_size, self.tp_rank)
+        self.layers = rank_layers(self.engine, self.pp_rank, len(kv_caches))
+        self.per_layer = len(kv_caches[0])
         backends = self.config.kv_connector_extra_config.get("backends", ["UCX"])
-        self.agent_name = f"{self.engine_id}-dp{self.dp_rank}-tp{self.tp_rank}"
+        stage = f"-pp{self.pp_rank}" if self.pp_rank else ""
+        self.agent_name = f"{self.engine_id}-dp{self.dp_rank}-tp{self.tp_rank}{stage}"
         # no UCX progress thread: an idle one spins (0.4 of a core per agent, measured); the engine loop
         # progresses the agent instead (get_finished, every few ms while transfers or held blocks exist)
         self.agent = nixl_agent(self.agent_name, nixl_agent_config(enable_prog_thread=False, backends=list(backends)))
@@ -101,22 +110,22 @@ class NixlConnector(PullConnector):
                                                for t in tensors], self.mem)
         self.bases = [t.data_ptr() for t in tensors]
         self.my_compat = compat(self.engine, kv_caches)
-        if self.config.is_producer:      # TP rank 0 at the DP rank's side channel port, the others where they can
-            self.server = side_channel.SideChannelServer(self.host, self.port if self.tp_rank == 0 else 0,
+        if self.config.is_producer:      # the driver at the DP rank's side channel port, the others where they can
+            self.server = side_channel.SideChannelServer(self.host, self.port if self.local_rank == 0 else 0,
                                                          self._answer, self.auth)
         info = {"agent": self.agent.get_agent_metadata(), "bases": self.bases, "block_bytes": self.block_bytes,
-                "heads": list(self.heads), "port": self.server.port if self.server else 0}
+                "heads": list(self.heads), "layers": list(self.layers), "port": self.server.port if self.server else 0}
         self.ranks = [info]
-        if self.tp_size > 1:
-            self.tp = TPReports.of(self.engine, self.dp_rank, self.tp_rank, self.auth)
+        if self.engine.parallel.ranks_per_dp > 1:
+            self.tp = TPReports.of(self.engine, self.dp_rank, self.local_rank, self.auth)
             self.ranks = self.tp.exchange(info if self.config.is_producer else {})
-        if self.config.is_producer and self.tp_rank == 0:
-            logger.info("NixlConnector: DP rank %d serves the KV blocks of its %d TP rank(s) at %s:%d (agent %s)",
-                        self.dp_rank, self.tp_size, self.host, self.port, self.agent_name)
+        if self.config.is_producer and self.local_rank == 0:
+            logger.info("NixlConnector: DP rank %d serves the KV blocks of its %d rank(s) at %s:%d (agent %s)",
+                        self.dp_rank, self.engine.parallel.ranks_per_dp, self.host, self.port, self.agent_name)
 
     def _answer(self, msg: dict) -> dict:
         """The prefill side's side channel: handshakes (TP rank 0 only) and leases."""
-        if msg.get("op") == "handshake" and self.tp_rank == 0:
+        if msg.get("op") == "handshake" and self.local_rank == 0:
             why = compat_error(self.my_compat, msg.get("compat") or {})
             if why:
                 return {"error": why}
@@ -133,20 +142,27 @@ class NixlConnector(PullConnector):
             r = side_channel.request(host, port, {"op": "handshake", "compat": self.my_compat}, self.auth)
             if "error" in r:
                 raise RuntimeError(f"NixlConnector handshake with {host}:{port} refused: {r['error']}")
-            ranks = [{**info, "heads": tuple(info["heads"]), "name": self.agent.add_remote_agent(info["agent"])}
-                     for info in r["ranks"]]
+            ranks = [{**info, "heads": tuple(info["heads"]), "layers": tuple(info["layers"]),
+                      "name": self.agent.add_remote_agent(info["agent"])} for info in r["ranks"]]
             self.remote[key] = ranks
         return self.remote[key]
 
-    def descriptors(self, pull: Pull, bases: list, block_bytes: int, heads: tuple) -> tuple[list, list]:
-        """The (local, remote) descriptors of a pull from one remote rank: whole blocks when both ranks hold
-        the same heads, else the heads both hold of every token; runs adjacent on both sides merged."""
+    def layer_bases(self, bases: list, layers: tuple) -> list[tuple[int, int]]:
+        """(local, remote) cache addresses of the layers both ranks hold (pipeline stages hold some)."""
+        (l0, l1), (r0, _) = self.layers, layers
+        return [(self.bases[(layer - l0) * self.per_layer + j], bases[(layer - r0) * self.per_layer + j])
+                for layer in range(max(l0, r0), min(l1, layers[1])) for j in range(self.per_layer)]
+
+    def descriptors(self, pull: Pull, bases: list, block_bytes: int, heads: tuple, layers: tuple) -> tuple[list, list]:
+        """The (local, remote) descriptors of a pull from one remote rank, of the layers both hold: whole
+        blocks when both ranks hold the same heads, else the heads both hold of every token; runs adjacent
+        on both sides merged."""
         a, b = max(self.heads[0], heads[0]), min(self.heads[1], heads[1])
         if a >= b:
             raise RuntimeError(f"the remote rank holds KV heads {heads}, none of this rank's {self.heads}")
         local, remote = [], []
         if heads == self.heads:
-            for lbase, rbase in zip(self.bases, bases):
+            for lbase, rbase in self.layer_bases(bases, layers):
                 for lb, rb in zip(pull.local_blocks, pull.remote_blocks):
                     local.append((lbase + lb * self.block_bytes, self.block_bytes, self.dev))
                     remote.append((rbase + rb * block_bytes, block_bytes, 0))
@@ -154,7 +170,7 @@ class NixlConnector(PullConnector):
         hb = self.head_bytes
         lrow, rrow = (self.heads[1] - self.heads[0]) * hb, (heads[1] - heads[0]) * hb
         n = (b - a) * hb
-        for lbase, rbase in zip(self.bases, bases):
+        for lbase, rbase in self.layer_bases(bases, layers):
             for lb, rb in zip(pull.local_blocks, pull.remote_blocks):
                 for t in range(self.block_size):
                     local.append((lbase + lb * self.block_bytes + t * lrow + (a - self.heads[0]) * hb, n, self.dev))
@@ -172,15 +188,15 @@ class NixlConnector(PullConnector):
             handles = []
             try:
                 ranks = self._handshake(pull.remote_host, pull.remote_port)
-                heads = [r["heads"] for r in ranks]
-                count = readers(self.total_heads, self.tp_size, heads)
-                mine = sources(self.heads, heads, self.tp_rank)
+                parts = [(r["heads"], r["layers"]) for r in ranks]
+                count = readers(rank_parts(self.engine, self.total_heads, len(self.kv_caches)), parts)
+                mine = sources((self.heads, self.layers), parts, self.local_rank)
                 # every remote rank is leased by the local ranks that read it; one no rank reads (its heads
-                # served by a replica) is released by TP rank 0 at once
-                for r in mine + ([r for r, n in enumerate(count) if n == 0] if self.tp_rank == 0 else []):
+                # served by a replica) is released by the driver at once
+                for r in mine + ([r for r, n in enumerate(count) if n == 0] if self.local_rank == 0 else []):
                     self._lease(pull.remote_host, ranks[r]["port"], pull.remote_request_id, count[r])
                 for r in mine:
-                    local, remote = self.descriptors(pull, ranks[r]["bases"], ranks[r]["block_bytes"], heads[r])
+                    local, remote = self.descriptors(pull, ranks[r]["bases"], ranks[r]["block_bytes"], *parts[r])
                     handle = self.agent.initialize_xfer("READ", self.agent.get_xfer_descs(local, self.mem),
                                                         self.agent.get_xfer_descs(remote, self.mem), ranks[r]["name"],
                                                         pull.remote_request_id.encode())

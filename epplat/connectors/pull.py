@@ -28,6 +28,7 @@ from typing import Optional
 import msgspec
 
 from epplat.connectors.base import KVConnectorBase, KVConnectorMetadata, KVTransferParams
+from epplat.connectors.tp_ranks import total_layers
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def compat(engine, kv_caches: list[tuple]) -> dict:
         hf.pop(key, None)
     k = kv_caches[0][0]
     return {"model": hashlib.sha256(json.dumps(hf, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "dtype": str(k.dtype).removeprefix("torch."), "num_layers": len(kv_caches),
+            "dtype": str(k.dtype).removeprefix("torch."), "num_layers": total_layers(engine, len(kv_caches)),
             "block_size": engine.cache.block_size, "kv_heads": total_kv_heads(engine, k.shape[2]),
             "head_dim": k.shape[3], "layout": "block,token,head,dim"}
 
@@ -163,8 +164,8 @@ class PullConnector(KVConnectorBase):
 
     metadata_type = PullMetadata
 
-    def __init__(self, config, engine, role, dp_rank: int = 0, tp_rank: int = 0):
-        super().__init__(config, engine, role, dp_rank, tp_rank)
+    def __init__(self, config, engine, role, dp_rank: int = 0, tp_rank: int = 0, pp_rank: int = 0):
+        super().__init__(config, engine, role, dp_rank, tp_rank, pp_rank)
         self.engine_id = config.engine_id
         self.timeout = float(env("NIXL_ABORT_REQUEST_TIMEOUT", "480"))
         self.tp_size = engine.parallel.tensor_parallel_size

@@ -1,6 +1,7 @@
-"""Tensor parallelism on either side of a KV transfer: which KV heads a TP rank holds, which ranks of
-the other side a decode rank reads (vLLM's heterogeneous TP: any two TP sizes, the heads split
-evenly on both), and the ipc socket over which a DP rank's TP workers report to their driver (the
+"""Tensor and pipeline parallelism on either side of a KV transfer: which KV heads a TP rank holds and
+which layers its pipeline stage holds, which ranks of the other side a decode rank reads (vLLM's
+heterogeneous TP: any two TP sizes, the heads split evenly on both; any two stage counts, each rank
+reading the layers it holds from the stages that hold them), and the ipc socket over which a DP rank's workers (every stage's TP ranks) report to their driver (the
 driver alone answers the engine core: a request is received once every rank has read its heads, and
 held blocks are freed once every rank's readers are done).
 """
@@ -24,20 +25,50 @@ def head_range(total: int, tp: int, rank: int) -> tuple[int, int]:
     return start, start + per
 
 
-def sources(mine: tuple[int, int], remote: list[tuple[int, int]], rank: int) -> list[int]:
-    """The remote ranks a local rank holding heads `mine` reads: one per distinct remote head range that
-    overlaps `mine` (of ranks holding the same heads, the one at this rank's index among them)."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for r, heads in enumerate(remote):
-        if max(mine[0], heads[0]) < min(mine[1], heads[1]):
-            groups.setdefault(tuple(heads), []).append(r)
+def rank_layers(engine, pp_rank: int, local_layers: int) -> tuple[int, int]:
+    """The layers [start, stop) whose KV cache pipeline stage `pp_rank` holds (`local_layers` of them)."""
+    pp = engine.parallel.pipeline_parallel_size
+    if pp == 1:
+        return 0, local_layers
+    from epplat.core.distributed.pipeline import layer_range
+    return layer_range(total_layers(engine, local_layers), pp_rank, pp)
+
+
+def total_layers(engine, local_layers: int) -> int:
+    """The model's layers with a KV cache (the stages' together); `local_layers` without pipeline stages."""
+    if engine.parallel.pipeline_parallel_size == 1:
+        return local_layers
+    return int(engine.model.hf_config()["num_hidden_layers"])
+
+
+def rank_parts(engine, total_heads: int, local_layers: int) -> list[tuple]:
+    """What each rank of a DP rank holds, by local rank (pp_rank * TP + tp_rank): (its KV heads, its layers)."""
+    par = engine.parallel
+    tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
+    layers = [rank_layers(engine, p, local_layers) for p in range(pp)]
+    return [(head_range(total_heads, tp, t), layers[p]) for p in range(pp) for t in range(tp)]
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    """Whether two parts (a (start, stop) range per dimension: heads, then layers) share anything."""
+    return all(max(x[0], y[0]) < min(x[1], y[1]) for x, y in zip(a, b))
+
+
+def sources(mine: tuple, remote: list[tuple], rank: int) -> list[int]:
+    """The remote ranks a local rank holding part `mine` reads (a part: (heads, layers), or (heads,)): one
+    per distinct remote part that overlaps `mine` (of ranks holding the same part, the one at this rank's
+    index among them)."""
+    groups: dict[tuple, list[int]] = {}
+    for r, part in enumerate(remote):
+        if _overlap(mine, part):
+            groups.setdefault(tuple(part), []).append(r)
     return [ranks[rank % len(ranks)] for ranks in groups.values()]
 
 
-def readers(total: int, local_tp: int, remote: list[tuple[int, int]]) -> list[int]:
-    """How many local ranks read each remote rank (0 for a rank whose heads another replica serves)."""
-    count = collections.Counter(r for d in range(local_tp)
-                                for r in sources(head_range(total, local_tp, d), remote, d))
+def readers(local: list[tuple], remote: list[tuple]) -> list[int]:
+    """How many local ranks (their parts, by local rank) read each remote rank (0 for a rank whose part
+    another replica serves)."""
+    count = collections.Counter(r for d, mine in enumerate(local) for r in sources(mine, remote, d))
     return [count[r] for r in range(len(remote))]
 
 
@@ -54,11 +85,12 @@ class TPReports:
         self.sends: collections.Counter = collections.Counter()
 
     @classmethod
-    def of(cls, engine, dp_rank: int, tp_rank: int, auth) -> "TPReports":
-        """The socket of this engine's DP rank `dp_rank`."""
+    def of(cls, engine, dp_rank: int, rank: int, auth) -> "TPReports":
+        """The socket of this engine's DP rank `dp_rank`, for its local rank `rank` (pp_rank * TP + tp_rank:
+        with pipeline stages every stage's ranks report to the driver)."""
         par = engine.parallel
         where = f"ipc://{par.ipc_dir or tempfile.gettempdir()}/kv-reads-dp{dp_rank}-{par.data_parallel_rpc_port}"
-        return cls(where, par.tensor_parallel_size, tp_rank, auth)
+        return cls(where, par.ranks_per_dp, rank, auth)
 
     def _send(self, msg: dict) -> None:
         self.sock.send(self.auth.seal(msgspec.msgpack.encode(msg)))

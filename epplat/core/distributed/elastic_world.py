@@ -3,9 +3,11 @@
 A scale makes generation g of the world. Every process that stays destroys its process
 groups (its model, KV cache and requests stay as they are) and joins, with the
 processes that are new, a world of the new size over that generation's store; the
-groups are then made as at startup (parallel_state.make_groups). Ranks leave from the
-top, so a staying rank keeps its number. Single node for now: each generation's store is
-a file in the run's socket folder.
+groups are then made as at startup (parallel_state.make_groups). A scale through the API
+server takes ranks off the top, so a staying rank keeps its number; with external load
+balancing any rank but 0 may leave and the ones above it move down. Each generation's
+store is a file in the run's socket folder on one node, else a prefix of the deployment's
+TCPStore (world rank 0 serves it, and never leaves).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 import time
 
 import torch
@@ -36,8 +39,8 @@ def rendezvous(parallel, rank: int, generation: "int | str", world_size: int, ol
     """Check in to generation ``generation`` and wait for all ``world_size`` ranks, before anything of the
     current world is given up. The ranks that were serving agree over ``old_group`` (a gloo group of them all) whether everyone came;
     JoinAborted (on all of them) when not."""
-    store = dist.FileStore(os.path.join(parallel.ipc_dir, f"store-g{generation}"), world_size)
-    store.set(f"epplat/pid/{rank}", str(os.getpid()))      # agree() tells a dead rank by it (one node)
+    store = generation_store(parallel, generation, world_size)
+    store.set(f"epplat/pid/{rank}", f"{socket.gethostname()} {os.getpid()}")   # agree() tells a dead rank by it
     store.add("epplat/joined", 1)
     deadline = time.monotonic() + timeout
     while (n := store.add("epplat/joined", 0)) < world_size and time.monotonic() < deadline:
@@ -48,6 +51,12 @@ def rendezvous(parallel, rank: int, generation: "int | str", world_size: int, ol
     if not int(came):
         raise JoinAborted(f"{n} of {world_size} ranks joined world generation {generation} within {timeout:g} s")
     return store
+
+
+def generation_store(parallel, generation, world_size: int):
+    if parallel.ipc_dir:
+        return dist.FileStore(os.path.join(parallel.ipc_dir, f"store-g{generation}"), world_size)
+    return dist.PrefixStore(f"epplat/g{generation}/", parallel_state.base_store(parallel))
 
 
 class ScaleRolledBack(RuntimeError):
@@ -66,7 +75,7 @@ def agree(store, rank: int, world_size: int, ok: bool, what: str, timeout: float
                 if store.get(f"epplat/{what}/{r}") != b"1":
                     return False
                 pending.discard(r)
-            elif not _alive(int(store.get(f"epplat/pid/{r}"))) or time.monotonic() > deadline:
+            elif not _alive(store.get(f"epplat/pid/{r}").decode()) or time.monotonic() > deadline:
                 logger.error("elastic EP: rank %d did not finish the %s (%s)", r, what,
                              "timed out" if time.monotonic() > deadline else "its process is gone")
                 return False
@@ -74,7 +83,12 @@ def agree(store, rank: int, world_size: int, ok: bool, what: str, timeout: float
     return True
 
 
-def _alive(pid: int) -> bool:
+def _alive(host_pid: str) -> bool:
+    """False when the process is gone or a zombie; a process of another host counts as alive (its
+    collectives time out instead)."""
+    host, pid = host_pid.split()
+    if host != socket.gethostname():
+        return True
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rpartition(")")[2].split()[0] != "Z"
@@ -93,7 +107,8 @@ def join_world(parallel, st: ParallelState, generation, dp_size: int, backend: s
     parallel_state._timeout = timeout
     st.dp_size, st.world_size = dp_size, dp_size * st.tp_size
     st.dp_rank = st.rank // st.tp_size
-    parallel_state.bind_gloo_to("127.0.0.1")       # single node: gloo on the loopback
+    parallel_state.bind_gloo_to("127.0.0.1" if parallel.ipc_dir else     # single node: gloo on the loopback
+                                parallel_state.node_address(parallel.data_parallel_address), named=not parallel.ipc_dir)
     dist.init_process_group(backend, store=store, rank=st.rank, world_size=st.world_size, timeout=timeout)
     make_groups(st, timeout)
     logger.info("elastic EP: rank %d joined world generation %s of %d ranks in %.2f s", st.rank, generation,

@@ -37,7 +37,7 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None, join
     for d in (par.local_dp_ranks() if dp_ranks is None else dp_ranks):
         for j in range(par.ranks_per_dp):
             rank = d * par.ranks_per_dp + j
-            local = rank if join else len(procs)
+            local = rank if join and par.single_node else len(procs)   # one node: every rank's device
             pp, t = divmod(j, par.tensor_parallel_size)
             name = (f"EngineCore_DP{d}" + (f"_PP{pp}" if par.pipeline_parallel_size > 1 else "")
                     + (f"_TP{t}" if par.tensor_parallel_size > 1 else ""))

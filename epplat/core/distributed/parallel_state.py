@@ -70,6 +70,7 @@ class ParallelState:
 
 
 _timeout: Optional[datetime.timedelta] = None
+_base_store = None      # the TCPStore at data_parallel_address:data_parallel_rpc_port (world rank 0 serves it)
 
 
 def collective_timeout() -> Optional[datetime.timedelta]:
@@ -181,9 +182,11 @@ def _interface_of(address: str) -> Optional[str]:
 def _tcp_store(parallel, rank: int, world_size: int, timeout) -> "dist.TCPStore":
     """World rank 0 serves the store on data_parallel_address only (torch's own listener binds
     every interface); the others connect to it."""
+    global _base_store
     host, port = parallel.data_parallel_address, parallel.data_parallel_rpc_port
     if rank:
-        return dist.TCPStore(host, port, world_size, False, timeout)
+        _base_store = dist.TCPStore(host, port, world_size, False, timeout)
+        return _base_store
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -194,6 +197,17 @@ def _tcp_store(parallel, rank: int, world_size: int, timeout) -> "dist.TCPStore"
         raise ConfigError(f"cannot listen on {host}:{port} (--data-parallel-address / --data-parallel-rpc-port): "
                           f"{e.strerror}") from None
     listener.listen(1024)
-    # the store serves on this socket from now on (it keeps the descriptor for the process's life)
-    return dist.TCPStore(host, port, world_size, True, timeout, wait_for_workers=False,
-                         master_listen_fd=listener.detach())
+    # the store serves on this socket from now on (it keeps the descriptor for the process's life), and
+    # outlives the process groups (elastic EP's later worlds use it under a prefix)
+    _base_store = dist.TCPStore(host, port, world_size, True, timeout, wait_for_workers=False,
+                                master_listen_fd=listener.detach())
+    return _base_store
+
+
+def base_store(parallel, timeout: float = 60.0) -> "dist.TCPStore":
+    """The deployment's TCPStore (the one this process's world was made over, else a new client of it)."""
+    global _base_store
+    if _base_store is None:
+        _base_store = dist.TCPStore(parallel.data_parallel_address, parallel.data_parallel_rpc_port, None, False,
+                                    datetime.timedelta(seconds=timeout))
+    return _base_store

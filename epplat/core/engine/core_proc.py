@@ -109,12 +109,21 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, 
     except Exception as e:
         logger.error("engine (DP rank %d) died:\n%s", ps.dp_rank, traceback.format_exc())
         try:
-            io.broadcast(P.EngineDead(ps.dp_rank, f"{type(e).__name__}: {e}"))
+            io.broadcast(P.EngineDead(io.index, f"{type(e).__name__}: {e}"))
         except PeerGone:
             pass
         raise
     finally:
         io.close()
+    if io.left:
+        _exit_now()
+
+
+def _exit_now() -> None:
+    """A rank that left its group (elastic EP) exits at once: it holds nothing to flush, and the interpreter's
+    own teardown (the old world, the sockets, the threads) took seconds that its launcher waits for."""
+    logging.shutdown()
+    os._exit(0)
 
 
 _ALL_THREADS = torch.get_num_threads()   # the machine's, before this process takes its share
@@ -129,6 +138,12 @@ def _share_threads(local_procs: int) -> int:
 
 def _local_procs(cfg: EngineConfig) -> int:
     return len(cfg.parallel.local_dp_ranks()) * cfg.parallel.ranks_per_dp
+
+
+def _engine_index(par, ps: ParallelState) -> int:
+    """The DP rank's name towards its API server and TP workers: its --data-parallel-rank with external load
+    balancing (fixed, while elastic EP may renumber the DP rank), else the DP rank."""
+    return par.data_parallel_rank if par.external_lb else ps.dp_rank
 
 
 class _Liveness:
@@ -163,7 +178,8 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
     decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput | KVLoad | Rescale)
     auth = FrameAuth(cfg.parallel.internal_secret)
     sock = zmq.Context.instance().socket(zmq.PULL)
-    sock.connect(cfg.parallel.plan_endpoint(ps.dp_rank, ps.pp_rank * ps.tp_size + ps.tp_rank, run_dir(cfg)))
+    sock.connect(cfg.parallel.plan_endpoint(_engine_index(cfg.parallel, ps), ps.pp_rank * ps.tp_size + ps.tp_rank,
+                                            run_dir(cfg)))
     while True:
         busy = runner.kv_busy()
         if busy:
@@ -179,7 +195,7 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
             continue
         if isinstance(plan, Rescale):
             if not _worker_rescale(runner, ps, plan, watch):
-                return
+                _exit_now()
         elif isinstance(plan, KVLoad):
             runner.kv_start_load(plan.kv_meta)
         else:
@@ -191,7 +207,7 @@ def _worker_rescale(runner, ps, plan, watch) -> bool:
     from epplat.core.distributed.elastic_world import JoinAborted, ScaleRolledBack
     from epplat.core.engine import elastic
     try:
-        stays = elastic.rescale(runner, ps, plan.new_size, plan.generation, plan.wave)
+        stays = elastic.rescale(runner, ps, plan.new_size, plan.generation, plan.wave, plan.leaving)
     except JoinAborted:
         return True
     except ScaleRolledBack:
@@ -203,7 +219,8 @@ def _worker_rescale(runner, ps, plan, watch) -> bool:
 
 def _rejoined(runner, ps, watch: _Liveness) -> None:
     """After this process joined a world of another size: its share of the threads, the store it watches."""
-    runner.platform.max_threads = _share_threads(ps.world_size)   # one node (config.py says so)
+    par = runner.cfg.parallel     # one node: the new world's processes share it; else this node's stay
+    runner.platform.max_threads = _share_threads(ps.world_size if par.single_node else _local_procs(runner.cfg))
     watch.store = dist.distributed_c10d._get_default_store() if ps.rank else None
 
 
@@ -219,12 +236,13 @@ class _DriverIO:
         self.ctx = zmq.Context.instance()
         self.poller = zmq.Poller()
         n_api = 1 if par.external_lb else _api_server_count(par, ps)
-        indices = [ps.dp_rank] if par.external_lb else list(range(n_api))
+        self.index = _engine_index(par, ps)
+        indices = [self.index] if par.external_lb else list(range(n_api))
         self.dealers, self.outs = [], []
         for i in indices:
             router, pull = par.api_endpoints(i)
             d = self.ctx.socket(zmq.DEALER)
-            d.setsockopt(zmq.IDENTITY, f"engine-{ps.dp_rank}".encode())
+            d.setsockopt(zmq.IDENTITY, f"engine-{self.index}".encode())
             d.connect(router)
             o = self.ctx.socket(zmq.PUSH)
             o.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
@@ -236,20 +254,31 @@ class _DriverIO:
         self.in_flight: deque = deque()   # launched steps not yet completed (pipeline parallelism)
         for t in range(1, ps.pp_size * ps.tp_size):
             w = self.ctx.socket(zmq.PUSH)
-            listen(w, par.plan_endpoint(ps.dp_rank, t, run_dir(cfg)))
+            listen(w, par.plan_endpoint(self.index, t, run_dir(cfg)))
             self.workers.append(w)
         core.tp_publish = self.publish if self.workers else None
         self.waves = ps.ep and ps.dp_size > 1
         self.wakes: set[int] = set()
         self.wave = 0                     # waves run so far (the same on every DP rank)
         self.scale = None                 # a scale_elastic_ep call not yet run (elastic EP)
+        self.left = False                 # this rank left its group (elastic EP)
         self.wake_in = None
         if self.waves:
             self._setup_wake_channel(par)
-        ready = P.EngineReady(ps.dp_rank, core.max_model_len, core.runner.model_cfg.vocab_size, core.num_blocks)
+        self.head = self.group_store = None    # elastic EP, external LB: the membership (elastic_members.py)
+        self.idle_ms = _IDLE_POLL_MS
+        if par.enable_elastic_ep and par.external_lb:
+            from epplat.core.distributed import elastic_members
+            from epplat.core.distributed.parallel_state import base_store
+            self.group_store = base_store(par)
+            if ps.rank == 0:
+                self.head = elastic_members.Head(self.group_store, par, core.num_blocks,
+                                                 core.runner.all2all.expert_map.num_local)
+                self.idle_ms = int(elastic_members.POLL_S * 1000)
+        ready = P.EngineReady(self.index, core.max_model_len, core.runner.model_cfg.vocab_size, core.num_blocks)
         for d in self.dealers:
             d.send(self.auth.seal(P.encoder.encode(ready)))
-        logger.info("engine (DP rank %d, pid %d) ready, serving %d API server(s)", ps.dp_rank, os.getpid(),
+        logger.info("engine (DP rank %d, pid %d) ready, serving %d API server(s)", self.index, os.getpid(),
                     len(self.dealers))
 
     def _setup_wake_channel(self, par) -> None:
@@ -286,6 +315,8 @@ class _DriverIO:
     def poll(self, timeout_ms: int) -> None:
         """Wait up to timeout_ms for input, then handle everything that arrived; heartbeat."""
         self.beat()
+        if self.head is not None and self.scale is None:
+            self.scale = self.head.poll()
         if not self.poller.poll(timeout_ms):
             self.beat()
             return
@@ -311,7 +342,7 @@ class _DriverIO:
         now = time.monotonic()
         if now - self.last_beat >= HEARTBEAT_S:
             self.last_beat = now
-            self.broadcast(P.EngineHeartbeat(self.ps.dp_rank))
+            self.broadcast(P.EngineHeartbeat(self.index))
 
     def _handle(self, msg) -> None:
         core = self.core
@@ -349,7 +380,7 @@ class _DriverIO:
             by_client.setdefault(idx, []).append(o)
         stats = self.core.stats()
         for idx, outs in by_client.items():
-            self._send(idx, P.EngineOutputs(self.ps.dp_rank, outs, stats))
+            self._send(idx, P.EngineOutputs(self.index, outs, stats))
 
     def _send(self, client_index: int, msg) -> None:
         self._push(self.outs[0] if len(self.outs) == 1 else self.outs[client_index], msg)
@@ -417,7 +448,7 @@ def _wake_forwarder(ctx, pull_addr: str, pub_addr: str, auth: FrameAuth) -> None
 
 def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> None:
     while True:
-        io.poll(0 if core.has_work() or io.scale else _KV_POLL_MS if core.kv_pending() else _IDLE_POLL_MS)
+        io.poll(0 if core.has_work() or io.scale else _KV_POLL_MS if core.kv_pending() else io.idle_ms)
         core.poll_kv()
         io.send_outputs(core.poll_grammars())
         if not io.waves:
@@ -472,6 +503,9 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
         flags[0], flags[1] = int(has_work), sum(n for _, n in batch)
         flags[2] = io.scale.args[1] if io.scale is not None else 0       # the scale's world generation
         dist.all_gather(gathered, flags, group=ps.dp_group)
+        if io.scale is None and io.group_store is not None and int(gathered[0][2]) > 0:
+            from epplat.core.distributed.elastic_members import scale_call
+            io.scale = scale_call(io.group_store, int(gathered[0][2]))     # rank 0 runs a join or a leave
         scale = len({int(g[2]) for g in gathered}) == 1 and int(gathered[0][2]) > 0
         if not any(int(g[0]) or int(g[2]) for g in gathered):
             return False
@@ -488,16 +522,19 @@ def _rescale(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> bool:
     from epplat.core.engine import elastic
     call, io.scale = io.scale, None
     io.send_outputs(core.drain())
-    new_size, generation = call.args
+    new_size, generation, *rest = call.args
+    leaving = rest[0] if rest else []
     t0 = time.perf_counter()
     if io.workers:
-        io.publish(elastic.Rescale(new_size, generation, io.wave))     # its TP workers run it beside it
+        io.publish(elastic.Rescale(new_size, generation, io.wave, leaving))     # its TP workers run it beside it
     try:
-        stays = elastic.rescale(core.runner, ps, new_size, generation, io.wave)
+        stays = elastic.rescale(core.runner, ps, new_size, generation, io.wave, leaving)
     except (JoinAborted, ScaleRolledBack) as e:     # this rank serves on in its world (the old one re-formed)
         logger.error("elastic EP: scale to %d DP ranks aborted: %s", new_size, e)
         if isinstance(e, ScaleRolledBack):
             io.rescaled(watch)
+        if io.head is not None:
+            io.head.done(ok=False)
         io._send(call.client_index, P.UtilityResult(call.call_id, error=str(e)))
         return True
     except Exception as e:
@@ -505,5 +542,8 @@ def _rescale(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> bool:
         raise
     if stays:
         io.rescaled(watch)
+    io.left = not stays
+    if io.head is not None:
+        io.head.done(ok=True)
     io._send(call.client_index, P.UtilityResult(call.call_id, {"stays": stays, "seconds": time.perf_counter() - t0}))
     return stays

@@ -37,30 +37,34 @@ class Rescale(msgspec.Struct, array_like=True, tag=True):
     new_size: int
     generation: int
     wave: int
+    leaving: list = []       # the DP ranks that leave (none: those from new_size up)
 
 
-def rescale(runner, ps, new_size: int, generation: int, wave: int) -> bool:
+def rescale(runner, ps, new_size: int, generation: int, wave: int, leaving=()) -> bool:
     """A running process's part of a scale to ``new_size`` DP ranks (every TP process of a DP rank runs it);
-    False when this process leaves. Expert slots are per EP rank: DP ranks x TP processes."""
+    False when this process leaves. Expert slots are per EP rank: DP ranks x TP processes. Scaling down,
+    ``leaving`` names the DP ranks that go (default: the top ones); the ones above them move down."""
     t0, tp = time.perf_counter(), ps.tp_size
     layers = moe_layers(runner.model)
     per_rank = runner.all2all.expert_map.num_local
     _settle_eplb(runner)
     old, old_size = placement(layers), ps.dp_size
     if new_size < old_size:
+        leaving = list(leaving) or list(range(new_size, old_size))
+        staying = [d for d in range(old_size) if d not in leaving]
         new = new_placement(layers, runner.eplb, _policy(runner), _num_groups(runner), old, new_size * tp, per_rank,
                             ps.world_cpu_group)
-        gone = torch.full((len(layers), per_rank * (old_size - new_size) * tp), -1, dtype=torch.long)
-        new, moves, staged = move_experts(layers, old, torch.cat([new, gone], 1), ps.rank, per_rank,
-                                          ps.world_group)
-        if ps.dp_rank >= new_size:
+        new, moves, staged = move_experts(layers, old, _in_old_slots(new, staying, old_size, tp, per_rank), ps.rank,
+                                          per_rank, ps.world_group)
+        if ps.dp_rank in leaving:
             logger.info("elastic EP: DP rank %d%s handed its experts over and leaves", ps.dp_rank,
                         f" TP rank {ps.tp_rank}" if tp > 1 else "")
             return False
+        ps.rank = staying.index(ps.dp_rank) * tp + ps.tp_rank
         store = rendezvous(runner.cfg.parallel, ps.rank, generation, new_size * tp)
         join_world(runner.cfg.parallel, ps, generation, new_size, runner.platform.dist_backend, store)
         _adopt(runner, ps, per_rank)
-        eplb_transfer.commit(staged, layers, new[:, :per_rank * new_size * tp])
+        eplb_transfer.commit(staged, layers, torch.cat([_slots_of(new, d, tp, per_rank) for d in staying], 1))
     else:
         store = rendezvous(runner.cfg.parallel, ps.rank, generation, new_size * tp, ps.world_cpu_group)
         join_world(runner.cfg.parallel, ps, generation, new_size, runner.platform.dist_backend, store)
@@ -73,6 +77,20 @@ def rescale(runner, ps, new_size: int, generation: int, wave: int) -> bool:
         logger.info("elastic EP: %d -> %d DP ranks (world generation %d): %d expert moves, %.2f s on this rank",
                     old_size, new_size, generation, len(moves), time.perf_counter() - t0)
     return True
+
+
+def _slots_of(placement, dp_rank: int, tp: int, per_rank: int) -> torch.Tensor:
+    """The columns of DP rank ``dp_rank``'s EP ranks (its TP processes') in a placement [L, slots]."""
+    return placement[:, dp_rank * tp * per_rank:(dp_rank + 1) * tp * per_rank]
+
+
+def _in_old_slots(new, staying: list[int], old_size: int, tp: int, per_rank: int) -> torch.Tensor:
+    """The new placement [L, slots of the new world] in the old world's slot numbering: a staying DP rank's
+    slots get what its new number holds, a departing one's -1."""
+    out = torch.full((new.shape[0], old_size * tp * per_rank), -1, dtype=torch.long)
+    for i, d in enumerate(staying):
+        _slots_of(out, d, tp, per_rank).copy_(_slots_of(new, i, tp, per_rank))
+    return out
 
 
 def join(runner, ps, generation: int, old_size: int) -> int:

@@ -20,6 +20,7 @@ from epplat.config import ConfigError, EngineConfig
 from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.engine.request import Request
 from epplat.core.engine.sampler import sample_tokens, sampled_logprobs, token_logprobs
+from epplat.core.engine.structured_output import fill_bitmask
 from epplat.core.host_copy import HostCopy, to_device
 from epplat.core.model.attention import build_attn_metadata
 from epplat.core.model.decoder import MoEForCausalLM
@@ -156,7 +157,8 @@ class ModelRunner:
         """The worker side of the --kv-transfer-config connector, given this rank's KV cache."""
         from epplat.connectors.base import KVConnectorRole
         from epplat.connectors.loader import make_connector
-        self.kv_connector = make_connector(self.cfg, KVConnectorRole.WORKER, self.ps.dp_rank, self.ps.tp_rank)
+        self.kv_connector = make_connector(self.cfg, KVConnectorRole.WORKER, self.ps.dp_rank, self.ps.tp_rank,
+                                           self.ps.pp_rank)
         if self.kv_connector is not None:
             self._kv_meta_decoder = msgspec.msgpack.Decoder(self.kv_connector.metadata_type)
             self.kv_connector.register_kv_caches([layer.self_attn.kv_cache for layer in self.model.layers])
@@ -415,15 +417,17 @@ class ModelRunner:
                 recv = self.stage.post_output_recv(len(mi.out_rows))
         if publish is not None:
             publish(mi)
+        bitmask = fill_bitmask(sample_reqs, self.model_cfg.vocab_size)     # on its thread, beside the forward
         hidden = self.forward(mi)
-        sampled = self._sample(hidden, sample_rows, sample_reqs) if self.stage is None and sample_reqs else None
-        return StepInFlight(hidden, recv, self.rows, prompt_rows, sample_rows, sample_reqs, sampled)
+        sampled = (self._sample(hidden, sample_rows, sample_reqs, bitmask)
+                   if self.stage is None and sample_reqs else None)
+        return StepInFlight(hidden, recv, self.rows, prompt_rows, sample_rows, sample_reqs, bitmask, sampled)
 
-    def _sample(self, hidden: torch.Tensor, rows: list[int], reqs: list) -> tuple:
+    def _sample(self, hidden: torch.Tensor, rows: list[int], reqs: list, bitmask) -> tuple:
         """Sample on the device and start the tokens' copy to the host: (the copy, the raw logits of the rows
         that return logprobs, or None)."""
         logits = self.model.compute_logits(hidden[to_device(rows, torch.long, self.device)]).float()
-        tokens = sample_tokens(logits, reqs)
+        tokens = sample_tokens(logits, reqs, bitmask)
         self.last_tokens, self.last_index = tokens, {r.request_id: i for i, r in enumerate(reqs)}
         return HostCopy(tokens), logits if any(r.params.logprobs is not None for r in reqs) else None
 
@@ -440,7 +444,8 @@ class ModelRunner:
         self._prompt_logprobs(hidden)
         out: dict = {}
         if step.sample_reqs:
-            copy, logits = step.sampled or self._sample(hidden, step.sample_rows, step.sample_reqs)
+            copy, logits = step.sampled or self._sample(hidden, step.sample_rows, step.sample_reqs,
+                                                        step.grammar_bitmask)
             tokens = copy.tolist()
             logprobs = sampled_logprobs(logits, step.sample_reqs, tokens) if logits is not None else [None] * len(tokens)
             for req, tok, lp in zip(step.sample_reqs, tokens, logprobs):
@@ -458,5 +463,6 @@ class StepInFlight(msgspec.Struct):
     prompt_rows: list
     sample_rows: list
     sample_reqs: list
+    grammar_bitmask: object = None      # the future of the sampled rows' grammar bitmask
     sampled: object = None     # (HostCopy of the tokens, raw logits for logprobs) when sampled at launch
     prompt_tokens: int = 0     # prompt tokens the step computes (the engine core's count)

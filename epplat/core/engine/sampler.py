@@ -36,16 +36,18 @@ FIRST_CANDIDATES = 512
 WIDEN = 8
 
 
-def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[Optional[list[TokenLogprob]]]]:
-    """logits: [B, V] float32, one row per request. Returns tokens and per-request logprobs."""
+def sample(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None
+           ) -> tuple[list[int], list[Optional[list[TokenLogprob]]]]:
+    """logits: [B, V] float32, one row per request; grammar_bitmask: the step's (``fill_bitmask``).
+    Returns tokens and per-request logprobs."""
     raw = logits.float()
-    token_list = sample_tokens(raw, reqs).tolist()
+    token_list = sample_tokens(raw, reqs, grammar_bitmask).tolist()
     return token_list, sampled_logprobs(raw, reqs, token_list)
 
 
-def sample_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None) -> torch.Tensor:
     """The tokens, left on the logits' device (async scheduling reads them later)."""
-    logits = apply_rules(apply_grammars(logits.float(), reqs), reqs)
+    logits = apply_rules(apply_grammars(logits.float(), reqs, grammar_bitmask), reqs)
     greedy = [r.params.temperature <= 1e-5 for r in reqs]
     if all(greedy):
         tokens = logits.argmax(dim=-1)
@@ -108,17 +110,30 @@ def filtered(logits: torch.Tensor, reqs: list[Request]) -> list[Filtered]:
             out.extend(_narrowed(x, [p.top_k if 0 < p.top_k < vocab else 0 for p in sub], rows, prm,
                                  any(p.min_p > 0 for p in sub), any(p.top_p < 1.0 for p in sub)))
         else:
-            out.append(Filtered(rows, _exp_min_p(x, prm[:, 2:3] if any(p.min_p > 0 for p in sub) else None), None))
+            banned = any(reqs[i].grammar is not None or reqs[i].has_rules for i in rows)   # -inf logits
+            out.append(Filtered(rows, _exp_min_p(x, prm[:, 2:3] if any(p.min_p > 0 for p in sub) else None, banned),
+                                None))
     return out
 
 
-def _exp_min_p(x: torch.Tensor, floor: Optional[torch.Tensor]) -> torch.Tensor:
+def _exp_min_p(x: torch.Tensor, floor: Optional[torch.Tensor], banned: bool = False) -> torch.Tensor:
     """exp(x - max) over the vocabulary (the softmax, not yet normalized), zero where min-p drops
-    (x - max below log(min_p))."""
+    (x - max below log(min_p)); banned: some logits may be -inf."""
     d = x - x.amax(dim=-1, keepdim=True)
     if floor is not None:
         d.masked_fill_(d < floor, float("-inf"))
-    return d.exp_()
+    return _exp_le0(d) if banned or floor is not None else d.exp_()
+
+
+# exp(-87.3) is float32's smallest normal number; below it (-inf included) the CPU's vectorized exp
+# leaves its fast path (an exp over a row of -inf takes 4x, over denormal results 100x as long)
+_EXP_FLOOR = -87.0
+
+
+def _exp_le0(d: torch.Tensor) -> torch.Tensor:
+    """exp of d <= 0 in place, zero below exp(_EXP_FLOOR) (where float32 has only denormals)."""
+    low = d < _EXP_FLOOR
+    return d.clamp_min_(_EXP_FLOOR).exp_().masked_fill_(low, 0.0)
 
 
 def _narrowed(x: torch.Tensor, top_k: list[int], rows: list[int], prm: torch.Tensor, min_p: bool,
@@ -133,7 +148,7 @@ def _narrowed(x: torch.Tensor, top_k: list[int], rows: list[int], prm: torch.Ten
     full_mass = None
     if any(no_k):
         d = x - x.amax(dim=-1, keepdim=True)
-        full_mass = d.masked_fill_(d < prm[:, 2:3], float("-inf")).exp_().sum(dim=-1)
+        full_mass = _exp_le0(d.masked_fill_(d < prm[:, 2:3], float("-inf"))).sum(dim=-1)
     width = max([k for k in top_k if k] + ([min(vocab, FIRST_CANDIDATES)] if any(no_k) else []))
     todo = list(range(len(rows)))
     out = []

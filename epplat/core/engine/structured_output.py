@@ -4,10 +4,13 @@ The API server turns a request's constraint into a ``StructuredOutput`` (json sc
 regex or EBNF grammar; a choice becomes a grammar) and checks that it parses (``check``). The
 engine core compiles it against the model's vocabulary (compiled grammars are cached) into one
 matcher per request, on a thread of its own (xgrammar compiles without the GIL), so that the other
-requests' steps do not wait for a compile: the request joins the scheduler once its matcher is ready; every step the matchers of the batch's constrained rows fill one token
-bitmask, which is applied to the logits on their device in one call before sampling, and each
-sampled token advances its matcher. A matcher that has reached its end allows only the stop
-tokens (the request's EOS), and the request stops there.
+requests' steps do not wait for a compile: the request joins the scheduler once its matcher is ready.
+Every step the matchers of the batch's constrained rows fill one token bitmask (one batched xgrammar
+call, on the grammar thread while the step's forward runs: ``fill_bitmask``), which is unpacked and
+applied to those rows of the logits on their device before sampling (torch ops: xgrammar's CPU kernel
+takes ten times as long on a 32,000-token vocabulary), and each sampled token advances its matcher.
+A matcher that has reached its end allows only the stop tokens (the request's EOS), and the request
+stops there. The masks must be filled after every earlier token was accepted (the step's launch).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import functools
 import json
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
@@ -100,19 +103,66 @@ class Grammars:
         return self._pool.submit(self.matcher, spec, stop_token_ids)
 
 
-def apply_grammars(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """Ban, in every constrained row, the tokens its grammar does not allow next (one bitmask, one
-    masking call on the logits' device). logits [B, V] float32, left as they are."""
+class Bitmask(NamedTuple):
+    """The token bitmask of a batch's constrained rows: mask [len(rows), ceil(V / 32)] int32 (bit t % 32
+    of word t // 32 set: token t allowed), rows their places in the batch."""
+
+    mask: torch.Tensor
+    rows: list[int]
+
+
+_filler: Optional[tuple] = None       # (the grammar thread, xgrammar's batch matcher), made on first use
+
+
+def fill_bitmask(reqs: list[Request], vocab_size: int) -> Optional[Future]:
+    """Start filling the bitmask of the constrained rows of reqs on the grammar thread (xgrammar fills
+    without the GIL, so it overlaps the step's forward); the future of its ``Bitmask``. None when no
+    row is constrained."""
+    global _filler
     rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
     if not rows:
-        return logits
+        return None
     xgr = xgrammar()
-    logits = logits.clone()          # the raw logits stay as they are (logprobs)
-    mask = xgr.allocate_token_bitmask(len(reqs), logits.shape[1])
-    for i in rows:
-        reqs[i].grammar.fill_next_token_bitmask(mask, i)
-    xgr.apply_token_bitmask_inplace(logits, mask.to(logits.device, non_blocking=True), indices=rows)
-    return logits
+    if _filler is None:
+        _filler = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask"),
+                   xgr.BatchGrammarMatcher(max_threads=1))
+    pool, batch = _filler
+    mask = xgr.allocate_token_bitmask(len(rows), vocab_size)
+    matchers = [reqs[i].grammar for i in rows]
+
+    def fill() -> Bitmask:
+        batch.batch_fill_next_token_bitmask(matchers, mask)
+        return Bitmask(mask, rows)
+    return pool.submit(fill)
+
+
+_BITS: dict = {}      # device -> arange(32) int32
+
+
+def allowed_tokens(mask: torch.Tensor, vocab_size: int, device) -> torch.Tensor:
+    """A bitmask unpacked on device: [rows, vocab_size] bool, True where the token is allowed."""
+    bits = _BITS.get(device)
+    if bits is None:
+        bits = _BITS[device] = torch.arange(32, dtype=torch.int32, device=device)
+    words = mask.to(device, non_blocking=True)
+    return ((words.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab_size]
+
+
+def apply_grammars(logits: torch.Tensor, reqs: list[Request], bitmask: Optional[Future] = None) -> torch.Tensor:
+    """Ban, in every constrained row, the tokens its grammar does not allow next; bitmask: the step's
+    ``fill_bitmask`` (filled here when not given). logits [B, V] float32, left as they are."""
+    if bitmask is None:
+        bitmask = fill_bitmask(reqs, logits.shape[1])
+        if bitmask is None:
+            return logits
+    mask, rows = bitmask.result()
+    allowed = allowed_tokens(mask, logits.shape[1], logits.device)
+    if len(rows) == len(reqs):       # a new tensor: the raw logits stay as they are (logprobs)
+        return torch.where(allowed, logits, float("-inf"))
+    out = logits.clone()
+    idx = torch.tensor(rows, device=logits.device)
+    out[idx] = torch.where(allowed, logits[idx], float("-inf"))
+    return out
 
 
 def accept(req: Request, token: int) -> Optional[str]:

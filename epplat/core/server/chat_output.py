@@ -17,7 +17,8 @@ from typing import Optional
 
 from epplat.core.server.protocol import (
     ChatCompletionRequest, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, ToolCall)
-from epplat.core.server.tool_parsers.base import ParsedCall, ToolCallStream, json_calls, split, tool_call_id
+from epplat.core.server.tool_parsers.base import (
+    CallDelta, ParsedCall, ToolCallStream, json_calls, split, tool_call_id)
 
 
 @dataclass
@@ -80,7 +81,8 @@ class ChatOutputStream:
         self.reasoning = outputs.reasoning.stream() if outputs.reasoning is not None else None
         self.tools = ToolCallStream(outputs.tool_parser) if outputs.tool_parser is not None else None
         self.buffer = ""          # required: the JSON array so far
-        self.num_calls = 0
+        self.num_calls = 0        # calls begun
+        self.call_ids: list[str] = []
         self.named_id: Optional[str] = None
 
     def feed(self, delta: str, final: bool) -> Optional[DeltaMessage]:
@@ -98,19 +100,25 @@ class ChatOutputStream:
         elif self.o.mode == "required":
             self.buffer += content
             found = required_calls(self.buffer, final)
-            calls = [self._delta(c) for c in found[self.num_calls:]]
+            calls = [self._delta(CallDelta(i, c.name, c.arguments))
+                     for i, c in enumerate(found[self.num_calls:], self.num_calls)]
             content = ""
         elif self.tools is not None:
-            content, found = self.tools.feed(content, final)
-            calls = [self._delta(c) for c in found]
+            content, pieces = self.tools.feed(content, final)
+            calls = [self._delta(piece) for piece in pieces]
         if not (reasoning or content or calls):
             return None
         return DeltaMessage(reasoning_content=reasoning or None, content=content or None, tool_calls=calls or None)
 
-    def _delta(self, call: ParsedCall) -> DeltaToolCall:
-        index, self.num_calls = self.num_calls, self.num_calls + 1
-        return DeltaToolCall(index=index, id=tool_call_id(), type="function",
-                             function=DeltaFunctionCall(name=call.name, arguments=call.arguments))
+    def _delta(self, piece: CallDelta) -> DeltaToolCall:
+        """vLLM's pieces: a call's first has its id, type and name, the others more of its arguments."""
+        first = piece.name is not None
+        if first:
+            self.num_calls += 1
+            self.call_ids.append(tool_call_id())
+        return DeltaToolCall(index=piece.index, id=self.call_ids[piece.index] if first else None,
+                             type="function" if first else None,
+                             function=DeltaFunctionCall(name=piece.name, arguments=piece.arguments))
 
     @property
     def called(self) -> bool:

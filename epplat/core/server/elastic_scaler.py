@@ -195,10 +195,14 @@ def add_routes(app, client, metrics, in_flight) -> None:
     requests that wait during a scale (scale_admission.py)."""
     from epplat.core.server.scale_admission import ScaleAdmission
     par = getattr(getattr(client, "cfg", None), "parallel", None)
-    state = {"scaler": ElasticScaler(client, metrics)} if par is not None and par.enable_elastic_ep else {}
+    state = ({"scaler": ElasticScaler(client, metrics)} if par is not None and par.enable_elastic_ep
+             and not par.external_lb else {})
     app.add_middleware(ScaleAdmission, scaler=lambda: state.get("scaler"), in_flight=in_flight)
 
     def scaler() -> ElasticScaler:
+        if "scaler" not in state and par is not None and par.enable_elastic_ep:
+            raise APIError(400, "With external load balancing a server started with --data-parallel-rank joins the "
+                                "group and one stopped (SIGTERM) leaves it: there is no scale call")
         if "scaler" not in state:
             raise APIError(400, "This server was not started with --enable-elastic-ep")
         return state["scaler"]

@@ -3,15 +3,13 @@ core sets of EPPLAT_CPU_OMP_THREADS_BIND (its devices)."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
-import numpy as np
 import torch
 
 from epplat.config import cpu_kv_cache_bytes
 from epplat.core.ops import Kernels
-from epplat.platforms.cpu import core_binding, cpu_kernels
+from epplat.platforms.cpu import core_binding, cpu_kernels, huge_pages
 from epplat.platforms.interface import Platform
 
 
@@ -60,11 +58,8 @@ class CpuPlatform(Platform):
         return cache_cfg.kv_cache_memory_bytes or cpu_kv_cache_bytes()
 
     def zeros(self, shape, dtype, device) -> torch.Tensor:
-        # numpy's zeros is calloc: the OS hands out zero pages lazily, where torch.zeros
-        # would memset gigabytes of KV cache at startup.
-        itemsize = torch.tensor([], dtype=dtype).element_size()
-        raw = np.zeros(math.prod(shape) * itemsize, dtype=np.uint8)
-        return torch.from_numpy(raw).view(dtype).view(shape)
+        # calloc'd (torch.zeros would memset gigabytes of KV cache at startup), on huge pages
+        return huge_pages.zeros(shape, dtype)
 
 
 def cpu_kernel_record() -> Kernels:

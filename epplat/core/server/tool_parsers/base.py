@@ -1,8 +1,9 @@
 """What every tool-call parser (vLLM's --tool-call-parser) is: where a model's tool calls begin in its
 text, and the complete calls in the text from there on.
 
-A parser implements two small methods; the splitting of a whole answer into content and calls, and
-of a streamed answer into content deltas and tool-call deltas, is the same for every format
+A parser implements two small methods (and a third, ``partial``, for the call being written, whose
+arguments then stream in pieces as vLLM's do); the splitting of a whole answer into content and calls,
+and of a streamed answer into content deltas and tool-call deltas, is the same for every format
 (``split`` and ``ToolCallStream``), so the formats cannot drift apart between streaming and not.
 """
 
@@ -12,6 +13,8 @@ import json
 import uuid
 from dataclasses import dataclass
 from typing import Optional
+
+from epplat.core.server.tool_parsers.arguments_prefix import json_call_prefix
 
 
 @dataclass
@@ -38,18 +41,32 @@ _decode = json.JSONDecoder().raw_decode
 def json_calls(text: str, pos: int, separators: str, *argument_keys: str) -> list[ParsedCall]:
     """The complete JSON objects {"name": ..., KEY: {...}} written one after another from text[pos:]
     (separated by any of `separators`; a "]" ends them), each as soon as it is complete."""
+    return json_calls_to(text, pos, separators, argument_keys)[0]
+
+
+def json_calls_to(text: str, pos: int, separators: str, argument_keys) -> tuple[list[ParsedCall], int]:
+    """``json_calls`` and where the text after them begins (the next call, if one is being written)."""
     out: list[ParsedCall] = []
     while True:
         while pos < len(text) and text[pos] in separators:
             pos += 1
         if pos >= len(text) or text[pos] == "]":
-            return out
+            return out, pos
         try:
-            call, pos = _decode(text, pos)
+            call, end = _decode(text, pos)
             args = next((call[k] for k in argument_keys if k in call), {})
             out.append(ParsedCall(call["name"], arguments_json(args)))
+            pos = end
         except (ValueError, KeyError, TypeError):
-            return out
+            return out, pos
+
+
+def next_json_call(text: str, pos: int, separators: str, argument_keys, done: int) -> Optional[tuple[str, str]]:
+    """``ToolParser.partial`` for calls written as ``json_calls``: the one after the first ``done``."""
+    calls, pos = json_calls_to(text, pos, separators, argument_keys)
+    if len(calls) != done or text[pos:pos + 1] == "]":
+        return None
+    return json_call_prefix(text[pos:], tuple(argument_keys))
 
 
 def held_back(text: str, marker: str) -> int:
@@ -81,6 +98,12 @@ class ToolParser:
         whole and anything parseable counts."""
         raise NotImplementedError
 
+    def partial(self, tail: str, done: int) -> Optional[tuple[str, str]]:
+        """The call after the first `done` complete calls of `tail` while it is being written: its name
+        (once whole) and a prefix of the arguments it will have when complete. None: not begun (or a
+        format that sends each call whole)."""
+        return None
+
 
 def split(parser: ToolParser, text: str) -> tuple[Optional[str], list[ParsedCall]]:
     """A whole answer as (content, calls); an answer whose calls do not parse is all content."""
@@ -91,14 +114,26 @@ def split(parser: ToolParser, text: str) -> tuple[Optional[str], list[ParsedCall
     return (text[:i] if text[:i].strip() else None), calls
 
 
+@dataclass
+class CallDelta:
+    """A piece of a streamed tool call: the call's index; its name on the call's first piece only."""
+
+    index: int
+    name: Optional[str]
+    arguments: str
+
+
 class ToolCallStream:
-    """One streamed choice through a parser: feed it text deltas, get back (content, new calls)."""
+    """One streamed choice through a parser: feed it text deltas, get back (content, call pieces). A
+    call's first piece carries its name, then its arguments follow in pieces (those the parser's
+    ``partial`` is sure of), adding up to the complete call's."""
 
     def __init__(self, parser: ToolParser):
         self.parser, self.text, self.sent, self.start = parser, "", 0, None
-        self.num_calls = 0
+        self.num_done = 0              # complete calls, every piece sent
+        self.open: Optional[str] = None    # arguments sent of the call being written (None: none begun)
 
-    def feed(self, delta: str, final: bool = False) -> tuple[str, list[ParsedCall]]:
+    def feed(self, delta: str, final: bool = False) -> tuple[str, list[CallDelta]]:
         self.text += delta
         p = self.parser
         content = ""
@@ -108,8 +143,23 @@ class ToolCallStream:
             content, self.sent = self.text[self.sent:max(end, self.sent)], max(end, self.sent)
         if self.start is None:
             return content, []
-        calls = p.calls(self.text[self.start:], final)
-        new, self.num_calls = calls[self.num_calls:], len(calls)
-        if final and not calls:       # it looked like tool calls but none parsed: the text was content
+        tail = self.text[self.start:]
+        calls = p.calls(tail, final)
+        pieces = [piece for c in calls[self.num_done:] for piece in self._advance(c.name, c.arguments, True)]
+        being_written = p.partial(tail, self.num_done)
+        if being_written is not None:
+            pieces += self._advance(*being_written, False)
+        if final and not calls and self.open is None:   # it looked like tool calls but none parsed: content
             content += self.text[self.sent:]
-        return content, new
+        return content, pieces
+
+    def _advance(self, name: str, arguments: str, complete: bool) -> list[CallDelta]:
+        first = self.open is None
+        sent = "" if first else self.open
+        new = arguments[len(sent):] if arguments.startswith(sent) else ""
+        index = self.num_done
+        self.open = None if complete else sent + new
+        self.num_done += complete
+        if not (first or new):
+            return []
+        return [CallDelta(index, name if first else None, new)]

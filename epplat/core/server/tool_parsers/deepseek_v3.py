@@ -7,10 +7,15 @@ from __future__ import annotations
 import json
 import re
 
-from epplat.core.server.tool_parsers.base import ParsedCall, ToolParser
+from typing import Optional
+
+from epplat.core.server.tool_parsers.base import ParsedCall, ToolParser, held_back
 
 _CALL = re.compile(r"<｜tool▁call▁begin｜>(?P<type>.*?)<｜tool▁sep｜>(?P<name>.*?)\n```json\n(?P<args>.*?)\n```"
                    r"\s*<｜tool▁call▁end｜>", re.DOTALL)
+
+
+_BEGIN, _ARGS, _END = "<｜tool▁call▁begin｜>", "\n```json\n", "\n```"
 
 
 class DeepSeekV3ToolParser(ToolParser):
@@ -25,3 +30,11 @@ class DeepSeekV3ToolParser(ToolParser):
                 break
             out.append(ParsedCall(m["name"].strip(), m["args"]))
         return out
+
+    def partial(self, tail: str, done: int) -> Optional[tuple[str, str]]:
+        parts = tail.split(_BEGIN)
+        if len(parts) != done + 2 or _ARGS not in parts[-1] or "<｜tool▁sep｜>" not in parts[-1]:
+            return None
+        head, args = parts[-1].split(_ARGS, 1)
+        end = args.find(_END)           # the arguments are sent as written, up to their code block's end
+        return head.split("<｜tool▁sep｜>", 1)[1].strip(), args[:end] if end >= 0 else args[:len(args) - held_back(args, _END)]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import re
 
+from typing import Optional
+
+from epplat.core.server.tool_parsers.arguments_prefix import json_call_prefix
 from epplat.core.server.tool_parsers.base import ParsedCall, ToolParser, arguments_json
 
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
@@ -26,3 +29,9 @@ class HermesToolParser(ToolParser):
             except (ValueError, KeyError, TypeError):
                 break
         return out
+
+    def partial(self, tail: str, done: int) -> Optional[tuple[str, str]]:
+        parts = tail.split("<tool_call>")
+        if len(parts) != done + 2 or "</tool_call>" in parts[-1]:
+            return None
+        return json_call_prefix(parts[-1], ("arguments",))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from epplat.core.server.tool_parsers.base import ParsedCall, ToolParser, json_calls
+from epplat.core.server.tool_parsers.base import ParsedCall, ToolParser, json_calls, next_json_call
 
 _TAG = "<|python_tag|>"
 
@@ -25,6 +25,15 @@ class Llama3JsonToolParser(ToolParser):
         return len(text) if not s or _TAG.startswith(s) else 0
 
     def calls(self, tail: str, final: bool) -> list[ParsedCall]:
-        text = tail.lstrip()
-        text = text[len(_TAG):] if text.startswith(_TAG) else text
-        return json_calls(text, 0, " \t\n\r;", "parameters", "arguments")
+        return json_calls(_calls_text(tail), 0, _SEPARATORS, *_KEYS)
+
+    def partial(self, tail: str, done: int) -> Optional[tuple[str, str]]:
+        return next_json_call(_calls_text(tail), 0, _SEPARATORS, _KEYS, done)
+
+
+_SEPARATORS, _KEYS = " \t\n\r;", ("parameters", "arguments")
+
+
+def _calls_text(tail: str) -> str:
+    text = tail.lstrip()
+    return text[len(_TAG):] if text.startswith(_TAG) else text

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from epplat.core.server.tool_parsers.base import ParsedCall, ToolParser, json_calls
+from typing import Optional
+
+from epplat.core.server.tool_parsers.base import ParsedCall, ToolParser, json_calls, next_json_call
 
 
 class MistralToolParser(ToolParser):
@@ -13,3 +15,8 @@ class MistralToolParser(ToolParser):
         text = tail[len(self.start):]
         pos = text.find("[")
         return [] if pos < 0 else json_calls(text, pos + 1, " \t\n\r,", "arguments")
+
+    def partial(self, tail: str, done: int) -> Optional[tuple[str, str]]:
+        text = tail[len(self.start):]
+        pos = text.find("[")
+        return None if pos < 0 else next_json_call(text, pos + 1, " \t\n\r,", ("arguments",), done)
