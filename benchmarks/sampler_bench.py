@@ -1,10 +1,12 @@
 """The sampler's time per step against greedy, and against a full-vocabulary sort, side by side.
 
-For each batch size, times ``sample()`` (which ends in a host copy of the tokens, so device
-work is included) over a [batch, vocab] float32 logits tensor for greedy, temperature 1.0,
-top-k 50, top-p 0.9 and top-k 50 + top-p 0.9 rows, and the same temperature-1.0 and top-p
-draws through the sort-every-row sampler epplat had before (``full_sort``, below) in the
-same run. Logits are normal with std --logit-std (4 puts top-p 0.9 at ~500 tokens of 151,936).
+For each batch size, times ``sample()`` with the platform's Kernels record (which ends in a host
+copy of the tokens, so device work is included) over a [batch, vocab] float32 logits tensor for
+greedy, temperature 1.0 (the record's one-pass ``sample`` kernel), top-k 50, top-p 0.9 and top-k
+50 + top-p 0.9 rows; in the same run, temperature 1.0 through the torch path (``sample()`` without
+the kernel) and the temperature-1.0 and top-p draws through the sort-every-row sampler epplat had
+before (``full_sort``, below). Logits are normal with std --logit-std (4 puts top-p 0.9 at ~500
+tokens of 151,936). On cpu the C kernels run on every torch thread, as the platform runs them.
 
     python benchmarks/sampler_bench.py --device cpu --batch 1 4 16 64 256
     python benchmarks/sampler_bench.py --device cuda
@@ -22,6 +24,7 @@ import torch
 from epplat.core.engine.protocol import EngineRequest, SamplingParams
 from epplat.core.engine.request import Request
 from epplat.core.engine.sampler import sample
+from epplat.plugins import registry
 
 CASES = {"greedy": dict(temperature=0.0), "temperature 1.0": dict(temperature=1.0),
          "top-k 50": dict(temperature=1.0, top_k=50), "top-p 0.9": dict(temperature=1.0, top_p=0.9),
@@ -68,6 +71,11 @@ def main():
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev = torch.device(a.device)
+    platform = registry().load("platform", dev.type)()
+    kernels = platform.kernels
+    if dev.type == "cpu":
+        from epplat.platforms.cpu import cpu_kernels
+        cpu_kernels.THREADS = torch.get_num_threads()
     iters = a.iters or (20 if dev.type == "cuda" else 5)
     g = torch.Generator(device=dev).manual_seed(0)
     rows = []
@@ -76,8 +84,11 @@ def main():
         row = {"batch": b}
         for name, params in CASES.items():
             reqs = [Request(EngineRequest(str(i), [1], SamplingParams(**params))) for i in range(b)]
-            med, low = timed(lambda: sample(logits, reqs), dev, iters)
+            med, low = timed(lambda: sample(logits, reqs, kernels=kernels), dev, iters)
             row[name], row["min " + name] = med * 1e3, low * 1e3
+            if name == "temperature 1.0":
+                med, low = timed(lambda: sample(logits, reqs), dev, iters)
+                row[name + " (torch)"], row["min " + name + " (torch)"] = med * 1e3, low * 1e3
             if name in ("temperature 1.0", "top-p 0.9"):
                 med, low = timed(lambda: full_sort(logits, reqs), dev, iters)
                 row[name + " (full sort)"], row["min " + name + " (full sort)"] = med * 1e3, low * 1e3
@@ -85,8 +96,8 @@ def main():
         row["top-p 0.9 tokens"] = int((probs < 0.9).sum()) + 1
         rows.append(row)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"sampler on {name}, vocab {a.vocab}, logit std {a.logit_std}, median ms per sample() call, torch "
-          f"{torch.__version__}")
+    print(f"sampler on {name}, vocab {a.vocab}, logit std {a.logit_std}, ms per sample() call, torch "
+          f"{torch.__version__}, sample kernel: {kernels.sample is not None}")
     for title, cols in (("median", [c for c in rows[0] if c != "batch" and not c.startswith("min ")]),
                         ("min", [c for c in rows[0] if c.startswith("min ")])):
         print(f"{title} ms:\n{'batch':>6}" + "".join(f"{c.removeprefix('min ')[:22]:>23}" for c in cols))
@@ -94,8 +105,9 @@ def main():
             print(f"{r['batch']:>6}" + "".join(f"{r[c]:>23.3f}" if isinstance(r[c], float) else f"{r[c]:>23}"
                                                for c in cols))
     for k in ("", "min "):
-        print(f"{k or 'median '}temperature 1.0 / greedy: "
-              + ", ".join(f"batch {r['batch']} {r[k + 'temperature 1.0'] / r[k + 'greedy']:.2f}x" for r in rows))
+        for path in ("temperature 1.0", "temperature 1.0 (torch)"):
+            print(f"{k or 'median '}{path} / greedy: "
+                  + ", ".join(f"batch {r['batch']} {r[k + path] / r[k + 'greedy']:.2f}x" for r in rows))
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"args": vars(a), "device": name, "rows": rows}, f, indent=2)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 import traceback
@@ -44,10 +43,6 @@ HEARTBEAT_S = 1.0
 SEND_TIMEOUT_MS = 30_000   # an API server that reads nothing for this long is gone: the engine exits
 _KV_POLL_MS = 2          # while KV transfers are in flight, their completion is polled this often
 _STORE_KEY = "epplat/api_server_count"
-
-
-def run_dir(cfg: EngineConfig) -> str:
-    return cfg.parallel.ipc_dir or tempfile.gettempdir()
 
 
 class PeerGone(RuntimeError):
@@ -178,8 +173,7 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
     decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput | KVLoad | Rescale)
     auth = FrameAuth(cfg.parallel.internal_secret)
     sock = zmq.Context.instance().socket(zmq.PULL)
-    sock.connect(cfg.parallel.plan_endpoint(_engine_index(cfg.parallel, ps), ps.pp_rank * ps.tp_size + ps.tp_rank,
-                                            run_dir(cfg)))
+    sock.connect(cfg.parallel.driver_endpoint(_engine_index(cfg.parallel, ps), "plan", ps.pp_rank * ps.tp_size + ps.tp_rank))
     while True:
         busy = runner.kv_busy()
         if busy:
@@ -254,7 +248,7 @@ class _DriverIO:
         self.in_flight: deque = deque()   # launched steps not yet completed (pipeline parallelism)
         for t in range(1, ps.pp_size * ps.tp_size):
             w = self.ctx.socket(zmq.PUSH)
-            listen(w, par.plan_endpoint(self.index, t, run_dir(cfg)))
+            listen(w, par.driver_endpoint(self.index, "plan", t))
             self.workers.append(w)
         core.tp_publish = self.publish if self.workers else None
         self.waves = ps.ep and ps.dp_size > 1

@@ -243,6 +243,12 @@ class ModelRunner:
                                         [total] * self.ps.ep_size if self.ps.ep_size > 1 else None))
         finally:
             self.eplb = eplb
+        if self.kernels.sample is not None and self.model.lm_head is not None:
+            # both variants of the sampling kernel: one key and temperature for the batch, or one a row
+            logits = torch.zeros(2, self.model.lm_head.shape[0], device=self.device)
+            self.kernels.sample(logits, 1.0, 0)
+            self.kernels.sample(logits, torch.ones(2, device=self.device), torch.zeros(2, dtype=torch.long,
+                                                                                      device=self.device))
         self.platform.synchronize()
         logger.info("Kernel warm-up (%d step shapes) took %.1f s", len(steps), time.time() - t0)
 
@@ -427,7 +433,7 @@ class ModelRunner:
         """Sample on the device and start the tokens' copy to the host: (the copy, the raw logits of the rows
         that return logprobs, or None)."""
         logits = self.model.compute_logits(hidden[to_device(rows, torch.long, self.device)]).float()
-        tokens = sample_tokens(logits, reqs, bitmask)
+        tokens = sample_tokens(logits, reqs, bitmask, self.kernels)
         self.last_tokens, self.last_index = tokens, {r.request_id: i for i, r in enumerate(reqs)}
         return HostCopy(tokens), logits if any(r.params.logprobs is not None for r in reqs) else None
 

@@ -13,6 +13,12 @@ top_p of the mass (a full sort is the last of those widenings). Each draw takes 
 uniform number (inverse CDF over the row's running mass). A seeded request is sampled on its own with noise from
 its own generator, so its tokens do not depend on what else is in the batch.
 
+Where the platform's Kernels record has ``sample``, rows that need only a temperature (no top-k,
+top-p or min-p) are drawn by that kernel in one pass over the row instead: an exponential race
+whose noise is a function of a 62-bit key and the token index. A seeded request's key is the next
+number of its own generator (so its tokens still repeat from the seed, in any batch, after a
+restart); the other rows take consecutive keys from one number of torch's global generator.
+
 Request rules on the logits (penalties, logit_bias, bans: epplat.core.engine.logits_rules) come
 first, for greedy rows too. Logprobs are those of the model's raw distribution (before the rules,
 temperature and filters), as vLLM returns by default.
@@ -29,6 +35,7 @@ from epplat.core.engine.logits_rules import apply_rules
 from epplat.core.engine.protocol import TokenLogprob
 from epplat.core.engine.structured_output import apply_grammars
 from epplat.core.engine.request import Request
+from epplat.core.ops import TORCH, Kernels
 
 # best tokens a top-p row without top-k looks at first; widened by WIDEN while they hold less
 # than top_p of the mass
@@ -36,29 +43,43 @@ FIRST_CANDIDATES = 512
 WIDEN = 8
 
 
-def sample(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None
+def sample(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None, kernels: Kernels = TORCH
            ) -> tuple[list[int], list[Optional[list[TokenLogprob]]]]:
-    """logits: [B, V] float32, one row per request; grammar_bitmask: the step's (``fill_bitmask``).
+    """logits: [B, V] float32, one row per request; grammar_bitmask: the step's (``fill_bitmask``);
+    kernels: the platform's record (its ``sample`` draws the rows that need only a temperature).
     Returns tokens and per-request logprobs."""
     raw = logits.float()
-    token_list = sample_tokens(raw, reqs, grammar_bitmask).tolist()
+    token_list = sample_tokens(raw, reqs, grammar_bitmask, kernels).tolist()
     return token_list, sampled_logprobs(raw, reqs, token_list)
 
 
-def sample_tokens(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None, kernels: Kernels = TORCH
+                  ) -> torch.Tensor:
     """The tokens, left on the logits' device (async scheduling reads them later)."""
     logits = apply_rules(apply_grammars(logits.float(), reqs, grammar_bitmask), reqs)
-    greedy = [r.params.temperature <= 1e-5 for r in reqs]
-    if all(greedy):
-        tokens = logits.argmax(dim=-1)
-    elif not any(greedy):
-        tokens = _sample_rows(logits, reqs)
-    else:
-        tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
-        rows = [i for i, g in enumerate(greedy) if g]
-        tokens[rows] = logits[rows].argmax(dim=-1)
-        rows = [i for i, g in enumerate(greedy) if not g]
-        tokens[rows] = _sample_rows(logits[rows], [reqs[i] for i in rows])
+    vocab = logits.shape[1]
+    groups: dict = {"greedy": [], "race": [], "filtered": []}
+    for i, r in enumerate(reqs):
+        p = r.params
+        kind = ("greedy" if p.temperature <= 1e-5 else
+                "race" if kernels.sample is not None and not _narrow(p, vocab) and p.min_p <= 0 else "filtered")
+        groups[kind].append(i)
+    tokens = None
+    for kind, rows in groups.items():
+        if not rows:
+            continue
+        whole = len(rows) == len(reqs)
+        x = logits if whole else logits[rows]
+        sub = reqs if whole else [reqs[i] for i in rows]
+        tok = x.argmax(dim=-1) if kind == "greedy" else _race(kernels.sample, x, sub) if kind == "race" else None
+        if tok is None:
+            tok = _sample_rows(x, sub)
+        if whole:
+            tokens = tok
+        else:
+            if tokens is None:
+                tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+            tokens[rows] = tok
     return tokens
 
 
@@ -199,6 +220,19 @@ def sampling_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         else:
             out[rows] = torch.zeros_like(out[rows]).scatter_(1, f.ids, probs)
     return out
+
+
+def _race(kernel, logits: torch.Tensor, reqs: list[Request]) -> Optional[torch.Tensor]:
+    """The Kernels.sample draw of rows that need only a temperature (None where the kernel declines)."""
+    base = int(torch.randint(1 << 62, (1,)))
+    if all(r.generator is None for r in reqs):
+        keys = base
+    else:
+        keys = torch.tensor([base + i if r.generator is None else int(torch.randint(1 << 62, (1,), generator=r.generator))
+                             for i, r in enumerate(reqs)], device=logits.device)
+    temps = [r.params.temperature for r in reqs]
+    temperature = temps[0] if temps.count(temps[0]) == len(temps) else torch.tensor(temps, device=logits.device)
+    return kernel(logits, temperature, keys)
 
 
 def _sample_rows(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:

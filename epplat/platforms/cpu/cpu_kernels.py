@@ -3,9 +3,9 @@
 The shared library is cached under ``$EPPLAT_CACHE_DIR/kernels`` (default
 ``~/.cache/epplat/kernels``) by a hash of the source and flags; building takes about a
 second. The wrappers take the same arguments as the portable torch paths they stand in
-for and return None for inputs they do not handle (non-float32, shapes off the 8/16
-grid, linears over more rows than the few where MKL's per-call weight packing loses),
-so the caller runs the torch path then.
+for (``sample``: the law of the sampler's draw, from its own noise) and return None for
+inputs they do not handle (non-float32, shapes off the 8/16 grid, linears over more rows
+than the few where MKL's per-call weight packing loses), so the caller runs the torch path then.
 When no compiler (or no AVX2/FMA) is there, :func:`load` logs one warning and the
 platform keeps the torch paths.
 """
@@ -33,6 +33,8 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 # Above this many rows, MKL's GEMM is faster than reading each weight row once.
 MAX_LINEAR_ROWS = 32
 
+# tokens of a sampling draw a thread takes at least (about a millisecond of work)
+RACE_TOKENS_PER_THREAD = 1 << 20
 # OpenMP threads of the kernels; the cpu platform sets its whole thread budget here (decode
 # steps run torch's own ops on one thread, where fork/join costs more than it saves)
 THREADS = 1
@@ -86,6 +88,7 @@ def load() -> Optional[ctypes.CDLL]:
     lib.linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.write_kv.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr]
     lib.route_topk.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
+    lib.sample_race.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.rms_norm.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, f32, ptr]
     lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
     lib.decode_layer_floats.argtypes = [i64] * 9 + [ctypes.c_int]
@@ -196,6 +199,25 @@ def route_topk(logits, top_k: int, renormalize: bool, dtype) -> tuple[torch.Tens
     ids = torch.empty(t, top_k, dtype=torch.int64)
     _lib.route_topk(logits.data_ptr(), t, e, top_k, int(renormalize), weights.data_ptr(), ids.data_ptr())
     return weights.to(dtype), ids
+
+
+def sample(logits, temperature, keys) -> Optional[torch.Tensor]:
+    """One token a row of float32 logits [B, V], drawn from softmax(logits / temperature) in one
+    pass (Kernels.sample); temperature and keys are numbers for every row or [B] tensors."""
+    if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(-1) != 1:
+        return None
+    b = logits.shape[0]
+    logits = logits.contiguous()
+    inv_t = (1.0 / temperature if isinstance(temperature, torch.Tensor) else torch.full((b,), 1.0 / temperature))
+    inv_t = inv_t.to(torch.float32).contiguous()
+    keys = keys.to(torch.int64).contiguous() if isinstance(keys, torch.Tensor) else torch.arange(keys, keys + b)
+    out = torch.empty(b, dtype=torch.int64)
+    # a thread a RACE_TOKENS_PER_THREAD tokens: below that a fork/join costs more than it saves
+    threads = max(1, min(THREADS, logits.numel() // RACE_TOKENS_PER_THREAD))
+    if _lib.sample_race(logits.data_ptr(), b, logits.shape[1], keys.data_ptr(), inv_t.data_ptr(), out.data_ptr(),
+                        threads):
+        raise MemoryError("sample_race: out of memory")
+    return out
 
 
 def write_kv(k, v, k_cache, v_cache, slots) -> bool:

@@ -17,7 +17,9 @@
  * rms_norm, rope: the per-row float32 arithmetic of RMSNorm and neox rotary embedding,
  *   reading strided heads so q/k views of the fused qkv need no copy first.
  * decode_layer: a whole MoE decoder layer of a decode step, calling the kernels above in
- *   the order the layer's modules do (see fused_layer.py). */
+ *   the order the layer's modules do (see fused_layer.py).
+ * sample_race: one token a row drawn from softmax(logits / T) in one pass, by an exponential
+ *   race on counter-based (Philox) noise made in registers. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -463,5 +465,153 @@ int decode_layer(float *x, int64_t T, int64_t Hd, const float *ln1, const float 
     route_topk(logits, T, E, K, renorm, wts, ids);
     moe_experts(h, T, Hd, ids, wts, K, w13, w2, E, I, y, moe_scratch, threads);
     for (int64_t i = 0; i < T * Hd; i++) x[i] += y[i];
+    return 0;
+}
+
+/* ln x for 8 lanes of positive normal floats: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+ * ln m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its odd series to s^9 (error < 1e-9). */
+static inline __m256 log256(__m256 x) {
+    __m256i bits = _mm256_castps_si256(x);
+    __m256i e = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f3504f3)), 23);
+    __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(e, 23)));
+    __m256 one = _mm256_set1_ps(1.0f);
+    __m256 s = _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one)), s2 = _mm256_mul_ps(s, s);
+    __m256 p = _mm256_fmadd_ps(s2, _mm256_set1_ps(1.0f / 9), _mm256_set1_ps(1.0f / 7));
+    p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 5));
+    p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 3));
+    p = _mm256_fmadd_ps(p, s2, one);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(e), _mm256_set1_ps(0.69314718056f), _mm256_mul_ps(_mm256_add_ps(s, s), p));
+}
+
+/* The high 32 bits of a * m for 8 unsigned lanes (m broadcast). */
+/* Philox4x32-10 (Salmon et al., SC'11) of counters (c0[n], 0, 0, 0) under key (k0, k1), for NB
+ * independent sets of 8 lanes at once (their multiplies overlap); r[4 n + i]: output i of set n. Each
+ * 32 x 32 -> 64-bit product is two even-lane multiplies. */
+#define NB 4
+static inline __attribute__((always_inline)) void philox8(const __m256i *ctr, uint32_t k0, uint32_t k1,
+                                                          __m256i *r) {
+    const __m256i ma = _mm256_set1_epi32((int)0xD2511F53), mb = _mm256_set1_epi32((int)0xCD9E8D57);
+    __m256i c0[NB], c1[NB], c2[NB], c3[NB];
+    for (int n = 0; n < NB; n++) {      /* round 1, with c1 = c2 = c3 = 0 */
+        __m256i pe = _mm256_mul_epu32(ctr[n], ma), po = _mm256_mul_epu32(_mm256_srli_epi64(ctr[n], 32), ma);
+        c1[n] = _mm256_setzero_si256();
+        c3[n] = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+        c2[n] = _mm256_xor_si256(_mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA), _mm256_set1_epi32((int)k1));
+        c0[n] = _mm256_set1_epi32((int)k0);
+    }
+    for (int i = 1; i < 10; i++) {
+        k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+        for (int n = 0; n < NB; n++) {
+            __m256i ae = _mm256_mul_epu32(c0[n], ma), ao = _mm256_mul_epu32(_mm256_srli_epi64(c0[n], 32), ma);
+            __m256i be = _mm256_mul_epu32(c2[n], mb), bo = _mm256_mul_epu32(_mm256_srli_epi64(c2[n], 32), mb);
+            __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(ae, 32), ao, 0xAA);
+            __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(be, 32), bo, 0xAA);
+            c0[n] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[n]), _mm256_set1_epi32((int)k0));
+            c2[n] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[n]), _mm256_set1_epi32((int)k1));
+            c1[n] = _mm256_blend_epi32(be, _mm256_slli_epi64(bo, 32), 0xAA);
+            c3[n] = _mm256_blend_epi32(ae, _mm256_slli_epi64(ao, 32), 0xAA);
+        }
+    }
+    for (int n = 0; n < NB; n++) {
+        r[4 * n] = c0[n]; r[4 * n + 1] = c1[n]; r[4 * n + 2] = c2[n]; r[4 * n + 3] = c3[n];
+    }
+}
+
+/* The race variable v = (u + 1/2) 2^-32 of 32 random bits u (by their top 31 bits), below 1. */
+static inline __m256 race_uniform(__m256i u) {
+    __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(u, 1)), _mm256_set1_ps(0x1p-31f),
+                               _mm256_set1_ps(0x1p-32f));
+    return _mm256_min_ps(v, _mm256_set1_ps(0x1.fffffep-1f));
+}
+
+/* x * inv_t - ln E for 8 tokens, E = -ln(1 - v) ~ Exp(1), by its series v + v^2/2 + v^3/3 below
+ * v = 1/64 where 1 - v would round. The winners of the race are the tokens with small E, so small v
+ * keeps its full resolution. */
+static inline __m256 race_score(__m256 x, __m256 inv_t, __m256 v) {
+    __m256 series = _mm256_mul_ps(v, _mm256_fmadd_ps(v, _mm256_fmadd_ps(v, _mm256_set1_ps(1.0f / 3), _mm256_set1_ps(0.5f)),
+                                                     _mm256_set1_ps(1.0f)));
+    __m256 big = _mm256_sub_ps(_mm256_setzero_ps(), log256(_mm256_sub_ps(_mm256_set1_ps(1.0f), v)));
+    __m256 e = _mm256_blendv_ps(big, series, _mm256_cmp_ps(v, _mm256_set1_ps(1.0f / 64), _CMP_LT_OQ));
+    return _mm256_fmsub_ps(x, inv_t, log256(e));
+}
+
+/* An upper bound of race_score from v's exponent alone: E >= v >= 2^floor(log2 v), so
+ * -ln E <= -floor(log2 v) ln 2 (plus a margin for rounding). */
+static inline __m256 race_bound(__m256 x, __m256 inv_t, __m256 v) {
+    __m256i ex = _mm256_sub_epi32(_mm256_set1_epi32(127), _mm256_srli_epi32(_mm256_castps_si256(v), 23));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(ex), _mm256_set1_ps(0.6931472f),
+                           _mm256_fmadd_ps(x, inv_t, _mm256_set1_ps(1e-3f)));
+}
+
+#define RACE_BLOCK 1024  /* tokens of one Philox block: counter c gives tokens c + {0, 1, 2, 3} * 256 of it */
+#define RACE_CHUNK 8192   /* tokens a task scores (a multiple of RACE_BLOCK) */
+
+/* out[r] = argmax_j(logits[r, j] * inv_t[r] - ln E_rj), a draw from softmax(logits[r] * inv_t[r]):
+ * the exponential race (argmax p_j / E_j). E_rj comes from Philox4x32-10 keyed by keys[r] (low,
+ * high 32 bits), counter (j / 1024) * 256 + j % 256, output (j % 1024) / 256: the noise of the cuda
+ * platform's kernel (triton_sample.py), so a key draws the same tokens on both but for rounding. Rows
+ * are split into chunks of RACE_CHUNK tokens so one row fills every thread. */
+int sample_race(const float *logits, int64_t B, int64_t V, const int64_t *keys, const float *inv_t, int64_t *out,
+                int threads) {
+    int64_t nch = (V + RACE_CHUNK - 1) / RACE_CHUNK;
+    float *best = malloc(sizeof(float) * B * nch);
+    int64_t *arg = malloc(sizeof(int64_t) * B * nch);
+    if (!best || !arg) { free(best); free(arg); return -1; }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t task = 0; task < B * nch; task++) {
+        int64_t r = task / nch, j0 = task % nch * RACE_CHUNK, j1 = j0 + RACE_CHUNK < V ? j0 + RACE_CHUNK : V;
+        const float *x = logits + r * V;
+        uint32_t k0 = (uint32_t)keys[r], k1 = (uint32_t)((uint64_t)keys[r] >> 32);
+        __m256 it = _mm256_set1_ps(inv_t[r]), bv = _mm256_set1_ps(-INFINITY);
+        __m256i bi = _mm256_setzero_si256(), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        float tail[RACE_BLOCK];
+        for (int64_t blk = j0; blk < j1; blk += RACE_BLOCK) {
+            const float *xb = x + blk;
+            if (blk + RACE_BLOCK > j1) {
+                for (int t = 0; t < RACE_BLOCK; t++) tail[t] = blk + t < j1 ? xb[t] : -INFINITY;
+                xb = tail;
+            }
+            for (int c = 0; c < RACE_BLOCK / 4; c += 8 * NB) {
+                /* noise is a function of (key, token): tokens that cannot beat the lane's best even with
+                 * the largest noise (-ln E <= 32 ln 2) are skipped, and so is the Philox of a stretch of
+                 * them; the draw is the same as with every score computed */
+                __m256 top = _mm256_set1_ps(-INFINITY);
+                for (int n = 0; n < NB; n++)
+                    for (int k = 0; k < 4; k++) top = _mm256_max_ps(top, _mm256_loadu_ps(xb + k * 256 + c + 8 * n));
+                if (!_mm256_movemask_ps(_mm256_cmp_ps(_mm256_fmadd_ps(top, it, _mm256_set1_ps(22.2f)), bv,
+                                                      _CMP_GT_OQ)))
+                    continue;
+                __m256i ctr[NB], rnd[4 * NB];
+                for (int n = 0; n < NB; n++)
+                    ctr[n] = _mm256_add_epi32(_mm256_set1_epi32((int)(blk / 4 + c + 8 * n)), lane);
+                philox8(ctr, k0, k1, rnd);
+                for (int n = 0; n < NB; n++)
+                    for (int k = 0; k < 4; k++) {
+                        int off = k * 256 + c + 8 * n;
+                        __m256 xk = _mm256_loadu_ps(xb + off), v = race_uniform(rnd[4 * n + k]);
+                        if (!_mm256_movemask_ps(_mm256_cmp_ps(race_bound(xk, it, v), bv, _CMP_GT_OQ)))
+                            continue;
+                        __m256 s = race_score(xk, it, v);
+                        __m256 gt = _mm256_cmp_ps(s, bv, _CMP_GT_OQ);
+                        bv = _mm256_blendv_ps(bv, s, gt);
+                        bi = _mm256_blendv_epi8(bi, _mm256_add_epi32(lane, _mm256_set1_epi32((int)(blk + off))),
+                                                _mm256_castps_si256(gt));
+                    }
+            }
+        }
+        float v[8]; int32_t id[8];
+        _mm256_storeu_ps(v, bv); _mm256_storeu_si256((__m256i *)id, bi);
+        float b = v[0]; int64_t a = id[0];
+        for (int t = 1; t < 8; t++)
+            if (v[t] > b || (v[t] == b && id[t] < a)) { b = v[t]; a = id[t]; }
+        best[task] = b; arg[task] = a;
+    }
+    for (int64_t r = 0; r < B; r++) {
+        int64_t t = r * nch;
+        for (int64_t c = 1; c < nch; c++)
+            if (best[r * nch + c] > best[t]) t = r * nch + c;
+        out[r] = arg[t];
+    }
+    free(best); free(arg);
     return 0;
 }

@@ -26,6 +26,7 @@ def cuda_kernels() -> Kernels:
     from epplat.platforms.cuda import triton_moe, triton_moe_sorted, triton_norm
     from epplat.platforms.cuda.triton_attention import decode_attention, write_kv
     from epplat.platforms.cuda.triton_mla import mla_decode_attention
+    from epplat.platforms.cuda.triton_sample import sample
 
     def experts(x, topk_ids, topk_weights, w13, w2, act) -> Optional[torch.Tensor]:
         """Triton: the masked kernels at decode sizes, the expert-sorted ones above."""
@@ -35,4 +36,4 @@ def cuda_kernels() -> Kernels:
     return Kernels(decode_attention=decode_attention, kv_write=write_kv, mla_decode_attention=mla_decode_attention,
                    rms_norm=triton_norm.rms_norm,
                    rope=triton_norm.rope, route=triton_moe.fused_topk, experts=experts,
-                   grouped_mm=bf16_grouped_mm)
+                   grouped_mm=bf16_grouped_mm, sample=sample)
