@@ -361,7 +361,8 @@ def _start_engines(cfg: EngineConfig):
     if join is None:
         return start_engines(cfg)
     try:
-        procs = _Engines(start_engines(new, dp_ranks=[join["dp_rank"]], join=join))
+        with elastic_members.loading(par, join):
+            procs = _Engines(start_engines(new, dp_ranks=[join["dp_rank"]], join=join))
     except BaseException:
         elastic_members.loaded(par, join, ok=False)
         raise
