@@ -460,7 +460,7 @@ def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> No
             elif core.has_work() and ps.pp_size > 1:
                 _pipeline_step(core, io, ps.pp_size)
             elif core.has_work():
-                io.send_outputs(core.run(core.schedule(), publish=io.publish if io.workers else None))
+                io.send_outputs(core.step(publish=io.publish if io.workers else None))
             elif not watch.alive():
                 return
             continue
@@ -499,6 +499,7 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
     while True:
         io.poll(0)
         io.send_outputs(core.poll_grammars())
+        io.send_outputs(core.before_schedule())
         has_work = core.has_work()
         batch = core.schedule() if has_work else []
         flags[0], flags[1] = int(has_work), sum(n for _, n in batch)
@@ -513,6 +514,7 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
         ep_counts = [int(g[1]) for g in gathered for _ in range(ps.tp_size)]
         io.send_outputs(core.run(batch, ep_counts, io.publish if io.workers else None))
         if scale:
+            io.send_outputs(core.drain())
             return True
 
 
@@ -521,6 +523,7 @@ def _rescale(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> bool:
     from epplat.core.distributed.elastic_world import JoinAborted, ScaleRolledBack
     from epplat.core.engine import elastic
     call, io.scale = io.scale, None
+    io.send_outputs(core.drain())
     new_size, generation, *rest = call.args
     leaving = rest[0] if rest else []
     t0 = time.perf_counter()
