@@ -423,6 +423,8 @@ def check_async_scheduling(cfg: "EngineConfig") -> None:
         raise ConfigError("--async-scheduling is not supported with speculative decoding (--speculative-config)")
     if cfg.kv_transfer is not None:
         raise ConfigError("--async-scheduling is not supported with --kv-transfer-config in epplat yet")
+    if par.enable_elastic_ep:
+        raise ConfigError("--async-scheduling is not supported with --enable-elastic-ep in epplat yet")
 
 
 def check_speculative(spec: SpeculativeConfig, hf: dict, model: str) -> None:

@@ -162,7 +162,9 @@ def test_refused_combinations_fail_in_one_line(qwen3_moe_dir, capsys):
     from epplat.cli import main
     for extra, message in ((["-pp", "2"], "--async-scheduling is not supported with --pipeline-parallel-size > 1"),
                            (["--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'],
-                            "--async-scheduling is not supported with --kv-transfer-config")):
+                            "--async-scheduling is not supported with --kv-transfer-config"),
+                           (["-dp", "2", "-ep", "--enable-elastic-ep"],
+                            "--async-scheduling is not supported with --enable-elastic-ep")):
         assert main(["serve", str(qwen3_moe_dir), "--async-scheduling", *extra]) == 1
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and err.startswith(f"epplat serve: error: {message}"), err

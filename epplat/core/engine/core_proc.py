@@ -514,7 +514,6 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
         ep_counts = [int(g[1]) for g in gathered for _ in range(ps.tp_size)]
         io.send_outputs(core.run(batch, ep_counts, io.publish if io.workers else None))
         if scale:
-            io.send_outputs(core.drain())
             return True
 
 
@@ -523,7 +522,6 @@ def _rescale(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> bool:
     from epplat.core.distributed.elastic_world import JoinAborted, ScaleRolledBack
     from epplat.core.engine import elastic
     call, io.scale = io.scale, None
-    io.send_outputs(core.drain())
     new_size, generation, *rest = call.args
     leaving = rest[0] if rest else []
     t0 = time.perf_counter()
