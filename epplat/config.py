@@ -333,6 +333,7 @@ class SchedulerConfig(msgspec.Struct):
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"       # --scheduling-policy: fcfs, or priority (lower request priority first, as vLLM)
+    async_scheduling: bool = False   # --async-scheduling: step N+1 scheduled and launched before step N's outputs
 
 
 class CacheConfig(msgspec.Struct):
@@ -390,6 +391,8 @@ class EngineConfig(msgspec.Struct):
         check_layout(mc, par)
         if par.pipeline_parallel_size > 1 and self.speculative:
             raise ConfigError("--pipeline-parallel-size > 1 does not run with --speculative-config yet")
+        if self.scheduler.async_scheduling:
+            check_async_scheduling(self)
         if par.enable_elastic_ep and (self.speculative or self.kv_transfer):
             raise ConfigError("--enable-elastic-ep does not run with --speculative-config or --kv-transfer-config yet")
         if self.speculative is not None:
@@ -408,6 +411,20 @@ class EngineConfig(msgspec.Struct):
     @staticmethod
     def from_json(data: bytes) -> "EngineConfig":
         return msgspec.json.decode(data, type=EngineConfig)
+
+
+def check_async_scheduling(cfg: "EngineConfig") -> None:
+    """--async-scheduling refuses what it does not run with yet (vLLM refused PP and speculative decoding
+    when it introduced the flag), one line each."""
+    par = cfg.parallel
+    if par.pipeline_parallel_size > 1:
+        raise ConfigError("--async-scheduling is not supported with --pipeline-parallel-size > 1")
+    if cfg.speculative is not None:
+        raise ConfigError("--async-scheduling is not supported with speculative decoding (--speculative-config)")
+    if cfg.kv_transfer is not None:
+        raise ConfigError("--async-scheduling is not supported with --kv-transfer-config in epplat yet")
+    if par.enable_elastic_ep:
+        raise ConfigError("--async-scheduling is not supported with --enable-elastic-ep in epplat yet")
 
 
 def check_speculative(spec: SpeculativeConfig, hf: dict, model: str) -> None:

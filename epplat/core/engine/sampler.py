@@ -48,8 +48,15 @@ def sample(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None, kern
     """logits: [B, V] float32, one row per request; grammar_bitmask: the step's (``fill_bitmask``);
     kernels: the platform's record (its ``sample`` draws the rows that need only a temperature).
     Returns tokens and per-request logprobs."""
-    raw = logits = logits.float()
-    logits = apply_rules(apply_grammars(logits, reqs, grammar_bitmask), reqs)
+    raw = logits.float()
+    token_list = sample_tokens(raw, reqs, grammar_bitmask, kernels).tolist()
+    return token_list, sampled_logprobs(raw, reqs, token_list)
+
+
+def sample_tokens(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None, kernels: Kernels = TORCH
+                  ) -> torch.Tensor:
+    """The tokens, left on the logits' device (async scheduling reads them later)."""
+    logits = apply_rules(apply_grammars(logits.float(), reqs, grammar_bitmask), reqs)
     vocab = logits.shape[1]
     groups: dict = {"greedy": [], "race": [], "filtered": []}
     for i, r in enumerate(reqs):
@@ -73,14 +80,18 @@ def sample(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None, kern
             if tokens is None:
                 tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
             tokens[rows] = tok
-    token_list = tokens.tolist()
+    return tokens
+
+
+def sampled_logprobs(raw: torch.Tensor, reqs: list[Request], token_list: list[int]) -> list[Optional[list[TokenLogprob]]]:
+    """The logprobs of the sampled tokens (and the best alternatives) for requests that ask for them."""
     logprobs: list[Optional[list[TokenLogprob]]] = [None] * len(reqs)
     want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
     if want:
         lp = torch.log_softmax(raw[want], dim=-1)
         for j, i in enumerate(want):
             logprobs[i] = _token_logprobs(lp[j], token_list[i], reqs[i].params.logprobs)
-    return token_list, logprobs
+    return logprobs
 
 
 class Filtered(NamedTuple):

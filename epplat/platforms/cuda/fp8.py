@@ -207,7 +207,7 @@ class Fp8BlockQuant(Fp8Checkpoint):
                 absorbed += 1
         experts = sum(1 for n in self.scale_of if _EXPERT.match(n) and model.wants(n))
         logger.info("--quantization fp8: %d linears and %d expert weights served in fp8 (128x128 block scales, "
-                    "per-token-group activations, Triton)%s", len(self.linears), experts,
+                    "Triton)%s", len(self.linears), experts,
                     f"; kv_b_proj of {absorbed} MLA layers also dequantized to bfloat16 for the absorbed decode "
                     "(W_UK/W_UV batched GEMMs have no fp8 form; as vLLM does), its prefill GEMM stays fp8"
                     if absorbed else "")
