@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
-# Stages: tests decode decode-fp8 moe prefill sampler serve serve-fp8 serve-prefill serve-decode
-#         deepseek-decode deepseek-decode-fp8 serve-deepseek pd-nixl
+# Stages: tests decode decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
+#         serve-decode serve-decode-async deepseek-decode deepseek-decode-fp8 serve-deepseek pd-nixl
 # (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA"); nixl's, too big to
 # travel with them, in a folder NIXL_WHEELS that an earlier call on the warm machine left there.
@@ -28,26 +28,45 @@ stages=${*:-tests decode moe}
 for s in $stages; do
   echo "=== $s"; t0=$(date +%s)
   case $s in
-    tests)  python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -s 2>&1 | tee "$OUT/tests.log" | grep -E "^(PASSED|FAILED|ERROR)|fp8 logits|fp8 greedy|passed|failed"  ;;
+    tests)  python3 -m pytest -q -rA -p no:cacheprovider --durations=12 tests/test_gpu.py -s 2>&1 | tee "$OUT/tests.log" | grep -E "^(PASSED|FAILED|ERROR)|fp8 logits|fp8 greedy|passed|failed"  ;;
     decode) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --profile 1 64 --compare-torch --out "$OUT/decode.json" 2>&1 \
               | tee "$OUT/decode.log" | tail -80 ;;
+    decode-bf16) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --out "$OUT/decode_bf16.json" 2>&1 \
+              | tee "$OUT/decode_bf16.log" | tail -8 ;;   # the decode-fp8 stage's bf16 side, no profile
     decode-fp8) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --fp8 2>&1 \
               | tee "$OUT/decode_fp8.log" | tail -8 ;;
     moe)    python3 benchmarks/moe_layer_bench.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | tail -40 ;;
+    moe-fp8)   # fp8 experts against the bf16 kernels the platform runs at each size, and the fp8 tile sweep only
+            python3 benchmarks/moe_layer_bench.py --tiles --sorted-tiles --out "$OUT/moe_fp8.json" 2>&1 \
+              | tee "$OUT/moe_fp8.log" | tail -24 ;;
     prefill) python3 benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --profile --out "$OUT/prefill.json" 2>&1 \
               | tee "$OUT/prefill.log" | tail -30 ;;
+    prefill-fp8) python3 benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --fp8 --out "$OUT/prefill_fp8.json" 2>&1 \
+              | tee "$OUT/prefill_fp8.log" | tail -8 ;;
     sampler) python3 benchmarks/sampler_bench.py --device cuda --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -22 ;;
-    serve-prefill|serve-decode)   # the 12-layer checkpoint, made once; SERVE_ARGS adds epplat serve flags
+    serve-prefill|serve-decode|serve-decode-async)   # the 12-layer checkpoint, made once; SERVE_ARGS adds epplat serve flags
             m=$(model_12l)
             if [ $s = serve-prefill ]; then load="--input-len 2048 --output-len 4 --concurrency 16 --num-prompts 256"
             else load="--input-len 128 --output-len 256 --concurrency 128 --num-prompts 256"; fi
-            python3 benchmarks/serve_1gpu.py --model-dir $m $load --skip-transformers ${SERVE_ARGS:-} \
-              --out "$OUT/$s${SERVE_TAG:-}.json" 2>&1 | tee "$OUT/$s${SERVE_TAG:-}.log" | tail -5 ;;
+            extra=; [ $s = serve-decode-async ] && extra=--epplat-arg=--async-scheduling
+            python3 benchmarks/serve_1gpu.py --model-dir $m $load --skip-transformers $extra ${SERVE_ARGS:-} \
+              --out "$OUT/$s${SERVE_TAG:-}.json" 2>&1 | tee "$OUT/$s${SERVE_TAG:-}.log" | tail -5
+            if [ $s = serve-decode-async ]; then   # TPOT beside the in-process decode step at that batch and context
+              python3 benchmarks/decode_roofline.py --layers 12 --batch 128 --context 256 --out "$OUT/decode_12l_b128.json" \
+                2>&1 | tee "$OUT/decode_12l_b128.log" | tail -3
+              python3 benchmarks/host_overhead.py --platform cuda --model-dir $m --dtype bfloat16 --batch 128 --prompt 128 \
+                --steps 64 --kv-gib 16 --out "$OUT/host_overhead_cuda.json" 2>&1 | tee "$OUT/host_overhead_cuda.log" | tail -4
+              python3 -c 'import json, sys; o = sys.argv[1]
+t = json.load(open(f"{o}/serve-decode-async.json"))["results"]["epplat"]["median_tpot_ms"]
+d = json.load(open(f"{o}/decode_12l_b128.json"))["rows"][0]["graph_ms"]
+print(f"serve-decode-async: TPOT p50 {t:.2f} ms, in-process decode step (batch 128, context 256, graphs) {d:.2f} ms: "
+      f"{(t / d - 1) * 100:+.0f}% (target: within 15%)")' "$OUT"
+            fi ;;
     deepseek-decode) python3 benchmarks/deepseek_decode_roofline.py --batch 1 64 256 --profile 64 \
               --out "$OUT/deepseek_decode.json" 2>&1 | tee "$OUT/deepseek_decode.log" | tail -40 ;;
     deepseek-decode-fp8)   # the same step as deepseek-decode with every linear and expert in fp8 (run both to compare)
-            python3 benchmarks/deepseek_decode_roofline.py --batch 1 64 256 --fp8 \
-              --out "$OUT/deepseek_decode_fp8.json" 2>&1 | tee "$OUT/deepseek_decode_fp8.log" | tail -12 ;;
+            python3 benchmarks/deepseek_decode_roofline.py --batch 1 64 256 --fp8 --profile 64 \
+              --out "$OUT/deepseek_decode_fp8.json" 2>&1 | tee "$OUT/deepseek_decode_fp8.log" | tail -40 ;;
     serve-deepseek)   # DeepSeek-V2-Lite's shapes with DS_LAYERS layers (first dense), decode-heavy load
             m=/tmp/serve_ds; [ -d $m ] || epplat make-model deepseek_v2 $m --layers ${DS_LAYERS:-4} --hidden 2048 \
               --heads 16 --head-dim 128 --q-lora-rank 0 --kv-lora-rank 512 --rope-head-dim 64 --experts 64 --top-k 6 \

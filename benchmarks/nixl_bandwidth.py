@@ -30,6 +30,7 @@ import os
 import statistics
 import time
 
+import numpy as np
 import torch
 
 PHASES = ("torch_copy", "memcpy", "process_vm_readv", "nixl", "prepare", "post", "wait")
@@ -70,39 +71,59 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _initiator(conn, nbytes: int, block: int, iters: int, merged: bool, prog_thread: bool, huge: bool, out) -> None:
+def _untouched(nbytes: int, huge: bool) -> torch.Tensor:
+    """Zero bytes never touched (calloc), as the cpu platform's KV cache is before its first use."""
+    from epplat.platforms.cpu import huge_pages
+    if huge:
+        return huge_pages.zeros((nbytes,), torch.uint8)
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8))
+
+
+def _initiator(conn, nbytes: int, block: int, iters: int, merged: bool, prog_thread: bool, huge: bool,
+               fresh: bool, out) -> None:
     from nixl._api import nixl_agent, nixl_agent_config
 
     from epplat.connectors.nixl import merge
-    dst, src = _buffer(nbytes, huge), _buffer(nbytes, huge)
-    dst.copy_(src)                   # every page of both resident before the first measurement
+    src = _buffer(nbytes, huge)
+    if fresh:   # each copy of each iteration into its own never-touched slice of one pool per kind
+        pools = {k: _untouched((iters + 1) * nbytes, huge) for k in PHASES[:4]}
+        dest = lambda kind, i: pools[kind][i * nbytes:(i + 1) * nbytes]   # noqa: E731
+    else:       # one destination, every page resident before the first measurement
+        dst = _buffer(nbytes, huge)
+        pools = {k: dst for k in PHASES[:4]}
+        dest = lambda kind, i: dst.zero_()   # noqa: E731
     agent = nixl_agent("initiator", nixl_agent_config(enable_prog_thread=prog_thread, backends=["UCX"]))
-    agent.register_memory([(dst.data_ptr(), nbytes, 0, "")], "DRAM")
+    agent.register_memory([(pools["nixl"].data_ptr(), pools["nixl"].numel(), 0, "")], "DRAM")
     name = agent.add_remote_agent(conn.recv_bytes())
     base, pid = map(int, conn.recv_bytes().split())
     head = conn.recv_bytes()
     n = nbytes // block
-    local = [(dst.data_ptr() + i * block, block, 0) for i in range(n)]
-    remote = [(base + i * block, block, 0) for i in range(n)]
-    if merged:
-        local, remote = merge(local, remote)
-    local, remote = agent.get_xfer_descs(local, "DRAM"), agent.get_xfer_descs(remote, "DRAM")
-    liov, riov = _iovec(dst.data_ptr(), nbytes), _iovec(base, nbytes)
+    remote_list = [(base + b * block, block, 0) for b in range(n)]
+    descs = []
+    for i in range(iters + 1):
+        at = dest("nixl", i).data_ptr()
+        local, remote = [(at + b * block, block, 0) for b in range(n)], remote_list
+        if merged:
+            local, remote = merge(local, remote)
+        descs.append((agent.get_xfer_descs(local, "DRAM"), agent.get_xfer_descs(remote, "DRAM")))
 
-    def pvr():
+    def pvr(to: torch.Tensor):
+        liov, riov = _iovec(to.data_ptr(), nbytes), _iovec(base, nbytes)
         got = _libc.process_vm_readv(pid, ctypes.byref(liov), 1, ctypes.byref(riov), 1, 0)
         assert got == nbytes, (got, ctypes.get_errno())
 
     rows = []
-    for _ in range(iters + 1):      # the first one warms up the connection
-        row = {"torch_copy": _timed(lambda: dst.copy_(src)),
-               "memcpy": _timed(lambda: ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes))}
-        dst.zero_()
-        row["process_vm_readv"] = _timed(pvr)
-        assert dst[:4096].numpy().tobytes() == head
-        dst.zero_()
+    for i in range(iters + 1):      # the first one warms up the connection
+        to = dest("torch_copy", i)
+        row = {"torch_copy": _timed(lambda: to.copy_(src))}
+        to = dest("memcpy", i)
+        row["memcpy"] = _timed(lambda: ctypes.memmove(to.data_ptr(), src.data_ptr(), nbytes))
+        to = dest("process_vm_readv", i)
+        row["process_vm_readv"] = _timed(lambda: pvr(to))
+        assert to[:4096].numpy().tobytes() == head
+        to = dest("nixl", i)
         t0 = time.perf_counter()
-        h = agent.initialize_xfer("READ", local, remote, name)
+        h = agent.initialize_xfer("READ", *descs[i], name)
         t1 = time.perf_counter()
         agent.transfer(h)
         t2 = time.perf_counter()
@@ -110,20 +131,21 @@ def _initiator(conn, nbytes: int, block: int, iters: int, merged: bool, prog_thr
             pass
         t3 = time.perf_counter()
         agent.release_xfer_handle(h)
-        assert state == "DONE" and dst[:4096].numpy().tobytes() == head
+        assert state == "DONE" and to[:4096].numpy().tobytes() == head
         row.update(nixl=t3 - t0, prepare=t1 - t0, post=t2 - t1, wait=t3 - t2)
         rows.append(row)
     out.send_bytes("\n".join(",".join(f"{r[k]:.6f}" for k in PHASES) for r in rows[1:]).encode())
     conn.send_bytes(b"done")
 
 
-def measure(nbytes: int, block: int, iters: int, merged: bool, prog_thread: bool, huge: bool) -> list[dict]:
+def measure(nbytes: int, block: int, iters: int, merged: bool, prog_thread: bool, huge: bool,
+            fresh: bool = False) -> list[dict]:
     """Seconds of each of PHASES, one dict per iteration."""
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
     res_r, res_w = ctx.Pipe(duplex=False)
     t = ctx.Process(target=_target, args=(a, nbytes, prog_thread, huge))
-    i = ctx.Process(target=_initiator, args=(b, nbytes, block, iters, merged, prog_thread, huge, res_w))
+    i = ctx.Process(target=_initiator, args=(b, nbytes, block, iters, merged, prog_thread, huge, fresh, res_w))
     t.start()
     i.start()
     rows = [dict(zip(PHASES, map(float, line.split(",")))) for line in res_r.recv_bytes().decode().splitlines()]
@@ -142,14 +164,18 @@ def main(argv=None) -> int:
                    help="the agents' UCX progress thread (nixl's default on; NixlConnector's off)")
     p.add_argument("--huge-pages", nargs="+", choices=["on", "off"], default=["off", "on"],
                    help="every buffer on transparent huge pages (the cpu platform's KV cache since 2026-12-02) or not")
+    p.add_argument("--fresh-destination", action="store_true",
+                   help="copy into never-touched memory each time (a decode side's first use of its KV cache pages)")
     args = p.parse_args(argv)
     nbytes = args.mib << 20
     ucx = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("UCX_")) or "UCX defaults"
-    print(f"{args.mib} MiB, median of {args.iters}, {ucx}, load average {os.getloadavg()[0]:.1f}")
+    into = "never-touched destinations" if args.fresh_destination else "resident destinations"
+    print(f"{args.mib} MiB into {into}, median of {args.iters}, {ucx}, load average {os.getloadavg()[0]:.1f}")
     for kib in args.block_kib:
         for layout, prog, huge in [(lay, p, h) for lay in args.layouts for p in args.progress_thread
                                    for h in args.huge_pages]:
-            rows = measure(nbytes, kib << 10, args.iters, layout == "merged", prog == "on", huge == "on")
+            rows = measure(nbytes, kib << 10, args.iters, layout == "merged", prog == "on", huge == "on",
+                           args.fresh_destination)
             med = {k: statistics.median(r[k] for r in rows) for k in PHASES}
             ratio = lambda a, b: statistics.median(r[b] / r[a] for r in rows)   # noqa: E731
             gbs = " ".join(f"{k} {nbytes / med[k] / 1e9:.2f}" for k in PHASES[:4])

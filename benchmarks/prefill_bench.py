@@ -9,9 +9,10 @@ matrix FLOPs (projections, router, the routed experts, causal attention, logits)
 8192^3 bf16 matmul rate of the same run. Also reports the host time to build the step's
 attention metadata and to issue the step (when that is near the step time, the step is
 bound by the host's kernel launches, not the GPU), and with --profile the GPU kernels and
-host ops of one step.
+host ops of one step. With --fp8, the same steps again after the experts are quantized as
+``--quantization fp8`` does at load (128x128 block-scaled float8_e4m3), side by side in one run.
 
-    python benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --profile
+    python benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --profile [--fp8]
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main():
     p.add_argument("--len", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of a step of the first size")
+    p.add_argument("--fp8", action="store_true", help="also time the steps with the experts in fp8")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, dtype = torch.device("cuda", 0), torch.bfloat16
@@ -111,6 +113,25 @@ def main():
                 print("host time by op:")
                 print(events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=70))
         rows.append(row)
+    if a.fp8:
+        from epplat.platforms.cuda.fp8 import Fp8BlockQuant
+        from epplat.platforms.cuda.fp8_moe import quantize
+        set_kernels(model, paths["cuda_experts"])
+        for layer in model.layers:
+            (q13, s13), (q2, s2) = quantize(layer.mlp.w13.data), quantize(layer.mlp.w2.data)
+            Fp8BlockQuant._swap(layer.mlp, q13, q2, s13, s2)
+        torch.cuda.empty_cache()
+        paths["fp8"] = None
+        for row in rows:
+            s = row["seqs"]
+            seqs = [(a.len, a.len, list(range(i * per_seq, (i + 1) * per_seq))) for i in range(s)]
+            ids = torch.randint(0, a.vocab, (s * a.len,), device=dev)
+            pos = torch.arange(a.len, device=dev).repeat(s)
+            last = torch.arange(1, s + 1, device=dev) * a.len - 1
+            meta = build_attn_metadata(seqs, a.block_size, dev, nblocks, model.kernels)
+            with torch.inference_mode():
+                row["fp8_ms"] = triton.testing.do_bench(lambda: model.compute_logits(model(ids, pos, meta)[last]),
+                                                        warmup=100, rep=1000, return_mode="median")
     print(f"{torch.cuda.get_device_name()}: bf16 matmul {rate / 1e12:.0f} TFLOP/s (8192^3, this run); {a.layers} layers, "
           f"{a.experts} experts top-{a.top_k}, hidden {a.hidden}; one prefill step with logits, median ms")
     print(f"{'prompts':>8}{'tokens':>8}{'GFLOP':>8}{'roofline':>10}" + "".join(f"{k:>14}{'/roof':>6}" for k in paths)

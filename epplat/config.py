@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -189,6 +190,7 @@ class ParallelConfig(msgspec.Struct):
     api_server_count: int = 1
     headless: bool = False
     ipc_dir: Optional[str] = None   # single node: every socket and the store live here, no TCP ports
+    node_addresses: list[str] = []  # Ray across nodes: each world rank's node address (set by the Ray launcher)
     enable_expert_parallel: bool = False
     all2all_backend: Optional[str] = None  # None: the platform's default
     enable_eplb: bool = False
@@ -282,28 +284,48 @@ class ParallelConfig(msgspec.Struct):
         return range(self.data_parallel_start_rank, self.data_parallel_start_rank + local)
 
     # ports above data_parallel_rpc_port: +0 torch.distributed store, +1/+2 DP wake channel,
-    # +10+2i / +11+2i API server i's request (ROUTER) and output (PULL) sockets
+    # +10+2i / +11+2i API server i's request (ROUTER) and output (PULL) sockets; Ray across nodes also
+    # +100+2r world rank r's step plans from its driver, +101+2d the KV reports to driver d (driver_endpoint)
+    @property
+    def local_sockets(self) -> bool:
+        """Every engine process on the launcher's node: the sockets and the store are files in ipc_dir."""
+        return bool(self.ipc_dir) and not self.node_addresses
+
+    def rank_address(self, rank: int) -> str:
+        """The address of world rank `rank`'s node (the launcher's own sockets are on data_parallel_address)."""
+        return self.node_addresses[rank] if self.node_addresses else self.data_parallel_address
+
     def api_endpoints(self, index: int) -> tuple[str, str]:
         """(request ROUTER, output PULL) addresses of API server `index` (the DP rank in external LB)."""
-        if self.ipc_dir:
+        if self.local_sockets:
             return f"ipc://{self.ipc_dir}/api{index}-in", f"ipc://{self.ipc_dir}/api{index}-out"
         h = "127.0.0.1" if self.external_lb else self.data_parallel_address
         base = self.data_parallel_rpc_port + 10 + 2 * index
         return f"tcp://{h}:{base}", f"tcp://{h}:{base + 1}"
 
     def wake_endpoints(self) -> tuple[str, str]:
-        if self.ipc_dir:
+        """The wake channel's forwarder runs in world rank 0."""
+        if self.local_sockets:
             return f"ipc://{self.ipc_dir}/wake-in", f"ipc://{self.ipc_dir}/wake-out"
-        h, p = self.data_parallel_address, self.data_parallel_rpc_port
+        h, p = self.rank_address(0), self.data_parallel_rpc_port
         return f"tcp://{h}:{p + 1}", f"tcp://{h}:{p + 2}"
 
     def dist_init_method(self) -> Optional[str]:
-        """The file store on a single node; None: a TCPStore at (address, rpc port) (parallel_state.py)."""
-        return f"file://{self.ipc_dir}/store" if self.ipc_dir else None
+        """The file store on a single node; None: a TCPStore at (world rank 0's address, rpc port) (parallel_state.py)."""
+        return f"file://{self.ipc_dir}/store" if self.local_sockets else None
 
-    def plan_endpoint(self, dp_rank: int, local_rank: int, run_dir: str) -> str:
-        """Where a DP rank's driver sends each step to its worker `local_rank` (pp_rank * TP + tp_rank; same node)."""
-        return f"ipc://{run_dir}/dp{dp_rank}-tp{local_rank}-{self.data_parallel_rpc_port}"
+    def driver_endpoint(self, dp_rank: int, name: str, local_rank: Optional[int] = None) -> str:
+        """Where DP rank `dp_rank`'s driver listens on channel `name` ("plan": the steps to its worker
+        `local_rank`, pp_rank * TP + tp_rank; "kv-reads": its workers' KV reports, local_rank None): ipc
+        when the peers share the driver's node (in ipc_dir on the launcher's, else in the node's temporary
+        folder), tcp on the driver's node address when one is on another node (Ray)."""
+        driver = dp_rank * self.ranks_per_dp
+        peers = range(driver, driver + self.ranks_per_dp) if local_rank is None else [driver + local_rank]
+        if self.node_addresses and any(self.node_addresses[r] != self.node_addresses[driver] for r in peers):
+            port = self.data_parallel_rpc_port + 100 + (2 * driver + 1 if local_rank is None else 2 * peers[0])
+            return f"tcp://{self.node_addresses[driver]}:{port}"
+        where = self.ipc_dir if self.local_sockets else tempfile.gettempdir()
+        return f"ipc://{where}/{name}-dp{dp_rank}-{'' if local_rank is None else local_rank}-{self.data_parallel_rpc_port}"
 
 
 class SchedulerConfig(msgspec.Struct):
@@ -311,6 +333,7 @@ class SchedulerConfig(msgspec.Struct):
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"       # --scheduling-policy: fcfs, or priority (lower request priority first, as vLLM)
+    async_scheduling: bool = False   # --async-scheduling: step N+1 scheduled and launched before step N's outputs
 
 
 class CacheConfig(msgspec.Struct):
@@ -368,6 +391,8 @@ class EngineConfig(msgspec.Struct):
         check_layout(mc, par)
         if par.pipeline_parallel_size > 1 and self.speculative:
             raise ConfigError("--pipeline-parallel-size > 1 does not run with --speculative-config yet")
+        if self.scheduler.async_scheduling:
+            check_async_scheduling(self)
         if par.enable_elastic_ep and (self.speculative or self.kv_transfer):
             raise ConfigError("--enable-elastic-ep does not run with --speculative-config or --kv-transfer-config yet")
         if self.speculative is not None:
@@ -386,6 +411,20 @@ class EngineConfig(msgspec.Struct):
     @staticmethod
     def from_json(data: bytes) -> "EngineConfig":
         return msgspec.json.decode(data, type=EngineConfig)
+
+
+def check_async_scheduling(cfg: "EngineConfig") -> None:
+    """--async-scheduling refuses what it does not run with yet (vLLM refused PP and speculative decoding
+    when it introduced the flag), one line each."""
+    par = cfg.parallel
+    if par.pipeline_parallel_size > 1:
+        raise ConfigError("--async-scheduling is not supported with --pipeline-parallel-size > 1")
+    if cfg.speculative is not None:
+        raise ConfigError("--async-scheduling is not supported with speculative decoding (--speculative-config)")
+    if cfg.kv_transfer is not None:
+        raise ConfigError("--async-scheduling is not supported with --kv-transfer-config in epplat yet")
+    if par.enable_elastic_ep:
+        raise ConfigError("--async-scheduling is not supported with --enable-elastic-ep in epplat yet")
 
 
 def check_speculative(spec: SpeculativeConfig, hf: dict, model: str) -> None:

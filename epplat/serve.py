@@ -104,6 +104,8 @@ def add_cli(sub) -> None:
                    help="vLLM's: fcfs, or priority (requests' `priority` field, lower first)")
     p.add_argument("--max-num-batched-tokens", type=_int_range(1), default=None,
                    help="tokens a step may schedule (default 2048; 16384 on cuda)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="vLLM's: schedule and launch step N+1 while the device runs step N (same tokens)")
     p.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128], default=16)
     p.add_argument("--num-gpu-blocks-override", type=_int_range(1), default=None,
                    help="use this many KV cache blocks instead of sizing from memory")
@@ -217,7 +219,7 @@ def engine_config_from_args(args) -> EngineConfig:
                                   max_num_batched_tokens=args.max_num_batched_tokens or max(default_batched,
                                                                                             args.max_num_seqs),
                                   enable_chunked_prefill=args.enable_chunked_prefill,
-                                  policy=args.scheduling_policy),
+                                  policy=args.scheduling_policy, async_scheduling=args.async_scheduling),
         cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
                           num_gpu_blocks_override=args.num_gpu_blocks_override,
                           kv_cache_memory_bytes=args.kv_cache_memory_bytes,
@@ -359,7 +361,8 @@ def _start_engines(cfg: EngineConfig):
     if join is None:
         return start_engines(cfg)
     try:
-        procs = _Engines(start_engines(new, dp_ranks=[join["dp_rank"]], join=join))
+        with elastic_members.loading(par, join):
+            procs = _Engines(start_engines(new, dp_ranks=[join["dp_rank"]], join=join))
     except BaseException:
         elastic_members.loaded(par, join, ok=False)
         raise

@@ -67,8 +67,6 @@ FLAGS = (
     Flag(("--enable-server-load-tracking",), bool, _always, "epplat's /load always counts requests", ""),
     Flag(("--compilation-config", "-O"), str, _always, "epplat compiles nothing; CUDA graphs follow "
          "--enforce-eager", ""),
-    Flag(("--async-scheduling",), bool, _always, "epplat schedules each step after the last one's "
-         "outputs (no overlap): the same tokens, without async scheduling's speed-up", ""),
     Flag(("--enable-dbo",), bool, _never, "", "dual batch overlap is not implemented in epplat yet"),
     Flag(("--swap-space",), str, _always, "epplat preempts by recomputation, never swapping", ""),
     Flag(("--enable-lora",), bool, _never, "", "LoRA adapters are not implemented in epplat"),

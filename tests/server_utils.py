@@ -59,6 +59,31 @@ def rpc_port() -> int:
     return free_ports((0, 1, 2, 10, 11, 12, 13))
 
 
+def _tcp_address(hexed: str) -> tuple[str, int]:
+    addr, port = hexed.split(":")
+    return (socket.inet_ntoa(bytes.fromhex(addr)[::-1]) if len(addr) == 8 else addr), int(port, 16)
+
+
+def tcp_sockets(pid: int, state: str = "01") -> set[tuple[tuple[str, int], tuple[str, int]]]:
+    """(local, remote) (address, port) pairs of the TCP sockets process `pid` holds in `state` (01: established,
+    0A: listening), from /proc (an IPv6 address stays in /proc's hex)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    out = set()
+    for table in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):
+        with open(table) as f:
+            for row in (line.split() for line in f.readlines()[1:]):
+                if row[9] in inodes and row[3] == state:
+                    out.add((_tcp_address(row[1]), _tcp_address(row[2])))
+    return out
+
+
 def group_pids(pgid: int) -> list[int]:
     """The live (not zombie) processes of a process group (a Server's, as it starts a new session)."""
     pids = []

@@ -87,8 +87,9 @@ import torch
 from epplat.core.model.fp8_blocks import dequantize_blocks, quantize_blocks
 from epplat.platforms.cuda import fp8_linear as fl
 torch.manual_seed(0)
-for (m, n, k), fl.TARGET_PROGRAMS in zip(((1, 576, 2048), (1, 576, 2048), (3, 200, 300), (20, 130, 128), (70, 256, 384)),
-                                         (264, 1, 1, 264, 264)):     # 1: no split-K, a K loop of many blocks
+for (m, n, k), fl.TARGET_PROGRAMS in zip(((1, 576, 2048), (1, 576, 2048), (3, 200, 300), (20, 130, 128), (70, 256, 384),
+                                          (300, 130, 200)), (264, 1, 1, 264, 264, 264)):
+    # TARGET_PROGRAMS 1: no split-K, a K loop of many blocks; 300 rows: the fp8-dot form (activations quantized)
     # activations that quantize exactly (each 128-group: fp8 values times its own power-of-two scale, one at
     # +-448): the interpreter rounds some values to float8 unlike the GPU (just under a power of two), so the
     # rounding itself is checked in test_gpu.py
@@ -103,6 +104,44 @@ for (m, n, k), fl.TARGET_PROGRAMS in zip(((1, 576, 2048), (1, 576, 2048), (3, 20
     assert err < 1e-5, (m, n, k, err)
 print("ok")
 '''
+
+
+_FP8_EXPERTS_INTERPRETED = r'''
+import torch
+from epplat.platforms.cuda import fp8_moe, triton_moe, triton_moe_sorted
+from epplat.core.moe.experts import reference_experts
+torch.manual_seed(0)
+e, k, h, i = 8, 2, 128, 128
+q13, s13 = fp8_moe.quantize(torch.randn(e, h, 2 * i) / h ** 0.5)
+q2, s2 = fp8_moe.quantize(torch.randn(e, i, h) / i ** 0.5)
+# float16: the interpreter's bfloat16 dot is not faithful; the kernels round the dequantized tile to x's dtype
+d13, d2 = fp8_moe.dequantize(q13, s13, torch.float16), fp8_moe.dequantize(q2, s2, torch.float16)
+for tokens in (1, 9):       # 1: programs by slot (fewer assignments than experts), else by expert
+    x = torch.randn(tokens, h).to(torch.float16)
+    ids = torch.rand(tokens, e).topk(k, dim=-1).indices
+    w = torch.softmax(torch.randn(tokens, k), -1).to(torch.float16)
+    ref = reference_experts(x.float(), ids, w.float(), d13.float(), d2.float(), torch.nn.functional.silu)
+    for kern, tiles in ((triton_moe.triton_experts, triton_moe.Tiles(16, 64, 128, 64, 128, 2, 4)),
+                        (triton_moe_sorted.sorted_experts, triton_moe.Tiles(16, 64, 64, 64, 64, 2, 4))):
+        fp8 = kern(x, ids, w, q13, q2, torch.nn.functional.silu, tiles=tiles, w13_scale=s13, w2_scale=s2)
+        assert torch.equal(fp8, kern(x, ids, w, d13, d2, torch.nn.functional.silu, tiles=tiles)), (tokens, kern)
+        assert (fp8.float() - ref).abs().max() < 1e-2 * ref.abs().max(), (tokens, kern)
+print("ok")
+'''
+
+
+def test_triton_fp8_experts_in_the_triton_interpreter():
+    """The expert kernels with fp8 weights (W8: the fp8 tile times its block scales, rounded to x's dtype in
+    registers) give exactly what they give on the dequantized weights, masked and expert-sorted, with a
+    128-deep (one scale block) and a 64-deep reduction step, in Triton's CPU interpreter; skipped without
+    triton."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "-c", _FP8_EXPERTS_INTERPRETED], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
 def test_triton_fp8_block_linear_in_the_triton_interpreter():

@@ -24,7 +24,7 @@ import openai
 import pytest
 
 from hf_oracle import hf_greedy, hf_greedy_texts
-from server_utils import Server, group_pids, rpc_port
+from server_utils import Server, free_ports, group_pids
 
 POOL = [[(i * 37 + j * 11) % 2000 + 3 for j in range(12)] for i in range(6)]
 SHORT = 6
@@ -350,7 +350,8 @@ def _re_form_under_traffic(head: Server, servers, model, expected, change, start
 def test_a_server_joins_and_one_stopped_with_sigterm_leaves(model_dir, expected):
     """External load balancing on loopback: servers 0 and 1 form the group, server 2 joins it, server 1 is
     stopped with SIGTERM and leaves (server 2 becomes DP rank 1); batches and streams on the others throughout."""
-    model, port = str(model_dir), rpc_port()
+    model = str(model_dir)
+    port = free_ports((0, 1, 2, *range(10, 16)))     # the store, the wake channel, three servers' engine sockets
     env = {"OMP_NUM_THREADS": "1"}      # three servers' engines step together on the test machine's cores
     eplb = {"window_size": 8, "step_interval": 1000, "num_redundant_experts": 2}
     common = ["--dtype", "float32", "-ep", "--enable-elastic-ep", "--enable-eplb", "--eplb-config", json.dumps(eplb),

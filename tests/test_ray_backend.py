@@ -1,7 +1,9 @@
 """The Ray backends on one machine with simulated nodes (ray.cluster_utils.Cluster: a head with no
-CPUs and two nodes of 2 CPUs each; on the cpu platform a device is one CPU): PP=2 x TP=2 placed by
-Ray (each stage's TP ranks on one node, the stages on both), DP cores placed by Ray; greedy tokens
-equal transformers' through HTTP and the openai client; a killed actor turns /health to 503 and
+CPUs and two nodes of 2 CPUs each at addresses of their own, 127.0.0.2 and 127.0.0.3 on the loopback;
+on the cpu platform a device is one CPU): PP=2 x TP=2 placed by Ray (each stage's TP ranks on one
+node, the stages on both), DP cores placed by Ray; greedy tokens equal transformers' through HTTP and
+the openai client; the sockets between processes on different nodes are tcp on the nodes' addresses
+(seen in /proc: each process's connections), those within a node ipc; a killed actor turns /health to 503 and
 ends in-flight requests with an error, as with mp. A cluster without the devices, and ray missing,
 are one line. One cluster for the whole module (Ray's start-up is the costly part)."""
 
@@ -18,7 +20,7 @@ import openai
 import pytest
 
 from epplat.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig
-from server_utils import HealthPoller, Server
+from server_utils import HealthPoller, Server, free_ports, tcp_sockets
 from test_parallel import PROMPTS, complete, expected_texts
 
 
@@ -26,33 +28,70 @@ from test_parallel import PROMPTS, complete, expected_texts
 def cluster():
     from ray.cluster_utils import Cluster
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(2):
-        c.add_node(num_cpus=2)
+    for ip in ("127.0.0.2", "127.0.0.3"):
+        c.add_node(num_cpus=2, node_ip_address=ip)
     c.wait_for_nodes()
     yield c
     c.shutdown()
 
 
+def _placed(log: str) -> tuple[dict, dict, str, list[str]]:
+    """From the launcher's log: each engine process's pid and node index, this node's address, each world
+    rank's node address."""
+    pids = {name: int(pid) for name, pid in re.findall(r"(EngineCore_\w+) pid (\d+) on node", log)}
+    node = dict(re.findall(r"(EngineCore_\w+) pid \d+ on node (\d)", log))
+    m = re.search(r"internal sockets between nodes on tcp \(this node (\S+), world ranks' nodes ([^)]*)\)", log)
+    assert m, log[-3000:]
+    return pids, node, m.group(1), m.group(2).split(", ")
+
+
+def _rpc_port(world: int) -> int:
+    """A --data-parallel-rpc-port with the ports derived from it free (+100.. : Ray across nodes)."""
+    return free_ports((0, 1, 2, 10, 11, *range(100, 102 + 2 * world)))
+
+
 def test_pp2_tp2_placed_by_ray(cluster, qwen3_moe_dir):
     model = str(qwen3_moe_dir)
+    rpc = _rpc_port(4)
     with Server(model, "--dtype", "float32", "-pp", "2", "-tp", "2", "--distributed-executor-backend", "ray",
-                "--max-model-len", "256", env={"RAY_ADDRESS": cluster.address}, timeout=300) as s:
+                "--max-model-len", "256", "--data-parallel-rpc-port", str(rpc), env={"RAY_ADDRESS": cluster.address},
+                timeout=300) as s:
         log = s.output()
         assert "Ray placed 4 engine process(es) in 2 placement group(s) of 2 x CPU on 2 node(s)" in log, log[-3000:]
         # each stage's TP ranks share a node, the two stages are on the two nodes
-        node = dict(re.findall(r"(EngineCore_DP0_PP\d_TP\d) pid \d+ on node (\d)", log))
+        pids, node, here, nodes = _placed(log)
         assert node["EngineCore_DP0_PP0_TP0"] == node["EngineCore_DP0_PP0_TP1"] != node["EngineCore_DP0_PP1_TP0"] \
             == node["EngineCore_DP0_PP1_TP1"], node
+        assert sorted(set(nodes)) == ["127.0.0.2", "127.0.0.3"], nodes
         assert complete(s.url, model) == expected_texts(model, PROMPTS, 8)
+        driver = nodes[0]
+        # the driver reaches the API server on this node's address over tcp; the stage on the other node gets
+        # its steps over tcp from the driver's node address (world rank r at rpc + 100 + 2r); the driver's
+        # own stage's TP worker over ipc (no tcp connection to its port)
+        assert any(remote == (here, rpc + 10) for _, remote in tcp_sockets(pids["EngineCore_DP0_PP0_TP0"]))
+        for name, rank in (("EngineCore_DP0_PP1_TP0", 2), ("EngineCore_DP0_PP1_TP1", 3)):
+            conns = tcp_sockets(pids[name])
+            assert (driver, rpc + 100 + 2 * rank) in {remote for _, remote in conns}, (name, conns)
+        assert not any(remote[1] == rpc + 102 for _, remote in tcp_sockets(pids["EngineCore_DP0_PP0_TP1"]))
 
 
 def test_dp_cores_placed_by_ray_then_a_killed_actor(cluster, qwen3_moe_dir):
     model = str(qwen3_moe_dir)
+    rpc = _rpc_port(2)
     with Server(model, "--dtype", "float32", "-dp", "2", "-ep", "--data-parallel-backend", "ray",
-                "--max-model-len", "4096", env={"RAY_ADDRESS": cluster.address}, timeout=300) as s:
+                "--max-model-len", "4096", "--data-parallel-rpc-port", str(rpc), env={"RAY_ADDRESS": cluster.address},
+                timeout=300) as s:
         log = s.output()
         assert "Ray placed 2 engine process(es) in 2 placement group(s) of 1 x CPU on 2 node(s)" in log, log[-3000:]
         assert complete(s.url, model) == expected_texts(model, PROMPTS, 8)
+        # world rank 0 serves the store and the wake channel on its node's address; DP rank 1 reaches the wake
+        # channel there and the API server on this node's address
+        pids, _, here, nodes = _placed(log)
+        assert nodes[0] != nodes[1], nodes
+        listening = {local for local, _ in tcp_sockets(pids["EngineCore_DP0"], "0A")}
+        assert {(nodes[0], rpc), (nodes[0], rpc + 1), (nodes[0], rpc + 2)} <= listening, listening
+        remotes = {remote for _, remote in tcp_sockets(pids["EngineCore_DP1"])}
+        assert {(nodes[0], rpc + 1), (nodes[0], rpc + 2), (here, rpc + 10), (here, rpc + 11)} <= remotes, remotes
         pid = int(re.search(r"EngineCore_DP1 pid (\d+) on node", log).group(1))
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
         stream = c.completions.create(model=model, prompt="die", max_tokens=4000, stream=True,

@@ -27,7 +27,7 @@ import zmq
 
 from epplat.core.engine import protocol as P
 from epplat.core.engine.frame_auth import FrameAuth
-from server_utils import Server, free_port, group_pids
+from server_utils import Server, free_port, group_pids, tcp_sockets
 
 DP2_EP = ("--dtype", "float32", "-dp", "2", "-ep", "--max-model-len", "256")
 GENERATED_SECRET = {"EPPLAT_INTERNAL_SECRET": ""}     # single node: the server makes its own
@@ -264,23 +264,8 @@ def _rank(rank: int, port: int, address: str, results) -> None:
 
 
 def tcp_listeners(pid: int) -> dict[int, str]:
-    """{port: local address} of the TCP sockets process `pid` listens on (from /proc/net/tcp*)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    out = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for row in (line.split() for line in f.readlines()[1:]):
-                if row[9] in inodes and row[3] == "0A":        # LISTEN
-                    addr, port = row[1].split(":")
-                    out[int(port, 16)] = socket.inet_ntoa(bytes.fromhex(addr)[::-1]) if len(addr) == 8 else addr
-    return out
+    """{port: local address} of the TCP sockets process `pid` listens on."""
+    return {port: addr for (addr, port), _ in tcp_sockets(pid, "0A")}
 
 
 def host_address() -> str:

@@ -1,6 +1,7 @@
 """/v1/responses through the openai client against the real server: the same greedy text as the chat
 completion of the same conversation (string input, message items, instructions), vLLM's event
-stream, text.format json_schema through the grammar, and 400s for what is not supported."""
+stream, text.format json_schema through the grammar, and 400s for what is not supported (tools on
+a server without --enable-auto-tool-choice among them: tools are tested in test_tool_calling.py)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,9 @@ def test_text_format_json_schema(client):
 @pytest.mark.parametrize("body", [
     {"input": "x", "previous_response_id": "resp_1"},
     {"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {}}]},
-    {"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]},
+    {"input": [{"type": "function_call_output", "call_id": "c"}]},
+    {"input": "x", "tools": [{"type": "web_search"}], "tool_choice": "none"},
+    {"input": [{"type": "reasoning", "summary": []}]},
     {"input": [{"role": "user", "content": 5}]},
     {"input": []},
     {"input": "x", "max_output_tokens": 0},

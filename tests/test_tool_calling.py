@@ -8,6 +8,9 @@ checkpoint (random weights) with a chat template that renders tools as Qwen3's d
   (by a regex) into Qwen3's format comes back as reasoning_content, content and tool_calls, whole and
   streamed alike (the call's arguments streamed in pieces, the openai client's accumulation of them
   equal to the whole answer's), finish_reason tool_calls; a tool-call round trip goes back through the template;
+- /v1/responses with function tools through the openai client: the same answer as reasoning, message
+  and function_call items, whole and streamed (function_call_arguments deltas), a named tool_choice
+  forced by the grammar, and the round trip of a function_call and its function_call_output;
 - bad tool choices are 400s; a server without --enable-auto-tool-choice refuses auto
   (test_structured_output.py).
 """
@@ -205,3 +208,45 @@ def test_bad_tool_choices_are_400s(server, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"].startswith(param) and "\n" not in err["message"], err
+
+
+def test_responses_api_tools(client):
+    """vLLM's Responses API: function tools and tool_choice, function_call output items (and events)."""
+    model = client.models.list().data[0].id
+    tools = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+              "parameters": t["function"]["parameters"]} for t in TOOLS]
+    kw = dict(model=model, input="What is the weather in Paris?", tools=tools, max_output_tokens=100,
+              temperature=0.0, extra_body={"structured_outputs": {"regex": QWEN3_ANSWER}})
+    chat = client.chat.completions.create(model=None, messages=MESSAGES, tools=TOOLS, max_tokens=100,
+                                          temperature=0.0, extra_body=kw["extra_body"]).choices[0].message
+    r = client.responses.create(**kw)
+    assert [i.type for i in r.output] == ["reasoning", "message", "function_call"] and r.status == "completed"
+    assert r.output[0].content[0].text == chat.reasoning_content and r.output_text == chat.content
+    call = r.output[2]
+    assert (call.name, call.arguments, call.status) == ("get_weather", chat.tool_calls[0].function.arguments,
+                                                        "completed")
+    assert call.id.startswith("fc_") and call.call_id and [t.name for t in r.tools] == ["get_weather", "get_time"]
+
+    events = list(client.responses.create(stream=True, **kw))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = events[-1].response
+    assert [(i.type, getattr(i, "name", None), getattr(i, "arguments", None)) for i in done.output] == \
+        [(i.type, getattr(i, "name", None), getattr(i, "arguments", None)) for i in r.output]
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 1 and "".join(pieces) == call.arguments
+    fc_done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(fc_done) == 1 and fc_done[0].arguments == call.arguments and fc_done[0].output_index == 2
+    added = [e.item.type for e in events if e.type == "response.output_item.added"]
+    assert added == ["reasoning", "message", "function_call"]
+
+    named = client.responses.create(model=model, input="The time?", tools=tools, max_output_tokens=60,
+                                    temperature=1.0, tool_choice={"type": "function", "name": "get_time"},
+                                    extra_body={**TIGHT, "seed": 3})
+    calls = [i for i in named.output if i.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_time" and valid_call("get_time", calls[0].arguments), named.output
+
+    back = client.responses.create(model=model, tools=tools, max_output_tokens=4, temperature=0.0, input=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"forecast": "sun"}'}])
+    assert back.status == "incomplete" and back.usage.input_tokens > r.usage.input_tokens

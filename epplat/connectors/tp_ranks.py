@@ -1,7 +1,7 @@
 """Tensor and pipeline parallelism on either side of a KV transfer: which KV heads a TP rank holds and
 which layers its pipeline stage holds, which ranks of the other side a decode rank reads (vLLM's
 heterogeneous TP: any two TP sizes, the heads split evenly on both; any two stage counts, each rank
-reading the layers it holds from the stages that hold them), and the ipc socket over which a DP rank's workers (every stage's TP ranks) report to their driver (the
+reading the layers it holds from the stages that hold them), and the socket (ipc on one node, tcp across nodes) over which a DP rank's workers (every stage's TP ranks) report to their driver (the
 driver alone answers the engine core: a request is received once every rank has read its heads, and
 held blocks are freed once every rank's readers are done).
 """
@@ -9,13 +9,12 @@ held blocks are freed once every rank's readers are done).
 from __future__ import annotations
 
 import collections
-import tempfile
 import time
 
 import msgspec
 import zmq
 
-from epplat.core.engine.frame_auth import BadFrame
+from epplat.core.engine.frame_auth import BadFrame, listen
 
 
 def head_range(total: int, tp: int, rank: int) -> tuple[int, int]:
@@ -80,7 +79,7 @@ class TPReports:
     def __init__(self, where: str, tp_size: int, tp_rank: int, auth):
         self.tp_size, self.tp_rank, self.auth = tp_size, tp_rank, auth
         self.sock = zmq.Context.instance().socket(zmq.PULL if tp_rank == 0 else zmq.PUSH)
-        (self.sock.bind if tp_rank == 0 else self.sock.connect)(where)
+        (listen(self.sock, where) if tp_rank == 0 else self.sock.connect(where))
         self.loads: dict[str, list] = {}         # driver: request id -> [ranks that reported, any failed]
         self.sends: collections.Counter = collections.Counter()
 
@@ -89,8 +88,7 @@ class TPReports:
         """The socket of this engine's DP rank `dp_rank`, for its local rank `rank` (pp_rank * TP + tp_rank:
         with pipeline stages every stage's ranks report to the driver)."""
         par = engine.parallel
-        where = f"ipc://{par.ipc_dir or tempfile.gettempdir()}/kv-reads-dp{dp_rank}-{par.data_parallel_rpc_port}"
-        return cls(where, par.ranks_per_dp, rank, auth)
+        return cls(par.driver_endpoint(dp_rank, "kv-reads"), par.ranks_per_dp, rank, auth)
 
     def _send(self, msg: dict) -> None:
         self.sock.send(self.auth.seal(msgspec.msgpack.encode(msg)))

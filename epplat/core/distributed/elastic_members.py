@@ -15,10 +15,13 @@ the store; it does not leave (it serves the store).
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 
 from epplat.config import ConfigError
@@ -28,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 _K = "epplat/elastic/"
 POLL_S = 0.05              # how often rank 0 looks for requests
-LOAD_TIMEOUT_S = 900.0     # a reserved joiner that never says it loaded is given up after this
+BEAT_S = 2.0               # a joining server's launcher says it is still loading this often
+SILENCE_S = 30.0           # a reserved joiner silent this long (it died while loading) is given up
 
 
 def _get(store, key: str):
@@ -50,7 +54,8 @@ class Head:
         self.store, self.secret = store, par.internal_secret
         self.members = list(range(par.data_parallel_size))
         self.generation, self.seq, self.next_look = 0, 1, 0.0
-        self.reserved = None          # (generation, index, deadline) of a joiner that is loading
+        self.reserved = None          # (generation, index) of a joiner that is loading
+        self.beats = (0, 0.0)         # its launcher's beats, and when they last changed
         self.running = None           # the scale call that runs, with what it changes
         _set(store, "record", {"blocks": num_blocks, "slots": slots_per_rank})
         self._publish()
@@ -65,11 +70,14 @@ class Head:
             return None
         self.next_look = now + POLL_S
         if self.reserved is not None:
-            generation, index, deadline = self.reserved
+            generation, index = self.reserved
             if self.store.check([f"{_K}loaded/{generation}"]):
                 self.reserved = None
                 return self._start(len(self.members) + 1, generation, [], ("join", index))
-            if self.store.check([f"{_K}abandoned/{generation}"]) or now > deadline:
+            beats = self.store.add(f"{_K}loading/{generation}", 0)
+            if beats != self.beats[0]:
+                self.beats = (beats, now)
+            if self.store.check([f"{_K}abandoned/{generation}"]) or now - self.beats[1] > SILENCE_S:
                 logger.warning("elastic EP: DP rank %d (server %d) did not load; it is given up",
                                len(self.members), index)
                 self.reserved = None
@@ -89,7 +97,7 @@ class Head:
             if index in self.members:
                 return self._answer(seq, error=f"--data-parallel-rank {index} is already in the group")
             self.generation += 1
-            self.reserved = (self.generation, index, time.monotonic() + LOAD_TIMEOUT_S)
+            self.reserved, self.beats = (self.generation, index), (0, time.monotonic())
             return self._answer(seq, dp_rank=len(self.members), generation=self.generation,
                                 size=len(self.members) + 1)
         if op == "leave":
@@ -177,6 +185,25 @@ def _num_experts(cfg) -> int:
     from epplat.core.model.registry import architecture
     hf = cfg.model.hf_config()
     return architecture(hf).parse_config(hf).num_experts
+
+
+@contextlib.contextmanager
+def loading(par, join: dict):
+    """While the joining engines load, beat (on a store connection of its own) so rank 0 keeps the place."""
+    import torch.distributed as dist
+    stop = threading.Event()
+
+    def beat():
+        store = dist.TCPStore(par.data_parallel_address, par.data_parallel_rpc_port, None, False,
+                              datetime.timedelta(seconds=10))
+        while not stop.wait(BEAT_S):
+            store.add(f"{_K}loading/{join['generation']}", 1)
+    thread = threading.Thread(target=beat, daemon=True, name="epplat-join-beat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def loaded(par, join: dict, ok: bool) -> None:

@@ -20,10 +20,10 @@ logger = logging.getLogger(__name__)
 
 
 def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None, join: dict | None = None,
-                  spare=None) -> list[multiprocessing.Process]:
+                  spares=()) -> list[multiprocessing.Process]:
     """Spawn the local engine processes (of ``dp_ranks``, by default this node's) and wait until each is
-    ready; ConfigError on failure. ``join``: they join running engines (elastic EP, core_proc), the first
-    one in ``spare`` (a SpareEngine) when given."""
+    ready; ConfigError on failure. ``join``: they join running engines (elastic EP, core_proc), the
+    first ones from ``spares`` (SpareEngines, their imports paid) while there are any."""
     par = cfg.parallel
     if par.uses_ray and join is None:
         from epplat.core.distributed.ray_launcher import start_ray_engines
@@ -32,7 +32,7 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None, join
     if dp_ranks is None:
         check_devices(cfg, len(par.local_dp_ranks()) * par.ranks_per_dp)
     ctx = multiprocessing.get_context("spawn")
-    procs, conns = [], []
+    procs, conns, spares = [], [], list(spares)
     raw = cfg.to_json()
     for d in (par.local_dp_ranks() if dp_ranks is None else dp_ranks):
         for j in range(par.ranks_per_dp):
@@ -41,9 +41,8 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None, join
             pp, t = divmod(j, par.tensor_parallel_size)
             name = (f"EngineCore_DP{d}" + (f"_PP{pp}" if par.pipeline_parallel_size > 1 else "")
                     + (f"_TP{t}" if par.tensor_parallel_size > 1 else ""))
-            if spare is not None:
-                p, parent = spare.assign(raw, rank, local, join, name)
-                spare = None
+            if spares:
+                p, parent = spares.pop(0).assign(raw, rank, local, join, name)
             else:
                 parent, child = ctx.Pipe(duplex=False)
                 p = ctx.Process(target=run_engine_process, args=(raw, rank, local, child, os.getpid(), join),

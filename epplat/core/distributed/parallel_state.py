@@ -90,7 +90,10 @@ def init_parallel(parallel, rank: int, backend: str) -> ParallelState:
     global _timeout
     timeout = _timeout = datetime.timedelta(seconds=parallel.distributed_timeout_seconds)
     init = parallel.dist_init_method()
-    bind_gloo_to("127.0.0.1" if init else node_address(parallel.data_parallel_address), named=not init)
+    if parallel.node_addresses:        # Ray across nodes: the node Ray placed this rank on
+        bind_gloo_to(parallel.node_addresses[rank])
+    else:
+        bind_gloo_to("127.0.0.1" if init else node_address(parallel.data_parallel_address), named=not init)
     store = None if init else _tcp_store(parallel, rank, st.world_size, timeout)
     if store is not None and parallel.internal_secret:
         check_peers(store, parallel.internal_secret, rank, st.world_size)
@@ -166,8 +169,11 @@ def bind_gloo_to(address: str, named: bool = False) -> None:
 
 
 def _interface_of(address: str) -> Optional[str]:
-    """The interface whose (first) IPv4 address is `address`; None for another one (or IPv6)."""
+    """The interface whose (first) IPv4 address is `address` (the loopback's for any of 127.0.0.0/8, which it
+    holds whole); None for another one (or IPv6)."""
     siocgifaddr = 0x8915
+    if address.startswith("127."):
+        address = "127.0.0.1"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _, name in socket.if_nameindex():
             try:
@@ -180,10 +186,10 @@ def _interface_of(address: str) -> Optional[str]:
 
 
 def _tcp_store(parallel, rank: int, world_size: int, timeout) -> "dist.TCPStore":
-    """World rank 0 serves the store on data_parallel_address only (torch's own listener binds
-    every interface); the others connect to it."""
+    """World rank 0 serves the store on its address only (data_parallel_address; its node's with Ray
+    across nodes; torch's own listener binds every interface); the others connect to it."""
     global _base_store
-    host, port = parallel.data_parallel_address, parallel.data_parallel_rpc_port
+    host, port = parallel.rank_address(0), parallel.data_parallel_rpc_port
     if rank:
         _base_store = dist.TCPStore(host, port, world_size, False, timeout)
         return _base_store

@@ -13,7 +13,8 @@ The cluster is the user's (``ray start --head`` / KubeRay): ``ray.init(address="
 
 A cluster that lacks the devices is one line naming what is missing. Only the start-up report (one
 JSON line) and Ray's own actor lifecycle go through Ray; every step, request and output goes over
-epplat's sockets and torch.distributed, as with mp. An actor that dies (killed, its node lost) is
+epplat's sockets and torch.distributed, as with mp: ipc within a node, tcp on the nodes' addresses
+between nodes (_address_nodes; config.py's endpoints). An actor that dies (killed, its node lost) is
 seen by ``RayEngine.is_alive`` as a dead process is with mp: ``/health`` turns 503 and requests end
 with an error.
 """
@@ -166,10 +167,13 @@ def start_ray_engines(cfg: EngineConfig, platform_cls, timeout: float = 900.0) -
             ray.util.remove_placement_group(pg)
         raise ConfigError(f"the Ray cluster did not grant {len(pgs)} placement group(s) of {len(groups[0])} x "
                           f"{resource!r} within {_PG_TIMEOUT_S:g} s (devices taken by other jobs? see ray status)")
-    env = {k: v for k, v in os.environ.items() if k.startswith(("EPPLAT_", "VLLM_"))}
+    par = cfg.parallel
+    nodes = [n for pg in pgs for _, n in sorted(ray.util.placement_group_table(pg)["bundles_to_node_id"].items())]
+    _address_nodes(ray, par, groups, nodes)
+    env = {k: v for k, v in os.environ.items() if k.startswith(("EPPLAT_", "VLLM_"))
+           and not (par.node_addresses and k in _HOST_IP_VARS)}
     actor_cls = ray.remote(EngineActor)
     opts = {"CPU": "num_cpus", "GPU": "num_gpus"}
-    par = cfg.parallel
     engines, starts = [], []
     raw = cfg.to_json()
     for gi, (g, pg) in enumerate(zip(groups, pgs)):
@@ -203,12 +207,29 @@ def start_ray_engines(cfg: EngineConfig, platform_cls, timeout: float = 900.0) -
     pids = ray.get([e.actor.pid.remote() for e in engines])
     for e in engines:
         e.done = e.actor.wait.remote()
-    nodes = [n for pg in pgs for _, n in sorted(ray.util.placement_group_table(pg)["bundles_to_node_id"].items())]
     ids = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
     logger.info("Ray placed %d engine process(es) in %d placement group(s) of %d x %s on %d node(s) in %.1f s: %s",
                 len(engines), len(pgs), len(groups[0]), resource, len(ids), time.time() - t0,
                 ", ".join(f"{e.name} pid {pid} on node {ids[n]} ({n[:8]})" for e, pid, n in zip(engines, pids, nodes)))
     return engines
+
+
+_HOST_IP_VARS = ("EPPLAT_HOST_IP", "VLLM_HOST_IP")
+
+
+def _address_nodes(ray, par, groups: list[list[int]], nodes: list[str]) -> None:
+    """When Ray placed a rank on a node other than the launcher's: every rank's node address (Ray's
+    NodeManagerAddress, the one `ray start --node-ip-address` names) and the launcher's (EPPLAT_HOST_IP /
+    VLLM_HOST_IP, else Ray's for this node) go into the config, so that the sockets between nodes are tcp
+    on those addresses (config.py); on one node they stay ipc."""
+    address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    of_rank = dict(zip((r for g in groups for r in g), (address[n] for n in nodes)))
+    here = next((os.environ[v] for v in _HOST_IP_VARS if os.environ.get(v)), None) or ray.util.get_node_ip_address()
+    if set(of_rank.values()) != {here}:
+        par.node_addresses = [of_rank[r] for r in range(par.world_size)]
+        par.data_parallel_address = here
+        logger.info("Ray placed engine processes on other nodes: internal sockets between nodes on tcp (this node "
+                    "%s, world ranks' nodes %s)", here, ", ".join(par.node_addresses))
 
 
 def _stop(engines) -> None:

@@ -1,8 +1,8 @@
 """A spare engine process for elastic EP: started ahead of a scale-up, it has paid for the
 interpreter and the imports (most of a new rank's start on CPU) and waits for its rank and config.
 
-The API server keeps one; a scale-up hands it the first new rank (launcher.start_engines)
-and starts the next spare after. A spare that is never used dies with its launcher.
+The API server keeps one per TP rank (a DP rank's processes); a scale-up hands them the first
+new DP rank's processes (launcher.start_engines) and starts the next spares after. A spare that is never used dies with its launcher.
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ class BlockManager:
         """Name the blocks of req that became full of computed tokens, so later requests can find them."""
         if not self.enable_prefix_caching:
             return
-        full = req.num_computed // self.block_size
+        full = min(req.num_computed, req.num_tokens) // self.block_size   # (pending tokens are not known here)
         if full <= req.num_named_blocks:
             return
         names = self.names(req)

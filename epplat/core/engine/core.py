@@ -1,4 +1,15 @@
-"""The engine core: scheduler + KV blocks + model runner, stepped in a loop."""
+"""The engine core: scheduler + KV blocks + model runner, stepped in a loop.
+
+A step is three calls: ``schedule`` (the batch), ``launch`` (its inputs laid out, copied and the
+forward and sampling queued on the device) and ``complete`` (its tokens read on the host, the
+requests advanced, their outputs). ``launch`` advances each request as if its step had run (its
+computed tokens, one pending token where it samples), so the scheduler can plan the next step before
+this one completes. With ``--async-scheduling`` it does: ``run`` launches step N+1 and only then
+completes step N, whose tokens step N+1 takes on the device; the host's work of both (step N+1's
+scheduling and inputs, step N's outputs) overlaps the device's step. A request that ends at step N
+has had step N+1 launched with it: that step's token for it is dropped, never sent. Requests whose
+logits rules or grammar read their own output tokens wait for step N before step N+1 is scheduled.
+"""
 
 from __future__ import annotations
 
@@ -69,7 +80,9 @@ class EngineCore:
         self.tp_publish = None                      # the driver's send to its TP workers (set by the driver)
         self._no_kv_meta = msgspec.msgpack.encode(self.kv_connector.metadata_type()) if self.kv_connector else None
         self.scheduler = Scheduler(cfg.scheduler, self.blocks, lookahead=spec.num_speculative_tokens if spec else 0,
-                                   connector=self.kv_connector)
+                                   connector=self.kv_connector, max_model_len=self.max_model_len)
+        self.overlap = cfg.scheduler.async_scheduling
+        self.in_flight = None                       # async scheduling: the step launched last, not yet completed
         if spec is not None:
             self.runner.drafter = MtpDrafter(self.runner, spec.num_speculative_tokens, self.max_model_len)
         self.client_of: dict[str, int] = {}
@@ -119,7 +132,7 @@ class EngineCore:
         return out
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.in_flight is not None
 
     def kv_pending(self) -> bool:
         """Requests waiting on KV transfers (loads in flight, blocks held for another engine) or on
@@ -151,9 +164,25 @@ class EngineCore:
 
     def run(self, batch, ep_counts=None, publish=None) -> list[EngineOutput]:
         """Execute a scheduled batch. In a DP wave an empty batch still runs the (empty) forward,
-        so this rank takes part in the MoE collectives, unless no rank has tokens."""
+        so this rank takes part in the MoE collectives, unless no rank has tokens. With async scheduling
+        the outputs are those of the step launched before this batch."""
         step = self.launch(batch, ep_counts, publish)
+        if self.overlap:
+            step, self.in_flight = self.in_flight, step
         return self.complete(step) if step is not None else []
+
+    def drain(self) -> list[EngineOutput]:
+        """Complete the step in flight (async scheduling), if any."""
+        step, self.in_flight = self.in_flight, None
+        return self.complete(step) if step is not None else []
+
+    def before_schedule(self) -> list[EngineOutput]:
+        """Async scheduling: complete the step in flight first when a request in it samples with rules or a
+        grammar over its own output (the next step's sampling needs the token it is computing)."""
+        if self.in_flight is not None and any(r.num_pending and (r.has_rules or r.grammar is not None)
+                                              for r in self.scheduler.running):
+            return self.drain()
+        return []
 
     def launch(self, batch, ep_counts=None, publish=None):
         """Start a step (``run``'s first half): its requests are in flight, not scheduled again, until
@@ -171,27 +200,35 @@ class EngineCore:
             return None
         now = time.monotonic()
         for req, _ in batch:
-            req.in_flight = True
+            req.in_flight = not self.overlap        # (pipeline stages: not scheduled again until it completes)
             if req.scheduled_ts is None:
                 req.scheduled_ts = now
-        return batch, ep_counts, publish, self.runner.launch(batch, ep_counts, publish, kv_meta)
+        in_flight = self.runner.launch(batch, ep_counts, publish, kv_meta)
+        in_flight.prompt_tokens = sum(min(n, req.prompt_len - req.num_computed) for req, n in batch
+                                      if req.num_computed < req.prompt_len)
+        for req, n in batch:
+            req.num_computed += n
+        for req in {id(r): r for r in in_flight.sample_reqs}.values():
+            req.num_pending += 1
+        return batch, ep_counts, publish, in_flight
 
     def complete(self, step) -> list[EngineOutput]:
         """Finish a launched step: take its samples, advance its requests, their outputs."""
         batch, ep_counts, publish, in_flight = step
+        prompt_tokens = in_flight.prompt_tokens
         sampled = self.runner.collect(in_flight)
         for req, _ in batch:
             req.in_flight = False
-        batch = [(req, n) for req, n in batch if req.status is not Status.FINISHED]   # aborted meanwhile
+        for req in {id(r): r for r in in_flight.sample_reqs}.values():
+            req.num_pending -= 1
+        # ended meanwhile (aborted, or async scheduling: stopped by the step before): its token is dropped
+        batch = [(req, n) for req, n in batch if req.status is not Status.FINISHED]
         outputs = []
-        prompt_tokens = sum(min(n, req.prompt_len - req.num_computed) for req, n in batch
-                            if req.num_computed < req.prompt_len)
         self.num_prompt_tokens_computed += prompt_tokens
         drafter, generated = self.runner.drafter, 0
         for req, n in batch:
             samples = sampled.get(req.request_id)
             if samples is None:
-                req.num_computed += n
                 self.blocks.cache_full_blocks(req)
                 continue
             # speculative drafts: keep the target's tokens up to and including its first disagreement
@@ -206,7 +243,7 @@ class EngineCore:
                 lps.append(lp)
                 if req.finish_reason:
                     break
-            req.num_computed = min(req.num_computed + n, req.num_tokens - 1)   # rejected drafts' KV is stale
+            req.num_computed = min(req.num_computed, req.num_known - 1)   # rejected drafts' KV is stale
             self.blocks.cache_full_blocks(req)
             generated += len(toks)
             if req.finish_reason:
@@ -232,8 +269,10 @@ class EngineCore:
         req.prompt_logprobs_sent = True
         return req.prompt_logprobs
 
-    def step(self) -> list[EngineOutput]:
-        return self.run(self.schedule())
+    def step(self, publish=None) -> list[EngineOutput]:
+        """Schedule and run one step (with async scheduling: outputs of the one before)."""
+        out = self.before_schedule()
+        return out + self.run(self.schedule(), publish=publish)
 
     def stats(self) -> EngineStats:
         s = self.scheduler

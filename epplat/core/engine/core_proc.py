@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 import traceback
@@ -44,10 +43,6 @@ HEARTBEAT_S = 1.0
 SEND_TIMEOUT_MS = 30_000   # an API server that reads nothing for this long is gone: the engine exits
 _KV_POLL_MS = 2          # while KV transfers are in flight, their completion is polled this often
 _STORE_KEY = "epplat/api_server_count"
-
-
-def run_dir(cfg: EngineConfig) -> str:
-    return cfg.parallel.ipc_dir or tempfile.gettempdir()
 
 
 class PeerGone(RuntimeError):
@@ -120,9 +115,13 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, 
 
 
 def _exit_now() -> None:
-    """A rank that left its group (elastic EP) exits at once: it holds nothing to flush, and the interpreter's
-    own teardown (the old world, the sockets, the threads) took seconds that its launcher waits for."""
+    """A rank that left its group (elastic EP) exits once its last frames are sent (its reply to the scale
+    call: zmq's context delivers them as it ends, within 2 s here), without the interpreter's own teardown
+    (the old world, the threads), which took seconds that its launcher waits for."""
     logging.shutdown()
+    ending = threading.Thread(target=zmq.Context.instance().term, daemon=True)
+    ending.start()
+    ending.join(2.0)
     os._exit(0)
 
 
@@ -178,8 +177,7 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
     decoder = msgspec.msgpack.Decoder(ModelInput | DraftInput | KVLoad | Rescale)
     auth = FrameAuth(cfg.parallel.internal_secret)
     sock = zmq.Context.instance().socket(zmq.PULL)
-    sock.connect(cfg.parallel.plan_endpoint(_engine_index(cfg.parallel, ps), ps.pp_rank * ps.tp_size + ps.tp_rank,
-                                            run_dir(cfg)))
+    sock.connect(cfg.parallel.driver_endpoint(_engine_index(cfg.parallel, ps), "plan", ps.pp_rank * ps.tp_size + ps.tp_rank))
     while True:
         busy = runner.kv_busy()
         if busy:
@@ -195,6 +193,7 @@ def _worker_loop(runner, cfg, ps, watch) -> None:
             continue
         if isinstance(plan, Rescale):
             if not _worker_rescale(runner, ps, plan, watch):
+                sock.close(linger=0)
                 _exit_now()
         elif isinstance(plan, KVLoad):
             runner.kv_start_load(plan.kv_meta)
@@ -254,7 +253,7 @@ class _DriverIO:
         self.in_flight: deque = deque()   # launched steps not yet completed (pipeline parallelism)
         for t in range(1, ps.pp_size * ps.tp_size):
             w = self.ctx.socket(zmq.PUSH)
-            listen(w, par.plan_endpoint(self.index, t, run_dir(cfg)))
+            listen(w, par.driver_endpoint(self.index, "plan", t))
             self.workers.append(w)
         core.tp_publish = self.publish if self.workers else None
         self.waves = ps.ep and ps.dp_size > 1
@@ -416,6 +415,9 @@ class _DriverIO:
     def close(self) -> None:
         for s in self.dealers + self.outs + self.workers:
             s.close(linger=500)
+        for s in (self.wake_in, getattr(self, "wake_out", None)):
+            if s is not None:
+                s.close(linger=0)
 
 
 def _api_server_count(par, ps: ParallelState) -> int:
@@ -458,7 +460,7 @@ def _driver_loop(core, io: _DriverIO, ps: ParallelState, watch: _Liveness) -> No
             elif core.has_work() and ps.pp_size > 1:
                 _pipeline_step(core, io, ps.pp_size)
             elif core.has_work():
-                io.send_outputs(core.run(core.schedule(), publish=io.publish if io.workers else None))
+                io.send_outputs(core.step(publish=io.publish if io.workers else None))
             elif not watch.alive():
                 return
             continue
@@ -497,6 +499,7 @@ def _run_wave(core, io: _DriverIO, ps: ParallelState) -> bool:
     while True:
         io.poll(0)
         io.send_outputs(core.poll_grammars())
+        io.send_outputs(core.before_schedule())
         has_work = core.has_work()
         batch = core.schedule() if has_work else []
         flags[0], flags[1] = int(has_work), sum(n for _, n in batch)

@@ -19,8 +19,9 @@ import torch
 from epplat.config import ConfigError, EngineConfig
 from epplat.core.distributed.parallel_state import ParallelState
 from epplat.core.engine.request import Request
-from epplat.core.engine.sampler import sample, token_logprobs
+from epplat.core.engine.sampler import sample_tokens, sampled_logprobs, token_logprobs
 from epplat.core.engine.structured_output import fill_bitmask
+from epplat.core.host_copy import HostCopy, to_device
 from epplat.core.model.attention import build_attn_metadata
 from epplat.core.model.decoder import MoEForCausalLM
 from epplat.core.model.loader import load_checkpoint
@@ -55,6 +56,11 @@ class ModelInput(msgspec.Struct, array_like=True, tag=True):
     ep_counts: Optional[list[int]] = None       # tokens of every EP rank this step
     kv_meta: Optional[bytes] = None             # the KV connector's step metadata (msgpack)
     out_rows: Optional[list[int]] = None        # pipeline parallel: the rows the last stage sends the driver
+    # async scheduling: rows whose token was sampled by the step before (on the device, not known to the host),
+    # their index in that step's sampled tokens, and how many it sampled
+    fill_rows: Optional[list[int]] = None
+    fill_src: Optional[list[int]] = None
+    num_prev: int = 0
 
 
 class DraftInput(msgspec.Struct, array_like=True, tag=True):
@@ -144,6 +150,8 @@ class ModelRunner:
         self.rows: list = []                       # (request, first row, first position) of the last step
         self.prompt_rows: list = []
         self.kv_connector = None
+        self.last_tokens = None                    # the last launched step's sampled tokens (on the device)
+        self.last_index: dict[str, int] = {}       # and each request's index in them
 
     def attach_kv_connector(self) -> None:
         """The worker side of the --kv-transfer-config connector, given this rank's KV cache."""
@@ -302,6 +310,7 @@ class ModelRunner:
         """Lay a scheduled batch out as a ModelInput (decodes first); returns it and who samples where."""
         batch = sorted(batch, key=lambda rn: rn[1] != 1)
         ids, pos, seqs, sample_rows, sample_reqs = [], [], [], [], []
+        fill_rows, fill_src = [], []
         self.rows = []
         self.prompt_rows = []       # (row, request, the prompt token it predicts) for prompt_logprobs
         for req, n in batch:
@@ -315,12 +324,19 @@ class ModelRunner:
             # speculative drafts follow the request's tokens; every one of them is sampled at too
             tokens = req.token_ids + req.spec_token_ids if req.spec_token_ids else req.token_ids
             ids.extend(tokens[start:start + n])
+            if start + n > len(tokens):             # its token sampled by the step in flight: filled on the device
+                fill_rows.append(len(ids))
+                fill_src.append(self.last_index[req.request_id])
+                ids.append(0)
             pos.extend(range(start, start + n))
             seqs.append((start + n, n, req.block_table))
-            for p in range(max(start, req.num_tokens - 1), start + n):
+            for p in range(max(start, req.num_known - 1), start + n):
                 sample_rows.append(len(ids) - (start + n - p))
                 sample_reqs.append(req)
-        return ModelInput(ids, pos, seqs, ep_counts, kv_meta), sample_rows, sample_reqs
+        mi = ModelInput(ids, pos, seqs, ep_counts, kv_meta)
+        if fill_rows:
+            mi.fill_rows, mi.fill_src, mi.num_prev = fill_rows, fill_src, len(self.last_tokens)
+        return mi, sample_rows, sample_reqs
 
     @torch.inference_mode()
     def forward(self, mi: ModelInput) -> torch.Tensor:
@@ -333,8 +349,11 @@ class ModelRunner:
         if kv_meta is not None:
             self.kv_connector.start_load_kv(kv_meta)
         self.platform.before_step(len(mi.token_ids))
-        ids = torch.tensor(mi.token_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(mi.positions, dtype=torch.long, device=dev)
+        ids = to_device(mi.token_ids, torch.long, dev)
+        pos = to_device(mi.positions, torch.long, dev)
+        if mi.fill_rows:
+            ids.index_copy_(0, to_device(mi.fill_rows, torch.long, dev),
+                            self._prev_tokens(mi).index_select(0, to_device(mi.fill_src, torch.long, dev)))
         hidden = self.graph.forward(ids, pos, meta) if self.stage is None else self._stage_forward(mi, ids, pos, meta)
         if kv_meta is not None:
             self.kv_connector.save_kv(kv_meta)
@@ -343,6 +362,16 @@ class ModelRunner:
         if getattr(self.model, "mtp", None) is not None:
             self.hidden = hidden                   # the draft model's input after the step
         return hidden
+
+    def _prev_tokens(self, mi: ModelInput) -> torch.Tensor:
+        """The tokens the step before sampled, on this rank's device: the driver's own, sent to its TP
+        workers over the TP group (a device collective: no host sync)."""
+        if self.ps.tp_size == 1:
+            return self.last_tokens
+        import torch.distributed as dist
+        t = self.last_tokens if self.ps.tp_rank == 0 else torch.empty(mi.num_prev, dtype=torch.long, device=self.device)
+        dist.broadcast(t, group=self.ps.tp_group, group_src=0)
+        return t
 
     def _stage_forward(self, mi: ModelInput, ids, pos, meta) -> torch.Tensor:
         """This pipeline stage's layers: hidden states in from the previous stage, out to the next one (the
@@ -396,7 +425,17 @@ class ModelRunner:
             publish(mi)
         bitmask = fill_bitmask(sample_reqs, self.model_cfg.vocab_size)     # on its thread, beside the forward
         hidden = self.forward(mi)
-        return StepInFlight(hidden, recv, self.rows, prompt_rows, sample_rows, sample_reqs, bitmask)
+        sampled = (self._sample(hidden, sample_rows, sample_reqs, bitmask)
+                   if self.stage is None and sample_reqs else None)
+        return StepInFlight(hidden, recv, self.rows, prompt_rows, sample_rows, sample_reqs, bitmask, sampled)
+
+    def _sample(self, hidden: torch.Tensor, rows: list[int], reqs: list, bitmask) -> tuple:
+        """Sample on the device and start the tokens' copy to the host: (the copy, the raw logits of the rows
+        that return logprobs, or None)."""
+        logits = self.model.compute_logits(hidden[to_device(rows, torch.long, self.device)]).float()
+        tokens = sample_tokens(logits, reqs, bitmask, self.kernels)
+        self.last_tokens, self.last_index = tokens, {r.request_id: i for i, r in enumerate(reqs)}
+        return HostCopy(tokens), logits if any(r.params.logprobs is not None for r in reqs) else None
 
     @torch.inference_mode()
     def collect(self, step: "StepInFlight") -> dict:
@@ -411,8 +450,10 @@ class ModelRunner:
         self._prompt_logprobs(hidden)
         out: dict = {}
         if step.sample_reqs:
-            logits = self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
-            tokens, logprobs = sample(logits, step.sample_reqs, step.grammar_bitmask, self.kernels)
+            copy, logits = step.sampled or self._sample(hidden, step.sample_rows, step.sample_reqs,
+                                                        step.grammar_bitmask)
+            tokens = copy.tolist()
+            logprobs = sampled_logprobs(logits, step.sample_reqs, tokens) if logits is not None else [None] * len(tokens)
             for req, tok, lp in zip(step.sample_reqs, tokens, logprobs):
                 out.setdefault(req.request_id, []).append((tok, lp))
         return out
@@ -429,3 +470,5 @@ class StepInFlight(msgspec.Struct):
     sample_rows: list
     sample_reqs: list
     grammar_bitmask: object = None      # the future of the sampled rows' grammar bitmask
+    sampled: object = None     # (HostCopy of the tokens, raw logits for logprobs) when sampled at launch
+    prompt_tokens: int = 0     # prompt tokens the step computes (the engine core's count)

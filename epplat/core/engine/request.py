@@ -26,7 +26,8 @@ class Request:
         self.prompt_len = len(req.prompt_token_ids)
         self.token_ids: list[int] = list(req.prompt_token_ids)
         self.eos_token_ids = set(req.eos_token_ids)
-        self.num_computed = 0          # tokens whose K/V are in the cache
+        self.num_computed = 0          # tokens whose K/V are in the cache or written by a launched step
+        self.num_pending = 0           # tokens sampled by launched steps not yet completed (async scheduling)
         self.block_table: list[int] = []
         self.spec_token_ids: list[int] = []  # draft tokens to verify in the next step (speculative decoding)
         self.block_names: list[bytes] = []  # prefix-cache names of its full blocks (see block_manager)
@@ -56,6 +57,16 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_known(self) -> int:
+        """Its tokens, counting those sampled on the device and not yet seen here (async scheduling)."""
+        return len(self.token_ids) + self.num_pending
+
+    def done_after_pending(self, max_model_len: int) -> bool:
+        """Whether its pending tokens reach max_tokens or the model length (no step to schedule after them)."""
+        return self.num_pending > 0 and (self.num_output + self.num_pending >= self.params.max_tokens
+                                         or self.num_known >= max_model_len)
 
     @property
     def num_output(self) -> int:

@@ -48,33 +48,42 @@ def sample(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None, kern
     """logits: [B, V] float32, one row per request; grammar_bitmask: the step's (``fill_bitmask``);
     kernels: the platform's record (its ``sample`` draws the rows that need only a temperature).
     Returns tokens and per-request logprobs."""
-    raw = logits = logits.float()
-    logits = apply_rules(apply_grammars(logits, reqs, grammar_bitmask), reqs)
+    raw = logits.float()
+    token_list = sample_tokens(raw, reqs, grammar_bitmask, kernels).tolist()
+    return token_list, sampled_logprobs(raw, reqs, token_list)
+
+
+def sample_tokens(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None, kernels: Kernels = TORCH
+                  ) -> torch.Tensor:
+    """The tokens, left on the logits' device (async scheduling reads them later)."""
+    logits = apply_rules(apply_grammars(logits.float(), reqs, grammar_bitmask), reqs)
     params = [r.params for r in reqs]
     greedy = [p.temperature <= 1e-5 for p in params]
     if all(greedy):
-        tokens = logits.argmax(dim=-1)
-    else:
-        # 0: greedy, 1: temperature only (the kernel's), 2: the filters' torch path
-        vocab, race = logits.shape[1], kernels.sample is not None
-        kinds = [0 if g else 1 if race and not (0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0) else 2
-                 for g, p in zip(greedy, params)]
-        if kinds.count(kinds[0]) == len(kinds):
-            tokens = _tokens(kinds[0], logits, reqs, kernels)
-        else:
-            tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
-            for kind in (0, 1, 2):
-                rows = [i for i, k in enumerate(kinds) if k == kind]
-                if rows:
-                    tokens[rows] = _tokens(kind, logits[rows], [reqs[i] for i in rows], kernels)
-    token_list = tokens.tolist()
+        return logits.argmax(dim=-1)
+    # 0: greedy, 1: temperature only (the kernel's), 2: the filters' torch path
+    vocab, race = logits.shape[1], kernels.sample is not None
+    kinds = [0 if g else 1 if race and not (0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0) else 2
+             for g, p in zip(greedy, params)]
+    if kinds.count(kinds[0]) == len(kinds):
+        return _tokens(kinds[0], logits, reqs, kernels)
+    tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+    for kind in (0, 1, 2):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        if rows:
+            tokens[rows] = _tokens(kind, logits[rows], [reqs[i] for i in rows], kernels)
+    return tokens
+
+
+def sampled_logprobs(raw: torch.Tensor, reqs: list[Request], token_list: list[int]) -> list[Optional[list[TokenLogprob]]]:
+    """The logprobs of the sampled tokens (and the best alternatives) for requests that ask for them."""
     logprobs: list[Optional[list[TokenLogprob]]] = [None] * len(reqs)
     want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
     if want:
         lp = torch.log_softmax(raw[want], dim=-1)
         for j, i in enumerate(want):
             logprobs[i] = _token_logprobs(lp[j], token_list[i], reqs[i].params.logprobs)
-    return token_list, logprobs
+    return logprobs
 
 
 class Filtered(NamedTuple):

@@ -11,7 +11,10 @@ the victim of a preemption is the running request last in that order.
 
 Requests in a step still in flight (pipeline parallelism keeps several) are neither scheduled nor
 preempted until it completes; ``max_seqs`` splits the requests over the steps in flight, so that
-each pipeline stage has one to work on.
+each pipeline stage has one to work on. With async scheduling a request is scheduled again while its
+step runs: its token sampled there is pending (``num_pending``: on the device, not yet here), the
+next step's input at that position; a request whose pending tokens reach max_tokens or the model
+length waits for them instead.
 
 With a KV connector, a new request may also find prompt tokens elsewhere: loaded before this
 step's forward (synchronously), or asynchronously, the request then waiting outside the batch
@@ -30,8 +33,10 @@ from epplat.core.engine.request import Request, Status
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, lookahead: int = 0, connector=None):
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, lookahead: int = 0, connector=None,
+                 max_model_len: int = 1 << 62):
         self.cfg, self.blocks, self.connector = cfg, blocks, connector
+        self.max_model_len = max_model_len
         self.lookahead = lookahead    # KV slots a running request gets beyond its step (speculative drafting)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -127,10 +132,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(out) < max_seqs:
             req = self.running[i]
-            if req.in_flight:
+            if req.in_flight or req.done_after_pending(self.max_model_len):
                 i += 1
                 continue
-            n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed, budget)
+            n = min(req.num_known + len(req.spec_token_ids) - req.num_computed, budget)
             while not self.blocks.allocate(req, n + self.lookahead):
                 victim = next(r for r in reversed(self.running) if not r.in_flight)   # req at the latest
                 self.running.remove(victim)

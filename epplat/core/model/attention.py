@@ -16,14 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from epplat.core.ops import TORCH, Kernels
-
-from epplat.core.ops import TORCH, Kernels
-
-from epplat.core.ops import TORCH, Kernels
-
-from epplat.core.ops import TORCH, Kernels
-
+from epplat.core.host_copy import to_device
 from epplat.core.ops import TORCH, Kernels
 
 
@@ -62,18 +55,18 @@ def build_attn_metadata(seqs, block_size: int, device, pad_block: int, kernels: 
         else:
             mask = None
             if ctx_len != q_len:
-                qpos = torch.arange(ctx_len - q_len, ctx_len).unsqueeze(1)
-                mask = (torch.arange(ctx_len).unsqueeze(0) <= qpos).to(device)
+                qpos = torch.arange(ctx_len - q_len, ctx_len, device=device).unsqueeze(1)
+                mask = torch.arange(ctx_len, device=device).unsqueeze(0) <= qpos
             prefills.append(PrefillChunk(q_start, q_start + q_len, ctx_len,
-                                         torch.tensor(table[:nblocks], dtype=torch.long, device=device), mask))
+                                         to_device(table[:nblocks], torch.long, device), mask))
         q_start += q_len
-    meta = AttnMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=device),
+    meta = AttnMetadata(to_device(slot_mapping, torch.long, device),
                         num_decodes=len(dec_lens), prefills=prefills)
     if dec_lens:
         width = max(len(t) for t in dec_tables)
         padded = [t + [pad_block] * (width - len(t)) for t in dec_tables]
-        meta.decode_tables = torch.tensor(padded, dtype=torch.long, device=device)
-        lens = torch.tensor(dec_lens, device=device)
+        meta.decode_tables = to_device(padded, torch.long, device)
+        lens = to_device(dec_lens, torch.long, device)
         meta.decode_lens = lens
         if kernels.decode_attention is None:
             meta.decode_mask = (torch.arange(width * block_size, device=device)[None, :] < lens[:, None])[:, None, None]

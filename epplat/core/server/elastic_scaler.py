@@ -58,7 +58,7 @@ class ElasticScaler:
         self.procs = {r: client.procs[i * self.tp:(i + 1) * self.tp] for i, r in enumerate(client.engine_ranks)}
         self.num_experts = architecture(hf).parse_config(hf).num_experts
         self.per_rank = (self.num_experts + par.eplb.num_redundant_experts) // par.world_size   # slots of an EP rank
-        self.spare = SpareEngine()
+        self.spares = [SpareEngine() for _ in range(self.tp)]    # one DP rank's processes, imports paid
         self.target = self.size          # the size being scaled to (the current one when none runs)
         self.last_seconds = 3.0          # the last scale's length: the Retry-After of a 503 during one
 
@@ -96,8 +96,8 @@ class ElasticScaler:
                 await self._shrink(new_size, drain_timeout)
         finally:
             self.scaling = False
-            if self.spare is None or not self.spare.proc.is_alive():
-                self.spare = SpareEngine()           # for the next scale-up
+            self.spares = [p for p in self.spares if p.proc.is_alive()]
+            self.spares += [SpareEngine() for _ in range(self.tp - len(self.spares))]   # for the next scale-up
         took = self.last_seconds = time.perf_counter() - t0
         self.target = self.size
         logger.info("elastic EP: scaled from %d to %d data parallel engines in %.2f s (%s)", old, new_size, took,
@@ -123,12 +123,11 @@ class ElasticScaler:
         cfg = self._new_rank_config(new_size)
         self.generation += 1            # every attempt its own store: a failed one may have written to its own
         generation, t0 = self.generation, time.monotonic()
-        spare, self.spare = self.spare, None
-        if spare is not None and not spare.proc.is_alive():
-            spare = None                     # it died meanwhile: every new rank starts cold
+        spares = [p for p in self.spares if p.proc.is_alive()]    # one that died meanwhile: that rank starts cold
+        self.spares = []
         try:
             procs = await asyncio.to_thread(start_engines, cfg, dp_ranks=new_ranks,
-                                            join={"generation": generation, "old_size": old}, spare=spare)
+                                            join={"generation": generation, "old_size": old}, spares=spares)
         except ConfigError as e:
             raise APIError(500, f"Scale failed: a new engine did not start ({e}); still {old} data parallel "
                                 "engines") from None

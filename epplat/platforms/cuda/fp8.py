@@ -1,6 +1,8 @@
-"""``--quantization fp8`` on CUDA: 128x128 block-scaled float8_e4m3 weights, activations quantized
-per token and 128-wide group at run time (DeepSeek-V3's scheme), GEMMs in Triton (fp8_linear for
-the linears, fp8_moe for the experts); a ``deep_gemm`` path is not wired in yet.
+"""``--quantization fp8`` on CUDA: 128x128 block-scaled float8_e4m3 weights (DeepSeek-V3's scheme),
+GEMMs in Triton that read the fp8 bytes: fp8_linear for the linears (activations quantized per
+token and 128-wide group above its decode sizes, unquantized below, where the weight bytes bound
+it), fp8_moe for the experts (the bf16 expert kernels reading fp8 tiles); a ``deep_gemm`` path is
+not wired in yet.
 
 Two sources:
 - an fp8 checkpoint in DeepSeek-V3's layout (epplat.core.model.fp8_blocks): every tensor it has
@@ -205,7 +207,7 @@ class Fp8BlockQuant(Fp8Checkpoint):
                 absorbed += 1
         experts = sum(1 for n in self.scale_of if _EXPERT.match(n) and model.wants(n))
         logger.info("--quantization fp8: %d linears and %d expert weights served in fp8 (128x128 block scales, "
-                    "per-token-group activations, Triton)%s", len(self.linears), experts,
+                    "Triton)%s", len(self.linears), experts,
                     f"; kv_b_proj of {absorbed} MLA layers also dequantized to bfloat16 for the absorbed decode "
                     "(W_UK/W_UV batched GEMMs have no fp8 form; as vLLM does), its prefill GEMM stays fp8"
                     if absorbed else "")

@@ -63,9 +63,10 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_p
 
 
 @triton.jit
-def _merge_kernel(o_ptr, lse_ptr, out_ptr, kv_heads: tl.constexpr, group: tl.constexpr, splits: tl.constexpr,
+def _merge_kernel(o_ptr, lse_ptr, out_ptr, heads, kv_heads: tl.constexpr, group: tl.constexpr, splits: tl.constexpr,
                   SPLITS_P: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr):
-    """out[b, head] = sum over splits of softmax(lse) * o, for one (sequence, query head)."""
+    """out[b, head] = sum over splits of softmax(lse) * o, for one (sequence, query head); out is
+    [B, heads, D] (heads may be fewer than kv_heads * group: MLA's last head group can be partial)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     kvh, g = h // group, h % group
@@ -76,7 +77,7 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, kv_heads: tl.constexpr, group: tl.con
     w = tl.exp(lse - tl.max(lse, axis=0))
     w = w / tl.sum(w, axis=0)
     o = tl.load(o_ptr + rows[:, None] * D + d[None, :], mask=(sp < splits)[:, None], other=0.0)
-    tl.store(out_ptr + (b * kv_heads * group + h) * D + d, tl.sum(w[:, None] * o, axis=0).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + (b * heads + h) * D + d, tl.sum(w[:, None] * o, axis=0).to(out_ptr.dtype.element_ty))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
@@ -98,7 +99,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                            tables.stride(0), h * d, kvh, group, splits, gp, block, d,
                                            q.dtype == torch.float32)
     out = torch.empty_like(q)
-    _merge_kernel[(b, h)](mid, lse, out, kvh, group, splits, triton.next_power_of_2(splits), gp, d)
+    _merge_kernel[(b, h)](mid, lse, out, h, kvh, group, splits, triton.next_power_of_2(splits), gp, d)
     return out
 
 

@@ -8,8 +8,14 @@ one tile of the cache serves every head of a program. Split over the KV length
 and one slice of its blocks; triton_attention's merge kernel combines the slices by their
 log-sum-exp. Lengths come from a device tensor (capturable in a CUDA graph).
 
-Declines (returns None, the torch path runs) head counts that are not a multiple of 16,
-block sizes below 16, and dims that are not powers of two. The cuda platform's Kernels record
+Any head count: a program's 16 head slots past the last head are masked (a TP rank of
+V2-Lite holds 8 of its 16 heads). Its result does not depend on the block table's width
+(the splits come from the batch size, each split's range from the sequence's length), so a
+CUDA graph's full-width table and an eager step's exact one give the same bits; the torch
+path's gather over the whole table does not (issue #15: the fp8 DeepSeek test's 4-head
+model ran it, and its graphs-vs-eager rounding difference flipped a greedy token once fp8
+activation rounding amplified it). Declines (returns None, the torch path runs) block sizes
+below 16 and dims that are not powers of two. The cuda platform's Kernels record
 hands it to MLA as ``mla_decode_attention``.
 """
 
@@ -40,9 +46,10 @@ def _mla_decode_split_kernel(ql_ptr, qp_ptr, c_ptr, tables_ptr, lens_ptr, o_ptr,
     r = tl.arange(0, R)
     dr = tl.arange(0, DR)
     s = tl.arange(0, BLOCK)
+    real = hg * HG + g < H
     heads = (b * H + hg * HG + g).to(tl.int64)
-    ql = tl.load(ql_ptr + heads[:, None] * R + r[None, :])
-    qp = tl.load(qp_ptr + heads[:, None] * DR + dr[None, :])
+    ql = tl.load(ql_ptr + heads[:, None] * R + r[None, :], mask=real[:, None], other=0.0)
+    qp = tl.load(qp_ptr + heads[:, None] * DR + dr[None, :], mask=real[:, None], other=0.0)
     m = tl.full([HG], float("-inf"), tl.float32)
     l_sum = tl.zeros([HG], tl.float32)
     acc = tl.zeros([HG, R], tl.float32)
@@ -69,7 +76,7 @@ def _mla_decode_split_kernel(ql_ptr, qp_ptr, c_ptr, tables_ptr, lens_ptr, o_ptr,
     has = l_sum > 0
     out = acc / tl.where(has, l_sum, 1.0)[:, None]
     lse = tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf"))
-    rows = ((b * (H // HG) + hg) * splits + sp) * HG + g
+    rows = ((b * tl.cdiv(H, HG) + hg) * splits + sp) * HG + g
     tl.store(o_ptr + rows[:, None] * R + r[None, :], out)
     tl.store(lse_ptr + rows, lse)
 
@@ -81,9 +88,9 @@ def mla_decode_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
     b, h, r = q_latent.shape
     dr, block = q_pe.shape[-1], cache.shape[1]
     pow2 = all(x >= 16 and not x & (x - 1) for x in (r, dr, block))
-    if h % _HEADS or cache.shape[2] != 1 or cache.shape[3] != r + dr or not pow2 or not cache.is_contiguous():
+    if cache.shape[2] != 1 or cache.shape[3] != r + dr or not pow2 or not cache.is_contiguous():
         return None
-    groups = h // _HEADS
+    groups = -(-h // _HEADS)
     splits = min(32, 1 << ((-(-_TARGET_PROGRAMS // (b * groups))).bit_length() - 1))
     mid = torch.empty((b, groups, splits, _HEADS, r), dtype=torch.float32, device=q_latent.device)
     lse = torch.empty((b, groups, splits, _HEADS), dtype=torch.float32, device=q_latent.device)
@@ -92,5 +99,5 @@ def mla_decode_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
         tables.stride(0), h, _HEADS, splits, block, r, dr, q_latent.dtype == torch.float32, num_warps=8)
     # not empty_like: the absorbed query (an einsum's output) may be laid out heads-major
     out = torch.empty((b, h, r), dtype=q_latent.dtype, device=q_latent.device)
-    _merge_kernel[(b, h)](mid, lse, out, groups, _HEADS, splits, triton.next_power_of_2(splits), _HEADS, r)
+    _merge_kernel[(b, h)](mid, lse, out, h, groups, _HEADS, splits, triton.next_power_of_2(splits), _HEADS, r)
     return out

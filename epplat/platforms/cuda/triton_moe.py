@@ -13,6 +13,13 @@ cost a few id loads and read no weights. Three launches:
 Rows stay in assignment order, so there is no unpermute. Every program rescans the
 ids, which is cheap at decode sizes and wasteful at prefill sizes: large batches go to
 ``triton_moe_sorted``, see ``MAX_ASSIGNMENTS``.
+
+fp8 weights (``--quantization fp8``: float8_e4m3 with one float32 scale per 128x128 block, see
+fp8_moe) go through the same kernels (``W8``): each weight tile is loaded as fp8 (half the
+bytes), multiplied by its block's scales in registers and rounded to the activations' dtype,
+exactly what dequantize-to-bf16 would give, then multiplied on the tensor cores against the
+unquantized activations. At decode sizes the GEMMs are bound by the weight bytes, so the fp8
+bytes are the saving and activation quantization would only add work and rounding.
 """
 
 from __future__ import annotations
@@ -76,10 +83,21 @@ def _my_expert(ids_ptr, num_assign, BY_SLOT: tl.constexpr, SCAN: tl.constexpr):
 
 
 @triton.jit
+def _dequant(w, s_base, kb, cols, nblocks, cmask, dtype, W8: tl.constexpr):
+    """A [BK, BN] weight tile in ``dtype``: fp8 ones (W8) times their 128x128 blocks' scales (block row
+    kb: the tile lies within one, BK <= 128), the product in float32 rounded once; others as loaded."""
+    if W8:
+        sc = tl.load(s_base + kb * nblocks + cols // 128, mask=cmask, other=0.0)
+        w = (w.to(tl.float32) * sc[None, :]).to(dtype)
+    return w
+
+
+@triton.jit
 def _gated_tile(x_ptr, tok, valid, w_base, n, nmask, hidden, inter, ACT: tl.constexpr, IEEE: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, s_base, W8: tl.constexpr):
     """act(x[tok] @ W1[:, n]) * (x[tok] @ W3[:, n]) for one [BM, BN] tile, in float32; W13's rows
-    are [gate | up] of width 2 * inter starting at w_base; rows not ``valid`` read zeros."""
+    are [gate | up] of width 2 * inter starting at w_base; rows not ``valid`` read zeros. W8: fp8
+    weights with block scales at s_base ([hidden / 128, 2 * inter / 128])."""
     acc_g = tl.zeros([BM, BN], tl.float32)
     acc_u = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, hidden, BK):
@@ -88,8 +106,9 @@ def _gated_tile(x_ptr, tok, valid, w_base, n, nmask, hidden, inter, ACT: tl.cons
         xa = tl.load(x_ptr + tok[:, None] * hidden + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
         wp = w_base + kk[:, None].to(tl.int64) * (2 * inter) + n[None, :]
         wmask = kmask[:, None] & nmask[None, :]
-        wg = tl.load(wp, mask=wmask, other=0.0)
-        wu = tl.load(wp + inter, mask=wmask, other=0.0)
+        wg = _dequant(tl.load(wp, mask=wmask, other=0.0), s_base, k0 // 128, n, 2 * inter // 128, nmask, xa.dtype, W8)
+        wu = _dequant(tl.load(wp + inter, mask=wmask, other=0.0), s_base, k0 // 128, inter + n, 2 * inter // 128,
+                      nmask, xa.dtype, W8)
         if IEEE:
             acc_g = tl.dot(xa, wg, acc_g, input_precision="ieee")
             acc_u = tl.dot(xa, wu, acc_u, input_precision="ieee")
@@ -104,9 +123,9 @@ def _gated_tile(x_ptr, tok, valid, w_base, n, nmask, hidden, inter, ACT: tl.cons
 
 
 @triton.jit(do_not_specialize=["num_assign"])
-def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, num_assign, hidden, inter, stride_we,
+def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, num_assign, hidden, inter, stride_we, stride_se,
                     K: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, BY_SLOT: tl.constexpr, SCAN: tl.constexpr):
+                    BK: tl.constexpr, BY_SLOT: tl.constexpr, SCAN: tl.constexpr, W8: tl.constexpr):
     e, count = _my_expert(ids_ptr, num_assign, BY_SLOT, SCAN)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < inter
@@ -116,19 +135,21 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, num_assign, hidden, inter, str
         valid = m < count
         rows = _routed_rows(ids_ptr, e, m, num_assign, SCAN)
         tok = (rows // K).to(tl.int64)
-        h = _gated_tile(x_ptr, tok, valid, w_base, n, nmask, hidden, inter, ACT, IEEE, BM, BN, BK)
+        h = _gated_tile(x_ptr, tok, valid, w_base, n, nmask, hidden, inter, ACT, IEEE, BM, BN, BK,
+                        s_ptr + e.to(tl.int64) * stride_se, W8)
         tl.store(h_ptr + rows[:, None].to(tl.int64) * inter + n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=valid[:, None] & nmask[None, :])
 
 
 @triton.jit(do_not_specialize=["num_assign"])
-def _down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, y_ptr, num_assign, hidden, inter, stride_we,
+def _down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, y_ptr, num_assign, hidden, inter, stride_we, stride_se,
                  IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BY_SLOT: tl.constexpr,
-                 SCAN: tl.constexpr):
+                 SCAN: tl.constexpr, W8: tl.constexpr):
     e, count = _my_expert(ids_ptr, num_assign, BY_SLOT, SCAN)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < hidden
     w_base = w_ptr + e.to(tl.int64) * stride_we
+    s_base = s_ptr + e.to(tl.int64) * stride_se
     for c in range(0, tl.cdiv(count, BM)):
         m = c * BM + tl.arange(0, BM)
         valid = m < count
@@ -140,6 +161,7 @@ def _down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, y_ptr, num_assign, hidden, inter
             ha = tl.load(h_ptr + rows[:, None] * inter + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_base + kk[:, None].to(tl.int64) * hidden + n[None, :], mask=kmask[:, None] & nmask[None, :],
                         other=0.0)
+            w = _dequant(w, s_base, k0 // 128, n, hidden // 128, nmask, ha.dtype, W8)
             if IEEE:
                 acc = tl.dot(ha, w, acc, input_precision="ieee")
             else:
@@ -178,10 +200,15 @@ class Tiles(NamedTuple):
         return "-".join(str(v) for v in self)
 
 
-def _tiles(num_assign: int, experts: int, dtype) -> Tiles:
+def _tiles(num_assign: int, experts: int, dtype, w8: bool = False) -> Tiles:
     """Rows per chunk from the expected rows per expert; float32 tiles are twice the bytes, so
-    they take a shorter reduction step and fewer stages to fit shared memory."""
+    they take a shorter reduction step and fewer stages to fit shared memory; fp8 weight tiles
+    are half the bytes, so they take a reduction step of 128 (one scale block) to move as many
+    bytes per step as the bf16 ones."""
     per_expert = num_assign / max(1, experts)
+    if w8:     # the best of benchmarks/moe_layer_bench.py's fp8 sweep on an H200 (docs/benchmarks.md)
+        return Tiles(16, 64, 128, 64, 128, 4, 4) if per_expert <= 1 else Tiles(
+            16 if per_expert <= 16 else 32 if per_expert <= 48 else 64, 128, 128, 128, 128, 2, 4)
     if dtype == torch.float32:
         return Tiles(bm=16 if per_expert <= 16 else 32, bk1=32, bk2=32, stages=2)
     if per_expert <= 1:                  # a handful of experts: narrow tiles, deep pipeline (H100 sweep)
@@ -189,11 +216,29 @@ def _tiles(num_assign: int, experts: int, dtype) -> Tiles:
     return Tiles(16 if per_expert <= 16 else 32 if per_expert <= 48 else 64, 128, 64, 128, 64, 4, 4)
 
 
-def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tiles] = None):
-    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]); ids are local, -1 = held elsewhere. None when the
+def weight_scales(w13, w13_scale, w2, w2_scale):
+    """(W8, s13, stride, s2, stride): the kernels' scale arguments; the weights stand in unquantized."""
+    if w13_scale is None:
+        return False, w13, 0, w2, 0
+    for w, s in ((w13, w13_scale), (w2, w2_scale)):
+        if w.dtype != torch.float8_e4m3fn or list(s.shape) != [w.shape[0], w.shape[1] // 128, w.shape[2] // 128] \
+                or w.shape[1] % 128 or w.shape[2] % 128 or s.dtype != torch.float32:
+            raise ValueError(f"fp8 experts take float8_e4m3fn weights in 128-multiples with float32 [E, K/128, N/128] "
+                             f"scales; got {w.dtype} {list(w.shape)} with {s.dtype} {list(s.shape)}")
+    return True, w13_scale.contiguous(), w13_scale.shape[1] * w13_scale.shape[2], w2_scale.contiguous(), \
+        w2_scale.shape[1] * w2_scale.shape[2]
+
+
+def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tiles] = None, *, w13_scale=None,
+                   w2_scale=None):
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]); ids are local, -1 = held elsewhere. With w13_scale /
+    w2_scale, w13 and w2 are fp8 with 128x128 block scales [E, K/128, N/128]. None when the
     activation or dtype is not one the kernels take."""
     name = getattr(act, "__name__", "")
     if name not in _ACTS or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return None
+    w8, s13, ss13, s2, ss2 = weight_scales(w13, w13_scale, w2, w2_scale)
+    if w8 and x.dtype == torch.float32:
         return None
     rows, k = topk_ids.shape
     experts, hidden, inter = w13.shape[0], w13.shape[1], w2.shape[1]
@@ -201,18 +246,18 @@ def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tile
     x = x.contiguous()
     ids = topk_ids.reshape(-1).contiguous()
     tw = topk_weights.reshape(-1).contiguous()
-    t = tiles or _tiles(num_assign, min(experts, num_assign), x.dtype)
+    t = tiles or _tiles(num_assign, min(experts, num_assign), x.dtype, w8)
     ieee = x.dtype == torch.float32
     by_slot = num_assign < experts
     progs = num_assign if by_slot else experts
     h = torch.empty((num_assign, inter), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(progs, triton.cdiv(inter, t.bn1))](
-        x, ids, w13, h, num_assign, hidden, inter, w13.stride(0), k, _ACTS[name], ieee, t.bm, t.bn1, t.bk1, by_slot,
-        _SCAN, num_warps=t.warps, num_stages=t.stages)
+        x, ids, w13, s13, h, num_assign, hidden, inter, w13.stride(0), ss13, k, _ACTS[name], ieee, t.bm, t.bn1, t.bk1,
+        by_slot, _SCAN, w8, num_warps=t.warps, num_stages=t.stages)
     y = torch.empty((num_assign, hidden), dtype=x.dtype, device=x.device)
     _down_kernel[(progs, triton.cdiv(hidden, t.bn2))](
-        h, ids, tw, w2, y, num_assign, hidden, inter, w2.stride(0), ieee, t.bm, t.bn2, t.bk2, by_slot, _SCAN,
-        num_warps=t.warps, num_stages=t.stages)
+        h, ids, tw, w2, s2, y, num_assign, hidden, inter, w2.stride(0), ss2, ieee, t.bm, t.bn2, t.bk2, by_slot, _SCAN,
+        w8, num_warps=t.warps, num_stages=t.stages)
     out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
     _sum_kernel[(rows, triton.cdiv(hidden, 1024))](y, ids, out, hidden, k, 1024, num_warps=4)
     return out

@@ -28,14 +28,19 @@ import torch
 import triton
 import triton.language as tl
 
-from epplat.platforms.cuda.triton_moe import _ACTS, MAX_ASSIGNMENTS, Tiles, _gated_tile, _sum_kernel, triton_experts
+from epplat.platforms.cuda.triton_moe import (_ACTS, MAX_ASSIGNMENTS, Tiles, _dequant, _gated_tile, _sum_kernel,
+                                              triton_experts, weight_scales)
 
 
-def _tiles(num_assign: int, experts: int) -> Tiles:
+def _tiles(num_assign: int, experts: int, w8: bool = False) -> Tiles:
     """Tiles by rows per expert, from the sweep of benchmarks/moe_layer_bench.py on an H200 (hidden
     2048, width 768): narrow row tiles while experts get few rows (less padding), then 128-row
-    tiles with 8 warps, gate/up 128 columns wide from 128 rows per expert, down 256 from 256."""
+    tiles with 8 warps, gate/up 128 columns wide from 128 rows per expert, down 256 from 256.
+    fp8 weights (half the bytes) take a 128-deep reduction step while the GEMMs are bound by weight
+    bytes (few rows per expert)."""
     per_expert = num_assign / max(1, experts)
+    if w8 and per_expert <= 32:
+        return Tiles(16 if per_expert <= 8 else 64, 64, 128, 128, 128, 3, 4)
     if per_expert <= 32:
         return Tiles(16 if per_expert <= 8 else 64, 64, 64, 128, 64, 4, 4)
     if per_expert <= 128:
@@ -53,9 +58,9 @@ def _tile_rows(rows_ptr, tile_expert_ptr, num_assign, BM: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["num_assign"])
-def _sorted_gate_up_kernel(x_ptr, rows_ptr, tile_expert_ptr, w_ptr, h_ptr, num_assign, hidden, inter, stride_we,
-                           K: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                           BK: tl.constexpr):
+def _sorted_gate_up_kernel(x_ptr, rows_ptr, tile_expert_ptr, w_ptr, s_ptr, h_ptr, num_assign, hidden, inter,
+                           stride_we, stride_se, K: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
+                           BN: tl.constexpr, BK: tl.constexpr, W8: tl.constexpr):
     e, m, rows, valid = _tile_rows(rows_ptr, tile_expert_ptr, num_assign, BM)
     if e < 0:
         return
@@ -63,20 +68,22 @@ def _sorted_gate_up_kernel(x_ptr, rows_ptr, tile_expert_ptr, w_ptr, h_ptr, num_a
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < inter
     h = _gated_tile(x_ptr, tok, valid, w_ptr + e.to(tl.int64) * stride_we, n, nmask, hidden, inter, ACT, False,
-                    BM, BN, BK)
+                    BM, BN, BK, s_ptr + e.to(tl.int64) * stride_se, W8)
     tl.store(h_ptr + m[:, None].to(tl.int64) * inter + n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=nmask[None, :])
 
 
 @triton.jit(do_not_specialize=["num_assign"])
-def _sorted_down_kernel(h_ptr, rows_ptr, tile_expert_ptr, tw_ptr, w_ptr, y_ptr, num_assign, hidden, inter,
-                        stride_we, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _sorted_down_kernel(h_ptr, rows_ptr, tile_expert_ptr, tw_ptr, w_ptr, s_ptr, y_ptr, num_assign, hidden, inter,
+                        stride_we, stride_se, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        W8: tl.constexpr):
     e, m, rows, valid = _tile_rows(rows_ptr, tile_expert_ptr, num_assign, BM)
     if e < 0:
         return
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < hidden
     w_base = w_ptr + e.to(tl.int64) * stride_we
+    s_base = s_ptr + e.to(tl.int64) * stride_se
     acc = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, inter, BK):
         kk = k0 + tl.arange(0, BK)
@@ -84,7 +91,7 @@ def _sorted_down_kernel(h_ptr, rows_ptr, tile_expert_ptr, tw_ptr, w_ptr, y_ptr, 
         ha = tl.load(h_ptr + m[:, None].to(tl.int64) * inter + kk[None, :], mask=kmask[None, :], other=0.0)
         w = tl.load(w_base + kk[:, None].to(tl.int64) * hidden + n[None, :], mask=kmask[:, None] & nmask[None, :],
                     other=0.0)
-        acc = tl.dot(ha, w, acc)
+        acc = tl.dot(ha, _dequant(w, s_base, k0 // 128, n, hidden // 128, nmask, ha.dtype, W8), acc)
     tw = tl.load(tw_ptr + rows, mask=valid, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows[:, None].to(tl.int64) * hidden + n[None, :], (acc * tw[:, None]).to(y_ptr.dtype.element_ty),
              mask=valid[:, None] & nmask[None, :])
@@ -151,38 +158,42 @@ def sort_by_expert(ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tens
     return rows, tile_expert
 
 
-def sorted_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tiles] = None):
-    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) for bf16/fp16; ids local, -1 = held elsewhere.
-    None for activations or dtypes it does not take."""
+def sorted_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tiles] = None, *, w13_scale=None,
+                   w2_scale=None):
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) for bf16/fp16; ids local, -1 = held elsewhere; fp8 w13/w2
+    with their block scales as in triton_experts. None for activations or dtypes it does not take."""
     name = getattr(act, "__name__", "")
     if name not in _ACTS or x.dtype not in (torch.bfloat16, torch.float16):
         return None
+    w8, s13, ss13, s2, ss2 = weight_scales(w13, w13_scale, w2, w2_scale)
     rows_n, k = topk_ids.shape
     experts, hidden, inter = w13.shape[0], w13.shape[1], w2.shape[1]
     num_assign = rows_n * k
-    t = tiles or _tiles(num_assign, experts)
+    t = tiles or _tiles(num_assign, experts, w8)
     x = x.contiguous()
     ids = topk_ids.reshape(-1).contiguous()
     tw = topk_weights.reshape(-1).contiguous()
     rows, tile_expert = sort_by_expert(ids, experts, t.bm)
     h = torch.empty((rows.numel(), inter), dtype=x.dtype, device=x.device)
     _sorted_gate_up_kernel[(triton.cdiv(inter, t.bn1), tile_expert.numel())](
-        x, rows, tile_expert, w13, h, num_assign, hidden, inter, w13.stride(0), k, _ACTS[name], t.bm, t.bn1, t.bk1,
-        num_warps=t.warps, num_stages=t.stages)
+        x, rows, tile_expert, w13, s13, h, num_assign, hidden, inter, w13.stride(0), ss13, k, _ACTS[name], t.bm,
+        t.bn1, t.bk1, w8, num_warps=t.warps, num_stages=t.stages)
     y = torch.empty((num_assign, hidden), dtype=x.dtype, device=x.device)
     _sorted_down_kernel[(triton.cdiv(hidden, t.bn2), tile_expert.numel())](
-        h, rows, tile_expert, tw, w2, y, num_assign, hidden, inter, w2.stride(0), t.bm, t.bn2, t.bk2,
+        h, rows, tile_expert, tw, w2, s2, y, num_assign, hidden, inter, w2.stride(0), ss2, t.bm, t.bn2, t.bk2, w8,
         num_warps=t.warps, num_stages=t.stages)
     out = torch.empty((rows_n, hidden), dtype=x.dtype, device=x.device)
     _sum_kernel[(rows_n, triton.cdiv(hidden, 1024))](y, ids, out, hidden, k, 1024, num_warps=4)
     return out
 
 
-def cuda_experts(x, topk_ids, topk_weights, w13, w2, act):
+def cuda_experts(x, topk_ids, topk_weights, w13, w2, act, *, w13_scale=None, w2_scale=None):
     """The expert kernel the cuda platform registers: the masked Triton kernels at decode sizes,
-    the expert-sorted ones above (float32 above decode sizes: None, the portable path)."""
+    the expert-sorted ones above (float32 above decode sizes: None, the portable path); fp8
+    weights (with their block scales) through the same kernels."""
     if not w13.is_cuda:
         return None
+    scales = dict(w13_scale=w13_scale, w2_scale=w2_scale)
     if topk_ids.numel() <= MAX_ASSIGNMENTS:
-        return triton_experts(x, topk_ids, topk_weights, w13, w2, act)
-    return sorted_experts(x, topk_ids, topk_weights, w13, w2, act)
+        return triton_experts(x, topk_ids, topk_weights, w13, w2, act, **scales)
+    return sorted_experts(x, topk_ids, topk_weights, w13, w2, act, **scales)
