@@ -2,9 +2,8 @@
 numpy reference of its noise (tests/race_reference.py), its draws follow softmax(logits / T) (a
 chi-square test over 200,000 draws), the sampler sends temperature-only rows to it (seeded rows with
 their request's key, in any batch, in a fresh process and on a restarted server) and the rest to the
-torch paths; the cuda
-platform's Triton kernel, run by Triton's CPU interpreter, picks the C kernel's tokens. (GPU runs of
-both checks: tests/test_gpu.py.)"""
+torch paths; the cuda platform's Triton kernel, run by Triton's CPU interpreter, picks the C kernel's
+tokens. (The GPU run of these checks: tests/test_gpu.py.)"""
 
 from __future__ import annotations
 
