@@ -43,7 +43,7 @@ for s in $stages; do
               | tee "$OUT/prefill.log" | tail -30 ;;
     prefill-fp8) python3 benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --fp8 --out "$OUT/prefill_fp8.json" 2>&1 \
               | tee "$OUT/prefill_fp8.log" | tail -8 ;;
-    sampler) python3 benchmarks/sampler_bench.py --device cuda --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -16 ;;
+    sampler) python3 benchmarks/sampler_bench.py --device cuda --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -22 ;;
     serve-prefill|serve-decode|serve-decode-async)   # the 12-layer checkpoint, made once; SERVE_ARGS adds epplat serve flags
             m=$(model_12l)
             if [ $s = serve-prefill ]; then load="--input-len 2048 --output-len 4 --concurrency 16 --num-prompts 256"

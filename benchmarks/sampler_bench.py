@@ -6,7 +6,8 @@ greedy, temperature 1.0 (the record's one-pass ``sample`` kernel), top-k 50, top
 50 + top-p 0.9 rows; in the same run, temperature 1.0 through the torch path (``sample()`` without
 the kernel) and the temperature-1.0 and top-p draws through the sort-every-row sampler epplat had
 before (``full_sort``, below). Logits are normal with std --logit-std (4 puts top-p 0.9 at ~500
-tokens of 151,936). On cpu the C kernels run on every torch thread, as the platform runs them.
+tokens of 151,936). Threads are set as the platform sets them for a decode step of that batch (cpu:
+the C kernels on every thread, torch's ops on one below 128 tokens).
 
     python benchmarks/sampler_bench.py --device cpu --batch 1 4 16 64 256
     python benchmarks/sampler_bench.py --device cuda
@@ -73,15 +74,13 @@ def main():
     dev = torch.device(a.device)
     platform = registry().load("platform", dev.type)()
     kernels = platform.kernels
-    if dev.type == "cpu":
-        from epplat.platforms.cpu import cpu_kernels
-        cpu_kernels.THREADS = torch.get_num_threads()
     iters = a.iters or (20 if dev.type == "cuda" else 5)
     g = torch.Generator(device=dev).manual_seed(0)
     rows = []
     for b in a.batch:
         logits = torch.randn(b, a.vocab, device=dev, generator=g) * a.logit_std
         row = {"batch": b}
+        platform.before_step(b)        # threads as in a decode step of b tokens (cpu: torch on one below 128)
         for name, params in CASES.items():
             reqs = [Request(EngineRequest(str(i), [1], SamplingParams(**params))) for i in range(b)]
             med, low = timed(lambda: sample(logits, reqs, kernels=kernels), dev, iters)
@@ -95,7 +94,7 @@ def main():
         probs = (logits[0] / 1.0).softmax(-1).sort(descending=True).values.cumsum(-1)
         row["top-p 0.9 tokens"] = int((probs < 0.9).sum()) + 1
         rows.append(row)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.max_threads} threads)"
     print(f"sampler on {name}, vocab {a.vocab}, logit std {a.logit_std}, ms per sample() call, torch "
           f"{torch.__version__}, sample kernel: {kernels.sample is not None}")
     for title, cols in (("median", [c for c in rows[0] if c != "batch" and not c.startswith("min ")]),

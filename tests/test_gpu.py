@@ -519,3 +519,41 @@ def test_deepseek_cuda_graphs_give_the_eager_tokens(tmp_path):
     graphed = _core(d, eager=False)
     assert graphed.runner.graph.sizes, "no CUDA graph was captured"
     assert _greedy(graphed) == _greedy(_core(d, eager=True))
+
+
+def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
+    """Kernels.sample on the GPU: the tokens of the numpy reference of its noise (tests/race_reference.py;
+    at most one near-tie of 24 rows may round the other way), the same tokens again for the same keys, a
+    chi-square test of 200,000 draws against softmax(logits / T), and the sampler's mixed batches."""
+    from epplat.core.engine.protocol import EngineRequest, SamplingParams
+    from epplat.core.engine.request import Request
+    from epplat.core.engine.sampler import sample as sampler_sample
+    from epplat.platforms.cuda.kernels import cuda_kernels
+    from epplat.platforms.cuda.triton_sample import sample
+    from race_reference import race_token
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 151936, generator=g) * 4
+    xc = x.cuda()
+    temps = torch.tensor([0.5, 1.0, 2.0] * 8)
+    keys = torch.randint(1 << 62, (24,), generator=g)
+    for t, k in ((1.0, 1 << 40), (temps.cuda(), keys.cuda())):
+        got = sample(xc, t, k).tolist()
+        assert sample(xc, t, k).tolist() == got
+        tl = temps.tolist() if isinstance(t, torch.Tensor) else [t] * 24
+        kl = keys.tolist() if isinstance(k, torch.Tensor) else [k + i for i in range(24)]
+        want = [race_token(x[i], tl[i], kl[i]) for i in range(24)]
+        assert sum(a != b for a, b in zip(got, want)) <= 1, (got, want)
+    vocab, n = 12, 200000
+    logits = torch.randn(1, vocab, generator=g) * 2
+    logits[0, 3] = 8.0
+    for t in (1.0, 0.6, 2.5):
+        tokens = sample(logits.cuda().expand(n, vocab).contiguous(), t, 1 << 50).cpu()
+        expected = n * (logits[0].double() / t).softmax(-1)
+        freq = torch.bincount(tokens, minlength=vocab).double()
+        assert ((freq - expected) ** 2 / expected).sum() < 31.26      # chi-square, 11 dof, p = 0.001
+    reqs = [Request(EngineRequest(str(i), [1], SamplingParams(**p))) for i, p in enumerate(
+        [dict(temperature=0.0), dict(temperature=0.7, seed=11), dict(temperature=1.0, top_k=1), dict(temperature=1.0)])]
+    tokens, _ = sampler_sample(xc[:4], reqs, kernels=cuda_kernels())
+    key = int(torch.randint(1 << 62, (1,), generator=torch.Generator().manual_seed(11)))
+    assert (tokens[0], tokens[2]) == (int(x[0].argmax()), int(x[2].argmax()))
+    assert tokens[1] == race_token(x[1], 0.7, key)

@@ -1,9 +1,9 @@
 """Kernels.sample, the one-pass sampling kernels: the cpu platform's C kernel picks the tokens of the
 numpy reference of its noise (tests/race_reference.py), its draws follow softmax(logits / T) (a
 chi-square test over 200,000 draws), the sampler sends temperature-only rows to it (seeded rows with
-their request's key, in any batch and in a fresh process) and the rest to the torch paths; the cuda
-platform's Triton kernel, run by Triton's CPU interpreter, picks the C kernel's tokens. (GPU runs of
-both checks: tests/test_gpu.py.)"""
+their request's key, in any batch, in a fresh process and on a restarted server) and the rest to the
+torch paths; the cuda platform's Triton kernel, run by Triton's CPU interpreter, picks the C kernel's
+tokens. (The GPU run of these checks: tests/test_gpu.py.)"""
 
 from __future__ import annotations
 
@@ -122,3 +122,19 @@ def test_triton_sample_kernel_in_the_interpreter_picks_the_c_kernels_tokens():
     r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_a_seed_gives_the_same_tokens_on_a_restarted_server(qwen3_moe_dir):
+    """Through the HTTP API and the openai client: float32 on the cpu platform, so temperature-1.0
+    requests go to the C kernel; the same seeded request before and after a restart."""
+    import openai
+    from server_utils import Server
+
+    def draws():
+        with Server(str(qwen3_moe_dir), "--dtype", "float32", "--max-model-len", "512") as s:
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+            r = client.completions.create(model=str(qwen3_moe_dir), prompt="The sea", max_tokens=8, temperature=1.0,
+                                          n=3, seed=7, extra_body={"ignore_eos": True})
+            return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+    first = draws()
+    assert draws() == first and len(set(first)) > 1

@@ -57,29 +57,21 @@ def sample_tokens(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=Non
                   ) -> torch.Tensor:
     """The tokens, left on the logits' device (async scheduling reads them later)."""
     logits = apply_rules(apply_grammars(logits.float(), reqs, grammar_bitmask), reqs)
-    vocab = logits.shape[1]
-    groups: dict = {"greedy": [], "race": [], "filtered": []}
-    for i, r in enumerate(reqs):
-        p = r.params
-        kind = ("greedy" if p.temperature <= 1e-5 else
-                "race" if kernels.sample is not None and not _narrow(p, vocab) and p.min_p <= 0 else "filtered")
-        groups[kind].append(i)
-    tokens = None
-    for kind, rows in groups.items():
-        if not rows:
-            continue
-        whole = len(rows) == len(reqs)
-        x = logits if whole else logits[rows]
-        sub = reqs if whole else [reqs[i] for i in rows]
-        tok = x.argmax(dim=-1) if kind == "greedy" else _race(kernels.sample, x, sub) if kind == "race" else None
-        if tok is None:
-            tok = _sample_rows(x, sub)
-        if whole:
-            tokens = tok
-        else:
-            if tokens is None:
-                tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
-            tokens[rows] = tok
+    params = [r.params for r in reqs]
+    greedy = [p.temperature <= 1e-5 for p in params]
+    if all(greedy):
+        return logits.argmax(dim=-1)
+    # 0: greedy, 1: temperature only (the kernel's), 2: the filters' torch path
+    vocab, race = logits.shape[1], kernels.sample is not None
+    kinds = [0 if g else 1 if race and not (0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0) else 2
+             for g, p in zip(greedy, params)]
+    if kinds.count(kinds[0]) == len(kinds):
+        return _tokens(kinds[0], logits, reqs, kernels)
+    tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+    for kind in (0, 1, 2):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        if rows:
+            tokens[rows] = _tokens(kind, logits[rows], [reqs[i] for i in rows], kernels)
     return tokens
 
 
@@ -222,10 +214,16 @@ def sampling_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     return out
 
 
+def _tokens(kind: int, logits: torch.Tensor, reqs: list[Request], kernels: Kernels) -> torch.Tensor:
+    """Tokens of rows of one kind (see ``sample``)."""
+    tok = logits.argmax(dim=-1) if kind == 0 else _race(kernels.sample, logits, reqs) if kind == 1 else None
+    return _sample_rows(logits, reqs) if tok is None else tok
+
+
 def _race(kernel, logits: torch.Tensor, reqs: list[Request]) -> Optional[torch.Tensor]:
     """The Kernels.sample draw of rows that need only a temperature (None where the kernel declines)."""
     base = int(torch.randint(1 << 62, (1,)))
-    if all(r.generator is None for r in reqs):
+    if not any([r.generator is not None for r in reqs]):
         keys = base
     else:
         keys = torch.tensor([base + i if r.generator is None else int(torch.randint(1 << 62, (1,), generator=r.generator))

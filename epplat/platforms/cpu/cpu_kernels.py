@@ -33,8 +33,9 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 # Above this many rows, MKL's GEMM is faster than reading each weight row once.
 MAX_LINEAR_ROWS = 32
 
-# tokens of a sampling draw a thread takes at least (about a millisecond of work)
-RACE_TOKENS_PER_THREAD = 1 << 20
+# tokens of a sampling draw a thread takes at least (about 4 ms of work): on the shared 2-core VM a
+# second thread for a batch of 16 (2.4M tokens) made the draw 2.8x slower (4.6 against 1.7 ms)
+RACE_TOKENS_PER_THREAD = 1 << 22
 # OpenMP threads of the kernels; the cpu platform sets its whole thread budget here (decode
 # steps run torch's own ops on one thread, where fork/join costs more than it saves)
 THREADS = 1
@@ -88,7 +89,7 @@ def load() -> Optional[ctypes.CDLL]:
     lib.linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.write_kv.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr]
     lib.route_topk.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
-    lib.sample_race.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.sample_race.argtypes = [ptr, i64, i64, ptr, i64, ptr, f32, ptr, ctypes.c_int]
     lib.rms_norm.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, f32, ptr]
     lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
     lib.decode_layer_floats.argtypes = [i64] * 9 + [ctypes.c_int]
@@ -208,14 +209,14 @@ def sample(logits, temperature, keys) -> Optional[torch.Tensor]:
         return None
     b = logits.shape[0]
     logits = logits.contiguous()
-    inv_t = (1.0 / temperature if isinstance(temperature, torch.Tensor) else torch.full((b,), 1.0 / temperature))
-    inv_t = inv_t.to(torch.float32).contiguous()
-    keys = keys.to(torch.int64).contiguous() if isinstance(keys, torch.Tensor) else torch.arange(keys, keys + b)
+    inv_t = (1.0 / temperature).to(torch.float32).contiguous() if isinstance(temperature, torch.Tensor) else None
+    keys = keys.to(torch.int64).contiguous() if isinstance(keys, torch.Tensor) else keys
     out = torch.empty(b, dtype=torch.int64)
     # a thread a RACE_TOKENS_PER_THREAD tokens: below that a fork/join costs more than it saves
     threads = max(1, min(THREADS, logits.numel() // RACE_TOKENS_PER_THREAD))
-    if _lib.sample_race(logits.data_ptr(), b, logits.shape[1], keys.data_ptr(), inv_t.data_ptr(), out.data_ptr(),
-                        threads):
+    if _lib.sample_race(logits.data_ptr(), b, logits.shape[1], None if isinstance(keys, int) else keys.data_ptr(),
+                        keys if isinstance(keys, int) else 0, None if inv_t is None else inv_t.data_ptr(),
+                        1.0 / temperature if inv_t is None else 0.0, out.data_ptr(), threads):
         raise MemoryError("sample_race: out of memory")
     return out
 

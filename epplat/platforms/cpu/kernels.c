@@ -549,10 +549,11 @@ static inline __m256 race_bound(__m256 x, __m256 inv_t, __m256 v) {
 /* out[r] = argmax_j(logits[r, j] * inv_t[r] - ln E_rj), a draw from softmax(logits[r] * inv_t[r]):
  * the exponential race (argmax p_j / E_j). E_rj comes from Philox4x32-10 keyed by keys[r] (low,
  * high 32 bits), counter (j / 1024) * 256 + j % 256, output (j % 1024) / 256: the noise of the cuda
- * platform's kernel (triton_sample.py), so a key draws the same tokens on both but for rounding. Rows
- * are split into chunks of RACE_CHUNK tokens so one row fills every thread. */
-int sample_race(const float *logits, int64_t B, int64_t V, const int64_t *keys, const float *inv_t, int64_t *out,
-                int threads) {
+ * platform's kernel (triton_sample.py), so a key draws the same tokens on both but for rounding. keys /
+ * inv_t NULL: row r's key is key0 + r, its inv_t inv_t0. Rows are split into chunks of RACE_CHUNK
+ * tokens so one row fills every thread. */
+int sample_race(const float *logits, int64_t B, int64_t V, const int64_t *keys, int64_t key0, const float *inv_t,
+                float inv_t0, int64_t *out, int threads) {
     int64_t nch = (V + RACE_CHUNK - 1) / RACE_CHUNK;
     float *best = malloc(sizeof(float) * B * nch);
     int64_t *arg = malloc(sizeof(int64_t) * B * nch);
@@ -561,8 +562,9 @@ int sample_race(const float *logits, int64_t B, int64_t V, const int64_t *keys, 
     for (int64_t task = 0; task < B * nch; task++) {
         int64_t r = task / nch, j0 = task % nch * RACE_CHUNK, j1 = j0 + RACE_CHUNK < V ? j0 + RACE_CHUNK : V;
         const float *x = logits + r * V;
-        uint32_t k0 = (uint32_t)keys[r], k1 = (uint32_t)((uint64_t)keys[r] >> 32);
-        __m256 it = _mm256_set1_ps(inv_t[r]), bv = _mm256_set1_ps(-INFINITY);
+        uint64_t key = keys ? (uint64_t)keys[r] : (uint64_t)(key0 + r);
+        uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+        __m256 it = _mm256_set1_ps(inv_t ? inv_t[r] : inv_t0), bv = _mm256_set1_ps(-INFINITY);
         __m256i bi = _mm256_setzero_si256(), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         float tail[RACE_BLOCK];
         for (int64_t blk = j0; blk < j1; blk += RACE_BLOCK) {
