@@ -37,8 +37,8 @@ def _best(row_ptr, tok, vocab, inv_t, r):
 @triton.jit(do_not_specialize=["key_lo", "key_hi"])
 def _race_kernel(x_ptr, stride, vocab, out_ptr, key_lo, key_hi, inv_t, keys_ptr, inv_t_ptr,
                  PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    tile = tl.program_id(0)
-    row = tl.program_id(1)
+    tile = tl.program_id(1)            # vocabulary tiles: 149 for 151,936 tokens
+    row = tl.program_id(0)             # rows on grid axis 0 (CUDA caps axes 1 and 2 at 65,535)
     if PER_ROW:
         key = tl.load(keys_ptr + row)
         it = tl.load(inv_t_ptr + row)
@@ -79,10 +79,10 @@ def sample(logits: torch.Tensor, temperature, keys) -> Optional[torch.Tensor]:
         inv_t = (1.0 / temperature if isinstance(temperature, torch.Tensor)
                  else torch.full((b,), 1.0 / temperature, device=dev)).to(torch.float32)
         keys_t = keys.to(torch.int64) if isinstance(keys, torch.Tensor) else torch.arange(keys, keys + b, device=dev)
-        _race_kernel[(triton.cdiv(vocab, BLOCK), b)](logits, logits.stride(0), vocab, out, 0, 0, 1.0, keys_t, inv_t,
+        _race_kernel[(b, triton.cdiv(vocab, BLOCK))](logits, logits.stride(0), vocab, out, 0, 0, 1.0, keys_t, inv_t,
                                                      PER_ROW=True, BLOCK=BLOCK)
     else:
-        _race_kernel[(triton.cdiv(vocab, BLOCK), b)](logits, logits.stride(0), vocab, out, keys & 0x7FFFFFFF,
+        _race_kernel[(b, triton.cdiv(vocab, BLOCK))](logits, logits.stride(0), vocab, out, keys & 0x7FFFFFFF,
                                                      keys >> 31, 1.0 / temperature, out, logits,
                                                      PER_ROW=False, BLOCK=BLOCK)
     return out.bitwise_and_(0xFFFFFFFF)
