@@ -316,6 +316,7 @@ def test_tcp_listeners_drop_garbage_half_open_and_oversized_peers_without_costin
 
     import torch.distributed as dist
 
+    from epplat.config import ParallelConfig
     from epplat.connectors import side_channel
     from epplat.core.distributed.parallel_state import _tcp_store
     from epplat.platforms.ascend import rendezvous
@@ -328,7 +329,7 @@ def test_tcp_listeners_drop_garbage_half_open_and_oversized_peers_without_costin
     auth = FrameAuth("kv secret")
     channel = side_channel.SideChannelServer("127.0.0.1", free_port(), lambda msg: {"echo": msg["op"]}, auth)
     store_port = free_port()
-    store = _tcp_store(type("Parallel", (), {"data_parallel_address": "127.0.0.1", "data_parallel_rpc_port": store_port}),
+    store = _tcp_store(ParallelConfig(data_parallel_address="127.0.0.1", data_parallel_rpc_port=store_port),
                        0, 2, timedelta(seconds=30))
     try:
         garbage = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(64)

@@ -178,8 +178,8 @@ def _sum_kernel(y_ptr, ids_ptr, out_ptr, hidden, K: tl.constexpr, BH: tl.constex
     dmask = d < hidden
     acc = tl.zeros([BH], tl.float32)
     for k in tl.static_range(K):
-        here = tl.load(ids_ptr + t * K + k) >= 0
-        acc += tl.load(y_ptr + (t * K + k).to(tl.int64) * hidden + d, mask=dmask & here, other=0.0).to(tl.float32)
+        width = tl.where(tl.load(ids_ptr + t * K + k) >= 0, hidden, 0)    # an unplaced pair (id -1) adds nothing
+        acc += tl.load(y_ptr + (t * K + k).to(tl.int64) * hidden + d, mask=d < width, other=0.0).to(tl.float32)
     tl.store(out_ptr + t.to(tl.int64) * hidden + d, acc.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
