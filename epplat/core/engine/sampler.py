@@ -55,8 +55,10 @@ def sample(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None, kern
 
 def sample_tokens(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None, kernels: Kernels = TORCH
                   ) -> torch.Tensor:
-    """The tokens, left on the logits' device (async scheduling reads them later)."""
-    logits = apply_rules(apply_grammars(logits.float(), reqs, grammar_bitmask), reqs)
+    """The tokens, left on the logits' device (async scheduling reads them later). Float32 logits are
+    masked by the grammars in place unless a request returns logprobs (of the raw logits)."""
+    inplace = not any(r.params.logprobs is not None for r in reqs)
+    logits = apply_rules(apply_grammars(logits.float(), reqs, grammar_bitmask, kernels, inplace), reqs)
     params = [r.params for r in reqs]
     greedy = [p.temperature <= 1e-5 for p in params]
     if all(greedy):
