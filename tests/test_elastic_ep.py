@@ -185,8 +185,8 @@ def _scale_with_traffic(s: Server, client, model, expected, new_size: int, durin
     if not grows and status == 200:
         ended = [st.last - box["done"] for st in before + randoms]
         assert min(ended) > 0, ("a scale-down waited for running streams", ended)
-        moved = re.findall(rf"elastic EP: (\d+) requests moved off the departing DP ranks {re.escape(str(list(range(new_size, old))))}",
-                           s.output())
+        leaving = re.escape(str(list(range(new_size, old))))
+        moved = re.findall(rf"elastic EP: (\d+) requests moved off the departing DP ranks {leaving}", s.output())
         assert moved and int(moved[-1]) >= 1 + bool(seeded), moved      # a greedy and a seeded stream, at least
     assert across.last > box["done"], ("the stream started during the scale ended before the scale did",
                                        across.last - box["done"], re.findall(r"elastic EP: scaled.*", s.output()))
