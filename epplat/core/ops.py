@@ -47,7 +47,7 @@ class Kernels:
     # (q_latent [B, H, r], q_pe [B, H, dr], cache [blocks, block, 1, r + dr], tables, lens, scale) -> [B, H, r]
     mla_decode_attention: Kernel = None
 
-    # (logits [B, V] float32, temperature: float | [B] tensor, keys: int | [B] int64 tensor) -> tokens [B] int64:
+    # (logits [B, V] float32, temperature: float | [B] host tensor, keys: int | [B] int64 host tensor) -> tokens [B]:
     # one draw a row from softmax(logits / temperature), its noise a function of the row's 64-bit key and
     # the token index alone (an int key k: row i takes k + i)           torch: the sampler's inverse-CDF draw
     sample: Kernel = None

@@ -229,9 +229,10 @@ def _race(kernel, logits: torch.Tensor, reqs: list[Request]) -> Optional[torch.T
         keys = base
     else:
         keys = torch.tensor([base + i if r.generator is None else int(torch.randint(1 << 62, (1,), generator=r.generator))
-                             for i, r in enumerate(reqs)], device=logits.device)
+                             for i, r in enumerate(reqs)])
     temps = [r.params.temperature for r in reqs]
-    temperature = temps[0] if temps.count(temps[0]) == len(temps) else torch.tensor(temps, device=logits.device)
+    # per-row values stay on the host: the kernel moves them (a blocking copy here would wait for the step)
+    temperature = temps[0] if temps.count(temps[0]) == len(temps) else torch.tensor(temps)
     return kernel(logits, temperature, keys)
 
 
