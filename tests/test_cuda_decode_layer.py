@@ -1,5 +1,5 @@
 """The cuda platform's fused decode layer (epplat.platforms.cuda.decode_layer: q/k norm + rotary + KV write
-in one launch, the attention merge inside the split kernel, residual add + norm + router + top-k in one, the
+in one launch, the attention merge inside the split kernel, the
 residual inside the experts' sum) run by Triton's CPU interpreter (TRITON_INTERPRET=1) against the same layer
 run module by module in torch; on a GPU, tests/test_gpu.py checks it against the modules' Triton kernels."""
 
@@ -21,7 +21,7 @@ from epplat.core.model.layers import RotaryEmbedding
 from epplat.core.moe.all2all import ExpertMap
 from epplat.core.moe.all2all_torch import AllGatherReduceScatter
 from epplat.core.ops import TORCH
-from epplat.platforms.cuda import decode_layer, triton_attention, triton_router
+from epplat.platforms.cuda import decode_layer, triton_attention
 from epplat.platforms.cuda.kernels import cuda_kernels
 
 cuda = cuda_kernels()
@@ -38,7 +38,7 @@ for qk_norm, renorm, lens in ((True, True, [5, 16, 17, 40, 33]), (False, False, 
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
     shape = (len(lens) * 3 + 2, 16, 2, 32)
     caches = (torch.randn(shape, generator=g).to(dev), torch.randn(shape, generator=g).to(dev))
-    # 20 rows: two token blocks of the router kernel; a sequence of one token and ones ending on a block edge
+    # 20 rows: a sequence of one token and ones ending on a block edge
     seqs = [(n, 1, list(range(i * 3, i * 3 + 3))) for i, n in enumerate(lens)]
     meta = build_attn_metadata(seqs, 16, dev, pad_block=shape[0] - 1, kernels=cuda)
     x = torch.randn(len(lens), 128, generator=g).to(dev)
@@ -47,8 +47,6 @@ for qk_norm, renorm, lens in ((True, True, [5, 16, 17, 40, 33]), (False, False, 
     fused = decode_layer.decode_layer(layer, x, pos, meta)
     assert fused is not None
     assert int(sum(c.abs().sum() for c in triton_attention._counters.values())) == 0   # every counter reset
-    post = layer.post_attention_layernorm          # the one-launch router took these rows
-    assert triton_router.add_norm_route(x, x, post.weight, post.eps, layer.mlp.gate, 3, renorm) is not None
     fused_caches = layer.self_attn.kv_cache
     for m in layer.modules():                                                        # the torch modules
         if "kernels" in vars(m):

@@ -1,4 +1,4 @@
-"""A decoder layer of a decode step on cuda in 9 launches instead of the modules' 19 (Kernels.decoder_layer).
+"""A decoder layer of a decode step on cuda in fewer launches than the modules' 19 (Kernels.decoder_layer).
 
 At batch 1 a layer's GEMMs read ~113 MB of weights (Qwen3-30B-A3B) in ~26 us at HBM speed, while
 each small kernel between them (norms, rotary, KV write, the attention merge, residual adds,
@@ -10,7 +10,9 @@ block size) this runs:
 3. q/k norm + rotary + KV-cache write (triton_rope_kv);
 4. decode attention with its merge in the same launch (triton_attention);
 5. the o_proj GEMM;
-6. residual add + RMSNorm + router GEMM + softmax top-k (triton_router, up to its MAX_TOKENS rows);
+6. residual add, RMSNorm, router GEMM and top-k as the modules run them (a one-launch Triton router, tried
+   on the H200, ran 8 programs for a 512 KB gate read: 23.5 us a layer at batch 1 against ~10 us, and was
+   removed);
 7-9. the experts' gate/up, down and sum kernels, the sum adding the residual (triton_moe).
 
 Every step rounds where the module it replaces rounds, so the tokens are those of the module
@@ -28,7 +30,7 @@ import torch
 from epplat.core.model.decoder import Attention, DecoderLayer
 from epplat.core.moe.all2all_torch import _TorchDistBackend
 from epplat.core.moe.layer import FusedMoE
-from epplat.platforms.cuda import fp8, triton_rope_kv, triton_router
+from epplat.platforms.cuda import fp8, triton_rope_kv
 from epplat.platforms.cuda.triton_attention import decode_attention
 from epplat.platforms.cuda.triton_moe import MAX_ASSIGNMENTS, triton_experts
 from epplat.platforms.cuda.triton_norm import rms_norm
@@ -88,14 +90,9 @@ def decode_layer(layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, 
                                        k_cache, v_cache, meta.slot_mapping)
     o = decode_attention(q, k_cache, v_cache, meta.decode_tables, meta.decode_lens, attn.scale)
     a = attn.project("o_proj", o.view(t, attn.h * attn.d))
-    post = layer.post_attention_layernorm
-    routed = triton_router.add_norm_route(x, a, post.weight, post.eps, mlp.gate, mlp.top_k, mlp.renormalize)
-    if routed is None:
-        x = x + a
-        h = post(x)
-        weights, ids = mlp.route(h)
-    else:
-        x, h, weights, ids = routed
+    x = x + a
+    h = layer.post_attention_layernorm(x)
+    weights, ids = mlp.route(h)
     ids = mlp.to_physical(ids)
     experts = _fused_experts(mlp)
     if (experts is not None and isinstance(mlp.all2all, _TorchDistBackend) and mlp.all2all.size == 1
