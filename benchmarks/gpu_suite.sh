@@ -93,6 +93,8 @@ print(f"serve-decode-async: TPOT p50 {t:.2f} ms, in-process decode step (batch 1
               --input-len 2048 --output-len 128 --concurrency 16 --num-prompts 64 \
               --epplat-arg=--kv-cache-memory-bytes --epplat-arg=${PD_KV_BYTES:-20000000000} \
               --logdir "$OUT/pd-nixl-logs" --out "$OUT/pd_nixl.json" 2>&1 | tee "$OUT/pd_nixl.log" | tail -6
+            # decode requests whose KV did not come through NIXL (recomputed there): must be 0
+            echo "pd-nixl: prompts recomputed on the decode side: $(grep -c 'computing its prompt here' "$OUT"/pd-nixl-logs/decode.log)"
             # which UCX transport moved the KV (cuda_ipc between the two processes of one GPU, if UCX found it)
             grep -h -A6 "remote memory read by ucp_get" "$OUT"/pd-nixl-logs/decode.log | grep -m4 -E "cuda|copy" ;;
     *) echo "unknown stage $s" ;;

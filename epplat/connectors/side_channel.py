@@ -33,13 +33,19 @@ UNAUTHENTICATED = "not authenticated: the prefill and decode servers need the sa
                   "(EPPLAT_INTERNAL_SECRET)"
 
 
+_said_open = False      # the open channel's warning is said once a process
+
+
 def channel_auth(parallel, connector: str) -> FrameAuth:
     """The side channel's frame auth: the deployment's secret when one was given, else the open key."""
+    global _said_open
     if not parallel.internal_secret_generated:
         return FrameAuth(parallel.internal_secret)
-    logger.warning("%s: no --internal-secret (EPPLAT_INTERNAL_SECRET) was given, so its KV side channel accepts "
-                   "any peer that reaches its port, as vLLM's does; give the prefill and decode servers the same "
-                   "secret to authenticate it", connector)
+    if not _said_open:
+        _said_open = True
+        logger.warning("%s: no --internal-secret (EPPLAT_INTERNAL_SECRET) was given, so its KV side channel "
+                       "accepts any peer that reaches its port, as vLLM's does; give the prefill and decode "
+                       "servers the same secret to authenticate it", connector)
     return FrameAuth(OPEN_KEY)
 
 
