@@ -40,6 +40,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float):
 
 
 @triton.jit
+def _add_rms_norm_kernel(x_ptr, a_ptr, w_ptr, sum_ptr, out_ptr, eps, D: tl.constexpr, DP: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, DP)
+    m = d < D
+    s = tl.load(x_ptr + t * D + d, mask=m, other=0.0) + tl.load(a_ptr + t * D + d, mask=m, other=0.0)
+    tl.store(sum_ptr + t * D + d, s, mask=m)
+    x = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    y = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * D + d, (w * y).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + a, RMSNorm(x + a)) for contiguous [T, D] x and a of one dtype, in one launch (the decoder layer's
+    residual add and post-attention norm), the sum rounded to the dtype as torch's add rounds it; None for
+    other inputs."""
+    if not (x.dtype == a.dtype == weight.dtype and x.shape == a.shape and x.dim() == 2 and x.is_contiguous()
+            and a.is_contiguous()):
+        return None
+    s, out = torch.empty_like(x), torch.empty_like(x)
+    if x.shape[0]:
+        d = x.shape[1]
+        _add_rms_norm_kernel[(x.shape[0],)](x, a, weight, s, out, eps, d, triton.next_power_of_2(d),
+                                            num_warps=4 if d >= 1024 else 1)
+    return s, out
+
+
+@triton.jit
 def _round(x, dt: tl.constexpr):
     return x.to(dt)
 
