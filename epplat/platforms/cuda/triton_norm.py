@@ -44,9 +44,11 @@ def _add_rms_norm_kernel(x_ptr, a_ptr, w_ptr, sum_ptr, out_ptr, eps, D: tl.const
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, DP)
     m = d < D
-    s = tl.load(x_ptr + t * D + d, mask=m, other=0.0) + tl.load(a_ptr + t * D + d, mask=m, other=0.0)
-    tl.store(sum_ptr + t * D + d, s, mask=m)
-    x = s.to(tl.float32)
+    s = tl.load(x_ptr + t * D + d, mask=m, other=0.0).to(tl.float32) + tl.load(a_ptr + t * D + d, mask=m,
+                                                                               other=0.0).to(tl.float32)
+    x = s.to(sum_ptr.dtype.element_ty)            # rounded as torch's add rounds its float32 sum
+    tl.store(sum_ptr + t * D + d, x, mask=m)
+    x = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     y = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
