@@ -21,11 +21,13 @@ from epplat.core.model.layers import RotaryEmbedding
 from epplat.core.moe.all2all import ExpertMap
 from epplat.core.moe.all2all_torch import AllGatherReduceScatter
 from epplat.core.ops import TORCH
-from epplat.platforms.cuda import decode_layer, triton_attention
+from epplat.platforms.cuda import decode_layer, pdl, triton_attention
 from epplat.platforms.cuda.kernels import cuda_kernels
 
 cuda = cuda_kernels()
 dev = torch.device(os.environ.get("EPPLAT_TEST_DEVICE", "cpu"))    # test_gpu.py runs this on cuda
+pdl.ENABLED = os.environ.get("EPPLAT_TEST_PDL") == "1"             # and with dependent launches
+assert pdl.on(dev) == (pdl.ENABLED and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9)
 assert cuda.decoder_layer is decode_layer.decode_layer
 # 5 and 20 rows through cuBLAS-sized GEMMs; 2 rows through the Triton GEMV, with a sequence long enough to be
 # split over several programs (the merge of their slices) beside one of a single token

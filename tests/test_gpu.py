@@ -65,7 +65,8 @@ def test_decode_kernels_gemv_add_norm_and_long_attention_match_torch():
             att = torch.softmax(torch.einsum("hd,lhd->hl", q[i].float(), keys) * d ** -0.5, -1)
             torch.testing.assert_close(out[i].float(), torch.einsum("hl,lhd->hd", att, vals), atol=1e-2, rtol=1e-2)
         for tile, min_tokens in ((16, 16), (32, 64), (64, 512)):
-            other = triton_attention.decode_attention(q, k, v, tables, lens, d ** -0.5, tile=tile, min_tokens=min_tokens)
+            other = triton_attention.decode_attention(q, k, v, tables, lens, d ** -0.5, tile=tile,
+                                                      min_tokens=min_tokens)
             torch.testing.assert_close(other.float(), out.float(), atol=1e-2, rtol=1e-2)
     assert int(sum(c.abs().sum() for c in triton_attention._counters.values())) == 0
 
@@ -600,14 +601,16 @@ def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
 
 
 def test_fused_decode_layer_matches_the_modules_on_the_gpu():
-    """The cuda decode layer (9 launches: rope + KV write, attention with its merge, add + norm + router +
-    top-k, the residual in the experts' sum) against the torch modules, float32, as in the interpreter test
-    (tests/test_cuda_decode_layer.py) but compiled for the GPU, its atomic counters included."""
+    """The cuda decode layer (rope + KV write, attention with its merge, the GEMV at 2 rows, add + norm, the
+    residual in the experts' sum) against the torch modules, float32, as in the interpreter test
+    (tests/test_cuda_decode_layer.py) but compiled for the GPU, its atomic counters included; then the same
+    with every Triton kernel of the layer launched as a programmatic dependent (PDL, on Hopper)."""
     import os
     import subprocess
     import sys
 
     from test_cuda_decode_layer import _INTERPRETED
-    r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "EPPLAT_TEST_DEVICE": "cuda"})
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    for pdl in ("0", "1"):         # and with its Triton kernels launched as programmatic dependents (Hopper)
+        r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "EPPLAT_TEST_DEVICE": "cuda", "EPPLAT_TEST_PDL": pdl})
+        assert r.returncode == 0 and r.stdout.strip() == "ok", (pdl, r.stderr[-3000:])

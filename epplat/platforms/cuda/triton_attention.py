@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from epplat.platforms.cuda import pdl as _pdl
+
 _TARGET_PROGRAMS = 2 * 132   # about two waves of an H100/H200's SMs
 # tokens a slice of a sequence takes at least: at batch 1 and 512 cached tokens, 32 slices of one 16-token
 # page each (the launch before this) took 14.2 us on an H200, nearly all of it the last arriver's 32-step merge
@@ -27,7 +29,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_p
                          table_stride, q_stride, kv_heads: tl.constexpr, group: tl.constexpr,
                          splits: tl.constexpr, GROUP_P: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
                          IEEE: tl.constexpr, out_ptr, cnt_ptr, FUSE_MERGE: tl.constexpr, TILE: tl.constexpr,
-                         MIN_TILES: tl.constexpr):
+                         MIN_TILES: tl.constexpr, PDL: tl.constexpr):
+    _pdl.start(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -129,8 +132,8 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, heads, kv_heads: tl.constexpr, group:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                     lens: torch.Tensor, scale: float, *, tile: int = 0, min_tokens: int = MIN_SPLIT_TOKENS
-                     ) -> torch.Tensor:
+                     lens: torch.Tensor, scale: float, *, tile: int = 0, min_tokens: int = MIN_SPLIT_TOKENS,
+                     pdl: bool = False) -> torch.Tensor:
     """q: [B, H, D]; caches [num_blocks, block_size, KVH, D]; tables [B, W]; lens [B] -> [B, H, D]. Each
     program reads ``tile`` tokens a step (0: 64, 32 for float32 or wide heads) and each slice of a sequence
     at least ``min_tokens`` (benchmarks/decode_kernels.py sweeps both).
@@ -152,7 +155,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_split_kernel[(b, kvh, splits)](q.contiguous(), k_cache, v_cache, tables, lens, mid, lse, scale,
                                            tables.stride(0), h * d, kvh, group, splits, gp, block, d,
                                            q.dtype == torch.float32, out, mid if cnt is None else cnt,
-                                           cnt is not None, tile, min_tokens // tile or 1)
+                                           cnt is not None, tile, min_tokens // tile or 1, pdl and cnt is not None,
+                                           launch_pdl=pdl and cnt is not None)
     if cnt is None:
         _merge_kernel[(b, h)](mid, lse, out, h, kvh, group, splits, triton.next_power_of_2(splits), gp, d)
     return out

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from epplat.platforms.cuda import pdl as _pdl
+
 MAX_ROWS = 4                 # above this the CUDA-core products cost more than cuBLAS's tensor cores save
 _TILE = 2048                 # weight elements a program loads a step
 _PER_SM = 4                  # programs per SM (or per CPU for Triton's interpreter, which runs one at a time)
@@ -30,7 +32,8 @@ def _sms(device: torch.device) -> int:
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, M_P: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    _pdl.start(PDL)
     # lane i of the [M_P * BN, BK] tile holds row i // BN of x against row i % BN of this program's W rows: one
     # 2-D tile whatever M (at batch 1 exactly BN x BK); W's repeats for M > 1 come from L1, not from HBM
     i = tl.arange(0, M_P * BN)
@@ -48,32 +51,6 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, 
     tl.store(y_ptr + m * stride_ym + n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=lane)
 
 
-@functools.lru_cache(maxsize=None)
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, M_P: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    nmask = n < N
-    m = tl.arange(0, M_P)
-    mmask = m < M
-    w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
-    acc = tl.zeros([M_P, BN, BK], tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < K
-        w = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + m[:, None] * stride_xm + kk[None, :], mask=mmask[:, None] & kmask[None, :],
-                    other=0.0).to(tl.float32)
-        acc += x[:, None, :] * w[None, :, :]
-    y = tl.sum(acc, axis=2)
-    tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
-
-
 def tiles(n: int, k: int, sms: int) -> tuple[int, int]:
     """(BN, BK): BN rows of W a program, the widest power of two up to 16 that leaves _PER_SM programs for each
     of ``sms`` SMs (or 1 for a short W); BK so that a load is _TILE elements, at most K's power of two."""
@@ -83,7 +60,8 @@ def tiles(n: int, k: int, sms: int) -> tuple[int, int]:
     return bn, max(16, min(_TILE // bn, triton.next_power_of_2(k)))
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+def gemv(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None, pdl: bool = False
+         ) -> Optional[torch.Tensor]:
     """x [M, K] @ w[N, K]^T -> [M, N] in x's dtype (into ``out`` where given) for M <= MAX_ROWS, K-contiguous
     rows of both and one dtype; None otherwise (the caller's GEMM then runs)."""
     m, k = x.shape
@@ -94,5 +72,5 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None) -
     y = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
     bn, bk = tiles(n, k, _sms(x.device))
     _gemv_kernel[(triton.cdiv(n, bn),)](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-                                        triton.next_power_of_2(m), bn, bk, num_warps=4)
+                                        triton.next_power_of_2(m), bn, bk, pdl, num_warps=4, launch_pdl=pdl)
     return y
