@@ -92,13 +92,13 @@ print(f"serve-decode-async: TPOT p50 {t:.2f} ms, in-process decode step (batch 1
             UCX_PROTO_INFO=y python3 benchmarks/nixl_bandwidth_gpu.py --mib 256 --block-kib 256 \
               --ucx "" "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y" \
               "UCX_TLS=cuda_ipc,cuda_copy,tcp,self UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y" > "$OUT/nixl_gpu.log" 2>&1
-            grep -E "GB/s|fastest|Traceback|Error" "$OUT/nixl_gpu.log"
+            grep -E "GB/s|Traceback|Error" "$OUT/nixl_gpu.log"
             grep -B2 -A8 "remote memory read" "$OUT/nixl_gpu.log" | head -60 ;;
     pd-nixl)   # a prefill and a decode server sharing the one GPU, NixlConnector on GPU memory, epplat proxy in
-               # (UCX settings: PD_UCX, by default the fastest of the nixl-gpu stage when it ran before)
+               # (extra UCX settings in PD_UCX; NixlConnector itself turns cuda_ipc's READ on)
                # front, against one colocated server, the same load (bench_serve), one after the other
             python3 -c 'import nixl' || { echo "pd-nixl: nixl missing (NIXL_WHEELS, see docs/benchmarks.md)"; continue; }
-            env ${PD_UCX-$(sed -n "s/^fastest: //p" "$OUT/nixl_gpu.log" 2>/dev/null)} UCX_PROTO_INFO=y python3 benchmarks/pd_vs_colocated.py --model-dir $(model_12l) --kv-buffer-device cuda \
+            env ${PD_UCX:-} UCX_PROTO_INFO=y python3 benchmarks/pd_vs_colocated.py --model-dir $(model_12l) --kv-buffer-device cuda \
               --input-len 2048 --output-len 128 --concurrency 16 --num-prompts 64 \
               --epplat-arg=--kv-cache-memory-bytes --epplat-arg=${PD_KV_BYTES:-20000000000} \
               --logdir "$OUT/pd-nixl-logs" --out "$OUT/pd_nixl.json" 2>&1 | tee "$OUT/pd_nixl.log" | tail -6

@@ -109,14 +109,11 @@ def main(argv=None) -> int:
                    help="UCX settings to compare, each a space-separated list of VAR=value ('' = UCX defaults)")
     args = p.parse_args(argv)
     nbytes = args.mib << 20
-    best = (0.0, "")
     for env in args.ucx:
         copy_s, nixl_s = measure(nbytes, args.block_kib << 10, args.iters, env)
-        best = max(best, (copy_s / nixl_s, env))
         print(f"{args.mib} MiB in {args.block_kib} KiB blocks, {env or 'UCX defaults'}: NIXL READ "
               f"{nbytes / nixl_s / 1e9:.2f} GB/s, copy_ {nbytes / copy_s / 1e9:.2f} GB/s, "
               f"NIXL/copy_ {copy_s / nixl_s:.3f}x", flush=True)
-    print(f"fastest: {best[1]}")
     return 0
 
 
