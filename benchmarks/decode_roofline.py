@@ -105,7 +105,9 @@ def step_times(model, runner, a, dev, nblocks, blocks_per_seq, profile_at) -> di
                     torch.cuda.synchronize()
                 events = prof.key_averages()
                 kernels = sum(e.count for e in events if str(getattr(e, "device_type", "")).endswith("CUDA"))
-                print(f"batch {b}, eager step, {kernels} GPU kernels, GPU time by kernel:")
+                print(f"batch {b}, eager step, {kernels} GPU kernels ({kernels / a.layers:.1f} a layer), "
+                      f"{model.layers[0].kernels.decoder_layer is not None and 'fused decode layer' or 'modules'}, "
+                      "GPU time by kernel:")
                 print(events.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
             graph = timed(lambda: model.compute_logits(runner.forward(ids, pos, meta)))
         out[b] = (eager, graph)
@@ -122,6 +124,8 @@ def main():
                                                                         "at these batch sizes")
     p.add_argument("--compare-torch", action="store_true", help="also time the step with the torch-op norm, rotary, "
                                                                   "routing and grouped-GEMM experts, in the same run")
+    p.add_argument("--compare-modules", action="store_true", help="also time the step with the layer run module by "
+                                                                    "module (no fused cuda decode layer), same run")
     p.add_argument("--fp8", action="store_true", help="MoE experts in fp8 with 128x128 block scales (as "
                                                       "--quantization fp8); the roofline counts their bytes as 1 + scales")
     p.add_argument("--out", default=None)
@@ -155,11 +159,18 @@ def main():
         del runner
         torch.cuda.empty_cache()
         # torch's norm, rotary, routing and grouped-GEMM experts; the Triton attention stays
-        set_kernels(model, dataclasses.replace(model.kernels, rms_norm=None, rope=None, route=None,
-                                               experts=half_experts))
+        set_kernels(model, dataclasses.replace(CudaPlatform().kernels, rms_norm=None, rope=None, route=None,
+                                               experts=half_experts, decoder_layer=None))
         runner = CudaGraphRunner(model, dev)
         runner.capture(a.batch, blocks_per_seq, nblocks, (nblocks + 1) * a.block_size)
         torch_times = step_times(model, runner, a, dev, nblocks, blocks_per_seq, [])
+    if a.compare_modules:
+        del runner
+        torch.cuda.empty_cache()
+        set_kernels(model, dataclasses.replace(CudaPlatform().kernels, decoder_layer=None))
+        runner = CudaGraphRunner(model, dev)
+        runner.capture(a.batch, blocks_per_seq, nblocks, (nblocks + 1) * a.block_size)
+        module_times = step_times(model, runner, a, dev, nblocks, blocks_per_seq, a.profile)
     rows = []
     for b in a.batch:
         eager, graph = times[b]
@@ -169,6 +180,8 @@ def main():
         roof = need / bw
         row = {"batch": b, "eager_ms": eager * 1e3, "graph_ms": graph * 1e3, "roofline_ms": roof * 1e3,
                "bytes": need, "graph_frac_of_roofline": roof / graph, "eager_frac_of_roofline": roof / eager}
+        if a.compare_modules:
+            row["modules_eager_ms"], row["modules_graph_ms"] = (v * 1e3 for v in module_times[b])
         if a.compare_torch:
             row["torch_ops_eager_ms"], row["torch_ops_graph_ms"] = (v * 1e3 for v in torch_times[b])
         rows.append(row)
@@ -176,10 +189,13 @@ def main():
           f"{a.layers} layers, {a.experts} experts top-{a.top_k}, context {a.context}, bf16"
           + (", experts fp8 (128x128 blocks)" if a.fp8 else ""))
     print(f"{'batch':>6}{'GB read':>9}{'roofline':>10}{'eager':>10}{'graphs':>10}{'graphs/roof':>13}"
+          + (f"{'modules graphs':>16}{'/roof':>7}" if a.compare_modules else "")
           + (f"{'torch-ops graphs':>18}{'/roof':>7}{'speedup':>9}" if a.compare_torch else ""))
     for r in rows:
         print(f"{r['batch']:>6}{r['bytes'] / 1e9:>9.2f}{r['roofline_ms']:>8.2f}ms{r['eager_ms']:>8.2f}ms"
               f"{r['graph_ms']:>8.2f}ms{r['graph_frac_of_roofline'] * 100:>12.0f}%"
+              + (f"{r['modules_graph_ms']:>14.2f}ms{r['roofline_ms'] / r['modules_graph_ms'] * 100:>6.0f}%"
+                 if a.compare_modules else "")
               + (f"{r['torch_ops_graph_ms']:>16.2f}ms{r['roofline_ms'] / r['torch_ops_graph_ms'] * 100:>6.0f}%"
                  f"{r['torch_ops_graph_ms'] / r['graph_ms']:>8.2f}x" if a.compare_torch else ""))
     if a.out:

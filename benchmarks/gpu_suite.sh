@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
-# Stages: tests decode decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
+# Stages: tests tests-decode sample-tests decode decode-fused decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
 #         serve-decode serve-decode-async deepseek-decode deepseek-decode-fp8 serve-deepseek pd-nixl
 # (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA"); nixl's, too big to
@@ -31,6 +31,13 @@ for s in $stages; do
     tests)  python3 -m pytest -q -rA -p no:cacheprovider --durations=12 tests/test_gpu.py -s 2>&1 | tee "$OUT/tests.log" | grep -E "^(PASSED|FAILED|ERROR)|fp8 logits|fp8 greedy|passed|failed"  ;;
     decode) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --profile 1 64 --compare-torch --out "$OUT/decode.json" 2>&1 \
               | tee "$OUT/decode.log" | tail -80 ;;
+    decode-fused)   # the fused cuda decode layer against the modules' kernels, side by side (issue #19)
+            python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --profile 1 --compare-modules \
+              --out "$OUT/decode_fused.json" 2>&1 | tee "$OUT/decode_fused.log" | tail -70 ;;
+    tests-decode)   # the fused decode layer's GPU tests and the token tests it must keep
+            python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -k "fused_decode or cuda_graphs or \
+fp32_greedy or decode_attention or experts_match or bf16_logits or fused_topk or kv_write" 2>&1 \
+              | tee "$OUT/tests_decode.log" | grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error" ;;
     decode-bf16) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --out "$OUT/decode_bf16.json" 2>&1 \
               | tee "$OUT/decode_bf16.log" | tail -8 ;;   # the decode-fp8 stage's bf16 side, no profile
     decode-fp8) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --fp8 2>&1 \
@@ -43,6 +50,7 @@ for s in $stages; do
               | tee "$OUT/prefill.log" | tail -30 ;;
     prefill-fp8) python3 benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --fp8 --out "$OUT/prefill_fp8.json" 2>&1 \
               | tee "$OUT/prefill_fp8.log" | tail -8 ;;
+    sample-tests) python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -k "sample or graph" 2>&1 | tee "$OUT/sample_tests.log" | tail -15 ;;
     sampler) python3 benchmarks/sampler_bench.py --device cuda --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -22 ;;
     serve-prefill|serve-decode|serve-decode-async)   # the 12-layer checkpoint, made once; SERVE_ARGS adds epplat serve flags
             m=$(model_12l)
@@ -85,6 +93,8 @@ print(f"serve-decode-async: TPOT p50 {t:.2f} ms, in-process decode step (batch 1
               --input-len 2048 --output-len 128 --concurrency 16 --num-prompts 64 \
               --epplat-arg=--kv-cache-memory-bytes --epplat-arg=${PD_KV_BYTES:-20000000000} \
               --logdir "$OUT/pd-nixl-logs" --out "$OUT/pd_nixl.json" 2>&1 | tee "$OUT/pd_nixl.log" | tail -6
+            # decode requests whose KV did not come through NIXL (recomputed there): must be 0
+            echo "pd-nixl: prompts recomputed on the decode side: $(grep -c 'computing its prompt here' "$OUT"/pd-nixl-logs/decode.log)"
             # which UCX transport moved the KV (cuda_ipc between the two processes of one GPU, if UCX found it)
             grep -h -A6 "remote memory read by ucp_get" "$OUT"/pd-nixl-logs/decode.log | grep -m4 -E "cuda|copy" ;;
     *) echo "unknown stage $s" ;;

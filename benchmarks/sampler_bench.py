@@ -4,7 +4,8 @@ For each batch size, times ``sample()`` with the platform's Kernels record (whic
 copy of the tokens, so device work is included) over a [batch, vocab] float32 logits tensor for
 greedy, temperature 1.0 (the record's one-pass ``sample`` kernel), top-k 50, top-p 0.9 and top-k
 50 + top-p 0.9 rows; in the same run, temperature 1.0 through the torch path (``sample()`` without
-the kernel) and the temperature-1.0 and top-p draws through the sort-every-row sampler epplat had
+the kernel), on cuda the device time of the kernel alone and of greedy's argmax (back-to-back
+launches, CUDA events), and the temperature-1.0 and top-p draws through the sort-every-row sampler epplat had
 before (``full_sort``, below). Logits are normal with std --logit-std (4 puts top-p 0.9 at ~500
 tokens of 151,936). Threads are set as the platform sets them for a decode step of that batch (cpu:
 the C kernels on every thread, torch's ops on one below 128 tokens).
@@ -62,6 +63,18 @@ def timed(fn, dev, iters):
     return statistics.median(times), min(times)
 
 
+def gpu_time(fn, n):
+    """Seconds of device time per call over n calls launched back to back (CUDA events)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / n
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +99,11 @@ def main():
             med, low = timed(lambda: sample(logits, reqs, kernels=kernels), dev, iters)
             row[name], row["min " + name] = med * 1e3, low * 1e3
             if name == "temperature 1.0":
+                if dev.type == "cuda" and kernels.sample is not None:   # device time of the kernel alone
+                    row["kernel GPU time"] = row["min kernel GPU time"] = gpu_time(
+                        lambda: kernels.sample(logits, 1.0, 7), 50) * 1e3
+                    row["argmax GPU time"] = row["min argmax GPU time"] = gpu_time(
+                        lambda: logits.argmax(dim=-1), 50) * 1e3
                 med, low = timed(lambda: sample(logits, reqs), dev, iters)
                 row[name + " (torch)"], row["min " + name + " (torch)"] = med * 1e3, low * 1e3
             if name in ("temperature 1.0", "top-p 0.9"):

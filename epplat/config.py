@@ -197,6 +197,7 @@ class ParallelConfig(msgspec.Struct):
     enable_elastic_ep: bool = False        # --enable-elastic-ep: DP ranks added and removed at run time
     eplb: EPLBConfig = msgspec.field(default_factory=EPLBConfig)
     internal_secret: str = ""             # authenticates every internal frame (frame_auth.py); one node: random
+    internal_secret_generated: bool = False   # no secret was given (one node): a KV side channel is then open
     distributed_timeout_seconds: int = 600   # a collective that takes longer fails its engine
     engine_iteration_timeout_s: float = 60.0  # an engine silent this long is dead to its API server
 
@@ -233,7 +234,8 @@ class ParallelConfig(msgspec.Struct):
                               "--data-parallel-size-local and --data-parallel-start-rank")
         if self.single_node:
             self.data_parallel_address = self.data_parallel_address or "127.0.0.1"
-            self.internal_secret = self.internal_secret or secrets.token_hex(32)
+            if not self.internal_secret:
+                self.internal_secret, self.internal_secret_generated = secrets.token_hex(32), True
         elif not self.data_parallel_address:
             raise ConfigError("multi-node and external load-balancing layouts need --data-parallel-address "
                               "(the address of the node with DP rank 0)")

@@ -77,6 +77,7 @@ def _rank(rank, world, port, name, errors):
             raise AssertionError("an EP size of 1 was accepted")
         except ConfigError as e:
             assert "supports EP sizes [2, 4, 8, 16" in str(e) and "not 1" in str(e), e
+        dist.barrier()      # rank 0 hosts the store: it must not leave while rank 1 still forms its groups there
         dist.destroy_process_group()
     except Exception as e:   # reported to the parent, which fails the test with it
         import traceback

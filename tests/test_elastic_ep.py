@@ -1,7 +1,8 @@
 """Elastic EP end to end on the cpu platform: one real `epplat serve` (gloo, DP 2, EP, EPLB with
 redundant experts) scaled 2 -> 3 -> 2 through POST /scale_elastic_ep while the openai client keeps
 a streaming request and batches running. Every completion before, during and after equals
-transformers' greedy tokens; the new rank is routed to; each error answer (400, 408, 409, 500
+transformers' greedy tokens (and seeded random streams their tokens without a scale); a scale-down
+moves the departing rank's running streams to a staying rank and answers before they end; the new rank is routed to; each error answer (400, 408, 409, 500
 with the old size kept, a new rank killed while it starts or in the expert exchange) and the 503 with
 Retry-After for requests beyond the bound during a scale are checked on the same server. With external
 load balancing (a server per DP rank, on loopback) a server started later joins the group and one
@@ -29,6 +30,8 @@ from server_utils import Server, free_ports, group_pids
 POOL = [[(i * 37 + j * 11) % 2000 + 3 for j in range(12)] for i in range(6)]
 SHORT = 6
 STREAM_PROMPT, STREAM_TOKENS, LONGER_TOKENS = [11, 222, 333, 44, 5], 160, 480
+SEEDED = {"temperature": 1.0, "seed": 7, "extra_body": {"ignore_eos": True}}    # random, its tokens fixed by its seed
+GRAMMAR = {"extra_body": {"ignore_eos": True, "structured_outputs": {"regex": "[a-z]{5000}"}}}   # cannot move: drains
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +103,16 @@ class _Load:
 class _Stream:
     """One streaming completion on a thread; its text and the longest gap between chunks."""
 
-    def __init__(self, client, model, max_tokens=STREAM_TOKENS):
+    def __init__(self, client, model, max_tokens=STREAM_TOKENS, sampling=None):
         self.text, self.error, self.gaps, self.last = "", None, [], 0.0
         self.started, self.cancelled = threading.Event(), threading.Event()
 
         def run():
             try:
                 last = None
-                with client.completions.create(model=model, prompt=STREAM_PROMPT, max_tokens=max_tokens,
-                                               temperature=0, stream=True, extra_body={"ignore_eos": True}) as chunks:
+                with client.completions.create(model=model, prompt=STREAM_PROMPT, max_tokens=max_tokens, stream=True,
+                                               **{"temperature": 0, "extra_body": {"ignore_eos": True},
+                                                  **(sampling or {})}) as chunks:
                     for chunk in chunks:
                         now = time.monotonic()
                         if last is not None:
@@ -132,17 +136,22 @@ class _Stream:
 
 
 def _scale_with_traffic(s: Server, client, model, expected, new_size: int, during=None, status=200,
-                        message=None) -> float:
+                        message=None, seeded=None) -> float:
     """Scale to new_size under batches and streams (three started before it, one longer one started while it
     runs, on a staying rank); checks they all complete with the oracle's tokens, the longer one after the
-    scale's answer (it was in flight across the re-forming). ``during()`` runs while the scale does; the scale
-    answers ``status`` with ``message``."""
+    scale's answer (it was in flight across the re-forming). ``seeded``: the text of the SEEDED stream without a
+    scale; three of them run beside the others and must give it. Scaling down, the departing rank's streams move
+    to a staying one: the scale answers before any stream started before it ends. ``during()`` runs while the
+    scale does; the scale answers ``status`` with ``message``."""
     short, long, longer = expected
-    grows = new_size > _requests_per_rank(s.url)["size"]
+    old = int(_requests_per_rank(s.url)["size"])
+    grows = new_size > old
     ready = f"[DP rank {new_size - 1}] CPU KV cache size"     # the last new rank loaded (it joins next)
     readies = s.output().count(ready)
+    # on the idle server the least-loaded router puts one of each three on each rank (of three)
+    before = [_Stream(client, model) for _ in range(3)]
+    randoms = [_Stream(client, model, sampling=SEEDED) for _ in range(3 if seeded else 0)]
     load = _Load(client, model, short)
-    before = [_Stream(client, model) for _ in range(3)]      # the router puts them on different ranks
     box = {}
 
     def scale():
@@ -171,7 +180,14 @@ def _scale_with_traffic(s: Server, client, model, expected, new_size: int, durin
         time.sleep(0.05)
     load.stop()
     assert [st.result() for st in before] == [long] * 3
+    assert [st.result() for st in randoms] == [seeded] * len(randoms)
     assert across.result() == longer
+    if not grows and status == 200:
+        ended = [st.last - box["done"] for st in before + randoms]
+        assert min(ended) > 0, ("a scale-down waited for running streams", ended)
+        leaving = re.escape(str(list(range(new_size, old))))
+        moved = re.findall(rf"elastic EP: (\d+) requests moved off the departing DP ranks {leaving}", s.output())
+        assert moved and int(moved[-1]) >= 1 + bool(seeded), moved      # a greedy and a seeded stream, at least
     assert across.last > box["done"], ("the stream started during the scale ended before the scale did",
                                        across.last - box["done"], re.findall(r"elastic EP: scaled.*", s.output()))
     assert load.failures == [], load.failures
@@ -191,6 +207,8 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=180)
         with cf.ThreadPoolExecutor(3) as pool:
             assert _batch(client, model, pool) == expected[0]
+        seeded = client.completions.create(model=model, prompt=STREAM_PROMPT, max_tokens=STREAM_TOKENS,
+                                           **SEEDED).choices[0].text
         # bad bodies and impossible sizes: 400, the size unchanged
         for body, needle in ((b"{not json", "Invalid JSON format"), ({}, "new_data_parallel_size is required"),
                              ({"new_data_parallel_size": 0}, "positive integer"),
@@ -217,10 +235,10 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
         assert per_rank["size"] == 3 and per_rank.get("2", 0) > 0, per_rank    # the new rank was routed to
         assert per_rank["up"] == 1 and "down" not in per_rank, per_rank
 
-        # a drain that cannot finish: 408, and the three ranks keep serving; with 16 streams in flight (what
-        # the two staying ranks run at once: 2 x --max-num-seqs 8), requests sent while it runs get 503 with
-        # Retry-After, and are served when sent again after the scale
-        slow = [_Stream(client, model, max_tokens=1000) for _ in range(16)]    # some of them run on rank 2
+        # a drain that cannot finish (requests with a grammar do not move): 408, and the three ranks keep
+        # serving; with 16 streams in flight (what the two staying ranks run at once: 2 x --max-num-seqs 8),
+        # requests sent while it runs get 503 with Retry-After, and are served when sent again after the scale
+        slow = [_Stream(client, model, max_tokens=1000, sampling=GRAMMAR) for _ in range(16)]   # some on rank 2
         box = {}
         t = threading.Thread(target=lambda: box.setdefault(
             "r", _scale(s.url, {"new_data_parallel_size": 2, "drain_timeout": 3})))
@@ -247,8 +265,8 @@ def test_scale_2_3_2_loses_no_request(model_dir, expected):
             assert _batch(client, model, pool) == expected[0]
         assert _requests_per_rank(s.url).get("2", 0) > before
 
-        # down: 3 -> 2 under load
-        _scale_with_traffic(s, client, model, expected, 2)
+        # down: 3 -> 2 under load, rank 2's streams (a greedy and a seeded one) moving to ranks 0 and 1
+        _scale_with_traffic(s, client, model, expected, 2, seeded=seeded)
         assert re.search(r"elastic EP: 3 -> 2 DP ranks \(world generation 2\)", s.output())
         assert "DP rank 2 handed its experts over and leaves" in s.output()
         per_rank = _requests_per_rank(s.url)
@@ -299,8 +317,13 @@ def test_tp2_ranks_join_and_leave_with_their_tp_group(model_dir, expected):
         assert "EP rank 3/4 holds physical experts 12-15 of 16" in log, log[-3000:]
         assert re.search(r"elastic EP: 1 -> 2 DP ranks \(world generation 1\): \d+ expert moves", log)
         assert _requests_per_rank(s.url).get("1", 0) > 0        # the new DP rank was routed to
+        streams = [_Stream(client, model) for _ in range(2)]      # one on each DP rank: rank 1's moves
         r = _scale(s.url, {"new_data_parallel_size": 1})
+        done = time.monotonic()
         assert r.status_code == 200, r.text
+        assert [st.result() for st in streams] == [expected[1]] * 2
+        assert min(st.last for st in streams) > done, "the scale-down waited for the streams"
+        assert "elastic EP: 1 requests moved off the departing DP ranks [1]" in s.output()
         with cf.ThreadPoolExecutor(3) as pool:
             assert _batch(client, model, pool) == expected[0]
         log = s.output()

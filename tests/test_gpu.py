@@ -536,7 +536,7 @@ def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
     xc = x.cuda()
     temps = torch.tensor([0.5, 1.0, 2.0] * 8)
     keys = torch.randint(1 << 62, (24,), generator=g)
-    for t, k in ((1.0, 1 << 40), (temps.cuda(), keys.cuda())):
+    for t, k in ((1.0, 1 << 40), (temps, keys)):      # per-row values as host tensors
         got = sample(xc, t, k).tolist()
         assert sample(xc, t, k).tolist() == got
         tl = temps.tolist() if isinstance(t, torch.Tensor) else [t] * 24
@@ -557,3 +557,17 @@ def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
     key = int(torch.randint(1 << 62, (1,), generator=torch.Generator().manual_seed(11)))
     assert (tokens[0], tokens[2]) == (int(x[0].argmax()), int(x[2].argmax()))
     assert tokens[1] == race_token(x[1], 0.7, key)
+
+
+def test_fused_decode_layer_matches_the_modules_on_the_gpu():
+    """The cuda decode layer (9 launches: rope + KV write, attention with its merge, add + norm + router +
+    top-k, the residual in the experts' sum) against the torch modules, float32, as in the interpreter test
+    (tests/test_cuda_decode_layer.py) but compiled for the GPU, its atomic counters included."""
+    import os
+    import subprocess
+    import sys
+
+    from test_cuda_decode_layer import _INTERPRETED
+    r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "EPPLAT_TEST_DEVICE": "cuda"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

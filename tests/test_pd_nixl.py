@@ -7,7 +7,8 @@ READs the prefill side's KV blocks (UCX over host memory) and its greedy tokens 
 transformers', streaming and not, for prompts shorter and longer than a block, from vLLM's
 placeholder prompt; it computes only each prompt's last token (its metrics). Faults: blocks that
 expired on the prefill side and a dead prefill server are recomputed on the decode side (same
-tokens); the prefill side frees every held block; a handshake between different KV layouts is
+tokens); the prefill side frees every held block; the pair runs without a given secret, as vLLM's PD
+commands do (an open side channel, said once); a handshake between different KV layouts is
 refused with a clear error; a peer without the deployment's secret is refused on the side channel.
 `epplat proxy` chains the two (streaming and not, chat too), and a client that leaves mid-stream
 aborts its request on the decoder. vLLM's PD client script (its Expert Parallel Deployment doc) runs
@@ -51,7 +52,10 @@ def pd(qwen3_moe_dir, tmp_path_factory):
     greedy = tmp_path_factory.mktemp("greedy")
     (greedy / "generation_config.json").write_text(json.dumps({"temperature": 0.0}))
     common = ("--dtype", "float32", "--max-model-len", "512", "--generation-config", str(greedy))
-    env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port(2)), "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": str(TIMEOUT_S)}
+    # no --internal-secret, as vLLM's PD commands run: each server makes its own for its internal sockets,
+    # and the KV side channel is open (as vLLM's), with one warning
+    env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port(2)), "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": str(TIMEOUT_S),
+           "EPPLAT_INTERNAL_SECRET": ""}
     # both kv_both: DP=2 -> TP=2 x PP=2 (each decode rank reads its heads of its layer from one prefill rank's
     # blocks) and, for test_tp2_pp2_prefill_to_dp2_decode, back (each decode rank reads from all 4 prefill ranks)
     with Server(str(qwen3_moe_dir), *common, "--data-parallel-size", "2", "--enable-expert-parallel",
@@ -108,6 +112,8 @@ def test_pd_split_greedy_tokens_equal_transformers(pd, qwen3_moe_dir):
         assert params["do_remote_prefill"] and params["remote_block_ids"] and params["remote_port"]
         got.append(decode_call(decode, params, 8, stream))
     assert got == [want[0], want[1], want[1]]
+    for server in pd:       # no secret given: the side channel is open, and each server says so
+        assert "its KV side channel accepts any peer" in server.output()
     # the decode side computed only each prompt's last token; it received the rest
     assert metric(decode.url, "epplat:prompt_tokens_computed_total") - computed0 == 3
     # both DP ranks of the prefill side serve their own blocks: each has its own side channel port

@@ -204,7 +204,7 @@ def test_a_long_compile_does_not_delay_a_running_stream(server):
 
 def test_the_bitmask_bans_what_xgrammar_bans(qwen3_moe_dir):
     """In-process, one batch of five rows of which three are constrained (different places in their
-    grammars): the step's bitmask (filled on the grammar thread, unpacked on the logits' device)
+    grammars): the step's bitmask, applied by torch ops and by the cpu platform's C kernel,
     bans exactly what xgrammar's own apply_token_bitmask_inplace bans, leaves the other rows as they
     are, and the sampled tokens are inside the grammars."""
     import torch
@@ -214,6 +214,7 @@ def test_the_bitmask_bans_what_xgrammar_bans(qwen3_moe_dir):
     from epplat.core.engine.request import Request
     from epplat.core.engine.sampler import sample
     from epplat.core.engine.structured_output import Grammars, apply_grammars, fill_bitmask
+    from epplat.platforms.cpu.platform import cpu_kernel_record
     vocab = 2048
     grammars = Grammars(str(qwen3_moe_dir), vocab)
     specs = [StructuredOutput("json", json.dumps(SCHEMA)), None, StructuredOutput("regex", REGEX), None,
@@ -237,5 +238,17 @@ def test_the_bitmask_bans_what_xgrammar_bans(qwen3_moe_dir):
     assert torch.equal(got, ref) and torch.isinf(got[[0, 2, 4]]).any(dim=1).all()
     assert not torch.equal(got, logits) and torch.equal(got[[1, 3]], logits[[1, 3]])
     assert torch.equal(apply_grammars(logits[:1], reqs[:1]), ref[:1])     # every row constrained, filled here
+    # the cpu platform's C kernel on the packed words, in place, over a vocabulary that is not a multiple
+    # of 32 (the last word's tail), and with every row constrained
+    kernels = cpu_kernel_record()
+    assert kernels.apply_bitmask is not None
+    for v in (vocab, vocab - 7):
+        bm = fill_bitmask(reqs, v)
+        mine = logits[:, :v].contiguous()
+        assert apply_grammars(mine, reqs, bm, kernels, inplace=True) is mine
+        want = apply_grammars(logits[:, :v].contiguous(), reqs, bm)      # the torch path
+        assert torch.equal(mine, want) and (v < vocab or torch.equal(mine, ref))
+    every = [reqs[i] for i in (0, 2, 4)]
+    assert torch.equal(apply_grammars(logits[[0, 2, 4]], every, fill_bitmask(every, vocab), kernels), ref[[0, 2, 4]])
     tokens, _ = sample(logits, reqs, fill_bitmask(reqs, vocab))
     assert all(reqs[i].grammar.accept_token(tokens[i]) for i in (0, 2, 4))

@@ -36,7 +36,6 @@ from epplat.config import ConfigError
 from epplat.connectors import side_channel
 from epplat.connectors.pull import HeldBlocks, Pull, PullConnector, compat, compat_error, env, total_kv_heads
 from epplat.connectors.tp_ranks import TPReports, head_range, rank_layers, rank_parts, readers, sources
-from epplat.core.engine.frame_auth import FrameAuth
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class NixlConnector(PullConnector):
         super().__init__(config, engine, role, dp_rank, tp_rank, pp_rank)
         self.host = env("NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
         self.port = int(env("NIXL_SIDE_CHANNEL_PORT", "5600")) + dp_rank
-        self.auth = FrameAuth(engine.parallel.internal_secret)
+        self.auth = side_channel.channel_auth(engine.parallel, "NixlConnector")
         self.agent = None
         self.held = HeldBlocks(self.timeout)
         self.remote: dict[tuple[str, int], list[dict]] = {}     # side channel -> its TP ranks (agent name added)

@@ -1,7 +1,9 @@
 """A small request/response channel over TCP for KV connectors (handshakes, leases, "finished
 reading" notices): each message is a 4-byte big-endian length and a msgpack map sealed with the
 deployment's secret (the engine's BLAKE2b frame auth, ``--internal-secret``), so a prefill and a
-decode server talk only when they were given the same secret. No pickle crosses it; a peer
+decode server talk only when they were given the same secret; a server given none (vLLM's PD commands
+pasted as they are: one node generates its own secret for its internal sockets) opens its side channel
+to any peer, as vLLM's is, and says so once. No pickle crosses it; a peer
 without the secret gets one refusal and the channel goes on. The server reads a request of at
 most REQUEST_MAX bytes (a longer length prefix is dropped at once, before a byte is kept) within
 REQUEST_DEADLINE_S of the connection (a silent or trickling peer is dropped then), each
@@ -26,8 +28,25 @@ _MAX = 64 << 20             # an answer (a handshake's agent metadata may be lar
 REQUEST_MAX = 1 << 20       # a request: an op and a few ids
 REQUEST_DEADLINE_S = 5.0
 MAX_PEERS = 256
+OPEN_KEY = "epplat KV side channel without --internal-secret"   # a known key: authenticates nothing
 UNAUTHENTICATED = "not authenticated: the prefill and decode servers need the same --internal-secret " \
                   "(EPPLAT_INTERNAL_SECRET)"
+
+
+_said_open = False      # the open channel's warning is said once a process
+
+
+def channel_auth(parallel, connector: str) -> FrameAuth:
+    """The side channel's frame auth: the deployment's secret when one was given, else the open key."""
+    global _said_open
+    if not parallel.internal_secret_generated:
+        return FrameAuth(parallel.internal_secret)
+    if not _said_open:
+        _said_open = True
+        logger.warning("%s: no --internal-secret (EPPLAT_INTERNAL_SECRET) was given, so its KV side channel "
+                       "accepts any peer that reaches its port, as vLLM's does; give the prefill and decode "
+                       "servers the same secret to authenticate it", connector)
+    return FrameAuth(OPEN_KEY)
 
 
 def _send(sock: socket.socket, payload: bytes) -> None:

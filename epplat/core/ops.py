@@ -47,10 +47,14 @@ class Kernels:
     # (q_latent [B, H, r], q_pe [B, H, dr], cache [blocks, block, 1, r + dr], tables, lens, scale) -> [B, H, r]
     mla_decode_attention: Kernel = None
 
-    # (logits [B, V] float32, temperature: float | [B] tensor, keys: int | [B] int64 tensor) -> tokens [B] int64:
+    # (logits [B, V] float32, temperature: float | [B] host tensor, keys: int | [B] int64 host tensor) -> tokens [B]:
     # one draw a row from softmax(logits / temperature), its noise a function of the row's 64-bit key and
     # the token index alone (an int key k: row i takes k + i)           torch: the sampler's inverse-CDF draw
     sample: Kernel = None
+    # (logits [B, V] float32, mask [R, ceil(V / 32)] int32 on the host (bit t % 32 of word t // 32: token t
+    # allowed), rows: R row indices) -> True once -inf is written in place where a bit is 0
+    #                                        torch: structured_output.ban_disallowed (unpack + masked_fill_)
+    apply_bitmask: Kernel = None
 
     def fields(self) -> dict[str, Callable]:
         """The kernels this record sets (for logs and `epplat plugins`)."""

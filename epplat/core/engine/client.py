@@ -327,7 +327,7 @@ class EngineClient:
                     yield out
         finally:
             self.states.pop(request_id, None)
-            self.engine_of.pop(request_id, None)
+            engine = self.engine_of.pop(request_id, engine)      # (elastic EP may have moved it: move_request)
             self.load[engine] -= 1
             if not (finished and st.engine_done) and self.dead_reason is None and self._started:
                 try:
@@ -335,6 +335,18 @@ class EngineClient:
                                                 self.auth.seal(P.encoder.encode(P.AbortRequests([request_id])))])
                 except zmq.ZMQError:
                     pass
+
+    async def move_request(self, er: P.EngineRequest, old: int) -> bool:
+        """Elastic EP: a request handed off by departing rank ``old`` (``er.resume`` holds its output so far)
+        goes on on the least-loaded routed rank; its stream carries on. False when it ended meanwhile."""
+        if er.request_id not in self.states:
+            return False
+        new = self._pick_engine()
+        self.engine_of[er.request_id] = new
+        self.load[old] -= 1
+        self.load[new] += 1
+        await self._send(new, er)
+        return True
 
     async def release_kv(self, request_ids: list[str]) -> None:
         """Finished requests whose blocks an engine holds for another engine to read (a prefill whose client

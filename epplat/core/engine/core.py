@@ -131,6 +131,20 @@ class EngineCore:
                                         times=req.times()))
         return out
 
+    def hand_off(self) -> tuple[list[EngineOutput], list[EngineRequest]]:
+        """Elastic EP, this rank leaving: its step in flight completed (those outputs first), every request
+        that can move (``Request.movable``) leaves it, as another rank takes it over; the rest stay to finish
+        here. Returns (outputs, moved requests)."""
+        outputs, moved = self.drain(), []
+        for req in list(self.scheduler.requests.values()):
+            if req.movable and req.request_id not in self.scheduler.remote:
+                moved.append(req.hand_off(self.client_of.pop(req.request_id, 0)))
+                self.scheduler.abort(req.request_id)
+        if moved:
+            logger.info("[DP rank %d] %d requests hand over to the staying ranks (%d output tokens so far)",
+                        self.ps.dp_rank, len(moved), sum(len(m.resume.output_token_ids) for m in moved))
+        return outputs, moved
+
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.in_flight is not None
 

@@ -351,6 +351,10 @@ class _DriverIO:
             self.send_outputs(core.abort(msg.request_ids))
         elif msg.method == "scale_elastic_ep" and self.core.cfg.parallel.enable_elastic_ep:
             self.scale = msg              # run by every driver at a step they agree on (_run_wave)
+        elif msg.method == "hand_off_requests" and self.core.cfg.parallel.enable_elastic_ep:
+            outputs, moved = core.hand_off()      # this rank leaves: its outputs so far go before the moved
+            self.send_outputs(outputs)
+            self._send(msg.client_index, P.UtilityResult(msg.call_id, moved))
         elif msg.method == "stats":
             self._send(msg.client_index, P.UtilityResult(msg.call_id, msgspec.to_builtins(core.stats())))
         else:

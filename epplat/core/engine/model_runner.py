@@ -423,7 +423,7 @@ class ModelRunner:
                 recv = self.stage.post_output_recv(len(mi.out_rows))
         if publish is not None:
             publish(mi)
-        bitmask = fill_bitmask(sample_reqs, self.model_cfg.vocab_size)     # on its thread, beside the forward
+        bitmask = fill_bitmask(sample_reqs, self.model_cfg.vocab_size)     # after every earlier token's accept
         hidden = self.forward(mi)
         sampled = (self._sample(hidden, sample_rows, sample_reqs, bitmask)
                    if self.stage is None and sample_reqs else None)
@@ -469,6 +469,6 @@ class StepInFlight(msgspec.Struct):
     prompt_rows: list
     sample_rows: list
     sample_reqs: list
-    grammar_bitmask: object = None      # the future of the sampled rows' grammar bitmask
+    grammar_bitmask: object = None      # the sampled rows' grammar bitmask (structured_output.Bitmask)
     sampled: object = None     # (HostCopy of the tokens, raw logits for logprobs) when sampled at launch
     prompt_tokens: int = 0     # prompt tokens the step computes (the engine core's count)

@@ -49,6 +49,15 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     structured_output: Optional[StructuredOutput] = None
 
 
+class Resume(msgspec.Struct, array_like=True):
+    """A running request moved off a departing DP rank (elastic EP scale-down): the output tokens it had
+    and its seeded generator's state (torch's CPU generator state, raw bytes). The new rank recomputes their
+    KV and continues as if nothing happened: max_tokens, min_tokens and the penalties count them as output."""
+
+    output_token_ids: list[int]
+    generator_state: Optional[bytes] = None
+
+
 class EngineRequest(msgspec.Struct, tag="add"):
     """A new request for an engine core: tokens in, sampling settings; outputs go to client_index."""
 
@@ -60,6 +69,7 @@ class EngineRequest(msgspec.Struct, tag="add"):
     client_index: int = 0
     kv_transfer_params: Optional[dict] = None    # for the KV connector (vLLM's request field)
     priority: int = 0                            # --scheduling-policy priority: lower runs first (vLLM's)
+    resume: Optional[Resume] = None              # continues a request moved from another rank (elastic EP)
 
 
 class AbortRequests(msgspec.Struct, tag="abort"):

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from epplat.core.engine.logits_rules import has_rules
-from epplat.core.engine.protocol import EngineRequest, RequestTimes, SamplingParams, TokenLogprob
+from epplat.core.engine.protocol import EngineRequest, RequestTimes, Resume, SamplingParams, TokenLogprob
 from epplat.core.engine.structured_output import accept
 
 
@@ -53,6 +53,24 @@ class Request:
         self.generator: Optional[torch.Generator] = None
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+        if req.resume is not None:          # moved from another rank: its output so far, its generator's state
+            self.token_ids += req.resume.output_token_ids
+            self.prompt_logprobs_sent = True
+            if self.generator is not None and req.resume.generator_state is not None:
+                self.generator.set_state(torch.frombuffer(bytearray(req.resume.generator_state), dtype=torch.uint8))
+
+    @property
+    def movable(self) -> bool:
+        """Whether it can continue on another rank (``hand_off``): not one whose grammar matcher's state or
+        KV transfer would have to move with it."""
+        return (self.params.structured_output is None and self.kv_transfer_params is None
+                and not self.in_flight and self.status is not Status.FINISHED)
+
+    def hand_off(self, client_index: int) -> EngineRequest:
+        """This request as another rank takes it over: the prompt, the output so far, the generator's state."""
+        state = None if self.generator is None else self.generator.get_state().numpy().tobytes()
+        return EngineRequest(self.request_id, self.token_ids[:self.prompt_len], self.params,
+                             sorted(self.eos_token_ids), self.arrival, client_index, None, self.priority, Resume(self.output_ids, state))
 
     @property
     def num_tokens(self) -> int:

@@ -55,8 +55,10 @@ def sample(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None, kern
 
 def sample_tokens(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=None, kernels: Kernels = TORCH
                   ) -> torch.Tensor:
-    """The tokens, left on the logits' device (async scheduling reads them later)."""
-    logits = apply_rules(apply_grammars(logits.float(), reqs, grammar_bitmask), reqs)
+    """The tokens, left on the logits' device (async scheduling reads them later). Float32 logits are
+    masked by the grammars in place unless a request returns logprobs (of the raw logits)."""
+    inplace = not any(r.params.logprobs is not None for r in reqs)
+    logits = apply_rules(apply_grammars(logits.float(), reqs, grammar_bitmask, kernels, inplace), reqs)
     params = [r.params for r in reqs]
     greedy = [p.temperature <= 1e-5 for p in params]
     if all(greedy):
@@ -227,9 +229,10 @@ def _race(kernel, logits: torch.Tensor, reqs: list[Request]) -> Optional[torch.T
         keys = base
     else:
         keys = torch.tensor([base + i if r.generator is None else int(torch.randint(1 << 62, (1,), generator=r.generator))
-                             for i, r in enumerate(reqs)], device=logits.device)
+                             for i, r in enumerate(reqs)])
     temps = [r.params.temperature for r in reqs]
-    temperature = temps[0] if temps.count(temps[0]) == len(temps) else torch.tensor(temps, device=logits.device)
+    # per-row values stay on the host: the kernel moves them (a blocking copy here would wait for the step)
+    temperature = temps[0] if temps.count(temps[0]) == len(temps) else torch.tensor(temps)
     return kernel(logits, temperature, keys)
 
 

@@ -5,10 +5,11 @@ regex or EBNF grammar; a choice becomes a grammar) and checks that it parses (``
 engine core compiles it against the model's vocabulary (compiled grammars are cached) into one
 matcher per request, on a thread of its own (xgrammar compiles without the GIL), so that the other
 requests' steps do not wait for a compile: the request joins the scheduler once its matcher is ready.
-Every step the matchers of the batch's constrained rows fill one token bitmask (one batched xgrammar
-call, on the grammar thread while the step's forward runs: ``fill_bitmask``), which is unpacked and
-applied to those rows of the logits on their device before sampling (torch ops: xgrammar's CPU kernel
-takes ten times as long on a 32,000-token vocabulary), and each sampled token advances its matcher.
+Every step the matchers of the batch's constrained rows fill one packed token bitmask (one batched
+xgrammar call at the step's launch: ``fill_bitmask``), which bans the disallowed tokens of those rows
+of the logits in place before sampling: the platform's ``Kernels.apply_bitmask`` where it has one (the
+cpu platform's C kernel reads the packed words), else torch ops on the logits' device (xgrammar's CPU
+kernel takes ten times as long on a 32,000-token vocabulary); each sampled token advances its matcher.
 A matcher that has reached its end allows only the stop tokens (the request's EOS), and the request
 stops there. The masks must be filled after every earlier token was accepted (the step's launch).
 """
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 import torch
 
 from epplat.core.engine.protocol import StructuredOutput
+from epplat.core.ops import TORCH, Kernels
 
 if TYPE_CHECKING:
     from epplat.core.engine.request import Request
@@ -111,29 +113,23 @@ class Bitmask(NamedTuple):
     rows: list[int]
 
 
-_filler: Optional[tuple] = None       # (the grammar thread, xgrammar's batch matcher), made on first use
+_batch = None       # xgrammar's batch matcher, made on first use
 
 
-def fill_bitmask(reqs: list[Request], vocab_size: int) -> Optional[Future]:
-    """Start filling the bitmask of the constrained rows of reqs on the grammar thread (xgrammar fills
-    without the GIL, so it overlaps the step's forward); the future of its ``Bitmask``. None when no
-    row is constrained."""
-    global _filler
+def fill_bitmask(reqs: list[Request], vocab_size: int) -> Optional[Bitmask]:
+    """The bitmask of the constrained rows of reqs, filled in one batched xgrammar call on this thread
+    (a tenth of a millisecond for 16 rows: handing it to a thread cost more in GIL hand-offs than the fill);
+    None when no row is constrained."""
+    global _batch
     rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
     if not rows:
         return None
     xgr = xgrammar()
-    if _filler is None:
-        _filler = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask"),
-                   xgr.BatchGrammarMatcher(max_threads=1))
-    pool, batch = _filler
-    mask = xgr.allocate_token_bitmask(len(rows), vocab_size)
-    matchers = [reqs[i].grammar for i in rows]
-
-    def fill() -> Bitmask:
-        batch.batch_fill_next_token_bitmask(matchers, mask)
-        return Bitmask(mask, rows)
-    return pool.submit(fill)
+    if _batch is None:
+        _batch = xgr.BatchGrammarMatcher(max_threads=1)
+    mask = torch.empty(len(rows), (vocab_size + 31) // 32, dtype=torch.int32)     # the fill writes every word
+    _batch.batch_fill_next_token_bitmask([reqs[i].grammar for i in rows], mask)
+    return Bitmask(mask, rows)
 
 
 _BITS: dict = {}      # device -> arange(32) int32
@@ -148,20 +144,30 @@ def allowed_tokens(mask: torch.Tensor, vocab_size: int, device) -> torch.Tensor:
     return ((words.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab_size]
 
 
-def apply_grammars(logits: torch.Tensor, reqs: list[Request], bitmask: Optional[Future] = None) -> torch.Tensor:
+def ban_disallowed(logits: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> bool:
+    """The torch path of Kernels.apply_bitmask: -inf in place in logits[rows] where the mask bans a token."""
+    banned = ~allowed_tokens(mask, logits.shape[1], logits.device)
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(banned, float("-inf"))
+    else:
+        idx = torch.tensor(rows, device=logits.device)
+        logits[idx] = logits[idx].masked_fill_(banned, float("-inf"))
+    return True
+
+
+def apply_grammars(logits: torch.Tensor, reqs: list[Request], bitmask: Optional[Bitmask] = None,
+                   kernels: Kernels = TORCH, inplace: bool = False) -> torch.Tensor:
     """Ban, in every constrained row, the tokens its grammar does not allow next; bitmask: the step's
-    ``fill_bitmask`` (filled here when not given). logits [B, V] float32, left as they are."""
+    ``fill_bitmask`` (filled here when not given); kernels: the platform's record (its ``apply_bitmask``).
+    logits [B, V] float32, masked in place when inplace, else left as they are (a copy is masked)."""
     if bitmask is None:
         bitmask = fill_bitmask(reqs, logits.shape[1])
         if bitmask is None:
             return logits
-    mask, rows = bitmask.result()
-    allowed = allowed_tokens(mask, logits.shape[1], logits.device)
-    if len(rows) == len(reqs):       # a new tensor: the raw logits stay as they are (logprobs)
-        return torch.where(allowed, logits, float("-inf"))
-    out = logits.clone()
-    idx = torch.tensor(rows, device=logits.device)
-    out[idx] = torch.where(allowed, logits[idx], float("-inf"))
+    out = logits if inplace else logits.clone()
+    kernel = kernels.apply_bitmask
+    if kernel is None or not kernel(out, bitmask.mask, bitmask.rows):
+        ban_disallowed(out, bitmask.mask, bitmask.rows)
     return out
 
 

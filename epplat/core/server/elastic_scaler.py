@@ -4,9 +4,11 @@ Scaling up, the new engine processes start beside the running ones (which keep s
 load the model and take the running ranks' KV cache size; then every running driver gets
 the scale call, they all re-form the world with the new ranks at one step, the experts
 move to the EPLB policy's placement, and the new ranks are routed to once they say
-ready. Scaling down, the departing ranks get no new requests, their running ones finish
-(within drain_timeout, else 408 and nothing changes), their experts move to the staying
-ranks, and they leave. Requests that arrive meanwhile wait in the staying ranks' queues
+ready. Scaling down, the departing ranks get no new requests and hand their running and
+waiting ones to the staying ranks, which recompute their KV and continue their streams with
+the same tokens; what cannot move (a request with a grammar) finishes there (within
+drain_timeout, else 408 and nothing changes); their experts move to the staying ranks, and
+they leave. Requests that arrive meanwhile wait in the staying ranks' queues
 for at most the re-forming, bounded (scale_admission.py). Answers are vLLM's (vllm-interfaces.md); 409 while a scale runs.
 """
 
@@ -21,6 +23,7 @@ import msgspec
 from fastapi import Request
 
 from epplat.config import ConfigError
+from epplat.core.engine import protocol as P
 from epplat.core.distributed.spare_engine import SpareEngine
 from epplat.core.server.protocol import APIError, ErrorResponse
 
@@ -171,6 +174,8 @@ class ElasticScaler:
         del client.engine_ranks[new_size:]          # no new request goes to a departing rank
         t0 = deadline = time.monotonic()
         deadline += drain_timeout
+        await self._hand_off(leaving)
+        self.phases["hand-off"], t0 = time.monotonic() - t0, time.monotonic()
         while any(client.load.get(r) for r in leaving):
             if time.monotonic() > deadline:
                 client.engine_ranks.extend(leaving)
@@ -192,6 +197,23 @@ class ElasticScaler:
         # reaped meanwhile (a Ray actor's placement group given back)
         threading.Thread(target=lambda: [p.join(30) for p in procs], daemon=True).start()
         self._resize(client.cfg.parallel, new_size)
+
+    async def _hand_off(self, leaving: list[int]) -> None:
+        """The departing ranks' running and waiting requests go on on the staying ranks (their prompt, output so
+        far and sampling state: core.hand_off), so that the scale need not wait for them; what cannot move
+        (a request with a grammar) is left to the drain."""
+        client = self.client
+        try:
+            moved = await asyncio.gather(*(client.call(r, "hand_off_requests", timeout=_CALL_TIMEOUT)
+                                           for r in leaving))
+        except Exception as e:
+            logger.warning("elastic EP: the departing ranks did not hand their requests over (%s): they drain", e)
+            return
+        count = 0
+        for r, requests in zip(leaving, moved):
+            for er in msgspec.convert(requests, list[P.EngineRequest]):
+                count += await client.move_request(er, r)
+        logger.info("elastic EP: %d requests moved off the departing DP ranks %s", count, leaving)
 
     async def _call_all(self, ranks, new_size: int, generation: int) -> None:
         try:

@@ -42,7 +42,6 @@ from epplat.config import ConfigError
 from epplat.connectors import side_channel
 from epplat.connectors.pull import HeldBlocks, Pull, PullConnector, compat, compat_error
 from epplat.connectors.tp_ranks import TPReports
-from epplat.core.engine.frame_auth import FrameAuth
 from epplat.platforms.ascend import ranktable
 
 logger = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ class LLMDataDistCMgrConnector(PullConnector):
         self.ip = local_ip()
         self.listen = os.environ.get("VLLM_ASCEND_LLMDD_RPC_IP", "0.0.0.0")
         self.port = int(os.environ.get("VLLM_ASCEND_LLMDD_RPC_PORT", "5557")) + dp_rank * self.tp_size + tp_rank
-        self.auth = FrameAuth(engine.parallel.internal_secret)
+        self.auth = side_channel.channel_auth(engine.parallel, "LLMDataDistCMgrConnector")
         self.held = HeldBlocks(self.timeout)
         self.lock = threading.Lock()
         self.linked: dict[int, int] = {}            # remote cluster id -> comm id

@@ -90,6 +90,7 @@ def load() -> Optional[ctypes.CDLL]:
     lib.write_kv.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr]
     lib.route_topk.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
     lib.sample_race.argtypes = [ptr, i64, i64, ptr, i64, ptr, f32, ptr, ctypes.c_int]
+    lib.apply_bitmask.argtypes = [ptr, i64, ptr, ptr, i64]
     lib.rms_norm.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, f32, ptr]
     lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
     lib.decode_layer_floats.argtypes = [i64] * 9 + [ctypes.c_int]
@@ -219,6 +220,20 @@ def sample(logits, temperature, keys) -> Optional[torch.Tensor]:
                         1.0 / temperature if inv_t is None else 0.0, out.data_ptr(), threads):
         raise MemoryError("sample_race: out of memory")
     return out
+
+
+def apply_bitmask(logits, mask, rows) -> Optional[bool]:
+    """Kernels.apply_bitmask: -inf in place where the packed int32 mask [len(rows), ceil(V / 32)] bans a token
+    of logits [B, V] (float32, contiguous); None for other inputs."""
+    if logits.dtype != torch.float32 or not logits.is_contiguous() or mask.dtype != torch.int32:
+        return None
+    v = logits.shape[1]
+    mask = mask.contiguous()
+    if mask.shape != (len(rows), (v + 31) // 32):
+        return None
+    idx = torch.tensor(rows, dtype=torch.int64)
+    _lib.apply_bitmask(logits.data_ptr(), v, mask.data_ptr(), idx.data_ptr(), len(rows))
+    return True
 
 
 def write_kv(k, v, k_cache, v_cache, slots) -> bool:

@@ -19,7 +19,9 @@
  * decode_layer: a whole MoE decoder layer of a decode step, calling the kernels above in
  *   the order the layer's modules do (see fused_layer.py).
  * sample_race: one token a row drawn from softmax(logits / T) in one pass, by an exponential
- *   race on counter-based (Philox) noise made in registers. */
+ *   race on counter-based (Philox) noise made in registers.
+ * apply_bitmask: a grammar's packed token bitmask applied to rows of the logits in place (-inf where
+ *   a bit is 0), eight tokens a store, words whose 32 tokens are all allowed skipped. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -615,5 +617,30 @@ int sample_race(const float *logits, int64_t B, int64_t V, const int64_t *keys, 
         out[r] = arg[t];
     }
     free(best); free(arg);
+    return 0;
+}
+
+/* logits[rows[i], t] = -inf where bit t % 32 of mask[i, t / 32] is 0, for t < V and i < R; the mask has
+ * W = ceil(V / 32) words a row. A word of all ones (every token allowed) is skipped. */
+int apply_bitmask(float *logits, int64_t V, const int32_t *mask, const int64_t *rows, int64_t R) {
+    int64_t W = (V + 31) / 32, full = V / 32;
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < R; i++) {
+        float *x = logits + rows[i] * V;
+        const int32_t *m = mask + i * W;
+        for (int64_t w = 0; w < full; w++) {
+            uint32_t word = (uint32_t)m[w];
+            if (word == 0xffffffffu) continue;
+            for (int b = 0; b < 4; b++) {
+                __m256i lanes = _mm256_and_si256(_mm256_set1_epi32((int)(word >> (8 * b))), bit);
+                __m256 banned = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lanes, _mm256_setzero_si256()));
+                float *p = x + w * 32 + 8 * b;
+                _mm256_storeu_ps(p, _mm256_blendv_ps(_mm256_loadu_ps(p), ninf, banned));
+            }
+        }
+        for (int64_t t = full * 32; t < V; t++)
+            if (!((uint32_t)m[t / 32] >> (t % 32) & 1u)) x[t] = -INFINITY;
+    }
     return 0;
 }

@@ -70,4 +70,5 @@ def cpu_kernel_record() -> Kernels:
     return Kernels(linear=cpu_kernels.linear, rms_norm=cpu_kernels.rms_norm, rope=cpu_kernels.rope,
                    kv_write=cpu_kernels.write_kv, decode_attention=cpu_kernels.decode_attention,
                    route=cpu_kernels.route_topk, experts=cpu_kernels.moe_experts, sample=cpu_kernels.sample,
+                   apply_bitmask=cpu_kernels.apply_bitmask,
                    decoder_layer=fused_layer.decode_layer)

@@ -24,6 +24,7 @@ def cuda_kernels() -> Kernels:
     if importlib.util.find_spec("triton") is None:
         return Kernels(experts=half_experts, grouped_mm=bf16_grouped_mm)
     from epplat.platforms.cuda import triton_moe, triton_moe_sorted, triton_norm
+    from epplat.platforms.cuda.decode_layer import decode_layer
     from epplat.platforms.cuda.triton_attention import decode_attention, write_kv
     from epplat.platforms.cuda.triton_mla import mla_decode_attention
     from epplat.platforms.cuda.triton_sample import sample
@@ -36,4 +37,4 @@ def cuda_kernels() -> Kernels:
     return Kernels(decode_attention=decode_attention, kv_write=write_kv, mla_decode_attention=mla_decode_attention,
                    rms_norm=triton_norm.rms_norm,
                    rope=triton_norm.rope, route=triton_moe.fused_topk, experts=experts,
-                   grouped_mm=bf16_grouped_mm, sample=sample)
+                   grouped_mm=bf16_grouped_mm, sample=sample, decoder_layer=decode_layer)

@@ -2,7 +2,10 @@
 (flash-decoding): each program takes one sequence, one KV head (all its query heads at
 once, on tensor cores) and one slice of the sequence's blocks; a second kernel merges
 the slices by their log-sum-exp. Reads only the blocks a sequence uses and takes
-lengths from a device tensor, so it can be captured in a CUDA graph."""
+lengths from a device tensor, so it can be captured in a CUDA graph. Where a counter buffer
+is at hand the merge runs inside the split kernel (one launch): the last program of a
+(sequence, KV head) to finish, told so by an atomic counter, merges the slices and resets
+the counter for the next launch."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ _TARGET_PROGRAMS = 2 * 132   # about two waves of an H100/H200's SMs
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_ptr, scale,
                          table_stride, q_stride, kv_heads: tl.constexpr, group: tl.constexpr,
                          splits: tl.constexpr, GROUP_P: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         IEEE: tl.constexpr, out_ptr, cnt_ptr, FUSE_MERGE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -60,6 +63,28 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_p
     row = ((b * kv_heads + kvh) * splits + sp) * GROUP_P + g
     tl.store(o_ptr + row[:, None] * D + d[None, :], out)
     tl.store(lse_ptr + row, lse)
+    if FUSE_MERGE:
+        tl.debug_barrier()          # every thread's slice stored before the counter's release
+        arrived = tl.atomic_add(cnt_ptr + b * kv_heads + kvh, 1)      # acq_rel, gpu scope
+        tl.debug_barrier()
+        if arrived == splits - 1:   # the last slice: merge them all
+            first = (b * kv_heads + kvh) * splits * GROUP_P + g
+            m = tl.full([GROUP_P], float("-inf"), tl.float32)
+            den = tl.zeros([GROUP_P], tl.float32)
+            acc = tl.zeros([GROUP_P, D], tl.float32)
+            for i in range(splits):     # other programs' slices: through L2 (.cg), never a stale L1 line
+                lse_i = tl.load(lse_ptr + first + i * GROUP_P, cache_modifier=".cg")
+                o_i = tl.load(o_ptr + (first + i * GROUP_P)[:, None] * D + d[None, :], cache_modifier=".cg")
+                m_new = tl.maximum(m, lse_i)
+                alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+                beta = tl.where(lse_i == float("-inf"), 0.0, tl.exp(lse_i - m_new))
+                den = den * alpha + beta
+                acc = acc * alpha[:, None] + beta[:, None] * o_i
+                m = m_new
+            res = acc / tl.where(den > 0, den, 1.0)[:, None]
+            tl.store(out_ptr + (b * kv_heads * group + heads)[:, None] * D + d[None, :],
+                     res.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+            tl.atomic_xchg(cnt_ptr + b * kv_heads + kvh, 0)
 
 
 @triton.jit
@@ -95,12 +120,32 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     splits = min(32, 1 << ((-(-_TARGET_PROGRAMS // (b * kvh))).bit_length() - 1))   # powers of two: 6 variants
     mid = torch.empty((b, kvh, splits, gp, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((b, kvh, splits, gp), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    cnt = counters(q.device, b * kvh)
     _decode_split_kernel[(b, kvh, splits)](q.contiguous(), k_cache, v_cache, tables, lens, mid, lse, scale,
                                            tables.stride(0), h * d, kvh, group, splits, gp, block, d,
-                                           q.dtype == torch.float32)
-    out = torch.empty_like(q)
-    _merge_kernel[(b, h)](mid, lse, out, h, kvh, group, splits, triton.next_power_of_2(splits), gp, d)
+                                           q.dtype == torch.float32, out, mid if cnt is None else cnt,
+                                           cnt is not None)
+    if cnt is None:
+        _merge_kernel[(b, h)](mid, lse, out, h, kvh, group, splits, triton.next_power_of_2(splits), gp, d)
     return out
+
+
+_COUNTERS = 1 << 16        # (sequence, KV head) pairs one launch can count; more take the two-launch path
+_counters: dict = {}
+
+
+def counters(device: torch.device, n: int):
+    """A zeroed int32 buffer of at least n counters on device, kept zero between launches by the kernels
+    that use it (each program that reads its count as the last resets it); None above _COUNTERS, or while
+    a CUDA graph is being captured before the buffer exists (an allocation there would live in the graph's
+    pool)."""
+    buf = _counters.get(device)
+    if buf is None:
+        if n > _COUNTERS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return None
+        buf = _counters[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    return buf if n <= buf.numel() else None
 
 
 @triton.jit

@@ -172,7 +172,7 @@ def _down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, y_ptr, num_assign, hidden
 
 
 @triton.jit
-def _sum_kernel(y_ptr, ids_ptr, out_ptr, hidden, K: tl.constexpr, BH: tl.constexpr):
+def _sum_kernel(y_ptr, ids_ptr, out_ptr, res_ptr, hidden, K: tl.constexpr, BH: tl.constexpr, RES: tl.constexpr):
     t = tl.program_id(0)
     d = tl.program_id(1) * BH + tl.arange(0, BH)
     dmask = d < hidden
@@ -180,6 +180,9 @@ def _sum_kernel(y_ptr, ids_ptr, out_ptr, hidden, K: tl.constexpr, BH: tl.constex
     for k in tl.static_range(K):
         width = tl.where(tl.load(ids_ptr + t * K + k) >= 0, hidden, 0)    # an unplaced pair (id -1) adds nothing
         acc += tl.load(y_ptr + (t * K + k).to(tl.int64) * hidden + d, mask=d < width, other=0.0).to(tl.float32)
+    if RES:     # the layer's residual add, rounded after the sum's own rounding as the torch add would
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(
+            res_ptr + t.to(tl.int64) * hidden + d, mask=dmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t.to(tl.int64) * hidden + d, acc.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
@@ -230,10 +233,11 @@ def weight_scales(w13, w13_scale, w2, w2_scale):
 
 
 def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tiles] = None, *, w13_scale=None,
-                   w2_scale=None):
+                   w2_scale=None, residual: Optional[torch.Tensor] = None):
     """sum_k w[t,k] * expert_{ids[t,k]}(x[t]); ids are local, -1 = held elsewhere. With w13_scale /
-    w2_scale, w13 and w2 are fp8 with 128x128 block scales [E, K/128, N/128]. None when the
-    activation or dtype is not one the kernels take."""
+    w2_scale, w13 and w2 are fp8 with 128x128 block scales [E, K/128, N/128]; with residual [T, H]
+    (contiguous, x's dtype), residual + that sum (the decoder layer's add, in the same launch). None
+    when the activation or dtype is not one the kernels take."""
     name = getattr(act, "__name__", "")
     if name not in _ACTS or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None
@@ -259,7 +263,9 @@ def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tile
         h, ids, tw, w2, s2, y, num_assign, hidden, inter, w2.stride(0), ss2, ieee, t.bm, t.bn2, t.bk2, by_slot, _SCAN,
         w8, num_warps=t.warps, num_stages=t.stages)
     out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
-    _sum_kernel[(rows, triton.cdiv(hidden, 1024))](y, ids, out, hidden, k, 1024, num_warps=4)
+    res = residual is not None
+    _sum_kernel[(rows, triton.cdiv(hidden, 1024))](y, ids, out, residual if res else out, hidden, k, 1024, res,
+                                                   num_warps=4)
     return out
 
 

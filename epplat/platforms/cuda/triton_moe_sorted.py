@@ -183,7 +183,7 @@ def sorted_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tile
         h, rows, tile_expert, tw, w2, s2, y, num_assign, hidden, inter, w2.stride(0), ss2, t.bm, t.bn2, t.bk2, w8,
         num_warps=t.warps, num_stages=t.stages)
     out = torch.empty((rows_n, hidden), dtype=x.dtype, device=x.device)
-    _sum_kernel[(rows_n, triton.cdiv(hidden, 1024))](y, ids, out, hidden, k, 1024, num_warps=4)
+    _sum_kernel[(rows_n, triton.cdiv(hidden, 1024))](y, ids, out, out, hidden, k, 1024, False, num_warps=4)
     return out
 
 

@@ -40,27 +40,44 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float):
 
 
 @triton.jit
+def _round(x, dt: tl.constexpr):
+    return x.to(dt)
+
+
+@triton.jit
+def rotate_halves(x1, x2, c1, c2, s1, s2, dt: tl.constexpr):
+    """Neox rotary of [heads, HALF] float32 halves: x * cos + rotate_half(x) * sin with rotate_half(x) =
+    [-x2, x1], every product and the sum rounded to dt as torch's elementwise ops do (float32 math, then
+    a rounding); returns the halves in dt."""
+    o1 = _round(x1 * c1[None, :], dt).to(tl.float32) + _round(-x2 * s1[None, :], dt).to(tl.float32)
+    o2 = _round(x2 * c2[None, :], dt).to(tl.float32) + _round(x1 * s2[None, :], dt).to(tl.float32)
+    return o1.to(dt), o2.to(dt)
+
+
+@triton.jit
+def cos_sin(cos_ptr, sin_ptr, p, HALF: tl.constexpr, dt: tl.constexpr):
+    """Position p's rows of the float32 tables, rounded to dt as the torch code rounds them, in halves."""
+    j = tl.arange(0, HALF)
+    c1 = tl.load(cos_ptr + p * 2 * HALF + j).to(dt).to(tl.float32)
+    c2 = tl.load(cos_ptr + p * 2 * HALF + HALF + j).to(dt).to(tl.float32)
+    s1 = tl.load(sin_ptr + p * 2 * HALF + j).to(dt).to(tl.float32)
+    s2 = tl.load(sin_ptr + p * 2 * HALF + HALF + j).to(dt).to(tl.float32)
+    return c1, c2, s1, s2
+
+
+@triton.jit
 def _rope_heads(src, dst, t, st, sh, c1, c2, s1, s2, NH: tl.constexpr, NHP: tl.constexpr, HALF: tl.constexpr):
     dt = dst.dtype.element_ty
     j = tl.arange(0, HALF)
     h = tl.arange(0, NHP)
     hm = (h < NH)[:, None]
     base = src + t.to(tl.int64) * st + h[:, None] * sh + j[None, :]
-    x1 = tl.load(base, mask=hm, other=0.0)
-    x2 = tl.load(base + HALF, mask=hm, other=0.0)
-    # x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1], every product and the sum
-    # rounded to the input dtype as torch's elementwise ops do (float32 math, then a rounding)
-    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-    o1 = _round(x1 * c1[None, :], dt).to(tl.float32) + _round(-x2 * s1[None, :], dt).to(tl.float32)
-    o2 = _round(x2 * c2[None, :], dt).to(tl.float32) + _round(x1 * s2[None, :], dt).to(tl.float32)
+    x1 = tl.load(base, mask=hm, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=hm, other=0.0).to(tl.float32)
+    o1, o2 = rotate_halves(x1, x2, c1, c2, s1, s2, dt)
     ob = dst + (t.to(tl.int64) * NH + h[:, None]) * (2 * HALF) + j[None, :]
-    tl.store(ob, o1.to(dt), mask=hm)
-    tl.store(ob + HALF, o2.to(dt), mask=hm)
-
-
-@triton.jit
-def _round(x, dt: tl.constexpr):
-    return x.to(dt)
+    tl.store(ob, o1, mask=hm)
+    tl.store(ob + HALF, o2, mask=hm)
 
 
 @triton.jit
@@ -68,12 +85,7 @@ def _rope_kernel(pos_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, q_st, 
                  QH: tl.constexpr, KH: tl.constexpr, QHP: tl.constexpr, KHP: tl.constexpr, HALF: tl.constexpr):
     t = tl.program_id(0)
     p = tl.load(pos_ptr + t).to(tl.int64)
-    j = tl.arange(0, HALF)
-    dt = qo_ptr.dtype.element_ty
-    c1 = tl.load(cos_ptr + p * 2 * HALF + j).to(dt).to(tl.float32)       # the table rounded to the input dtype
-    c2 = tl.load(cos_ptr + p * 2 * HALF + HALF + j).to(dt).to(tl.float32)
-    s1 = tl.load(sin_ptr + p * 2 * HALF + j).to(dt).to(tl.float32)
-    s2 = tl.load(sin_ptr + p * 2 * HALF + HALF + j).to(dt).to(tl.float32)
+    c1, c2, s1, s2 = cos_sin(cos_ptr, sin_ptr, p, HALF, qo_ptr.dtype.element_ty)
     _rope_heads(q_ptr, qo_ptr, t, q_st, q_sh, c1, c2, s1, s2, QH, QHP, HALF)
     _rope_heads(k_ptr, ko_ptr, t, k_st, k_sh, c1, c2, s1, s2, KH, KHP, HALF)
 

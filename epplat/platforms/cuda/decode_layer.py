@@ -1,0 +1,104 @@
+"""A decoder layer of a decode step on cuda in fewer launches than the modules' 19 (Kernels.decoder_layer).
+
+At batch 1 a layer's GEMMs read ~113 MB of weights (Qwen3-30B-A3B) in ~26 us at HBM speed, while
+each small kernel between them (norms, rotary, KV write, the attention merge, residual adds,
+routing) costs 1.5-2.5 us, mostly launch latency. For a batch of single-token decodes through a
+plain MoE layer (softmax top-k routing, no TP, the attention with a power-of-two head dim and
+block size) this runs:
+
+1. the input RMSNorm (triton_norm);                2. the qkv GEMM (``project``: bf16 or fp8);
+3. q/k norm + rotary + KV-cache write (triton_rope_kv);
+4. decode attention with its merge in the same launch (triton_attention);
+5. the o_proj GEMM;
+6. residual add, RMSNorm, router GEMM and top-k as the modules run them (a one-launch Triton router, tried
+   on the H200, ran 8 programs for a 512 KB gate read: 23.5 us a layer at batch 1 against ~10 us, and was
+   removed);
+7-9. the experts' gate/up, down and sum kernels, the sum adding the residual (triton_moe).
+
+Every step rounds where the module it replaces rounds, so the tokens are those of the module
+path up to the float32 order of sums inside a kernel. Anything else (prefill or mixed steps,
+other layer types, TP, an all2all across ranks) returns None and the modules run as usual.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from epplat.core.model.decoder import Attention, DecoderLayer
+from epplat.core.moe.all2all_torch import _TorchDistBackend
+from epplat.core.moe.layer import FusedMoE
+from epplat.platforms.cuda import fp8, triton_rope_kv
+from epplat.platforms.cuda.triton_attention import decode_attention
+from epplat.platforms.cuda.triton_moe import MAX_ASSIGNMENTS, triton_experts
+from epplat.platforms.cuda.triton_norm import rms_norm
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and not n & (n - 1)
+
+
+def _eligible(layer: DecoderLayer) -> bool:
+    attn, mlp = layer.self_attn, layer.mlp
+    if type(attn) is not Attention or type(mlp) is not FusedMoE or mlp.routing is not None:
+        return False
+    if layer.ps.tp_size > 1 or mlp.tp_size > 1 or layer.kernels.linear is not None or attn.kv_cache is None:
+        return False
+    dtype = layer.input_layernorm.weight.dtype
+    norms = [layer.input_layernorm, layer.post_attention_layernorm] + (
+        [attn.q_norm, attn.k_norm] if attn.q_norm is not None else [])
+    k_cache, v_cache = attn.kv_cache
+    return (dtype in _DTYPES and all(n.weight.dtype == dtype for n in norms) and mlp.gate.dtype == dtype
+            and k_cache.dtype == v_cache.dtype == dtype and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and _pow2(attn.d) and _pow2(k_cache.shape[1]) and triton_rope_kv.takes(attn.h, attn.kvh, attn.d)
+            and attn.h % attn.kvh == 0)
+
+
+def _fused_experts(mlp: FusedMoE):
+    """The expert call that can take the residual: the masked Triton kernels, bf16/fp32 or fp8 (with the
+    fp8 method's scales); None for other expert functions."""
+    fn = mlp.experts
+    if fn == mlp.torch_experts:
+        return triton_experts if mlp.kernels.experts is not None else None
+    if isinstance(fn, functools.partial) and fn.func is fp8._fp8_experts:
+        return functools.partial(triton_experts, **fn.keywords)
+    return None
+
+
+def decode_layer(layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, meta) -> Optional[torch.Tensor]:
+    """``layer(x, positions, meta)`` for a batch of single-token decodes; None when it does not apply."""
+    cached = getattr(layer, "_cuda_fused_ok", None)
+    if cached is None or cached[0] is not layer.mlp.all2all or cached[1] is not layer.self_attn.kv_cache:
+        cached = layer._cuda_fused_ok = (layer.mlp.all2all, layer.self_attn.kv_cache, _eligible(layer))
+    t = x.shape[0]
+    if not cached[2] or meta.prefills or meta.num_decodes != t or t == 0 or x.dtype not in _DTYPES \
+            or x.dtype != layer.input_layernorm.weight.dtype:
+        return None
+    attn, mlp = layer.self_attn, layer.mlp
+    k_cache, v_cache = attn.kv_cache
+    x = x.contiguous()
+    h = rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps)
+    qkv = attn.project("qkv", h)
+    norm = attn.q_norm is not None
+    q = triton_rope_kv.qk_norm_rope_kv(qkv, attn.h, attn.kvh, attn.d, attn.q_norm.weight if norm else None,
+                                       attn.k_norm.weight if norm else None,
+                                       attn.q_norm.eps if norm else 0.0, positions, attn.rope.cos, attn.rope.sin,
+                                       k_cache, v_cache, meta.slot_mapping)
+    o = decode_attention(q, k_cache, v_cache, meta.decode_tables, meta.decode_lens, attn.scale)
+    a = attn.project("o_proj", o.view(t, attn.h * attn.d))
+    x = x + a
+    h = layer.post_attention_layernorm(x)
+    weights, ids = mlp.route(h)
+    ids = mlp.to_physical(ids)
+    experts = _fused_experts(mlp)
+    if (experts is not None and isinstance(mlp.all2all, _TorchDistBackend) and mlp.all2all.size == 1
+            and ids.numel() <= MAX_ASSIGNMENTS):
+        out = experts(h, ids, weights, mlp.w13, mlp.w2, mlp.act, residual=x)
+        if out is not None:
+            return out
+    recv = mlp.all2all.dispatch(h, ids, weights)
+    return x + mlp.all2all.combine(mlp.experts(recv.x, recv.topk_ids, recv.topk_weights, mlp.w13, mlp.w2, mlp.act))
