@@ -48,10 +48,10 @@ def _placed(log: str) -> tuple[dict, dict, str, list[str]]:
     rank's node address (as last placed)."""
     pids = {name: int(pid) for name, pid in re.findall(r"(EngineCore_\w+) pid (\d+) on node", log)}
     node = dict(re.findall(r"(EngineCore_\w+) pid \d+ on node (\d)", log))
-    *_, m = re.finditer(r"internal sockets between nodes on tcp \(this node (\S+), world ranks' nodes ([^)]*)\)",
-                        log) or [None]          # the last placement (an elastic scale-up's, after the start's)
-    assert m, log[-3000:]
-    return pids, node, m.group(1), m.group(2).split(", ")
+    found = re.findall(r"internal sockets between nodes on tcp \(this node (\S+), world ranks' nodes ([^)]*)\)", log)
+    assert found, log[-3000:]
+    here, nodes = found[-1]             # the last placement (an elastic scale-up's, after the start's)
+    return pids, node, here, nodes.split(", ")
 
 
 def _rpc_port(world: int) -> int:
@@ -118,7 +118,7 @@ def _scale_through_ray(cluster, s: Server, model: str, expected, rpc: int) -> No
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     try:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=180)
-        before = _groups_by_node(ray)
+        before, cpus = _groups_by_node(ray), ray.available_resources()["CPU"]
         free = sorted((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), reverse=True)
         r = _scale(s.url, {"new_data_parallel_size": 5})
         assert r.status_code == 400, r.text
@@ -137,14 +137,16 @@ def _scale_through_ray(cluster, s: Server, model: str, expected, rpc: int) -> No
         remotes = {remote for _, remote in tcp_sockets(pids["EngineCore_DP2"])}
         assert {(nodes[0], rpc), (nodes[0], rpc + 1), (here, rpc + 10), (here, rpc + 11)} <= remotes, remotes
         assert _requests_per_rank(s.url).get("2", 0) > 0        # the new rank was routed to
+        assert _until(lambda: ray.available_resources().get("CPU", 0) == cpus - 1)     # its group holds a device
 
         _scale_with_traffic(s, client, model, expected, 2)
-        _until(lambda: set(_groups_by_node(ray)) == set(before))    # its placement group given back
+        _until(lambda: set(_groups_by_node(ray)) == set(before))    # its placement group given back,
+        _until(lambda: ray.available_resources().get("CPU", 0) == cpus)     # its device free again
         assert "DP rank 2 handed its experts over and leaves" in s.output()
 
         _scale_with_traffic(s, client, model, expected, 3, status=500, message="still 2 data parallel engines")
         assert "EPPLAT_ELASTIC_KILL_AT=exchange:3: rank killed at exchange" in s.output()
-        _until(lambda: set(_groups_by_node(ray)) == set(before))
+        _until(lambda: set(_groups_by_node(ray)) == set(before) and ray.available_resources().get("CPU", 0) == cpus)
         assert _requests_per_rank(s.url)["size"] == 2
     finally:
         ray.shutdown()
