@@ -88,9 +88,7 @@ class NixlConnector(PullConnector):
         self.remote: dict[tuple[str, int], list[dict]] = {}     # side channel -> its TP ranks (agent name added)
         self.inflight: dict[str, tuple[list, str]] = {}          # request id -> transfer handles, where from
         self.failed: set[str] = set()
-        self.failed_out: set[str] = set()
         self.spoiled: set[str] = set()              # reads started, then given up
-        self.tp = self.server = None
 
     def endpoint(self) -> tuple[str, int]:
         return self.host, self.port
@@ -264,12 +262,3 @@ class NixlConnector(PullConnector):
         self.failed_out |= failed
         return sent, done
 
-    def get_failed_loads(self) -> set[str]:
-        failed, self.failed_out = self.failed_out, set()
-        return failed
-
-    def shutdown(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        if self.tp is not None:
-            self.tp.close()
