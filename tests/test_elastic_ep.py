@@ -41,6 +41,10 @@ def model_dir(skewed_dir):
 
 @pytest.fixture(scope="module")
 def expected(model_dir):
+    return oracle_texts(model_dir)
+
+
+def oracle_texts(model_dir) -> tuple[list[str], str, str]:
     """transformers' texts: the short batch prompts, the stream prompt's first STREAM_TOKENS and LONGER_TOKENS."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)

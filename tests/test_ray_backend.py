@@ -27,8 +27,7 @@ import pytest
 
 from epplat.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig
 from server_utils import HealthPoller, Server, free_ports, tcp_sockets
-from test_elastic_ep import LONGER_TOKENS, POOL, SHORT, STREAM_PROMPT, STREAM_TOKENS, _requests_per_rank, _scale, \
-    _scale_with_traffic
+from test_elastic_ep import _requests_per_rank, _scale, _scale_with_traffic, oracle_texts
 from test_parallel import PROMPTS, complete, expected_texts
 
 
@@ -87,13 +86,7 @@ def test_pp2_tp2_placed_by_ray(cluster, qwen3_moe_dir):
 @pytest.fixture(scope="module")
 def elastic_expected(qwen3_moe_dir):
     """transformers' texts for test_elastic_ep's traffic (its batch prompts, its stream's two lengths)."""
-    from transformers import AutoTokenizer
-
-    from hf_oracle import hf_greedy, hf_greedy_texts
-    tok = AutoTokenizer.from_pretrained(qwen3_moe_dir)
-    ids = hf_greedy(qwen3_moe_dir, [STREAM_PROMPT], LONGER_TOKENS, ignore_eos=True)[0]
-    return (hf_greedy_texts(qwen3_moe_dir, POOL, SHORT), tok.decode(ids[:STREAM_TOKENS], skip_special_tokens=True),
-            tok.decode(ids, skip_special_tokens=True))
+    return oracle_texts(qwen3_moe_dir)
 
 
 def _groups_by_node(ray) -> dict[str, str]:
