@@ -48,7 +48,7 @@ def gemv_rows(dev, dt) -> list:
             triton = graph_time(lambda x, w: triton_gemv.gemv(x, w), sets) * 1e3
             rows.append({"kernel": f"{name} {m}x{k} @ {k}x{n}", "bytes": n * k * 2, "cublas_us": cublas,
                          "triton_us": triton, "triton_rel_err": err,
-                         "tiles": triton_gemv.tiles(n, k, triton_gemv._sms(dev))})
+                         "tiles": triton_gemv.tiles(n, k, triton_gemv._sms(dev), m)})
     return rows
 
 
