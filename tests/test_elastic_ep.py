@@ -44,11 +44,11 @@ def expected(model_dir):
     return oracle_texts(model_dir)
 
 
-def oracle_texts(model_dir) -> tuple[list[str], str, str]:
-    """transformers' texts: the short batch prompts, the stream prompt's first STREAM_TOKENS and LONGER_TOKENS."""
+def oracle_texts(model_dir, longer: int = LONGER_TOKENS) -> tuple[list[str], str, str]:
+    """transformers' texts: the short batch prompts, the stream prompt's first STREAM_TOKENS and ``longer``."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = hf_greedy(model_dir, [STREAM_PROMPT], LONGER_TOKENS, ignore_eos=True)[0]
+    ids = hf_greedy(model_dir, [STREAM_PROMPT], longer, ignore_eos=True)[0]
     return (hf_greedy_texts(model_dir, POOL, SHORT), tok.decode(ids[:STREAM_TOKENS], skip_special_tokens=True),
             tok.decode(ids, skip_special_tokens=True))
 
@@ -140,13 +140,14 @@ class _Stream:
 
 
 def _scale_with_traffic(s: Server, client, model, expected, new_size: int, during=None, status=200,
-                        message=None, seeded=None) -> float:
+                        message=None, seeded=None, longer_tokens: int = LONGER_TOKENS) -> float:
     """Scale to new_size under batches and streams (three started before it, one longer one started while it
     runs, on a staying rank); checks they all complete with the oracle's tokens, the longer one after the
     scale's answer (it was in flight across the re-forming). ``seeded``: the text of the SEEDED stream without a
     scale; three of them run beside the others and must give it. Scaling down, the departing rank's streams move
     to a staying one: the scale answers before any stream started before it ends. ``during()`` runs while the
-    scale does; the scale answers ``status`` with ``message``."""
+    scale does; the scale answers ``status`` with ``message``. ``longer_tokens``: the length of the stream started
+    during it (oracle_texts' ``longer``)."""
     short, long, longer = expected
     old = int(_requests_per_rank(s.url)["size"])
     grows = new_size > old
@@ -171,7 +172,7 @@ def _scale_with_traffic(s: Server, client, model, expected, new_size: int, durin
         during()
     while grows and s.output().count(ready) == readies and thread.is_alive():
         time.sleep(0.02)                  # the re-forming comes next, however long the new ranks took to load
-    across = _Stream(client, model, max_tokens=LONGER_TOKENS)
+    across = _Stream(client, model, max_tokens=longer_tokens)
     thread.join(300)
     r = box["r"]
     assert r.status_code == status, r.text

@@ -27,7 +27,7 @@ import pytest
 
 from epplat.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig
 from server_utils import HealthPoller, Server, free_ports, tcp_sockets
-from test_elastic_ep import _requests_per_rank, _scale, _scale_with_traffic, oracle_texts
+from test_elastic_ep import _Load, _requests_per_rank, _scale, _scale_with_traffic, _Stream, oracle_texts
 from test_parallel import PROMPTS, complete, expected_texts
 
 
@@ -85,8 +85,12 @@ def test_pp2_tp2_placed_by_ray(cluster, qwen3_moe_dir):
 
 @pytest.fixture(scope="module")
 def elastic_expected(qwen3_moe_dir):
-    """transformers' texts for test_elastic_ep's traffic (its batch prompts, its stream's two lengths)."""
-    return oracle_texts(qwen3_moe_dir)
+    """transformers' texts for test_elastic_ep's traffic (its batch prompts, its streams' lengths: the one
+    started during a scale ACROSS tokens long)."""
+    return oracle_texts(qwen3_moe_dir, ACROSS)
+
+
+ACROSS = 320    # test_elastic_ep's 480 is for its slower scales; a Ray scale's re-forming takes tenths of a second
 
 
 def _groups_by_node(ray) -> dict[str, str]:
@@ -120,7 +124,7 @@ def _scale_through_ray(cluster, s: Server, model: str, expected, rpc: int) -> No
             f"one node (3 in all) are needed, its nodes have {[f - 1 for f in free[:2]] + free[2:]} free (ray status "
             "shows them)"), r.text
 
-        _scale_with_traffic(s, client, model, expected, 3)
+        _scale_with_traffic(s, client, model, expected, 3, longer_tokens=ACROSS)
         grown = _groups_by_node(ray)
         (new_group,) = set(grown) - set(before)
         here = _placed(s.output())[2]
@@ -132,13 +136,21 @@ def _scale_through_ray(cluster, s: Server, model: str, expected, rpc: int) -> No
         assert _requests_per_rank(s.url).get("2", 0) > 0        # the new rank was routed to
         assert _until(lambda: ray.available_resources().get("CPU", 0) == cpus - 1)     # its group holds a device
 
-        _scale_with_traffic(s, client, model, expected, 2)
+        _scale_with_traffic(s, client, model, expected, 2, longer_tokens=ACROSS)
         _until(lambda: set(_groups_by_node(ray)) == set(before))    # its placement group given back,
         _until(lambda: ray.available_resources().get("CPU", 0) == cpus)     # its device free again
         assert "DP rank 2 handed its experts over and leaves" in s.output()
 
-        _scale_with_traffic(s, client, model, expected, 3, status=500, message="still 2 data parallel engines")
+        # the new actor killed in the expert exchange, under a stream and batches (they need no stream across it:
+        # the scales above had one)
+        stream, load = _Stream(client, model), _Load(client, model, expected[0])
+        r = _scale(s.url, {"new_data_parallel_size": 3})
+        assert r.status_code == 500 and "still 2 data parallel engines" in r.json()["error"]["message"], r.text
         assert "EPPLAT_ELASTIC_KILL_AT=exchange:3: rank killed at exchange" in s.output()
+        rounds = load.rounds
+        _until(lambda: load.rounds > rounds, 60)          # a batch after the failed scale, on the two ranks
+        load.stop()
+        assert stream.result() == expected[1] and load.failures == [], load.failures
         _until(lambda: set(_groups_by_node(ray)) == set(before) and ray.available_resources().get("CPU", 0) == cpus)
         assert _requests_per_rank(s.url)["size"] == 2
     finally:
