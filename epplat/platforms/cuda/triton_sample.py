@@ -146,7 +146,8 @@ def _launch(grid: tuple[int, int], args: tuple) -> None:
     if kernel is None:
         _compiled[key] = _race_kernel[grid](*args)
     else:
-        kernel[grid](*args, stream=triton.runtime.driver.active.get_current_stream(x.device.index))
+        # the CompiledKernel's launcher takes all three grid axes
+        kernel[grid + (1,)](*args, stream=triton.runtime.driver.active.get_current_stream(x.device.index))
 
 
 def sample(logits: torch.Tensor, temperature, keys) -> Optional[torch.Tensor]:
