@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
-# Stages: tests tests-decode sample-tests decode decode-fused decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
-#         serve-decode serve-decode-async deepseek-decode deepseek-decode-fp8 serve-deepseek pd-nixl
+# Stages: tests tests-decode sample-tests sample-kernel-tests decode decode-fused decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
+#         serve-decode serve-decode-async deepseek-decode deepseek-decode-fp8 serve-deepseek nixl-gpu pd-nixl
 # (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA"); nixl's, too big to
 # travel with them, in a folder NIXL_WHEELS that an earlier call on the warm machine left there.
@@ -51,7 +51,8 @@ fp32_greedy or decode_attention or experts_match or bf16_logits or fused_topk or
     prefill-fp8) python3 benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --fp8 --out "$OUT/prefill_fp8.json" 2>&1 \
               | tee "$OUT/prefill_fp8.log" | tail -8 ;;
     sample-tests) python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -k "sample or graph" 2>&1 | tee "$OUT/sample_tests.log" | tail -15 ;;
-    sampler) python3 benchmarks/sampler_bench.py --device cuda --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -22 ;;
+    sample-kernel-tests) python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -k sample 2>&1 | tee "$OUT/sample_kernel_tests.log" | tail -15 ;;
+    sampler) python3 benchmarks/sampler_bench.py --device cuda --sweep --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -40 ;;
     serve-prefill|serve-decode|serve-decode-async)   # the 12-layer checkpoint, made once; SERVE_ARGS adds epplat serve flags
             m=$(model_12l)
             if [ $s = serve-prefill ]; then load="--input-len 2048 --output-len 4 --concurrency 16 --num-prompts 256"
@@ -86,10 +87,19 @@ print(f"serve-decode-async: TPOT p50 {t:.2f} ms, in-process decode step (batch 1
     serve)  python3 benchmarks/serve_1gpu.py --out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -40 ;;
     serve-fp8) python3 benchmarks/serve_1gpu.py --epplat-arg=--quantization --epplat-arg=fp8 --skip-transformers \
               --out "$OUT/serve_fp8.json" 2>&1 | tee "$OUT/serve_fp8.log" | tail -12 ;;
+    nixl-gpu)  # NIXL READ between two processes of the one GPU against copy_, UCX's defaults against
+               # cuda_ipc's zero-copy GET forced on (UCX turns it off where it finds no NVLink)
+            python3 -c 'import nixl' || { echo "nixl-gpu: nixl missing (NIXL_WHEELS, see docs/benchmarks.md)"; continue; }
+            UCX_PROTO_INFO=y python3 benchmarks/nixl_bandwidth_gpu.py --mib 256 --block-kib 256 \
+              --ucx "" "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y" \
+              "UCX_TLS=cuda_ipc,cuda_copy,tcp,self UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y" > "$OUT/nixl_gpu.log" 2>&1
+            grep -E "GB/s|Traceback|Error" "$OUT/nixl_gpu.log"
+            grep -B2 -A8 "remote memory read" "$OUT/nixl_gpu.log" | head -60 ;;
     pd-nixl)   # a prefill and a decode server sharing the one GPU, NixlConnector on GPU memory, epplat proxy in
+               # (extra UCX settings in PD_UCX; NixlConnector itself turns cuda_ipc's READ on)
                # front, against one colocated server, the same load (bench_serve), one after the other
             python3 -c 'import nixl' || { echo "pd-nixl: nixl missing (NIXL_WHEELS, see docs/benchmarks.md)"; continue; }
-            UCX_PROTO_INFO=y python3 benchmarks/pd_vs_colocated.py --model-dir $(model_12l) --kv-buffer-device cuda \
+            env ${PD_UCX:-} UCX_PROTO_INFO=y python3 benchmarks/pd_vs_colocated.py --model-dir $(model_12l) --kv-buffer-device cuda \
               --input-len 2048 --output-len 128 --concurrency 16 --num-prompts 64 \
               --epplat-arg=--kv-cache-memory-bytes --epplat-arg=${PD_KV_BYTES:-20000000000} \
               --logdir "$OUT/pd-nixl-logs" --out "$OUT/pd_nixl.json" 2>&1 | tee "$OUT/pd_nixl.log" | tail -6

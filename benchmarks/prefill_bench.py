@@ -24,7 +24,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 import triton
 
 from decode_roofline import build_model, model_args, set_kernels

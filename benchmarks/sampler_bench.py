@@ -5,8 +5,11 @@ copy of the tokens, so device work is included) over a [batch, vocab] float32 lo
 greedy, temperature 1.0 (the record's one-pass ``sample`` kernel), top-k 50, top-p 0.9 and top-k
 50 + top-p 0.9 rows; in the same run, temperature 1.0 through the torch path (``sample()`` without
 the kernel), on cuda the device time of the kernel alone and of greedy's argmax (back-to-back
-launches, CUDA events), and the temperature-1.0 and top-p draws through the sort-every-row sampler epplat had
-before (``full_sort``, below). Logits are normal with std --logit-std (4 puts top-p 0.9 at ~500
+launches, CUDA events; and 20 launches captured in one CUDA graph, which leaves the host out), the host
+time of one kernel launch through the CompiledKernel's own launcher (what ``Kernels.sample`` does after
+its first launch) and through Triton's JITFunction (what it did before), and the temperature-1.0 and top-p
+draws through the sort-every-row sampler epplat had before (``full_sort``, below). ``--sweep`` adds the
+kernel's device time at other warps / programs per multiprocessor (batch 64 and up). Logits are normal with std --logit-std (4 puts top-p 0.9 at ~500
 tokens of 151,936). Threads are set as the platform sets them for a decode step of that batch (cpu:
 the C kernels on every thread, torch's ops on one below 128 tokens).
 
@@ -75,6 +78,50 @@ def gpu_time(fn, n):
     return start.elapsed_time(end) / 1e3 / n
 
 
+def graph_time(fn, n=20):
+    """Seconds of device time per call: n calls captured in one CUDA graph, the graph replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    g.replay()
+    return gpu_time(g.replay, 5) / n
+
+
+def host_time(fn, n=50):
+    """Seconds of host time per call over n calls without a sync (the GPU queue absorbs them)."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / n
+
+
+def jit_launch(logits, num_warps=4, programs_per_sm=None):
+    """One draw of every row (temperature 1, key 7) launched through Triton's JITFunction, as Kernels.sample
+    launched it before 1b0bfcd; programs_per_sm: another split of the rows (the sweep)."""
+    from epplat.platforms.cuda import triton_sample as ts
+    b, vocab = logits.shape
+    dev = logits.device
+    tiles = -(-vocab // ts.BLOCK)
+    programs = (programs_per_sm or ts.PROGRAMS_PER_SM) * torch.cuda.get_device_properties(dev).multi_processor_count
+    tpp = -(-tiles // max(1, min(tiles, -(-programs // b))))
+    splits = -(-tiles // tpp)
+    out = torch.empty(b, dtype=torch.int64, device=dev)
+    acc, cnt = ts._row_scratch(dev, b)
+    ts._race_kernel[(b, splits)](logits, logits.stride(0), vocab, b, out, acc, cnt, 7, 0, 1.0, out, tpp, splits,
+                                 False, True, ts.BLOCK, num_warps=num_warps)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -82,6 +129,7 @@ def main():
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--logit-std", type=float, default=4.0)
     p.add_argument("--iters", type=int, default=0, help="timed repeats (default: 20 on cuda, 5 on cpu)")
+    p.add_argument("--sweep", action="store_true", help="the kernel's device time at other warps / splits (cuda)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev = torch.device(a.device)
@@ -89,7 +137,7 @@ def main():
     kernels = platform.kernels
     iters = a.iters or (20 if dev.type == "cuda" else 5)
     g = torch.Generator(device=dev).manual_seed(0)
-    rows = []
+    rows, sweep = [], []
     for b in a.batch:
         logits = torch.randn(b, a.vocab, device=dev, generator=g) * a.logit_std
         row = {"batch": b}
@@ -104,6 +152,21 @@ def main():
                         lambda: kernels.sample(logits, 1.0, 7), 50) * 1e3
                     row["argmax GPU time"] = row["min argmax GPU time"] = gpu_time(
                         lambda: logits.argmax(dim=-1), 50) * 1e3
+                    for label, fn in (("kernel", lambda: kernels.sample(logits, 1.0, 7)),
+                                      ("argmax", lambda: logits.argmax(dim=-1))):
+                        try:
+                            row[label + " graph time"] = row["min " + label + " graph time"] = graph_time(fn) * 1e3
+                        except Exception as e:      # noqa: BLE001 - reported, the other columns still print
+                            print(f"batch {b}: {label} in a CUDA graph failed: {type(e).__name__}: {e}")
+                            row[label + " graph time"] = row["min " + label + " graph time"] = float("nan")
+                    row["launch host (cached)"] = row["min launch host (cached)"] = host_time(
+                        lambda: kernels.sample(logits, 1.0, 7)) * 1e3
+                    row["launch host (JIT)"] = row["min launch host (JIT)"] = host_time(
+                        lambda: jit_launch(logits)) * 1e3
+                    if a.sweep and b >= 64:
+                        for w in (4, 8):
+                            for pps in (4, 8, 16):
+                                sweep.append((b, w, pps, graph_time(lambda: jit_launch(logits, w, pps)) * 1e3))
                 med, low = timed(lambda: sample(logits, reqs), dev, iters)
                 row[name + " (torch)"], row["min " + name + " (torch)"] = med * 1e3, low * 1e3
             if name in ("temperature 1.0", "top-p 0.9"):
@@ -125,9 +188,13 @@ def main():
         for path in ("temperature 1.0", "temperature 1.0 (torch)"):
             print(f"{k or 'median '}{path} / greedy: "
                   + ", ".join(f"batch {r['batch']} {r[k + path] / r[k + 'greedy']:.2f}x" for r in rows))
+    if sweep:
+        print("kernel device time in a CUDA graph (ms) by warps and programs per multiprocessor:")
+        for b, w, pps, ms in sweep:
+            print(f"  batch {b:>4}  num_warps {w}  programs/SM {pps:>2}  {ms:.4f}")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "device": name, "rows": rows}, f, indent=2)
+            json.dump({"args": vars(a), "device": name, "rows": rows, "sweep": sweep}, f, indent=2)
 
 
 if __name__ == "__main__":

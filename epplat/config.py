@@ -247,13 +247,13 @@ class ParallelConfig(msgspec.Struct):
         if not self.enable_expert_parallel:
             raise ConfigError("--enable-elastic-ep scales expert-parallel DP ranks: add --enable-expert-parallel")
         if not self.single_node and not self.external_lb:
-            raise ConfigError("--enable-elastic-ep does not place new ranks on other nodes yet (no headless node "
-                              "announces spare ranks to the head): run every rank on one node, or each with its "
-                              "own server (--data-parallel-rank), which joins and leaves the group")
-        if self.api_server_count != 1 or self.pipeline_parallel_size != 1 or self.uses_ray:
-            raise ConfigError("--enable-elastic-ep runs with one API server, the mp backends and "
-                              "--pipeline-parallel-size 1 for now: drop --api-server-count and "
-                              "--pipeline-parallel-size, and use the mp backends")
+            raise ConfigError("--enable-elastic-ep places new ranks on other nodes through Ray, not on headless "
+                              "nodes: run every rank from one launcher with --data-parallel-backend ray (Ray places "
+                              "them on the cluster's nodes), or each with its own server (--data-parallel-rank), "
+                              "which joins and leaves the group")
+        if self.api_server_count != 1 or self.pipeline_parallel_size != 1:
+            raise ConfigError("--enable-elastic-ep runs with one API server and --pipeline-parallel-size 1 for now: "
+                              "drop --api-server-count and --pipeline-parallel-size")
 
     @property
     def single_node(self) -> bool:

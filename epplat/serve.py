@@ -12,7 +12,6 @@ import signal
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from epplat.config import (DTYPES, CacheConfig, ConfigError, EngineConfig, EPLBConfig, KVTransferConfig, ModelConfig,
                            ParallelConfig, SchedulerConfig, SpeculativeConfig)

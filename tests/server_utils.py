@@ -60,13 +60,18 @@ def rpc_port() -> int:
 
 
 def _tcp_address(hexed: str) -> tuple[str, int]:
+    """/proc/net/tcp{,6}'s ADDR:PORT in hex (each 32-bit word of the address in host order, little-endian
+    here) as (address, port); an IPv4-mapped IPv6 address (::ffff:a.b.c.d, a dual-stack socket's) as a.b.c.d."""
     addr, port = hexed.split(":")
-    return (socket.inet_ntoa(bytes.fromhex(addr)[::-1]) if len(addr) == 8 else addr), int(port, 16)
+    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, len(addr), 8))
+    if len(raw) == 16 and raw[:12] == b"\0" * 10 + b"\xff\xff":
+        raw = raw[12:]
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw), int(port, 16)
 
 
 def tcp_sockets(pid: int, state: str = "01") -> set[tuple[tuple[str, int], tuple[str, int]]]:
     """(local, remote) (address, port) pairs of the TCP sockets process `pid` holds in `state` (01: established,
-    0A: listening), from /proc (an IPv6 address stays in /proc's hex)."""
+    0A: listening), from /proc."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:

@@ -41,6 +41,10 @@ def model_dir(skewed_dir):
 
 @pytest.fixture(scope="module")
 def expected(model_dir):
+    return oracle_texts(model_dir)
+
+
+def oracle_texts(model_dir) -> tuple[list[str], str, str]:
     """transformers' texts: the short batch prompts, the stream prompt's first STREAM_TOKENS and LONGER_TOKENS."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -412,9 +416,9 @@ def test_a_server_joins_and_one_stopped_with_sigterm_leaves(model_dir, expected)
     (("-ep", "--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'),
      "--enable-elastic-ep does not run with --speculative-config or --kv-transfer-config yet"),
     (("-ep", "--headless", "--data-parallel-address", "127.0.0.1"),
-     "--enable-elastic-ep does not place new ranks on other nodes yet (no headless node announces spare ranks "
-     "to the head): run every rank on one node, or each with its own server (--data-parallel-rank), which joins "
-     "and leaves the group"),
+     "--enable-elastic-ep places new ranks on other nodes through Ray, not on headless nodes: run every rank from "
+     "one launcher with --data-parallel-backend ray (Ray places them on the cluster's nodes), or each with its own "
+     "server (--data-parallel-rank), which joins and leaves the group"),
 ])
 def test_elastic_ep_flag_errors_are_one_line(model_dir, args, needle):
     out = subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(model_dir), "-dp", "2",

@@ -173,6 +173,8 @@ class PullConnector(KVConnectorBase):
         self.holds: list[str] = []
         self.releases: list[str] = []
         self.loaded: set[str] = set()
+        self.failed_out: set[str] = set()           # worker side: loads that failed, until asked
+        self.server = self.tp = None                # worker side: the side channel, the TP ranks' reports
 
     def endpoint(self) -> tuple[str, int]:
         raise NotImplementedError
@@ -228,3 +230,13 @@ class PullConnector(KVConnectorBase):
                       "remote_engine_id": self.engine_id, "remote_request_id": req.request_id,
                       "remote_host": host, "remote_port": port, **self.transfer_params(req),
                       "remote_prompt_token_ids": req.token_ids[:req.prompt_len]}
+
+    def get_failed_loads(self) -> set[str]:
+        failed, self.failed_out = self.failed_out, set()
+        return failed
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.tp is not None:
+            self.tp.close()

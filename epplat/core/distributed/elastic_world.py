@@ -7,7 +7,7 @@ groups are then made as at startup (parallel_state.make_groups). A scale through
 server takes ranks off the top, so a staying rank keeps its number; with external load
 balancing any rank but 0 may leave and the ones above it move down. Each generation's
 store is a file in the run's socket folder on one node, else a prefix of the deployment's
-TCPStore (world rank 0 serves it, and never leaves).
+TCPStore (world rank 0 serves it, and never leaves; so with Ray across nodes).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def rendezvous(parallel, rank: int, generation: "int | str", world_size: int, ol
 
 
 def generation_store(parallel, generation, world_size: int):
-    if parallel.ipc_dir:
+    if parallel.local_sockets:
         return dist.FileStore(os.path.join(parallel.ipc_dir, f"store-g{generation}"), world_size)
     return dist.PrefixStore(f"epplat/g{generation}/", parallel_state.base_store(parallel))
 
@@ -107,8 +107,12 @@ def join_world(parallel, st: ParallelState, generation, dp_size: int, backend: s
     parallel_state._timeout = timeout
     st.dp_size, st.world_size = dp_size, dp_size * st.tp_size
     st.dp_rank = st.rank // st.tp_size
-    parallel_state.bind_gloo_to("127.0.0.1" if parallel.ipc_dir else     # single node: gloo on the loopback
-                                parallel_state.node_address(parallel.data_parallel_address), named=not parallel.ipc_dir)
+    if parallel.node_addresses:        # Ray across nodes: the node Ray placed this process on
+        parallel_state.bind_gloo_to(parallel.node_addresses[st.rank])
+    else:                              # single node: gloo on the loopback
+        parallel_state.bind_gloo_to("127.0.0.1" if parallel.ipc_dir else
+                                    parallel_state.node_address(parallel.data_parallel_address),
+                                    named=not parallel.ipc_dir)
     dist.init_process_group(backend, store=store, rank=st.rank, world_size=st.world_size, timeout=timeout)
     make_groups(st, timeout)
     logger.info("elastic EP: rank %d joined world generation %s of %d ranks in %.2f s", st.rank, generation,

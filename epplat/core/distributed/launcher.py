@@ -27,10 +27,10 @@ def start_engines(cfg: EngineConfig, timeout: float = 900.0, dp_ranks=None, join
     ready; ConfigError on failure. ``join``: they join running engines (elastic EP, core_proc); ``forked``:
     forked from the fork server (a scale-up's new ranks)."""
     par = cfg.parallel
-    if par.uses_ray and join is None:
+    if par.uses_ray:                  # a scale-up's new ranks too, each in a placement group of its own
         from epplat.core.distributed.ray_launcher import start_ray_engines
         from epplat.plugins import registry
-        return start_ray_engines(cfg, registry().load("platform", cfg.platform), timeout)
+        return start_ray_engines(cfg, registry().load("platform", cfg.platform), timeout, dp_ranks, join)
     if dp_ranks is None:
         check_devices(cfg, len(par.local_dp_ranks()) * par.ranks_per_dp)
     if forked:

@@ -214,6 +214,6 @@ def base_store(parallel, timeout: float = 60.0) -> "dist.TCPStore":
     """The deployment's TCPStore (the one this process's world was made over, else a new client of it)."""
     global _base_store
     if _base_store is None:
-        _base_store = dist.TCPStore(parallel.data_parallel_address, parallel.data_parallel_rpc_port, None, False,
+        _base_store = dist.TCPStore(parallel.rank_address(0), parallel.data_parallel_rpc_port, None, False,
                                     datetime.timedelta(seconds=timeout))
     return _base_store

@@ -11,6 +11,11 @@ The cluster is the user's (``ray start --head`` / KubeRay): ``ray.init(address="
 - ``--data-parallel-backend ray`` alone: one group per DP rank (its engine core and its workers on
   one node, as vLLM's DP engine core with local workers), the DP ranks spread over the cluster.
 
+With ``--enable-elastic-ep`` a scale-up places each new DP rank the same way (its own group, on any
+node with room: ``check_room`` says first whether there is one) and a scale-down gives the departing
+ranks' groups back once their actors ended (``RayEngine.join``); the internal sockets are tcp on the
+nodes' addresses from the start, as a new rank may land on a node of its own.
+
 A cluster that lacks the devices is one line naming what is missing. Only the start-up report (one
 JSON line) and Ray's own actor lifecycle go through Ray; every step, request and output goes over
 epplat's sockets and torch.distributed, as with mp: ipc within a node, tcp on the nodes' addresses
@@ -56,13 +61,13 @@ class EngineActor:
     """One engine process (core_proc.run_engine_process) in a Ray actor: ``start`` returns its start-up
     report once its model and KV cache are ready; ``wait`` returns when it ends."""
 
-    def start(self, cfg_json: bytes, rank: int, name: str, env: dict) -> bytes:
+    def start(self, cfg_json: bytes, rank: int, name: str, env: dict, join: dict | None = None) -> bytes:
         import multiprocessing
         from epplat.core.engine.core_proc import run_engine_process
         os.environ.update(env)
         multiprocessing.current_process().name = name
         ready = _Ready()
-        self.thread = threading.Thread(target=run_engine_process, args=(cfg_json, rank, 0, ready, None),
+        self.thread = threading.Thread(target=run_engine_process, args=(cfg_json, rank, 0, ready, None, join),
                                        name=name, daemon=True)
         self.thread.start()
         ready.event.wait()
@@ -104,50 +109,70 @@ class RayEngine:
         except Exception:
             pass
         self.exitcode = -9 if self.exitcode is None else self.exitcode
+        self._release()
+
+    terminate = kill
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the actor to end; an ended one gives its placement group back (a rank that left)."""
+        if self.done is not None and self.ray.wait([self.done], timeout=timeout)[0]:
+            self._release()
+
+    def _release(self) -> None:
         for pg in self.groups:
             try:
                 self.ray.util.remove_placement_group(pg)
             except Exception:
                 pass
-
-    terminate = kill
-
-    def join(self, timeout: float | None = None) -> None:
-        if self.done is not None:
-            self.ray.wait([self.done], timeout=timeout)
+        self.groups = []
 
 
-def _placement(cfg: EngineConfig) -> list[list[int]]:
-    """The world ranks of each placement group (each group on one node)."""
+def _placement(cfg: EngineConfig, dp_ranks=None) -> list[list[int]]:
+    """The world ranks of each placement group (each group on one node) of ``dp_ranks`` (default: all)."""
     par = cfg.parallel
     per_dp, tp = par.ranks_per_dp, par.tensor_parallel_size
+    dp_ranks = par.local_dp_ranks() if dp_ranks is None else dp_ranks
     if par.distributed_executor_backend == "ray":
-        return [[d * per_dp + s * tp + t for t in range(tp)] for d in par.local_dp_ranks()
+        return [[d * per_dp + s * tp + t for t in range(tp)] for d in dp_ranks
                 for s in range(par.pipeline_parallel_size)]
-    return [[d * per_dp + j for j in range(per_dp)] for d in par.local_dp_ranks()]
+    return [[d * per_dp + j for j in range(per_dp)] for d in dp_ranks]
 
 
-def _check_resources(ray, resource: str, groups: list[list[int]]) -> None:
-    """One line when the cluster cannot hold the groups (each on one node), before anything waits."""
-    free = sorted((n["Resources"].get(resource, 0) for n in ray.nodes() if n.get("Alive")), reverse=True)
+def _check_resources(ray, resource: str, groups: list[list[int]], free: list | None = None) -> None:
+    """One line when the cluster cannot hold the groups (each on one node), before anything waits; ``free``:
+    what each node has left (a scale-up), else the nodes' totals (the start)."""
+    have = sorted(free if free is not None else (n["Resources"].get(resource, 0) for n in ray.nodes()
+                                                 if n.get("Alive")), reverse=True)
+    left = list(have)
     need = sorted((len(g) for g in groups), reverse=True)
     for size in need:                     # first fit, largest groups first
-        for i, f in enumerate(free):
+        for i, f in enumerate(left):
             if f >= size:
-                free[i] -= size
+                left[i] -= size
                 break
         else:
             raise ConfigError(f"the Ray cluster lacks the devices: {len(groups)} group(s) of {need[0]} x {resource!r} "
-                              f"each on one node ({sum(need)} in all) are needed, its nodes have "
-                              f"{sorted((n['Resources'].get(resource, 0) for n in ray.nodes() if n.get('Alive')), reverse=True)} "
-                              f"(ray status shows them)")
+                              f"each on one node ({sum(need)} in all) are needed, its nodes have {have}"
+                              f"{' free' if free is not None else ''} (ray status shows them)")
 
 
-def start_ray_engines(cfg: EngineConfig, platform_cls, timeout: float = 900.0) -> list[RayEngine]:
-    """Place and start this layout's engine processes as Ray actors; ConfigError on failure."""
+def check_room(cfg: EngineConfig, platform_cls, dp_ranks) -> None:
+    """ConfigError (one line naming the devices) when the cluster has no room now for new DP ranks
+    ``dp_ranks`` (an elastic scale-up), each group on one node: the nodes' devices less what the
+    placement groups of the cluster hold."""
+    ray = _connect()
+    resource = platform_cls.ray_resource
+    free = {n["NodeID"]: n["Resources"].get(resource, 0) for n in ray.nodes() if n.get("Alive")}
+    for pg in ray.util.placement_group_table().values():
+        if pg["state"] in ("CREATED", "PENDING", "RESCHEDULING"):
+            for i, node in pg["bundles_to_node_id"].items():
+                if node in free:
+                    free[node] -= pg["bundles"][i].get(resource, 0)
+    _check_resources(ray, resource, _placement(cfg, dp_ranks), list(free.values()))
+
+
+def _connect():
     ray = import_ray()
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     if not ray.is_initialized():
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")      # every engine process's lines, as with mp
         try:
@@ -156,9 +181,20 @@ def start_ray_engines(cfg: EngineConfig, platform_cls, timeout: float = 900.0) -
         except (ConnectionError, RuntimeError) as e:
             raise ConfigError(f"no Ray cluster to join (ray.init(address='auto')): start one with `ray start --head` "
                               f"or set RAY_ADDRESS ({str(e).splitlines()[0]})") from None
+    return ray
+
+
+def start_ray_engines(cfg: EngineConfig, platform_cls, timeout: float = 900.0, dp_ranks=None,
+                      join: dict | None = None) -> list[RayEngine]:
+    """Place and start the engine processes of ``dp_ranks`` (default: the layout's) as Ray actors;
+    ``join``: they join running ranks (an elastic scale-up, core_proc). ConfigError on failure."""
+    ray = _connect()
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     resource = platform_cls.ray_resource
-    groups = _placement(cfg)
-    _check_resources(ray, resource, groups)
+    groups = _placement(cfg, dp_ranks)
+    if join is None:
+        _check_resources(ray, resource, groups)
     t0 = time.time()
     pgs = [placement_group([{resource: 1}] * len(g), strategy="STRICT_PACK") for g in groups]
     ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=len(pgs), timeout=_PG_TIMEOUT_S)
@@ -183,10 +219,11 @@ def start_ray_engines(cfg: EngineConfig, platform_cls, timeout: float = 900.0) -
             name = (f"EngineCore_DP{d}" + (f"_PP{s}" if par.pipeline_parallel_size > 1 else "")
                     + (f"_TP{t}" if par.tensor_parallel_size > 1 else ""))
             res = {opts[resource]: 1} if resource in opts else {"num_cpus": 0, "resources": {resource: 1}}
-            actor = actor_cls.options(name=f"{name}-{os.getpid()}", **res, scheduling_strategy=
+            unique = f"{name}-{os.getpid()}" + (f"-g{join['generation']}" if join else "")   # a rank number returns
+            actor = actor_cls.options(name=unique, **res, scheduling_strategy=
                                       PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)).remote()
             engines.append(RayEngine(ray, actor, name, [pg] if bundle == 0 else []))
-            starts.append(actor.start.remote(raw, rank, name, env))
+            starts.append(actor.start.remote(raw, rank, name, env, join))
     try:
         pending = list(starts)
         deadline = time.time() + timeout
@@ -218,14 +255,17 @@ _HOST_IP_VARS = ("EPPLAT_HOST_IP", "VLLM_HOST_IP")
 
 
 def _address_nodes(ray, par, groups: list[list[int]], nodes: list[str]) -> None:
-    """When Ray placed a rank on a node other than the launcher's: every rank's node address (Ray's
-    NodeManagerAddress, the one `ray start --node-ip-address` names) and the launcher's (EPPLAT_HOST_IP /
-    VLLM_HOST_IP, else Ray's for this node) go into the config, so that the sockets between nodes are tcp
-    on those addresses (config.py); on one node they stay ipc."""
+    """When Ray placed a rank on a node other than the launcher's, or may later (elastic EP): every rank's
+    node address (Ray's NodeManagerAddress, the one `ray start --node-ip-address` names; the running ranks'
+    from the config on a scale-up) and the launcher's (EPPLAT_HOST_IP / VLLM_HOST_IP, else Ray's for this
+    node) go into the config, so that the sockets between nodes are tcp on those addresses (config.py);
+    on one node they stay ipc."""
     address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-    of_rank = dict(zip((r for g in groups for r in g), (address[n] for n in nodes)))
+    of_rank = dict(enumerate(par.node_addresses))
+    placed = dict(zip((r for g in groups for r in g), (address[n] for n in nodes)))
+    of_rank.update(placed)
     here = next((os.environ[v] for v in _HOST_IP_VARS if os.environ.get(v)), None) or ray.util.get_node_ip_address()
-    if set(of_rank.values()) != {here}:
+    if set(placed.values()) != {here} or par.enable_elastic_ep:
         par.node_addresses = [of_rank[r] for r in range(par.world_size)]
         par.data_parallel_address = here
         logger.info("Ray placed engine processes on other nodes: internal sockets between nodes on tcp (this node "

@@ -28,7 +28,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from epplat.config import ConfigError, EngineConfig
+from epplat.config import EngineConfig
 from epplat.core.engine import protocol as P
 from epplat.core.engine.detokenizer import IncrementalDetokenizer
 from epplat.core.engine.frame_auth import BadFrame, FrameAuth, listen

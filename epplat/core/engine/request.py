@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from epplat.core.engine.draws import draw_kind
 from epplat.core.engine.logits_rules import has_rules
 from epplat.core.engine.protocol import EngineRequest, RequestTimes, Resume, SamplingParams, TokenLogprob
 from epplat.core.engine.structured_output import accept
@@ -47,6 +48,7 @@ class Request:
         self.last_token_ts: Optional[float] = None
         self.priority = req.priority
         self.has_rules = has_rules(self.params)       # logits rules to apply before sampling
+        self.draw = draw_kind(self.params)            # how the sampler draws its tokens (epplat.core.engine.draws)
         self.prompt_logprobs: list[list[TokenLogprob]] = []   # asked with prompt_logprobs: those computed so far
         self.prompt_logprobs_sent = False
         self.grammar = None      # structured output: its xgrammar matcher (set by the engine core)

@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from epplat.core.engine.draws import FILTERED, GREEDY, SOFTMAX
 from epplat.core.engine.logits_rules import apply_rules
 from epplat.core.engine.protocol import TokenLogprob
 from epplat.core.engine.structured_output import apply_grammars
@@ -59,18 +60,20 @@ def sample_tokens(logits: torch.Tensor, reqs: list[Request], grammar_bitmask=Non
     masked by the grammars in place unless a request returns logprobs (of the raw logits)."""
     inplace = not any(r.params.logprobs is not None for r in reqs)
     logits = apply_rules(apply_grammars(logits.float(), reqs, grammar_bitmask, kernels, inplace), reqs)
-    params = [r.params for r in reqs]
-    greedy = [p.temperature <= 1e-5 for p in params]
-    if all(greedy):
+    kinds = [r.draw for r in reqs]          # GREEDY, SOFTMAX or FILTERED, fixed per request (draws.py)
+    top = max(kinds)
+    if top == GREEDY:
         return logits.argmax(dim=-1)
-    # 0: greedy, 1: temperature only (the kernel's), 2: the filters' torch path
-    vocab, race = logits.shape[1], kernels.sample is not None
-    kinds = [0 if g else 1 if race and not (0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0) else 2
-             for g, p in zip(greedy, params)]
+    if top == FILTERED:                      # a top_k of the vocabulary or more narrows nothing
+        vocab = logits.shape[1]
+        kinds = [SOFTMAX if k == FILTERED and not (0 < r.params.top_k < vocab or r.params.top_p < 1.0
+                                                    or r.params.min_p > 0) else k for k, r in zip(kinds, reqs)]
+    if kernels.sample is None:               # the torch path draws every row that is not greedy
+        kinds = [k and FILTERED for k in kinds]
     if kinds.count(kinds[0]) == len(kinds):
         return _tokens(kinds[0], logits, reqs, kernels)
     tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
-    for kind in (0, 1, 2):
+    for kind in (GREEDY, SOFTMAX, FILTERED):
         rows = [i for i, k in enumerate(kinds) if k == kind]
         if rows:
             tokens[rows] = _tokens(kind, logits[rows], [reqs[i] for i in rows], kernels)
@@ -217,19 +220,22 @@ def sampling_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
 
 
 def _tokens(kind: int, logits: torch.Tensor, reqs: list[Request], kernels: Kernels) -> torch.Tensor:
-    """Tokens of rows of one kind (see ``sample``)."""
-    tok = logits.argmax(dim=-1) if kind == 0 else _race(kernels.sample, logits, reqs) if kind == 1 else None
+    """Tokens of rows of one kind (see ``sample_tokens``)."""
+    if kind == GREEDY:
+        return logits.argmax(dim=-1)
+    tok = _race(kernels.sample, logits, reqs) if kind == SOFTMAX else None
     return _sample_rows(logits, reqs) if tok is None else tok
 
 
 def _race(kernel, logits: torch.Tensor, reqs: list[Request]) -> Optional[torch.Tensor]:
     """The Kernels.sample draw of rows that need only a temperature (None where the kernel declines)."""
     base = int(torch.randint(1 << 62, (1,)))
-    if not any([r.generator is not None for r in reqs]):
+    gens = [r.generator for r in reqs]
+    if gens.count(None) == len(gens):
         keys = base
     else:
-        keys = torch.tensor([base + i if r.generator is None else int(torch.randint(1 << 62, (1,), generator=r.generator))
-                             for i, r in enumerate(reqs)])
+        keys = torch.tensor([base + i if g is None else int(torch.randint(1 << 62, (1,), generator=g))
+                             for i, g in enumerate(gens)])
     temps = [r.params.temperature for r in reqs]
     # per-row values stay on the host: the kernel moves them (a blocking copy here would wait for the step)
     temperature = temps[0] if temps.count(temps[0]) == len(temps) else torch.tensor(temps)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
 
 from epplat.core.model.decoder import DecoderConfig, DecoderLayer, DenseMLP, MoEForCausalLM, _tp_all_reduce
 from epplat.core.model.deepseek_mtp import DeepseekMTP

@@ -62,7 +62,9 @@ class ElasticScaler:
         self.procs = {r: client.procs[i * self.tp:(i + 1) * self.tp] for i, r in enumerate(client.engine_ranks)}
         self.num_experts = architecture(hf).parse_config(hf).num_experts
         self.per_rank = (self.num_experts + par.eplb.num_redundant_experts) // par.world_size   # slots of an EP rank
-        fork_server.context()            # new ranks are forked from it: it imports now, ahead of a scale-up
+        self.ray = par.uses_ray          # new ranks are Ray actors, placed on the cluster (ray_launcher.py)
+        if not self.ray:
+            fork_server.context()        # mp: new ranks are forked from it; it imports now, ahead of a scale-up
         self.target = self.size          # the size being scaled to (the current one when none runs)
         self.last_seconds = 3.0          # the last scale's length: the Retry-After of a 503 during one
 
@@ -76,10 +78,17 @@ class ElasticScaler:
 
     def check_size(self, new_size: int) -> None:
         """400 for a size the experts cannot be placed on (each rank keeps its number of expert slots), or one
-        with more engine processes than this node has devices (one node: every rank is local)."""
+        with more engine processes than this node has devices (one node: every rank is local), or with Ray
+        new ranks the cluster has no room for."""
         from epplat.core.distributed.launcher import check_devices
         try:
-            check_devices(self.client.cfg, new_size * self.tp)
+            if not self.ray:
+                check_devices(self.client.cfg, new_size * self.tp)
+            elif new_size > self.size:
+                from epplat.core.distributed.ray_launcher import check_room
+                from epplat.plugins import registry
+                check_room(self.client.cfg, registry().load("platform", self.client.cfg.platform),
+                           range(self.size, new_size))
         except ConfigError as e:
             raise APIError(400, f"new_data_parallel_size {new_size} is too large: {e}") from None
         if self.per_rank * new_size * self.tp < self.num_experts:
@@ -116,6 +125,7 @@ class ElasticScaler:
 
     def _resize(self, par, new_size: int) -> None:
         par.data_parallel_size = new_size
+        del par.node_addresses[new_size * self.tp:]      # Ray: the world ranks' nodes (a scale-up's: _grow)
         par.eplb.num_redundant_experts = self.per_rank * new_size * self.tp - self.num_experts
 
     async def _grow(self, new_size: int) -> None:
@@ -127,7 +137,7 @@ class ElasticScaler:
         generation, t0 = self.generation, time.monotonic()
         try:
             procs = await asyncio.to_thread(start_engines, cfg, dp_ranks=new_ranks,
-                                            join={"generation": generation, "old_size": old}, forked=True)
+                                            join={"generation": generation, "old_size": old}, forked=not self.ray)
         except ConfigError as e:
             raise APIError(500, f"Scale failed: a new engine did not start ({e}); still {old} data parallel "
                                 "engines") from None
@@ -152,6 +162,7 @@ class ElasticScaler:
             self.procs[r] = procs[i * self.tp:(i + 1) * self.tp]
         client.procs.extend(procs)
         client.engine_ranks.extend(new_ranks)
+        client.cfg.parallel.node_addresses = cfg.parallel.node_addresses     # Ray: where the new ranks went
         self._resize(client.cfg.parallel, new_size)
 
     async def _shrink(self, new_size: int, drain_timeout: int) -> None:
@@ -180,7 +191,8 @@ class ElasticScaler:
         for r in leaving:
             client.load.pop(r, None)
             client._ready.discard(r)
-        threading.Thread(target=lambda: [p.join(30) for p in procs], daemon=True).start()   # reaped meanwhile
+        # reaped meanwhile (a Ray actor's placement group given back)
+        threading.Thread(target=lambda: [p.join(30) for p in procs], daemon=True).start()
         self._resize(client.cfg.parallel, new_size)
 
     async def _hand_off(self, leaving: list[int]) -> None:

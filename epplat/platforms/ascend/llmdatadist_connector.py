@@ -122,9 +122,8 @@ class LLMDataDistCMgrConnector(PullConnector):
         self.linked: dict[int, int] = {}            # remote cluster id -> comm id
         self.received: set[str] = set()
         self.failed: set[str] = set()
-        self.failed_out: set[str] = set()
         self.pending = 0                            # pulls submitted and not ended
-        self.datadist = self.server = self.tp = None
+        self.datadist = None
 
     def endpoint(self) -> tuple[str, int]:
         return self.ip, self.port
@@ -286,15 +285,8 @@ class LLMDataDistCMgrConnector(PullConnector):
         self.failed_out |= failed
         return sent, received
 
-    def get_failed_loads(self) -> set[str]:
-        failed, self.failed_out = self.failed_out, set()
-        return failed
-
     def shutdown(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        if self.tp is not None:
-            self.tp.close()
+        super().shutdown()
         if self.datadist is not None:
             for comm in list(self.linked.values()):
                 try:

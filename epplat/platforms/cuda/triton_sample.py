@@ -115,6 +115,41 @@ def _programs(dev: torch.device) -> int:
     return PROGRAMS_PER_SM * torch.cuda.get_device_properties(dev).multi_processor_count
 
 
+@functools.lru_cache(maxsize=1024)
+def _split(dev: torch.device, b: int, vocab: int) -> tuple[int, int]:
+    """(tiles a program folds, programs a row) for b rows of vocab tokens."""
+    tiles = triton.cdiv(vocab, BLOCK)
+    tiles_per_prog = triton.cdiv(tiles, max(1, min(tiles, triton.cdiv(_programs(dev), b))))
+    return tiles_per_prog, triton.cdiv(tiles, tiles_per_prog)
+
+
+_compiled: dict = {}     # specialization -> the CompiledKernel Triton made of _race_kernel for it
+
+
+def _launch(grid: tuple[int, int], args: tuple) -> None:
+    """_race_kernel[grid](*args). The first launch of a specialization goes through Triton's JITFunction,
+    which compiles and returns the CompiledKernel; later ones through that CompiledKernel's own launcher,
+    with the stream. JITFunction binds the arguments and builds its specialization key on every call
+    (host time that exceeded the draw's device time at batch 1-64 on an H200); the key here is what that
+    specialization depends on: the dtype, PER_ROW, which pointers and specialized integers (stride, vocab)
+    are multiples of 16 or 1, and whether key_hi (the other integers are small) takes 32 bits. On the CPU
+    (Triton's interpreter) every launch goes through the JITFunction."""
+    x, stride, vocab, _, out, acc, cnt, _, _, _, vals = args[:11]
+    if not x.is_cuda:
+        _race_kernel[grid](*args)
+        return
+    key = (x.device.index, x.dtype, args[13], stride % 16 == 0, stride == 1, vocab % 16 == 0, vocab == 1,
+           -(1 << 31) <= args[8] < 1 << 31,
+           x.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0, acc.data_ptr() % 16 == 0, cnt.data_ptr() % 16 == 0,
+           vals.data_ptr() % 16 == 0)
+    kernel = _compiled.get(key)
+    if kernel is None:
+        _compiled[key] = _race_kernel[grid](*args)
+    else:
+        # the CompiledKernel's launcher takes all three grid axes
+        kernel[grid + (1,)](*args, stream=triton.runtime.driver.active.get_current_stream(x.device.index))
+
+
 def sample(logits: torch.Tensor, temperature, keys) -> Optional[torch.Tensor]:
     """Kernels.sample: tokens [B] int64 of float32 / bfloat16 / float16 logits [B, V]; temperature and keys
     are numbers for every row (row i's key: keys + i) or [B] host tensors (one packed copy to the device)."""
@@ -123,21 +158,18 @@ def sample(logits: torch.Tensor, temperature, keys) -> Optional[torch.Tensor]:
         return None
     b, vocab = logits.shape
     dev = logits.device
-    tiles = triton.cdiv(vocab, BLOCK)
-    tiles_per_prog = triton.cdiv(tiles, max(1, min(tiles, triton.cdiv(_programs(dev), b))))
-    splits = triton.cdiv(tiles, tiles_per_prog)
+    tiles_per_prog, splits = _split(dev, b, vocab)
     out = torch.empty(b, dtype=torch.int64, device=dev)
     acc, cnt = _row_scratch(dev, b)
-    grid = (b, splits)
+    fast = dev.type == "cuda"
     if isinstance(temperature, torch.Tensor) or isinstance(keys, torch.Tensor):
         k = keys.to("cpu", torch.int64) if isinstance(keys, torch.Tensor) else torch.arange(keys, keys + b)
         t = temperature.to("cpu", torch.float32) if isinstance(temperature, torch.Tensor) else torch.full((b,), temperature)
         host = torch.cat([k, (1.0 / t).view(torch.int32).to(torch.int64)])
-        vals = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host
-        _race_kernel[grid](logits, logits.stride(0), vocab, b, out, acc, cnt, 0, 0, 1.0, vals, tiles_per_prog, splits,
-                           PER_ROW=True, FAST=logits.is_cuda, BLOCK=BLOCK)
+        vals = host.pin_memory().to(dev, non_blocking=True) if fast else host
+        _launch((b, splits), (logits, logits.stride(0), vocab, b, out, acc, cnt, 0, 0, 1.0, vals, tiles_per_prog,
+                              splits, True, fast, BLOCK))
     else:
-        _race_kernel[grid](logits, logits.stride(0), vocab, b, out, acc, cnt, keys & 0x7FFFFFFF, keys >> 31,
-                           1.0 / temperature, out, tiles_per_prog, splits,
-                           PER_ROW=False, FAST=logits.is_cuda, BLOCK=BLOCK)
+        _launch((b, splits), (logits, logits.stride(0), vocab, b, out, acc, cnt, keys & 0x7FFFFFFF, keys >> 31,
+                              1.0 / temperature, out, tiles_per_prog, splits, False, fast, BLOCK))
     return out
