@@ -85,12 +85,8 @@ def test_pp2_tp2_placed_by_ray(cluster, qwen3_moe_dir):
 
 @pytest.fixture(scope="module")
 def elastic_expected(qwen3_moe_dir):
-    """transformers' texts for test_elastic_ep's traffic (its batch prompts, its streams' lengths: the one
-    started during a scale ACROSS tokens long)."""
-    return oracle_texts(qwen3_moe_dir, ACROSS)
-
-
-ACROSS = 320    # test_elastic_ep's 480 is for its slower scales; a Ray scale's re-forming takes tenths of a second
+    """transformers' texts for test_elastic_ep's traffic (its batch prompts, its stream's two lengths)."""
+    return oracle_texts(qwen3_moe_dir)
 
 
 def _groups_by_node(ray) -> dict[str, str]:
@@ -124,7 +120,7 @@ def _scale_through_ray(cluster, s: Server, model: str, expected, rpc: int) -> No
             f"one node (3 in all) are needed, its nodes have {[f - 1 for f in free[:2]] + free[2:]} free (ray status "
             "shows them)"), r.text
 
-        _scale_with_traffic(s, client, model, expected, 3, longer_tokens=ACROSS)
+        _scale_with_traffic(s, client, model, expected, 3, slow_start=True)
         grown = _groups_by_node(ray)
         (new_group,) = set(grown) - set(before)
         here = _placed(s.output())[2]
@@ -136,7 +132,7 @@ def _scale_through_ray(cluster, s: Server, model: str, expected, rpc: int) -> No
         assert _requests_per_rank(s.url).get("2", 0) > 0        # the new rank was routed to
         assert _until(lambda: ray.available_resources().get("CPU", 0) == cpus - 1)     # its group holds a device
 
-        _scale_with_traffic(s, client, model, expected, 2, longer_tokens=ACROSS)
+        _scale_with_traffic(s, client, model, expected, 2)
         _until(lambda: set(_groups_by_node(ray)) == set(before))    # its placement group given back,
         _until(lambda: ray.available_resources().get("CPU", 0) == cpus)     # its device free again
         assert "DP rank 2 handed its experts over and leaves" in s.output()
