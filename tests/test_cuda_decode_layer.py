@@ -1,7 +1,8 @@
 """The cuda platform's fused decode layer (epplat.platforms.cuda.decode_layer: q/k norm + rotary + KV write
 in one launch, the attention merge inside the split kernel, the
 residual inside the experts' sum) run by Triton's CPU interpreter (TRITON_INTERPRET=1) against the same layer
-run module by module in torch; on a GPU, tests/test_gpu.py checks it against the modules' Triton kernels."""
+run module by module in torch, and the masked expert kernels it calls on fp8 weights against float64; on a GPU,
+tests/test_gpu.py checks it against the modules' Triton kernels."""
 
 from __future__ import annotations
 
@@ -65,6 +66,25 @@ for qk_norm, renorm, lens in ((True, True, [5, 16, 17, 40, 33]), (False, False, 
         if "kernels" in vars(m):
             m.kernels = cuda
     assert decode_layer.decode_layer(layer, x[:4], torch.arange(4, device=dev), prefill) is None
+# the masked expert kernels on fp8 weights (the products scaled by their blocks' scales, far from 1 here), float16
+# activations (the interpreter's bfloat16 dots are wrong), against float64 on the dequantized weights
+from epplat.platforms.cuda.fp8_moe import dequantize, quantize
+from epplat.platforms.cuda.triton_moe import triton_experts
+g = torch.Generator().manual_seed(0)
+x, ids = torch.randn(2, 128, generator=g).half().to(dev), torch.tensor([[0, 2], [2, 3]], device=dev)
+w = torch.softmax(torch.randn(2, 2, generator=g), -1).half().to(dev)
+(q13, s13), (q2, s2) = (quantize((torch.randn(4, *shape, generator=g) / shape[0] ** 0.5).to(dev))
+                        for shape in ((128, 512), (256, 128)))
+s13, s2 = s13 * torch.rand(s13.shape, generator=g).to(dev) * 8, s2 * torch.rand(s2.shape, generator=g).to(dev) * 8
+out = triton_experts(x, ids, w, q13, q2, torch.nn.functional.silu, w13_scale=s13, w2_scale=s2).double()
+w13, w2 = dequantize(q13, s13, torch.float32).double(), dequantize(q2, s2, torch.float32).double()
+ref = torch.zeros(2, 128, dtype=torch.float64, device=dev)
+for t in range(2):
+    for j in range(2):
+        gu = (x[t].double() @ w13[ids[t, j]]).float()
+        ref[t] += w[t, j].double() * ((torch.nn.functional.silu(gu[:256]) * gu[256:]).half().double() @ w2[ids[t, j]])
+err = float((out - ref).norm() / ref.norm())
+assert err < 2e-3, err
 print("ok")
 '''
 
@@ -72,7 +92,7 @@ print("ok")
 def test_fused_decode_layer_in_the_triton_interpreter_matches_the_torch_modules():
     """float32 (tensor-core dots in IEEE precision): two layers (with and without q/k norm and top-k
     renormalisation), 5 and 20 decode rows, against the torch modules within 1e-5; the KV cache written
-    alike; the kernels' atomic counters back at zero; a prefill chunk declined."""
+    alike; the kernels' atomic counters back at zero; a prefill chunk declined; fp8 experts within 2e-3 of float64."""
     pytest.importorskip("triton")
     r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TRITON_INTERPRET": "1"})

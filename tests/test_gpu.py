@@ -168,10 +168,11 @@ def _group_quant(a):
 
 @pytest.mark.parametrize("tokens", [1, 30, 200, 700])
 def test_fp8_experts_match_an_emulated_reference(tokens):
-    """fp8_experts (the bf16 expert kernels reading fp8 tiles, masked up to 256 assignments and sorted
+    """fp8_experts (the bf16 expert kernels reading fp8 tiles, masked up to 1024 assignments and sorted
     at 700 tokens) against float64 on the dequantized weights (the intermediate rounded to bf16 first):
-    relative error under 1e-2; and bit-equal to the same kernels and tiles on the weights dequantized
-    to bf16."""
+    relative error under 1e-2. The sorted kernels scale the weight tile (bit-equal to the same kernels
+    and tiles on the weights dequantized to bf16); the masked ones scale the products, which rounds no
+    scaled weight: no further from float64 than the same kernels on the dequantized weights (10%)."""
     from epplat.platforms.cuda import triton_moe, triton_moe_sorted
     from epplat.platforms.cuda.fp8_moe import dequantize, fp8_experts, quantize
     e, k, h, i = 16, 4, 256, 256
@@ -184,8 +185,9 @@ def test_fp8_experts_match_an_emulated_reference(tokens):
     kern, tiles = ((triton_moe.triton_experts, triton_moe._tiles(tokens * k, min(e, tokens * k), x.dtype, True))
                    if tokens * k <= triton_moe.MAX_ASSIGNMENTS else
                    (triton_moe_sorted.sorted_experts, triton_moe_sorted._tiles(tokens * k, e, True)))
-    bf16 = kern(x, ids, w, dequantize(q13, s13), dequantize(q2, s2), torch.nn.functional.silu, tiles=tiles)
-    assert torch.equal(out, bf16.double()), (out - bf16.double()).abs().max()
+    bf16 = kern(x, ids, w, dequantize(q13, s13), dequantize(q2, s2), torch.nn.functional.silu, tiles=tiles).double()
+    masked = kern is triton_moe.triton_experts
+    assert masked or torch.equal(out, bf16), (out - bf16).abs().max()
     w13, w2 = dequantize(q13, s13, torch.float32).double(), dequantize(q2, s2, torch.float32).double()
     ref = torch.zeros(tokens, h, dtype=torch.float64, device="cuda")
     xd = x.double()
@@ -194,8 +196,8 @@ def test_fp8_experts_match_an_emulated_reference(tokens):
             g = (xd[t] @ w13[ids[t, j]]).float()        # the kernels accumulate in float32
             hid = (torch.nn.functional.silu(g[:i]) * g[i:]).to(torch.bfloat16)
             ref[t] += w[t, j].double() * (hid.double() @ w2[ids[t, j]])
-    err = float((out - ref).norm() / ref.norm())
-    assert err < 1e-2, err
+    err, err_deq = float((out - ref).norm() / ref.norm()), float((bf16 - ref).norm() / ref.norm())
+    assert err < 1e-2 and (not masked or err <= 1.1 * err_deq), (err, err_deq)
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 576, 2048), (7, 3072, 2048), (64, 2048, 1408), (300, 200, 300)])
@@ -523,12 +525,14 @@ def test_deepseek_cuda_graphs_give_the_eager_tokens(tmp_path):
 
 def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
     """Kernels.sample on the GPU: the tokens of the numpy reference of its noise (tests/race_reference.py;
-    at most one near-tie of 24 rows may round the other way), the same tokens again for the same keys, a
-    chi-square test of 200,000 draws against softmax(logits / T), and the sampler's mixed batches."""
+    at most one near-tie of 24 rows may round the other way), the same tokens again for the same keys (the
+    second launch through the CompiledKernel's launcher, not Triton's JITFunction), a chi-square test of
+    200,000 draws against softmax(logits / T), and the sampler's mixed batches."""
     from epplat.core.engine.protocol import EngineRequest, SamplingParams
     from epplat.core.engine.request import Request
     from epplat.core.engine.sampler import sample as sampler_sample
     from epplat.platforms.cuda.kernels import cuda_kernels
+    from epplat.platforms.cuda import triton_sample
     from epplat.platforms.cuda.triton_sample import sample
     from race_reference import race_token
     g = torch.Generator().manual_seed(0)
@@ -536,9 +540,10 @@ def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
     xc = x.cuda()
     temps = torch.tensor([0.5, 1.0, 2.0] * 8)
     keys = torch.randint(1 << 62, (24,), generator=g)
+    triton_sample._compiled.clear()
     for t, k in ((1.0, 1 << 40), (temps, keys)):      # per-row values as host tensors
-        got = sample(xc, t, k).tolist()
-        assert sample(xc, t, k).tolist() == got
+        got = sample(xc, t, k).tolist()                # through Triton's JITFunction (it compiles)
+        assert sample(xc, t, k).tolist() == got        # through the CompiledKernel's own launcher
         tl = temps.tolist() if isinstance(t, torch.Tensor) else [t] * 24
         kl = keys.tolist() if isinstance(k, torch.Tensor) else [k + i for i in range(24)]
         want = [race_token(x[i], tl[i], kl[i]) for i in range(24)]
@@ -551,6 +556,7 @@ def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
         expected = n * (logits[0].double() / t).softmax(-1)
         freq = torch.bincount(tokens, minlength=vocab).double()
         assert ((freq - expected) ** 2 / expected).sum() < 31.26      # chi-square, 11 dof, p = 0.001
+    assert len(triton_sample._compiled) == 3           # uniform / per-row values, a vocabulary not a multiple of 16
     reqs = [Request(EngineRequest(str(i), [1], SamplingParams(**p))) for i, p in enumerate(
         [dict(temperature=0.0), dict(temperature=0.7, seed=11), dict(temperature=1.0, top_k=1), dict(temperature=1.0)])]
     tokens, _ = sampler_sample(xc[:4], reqs, kernels=cuda_kernels())
