@@ -52,8 +52,8 @@ fp32_greedy or decode_attention or experts_match or bf16_logits or fused_topk or
               | tee "$OUT/prefill_fp8.log" | tail -8 ;;
     sample-tests) python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -k "sample or graph" 2>&1 | tee "$OUT/sample_tests.log" | tail -15 ;;
     sample-kernel-tests) python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -k sample 2>&1 | tee "$OUT/sample_kernel_tests.log" | tail -15 ;;
-    fp8-expert-tests)   # the fp8 expert kernels' GPU tests, and the fused decode layer's (its script checks fp8 experts too)
-            python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -k "fp8_experts or fp8_logits or fused_decode" \
+    fp8-expert-tests)   # the expert kernels' GPU tests (bf16, fp8, in graphs), the fused decode layer's (its script checks fp8 experts too)
+            python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -k "experts_match or fp8_logits or fused_decode or fp8_cuda_graphs" \
               -s 2>&1 | tee "$OUT/fp8_expert_tests.log" | grep -E "^(PASSED|FAILED|ERROR)|fp8 logits|passed|failed|Error" ;;
     moe-fp8-decode)   # fp8 experts against bf16 at decode sizes only, with a sweep of fp8 tiles (issue #19)
             python3 benchmarks/moe_layer_bench.py --tokens 1 16 64 256 --tiles --sorted-tiles --fp8-tiles \
