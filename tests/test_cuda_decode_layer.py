@@ -66,8 +66,8 @@ for qk_norm, renorm, lens in ((True, True, [5, 16, 17, 40, 33]), (False, False, 
         if "kernels" in vars(m):
             m.kernels = cuda
     assert decode_layer.decode_layer(layer, x[:4], torch.arange(4, device=dev), prefill) is None
-# the masked expert kernels on fp8 weights (the products scaled by their blocks' scales, far from 1 here), float16
-# activations (the interpreter's bfloat16 dots are wrong), against float64 on the dequantized weights
+# the masked expert kernels on fp8 weights (tiles times their blocks' scales, far from 1 here), float16 activations
+# (the interpreter's bfloat16 dots are wrong), against float64 on the dequantized weights
 from epplat.platforms.cuda.fp8_moe import dequantize, quantize
 from epplat.platforms.cuda.triton_moe import triton_experts
 g = torch.Generator().manual_seed(0)

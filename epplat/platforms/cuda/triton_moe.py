@@ -15,13 +15,11 @@ ids, which is cheap at decode sizes and wasteful at prefill sizes: large batches
 ``triton_moe_sorted``, see ``MAX_ASSIGNMENTS``.
 
 fp8 weights (``--quantization fp8``: float8_e4m3 with one float32 scale per 128x128 block, see
-fp8_moe) go through the same kernels (``W8``, see ``_w_dot``): each weight tile is loaded as fp8
-(half the bytes), converted to the activations' dtype (exact) and multiplied on the tensor cores
-against the unquantized activations, and each 128-deep step's float32 product is multiplied by
-its columns' block scales: BM x BN multiplies a step where scaling the weight tile took BK x BN
-(with BM 16 and BK 128, an eighth), and no scaled weight is rounded to bf16. At decode sizes the
-GEMMs are bound by the weight bytes, so the fp8 bytes are the saving and activation quantization
-would only add work and rounding.
+fp8_moe) go through the same kernels (``W8``): each weight tile is loaded as fp8 (half the
+bytes), multiplied by its block's scales in registers and rounded to the activations' dtype,
+exactly what dequantize-to-bf16 would give, then multiplied on the tensor cores against the
+unquantized activations. At decode sizes the GEMMs are bound by the weight bytes, so the fp8
+bytes are the saving and activation quantization would only add work and rounding.
 """
 
 from __future__ import annotations
@@ -85,33 +83,21 @@ def _my_expert(ids_ptr, num_assign, BY_SLOT: tl.constexpr, SCAN: tl.constexpr):
 
 
 @triton.jit
-def _w_dot(a, w, acc, s_base, kb, cols, nblocks, cmask, IEEE: tl.constexpr, W8: tl.constexpr):
-    """acc + a @ w for a [BK, BN] weight tile w. W8 0: w in a's dtype. fp8 w with 128x128 block scales
-    (block row kb: the tile lies within one, BK <= 128): W8 1 (the expert-sorted kernels): w times its
-    blocks' scales in float32, rounded once to a's dtype (exactly dequantize-to-bf16's values), then the
-    product; W8 2 (the masked kernels): w converted to a's dtype (exact: every e4m3 value is a bf16 and an
-    fp16 value), the product's float32 columns times their blocks' scales, so a step scales BM x BN
-    products instead of BK x BN weights (and rounds no scaled weight)."""
-    if W8 == 0:
-        if IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
-    else:
+def _dequant(w, s_base, kb, cols, nblocks, cmask, dtype, W8: tl.constexpr):
+    """A [BK, BN] weight tile in ``dtype``: fp8 ones (W8) times their 128x128 blocks' scales (block row
+    kb: the tile lies within one, BK <= 128), the product in float32 rounded once; others as loaded."""
+    if W8:
         sc = tl.load(s_base + kb * nblocks + cols // 128, mask=cmask, other=0.0)
-        if W8 == 1:
-            acc = tl.dot(a, (w.to(tl.float32) * sc[None, :]).to(a.dtype), acc)
-        else:
-            acc += tl.dot(a, w.to(a.dtype)) * sc[None, :]
-    return acc
+        w = (w.to(tl.float32) * sc[None, :]).to(dtype)
+    return w
 
 
 @triton.jit
 def _gated_tile(x_ptr, tok, valid, w_base, n, nmask, hidden, inter, ACT: tl.constexpr, IEEE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, s_base, W8: tl.constexpr):
     """act(x[tok] @ W1[:, n]) * (x[tok] @ W3[:, n]) for one [BM, BN] tile, in float32; W13's rows
-    are [gate | up] of width 2 * inter starting at w_base; rows not ``valid`` read zeros. W8 (see _w_dot):
-    fp8 weights with block scales at s_base ([hidden / 128, 2 * inter / 128])."""
+    are [gate | up] of width 2 * inter starting at w_base; rows not ``valid`` read zeros. W8: fp8
+    weights with block scales at s_base ([hidden / 128, 2 * inter / 128])."""
     acc_g = tl.zeros([BM, BN], tl.float32)
     acc_u = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, hidden, BK):
@@ -120,10 +106,15 @@ def _gated_tile(x_ptr, tok, valid, w_base, n, nmask, hidden, inter, ACT: tl.cons
         xa = tl.load(x_ptr + tok[:, None] * hidden + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
         wp = w_base + kk[:, None].to(tl.int64) * (2 * inter) + n[None, :]
         wmask = kmask[:, None] & nmask[None, :]
-        acc_g = _w_dot(xa, tl.load(wp, mask=wmask, other=0.0), acc_g, s_base, k0 // 128, n, 2 * inter // 128, nmask,
-                       IEEE, W8)
-        acc_u = _w_dot(xa, tl.load(wp + inter, mask=wmask, other=0.0), acc_u, s_base, k0 // 128, inter + n,
-                       2 * inter // 128, nmask, IEEE, W8)
+        wg = _dequant(tl.load(wp, mask=wmask, other=0.0), s_base, k0 // 128, n, 2 * inter // 128, nmask, xa.dtype, W8)
+        wu = _dequant(tl.load(wp + inter, mask=wmask, other=0.0), s_base, k0 // 128, inter + n, 2 * inter // 128,
+                      nmask, xa.dtype, W8)
+        if IEEE:
+            acc_g = tl.dot(xa, wg, acc_g, input_precision="ieee")
+            acc_u = tl.dot(xa, wu, acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(xa, wg, acc_g)
+            acc_u = tl.dot(xa, wu, acc_u)
     if ACT == 0:
         g = acc_g * tl.sigmoid(acc_g)
     else:
@@ -170,7 +161,11 @@ def _down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, y_ptr, num_assign, hidden
             ha = tl.load(h_ptr + rows[:, None] * inter + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_base + kk[:, None].to(tl.int64) * hidden + n[None, :], mask=kmask[:, None] & nmask[None, :],
                         other=0.0)
-            acc = _w_dot(ha, w, acc, s_base, k0 // 128, n, hidden // 128, nmask, IEEE, W8)
+            w = _dequant(w, s_base, k0 // 128, n, hidden // 128, nmask, ha.dtype, W8)
+            if IEEE:
+                acc = tl.dot(ha, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(ha, w, acc)
         tw = tl.load(tw_ptr + rows, mask=valid, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows[:, None] * hidden + n[None, :], (acc * tw[:, None]).to(y_ptr.dtype.element_ty),
                  mask=valid[:, None] & nmask[None, :])
@@ -214,8 +209,10 @@ def _tiles(num_assign: int, experts: int, dtype, w8: bool = False) -> Tiles:
     are half the bytes, so they take a reduction step of 128 (one scale block) to move as many
     bytes per step as the bf16 ones."""
     per_expert = num_assign / max(1, experts)
-    if w8:     # the best of benchmarks/moe_layer_bench.py's fp8 sweep on an H200 (docs/benchmarks.md)
-        return Tiles(16, 64, 128, 64, 128, 4, 4) if per_expert <= 1 else Tiles(
+    if w8:     # the best of benchmarks/moe_layer_bench.py's fp8 sweeps on an H200 (docs/benchmarks.md): a
+        # handful of experts (one token's 8) take 32 gate/up columns a program, for programs enough to fill
+        # the GPU; from 16 tokens (128 assignments over 128 experts, one per expert) the wide tiles
+        return Tiles(16, 32, 128, 64, 128, 4, 4) if experts < 32 else Tiles(
             16 if per_expert <= 16 else 32 if per_expert <= 48 else 64, 128, 128, 128, 128, 2, 4)
     if dtype == torch.float32:
         return Tiles(bm=16 if per_expert <= 16 else 32, bk1=32, bk2=32, stages=2)
@@ -262,11 +259,11 @@ def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tile
     h = torch.empty((num_assign, inter), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(progs, triton.cdiv(inter, t.bn1))](
         x, ids, w13, s13, h, num_assign, hidden, inter, w13.stride(0), ss13, k, _ACTS[name], ieee, t.bm, t.bn1, t.bk1,
-        by_slot, _SCAN, 2 if w8 else 0, num_warps=t.warps, num_stages=t.stages)
+        by_slot, _SCAN, w8, num_warps=t.warps, num_stages=t.stages)
     y = torch.empty((num_assign, hidden), dtype=x.dtype, device=x.device)
     _down_kernel[(progs, triton.cdiv(hidden, t.bn2))](
         h, ids, tw, w2, s2, y, num_assign, hidden, inter, w2.stride(0), ss2, ieee, t.bm, t.bn2, t.bk2, by_slot, _SCAN,
-        2 if w8 else 0, num_warps=t.warps, num_stages=t.stages)
+        w8, num_warps=t.warps, num_stages=t.stages)
     out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
     res = residual is not None
     _sum_kernel[(rows, triton.cdiv(hidden, 1024))](y, ids, out, residual if res else out, hidden, k, 1024, res,

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from epplat.platforms.cuda.triton_moe import (_ACTS, MAX_ASSIGNMENTS, Tiles, _gated_tile, _sum_kernel, _w_dot,
+from epplat.platforms.cuda.triton_moe import (_ACTS, MAX_ASSIGNMENTS, Tiles, _dequant, _gated_tile, _sum_kernel,
                                               triton_experts, weight_scales)
 
 
@@ -91,7 +91,7 @@ def _sorted_down_kernel(h_ptr, rows_ptr, tile_expert_ptr, tw_ptr, w_ptr, s_ptr, 
         ha = tl.load(h_ptr + m[:, None].to(tl.int64) * inter + kk[None, :], mask=kmask[None, :], other=0.0)
         w = tl.load(w_base + kk[:, None].to(tl.int64) * hidden + n[None, :], mask=kmask[:, None] & nmask[None, :],
                     other=0.0)
-        acc = _w_dot(ha, w, acc, s_base, k0 // 128, n, hidden // 128, nmask, False, W8)
+        acc = tl.dot(ha, _dequant(w, s_base, k0 // 128, n, hidden // 128, nmask, ha.dtype, W8), acc)
     tw = tl.load(tw_ptr + rows, mask=valid, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows[:, None].to(tl.int64) * hidden + n[None, :], (acc * tw[:, None]).to(y_ptr.dtype.element_ty),
              mask=valid[:, None] & nmask[None, :])
@@ -177,11 +177,11 @@ def sorted_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tile
     h = torch.empty((rows.numel(), inter), dtype=x.dtype, device=x.device)
     _sorted_gate_up_kernel[(triton.cdiv(inter, t.bn1), tile_expert.numel())](
         x, rows, tile_expert, w13, s13, h, num_assign, hidden, inter, w13.stride(0), ss13, k, _ACTS[name], t.bm,
-        t.bn1, t.bk1, 1 if w8 else 0, num_warps=t.warps, num_stages=t.stages)
+        t.bn1, t.bk1, w8, num_warps=t.warps, num_stages=t.stages)
     y = torch.empty((num_assign, hidden), dtype=x.dtype, device=x.device)
     _sorted_down_kernel[(triton.cdiv(hidden, t.bn2), tile_expert.numel())](
-        h, rows, tile_expert, tw, w2, s2, y, num_assign, hidden, inter, w2.stride(0), ss2, t.bm, t.bn2, t.bk2,
-        1 if w8 else 0, num_warps=t.warps, num_stages=t.stages)
+        h, rows, tile_expert, tw, w2, s2, y, num_assign, hidden, inter, w2.stride(0), ss2, t.bm, t.bn2, t.bk2, w8,
+        num_warps=t.warps, num_stages=t.stages)
     out = torch.empty((rows_n, hidden), dtype=x.dtype, device=x.device)
     _sum_kernel[(rows_n, triton.cdiv(hidden, 1024))](y, ids, out, out, hidden, k, 1024, False, num_warps=4)
     return out
