@@ -126,6 +126,9 @@ def main():
                                                                   "routing and grouped-GEMM experts, in the same run")
     p.add_argument("--compare-modules", action="store_true", help="also time the step with the layer run module by "
                                                                     "module (no fused cuda decode layer), same run")
+    p.add_argument("--compare-pdl", action="store_true", help="also time the step with the fused layer's Triton "
+                   "kernels launched as programmatic dependents (epplat.platforms.cuda.pdl), same run, and compare "
+                   "its logits with the step's")
     p.add_argument("--fp8", action="store_true", help="MoE experts in fp8 with 128x128 block scales (as "
                                                       "--quantization fp8); the roofline counts their bytes as 1 + scales")
     p.add_argument("--out", default=None)
@@ -155,6 +158,24 @@ def main():
     runner = CudaGraphRunner(model, dev)
     runner.capture(a.batch, blocks_per_seq, nblocks, (nblocks + 1) * a.block_size)
     times = step_times(model, runner, a, dev, nblocks, blocks_per_seq, a.profile)
+    if a.compare_pdl:
+        from epplat.platforms.cuda import pdl
+        seqs = [(a.context + 1, 1, list(range(blocks_per_seq)))]
+        meta = build_attn_metadata(seqs, a.block_size, dev, nblocks, model.kernels)
+        ids, pos = torch.randint(0, a.vocab, (1,), device=dev), torch.full((1,), a.context, device=dev)
+        with torch.inference_mode():
+            serial = model.compute_logits(runner.forward(ids, pos, meta)).float()
+        del runner
+        torch.cuda.empty_cache()
+        pdl.ENABLED = True
+        runner = CudaGraphRunner(model, dev)
+        runner.capture(a.batch, blocks_per_seq, nblocks, (nblocks + 1) * a.block_size)
+        with torch.inference_mode():
+            dependent = model.compute_logits(runner.forward(ids, pos, meta)).float()
+        print(f"PDL against serial launches, batch 1 logits (graphs): max diff {(dependent - serial).abs().max():.3e}, "
+              f"same argmax {bool((dependent.argmax(-1) == serial.argmax(-1)).all())}")
+        pdl_times = step_times(model, runner, a, dev, nblocks, blocks_per_seq, [])
+        pdl.ENABLED = False
     if a.compare_torch:
         del runner
         torch.cuda.empty_cache()
@@ -180,6 +201,8 @@ def main():
         roof = need / bw
         row = {"batch": b, "eager_ms": eager * 1e3, "graph_ms": graph * 1e3, "roofline_ms": roof * 1e3,
                "bytes": need, "graph_frac_of_roofline": roof / graph, "eager_frac_of_roofline": roof / eager}
+        if a.compare_pdl:
+            row["pdl_eager_ms"], row["pdl_graph_ms"] = (v * 1e3 for v in pdl_times[b])
         if a.compare_modules:
             row["modules_eager_ms"], row["modules_graph_ms"] = (v * 1e3 for v in module_times[b])
         if a.compare_torch:
@@ -189,11 +212,14 @@ def main():
           f"{a.layers} layers, {a.experts} experts top-{a.top_k}, context {a.context}, bf16"
           + (", experts fp8 (128x128 blocks)" if a.fp8 else ""))
     print(f"{'batch':>6}{'GB read':>9}{'roofline':>10}{'eager':>10}{'graphs':>10}{'graphs/roof':>13}"
+          + (f"{'PDL graphs':>12}{'/roof':>7}" if a.compare_pdl else "")
           + (f"{'modules graphs':>16}{'/roof':>7}" if a.compare_modules else "")
           + (f"{'torch-ops graphs':>18}{'/roof':>7}{'speedup':>9}" if a.compare_torch else ""))
     for r in rows:
         print(f"{r['batch']:>6}{r['bytes'] / 1e9:>9.2f}{r['roofline_ms']:>8.2f}ms{r['eager_ms']:>8.2f}ms"
               f"{r['graph_ms']:>8.2f}ms{r['graph_frac_of_roofline'] * 100:>12.0f}%"
+              + (f"{r['pdl_graph_ms']:>10.2f}ms{r['roofline_ms'] / r['pdl_graph_ms'] * 100:>6.0f}%"
+                 if a.compare_pdl else "")
               + (f"{r['modules_graph_ms']:>14.2f}ms{r['roofline_ms'] / r['modules_graph_ms'] * 100:>6.0f}%"
                  if a.compare_modules else "")
               + (f"{r['torch_ops_graph_ms']:>16.2f}ms{r['roofline_ms'] / r['torch_ops_graph_ms'] * 100:>6.0f}%"

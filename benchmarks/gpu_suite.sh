@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
+<<<<<<< HEAD
 # Stages: tests tests-decode sample-tests sample-kernel-tests fp8-expert-tests moe-fp8-decode decode-12l decode decode-fused decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
+=======
+# Stages: tests tests-decode sample-tests sample-kernel-tests decode decode-fused decode-kernels decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
+>>>>>>> main
 #         serve-decode serve-decode-async deepseek-decode deepseek-decode-fp8 serve-deepseek nixl-gpu pd-nixl
 # (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA"); nixl's, too big to
@@ -34,9 +38,12 @@ for s in $stages; do
     decode-fused)   # the fused cuda decode layer against the modules' kernels, side by side (issue #19)
             python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --profile 1 --compare-modules \
               --out "$OUT/decode_fused.json" 2>&1 | tee "$OUT/decode_fused.log" | tail -70 ;;
+    decode-kernels)   # the small-batch decode kernels one by one against what they replace (issue #19)
+            python3 benchmarks/decode_kernels.py --out "$OUT/decode_kernels.json" 2>&1 \
+              | tee "$OUT/decode_kernels.log" | tail -30 ;;
     tests-decode)   # the fused decode layer's GPU tests and the token tests it must keep
             python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -k "fused_decode or cuda_graphs or \
-fp32_greedy or decode_attention or experts_match or bf16_logits or fused_topk or kv_write" 2>&1 \
+fp32_greedy or decode_attention or experts_match or bf16_logits or fused_topk or kv_write or decode_kernels" 2>&1 \
               | tee "$OUT/tests_decode.log" | grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error" ;;
     decode-bf16) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --out "$OUT/decode_bf16.json" 2>&1 \
               | tee "$OUT/decode_bf16.log" | tail -8 ;;   # the decode-fp8 stage's bf16 side, no profile

@@ -22,13 +22,18 @@ from epplat.core.model.layers import RotaryEmbedding
 from epplat.core.moe.all2all import ExpertMap
 from epplat.core.moe.all2all_torch import AllGatherReduceScatter
 from epplat.core.ops import TORCH
-from epplat.platforms.cuda import decode_layer, triton_attention
+from epplat.platforms.cuda import decode_layer, pdl, triton_attention
 from epplat.platforms.cuda.kernels import cuda_kernels
 
 cuda = cuda_kernels()
 dev = torch.device(os.environ.get("EPPLAT_TEST_DEVICE", "cpu"))    # test_gpu.py runs this on cuda
+pdl.ENABLED = os.environ.get("EPPLAT_TEST_PDL") == "1"             # and with dependent launches
+assert pdl.on(dev) == (pdl.ENABLED and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9)
 assert cuda.decoder_layer is decode_layer.decode_layer
-for qk_norm, renorm, lens in ((True, True, [5, 16, 17, 40, 33]), (False, False, [1] + list(range(2, 40, 2)))):
+# 5 and 20 rows through cuBLAS-sized GEMMs; 2 rows through the Triton GEMV, with a sequence long enough to be
+# split over several programs (the merge of their slices) beside one of a single token
+for qk_norm, renorm, lens in ((True, True, [5, 16, 17, 40, 33]), (False, False, [1] + list(range(2, 40, 2))),
+                              (True, False, [250, 1])):
     cfg = DecoderConfig(vocab_size=64, hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32,
                         max_position=256, rope_theta=1e6, rms_norm_eps=1e-6, num_experts=8, top_k=3,
                         moe_intermediate_size=64, intermediate_size=0, qk_norm=qk_norm, norm_topk_prob=renorm)
@@ -37,10 +42,11 @@ for qk_norm, renorm, lens in ((True, True, [5, 16, 17, 40, 33]), (False, False, 
     g = torch.Generator().manual_seed(int(qk_norm))
     for p in layer.parameters():
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
-    shape = (len(lens) * 3 + 2, 16, 2, 32)
+    per = max(lens) // 16 + 1
+    shape = (len(lens) * per + 2, 16, 2, 32)
     caches = (torch.randn(shape, generator=g).to(dev), torch.randn(shape, generator=g).to(dev))
     # 20 rows: a sequence of one token and ones ending on a block edge
-    seqs = [(n, 1, list(range(i * 3, i * 3 + 3))) for i, n in enumerate(lens)]
+    seqs = [(n, 1, list(range(i * per, i * per + per))) for i, n in enumerate(lens)]
     meta = build_attn_metadata(seqs, 16, dev, pad_block=shape[0] - 1, kernels=cuda)
     x = torch.randn(len(lens), 128, generator=g).to(dev)
     pos = torch.tensor([n - 1 for n in lens], device=dev)
@@ -65,7 +71,19 @@ for qk_norm, renorm, lens in ((True, True, [5, 16, 17, 40, 33]), (False, False, 
     for m in layer.modules():
         if "kernels" in vars(m):
             m.kernels = cuda
-    assert decode_layer.decode_layer(layer, x[:4], torch.arange(4, device=dev), prefill) is None
+    assert decode_layer.decode_layer(layer, x[:1], torch.arange(1, device=dev), prefill) is None
+# the attention's two-launch form (no counter buffer: the merge in a second kernel), slices of a 64-token page
+triton_attention._counters.clear()
+triton_attention._COUNTERS = 0
+k, v = torch.randn(2, 12, 64, 2, 32, generator=g).to(dev)
+q = torch.randn(2, 4, 32, generator=g).to(dev)
+lens = torch.tensor([350, 1], dtype=torch.int32, device=dev)
+tables = torch.randperm(12, generator=g).view(2, 6).int().to(dev)
+out = triton_attention.decode_attention(q, k, v, tables, lens, 32 ** -0.5)
+for i in range(2):
+    keys, vals = (c[tables[i].long()].reshape(-1, 2, 32)[: lens[i]].repeat_interleave(2, 1) for c in (k, v))
+    att = torch.softmax(torch.einsum("hd,lhd->hl", q[i], keys) * 32 ** -0.5, -1)
+    torch.testing.assert_close(out[i], torch.einsum("hl,lhd->hd", att, vals), rtol=1e-5, atol=1e-5)
 # the masked expert kernels on fp8 weights (tiles times their blocks' scales, far from 1 here), float16 activations
 # (the interpreter's bfloat16 dots are wrong), against float64 on the dequantized weights
 from epplat.platforms.cuda.fp8_moe import dequantize, quantize
@@ -90,9 +108,11 @@ print("ok")
 
 
 def test_fused_decode_layer_in_the_triton_interpreter_matches_the_torch_modules():
-    """float32 (tensor-core dots in IEEE precision): two layers (with and without q/k norm and top-k
-    renormalisation), 5 and 20 decode rows, against the torch modules within 1e-5; the KV cache written
-    alike; the kernels' atomic counters back at zero; a prefill chunk declined; fp8 experts within 2e-3 of float64."""
+    """float32 (tensor-core dots in IEEE precision): three layers (with and without q/k norm and top-k
+    renormalisation), 5, 20 and 2 decode rows (the last through the Triton GEMV, one sequence split over
+    several programs), against the torch modules within 1e-5; the KV cache written alike; the kernels' atomic
+    counters back at zero; a prefill chunk declined; the attention's two-launch form against softmax; the
+    masked expert kernels on fp8 weights within 2e-3 of float64."""
     pytest.importorskip("triton")
     r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TRITON_INTERPRET": "1"})

@@ -30,6 +30,47 @@ def test_triton_decode_attention_matches_a_gather_and_softmax():
         torch.testing.assert_close(out[i], torch.einsum("hl,lhd->hd", att, vals), atol=2e-3, rtol=2e-3)
 
 
+def test_decode_kernels_gemv_add_norm_and_long_attention_match_torch():
+    """The batch-1 decode kernels compiled for the GPU: the Triton GEMV (1-4 rows, the Qwen3-30B-A3B qkv,
+    o_proj and router shapes) against float32 F.linear, bfloat16 within its rounding, float32 within 1e-5;
+    the residual add + RMSNorm launch equal to torch's add and the RMSNorm kernel; decode attention over
+    contexts of 1 to 5000 tokens in 16- and 64-token pages (one slice, a few, every slice of the grid) against
+    a gather and softmax, the same for every tile and slice size."""
+    from epplat.platforms.cuda import triton_attention, triton_gemv, triton_norm
+    torch.manual_seed(0)
+    for n, k in ((5120, 2048), (2048, 4096), (128, 2048), (100, 300)):
+        for m in (1, 3, 4):
+            for dt in (torch.bfloat16, torch.float32):
+                x, w = torch.randn(m, k, device="cuda", dtype=dt), torch.randn(n, k, device="cuda", dtype=dt)
+                ref = torch.nn.functional.linear(x.double(), w.double())
+                err = float((triton_gemv.gemv(x, w).double() - ref).norm() / ref.norm())
+                assert err < (1e-5 if dt == torch.float32 else 4e-3), (n, k, m, dt, err)
+    assert triton_gemv.gemv(torch.randn(5, 64, device="cuda"), torch.randn(8, 64, device="cuda")) is None
+    x, a = torch.randn(2, 7, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(2048, device="cuda", dtype=torch.bfloat16) + 0.5
+    s, h = triton_norm.add_rms_norm(x, a, w, 1e-6)
+    assert torch.equal(s, x + a) and torch.equal(h, triton_norm.rms_norm(x + a, w, 1e-6))
+    for page in (16, 64):
+        b, h, kvh, d = 4, 32, 4, 128
+        lens = torch.tensor([1, 200, 1500, 5000], device="cuda", dtype=torch.int32)
+        per = 5000 // page + 1
+        k = torch.randn(b * per, page, kvh, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        q = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
+        tables = torch.randperm(b * per, device="cuda").view(b, per).int()
+        out = triton_attention.decode_attention(q, k, v, tables, lens, d ** -0.5)
+        for i in range(b):
+            keys = k[tables[i].long()].reshape(-1, kvh, d)[: lens[i]].float().repeat_interleave(h // kvh, 1)
+            vals = v[tables[i].long()].reshape(-1, kvh, d)[: lens[i]].float().repeat_interleave(h // kvh, 1)
+            att = torch.softmax(torch.einsum("hd,lhd->hl", q[i].float(), keys) * d ** -0.5, -1)
+            torch.testing.assert_close(out[i].float(), torch.einsum("hl,lhd->hd", att, vals), atol=1e-2, rtol=1e-2)
+        for tile, min_tokens in ((16, 16), (32, 64), (64, 512)):
+            other = triton_attention.decode_attention(q, k, v, tables, lens, d ** -0.5, tile=tile,
+                                                      min_tokens=min_tokens)
+            torch.testing.assert_close(other.float(), out.float(), atol=1e-2, rtol=1e-2)
+    assert int(sum(c.abs().sum() for c in triton_attention._counters.values())) == 0
+
+
 def _fp32_experts(x, ids, w, w13, w2):
     out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     inter = w2.shape[1]
@@ -564,14 +605,16 @@ def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
 
 
 def test_fused_decode_layer_matches_the_modules_on_the_gpu():
-    """The cuda decode layer (9 launches: rope + KV write, attention with its merge, add + norm + router +
-    top-k, the residual in the experts' sum) against the torch modules, float32, as in the interpreter test
-    (tests/test_cuda_decode_layer.py) but compiled for the GPU, its atomic counters included."""
+    """The cuda decode layer (rope + KV write, attention with its merge, the GEMV at 2 rows, add + norm, the
+    residual in the experts' sum) against the torch modules, float32, as in the interpreter test
+    (tests/test_cuda_decode_layer.py) but compiled for the GPU, its atomic counters included; then the same
+    with every Triton kernel of the layer launched as a programmatic dependent (PDL, on Hopper)."""
     import os
     import subprocess
     import sys
 
     from test_cuda_decode_layer import _INTERPRETED
-    r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "EPPLAT_TEST_DEVICE": "cuda"})
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    for pdl in ("0", "1"):         # and with its Triton kernels launched as programmatic dependents (Hopper)
+        r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "EPPLAT_TEST_DEVICE": "cuda", "EPPLAT_TEST_PDL": pdl})
+        assert r.returncode == 0 and r.stdout.strip() == "ok", (pdl, r.stderr[-3000:])

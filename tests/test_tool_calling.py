@@ -9,7 +9,8 @@ checkpoint (random weights) with a chat template that renders tools as Qwen3's d
   streamed alike (the call's arguments streamed in pieces, the openai client's accumulation of them
   equal to the whole answer's), finish_reason tool_calls; a tool-call round trip goes back through the template;
 - /v1/responses with function tools through the openai client: the same answer as reasoning, message
-  and function_call items, whole and streamed (function_call_arguments deltas), a named tool_choice
+  and function_call items, whole and streamed (vLLM's event sequence: reasoning_text and output_text
+  deltas within their content parts, function_call_arguments deltas), a named tool_choice
   forced by the grammar, and the round trip of a function_call and its function_call_output;
 - bad tool choices are 400s; a server without --enable-auto-tool-choice refuses auto
   (test_structured_output.py).
@@ -238,6 +239,17 @@ def test_responses_api_tools(client):
     assert len(fc_done) == 1 and fc_done[0].arguments == call.arguments and fc_done[0].output_index == 2
     added = [e.item.type for e in events if e.type == "response.output_item.added"]
     assert added == ["reasoning", "message", "function_call"]
+    kinds = [e.type.removeprefix("response.") for e in events]       # vLLM's sequence, a run of deltas as one
+    kinds = [k for i, k in enumerate(kinds) if not (k.endswith(".delta") and k == kinds[i - 1])]
+    part = ["content_part.added", "{}.delta", "{}.done", "content_part.done"]
+    assert kinds == ["created", "in_progress", "output_item.added", *(k.format("reasoning_text") for k in part),
+                     "output_item.done", "output_item.added", *(k.format("output_text") for k in part),
+                     "output_item.done", "output_item.added", "function_call_arguments.delta",
+                     "function_call_arguments.done", "output_item.done", "completed"], kinds
+    parts = [e.part for e in events if e.type.startswith("response.content_part.")]
+    assert [(p.type, p.text) for p in parts] == [("reasoning_text", ""), ("reasoning_text", chat.reasoning_content),
+                                                 ("output_text", ""), ("output_text", chat.content)]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == chat.reasoning_content
 
     named = client.responses.create(model=model, input="The time?", tools=tools, max_output_tokens=60,
                                     temperature=1.0, tool_choice={"type": "function", "name": "get_time"},

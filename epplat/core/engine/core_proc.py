@@ -85,10 +85,12 @@ def run_engine_process(cfg_json: bytes, rank: int, local_rank: int, ready_conn, 
         logger.error("engine process %d failed to start:\n%s", rank, traceback.format_exc())
         ready_conn.send_bytes(msgspec.json.encode({"error": f"{type(e).__name__}: {e}"}))
         return
-    ready_conn.send_bytes(msgspec.json.encode({"ok": rank}))
     wave = 0
     if join is not None:
         from epplat.core.engine import elastic
+        elastic.fault_point("start", join["generation"])
+    ready_conn.send_bytes(msgspec.json.encode({"ok": rank}))
+    if join is not None:
         wave = elastic.join(runner, ps, join["generation"], join["old_size"])
     watch = _Liveness(ps)
     if not ps.is_driver:

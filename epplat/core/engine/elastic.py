@@ -145,10 +145,10 @@ def _roll_back(runner, ps, layers, per_rank: int, old, generation: int) -> None:
 
 
 def fault_point(name: str, generation: int) -> None:
-    """EPPLAT_ELASTIC_KILL_AT=NAME:GENERATION kills this (joining) rank at the named point of that scale: how
-    the tests make a new rank die mid-scale at a known place. Points: exchange (the experts are about to
-    move)."""
-    if os.environ.get("EPPLAT_ELASTIC_KILL_AT") == f"{name}:{generation}":
+    """EPPLAT_ELASTIC_KILL_AT=NAME:GENERATION[,NAME:GENERATION...] kills this (joining) rank at the named point
+    of that scale: how the tests make a new rank die mid-scale at a known place. Points: start (its model and
+    KV cache are ready, its ready line not sent), exchange (the experts are about to move)."""
+    if f"{name}:{generation}" in os.environ.get("EPPLAT_ELASTIC_KILL_AT", "").split(","):
         logger.warning("elastic EP: EPPLAT_ELASTIC_KILL_AT=%s:%d: rank killed at %s", name, generation, name)
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -1,6 +1,7 @@
 """Elastic EP in the API server: POST /scale_elastic_ep (and /scale) grows or shrinks the DP ranks.
 
 Scaling up, the new engine processes start beside the running ones (which keep serving),
+forked from a fork server that imported the engine once (fork_server.py), however many there are,
 load the model and take the running ranks' KV cache size; then every running driver gets
 the scale call, they all re-form the world with the new ranks at one step, the experts
 move to the EPLB policy's placement, and the new ranks are routed to once they say
@@ -24,7 +25,7 @@ from fastapi import Request
 
 from epplat.config import ConfigError
 from epplat.core.engine import protocol as P
-from epplat.core.distributed.spare_engine import SpareEngine
+from epplat.core.distributed import fork_server
 from epplat.core.server.protocol import APIError, ErrorResponse
 
 logger = logging.getLogger("epplat.server")
@@ -62,8 +63,8 @@ class ElasticScaler:
         self.num_experts = architecture(hf).parse_config(hf).num_experts
         self.per_rank = (self.num_experts + par.eplb.num_redundant_experts) // par.world_size   # slots of an EP rank
         self.ray = par.uses_ray          # new ranks are Ray actors, placed on the cluster (ray_launcher.py)
-        self.spare_count = 0 if self.ray else self.tp     # mp: one DP rank's processes, imports paid
-        self.spares = [SpareEngine() for _ in range(self.spare_count)]
+        if not self.ray:
+            fork_server.context()        # mp: new ranks are forked from it; it imports now, ahead of a scale-up
         self.target = self.size          # the size being scaled to (the current one when none runs)
         self.last_seconds = 3.0          # the last scale's length: the Retry-After of a 503 during one
 
@@ -108,8 +109,6 @@ class ElasticScaler:
                 await self._shrink(new_size, drain_timeout)
         finally:
             self.scaling = False
-            self.spares = [p for p in self.spares if p.proc.is_alive()]
-            self.spares += [SpareEngine() for _ in range(self.spare_count - len(self.spares))]   # the next scale-up
         took = self.last_seconds = time.perf_counter() - t0
         self.target = self.size
         logger.info("elastic EP: scaled from %d to %d data parallel engines in %.2f s (%s)", old, new_size, took,
@@ -136,11 +135,9 @@ class ElasticScaler:
         cfg = self._new_rank_config(new_size)
         self.generation += 1            # every attempt its own store: a failed one may have written to its own
         generation, t0 = self.generation, time.monotonic()
-        spares = [p for p in self.spares if p.proc.is_alive()]    # one that died meanwhile: that rank starts cold
-        self.spares = []
         try:
             procs = await asyncio.to_thread(start_engines, cfg, dp_ranks=new_ranks,
-                                            join={"generation": generation, "old_size": old}, spares=spares)
+                                            join={"generation": generation, "old_size": old}, forked=not self.ray)
         except ConfigError as e:
             raise APIError(500, f"Scale failed: a new engine did not start ({e}); still {old} data parallel "
                                 "engines") from None

@@ -1,7 +1,8 @@
 """The output items of a /v1/responses answer, as vLLM's Responses API gives them: a ``reasoning`` item
 (what --reasoning-parser split off), an assistant ``message`` with the text, and one ``function_call``
 item per tool call; whole (``output_items``) or as the typed events of a stream (``ItemEvents``: an
-item opens when its first piece arrives and closes when the next item begins or the answer ends).
+item opens when its first piece arrives and closes when the next item begins or the answer ends; a
+reasoning item's text and a message's lie in a content part, a reasoning_text or an output_text one).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def reasoning_item(item_id: str, text: str, status: str) -> dict:
 def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
     return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments,
             "status": status}
+
+
+# an item's content part (vLLM's content_part.added / done events carry it): text -> part
+_PARTS = {"message": lambda text: message_item("", text, "")["content"][0],
+          "reasoning": lambda text: reasoning_item("", text, "")["content"][0]}
 
 
 def output_items(out: ChatOutput, msg_id: str) -> list[dict]:
@@ -61,9 +67,8 @@ class ItemEvents:
         out = self._close()
         self.kind, self.item, self.text = kind, item, ""
         out.append(self.event("response.output_item.added", output_index=len(self.items), item=item))
-        if kind == "message":
-            out.append(self.event("response.content_part.added", **self._where(),
-                                  part={"type": "output_text", "text": "", "annotations": [], "logprobs": None}))
+        if kind in _PARTS:
+            out.append(self.event("response.content_part.added", **self._where(), part=_PARTS[kind]("")))
         return out
 
     def _close(self) -> list[bytes]:
@@ -72,7 +77,8 @@ class ItemEvents:
             return []
         if kind == "reasoning":
             done = reasoning_item(self.item["id"], text, "completed")
-            out = [self.event("response.reasoning_text.done", **self._where(), text=text)]
+            out = [self.event("response.reasoning_text.done", **self._where(), text=text),
+                   self.event("response.content_part.done", **self._where(), part=done["content"][0])]
         elif kind == "message":
             done = message_item(self.item["id"], text, "completed")
             out = [self.event("response.output_text.done", **self._where(), text=text, logprobs=[]),

@@ -6,14 +6,18 @@ routing) costs 1.5-2.5 us, mostly launch latency. For a batch of single-token de
 plain MoE layer (softmax top-k routing, no TP, the attention with a power-of-two head dim and
 block size) this runs:
 
-1. the input RMSNorm (triton_norm);                2. the qkv GEMM (``project``: bf16 or fp8);
+1. the input RMSNorm (triton_norm);
+2. the qkv GEMM: up to triton_gemv.MAX_ROWS rows the Triton GEMV, else ``project`` (cuBLAS or fp8);
 3. q/k norm + rotary + KV-cache write (triton_rope_kv);
 4. decode attention with its merge in the same launch (triton_attention);
-5. the o_proj GEMM;
-6. residual add, RMSNorm, router GEMM and top-k as the modules run them (a one-launch Triton router, tried
-   on the H200, ran 8 programs for a 512 KB gate read: 23.5 us a layer at batch 1 against ~10 us, and was
-   removed);
-7-9. the experts' gate/up, down and sum kernels, the sum adding the residual (triton_moe).
+5. the o_proj GEMM as the qkv one;
+6. residual add + RMSNorm in one launch (triton_norm.add_rms_norm);
+7. the router GEMM (the GEMV up to MAX_ROWS rows, as the modules' F.linear above) and the softmax top-k
+   kernel (a one-launch router with the top-k inside, tried on the H200, ran 8 programs for a 512 KB gate
+   read: 23.5 us a layer at batch 1 against ~10 us, and was removed);
+8-10. the experts' gate/up, down and sum kernels, the sum adding the residual (triton_moe).
+
+Every Triton kernel of these can launch as a dependent of the one before (pdl: off until measured).
 
 Every step rounds where the module it replaces rounds, so the tokens are those of the module
 path up to the float32 order of sums inside a kernel. Anything else (prefill or mixed steps,
@@ -30,9 +34,10 @@ import torch
 from epplat.core.model.decoder import Attention, DecoderLayer
 from epplat.core.moe.all2all_torch import _TorchDistBackend
 from epplat.core.moe.layer import FusedMoE
-from epplat.platforms.cuda import fp8, triton_rope_kv
+from epplat.platforms.cuda import fp8, triton_gemv, triton_norm, triton_rope_kv
+from epplat.platforms.cuda import pdl as _pdl
 from epplat.platforms.cuda.triton_attention import decode_attention
-from epplat.platforms.cuda.triton_moe import MAX_ASSIGNMENTS, triton_experts
+from epplat.platforms.cuda.triton_moe import MAX_ASSIGNMENTS, fused_topk, triton_experts
 from epplat.platforms.cuda.triton_norm import rms_norm
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -69,6 +74,15 @@ def _fused_experts(mlp: FusedMoE):
     return None
 
 
+def _project(module, name: str, x: torch.Tensor, pdl: bool) -> torch.Tensor:
+    """``module.project(name, x)``, through the Triton GEMV where it takes a plain unbiased weight and a few rows
+    (fp8 modules bring their own ``project``)."""
+    out = None
+    if "project" not in vars(module) and getattr(module, name + "_bias", None) is None:
+        out = triton_gemv.gemv(x, getattr(module, name), pdl=pdl)
+    return module.project(name, x) if out is None else out
+
+
 def decode_layer(layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, meta) -> Optional[torch.Tensor]:
     """``layer(x, positions, meta)`` for a batch of single-token decodes; None when it does not apply."""
     cached = getattr(layer, "_cuda_fused_ok", None)
@@ -81,23 +95,26 @@ def decode_layer(layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, 
     attn, mlp = layer.self_attn, layer.mlp
     k_cache, v_cache = attn.kv_cache
     x = x.contiguous()
-    h = rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps)
-    qkv = attn.project("qkv", h)
+    pdl = _pdl.on(x.device)
+    h = rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps, pdl)
+    qkv = _project(attn, "qkv", h, pdl)
     norm = attn.q_norm is not None
     q = triton_rope_kv.qk_norm_rope_kv(qkv, attn.h, attn.kvh, attn.d, attn.q_norm.weight if norm else None,
                                        attn.k_norm.weight if norm else None,
                                        attn.q_norm.eps if norm else 0.0, positions, attn.rope.cos, attn.rope.sin,
-                                       k_cache, v_cache, meta.slot_mapping)
-    o = decode_attention(q, k_cache, v_cache, meta.decode_tables, meta.decode_lens, attn.scale)
-    a = attn.project("o_proj", o.view(t, attn.h * attn.d))
-    x = x + a
-    h = layer.post_attention_layernorm(x)
-    weights, ids = mlp.route(h)
+                                       k_cache, v_cache, meta.slot_mapping, pdl)
+    o = decode_attention(q, k_cache, v_cache, meta.decode_tables, meta.decode_lens, attn.scale, pdl=pdl)
+    a = _project(attn, "o_proj", o.view(t, attn.h * attn.d), pdl)
+    post = layer.post_attention_layernorm
+    x, h = triton_norm.add_rms_norm(x, a, post.weight, post.eps, pdl) or (x + a, None)
+    h = post(x) if h is None else h
+    logits = triton_gemv.gemv(h, mlp.gate, pdl=pdl) if mlp.kernels.route is fused_topk else None
+    weights, ids = mlp.route(h) if logits is None else fused_topk(logits, mlp.top_k, mlp.renormalize, h.dtype, pdl)
     ids = mlp.to_physical(ids)
     experts = _fused_experts(mlp)
     if (experts is not None and isinstance(mlp.all2all, _TorchDistBackend) and mlp.all2all.size == 1
             and ids.numel() <= MAX_ASSIGNMENTS):
-        out = experts(h, ids, weights, mlp.w13, mlp.w2, mlp.act, residual=x)
+        out = experts(h, ids, weights, mlp.w13, mlp.w2, mlp.act, residual=x, pdl=pdl)
         if out is not None:
             return out
     recv = mlp.all2all.dispatch(h, ids, weights)

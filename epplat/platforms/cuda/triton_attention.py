@@ -1,7 +1,10 @@
 """Decode attention over the paged KV cache as a Triton kernel, split over the KV length
 (flash-decoding): each program takes one sequence, one KV head (all its query heads at
-once, on tensor cores) and one slice of the sequence's blocks; a second kernel merges
-the slices by their log-sum-exp. Reads only the blocks a sequence uses and takes
+once, on tensor cores) and one slice of the sequence's tokens, read in tiles that may span
+several pages; a second kernel merges the slices by their log-sum-exp. The grid has room for
+a fixed number of slices (from the batch size, so a CUDA graph fits every length); a sequence
+uses as many as its length fills with MIN_SPLIT_TOKENS each, the rest return at once, and a
+sequence in one slice is written out directly. Reads only the blocks a sequence uses and takes
 lengths from a device tensor, so it can be captured in a CUDA graph. Where a counter buffer
 is at hand the merge runs inside the split kernel (one launch): the last program of a
 (sequence, KV head) to finish, told so by an atomic counter, merges the slices and resets
@@ -13,78 +16,101 @@ import torch
 import triton
 import triton.language as tl
 
+from epplat.platforms.cuda import pdl as _pdl
+
 _TARGET_PROGRAMS = 2 * 132   # about two waves of an H100/H200's SMs
+# tokens a slice of a sequence takes at least: at batch 1 and 512 cached tokens, 32 slices of one 16-token
+# page each (the launch before this) took 14.2 us on an H200, nearly all of it the last arriver's 32-step merge
+MIN_SPLIT_TOKENS = 128
 
 
 @triton.jit(do_not_specialize=["table_stride"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_ptr, scale,
                          table_stride, q_stride, kv_heads: tl.constexpr, group: tl.constexpr,
                          splits: tl.constexpr, GROUP_P: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-                         IEEE: tl.constexpr, out_ptr, cnt_ptr, FUSE_MERGE: tl.constexpr):
+                         IEEE: tl.constexpr, out_ptr, cnt_ptr, FUSE_MERGE: tl.constexpr, TILE: tl.constexpr,
+                         MIN_TILES: tl.constexpr, PDL: tl.constexpr):
+    _pdl.start(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     length = tl.load(lens_ptr + b)
-    nblocks = tl.cdiv(length, BLOCK)
-    per = tl.cdiv(nblocks, splits)
-    start = sp * per
-    end = tl.minimum(start + per, nblocks)
+    ntiles = tl.cdiv(length, TILE)
+    # the slices this sequence uses: at most ``splits``, each of at least MIN_TILES tiles (a short context is
+    # latency-bound: more slices only add merge work); the programs beyond them have nothing to do
+    active = tl.maximum(1, tl.minimum(splits, tl.cdiv(ntiles, MIN_TILES)))
     g = tl.arange(0, GROUP_P)
     d = tl.arange(0, D)
-    s = tl.arange(0, BLOCK)
     gmask = g < group
     heads = kvh * group + g
-    q = tl.load(q_ptr + b * q_stride + heads[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
-    m = tl.full([GROUP_P], float("-inf"), tl.float32)
-    l_sum = tl.zeros([GROUP_P], tl.float32)
-    acc = tl.zeros([GROUP_P, D], tl.float32)
-    for n in range(start, end):
-        block = tl.load(tables_ptr + b * table_stride + n).to(tl.int64)
-        off = ((block * BLOCK + s)[:, None] * kv_heads + kvh) * D + d[None, :]
-        k = tl.load(k_ptr + off)
-        v = tl.load(v_ptr + off)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(((n * BLOCK + s) < length)[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
-    has = l_sum > 0
-    out = acc / tl.where(has, l_sum, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf"))
     row = ((b * kv_heads + kvh) * splits + sp) * GROUP_P + g
-    tl.store(o_ptr + row[:, None] * D + d[None, :], out)
-    tl.store(lse_ptr + row, lse)
-    if FUSE_MERGE:
-        tl.debug_barrier()          # every thread's slice stored before the counter's release
-        arrived = tl.atomic_add(cnt_ptr + b * kv_heads + kvh, 1)      # acq_rel, gpu scope
-        tl.debug_barrier()
-        if arrived == splits - 1:   # the last slice: merge them all
-            first = (b * kv_heads + kvh) * splits * GROUP_P + g
-            m = tl.full([GROUP_P], float("-inf"), tl.float32)
-            den = tl.zeros([GROUP_P], tl.float32)
-            acc = tl.zeros([GROUP_P, D], tl.float32)
-            for i in range(splits):     # other programs' slices: through L2 (.cg), never a stale L1 line
-                lse_i = tl.load(lse_ptr + first + i * GROUP_P, cache_modifier=".cg")
-                o_i = tl.load(o_ptr + (first + i * GROUP_P)[:, None] * D + d[None, :], cache_modifier=".cg")
-                m_new = tl.maximum(m, lse_i)
-                alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
-                beta = tl.where(lse_i == float("-inf"), 0.0, tl.exp(lse_i - m_new))
-                den = den * alpha + beta
-                acc = acc * alpha[:, None] + beta[:, None] * o_i
-                m = m_new
-            res = acc / tl.where(den > 0, den, 1.0)[:, None]
+    if sp < active:
+        per = tl.cdiv(ntiles, active)
+        start = sp * per
+        end = tl.minimum(start + per, ntiles)
+        s = tl.arange(0, TILE)
+        q = tl.load(q_ptr + b * q_stride + heads[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+        m = tl.full([GROUP_P], float("-inf"), tl.float32)
+        l_sum = tl.zeros([GROUP_P], tl.float32)
+        acc = tl.zeros([GROUP_P, D], tl.float32)
+        for n in range(start, end):
+            pos = n * TILE + s                   # a tile of TILE tokens spans TILE / BLOCK pages (or part of one)
+            inside = pos < length
+            block = tl.load(tables_ptr + b * table_stride + pos // BLOCK, mask=inside, other=0).to(tl.int64)
+            off = ((block * BLOCK + pos % BLOCK)[:, None] * kv_heads + kvh) * D + d[None, :]
+            k = tl.load(k_ptr + off, mask=inside[:, None], other=0.0)
+            v = tl.load(v_ptr + off, mask=inside[:, None], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q, tl.trans(k)) * scale
+            scores = tl.where(inside[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        has = l_sum > 0
+        out = acc / tl.where(has, l_sum, 1.0)[:, None]
+        lse = tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf"))
+        if not FUSE_MERGE:
+            tl.store(o_ptr + row[:, None] * D + d[None, :], out)
+            tl.store(lse_ptr + row, lse)
+        elif active == 1:                   # the whole sequence in this program: no slices to merge
             tl.store(out_ptr + (b * kv_heads * group + heads)[:, None] * D + d[None, :],
-                     res.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
-            tl.atomic_xchg(cnt_ptr + b * kv_heads + kvh, 0)
+                     out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+        else:
+            tl.store(o_ptr + row[:, None] * D + d[None, :], out)
+            tl.store(lse_ptr + row, lse)
+            tl.debug_barrier()          # every thread's slice stored before the counter's release
+            arrived = tl.atomic_add(cnt_ptr + b * kv_heads + kvh, 1)      # acq_rel, gpu scope
+            tl.debug_barrier()
+            if arrived == active - 1:   # the last slice: merge them all
+                first = (b * kv_heads + kvh) * splits * GROUP_P + g
+                m = tl.full([GROUP_P], float("-inf"), tl.float32)
+                den = tl.zeros([GROUP_P], tl.float32)
+                acc = tl.zeros([GROUP_P, D], tl.float32)
+                for i in range(0, active):  # other programs' slices: through L2 (.cg), never a stale L1 line
+                    lse_i = tl.load(lse_ptr + first + i * GROUP_P, cache_modifier=".cg")
+                    o_i = tl.load(o_ptr + (first + i * GROUP_P)[:, None] * D + d[None, :], cache_modifier=".cg")
+                    m_new = tl.maximum(m, lse_i)
+                    alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+                    beta = tl.where(lse_i == float("-inf"), 0.0, tl.exp(lse_i - m_new))
+                    den = den * alpha + beta
+                    acc = acc * alpha[:, None] + beta[:, None] * o_i
+                    m = m_new
+                res = acc / tl.where(den > 0, den, 1.0)[:, None]
+                tl.store(out_ptr + (b * kv_heads * group + heads)[:, None] * D + d[None, :],
+                         res.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+                tl.atomic_xchg(cnt_ptr + b * kv_heads + kvh, 0)
+    else:
+        if not FUSE_MERGE:              # an empty slice for the merge kernel
+            tl.store(lse_ptr + row, tl.full([GROUP_P], float("-inf"), tl.float32))
+            tl.store(o_ptr + row[:, None] * D + d[None, :], tl.zeros([GROUP_P, D], tl.float32))
 
 
 @triton.jit
@@ -106,8 +132,11 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, heads, kv_heads: tl.constexpr, group:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                     lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [B, H, D]; caches [num_blocks, block_size, KVH, D]; tables [B, W]; lens [B] -> [B, H, D].
+                     lens: torch.Tensor, scale: float, *, tile: int = 0, min_tokens: int = MIN_SPLIT_TOKENS,
+                     pdl: bool = False) -> torch.Tensor:
+    """q: [B, H, D]; caches [num_blocks, block_size, KVH, D]; tables [B, W]; lens [B] -> [B, H, D]. Each
+    program reads ``tile`` tokens a step (0: 64, 32 for float32 or wide heads) and each slice of a sequence
+    at least ``min_tokens`` (benchmarks/decode_kernels.py sweeps both).
 
     Returns None for shapes the kernel does not take (block size or head dim below 16, or not
     a power of two); the caller then uses its portable path."""
@@ -118,6 +147,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = h // kvh
     gp = max(16, triton.next_power_of_2(group))
     splits = min(32, 1 << ((-(-_TARGET_PROGRAMS // (b * kvh))).bit_length() - 1))   # powers of two: 6 variants
+    tile = tile or max(16, min(64 if q.dtype != torch.float32 and d <= 128 else 32, 8192 // d))
     mid = torch.empty((b, kvh, splits, gp, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((b, kvh, splits, gp), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
@@ -125,7 +155,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_split_kernel[(b, kvh, splits)](q.contiguous(), k_cache, v_cache, tables, lens, mid, lse, scale,
                                            tables.stride(0), h * d, kvh, group, splits, gp, block, d,
                                            q.dtype == torch.float32, out, mid if cnt is None else cnt,
-                                           cnt is not None)
+                                           cnt is not None, tile, min_tokens // tile or 1, pdl and cnt is not None,
+                                           launch_pdl=pdl and cnt is not None)
     if cnt is None:
         _merge_kernel[(b, h)](mid, lse, out, h, kvh, group, splits, triton.next_power_of_2(splits), gp, d)
     return out

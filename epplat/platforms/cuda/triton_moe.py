@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from epplat.platforms.cuda import pdl as _pdl
+
 # above this many (token, expert) assignments the rescans cost more than they save: on an H100,
 # Triton took 0.44 ms against grouped GEMM's 0.56 at 512 assignments, 0.67 against 0.62 at 2048
 # (benchmarks/moe_layer_bench.py)
@@ -125,7 +127,9 @@ def _gated_tile(x_ptr, tok, valid, w_base, n, nmask, hidden, inter, ACT: tl.cons
 @triton.jit(do_not_specialize=["num_assign"])
 def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, num_assign, hidden, inter, stride_we, stride_se,
                     K: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, BY_SLOT: tl.constexpr, SCAN: tl.constexpr, W8: tl.constexpr):
+                    BK: tl.constexpr, BY_SLOT: tl.constexpr, SCAN: tl.constexpr, W8: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    _pdl.start(PDL)
     e, count = _my_expert(ids_ptr, num_assign, BY_SLOT, SCAN)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < inter
@@ -144,7 +148,8 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, num_assign, hidden, int
 @triton.jit(do_not_specialize=["num_assign"])
 def _down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, y_ptr, num_assign, hidden, inter, stride_we, stride_se,
                  IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BY_SLOT: tl.constexpr,
-                 SCAN: tl.constexpr, W8: tl.constexpr):
+                 SCAN: tl.constexpr, W8: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl.start(PDL)
     e, count = _my_expert(ids_ptr, num_assign, BY_SLOT, SCAN)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < hidden
@@ -172,7 +177,9 @@ def _down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, y_ptr, num_assign, hidden
 
 
 @triton.jit
-def _sum_kernel(y_ptr, ids_ptr, out_ptr, res_ptr, hidden, K: tl.constexpr, BH: tl.constexpr, RES: tl.constexpr):
+def _sum_kernel(y_ptr, ids_ptr, out_ptr, res_ptr, hidden, K: tl.constexpr, BH: tl.constexpr, RES: tl.constexpr,
+                PDL: tl.constexpr = False):
+    _pdl.start(PDL)
     t = tl.program_id(0)
     d = tl.program_id(1) * BH + tl.arange(0, BH)
     dmask = d < hidden
@@ -235,7 +242,7 @@ def weight_scales(w13, w13_scale, w2, w2_scale):
 
 
 def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tiles] = None, *, w13_scale=None,
-                   w2_scale=None, residual: Optional[torch.Tensor] = None):
+                   w2_scale=None, residual: Optional[torch.Tensor] = None, pdl: bool = False):
     """sum_k w[t,k] * expert_{ids[t,k]}(x[t]); ids are local, -1 = held elsewhere. With w13_scale /
     w2_scale, w13 and w2 are fp8 with 128x128 block scales [E, K/128, N/128]; with residual [T, H]
     (contiguous, x's dtype), residual + that sum (the decoder layer's add, in the same launch). None
@@ -259,21 +266,22 @@ def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tile
     h = torch.empty((num_assign, inter), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(progs, triton.cdiv(inter, t.bn1))](
         x, ids, w13, s13, h, num_assign, hidden, inter, w13.stride(0), ss13, k, _ACTS[name], ieee, t.bm, t.bn1, t.bk1,
-        by_slot, _SCAN, w8, num_warps=t.warps, num_stages=t.stages)
+        by_slot, _SCAN, w8, pdl, num_warps=t.warps, num_stages=t.stages, launch_pdl=pdl)
     y = torch.empty((num_assign, hidden), dtype=x.dtype, device=x.device)
     _down_kernel[(progs, triton.cdiv(hidden, t.bn2))](
         h, ids, tw, w2, s2, y, num_assign, hidden, inter, w2.stride(0), ss2, ieee, t.bm, t.bn2, t.bk2, by_slot, _SCAN,
-        w8, num_warps=t.warps, num_stages=t.stages)
+        w8, pdl, num_warps=t.warps, num_stages=t.stages, launch_pdl=pdl)
     out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
     res = residual is not None
     _sum_kernel[(rows, triton.cdiv(hidden, 1024))](y, ids, out, residual if res else out, hidden, k, 1024, res,
-                                                   num_warps=4)
+                                                   pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 
 @triton.jit
 def _topk_kernel(logits_ptr, ids_ptr, w_ptr, E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
-                 KP: tl.constexpr, RENORM: tl.constexpr):
+                 KP: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl.start(PDL)
     t = tl.program_id(0)
     e = tl.arange(0, EP)
     logit = tl.load(logits_ptr + t * E + e, mask=e < E, other=float("-inf")).to(tl.float32)
@@ -294,7 +302,8 @@ def _topk_kernel(logits_ptr, ids_ptr, w_ptr, E: tl.constexpr, EP: tl.constexpr, 
     tl.store(w_ptr + t * K + j, ws.to(w_ptr.dtype.element_ty), mask=j < K)
 
 
-def fused_topk(logits: torch.Tensor, k: int, renormalize: bool, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_topk(logits: torch.Tensor, k: int, renormalize: bool, dtype, pdl: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax over experts in float32, top-k, optional renormalisation, weights cast to dtype:
     one launch. Returns (weights [T, k], ids [T, k] int64) as FusedMoE.route does."""
     t, e = logits.shape
@@ -302,5 +311,6 @@ def fused_topk(logits: torch.Tensor, k: int, renormalize: bool, dtype) -> tuple[
     w = torch.empty((t, k), dtype=dtype, device=logits.device)
     if t:
         _topk_kernel[(t,)](logits.contiguous(), ids, w, e, triton.next_power_of_2(e), k,
-                           triton.next_power_of_2(k), renormalize, num_warps=1 if e <= 256 else 4)
+                           triton.next_power_of_2(k), renormalize, pdl, num_warps=1 if e <= 256 else 4,
+                           launch_pdl=pdl)
     return w, ids

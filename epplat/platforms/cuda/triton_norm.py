@@ -10,9 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from epplat.platforms.cuda import pdl as _pdl
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, heads, stride_t, stride_h, eps, D: tl.constexpr, DP: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, heads, stride_t, stride_h, eps, D: tl.constexpr, DP: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    _pdl.start(PDL)
     r = tl.program_id(0)
     t, h = r // heads, r % heads
     d = tl.arange(0, DP)
@@ -24,7 +28,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, heads, stride_t, stride_h, eps, D: t
     tl.store(out_ptr + r.to(tl.int64) * D + d, (w * y).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = False):
     """RMSNorm over the last dim of x ([T, D] or [T, H, D], last dim contiguous); None when the
     weight's dtype differs from x's (the torch code would promote)."""
     if weight.dtype != x.dtype or x.stride(-1) != 1 or x.dim() not in (2, 3):
@@ -35,8 +39,41 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float):
     rows = x.shape[0] * heads
     if rows:
         _rms_norm_kernel[(rows,)](x, weight, out, heads, x.stride(0), x.stride(1) if x.dim() == 3 else 0, eps, d,
-                                  triton.next_power_of_2(d), num_warps=4 if d >= 1024 else 1)
+                                  triton.next_power_of_2(d), pdl, num_warps=4 if d >= 1024 else 1, launch_pdl=pdl)
     return out
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, a_ptr, w_ptr, sum_ptr, out_ptr, eps, D: tl.constexpr, DP: tl.constexpr,
+                         PDL: tl.constexpr):
+    _pdl.start(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, DP)
+    m = d < D
+    s = tl.load(x_ptr + t * D + d, mask=m, other=0.0).to(tl.float32) + tl.load(a_ptr + t * D + d, mask=m,
+                                                                               other=0.0).to(tl.float32)
+    x = s.to(sum_ptr.dtype.element_ty)            # rounded as torch's add rounds its float32 sum
+    tl.store(sum_ptr + t * D + d, x, mask=m)
+    x = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    y = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * D + d, (w * y).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = False):
+    """(x + a, RMSNorm(x + a)) for contiguous [T, D] x and a of one dtype, in one launch (the decoder layer's
+    residual add and post-attention norm), the sum rounded to the dtype as torch's add rounds it; None for
+    other inputs."""
+    if not (x.dtype == a.dtype == weight.dtype and x.shape == a.shape and x.dim() == 2 and x.is_contiguous()
+            and a.is_contiguous()):
+        return None
+    s, out = torch.empty_like(x), torch.empty_like(x)
+    if x.shape[0]:
+        d = x.shape[1]
+        _add_rms_norm_kernel[(x.shape[0],)](x, a, weight, s, out, eps, d, triton.next_power_of_2(d), pdl,
+                                            num_warps=4 if d >= 1024 else 1, launch_pdl=pdl)
+    return s, out
 
 
 @triton.jit

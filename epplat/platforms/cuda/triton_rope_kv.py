@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from epplat.platforms.cuda import pdl as _pdl
 from epplat.platforms.cuda.triton_norm import cos_sin, rotate_halves
 
 
@@ -39,7 +40,9 @@ def _normed_halves(base, w_ptr, eps, NH: tl.constexpr, NHP: tl.constexpr, HALF: 
 @triton.jit
 def _qk_norm_rope_kv_kernel(qkv_ptr, qw_ptr, kw_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                             qkv_stride, eps, QH: tl.constexpr, KH: tl.constexpr, QHP: tl.constexpr,
-                            KHP: tl.constexpr, HALF: tl.constexpr, VROW_P: tl.constexpr, NORM: tl.constexpr):
+                            KHP: tl.constexpr, HALF: tl.constexpr, VROW_P: tl.constexpr, NORM: tl.constexpr,
+                            PDL: tl.constexpr):
+    _pdl.start(PDL)
     t = tl.program_id(0)
     dt = q_ptr.dtype.element_ty
     p = tl.load(pos_ptr + t).to(tl.int64)
@@ -73,7 +76,7 @@ def takes(heads: int, kv_heads: int, head_dim: int) -> bool:
 
 def qk_norm_rope_kv(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, q_norm, k_norm, eps: float,
                     positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """q [T, heads, head_dim] normed (q_norm / k_norm: weights [head_dim], or both None) and rotated; the
     rotated keys and the values written to their slots of k_cache / v_cache [blocks, block, KVH, D]."""
     t = qkv.shape[0]
@@ -84,5 +87,5 @@ def qk_norm_rope_kv(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
             qkv, q_norm if norm else qkv, k_norm if norm else qkv, positions, cos, sin, q, k_cache, v_cache,
             slot_mapping, qkv.stride(0), eps, heads, kv_heads, triton.next_power_of_2(heads),
             triton.next_power_of_2(kv_heads), head_dim // 2, triton.next_power_of_2(kv_heads * head_dim), norm,
-            num_warps=4)
+            pdl, num_warps=4, launch_pdl=pdl)
     return q
