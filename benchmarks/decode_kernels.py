@@ -48,7 +48,7 @@ def gemv_rows(dev, dt) -> list:
             triton = graph_time(lambda x, w: triton_gemv.gemv(x, w), sets) * 1e3
             rows.append({"kernel": f"{name} {m}x{k} @ {k}x{n}", "bytes": n * k * 2, "cublas_us": cublas,
                          "triton_us": triton, "triton_rel_err": err,
-                         "tiles": triton_gemv.tiles(n, k, triton_gemv._sms(dev))})
+                         "tiles": triton_gemv.tiles(n, k, triton_gemv._sms(dev), m)})
     return rows
 
 
@@ -127,30 +127,41 @@ def guarded(fn, dev, dt) -> list:
         return []
 
 
+def print_gemv(rows) -> None:
+    print(f"{'GEMM':<28}{'MB':>7}{'cuBLAS':>9}{'GB/s':>7}{'Triton':>9}{'GB/s':>7}  (BN, BK)  rel err")
+    for r in rows:
+        mb = r["bytes"] / 1e6
+        print(f"{r['kernel']:<28}{mb:>7.2f}{r['cublas_us']:>9.2f}{mb / r['cublas_us'] * 1e3:>7.0f}"
+              f"{r['triton_us']:>9.2f}{mb / r['triton_us'] * 1e3:>7.0f}  {r['tiles']}  {r['triton_rel_err']:.1e}")
+
+
+def print_variants(rows) -> None:
+    for r in rows:
+        times = {k[:-3]: v for k, v in r.items() if k.endswith("_us")}
+        print(f"{r['kernel']} ({r['bytes'] / 1e6:.1f} MB): " + ", ".join(
+            f"{k} {v:.2f} us (max diff {r[k + '_maxdiff']:.1e})" for k, v in times.items()), flush=True)
+
+
+def print_norm(rows) -> None:
+    for r in rows:
+        print(f"{r['kernel']}: one launch {r['fused_us']:.2f} us, add then norm {r['add_then_norm_us']:.2f} us")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, dt = torch.device("cuda", 0), torch.bfloat16
     torch.manual_seed(0)
-    gemv, att, experts, norm = (guarded(f, dev, dt) for f in (gemv_rows, attention_rows, expert_rows, norm_rows))
-    print(f"{torch.cuda.get_device_name()}; us per call, median of CUDA-graph replays over cold copies")
-    print(f"{'GEMM':<28}{'MB':>7}{'cuBLAS':>9}{'GB/s':>7}{'Triton':>9}{'GB/s':>7}  (BN, BK)  rel err")
-    for r in gemv:
-        mb = r["bytes"] / 1e6
-        print(f"{r['kernel']:<28}{mb:>7.2f}{r['cublas_us']:>9.2f}{mb / r['cublas_us'] * 1e3:>7.0f}"
-              f"{r['triton_us']:>9.2f}{mb / r['triton_us'] * 1e3:>7.0f}  {r['tiles']}  {r['triton_rel_err']:.1e}")
-    for r in att + experts:
-        times = {k[:-3]: v for k, v in r.items() if k.endswith("_us")}
-        print(f"{r['kernel']} ({r['bytes'] / 1e6:.1f} MB): " + ", ".join(
-            f"{k} {v:.2f} us (max diff {r[k + '_maxdiff']:.1e})" for k, v in times.items()))
-    for r in norm:
-        print(f"{r['kernel']}: one launch {r['fused_us']:.2f} us, add then norm {r['add_then_norm_us']:.2f} us")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "gemv": gemv, "attention": att, "experts": experts,
-                   "norm": norm}, f,
-                      indent=2)
+    print(f"{torch.cuda.get_device_name()}; us per call, median of CUDA-graph replays over cold copies", flush=True)
+    out = {"device": torch.cuda.get_device_name()}
+    for name, fn, show in (("gemv", gemv_rows, print_gemv), ("attention", attention_rows, print_variants),
+                           ("norm", norm_rows, print_norm), ("experts", expert_rows, print_variants)):
+        out[name] = guarded(fn, dev, dt)
+        show(out[name])           # each part as it is done: a run cut short keeps the parts before
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ scales, and prints one line per scale plus a summary (JSON with --out).
 
     python benchmarks/elastic_ep_bench.py --dp 2 --sizes 3,2,4,2 --cycles 2
     python benchmarks/elastic_ep_bench.py --dp 1 --tp 2 --sizes 2,1 --cycles 3
+    RAY_ADDRESS=HOST:PORT python benchmarks/elastic_ep_bench.py --data-parallel-backend ray --sizes 3,2 --cycles 2
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--settle", type=float, default=3.0, help="seconds of load between scales")
     ap.add_argument("--redundant", type=int, default=0, help="EPLB num_redundant_experts at the start")
+    ap.add_argument("--data-parallel-backend", default="mp", choices=("mp", "ray"),
+                    help="ray: the DP ranks, new ones too, are actors on the Ray cluster of RAY_ADDRESS")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -131,7 +134,8 @@ def main() -> int:
     eplb = json.dumps({"num_redundant_experts": args.redundant, "window_size": 64, "step_interval": 100000})
     cmd = [sys.executable, "-m", "epplat.cli", "serve", *([args.model] if args.model else []), "--host", "127.0.0.1",
            "--port", str(port), "-dp", str(args.dp), "-tp", str(args.tp), "-ep", "--enable-elastic-ep", "--enable-eplb",
-           "--eplb-config", eplb, "--kv-cache-memory-bytes", "256M", "--max-model-len", "1024"]
+           "--eplb-config", eplb, "--kv-cache-memory-bytes", "256M", "--max-model-len", "1024",
+           "--data-parallel-backend", args.data_parallel_backend]
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -36,7 +36,7 @@ for s in $stages; do
     decode) python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --profile 1 64 --compare-torch --out "$OUT/decode.json" 2>&1 \
               | tee "$OUT/decode.log" | tail -80 ;;
     decode-fused)   # the fused cuda decode layer against the modules' kernels, side by side (issue #19)
-            python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --profile 1 --compare-modules \
+            python3 benchmarks/decode_roofline.py --batch 1 16 64 256 --profile 1 --compare-modules --compare-pdl \
               --out "$OUT/decode_fused.json" 2>&1 | tee "$OUT/decode_fused.log" | tail -70 ;;
     decode-kernels)   # the small-batch decode kernels one by one against what they replace (issue #19)
             python3 benchmarks/decode_kernels.py --out "$OUT/decode_kernels.json" 2>&1 \

@@ -353,6 +353,9 @@ def _start_engines(cfg: EngineConfig):
     joins it (elastic_members.py)."""
     from epplat.core.distributed.launcher import start_engines
     par = cfg.parallel
+    if par.enable_elastic_ep and not (par.external_lb or par.uses_ray):
+        from epplat.core.distributed import fork_server
+        fork_server.context()      # a scale-up's ranks are forked from it: it imports while these engines start
     if not (par.enable_elastic_ep and par.external_lb):
         return start_engines(cfg)
     from epplat.core.distributed import elastic_members

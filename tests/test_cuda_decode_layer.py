@@ -117,3 +117,40 @@ def test_fused_decode_layer_in_the_triton_interpreter_matches_the_torch_modules(
     r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def _ptx_for_sm90(fn, signature: dict, constants: dict, aligned: tuple, **options) -> str:
+    """fn compiled by Triton for an sm_90 target (no GPU needed: its own ptxas checks the PTX); the arguments
+    numbered in ``aligned`` taken as 16-divisible, as Triton specialises them at a launch."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=options).asm["ptx"]
+
+
+def test_batch_one_decode_kernels_compile_for_hopper_with_wide_loads():
+    """The GEMV (with a programmatic-dependent launch) and the attention's split kernel compiled for sm_90 on
+    the CPU, at the Qwen3-30B-A3B layer's batch-1 tiles: the GEMV's weight loads 16 bytes wide, the attention's
+    K/V tiles pipelined through cp.async."""
+    pytest.importorskip("triton")
+    from epplat.platforms.cuda import triton_attention, triton_gemv
+    bn, bk = triton_gemv.tiles(5120, 2048, 132, 1)
+    ints = ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym")
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", **dict.fromkeys(ints, "i32"),
+           **dict.fromkeys(("M_P", "BN", "BK", "PDL"), "constexpr")}
+    ptx = _ptx_for_sm90(triton_gemv._gemv_kernel, sig, {"M_P": 1, "BN": bn, "BK": bk, "PDL": True},
+                        (0, 1, 2, 4, 5, 6, 7), num_warps=4, launch_pdl=True)
+    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    assert ptx.count("ld.global.v4") >= 4 and "ld.global.b16" not in ptx, ptx.count("ld.global")
+    sig = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr")}
+    sig.update({"tables_ptr": "*i32", "lens_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "scale": "fp32",
+                "table_stride": "i32", "q_stride": "i32"})
+    sig.update(dict.fromkeys(("kv_heads", "group", "splits", "GROUP_P", "BLOCK", "D", "IEEE"), "constexpr"))
+    sig.update({"out_ptr": "*bf16", "cnt_ptr": "*i32"})
+    sig.update(dict.fromkeys(("FUSE_MERGE", "TILE", "MIN_TILES", "PDL"), "constexpr"))
+    ptx = _ptx_for_sm90(triton_attention._decode_split_kernel, sig, {
+        "kv_heads": 4, "group": 8, "splits": 32, "GROUP_P": 16, "BLOCK": 16, "D": 128, "IEEE": False,
+        "FUSE_MERGE": True, "TILE": 64, "MIN_TILES": 2, "PDL": False}, (0, 1, 2, 3, 4, 5, 6, 9, 17, 18), num_warps=4)
+    assert "cp.async" in ptx and "atom.global" in ptx

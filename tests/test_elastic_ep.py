@@ -140,16 +140,19 @@ class _Stream:
 
 
 def _scale_with_traffic(s: Server, client, model, expected, new_size: int, status=200,
-                        message=None, seeded=None) -> None:
+                        message=None, seeded=None, slow_start=False) -> None:
     """Scale to new_size under batches and streams (three started before it, one longer one sent right behind
     the scale request, on a staying rank); checks they all complete with the oracle's tokens, the longer one
     after the scale's answer (it was in flight across the re-forming). ``seeded``: the text of the SEEDED stream without a
     scale; three of them run beside the others and must give it. Scaling down, the departing rank's streams move
     to a staying one: the scale answers before any stream started before it ends. The scale answers ``status``
-    with ``message``."""
+    with ``message``. ``slow_start``: new ranks take seconds to start (Ray actors): the longer stream is sent once
+    the last one has loaded, as the re-forming comes next."""
     short, long, longer = expected
     old = int(_requests_per_rank(s.url)["size"])
     grows = new_size > old
+    ready = f"[DP rank {new_size - 1}] CPU KV cache size"     # the last new rank loaded (it joins next)
+    readies = s.output().count(ready)
     # on the idle server the least-loaded router puts one of each three on each rank (of three)
     before = [_Stream(client, model) for _ in range(3)]
     randoms = [_Stream(client, model, sampling=SEEDED) for _ in range(3 if seeded else 0)]
@@ -162,6 +165,8 @@ def _scale_with_traffic(s: Server, client, model, expected, new_size: int, statu
     t0 = time.monotonic()
     thread = threading.Thread(target=scale)
     thread.start()
+    while slow_start and grows and s.output().count(ready) == readies and thread.is_alive():
+        time.sleep(0.02)
     sent = time.monotonic()       # right behind the scale: it arrives while the scale starts (tenths of a second)
     across = _Stream(client, model, max_tokens=LONGER_TOKENS)
     thread.join(300)

@@ -27,7 +27,7 @@ import pytest
 
 from epplat.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig
 from server_utils import HealthPoller, Server, free_ports, tcp_sockets
-from test_elastic_ep import _requests_per_rank, _scale, _scale_with_traffic, oracle_texts
+from test_elastic_ep import _Load, _requests_per_rank, _scale, _scale_with_traffic, _Stream, oracle_texts
 from test_parallel import PROMPTS, complete, expected_texts
 
 
@@ -120,7 +120,7 @@ def _scale_through_ray(cluster, s: Server, model: str, expected, rpc: int) -> No
             f"one node (3 in all) are needed, its nodes have {[f - 1 for f in free[:2]] + free[2:]} free (ray status "
             "shows them)"), r.text
 
-        _scale_with_traffic(s, client, model, expected, 3)
+        _scale_with_traffic(s, client, model, expected, 3, slow_start=True)
         grown = _groups_by_node(ray)
         (new_group,) = set(grown) - set(before)
         here = _placed(s.output())[2]
@@ -137,8 +137,16 @@ def _scale_through_ray(cluster, s: Server, model: str, expected, rpc: int) -> No
         _until(lambda: ray.available_resources().get("CPU", 0) == cpus)     # its device free again
         assert "DP rank 2 handed its experts over and leaves" in s.output()
 
-        _scale_with_traffic(s, client, model, expected, 3, status=500, message="still 2 data parallel engines")
+        # the new actor killed in the expert exchange, under a stream and batches (they need no stream across it:
+        # the scales above had one)
+        stream, load = _Stream(client, model), _Load(client, model, expected[0])
+        r = _scale(s.url, {"new_data_parallel_size": 3})
+        assert r.status_code == 500 and "still 2 data parallel engines" in r.json()["error"]["message"], r.text
         assert "EPPLAT_ELASTIC_KILL_AT=exchange:3: rank killed at exchange" in s.output()
+        rounds = load.rounds
+        _until(lambda: load.rounds > rounds, 60)          # a batch after the failed scale, on the two ranks
+        load.stop()
+        assert stream.result() == expected[1] and load.failures == [], load.failures
         _until(lambda: set(_groups_by_node(ray)) == set(before) and ray.available_resources().get("CPU", 0) == cpus)
         assert _requests_per_rank(s.url)["size"] == 2
     finally:

@@ -25,7 +25,6 @@ from fastapi import Request
 
 from epplat.config import ConfigError
 from epplat.core.engine import protocol as P
-from epplat.core.distributed import fork_server
 from epplat.core.server.protocol import APIError, ErrorResponse
 
 logger = logging.getLogger("epplat.server")
@@ -63,8 +62,6 @@ class ElasticScaler:
         self.num_experts = architecture(hf).parse_config(hf).num_experts
         self.per_rank = (self.num_experts + par.eplb.num_redundant_experts) // par.world_size   # slots of an EP rank
         self.ray = par.uses_ray          # new ranks are Ray actors, placed on the cluster (ray_launcher.py)
-        if not self.ray:
-            fork_server.context()        # mp: new ranks are forked from it; it imports now, ahead of a scale-up
         self.target = self.size          # the size being scaled to (the current one when none runs)
         self.last_seconds = 3.0          # the last scale's length: the Retry-After of a 503 during one
 

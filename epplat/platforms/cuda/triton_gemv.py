@@ -21,7 +21,7 @@ import triton.language as tl
 from epplat.platforms.cuda import pdl as _pdl
 
 MAX_ROWS = 4                 # above this the CUDA-core products cost more than cuBLAS's tensor cores save
-_TILE = 2048                 # weight elements a program loads a step
+_TILE = 4096                 # elements of a program's [rows x BN, BK] tile a step (8 KB of W at batch 1)
 _PER_SM = 4                  # programs per SM (or per CPU for Triton's interpreter, which runs one at a time)
 
 
@@ -51,13 +51,14 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, 
     tl.store(y_ptr + m * stride_ym + n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=lane)
 
 
-def tiles(n: int, k: int, sms: int) -> tuple[int, int]:
-    """(BN, BK): BN rows of W a program, the widest power of two up to 16 that leaves _PER_SM programs for each
-    of ``sms`` SMs (or 1 for a short W); BK so that a load is _TILE elements, at most K's power of two."""
+def tiles(n: int, k: int, sms: int, m: int = 1) -> tuple[int, int]:
+    """(BN, BK) for m rows: BN rows of W a program, the widest power of two up to 16 that leaves _PER_SM programs
+    for each of ``sms`` SMs (or 1 for a short W); BK so that a step's [m * BN, BK] tile is _TILE elements (at
+    m = 1 two 16-byte loads of W per thread and step, ~40 registers in PTX for sm_90), at most K's power of two."""
     bn = 16
     while bn > 1 and -(-n // bn) < _PER_SM * sms:
         bn //= 2
-    return bn, max(16, min(_TILE // bn, triton.next_power_of_2(k)))
+    return bn, max(16, min(_TILE // (bn * triton.next_power_of_2(m)), triton.next_power_of_2(k)))
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None, pdl: bool = False
@@ -70,7 +71,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None, p
             and w.stride(1) == 1 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
         return None
     y = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
-    bn, bk = tiles(n, k, _sms(x.device))
+    bn, bk = tiles(n, k, _sms(x.device), m)
     _gemv_kernel[(triton.cdiv(n, bn),)](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
                                         triton.next_power_of_2(m), bn, bk, pdl, num_warps=4, launch_pdl=pdl)
     return y
