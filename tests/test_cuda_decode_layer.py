@@ -132,8 +132,8 @@ def _ptx_for_sm90(fn, signature: dict, constants: dict, aligned: tuple, **option
 
 def test_batch_one_decode_kernels_compile_for_hopper_with_wide_loads():
     """The GEMV (with a programmatic-dependent launch) and the attention's split kernel compiled for sm_90 on
-    the CPU, at the Qwen3-30B-A3B layer's batch-1 tiles: the GEMV's weight loads 16 bytes wide, the attention's
-    K/V tiles pipelined through cp.async."""
+    the CPU, at the Qwen3-30B-A3B layer's batch-1 tiles: the GEMV's weight loads 16 bytes wide and, launched
+    as a dependent, its weights asked for in L2 before it waits; the attention's K/V tiles through cp.async."""
     pytest.importorskip("triton")
     from epplat.platforms.cuda import triton_attention, triton_gemv
     bn, bk = triton_gemv.tiles(5120, 2048, 132, 1)
@@ -143,6 +143,7 @@ def test_batch_one_decode_kernels_compile_for_hopper_with_wide_loads():
     ptx = _ptx_for_sm90(triton_gemv._gemv_kernel, sig, {"M_P": 1, "BN": bn, "BK": bk, "PDL": True},
                         (0, 1, 2, 4, 5, 6, 7), num_warps=4, launch_pdl=True)
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")     # W asked for before the wait
     assert ptx.count("ld.global.v4") >= 4 and "ld.global.b16" not in ptx, ptx.count("ld.global")
     sig = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr")}
     sig.update({"tables_ptr": "*i32", "lens_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "scale": "fp32",

@@ -33,7 +33,6 @@ def _sms(device: torch.device) -> int:
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, M_P: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
-    _pdl.start(PDL)
     # lane i of the [M_P * BN, BK] tile holds row i // BN of x against row i % BN of this program's W rows: one
     # 2-D tile whatever M (at batch 1 exactly BN x BK); W's repeats for M > 1 and x's over the BN rows come from
     # L1, not from HBM (x loaded once and broadcast costs a shared-memory layout change a step in sm_90 PTX)
@@ -43,6 +42,12 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, 
     lane = (m < M) & (n < N)
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
     x_rows = x_ptr + m[:, None] * stride_xm
+    if PDL:     # W is no kernel's output: into L2 while the kernel before this one finishes
+        line = tl.arange(0, BK // 64) * 64
+        for k0 in range(0, K, BK):
+            kl = tl.minimum(k0 + line, K - 1)
+            _pdl.prefetch_l2(tl.where(lane[:, None], w_rows, w_ptr) + kl[None, :])
+    _pdl.start(PDL)
     acc = tl.zeros([M_P * BN, BK], tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
