@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
+<<<<<<< HEAD
+# Stages: tests tests-decode sample-tests sample-kernel-tests fp8-expert-tests moe-fp8-decode decode-12l decode decode-fused decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
+=======
 # Stages: tests tests-decode sample-tests sample-kernel-tests decode decode-fused decode-kernels decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
+>>>>>>> main
 #         serve-decode serve-decode-async deepseek-decode deepseek-decode-fp8 serve-deepseek nixl-gpu pd-nixl
 # (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA"); nixl's, too big to
@@ -55,6 +59,16 @@ fp32_greedy or decode_attention or experts_match or bf16_logits or fused_topk or
               | tee "$OUT/prefill_fp8.log" | tail -8 ;;
     sample-tests) python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -k "sample or graph" 2>&1 | tee "$OUT/sample_tests.log" | tail -15 ;;
     sample-kernel-tests) python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -k sample 2>&1 | tee "$OUT/sample_kernel_tests.log" | tail -15 ;;
+    fp8-expert-tests)   # the expert kernels' GPU tests (bf16, fp8, in graphs), the fused decode layer's (its script checks fp8 experts too)
+            python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py -k "experts_match or fp8_logits or fused_decode or fp8_cuda_graphs" \
+              -s 2>&1 | tee "$OUT/fp8_expert_tests.log" | grep -E "^(PASSED|FAILED|ERROR)|fp8 logits|passed|failed|Error" ;;
+    moe-fp8-decode)   # fp8 experts against bf16 at decode sizes only, with a sweep of fp8 tiles (issue #19)
+            python3 benchmarks/moe_layer_bench.py --tokens 1 16 64 256 --tiles --sorted-tiles --fp8-tiles \
+              16-64-128-64-128-4-4 16-32-128-32-128-4-4 16-64-128-64-128-4-8 16-32-128-64-128-4-4 16-128-128-128-128-2-4 \
+              --out "$OUT/moe_fp8_decode.json" 2>&1 | tee "$OUT/moe_fp8_decode.log" | tail -24 ;;
+    decode-12l)   # the decode step of 12 Qwen3-30B-A3B layers, bf16 then fp8 experts, one after the other
+            for q in "" --fp8; do python3 benchmarks/decode_roofline.py --layers 12 --batch 1 16 64 256 $q \
+              --out "$OUT/decode_12l${q:+_fp8}.json" 2>&1 | tee "$OUT/decode_12l${q:+_fp8}.log" | tail -8; done ;;
     sampler) python3 benchmarks/sampler_bench.py --device cuda --sweep --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -40 ;;
     serve-prefill|serve-decode|serve-decode-async)   # the 12-layer checkpoint, made once; SERVE_ARGS adds epplat serve flags
             m=$(model_12l)

@@ -105,9 +105,9 @@ def host_time(fn, n=50):
     return dt / n
 
 
-def jit_launch(logits, num_warps=4, programs_per_sm=None):
+def jit_launch(logits, num_warps=None, programs_per_sm=None):
     """One draw of every row (temperature 1, key 7) launched through Triton's JITFunction, as Kernels.sample
-    launched it before 1b0bfcd; programs_per_sm: another split of the rows (the sweep)."""
+    launched it before 1b0bfcd; num_warps / programs_per_sm: other warps or split of the rows (the sweep)."""
     from epplat.platforms.cuda import triton_sample as ts
     b, vocab = logits.shape
     dev = logits.device
@@ -118,7 +118,7 @@ def jit_launch(logits, num_warps=4, programs_per_sm=None):
     out = torch.empty(b, dtype=torch.int64, device=dev)
     acc, cnt = ts._row_scratch(dev, b)
     ts._race_kernel[(b, splits)](logits, logits.stride(0), vocab, b, out, acc, cnt, 7, 0, 1.0, out, tpp, splits,
-                                 False, True, ts.BLOCK, num_warps=num_warps)
+                                 False, True, ts.BLOCK, num_warps=num_warps or ts.WARPS)
     return out
 
 

@@ -4,14 +4,14 @@ a child per command line, which runs `epplat.cli.main` with its own stderr and e
 `python -m epplat.cli ...` would. Each test of bad flags used to pay a full interpreter start per
 line (2-3 s on the CI machine); a fork costs milliseconds.
 
-The children share the parent's imports, so an environment variable that a module reads when it
-is imported does not reach them; variables read at run time do (`env` of `run`). A child that runs
-past its timeout is killed and reported with exit status None.
+`env` of `run` is the forking process's environment, so every command line of one call shares it.
+A child that runs past its timeout is killed and reported with exit status None.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import NamedTuple, Optional
@@ -70,10 +70,10 @@ class Result(NamedTuple):
 
 def run(cases: list[list[str]], env: Optional[dict] = None, timeout: float = 60) -> list[Result]:
     """Each argv of `cases` (without the program name) as its own `epplat` process; `env` is added to
-    each child's environment."""
-    payload = json.dumps([[list(map(str, argv)), dict(env or {}), timeout] for argv in cases])
+    the environment of them all (it is the forking process's, so it holds at import time too)."""
+    payload = json.dumps([[list(map(str, argv)), {}, timeout] for argv in cases])
     p = subprocess.run([sys.executable, "-c", _RUNNER], input=payload, capture_output=True, text=True,
-                       timeout=120 + timeout * len(cases))
+                       timeout=120 + timeout * len(cases), env={**os.environ, **(env or {})})
     assert p.returncode == 0, p.stderr[-3000:]
     return [Result(code, out) for code, out in json.loads(p.stdout)]
 

@@ -1,7 +1,8 @@
 """The cuda platform's fused decode layer (epplat.platforms.cuda.decode_layer: q/k norm + rotary + KV write
 in one launch, the attention merge inside the split kernel, the
 residual inside the experts' sum) run by Triton's CPU interpreter (TRITON_INTERPRET=1) against the same layer
-run module by module in torch; on a GPU, tests/test_gpu.py checks it against the modules' Triton kernels."""
+run module by module in torch, and the masked expert kernels it calls on fp8 weights against float64; on a GPU,
+tests/test_gpu.py checks it against the modules' Triton kernels."""
 
 from __future__ import annotations
 
@@ -83,6 +84,25 @@ for i in range(2):
     keys, vals = (c[tables[i].long()].reshape(-1, 2, 32)[: lens[i]].repeat_interleave(2, 1) for c in (k, v))
     att = torch.softmax(torch.einsum("hd,lhd->hl", q[i], keys) * 32 ** -0.5, -1)
     torch.testing.assert_close(out[i], torch.einsum("hl,lhd->hd", att, vals), rtol=1e-5, atol=1e-5)
+# the masked expert kernels on fp8 weights (tiles times their blocks' scales, far from 1 here), float16 activations
+# (the interpreter's bfloat16 dots are wrong), against float64 on the dequantized weights
+from epplat.platforms.cuda.fp8_moe import dequantize, quantize
+from epplat.platforms.cuda.triton_moe import triton_experts
+g = torch.Generator().manual_seed(0)
+x, ids = torch.randn(2, 128, generator=g).half().to(dev), torch.tensor([[0, 2], [2, 3]], device=dev)
+w = torch.softmax(torch.randn(2, 2, generator=g), -1).half().to(dev)
+(q13, s13), (q2, s2) = (quantize((torch.randn(4, *shape, generator=g) / shape[0] ** 0.5).to(dev))
+                        for shape in ((128, 512), (256, 128)))
+s13, s2 = s13 * torch.rand(s13.shape, generator=g).to(dev) * 8, s2 * torch.rand(s2.shape, generator=g).to(dev) * 8
+out = triton_experts(x, ids, w, q13, q2, torch.nn.functional.silu, w13_scale=s13, w2_scale=s2).double()
+w13, w2 = dequantize(q13, s13, torch.float32).double(), dequantize(q2, s2, torch.float32).double()
+ref = torch.zeros(2, 128, dtype=torch.float64, device=dev)
+for t in range(2):
+    for j in range(2):
+        gu = (x[t].double() @ w13[ids[t, j]]).float()
+        ref[t] += w[t, j].double() * ((torch.nn.functional.silu(gu[:256]) * gu[256:]).half().double() @ w2[ids[t, j]])
+err = float((out - ref).norm() / ref.norm())
+assert err < 2e-3, err
 print("ok")
 '''
 
@@ -91,7 +111,8 @@ def test_fused_decode_layer_in_the_triton_interpreter_matches_the_torch_modules(
     """float32 (tensor-core dots in IEEE precision): three layers (with and without q/k norm and top-k
     renormalisation), 5, 20 and 2 decode rows (the last through the Triton GEMV, one sequence split over
     several programs), against the torch modules within 1e-5; the KV cache written alike; the kernels' atomic
-    counters back at zero; a prefill chunk declined; the attention's two-launch form against softmax."""
+    counters back at zero; a prefill chunk declined; the attention's two-launch form against softmax; the
+    masked expert kernels on fp8 weights within 2e-3 of float64."""
     pytest.importorskip("triton")
     r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TRITON_INTERPRET": "1"})

@@ -11,6 +11,7 @@ stopped with SIGTERM leaves it, while the other servers keep serving."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 import os
 import re
@@ -44,8 +45,10 @@ def expected(model_dir):
     return oracle_texts(model_dir)
 
 
+@functools.lru_cache(maxsize=2)
 def oracle_texts(model_dir) -> tuple[list[str], str, str]:
-    """transformers' texts: the short batch prompts, the stream prompt's first STREAM_TOKENS and LONGER_TOKENS."""
+    """transformers' texts: the short batch prompts, the stream prompt's first STREAM_TOKENS and LONGER_TOKENS
+    (kept: test_ray_backend's elastic scales run on the same checkpoint)."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = hf_greedy(model_dir, [STREAM_PROMPT], LONGER_TOKENS, ignore_eos=True)[0]

@@ -564,12 +564,14 @@ def test_deepseek_cuda_graphs_give_the_eager_tokens(tmp_path):
 
 def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
     """Kernels.sample on the GPU: the tokens of the numpy reference of its noise (tests/race_reference.py;
-    at most one near-tie of 24 rows may round the other way), the same tokens again for the same keys, a
-    chi-square test of 200,000 draws against softmax(logits / T), and the sampler's mixed batches."""
+    at most one near-tie of 24 rows may round the other way), the same tokens again for the same keys (the
+    second launch through the CompiledKernel's launcher, not Triton's JITFunction), a chi-square test of
+    200,000 draws against softmax(logits / T), and the sampler's mixed batches."""
     from epplat.core.engine.protocol import EngineRequest, SamplingParams
     from epplat.core.engine.request import Request
     from epplat.core.engine.sampler import sample as sampler_sample
     from epplat.platforms.cuda.kernels import cuda_kernels
+    from epplat.platforms.cuda import triton_sample
     from epplat.platforms.cuda.triton_sample import sample
     from race_reference import race_token
     g = torch.Generator().manual_seed(0)
@@ -577,9 +579,10 @@ def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
     xc = x.cuda()
     temps = torch.tensor([0.5, 1.0, 2.0] * 8)
     keys = torch.randint(1 << 62, (24,), generator=g)
+    triton_sample._compiled.clear()
     for t, k in ((1.0, 1 << 40), (temps, keys)):      # per-row values as host tensors
-        got = sample(xc, t, k).tolist()
-        assert sample(xc, t, k).tolist() == got
+        got = sample(xc, t, k).tolist()                # through Triton's JITFunction (it compiles)
+        assert sample(xc, t, k).tolist() == got        # through the CompiledKernel's own launcher
         tl = temps.tolist() if isinstance(t, torch.Tensor) else [t] * 24
         kl = keys.tolist() if isinstance(k, torch.Tensor) else [k + i for i in range(24)]
         want = [race_token(x[i], tl[i], kl[i]) for i in range(24)]
@@ -592,6 +595,7 @@ def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
         expected = n * (logits[0].double() / t).softmax(-1)
         freq = torch.bincount(tokens, minlength=vocab).double()
         assert ((freq - expected) ** 2 / expected).sum() < 31.26      # chi-square, 11 dof, p = 0.001
+    assert len(triton_sample._compiled) == 3           # uniform / per-row values, a vocabulary not a multiple of 16
     reqs = [Request(EngineRequest(str(i), [1], SamplingParams(**p))) for i, p in enumerate(
         [dict(temperature=0.0), dict(temperature=0.7, seed=11), dict(temperature=1.0, top_k=1), dict(temperature=1.0)])]
     tokens, _ = sampler_sample(xc[:4], reqs, kernels=cuda_kernels())

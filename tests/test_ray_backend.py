@@ -84,9 +84,9 @@ def test_pp2_tp2_placed_by_ray(cluster, qwen3_moe_dir):
 
 
 @pytest.fixture(scope="module")
-def elastic_expected(qwen3_moe_dir):
+def elastic_expected(skewed_dir):
     """transformers' texts for test_elastic_ep's traffic (its batch prompts, its stream's two lengths)."""
-    return oracle_texts(qwen3_moe_dir)
+    return oracle_texts(skewed_dir)      # test_elastic_ep's checkpoint: its oracle's texts, computed once
 
 
 def _groups_by_node(ray) -> dict[str, str]:
@@ -153,8 +153,8 @@ def _scale_through_ray(cluster, s: Server, model: str, expected, rpc: int) -> No
         ray.shutdown()
 
 
-def test_dp_cores_placed_by_ray_scaled_then_a_killed_actor(cluster, qwen3_moe_dir, elastic_expected):
-    model = str(qwen3_moe_dir)
+def test_dp_cores_placed_by_ray_scaled_then_a_killed_actor(cluster, skewed_dir, elastic_expected):
+    model = str(skewed_dir)
     rpc = _rpc_port(3)
     env = {"RAY_ADDRESS": cluster.address, "EPPLAT_ELASTIC_KILL_AT": "exchange:3"}   # the third scale's new rank
     with Server(model, "--dtype", "float32", "-dp", "2", "-ep", "--data-parallel-backend", "ray",

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import openai
 import pytest
 import torch
 
+import cli_cases
 import simulations
 from hf_oracle import hf_greedy
 from server_utils import Server
@@ -223,44 +222,40 @@ def test_w8a8_checkpoint_serves_the_reference_tokens_with_dp2_ep(w8a8_dir, tmp_p
 
 
 def test_bad_w8a8_inputs_are_one_line(qwen3_moe_dir, w8a8_dir, tmp_path):
-    def serve(model, *flags, env=SIM_ENV):
-        return subprocess.run([sys.executable, "-m", "epplat.cli", "serve", str(model), "--max-model-len", "256",
-                               "--kv-cache-memory-bytes", "64M", "--dtype", "bfloat16", *flags], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, **env})
-
-    def one_line(r, needle):
-        errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
-        assert r.returncode != 0 and len(errors) == 1 and needle in errors[0], r.stderr
-        assert "Traceback" not in r.stderr
-
-    one_line(serve(qwen3_moe_dir, "--platform", "cpu", "--quantization", "ascend", env={}),
-             "--quantization 'ascend' runs on ascend, not on platform 'cpu'")
-    one_line(serve(qwen3_moe_dir, "--platform", "ascend", "--quantization", "ascend"),
-             "needs quant_model_description.json")
-    # torch_npu's int8 ops take no float32 (the simulation refuses it as they do): refused before loading
-    one_line(serve(w8a8_dir, "--platform", "ascend", "--quantization", "ascend", "--dtype", "float32"),
-             "--quantization ascend computes in bfloat16 or float16 (torch_npu's int8 ops take no float32)")
-    bad = tmp_path / "bad"
-    write_w8a8_checkpoint(Path(qwen3_moe_dir), bad)
-    desc_path = bad / "quant_model_description.json"
-    desc = json.loads(desc_path.read_text())
-
-    def with_desc(**changes):
-        desc_path.write_text(json.dumps({**desc, **{k.replace("__", "."): v for k, v in changes.items()}}))
-        return bad
-
-    one_line(serve(with_desc(lm_head__weight="W8A8_DYNAMIC"), "--platform", "ascend", "--quantization", "ascend"),
-             "keep the embeddings, norms, router gate and lm_head FLOAT")
-    one_line(serve(with_desc(model__layers__1__self_attn__k_proj__weight="FLOAT"), "--platform", "ascend",
-                   "--quantization", "ascend"), "layer 1 quantizes q_proj but not k_proj")
-    one_line(serve(with_desc(model__layers__0__self_attn__q_proj__weight="W8A8"), "--platform", "ascend",
-                   "--quantization", "ascend"), "is static 'W8A8' (input_scale/deq_scale)")
-    # a float tensor marked W8A8_DYNAMIC, and a quantized linear without its scale
+    flags = ["--max-model-len", "256", "--kv-cache-memory-bytes", "64M", "--dtype", "bfloat16"]
+    ascend = ["--platform", "ascend", "--quantization", "ascend"]
+    (r,) = cli_cases.run([["serve", qwen3_moe_dir, *flags, "--platform", "cpu", "--quantization", "ascend"]])
+    cli_cases.assert_one_error_line(r, "--quantization 'ascend' runs on ascend, not on platform 'cpu'")
+    bad = write_w8a8_checkpoint(Path(qwen3_moe_dir), tmp_path / "bad")
+    desc = json.loads((bad / "quant_model_description.json").read_text())
     plain = write_w8a8_checkpoint(Path(qwen3_moe_dir), tmp_path / "experts_only", quantize=EXPERT_WEIGHT)
     pdesc = json.loads((plain / "quant_model_description.json").read_text())
-    (plain / "quant_model_description.json").write_text(
-        json.dumps({**pdesc, "model.layers.0.mlp.down_proj.weight": "W8A8_DYNAMIC"}))
-    one_line(serve(plain, "--platform", "ascend", "--quantization", "ascend"), "layer 0 has no dense MLP")
-    (plain / "quant_model_description.json").write_text(
-        json.dumps({**pdesc, "model.layers.0.self_attn.o_proj.weight": "W8A8_DYNAMIC"}))
-    one_line(serve(plain, "--platform", "ascend", "--quantization", "ascend"), "torch.float32, not int8")
+
+    def changed(base: Path, base_desc: dict, name: str, **changes) -> Path:
+        """A copy of `base` whose quant_model_description.json has `changes` (__ for . in the keys)."""
+        out = tmp_path / name
+        shutil.copytree(base, out)
+        (out / "quant_model_description.json").write_text(
+            json.dumps({**base_desc, **{k.replace("__", "."): v for k, v in changes.items()}}))
+        return out
+
+    cases = [
+        ([qwen3_moe_dir], "needs quant_model_description.json"),
+        # torch_npu's int8 ops take no float32 (the simulation refuses it as they do): refused before loading
+        ([w8a8_dir, "--dtype", "float32"],
+         "--quantization ascend computes in bfloat16 or float16 (torch_npu's int8 ops take no float32)"),
+        ([changed(bad, desc, "lm_head", lm_head__weight="W8A8_DYNAMIC")],
+         "keep the embeddings, norms, router gate and lm_head FLOAT"),
+        ([changed(bad, desc, "k_proj", model__layers__1__self_attn__k_proj__weight="FLOAT")],
+         "layer 1 quantizes q_proj but not k_proj"),
+        ([changed(bad, desc, "static", model__layers__0__self_attn__q_proj__weight="W8A8")],
+         "is static 'W8A8' (input_scale/deq_scale)"),
+        # a float tensor marked W8A8_DYNAMIC, and a quantized linear without its scale
+        ([changed(plain, pdesc, "dense", model__layers__0__mlp__down_proj__weight="W8A8_DYNAMIC")],
+         "layer 0 has no dense MLP"),
+        ([changed(plain, pdesc, "o_proj", model__layers__0__self_attn__o_proj__weight="W8A8_DYNAMIC")],
+         "torch.float32, not int8"),
+    ]
+    results = cli_cases.run([["serve", model, *flags, *ascend, *more] for (model, *more), _ in cases], env=SIM_ENV)
+    for ((model, *_), needle), r in zip(cases, results):
+        cli_cases.assert_one_error_line(r, needle, model)

@@ -98,10 +98,12 @@ class NixlConnector(PullConnector):
 
     # -- worker side ---------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: list[tuple]) -> None:
-        nixl_agent, nixl_agent_config = load_nixl()
         self.kv_caches = kv_caches
         k = kv_caches[0][0]
         self.mem = "VRAM" if k.device.type == "cuda" else "DRAM"
+        if self.mem == "VRAM":           # before nixl (and UCX) is loaded in this process
+            allow_cuda_ipc_reads()
+        nixl_agent, nixl_agent_config = load_nixl()
         self.dev = k.device.index or 0
         self.block_bytes = k[0].numel() * k.element_size()
         self.head_bytes = k.shape[3] * k.element_size()
@@ -114,8 +116,6 @@ class NixlConnector(PullConnector):
         self.agent_name = f"{self.engine_id}-dp{self.dp_rank}-tp{self.tp_rank}{stage}"
         # no UCX progress thread: an idle one spins (0.4 of a core per agent, measured); the engine loop
         # progresses the agent instead (get_finished, every few ms while transfers or held blocks exist)
-        if self.mem == "VRAM":
-            allow_cuda_ipc_reads()
         self.agent = nixl_agent(self.agent_name, nixl_agent_config(enable_prog_thread=False, backends=list(backends)))
         tensors = [t for kv in kv_caches for t in kv]
         self.reg = self.agent.register_memory([(t.data_ptr(), t.numel() * t.element_size(), self.dev, "")

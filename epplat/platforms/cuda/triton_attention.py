@@ -24,6 +24,28 @@ _TARGET_PROGRAMS = 2 * 132   # about two waves of an H100/H200's SMs
 MIN_SPLIT_TOKENS = 128
 
 
+@triton.jit
+def online_softmax_step(scores, v, m, l_sum, acc, IEEE: tl.constexpr):
+    """One tile of flash attention's running softmax: scores [G, T] (-inf where masked) against values v
+    [T, D]; returns the running max m and sum l_sum [G] and the unnormalised output acc [G, D] after it."""
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    p = tl.exp(scores - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    l_sum = l_sum * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_sum, acc
+
+
+@triton.jit
+def softmax_result(m, l_sum, acc):
+    """(output [G, D], log-sum-exp [G]) of a slice from its running softmax; zeros and -inf for no tokens."""
+    has = l_sum > 0
+    return acc / tl.where(has, l_sum, 1.0)[:, None], tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf"))
+
+
 @triton.jit(do_not_specialize=["table_stride"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_ptr, scale,
                          table_stride, q_stride, kv_heads: tl.constexpr, group: tl.constexpr,
@@ -64,19 +86,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_p
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
                 scores = tl.dot(q, tl.trans(k)) * scale
-            scores = tl.where(inside[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
-        has = l_sum > 0
-        out = acc / tl.where(has, l_sum, 1.0)[:, None]
-        lse = tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf"))
+            m, l_sum, acc = online_softmax_step(tl.where(inside[None, :], scores, float("-inf")), v, m, l_sum, acc,
+                                                IEEE)
+        out, lse = softmax_result(m, l_sum, acc)
         if not FUSE_MERGE:
             tl.store(o_ptr + row[:, None] * D + d[None, :], out)
             tl.store(lse_ptr + row, lse)

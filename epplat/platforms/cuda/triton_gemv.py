@@ -3,7 +3,7 @@
 At batch 1 a Qwen3-30B-A3B layer's qkv, o_proj and router GEMMs read 21, 17 and 0.5 MB of weights for one
 row of activations; on an H200 cuBLAS took the first two at 55-64% of the copy bandwidth and the router in
 two launches (split-K and a reduce, 4.9 + 1.7 us for 0.5 MB). Here each program takes BN whole rows of W
-(contiguous along K, read BK at a time: ~4 KB a load) against every row of x, multiplies on the CUDA cores
+(contiguous along K, read BK at a time: 8 KB a step at batch 1) against every row of x, multiplies on the CUDA cores
 in float32 (a few rows need no tensor cores) and stores its outputs rounded once to x's dtype, as cuBLAS's
 float32-accumulated GEMM rounds them. BN is the widest that still gives every SM several programs, so each
 SM keeps several loads in flight: the GEMM is bound by the weight bytes, not by arithmetic.
@@ -20,7 +20,7 @@ import triton.language as tl
 
 from epplat.platforms.cuda import pdl as _pdl
 
-MAX_ROWS = 4                 # above this the CUDA-core products cost more than cuBLAS's tensor cores save
+MAX_ROWS = 4                 # rows it takes (CUDA-core products and L1 re-reads of W grow with them); more: cuBLAS
 _TILE = 4096                 # elements of a program's [rows x BN, BK] tile a step (8 KB of W at batch 1)
 _PER_SM = 4                  # programs per SM (or per CPU for Triton's interpreter, which runs one at a time)
 
@@ -35,7 +35,8 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, 
                  BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     _pdl.start(PDL)
     # lane i of the [M_P * BN, BK] tile holds row i // BN of x against row i % BN of this program's W rows: one
-    # 2-D tile whatever M (at batch 1 exactly BN x BK); W's repeats for M > 1 come from L1, not from HBM
+    # 2-D tile whatever M (at batch 1 exactly BN x BK); W's repeats for M > 1 and x's over the BN rows come from
+    # L1, not from HBM (x loaded once and broadcast costs a shared-memory layout change a step in sm_90 PTX)
     i = tl.arange(0, M_P * BN)
     m = i // BN
     n = tl.program_id(0) * BN + i % BN

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from epplat.platforms.cuda.triton_attention import _TARGET_PROGRAMS, _merge_kernel
+from epplat.platforms.cuda.triton_attention import _TARGET_PROGRAMS, _merge_kernel, online_softmax_step, softmax_result
 
 _HEADS = 16     # heads per program (tl.dot's smallest M)
 
@@ -63,19 +63,9 @@ def _mla_decode_split_kernel(ql_ptr, qp_ptr, c_ptr, tables_ptr, lens_ptr, o_ptr,
                       + tl.dot(qp, tl.trans(kp), input_precision="ieee")) * scale
         else:
             scores = (tl.dot(ql, tl.trans(kl)) + tl.dot(qp, tl.trans(kp))) * scale
-        scores = tl.where(((n * BLOCK + s) < length)[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, kl.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(kl.dtype), kl)
-        m = m_new
-    has = l_sum > 0
-    out = acc / tl.where(has, l_sum, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf"))
+        m, l_sum, acc = online_softmax_step(tl.where(((n * BLOCK + s) < length)[None, :], scores, float("-inf")),
+                                            kl, m, l_sum, acc, IEEE)
+    out, lse = softmax_result(m, l_sum, acc)
     rows = ((b * tl.cdiv(H, HG) + hg) * splits + sp) * HG + g
     tl.store(o_ptr + rows[:, None] * R + r[None, :], out)
     tl.store(lse_ptr + rows, lse)

@@ -216,8 +216,11 @@ def _tiles(num_assign: int, experts: int, dtype, w8: bool = False) -> Tiles:
     are half the bytes, so they take a reduction step of 128 (one scale block) to move as many
     bytes per step as the bf16 ones."""
     per_expert = num_assign / max(1, experts)
-    if w8:     # the best of benchmarks/moe_layer_bench.py's fp8 sweep on an H200 (docs/benchmarks.md)
-        return Tiles(16, 64, 128, 64, 128, 4, 4) if per_expert <= 1 else Tiles(
+    if w8:     # the best of benchmarks/moe_layer_bench.py's fp8 sweeps on an H200 (docs/benchmarks.md): a
+        # handful of experts (one token's 8) take 32 gate/up columns a program, for programs enough to fill
+        # the GPU; from 16 tokens (128 assignments over 128 experts, one per expert) the wide tiles, and
+        # wherever an expert has more than one row (few local experts under expert parallelism)
+        return Tiles(16, 32, 128, 64, 128, 4, 4) if experts < 32 and per_expert <= 1 else Tiles(
             16 if per_expert <= 16 else 32 if per_expert <= 48 else 64, 128, 128, 128, 128, 2, 4)
     if dtype == torch.float32:
         return Tiles(bm=16 if per_expert <= 16 else 32, bk1=32, bk2=32, stages=2)
