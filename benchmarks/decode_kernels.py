@@ -3,10 +3,10 @@
 For the Qwen3-30B-A3B layer shape (hidden 2048, 32 / 4 heads of 128, 128 experts): the Triton GEMV
 (triton_gemv) against cuBLAS (F.linear) on the qkv, o_proj and router weights at 1-4 rows; decode
 attention at batch 1 and 16 over 512 / 4096 cached tokens in 16-token pages, the defaults (64-token tiles,
-slices of at least 128 tokens) against other tiles and slice sizes, among them 16-token tiles and 16-token
-slices (what the kernel did before: 32 slices of one page at batch 1); the masked expert kernels at 1 and 4
-tokens in their tiles and narrower ones; the residual add + RMSNorm launch
-against torch's add and the RMSNorm kernel. Times are medians of CUDA-graph replays, each graph running the
+slices of at least 128 tokens, the merge 4 slices at a time) against other tiles, slice sizes and a merge of
+one slice at a time, among them 16-token tiles and 16-token slices (what the kernel did before: 32 slices of
+one page at batch 1); the masked expert kernels at 1 and 4 tokens in their tiles and narrower ones; the
+residual add + RMSNorm launch against torch's add and the RMSNorm kernel. Times are medians of CUDA-graph replays, each graph running the
 kernel once per copy of its inputs, the copies together larger than L2 (as in a step, where each layer's
 weights are cold), in us per call; GB/s counts the bytes a call must read.
 
@@ -55,7 +55,8 @@ def gemv_rows(dev, dt) -> list:
 def attention_rows(dev, dt) -> list:
     rows = []
     kvh, h, d, page = 4, 32, 128, 16
-    variants = [(0, triton_attention.MIN_SPLIT_TOKENS), (16, 16), (32, 64), (64, 64), (64, 256), (64, 512)]
+    variants = [(0, triton_attention.MIN_SPLIT_TOKENS, 0), (0, triton_attention.MIN_SPLIT_TOKENS, 1), (16, 16, 0),
+                (32, 64, 0), (64, 64, 0), (64, 256, 0), (64, 512, 0)]
     for b, ctx in ((1, 512), (1, 4096), (16, 512), (16, 4096)):
         per = -(-ctx // page)
         nbytes = b * ctx * kvh * d * 2 * 2
@@ -69,14 +70,14 @@ def attention_rows(dev, dt) -> list:
         row = {"kernel": f"attention batch {b}, {ctx} tokens", "bytes": nbytes}
         q, k, v, tables, lens = sets[0]
         base = triton_attention.decode_attention(q, k, v, tables, lens, d ** -0.5).float()
-        for tile, min_tokens in variants:
-            key = f"tile{tile or 'default'}_min{min_tokens}"
+        for tile, min_tokens, merge in variants:
+            key = f"tile{tile or 'default'}_min{min_tokens}_merge{merge or 'default'}"
             out = triton_attention.decode_attention(q, k, v, tables, lens, d ** -0.5, tile=tile,
-                                                    min_tokens=min_tokens).float()
+                                                    min_tokens=min_tokens, merge=merge).float()
             row[key + "_maxdiff"] = float((out - base).abs().max())
             row[key + "_us"] = graph_time(
-                lambda q, k, v, t, n, tile=tile, mt=min_tokens: triton_attention.decode_attention(
-                    q, k, v, t, n, d ** -0.5, tile=tile, min_tokens=mt), sets) * 1e3
+                lambda q, k, v, t, n, tile=tile, mt=min_tokens, mg=merge: triton_attention.decode_attention(
+                    q, k, v, t, n, d ** -0.5, tile=tile, min_tokens=mt, merge=mg), sets) * 1e3
         rows.append(row)
     return rows
 

@@ -72,6 +72,10 @@ for qk_norm, renorm, lens in ((True, True, [5, 16, 17, 40, 33]), (False, False, 
         if "kernels" in vars(m):
             m.kernels = cuda
     assert decode_layer.decode_layer(layer, x[:1], torch.arange(1, device=dev), prefill) is None
+# the merge of 6 slices 4 at a time (what bf16 takes) equal to one at a time
+q, k, v = torch.randn(1, 4, 32, generator=g).to(dev), *torch.randn(2, 45, 16, 2, 32, generator=g).to(dev)
+lens, tables = torch.tensor([700], dtype=torch.int32, device=dev), torch.arange(45, device=dev).int()[None]
+assert torch.equal(*(triton_attention.decode_attention(q, k, v, tables, lens, 0.2, merge=s) for s in (1, 4)))
 # the attention's two-launch form (no counter buffer: the merge in a second kernel), slices of a 64-token page
 triton_attention._counters.clear()
 triton_attention._COUNTERS = 0
@@ -150,8 +154,9 @@ def test_batch_one_decode_kernels_compile_for_hopper_with_wide_loads():
                 "table_stride": "i32", "q_stride": "i32"})
     sig.update(dict.fromkeys(("kv_heads", "group", "splits", "GROUP_P", "BLOCK", "D", "IEEE"), "constexpr"))
     sig.update({"out_ptr": "*bf16", "cnt_ptr": "*i32"})
-    sig.update(dict.fromkeys(("FUSE_MERGE", "TILE", "MIN_TILES", "PDL"), "constexpr"))
+    sig.update(dict.fromkeys(("FUSE_MERGE", "TILE", "MIN_TILES", "PDL", "MERGE"), "constexpr"))
     ptx = _ptx_for_sm90(triton_attention._decode_split_kernel, sig, {
         "kv_heads": 4, "group": 8, "splits": 32, "GROUP_P": 16, "BLOCK": 16, "D": 128, "IEEE": False,
-        "FUSE_MERGE": True, "TILE": 64, "MIN_TILES": 2, "PDL": False}, (0, 1, 2, 3, 4, 5, 6, 9, 17, 18), num_warps=4)
+        "FUSE_MERGE": True, "TILE": 64, "MIN_TILES": 2, "PDL": False, "MERGE": triton_attention.MERGE_STEP},
+        (0, 1, 2, 3, 4, 5, 6, 9, 17, 18), num_warps=4)
     assert "cp.async" in ptx and "atom.global" in ptx

@@ -22,6 +22,10 @@ _TARGET_PROGRAMS = 2 * 132   # about two waves of an H100/H200's SMs
 # tokens a slice of a sequence takes at least: at batch 1 and 512 cached tokens, 32 slices of one 16-token
 # page each (the launch before this) took 14.2 us on an H200, nearly all of it the last arriver's 32-step merge
 MIN_SPLIT_TOKENS = 128
+# slices the last arriver loads at once when it merges (one after another, each slice is a dependent L2 round
+# trip; at batch 1 on the H200 the attention took 9.2 us with 128-token slices, a chain of such round trips);
+# float32 (IEEE dots) one at a time: 4 took it to 255 registers and spills in sm_90 PTX
+MERGE_STEP = 4
 
 
 @triton.jit
@@ -51,7 +55,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_p
                          table_stride, q_stride, kv_heads: tl.constexpr, group: tl.constexpr,
                          splits: tl.constexpr, GROUP_P: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
                          IEEE: tl.constexpr, out_ptr, cnt_ptr, FUSE_MERGE: tl.constexpr, TILE: tl.constexpr,
-                         MIN_TILES: tl.constexpr, PDL: tl.constexpr):
+                         MIN_TILES: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr = 1):
     _pdl.start(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -106,15 +110,21 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_p
                 m = tl.full([GROUP_P], float("-inf"), tl.float32)
                 den = tl.zeros([GROUP_P], tl.float32)
                 acc = tl.zeros([GROUP_P, D], tl.float32)
-                for i in range(0, active):  # other programs' slices: through L2 (.cg), never a stale L1 line
-                    lse_i = tl.load(lse_ptr + first + i * GROUP_P, cache_modifier=".cg")
-                    o_i = tl.load(o_ptr + (first + i * GROUP_P)[:, None] * D + d[None, :], cache_modifier=".cg")
-                    m_new = tl.maximum(m, lse_i)
-                    alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
-                    beta = tl.where(lse_i == float("-inf"), 0.0, tl.exp(lse_i - m_new))
-                    den = den * alpha + beta
-                    acc = acc * alpha[:, None] + beta[:, None] * o_i
-                    m = m_new
+                # other programs' slices through L2 (.cg: never a stale L1 line), MERGE at a time so that their
+                # loads are in flight together (a slice past ``active`` reads as empty: the same sums)
+                for c in range(0, active, MERGE):
+                    for j in tl.static_range(MERGE):
+                        ok = c + j < active
+                        lse_i = tl.load(lse_ptr + first + (c + j) * GROUP_P, mask=ok, other=float("-inf"),
+                                        cache_modifier=".cg")
+                        o_i = tl.load(o_ptr + (first + (c + j) * GROUP_P)[:, None] * D + d[None, :], mask=ok,
+                                      other=0.0, cache_modifier=".cg")
+                        m_new = tl.maximum(m, lse_i)
+                        alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+                        beta = tl.where(lse_i == float("-inf"), 0.0, tl.exp(lse_i - m_new))
+                        den = den * alpha + beta
+                        acc = acc * alpha[:, None] + beta[:, None] * o_i
+                        m = m_new
                 res = acc / tl.where(den > 0, den, 1.0)[:, None]
                 tl.store(out_ptr + (b * kv_heads * group + heads)[:, None] * D + d[None, :],
                          res.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
@@ -145,10 +155,11 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, heads, kv_heads: tl.constexpr, group:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                      lens: torch.Tensor, scale: float, *, tile: int = 0, min_tokens: int = MIN_SPLIT_TOKENS,
-                     pdl: bool = False) -> torch.Tensor:
+                     merge: int = 0, pdl: bool = False) -> torch.Tensor:
     """q: [B, H, D]; caches [num_blocks, block_size, KVH, D]; tables [B, W]; lens [B] -> [B, H, D]. Each
     program reads ``tile`` tokens a step (0: 64, 32 for float32 or wide heads) and each slice of a sequence
-    at least ``min_tokens`` (benchmarks/decode_kernels.py sweeps both).
+    at least ``min_tokens`` (benchmarks/decode_kernels.py sweeps both); the merge loads ``merge`` slices at once
+    (0: MERGE_STEP, 1 for float32).
 
     Returns None for shapes the kernel does not take (block size or head dim below 16, or not
     a power of two); the caller then uses its portable path."""
@@ -168,6 +179,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                            tables.stride(0), h * d, kvh, group, splits, gp, block, d,
                                            q.dtype == torch.float32, out, mid if cnt is None else cnt,
                                            cnt is not None, tile, min_tokens // tile or 1, pdl and cnt is not None,
+                                           merge or (1 if q.dtype == torch.float32 else MERGE_STEP),
                                            launch_pdl=pdl and cnt is not None)
     if cnt is None:
         _merge_kernel[(b, h)](mid, lse, out, h, kvh, group, splits, triton.next_power_of_2(splits), gp, d)
