@@ -7,8 +7,8 @@ slices of at least 128 tokens, the merge 4 slices at a time) against other tiles
 one slice at a time, among them 16-token tiles and 16-token slices (what the kernel did before: 32 slices of
 one page at batch 1); the masked expert kernels at 1 and 4 tokens in their tiles and narrower ones; the
 residual add + RMSNorm launch against torch's add and the RMSNorm kernel. Times are medians of CUDA-graph
-replays, each graph running the kernel once per copy of its inputs, the copies together larger than L2 (as in a step, where each layer's
-weights are cold), in us per call; GB/s counts the bytes a call must read.
+replays, each graph running the kernel once per copy of its inputs, the copies together larger than L2 (as
+in a step, where each layer's weights are cold), in us per call; GB/s counts the bytes a call must read.
 
     python benchmarks/decode_kernels.py --out decode_kernels.json
 """
