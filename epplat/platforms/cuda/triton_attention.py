@@ -114,10 +114,10 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_p
                 # loads are in flight together (a slice past ``active`` reads as empty: the same sums)
                 for c in range(0, active, MERGE):
                     for j in tl.static_range(MERGE):
-                        ok = c + j < active
+                        ok = g * 0 + (c + j) < active     # [GROUP_P]: Triton 3.9's interpreter takes no scalar mask
                         lse_i = tl.load(lse_ptr + first + (c + j) * GROUP_P, mask=ok, other=float("-inf"),
                                         cache_modifier=".cg")
-                        o_i = tl.load(o_ptr + (first + (c + j) * GROUP_P)[:, None] * D + d[None, :], mask=ok,
+                        o_i = tl.load(o_ptr + (first + (c + j) * GROUP_P)[:, None] * D + d[None, :], mask=ok[:, None],
                                       other=0.0, cache_modifier=".cg")
                         m_new = tl.maximum(m, lse_i)
                         alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
