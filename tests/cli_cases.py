@@ -23,14 +23,13 @@ import epplat.cli, epplat.serve
 epplat.cli.build_parser()             # the plugins' entry points and hooks, once
 cases = json.loads(sys.stdin.read())
 results = []
-for argv, env, timeout in cases:
+for argv, timeout in cases:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                      # the child: one `epplat ...` command line
         os.close(r)
         os.dup2(w, 1)
         os.dup2(w, 2)
-        os.environ.update(env)
         try:
             code = epplat.cli.main(argv)
         except SystemExit as e:
@@ -71,7 +70,7 @@ class Result(NamedTuple):
 def run(cases: list[list[str]], env: Optional[dict] = None, timeout: float = 60) -> list[Result]:
     """Each argv of `cases` (without the program name) as its own `epplat` process; `env` is added to
     the environment of them all (it is the forking process's, so it holds at import time too)."""
-    payload = json.dumps([[list(map(str, argv)), {}, timeout] for argv in cases])
+    payload = json.dumps([[list(map(str, argv)), timeout] for argv in cases])
     p = subprocess.run([sys.executable, "-c", _RUNNER], input=payload, capture_output=True, text=True,
                        timeout=120 + timeout * len(cases), env={**os.environ, **(env or {})})
     assert p.returncode == 0, p.stderr[-3000:]
