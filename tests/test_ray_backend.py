@@ -120,7 +120,7 @@ def _scale_through_ray(cluster, s: Server, model: str, expected, rpc: int) -> No
             f"one node (3 in all) are needed, its nodes have {[f - 1 for f in free[:2]] + free[2:]} free (ray status "
             "shows them)"), r.text
 
-        _scale_with_traffic(s, client, model, expected, 3, slow_start=True)
+        _scale_with_traffic(s, client, model, expected, 3)
         grown = _groups_by_node(ray)
         (new_group,) = set(grown) - set(before)
         here = _placed(s.output())[2]
