@@ -162,6 +162,28 @@ def test_dp2_ep_naive_backend_two_api_servers(qwen3_moe_dir, expected):
                                                  for i in (0, 1)):
             time.sleep(0.2)
         assert all(f"API server {i} connected to 2 engine(s)" in s.output() for i in (0, 1))
+        _routes_on_fresh_loads(s.url, str(qwen3_moe_dir))
+
+
+def _routes_on_fresh_loads(url: str, model: str) -> None:
+    """Each API server routes on every engine's load, also one whose own requests there have ended: with one
+    long stream on rank 0, short requests on new connections (some reach the other API server, whose first one
+    goes to rank 0 too and comes back with rank 0's load then); once the stream has ended, the idle ranks tie
+    and every request goes to rank 0 whichever API server takes it (an engine tells every API server when its
+    load changes; before, the other one kept the load of its last output from rank 0 and sent them to rank 1)."""
+    body = {"model": model, "prompt": PROMPTS[0], "temperature": 0, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "max_tokens": 160, "stream": True},
+                      timeout=120) as long:
+        chunks = long.iter_lines()
+        next(chunks)                                # it runs (on rank 0: both ranks were idle)
+        for _ in range(8):                          # httpx.post: a new connection each, to either API server
+            assert httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}, timeout=60).status_code == 200
+        assert any(line == "data: [DONE]" for line in chunks)
+    before = per_rank_requests(url)
+    for _ in range(10):
+        assert httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}, timeout=60).status_code == 200
+    after = per_rank_requests(url)
+    assert (after["0"] - before["0"], after["1"] - before["1"]) == (10, 0), (before, after)
 
 
 @pytest.mark.skipif(_gpus_short(4), reason="DP=2 x TP=2 on the cuda platform needs 4 GPUs")

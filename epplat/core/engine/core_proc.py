@@ -234,6 +234,7 @@ class _DriverIO:
         self.ps, self.core = ps, core
         self.auth = FrameAuth(par.internal_secret)
         self.last_beat = 0.0
+        self.load_told = (0, 0)         # (running, waiting) as the API servers last heard it
         self.ctx = zmq.Context.instance()
         self.poller = zmq.Poller()
         n_api = 1 if par.external_lb else _api_server_count(par, ps)
@@ -386,9 +387,19 @@ class _DriverIO:
         stats = self.core.stats()
         for idx, outs in by_client.items():
             self._send(idx, P.EngineOutputs(self.index, outs, stats))
+        load = (stats.num_running, stats.num_waiting)
+        if load != self.load_told:      # every API server routes on it, also one with no request here
+            self.load_told = load
+            told = {self._out(idx) for idx in by_client}
+            for o in self.outs:
+                if o not in told:
+                    self._push(o, P.EngineOutputs(self.index, [], stats))
+
+    def _out(self, client_index: int):
+        return self.outs[0] if len(self.outs) == 1 else self.outs[client_index]
 
     def _send(self, client_index: int, msg) -> None:
-        self._push(self.outs[0] if len(self.outs) == 1 else self.outs[client_index], msg)
+        self._push(self._out(client_index), msg)
 
     def broadcast(self, msg) -> None:
         for o in self.outs:

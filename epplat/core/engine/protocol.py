@@ -154,6 +154,9 @@ class EngineStats(msgspec.Struct):
 
 
 class EngineOutputs(msgspec.Struct, tag="outputs"):
+    """A step's outputs for one API server's requests, with the engine's load after it; an API server with
+    none of them gets the load alone (no outputs) whenever it changed, as every API server routes on it."""
+
     engine_index: int
     outputs: list[EngineOutput]
     stats: Optional[EngineStats] = None
