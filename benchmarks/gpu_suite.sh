@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
-<<<<<<< HEAD
-# Stages: tests tests-decode sample-tests sample-kernel-tests fp8-expert-tests moe-fp8-decode decode-12l decode decode-fused decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
-=======
-# Stages: tests tests-decode sample-tests sample-kernel-tests decode decode-fused decode-kernels decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
->>>>>>> main
+# Stages: tests tests-decode sample-tests sample-kernel-tests fp8-expert-tests moe-fp8-decode decode-12l decode decode-fused
+#         decode-kernels decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-fp8 sampler serve serve-fp8 serve-prefill
 #         serve-decode serve-decode-async deepseek-decode deepseek-decode-fp8 serve-deepseek nixl-gpu pd-nixl
 # (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA"); nixl's, too big to
