@@ -330,17 +330,36 @@ def _serve(args, cfg: EngineConfig) -> int:
             return code
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")
-        # not daemonic, as each starts its tokenizer workers; they die with this launcher (lifeline.py)
-        servers = [ctx.Process(target=run_api_server, name=f"APIServer_{i}", daemon=False,
-                               args=(cfg.to_json(), i, engine_ranks, _server_opts(args), None, None, os.getpid()))
-                   for i in range(par.api_server_count)]
-        for s in servers:
-            s.start()
-        return _wait(procs, servers, args.shutdown_timeout + 5)
+        metrics_dir = _shared_metrics_dir()
+        try:
+            # not daemonic, as each starts its tokenizer workers; they die with this launcher (lifeline.py)
+            servers = [ctx.Process(target=run_api_server, name=f"APIServer_{i}", daemon=False,
+                                   args=(cfg.to_json(), i, engine_ranks, _server_opts(args), None, None, os.getpid()))
+                       for i in range(par.api_server_count)]
+            for s in servers:
+                s.start()
+            return _wait(procs, servers, args.shutdown_timeout + 5)
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     finally:
         stop_engines(procs)
         if http is not None:
             http.close()
+
+
+def _shared_metrics_dir() -> str | None:
+    """Several API servers keep their request series in files of one folder, and whichever a scrape reaches
+    sums them all (prometheus_client's multiprocess mode, as vLLM does). A folder PROMETHEUS_MULTIPROC_DIR
+    names is used as it is (left there, and what earlier runs wrote in it counts); else a fresh one, removed
+    at exit. Returns the folder to remove."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        logger.info("API servers' metrics in PROMETHEUS_MULTIPROC_DIR=%s (not cleared here)",
+                    os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        return None
+    path = tempfile.mkdtemp(prefix="epplat-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path      # the API servers inherit it: they import prometheus_client
+    return path
 
 
 class _Engines(list):

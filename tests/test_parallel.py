@@ -69,6 +69,12 @@ def per_rank_requests(url) -> dict[str, float]:
     return out
 
 
+def metric_sum(text: str, name: str) -> float:
+    """The sum of a series' samples (every label set) in a /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+
+
 def cpu_seconds(pids) -> float:
     total = 0
     for p in pids:
@@ -163,6 +169,11 @@ def test_dp2_ep_naive_backend_two_api_servers(qwen3_moe_dir, expected):
             time.sleep(0.2)
         assert all(f"API server {i} connected to 2 engine(s)" in s.output() for i in (0, 1))
         _routes_on_fresh_loads(s.url, str(qwen3_moe_dir))
+        # /metrics sums both API servers' request series, whichever answers (each scrape a new connection)
+        for _ in range(6):
+            text = httpx.get(s.url + "/metrics").text
+            assert (metric_sum(text, "vllm:request_success_total"), metric_sum(text, "vllm:e2e_request_latency_seconds_count"),
+                    metric_sum(text, "vllm:num_requests_running")) == (35, 35, 0), text
 
 
 def _routes_on_fresh_loads(url: str, model: str) -> None:

@@ -3,10 +3,14 @@ own ``epplat:*`` ones for what vLLM lacks."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -17,13 +21,71 @@ _ITL = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0
 _E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
         960.0, 1920.0, 7680.0)
 
+_ENGINE_GAUGES = (
+    ("vllm:num_requests_running", "Number of requests in model execution batches."),
+    ("vllm:num_requests_waiting", "Number of requests waiting to be processed."),
+    ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
+    ("epplat:data_parallel_size", "DP engines serving (elastic EP scales change it)."),
+    ("epplat:elastic_ep_last_scale_seconds", "Seconds the last elastic EP scale took, request to answer."),
+    ("epplat:eplb_balancedness", "EPLB: mean/max tokens per EP rank, last measured (a window with "
+                                 "log_balancedness, or before a rebalance)."),
+    ("epplat:eplb_rebalances", "EPLB rebalances since the engines started."))
+_ENGINE_COUNTERS = (
+    ("vllm:num_preemptions", "Cumulative number of preemption from the engine."),
+    ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
+    ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
+    ("vllm:spec_decode_num_drafts", "Number of spec decoding drafts."),
+    ("vllm:spec_decode_num_draft_tokens", "Number of spec decoding draft tokens."),
+    ("vllm:spec_decode_num_accepted_tokens", "Number of spec decoding accepted tokens."),
+    ("epplat:prompt_tokens_computed", "Prompt tokens whose KV the engines computed (neither found in the "
+                                      "prefix cache nor received through a KV connector)."))
+
+
+class EngineSeries(Collector):
+    """What the engines report (their load, KV usage, totals, EPLB, the DP size), exposed as this API server
+    last read it from them, at each scrape: not counted per API server, so every API server answers the same
+    (with --api-server-count > 1, the one a scrape reaches adds it to every server's request series)."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.gauges: dict[str, list] = {n: [doc, 0.0] for n, doc in _ENGINE_GAUGES}
+        self.counters: dict[str, list] = {n: [doc, 0.0] for n, doc in _ENGINE_COUNTERS}
+        self.per_rank: dict[str, float] = {}
+        self._seen: dict = {}
+
+    def set(self, name: str, value: float) -> None:
+        self.gauges[name][1] = value
+
+    def advance(self, key: str, names: tuple, totals: tuple) -> None:
+        """The engines report totals; the counters advance by what is new since the last read (an engine
+        that restarted from zero, or a world that lost a rank, adds from zero again)."""
+        seen = self._seen.get(key, (0,) * len(totals))
+        deltas = [t - s for t, s in zip(totals, seen)] if all(t >= s for t, s in zip(totals, seen)) else totals
+        self._seen[key] = totals
+        for name, d in zip(names, deltas):
+            self.counters[name][1] += d
+
+    def collect(self):
+        for family, series in ((GaugeMetricFamily, self.gauges), (CounterMetricFamily, self.counters)):
+            for name, (doc, value) in series.items():
+                f = family(name, doc, labels=["model_name"])
+                f.add_metric([self.model], value)
+                yield f
+        ranks = GaugeMetricFamily("epplat:engine_requests_received", "Requests each DP rank's engine received.",
+                                  labels=["model_name", "dp_rank"])
+        for rank, value in self.per_rank.items():
+            ranks.add_metric([self.model, rank], value)
+        yield ranks
+
 
 class Metrics:
     """One app's series, in its own registry (several apps may live in one process).
 
     What vLLM also has takes vLLM's name (``vllm:*``), type and meaning, so that dashboards,
     autoscalers and routers built on vLLM read epplat unchanged; what is epplat's own (EP, EPLB,
-    KV connector sources) is ``epplat:*``."""
+    KV connector sources) is ``epplat:*``. The request series count this API server's requests; with
+    ``PROMETHEUS_MULTIPROC_DIR`` set (``epplat serve`` sets it for --api-server-count > 1, as vLLM does)
+    they live in files there and every API server's /metrics sums all of theirs."""
 
     def __init__(self, model_name: str):
         disable_created_metrics()   # no `*_created` series, as in vLLM (a process-wide prometheus_client setting)
@@ -34,9 +96,6 @@ class Metrics:
         def counter(name, doc):
             return Counter(name, doc, m, registry=r).labels(model_name)
 
-        def gauge(name, doc):
-            return Gauge(name, doc, m, registry=r).labels(model_name)
-
         def histogram(name, doc, buckets):
             return Histogram(name, doc, m, buckets=buckets, registry=r).labels(model_name)
 
@@ -44,15 +103,6 @@ class Metrics:
                                m + ["finished_reason"], registry=r).labels
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
-        self.running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
-        self.waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
-        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
-        self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
-        self.prefix_cache = [counter(f"vllm:prefix_cache_{what}", f"Prefix cache {what}, in terms of number of "
-                                     f"{doc} tokens.") for what, doc in (("queries", "queried"), ("hits", "cached"))]
-        self.spec_decode = [counter(f"vllm:spec_decode_num_{what}", f"Number of spec decoding {doc}.")
-                            for what, doc in (("drafts", "drafts"), ("draft_tokens", "draft tokens"),
-                                              ("accepted_tokens", "accepted tokens"))]
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
                               _TTFT)
         self.itl = histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
@@ -65,62 +115,46 @@ class Metrics:
                                  "for request.", _E2E)
                        for what, doc in (("queue", "WAITING"), ("prefill", "PREFILL"), ("decode", "DECODE"),
                                          ("inference", "RUNNING"))]
-        self.engine_requests_family = Gauge("epplat:engine_requests_received",
-                                            "Requests each DP rank's engine received.", m + ["dp_rank"], registry=r)
-        self.engine_requests = self.engine_requests_family.labels
-        self._ranks: set = set()
-        self.dp_size = gauge("epplat:data_parallel_size", "DP engines serving (elastic EP scales change it).")
         self.scales = Counter("epplat:elastic_ep_scales", "Elastic EP scales done, by direction (up, down).",
                               m + ["direction"], registry=r).labels
-        self.last_scale_seconds = gauge("epplat:elastic_ep_last_scale_seconds",
-                                        "Seconds the last elastic EP scale took, request to answer.")
-        self.eplb_balancedness = gauge("epplat:eplb_balancedness", "EPLB: mean/max tokens per EP rank, last "
-                                       "measured (a window with log_balancedness, or before a rebalance).")
-        self.eplb_rebalances = gauge("epplat:eplb_rebalances", "EPLB rebalances since the engines started.")
-        self.prompt_tokens_computed = counter(
-            "epplat:prompt_tokens_computed", "Prompt tokens whose KV the engines computed (neither found in the "
-            "prefix cache nor received through a KV connector).")
-        self._seen: dict = {}
+        self.engines = EngineSeries(model_name)
+        r.register(self.engines)
 
     def track(self, arrival: float) -> "RequestTracker":
         return RequestTracker(self, arrival)
 
     def render(self, stats, per_engine: Optional[dict] = None) -> bytes:
-        """The text exposition, with the engine gauges set from `stats` (an EngineStats) first."""
+        """The text exposition, with the engine series set from `stats` (an EngineStats) first."""
+        e = self.engines
         if stats is not None:
-            self.running.set(stats.num_running)
-            self.waiting.set(stats.num_waiting)
-            self.kv_usage.set(stats.kv_usage)
-            self._advance("preemptions", [self.preemptions], (stats.num_preemptions,))
-            self._advance("prefix", self.prefix_cache, (stats.prefix_cache_queries, stats.prefix_cache_hits))
-            self._advance("spec", self.spec_decode,
-                          (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens))
-            self._advance("computed", [self.prompt_tokens_computed], (stats.num_prompt_tokens_computed,))
+            e.set("vllm:num_requests_running", stats.num_running)
+            e.set("vllm:num_requests_waiting", stats.num_waiting)
+            e.set("vllm:kv_cache_usage_perc", stats.kv_usage)
+            e.advance("preemptions", ("vllm:num_preemptions",), (stats.num_preemptions,))
+            e.advance("prefix", ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits"),
+                      (stats.prefix_cache_queries, stats.prefix_cache_hits))
+            e.advance("spec", ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                               "vllm:spec_decode_num_accepted_tokens"),
+                      (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens))
+            e.advance("computed", ("epplat:prompt_tokens_computed",), (stats.num_prompt_tokens_computed,))
         if per_engine:
-            self.dp_size.set(len(per_engine))      # changes with elastic EP scales
-            for rank in self._ranks - set(per_engine):
-                self.engine_requests_family.remove(self.model, str(rank))
-            self._ranks = set(per_engine)
-        for rank, st in (per_engine or {}).items():
-            self.engine_requests(self.model, str(rank)).set(st.num_requests_received)
+            e.set("epplat:data_parallel_size", len(per_engine))      # changes with elastic EP scales
+            e.per_rank = {str(rank): st.num_requests_received for rank, st in per_engine.items()}
+        for st in (per_engine or {}).values():
             if st.eplb_balancedness >= 0:      # the same on every rank: measured over the whole EP group
-                self.eplb_balancedness.set(st.eplb_balancedness)
-                self.eplb_rebalances.set(st.eplb_rebalances)
+                e.set("epplat:eplb_balancedness", st.eplb_balancedness)
+                e.set("epplat:eplb_rebalances", st.eplb_rebalances)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):     # every API server's request series, from their files
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            registry.register(e)
+            return generate_latest(registry)
         return generate_latest(self.registry)
 
     def elastic_scaled(self, old_size: int, new_size: int, seconds: float) -> None:
         self.scales(self.model, "up" if new_size > old_size else "down").inc()
-        self.last_scale_seconds.set(seconds)
-        self.dp_size.set(new_size)
-
-    def _advance(self, key: str, counters: list, totals: tuple) -> None:
-        """The engines report totals; the counters advance by what is new since the last render (an engine
-        that restarted from zero adds from zero again)."""
-        seen = self._seen.get(key, (0,) * len(totals))
-        deltas = [t - s for t, s in zip(totals, seen)] if all(t >= s for t, s in zip(totals, seen)) else totals
-        self._seen[key] = totals
-        for counter, d in zip(counters, deltas):
-            counter.inc(d)
+        self.engines.set("epplat:elastic_ep_last_scale_seconds", seconds)
+        self.engines.set("epplat:data_parallel_size", new_size)
 
 
 class RequestTracker:
