@@ -88,12 +88,12 @@ def serve(address: str, port: int, expected: int, timeout: float,
 def _accept(srv: socket.socket, deadline: float, arrived: "queue.Queue") -> None:
     """Until the deadline (or the listener closes): each connection's message read in a thread of its own."""
     while time.monotonic() < deadline:
-        srv.settimeout(max(0.1, deadline - time.monotonic()))
         try:
+            srv.settimeout(max(0.1, deadline - time.monotonic()))
             conn, _ = srv.accept()
         except socket.timeout:
             continue
-        except OSError:
+        except OSError:         # closed by gather (its answer given) between two accepts, or while in one
             return
         threading.Thread(target=_read_one, args=(conn, min(deadline, time.monotonic() + PEER_DEADLINE_S), arrived),
                          name="rendezvous-peer", daemon=True).start()
