@@ -119,6 +119,11 @@ class Metrics:
                               m + ["direction"], registry=r).labels
         self.engines = EngineSeries(model_name)
         r.register(self.engines)
+        self.exposed = r
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):     # every API server's request series, from their files
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)
+            self.exposed.register(self.engines)
 
     def track(self, arrival: float) -> "RequestTracker":
         return RequestTracker(self, arrival)
@@ -144,12 +149,7 @@ class Metrics:
             if st.eplb_balancedness >= 0:      # the same on every rank: measured over the whole EP group
                 e.set("epplat:eplb_balancedness", st.eplb_balancedness)
                 e.set("epplat:eplb_rebalances", st.eplb_rebalances)
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):     # every API server's request series, from their files
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)
-            registry.register(e)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
     def elastic_scaled(self, old_size: int, new_size: int, seconds: float) -> None:
         self.scales(self.model, "up" if new_size > old_size else "down").inc()
