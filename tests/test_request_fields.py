@@ -203,7 +203,8 @@ async def waiting(c) -> float:
 
 def test_a_high_priority_request_overtakes_waiting_ones(server):
     """One sequence at a time (--max-num-seqs 1): while a long streamed request runs, three wait; when
-    it is dropped, the one with the lowest priority value, sent last, runs first (fcfs: last)."""
+    it is dropped, the one with the lowest priority value, sent last, runs first (fcfs: last), then the other
+    two in their order of arrival."""
     async def run():
         done: list[str] = []
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
@@ -219,13 +220,14 @@ def test_a_high_priority_request_overtakes_waiting_ones(server):
                 async for line in lines:
                     if line.startswith("data:"):
                         break                       # it runs: the others queue behind it
-                for name, prio in (("low-1", 5), ("low-2", 5), ("high", -1)):
+                # each sent once the one before waits in the engine: low-1 arrives before low-2 (their tie on
+                # priority goes to the first arrival), however long tokenizing each takes
+                for n, (name, prio) in enumerate((("low-1", 5), ("low-2", 5), ("high", -1)), 1):
                     rest.append(asyncio.create_task(go(name, prio)))
-                    await asyncio.sleep(0.02)
-                for _ in range(300):                # until the engine holds all three waiting
-                    if await waiting(c) == 3:
-                        break
-                    await asyncio.sleep(0.1)
+                    for _ in range(300):
+                        if await waiting(c) == n:
+                            break
+                        await asyncio.sleep(0.05)
                 await lines.aclose()
             await asyncio.gather(*rest)             # the long one was dropped (aborted) above
         return done
