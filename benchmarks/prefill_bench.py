@@ -57,6 +57,8 @@ def main():
     p.add_argument("--len", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of a step of the first size")
+    p.add_argument("--host-profile", action="store_true",
+                   help="print where the host time of issuing a step of the first size goes (cProfile, by function)")
     p.add_argument("--fp8", action="store_true", help="also time the steps with the experts in fp8")
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -97,6 +99,18 @@ def main():
                 model.compute_logits(model(ids, pos, meta)[last])
                 issue.append(time.perf_counter() - t0)
             row["issue_ms"] = statistics.median(issue) * 1e3
+            if a.host_profile and s == a.seqs[0]:
+                import cProfile
+                import pstats
+                torch.cuda.synchronize()
+                with cProfile.Profile() as cp:
+                    for _ in range(3):       # the GPU lags the host: no wait inside
+                        model.compute_logits(model(ids, pos, meta)[last])
+                torch.cuda.synchronize()
+                st = pstats.Stats(cp)
+                print(f"{s} x {a.len} tokens, host time of issuing 3 steps by function (cProfile inflates Python):")
+                st.sort_stats("tottime").print_stats(28)
+                st.sort_stats("cumulative").print_stats(28)
             if a.profile and s == a.seqs[0]:
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

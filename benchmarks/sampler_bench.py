@@ -117,8 +117,8 @@ def jit_launch(logits, num_warps=None, programs_per_sm=None):
     splits = -(-tiles // tpp)
     out = torch.empty(b, dtype=torch.int64, device=dev)
     acc, cnt = ts._row_scratch(dev, b)
-    ts._race_kernel[(b, splits)](logits, logits.stride(0), vocab, b, out, acc, cnt, 7, 0, 1.0, out, tpp, splits,
-                                 False, True, ts.BLOCK, num_warps=num_warps or ts.WARPS)
+    ts._race_kernel.jit[(b, splits)](logits, logits.stride(0), vocab, b, out, acc, cnt, 7, 0, 1.0, out, tpp, splits,
+                                     False, True, ts.BLOCK, num_warps=num_warps or ts.WARPS)
     return out
 
 

@@ -144,7 +144,7 @@ def test_batch_one_decode_kernels_compile_for_hopper_with_wide_loads():
     ints = ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym")
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", **dict.fromkeys(ints, "i32"),
            **dict.fromkeys(("M_P", "BN", "BK", "PDL"), "constexpr")}
-    ptx = _ptx_for_sm90(triton_gemv._gemv_kernel, sig, {"M_P": 1, "BN": bn, "BK": bk, "PDL": True},
+    ptx = _ptx_for_sm90(triton_gemv._gemv_kernel.jit, sig, {"M_P": 1, "BN": bn, "BK": bk, "PDL": True},
                         (0, 1, 2, 4, 5, 6, 7), num_warps=4, launch_pdl=True)
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")     # W asked for before the wait
@@ -155,7 +155,7 @@ def test_batch_one_decode_kernels_compile_for_hopper_with_wide_loads():
     sig.update(dict.fromkeys(("kv_heads", "group", "splits", "GROUP_P", "BLOCK", "D", "IEEE"), "constexpr"))
     sig.update({"out_ptr": "*bf16", "cnt_ptr": "*i32"})
     sig.update(dict.fromkeys(("FUSE_MERGE", "TILE", "MIN_TILES", "PDL", "MERGE"), "constexpr"))
-    ptx = _ptx_for_sm90(triton_attention._decode_split_kernel, sig, {
+    ptx = _ptx_for_sm90(triton_attention._decode_split_kernel.jit, sig, {
         "kv_heads": 4, "group": 8, "splits": 32, "GROUP_P": 16, "BLOCK": 16, "D": 128, "IEEE": False,
         "FUSE_MERGE": True, "TILE": 64, "MIN_TILES": 2, "PDL": False, "MERGE": triton_attention.MERGE_STEP},
         (0, 1, 2, 3, 4, 5, 6, 9, 17, 18), num_warps=4)

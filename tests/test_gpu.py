@@ -145,6 +145,37 @@ def test_fused_topk_rms_norm_and_rope_match_the_torch_code():
         torch.testing.assert_close(got, x * cos + half(x) * sin, atol=2 ** -8, rtol=2 ** -7)   # one bf16 rounding
 
 
+def test_cached_launches_specialize_as_triton_does():
+    """Triton kernels launch through epplat.platforms.cuda.launch: a repeat launch reuses the CompiledKernel
+    the first one cached (same results), and an argument Triton specializes otherwise (an address off
+    16-byte alignment, a stride not a multiple of 16, another dtype) gets its own kernel, with right results."""
+    from epplat.platforms.cuda import triton_norm
+    compiled = triton_norm._rms_norm_kernel.compiled
+    compiled.clear()
+
+    def check(x, w):
+        ref = (w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)).float()
+        got = triton_norm.rms_norm(x, w, 1e-6)
+        torch.testing.assert_close(got.float(), ref)
+        return got
+
+    w = torch.randn(128, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(16, 128, device="cuda", dtype=torch.bfloat16)
+    first = check(x, w)
+    assert len(compiled) == 1
+    assert torch.equal(check(x, w), first) and len(compiled) == 1          # the cached kernel, same output
+    off = torch.randn(16 * 128 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(16, 128)   # 2 bytes off
+    assert off.data_ptr() % 16 == 2
+    check(off, w)
+    assert len(compiled) == 2
+    check(torch.randn(16, 129, device="cuda", dtype=torch.bfloat16)[:, :128], w)           # stride 129
+    assert len(compiled) == 3
+    check(x.half(), w.half())
+    assert len(compiled) == 4
+    check(off, w)                                                          # cached since, still right
+    assert len(compiled) == 4
+
+
 def test_fp32_greedy_tokens_equal_transformers(qwen3_moe_dir):
     """float32 through every CUDA kernel (Triton attention, norm, rotary, routing, experts) gives
     transformers' greedy tokens. (float32 runs eagerly: graphs are for bf16/fp16.)"""
@@ -579,10 +610,13 @@ def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
     xc = x.cuda()
     temps = torch.tensor([0.5, 1.0, 2.0] * 8)
     keys = torch.randint(1 << 62, (24,), generator=g)
-    triton_sample._compiled.clear()
+    compiled = triton_sample._race_kernel.compiled
+    compiled.clear()
     for t, k in ((1.0, 1 << 40), (temps, keys)):      # per-row values as host tensors
         got = sample(xc, t, k).tolist()                # through Triton's JITFunction (it compiles)
+        specializations = len(compiled)
         assert sample(xc, t, k).tolist() == got        # through the CompiledKernel's own launcher
+        assert len(compiled) == specializations        # ... the kernel the first launch cached
         tl = temps.tolist() if isinstance(t, torch.Tensor) else [t] * 24
         kl = keys.tolist() if isinstance(k, torch.Tensor) else [k + i for i in range(24)]
         want = [race_token(x[i], tl[i], kl[i]) for i in range(24)]
@@ -595,7 +629,7 @@ def test_triton_sample_kernel_draws_the_reference_tokens_and_the_softmax():
         expected = n * (logits[0].double() / t).softmax(-1)
         freq = torch.bincount(tokens, minlength=vocab).double()
         assert ((freq - expected) ** 2 / expected).sum() < 31.26      # chi-square, 11 dof, p = 0.001
-    assert len(triton_sample._compiled) == 3           # uniform / per-row values, a vocabulary not a multiple of 16
+    assert len(compiled) >= 3          # uniform / per-row values, a vocabulary not a multiple of 16
     reqs = [Request(EngineRequest(str(i), [1], SamplingParams(**p))) for i, p in enumerate(
         [dict(temperature=0.0), dict(temperature=0.7, seed=11), dict(temperature=1.0, top_k=1), dict(temperature=1.0)])]
     tokens, _ = sampler_sample(xc[:4], reqs, kernels=cuda_kernels())

@@ -24,11 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
+from epplat.platforms.cuda.launch import cached
+
 GROUP = 128
 TARGET_PROGRAMS = 264            # two per SM of an H100/H200
 MAX_W8A16_ROWS = 256             # the largest decode graph; not yet measured against the fp8-dot form
 
 
+@cached
 @triton.jit
 def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
                        KB_PER_SPLIT, BM: tl.constexpr, BN: tl.constexpr, A8: tl.constexpr, IEEE: tl.constexpr):

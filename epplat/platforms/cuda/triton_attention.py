@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from epplat.platforms.cuda import pdl as _pdl
+from epplat.platforms.cuda.launch import cached
 
 _TARGET_PROGRAMS = 2 * 132   # about two waves of an H100/H200's SMs
 # tokens a slice of a sequence takes at least: at batch 1 and 512 cached tokens, 32 slices of one 16-token
@@ -50,6 +51,7 @@ def softmax_result(m, l_sum, acc):
     return acc / tl.where(has, l_sum, 1.0)[:, None], tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf"))
 
 
+@cached
 @triton.jit(do_not_specialize=["table_stride"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_ptr, scale,
                          table_stride, q_stride, kv_heads: tl.constexpr, group: tl.constexpr,
@@ -135,6 +137,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, o_ptr, lse_p
             tl.store(o_ptr + row[:, None] * D + d[None, :], tl.zeros([GROUP_P, D], tl.float32))
 
 
+@cached
 @triton.jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, heads, kv_heads: tl.constexpr, group: tl.constexpr, splits: tl.constexpr,
                   SPLITS_P: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr):
@@ -203,6 +206,7 @@ def counters(device: torch.device, n: int):
     return buf if n <= buf.numel() else None
 
 
+@cached
 @triton.jit
 def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ROW: tl.constexpr, ROW_P: tl.constexpr):
     t = tl.program_id(0)

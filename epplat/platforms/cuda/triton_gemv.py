@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from epplat.platforms.cuda import pdl as _pdl
+from epplat.platforms.cuda.launch import cached
 
 MAX_ROWS = 4                 # rows it takes (CUDA-core products and L1 re-reads of W grow with them); more: cuBLAS
 _TILE = 4096                 # elements of a program's [rows x BN, BK] tile a step (8 KB of W at batch 1)
@@ -30,6 +31,7 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+@cached
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, M_P: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):

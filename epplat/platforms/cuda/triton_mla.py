@@ -25,11 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
+from epplat.platforms.cuda.launch import cached
 from epplat.platforms.cuda.triton_attention import _TARGET_PROGRAMS, _merge_kernel, online_softmax_step, softmax_result
 
 _HEADS = 16     # heads per program (tl.dot's smallest M)
 
 
+@cached
 @triton.jit(do_not_specialize=["table_stride"])
 def _mla_decode_split_kernel(ql_ptr, qp_ptr, c_ptr, tables_ptr, lens_ptr, o_ptr, lse_ptr, scale, table_stride,
                              H: tl.constexpr, HG: tl.constexpr, splits: tl.constexpr, BLOCK: tl.constexpr,

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from epplat.platforms.cuda import pdl as _pdl
+from epplat.platforms.cuda.launch import cached
 
 # above this many (token, expert) assignments the rescans cost more than they save: on an H100,
 # Triton took 0.44 ms against grouped GEMM's 0.56 at 512 assignments, 0.67 against 0.62 at 2048
@@ -124,6 +125,7 @@ def _gated_tile(x_ptr, tok, valid, w_base, n, nmask, hidden, inter, ACT: tl.cons
     return g * acc_u
 
 
+@cached
 @triton.jit(do_not_specialize=["num_assign"])
 def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, num_assign, hidden, inter, stride_we, stride_se,
                     K: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -145,6 +147,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, num_assign, hidden, int
                  mask=valid[:, None] & nmask[None, :])
 
 
+@cached
 @triton.jit(do_not_specialize=["num_assign"])
 def _down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, y_ptr, num_assign, hidden, inter, stride_we, stride_se,
                  IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BY_SLOT: tl.constexpr,
@@ -176,6 +179,7 @@ def _down_kernel(h_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, y_ptr, num_assign, hidden
                  mask=valid[:, None] & nmask[None, :])
 
 
+@cached
 @triton.jit
 def _sum_kernel(y_ptr, ids_ptr, out_ptr, res_ptr, hidden, K: tl.constexpr, BH: tl.constexpr, RES: tl.constexpr,
                 PDL: tl.constexpr = False):
@@ -279,6 +283,7 @@ def triton_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tile
     return out
 
 
+@cached
 @triton.jit
 def _topk_kernel(logits_ptr, ids_ptr, w_ptr, E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
                  KP: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr = False):

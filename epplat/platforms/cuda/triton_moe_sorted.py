@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from epplat.platforms.cuda.launch import cached
 from epplat.platforms.cuda.triton_moe import (_ACTS, MAX_ASSIGNMENTS, Tiles, _dequant, _gated_tile, _sum_kernel,
                                               triton_experts, weight_scales)
 
@@ -57,6 +58,7 @@ def _tile_rows(rows_ptr, tile_expert_ptr, num_assign, BM: tl.constexpr):
     return e, m, rows, rows < num_assign
 
 
+@cached
 @triton.jit(do_not_specialize=["num_assign"])
 def _sorted_gate_up_kernel(x_ptr, rows_ptr, tile_expert_ptr, w_ptr, s_ptr, h_ptr, num_assign, hidden, inter,
                            stride_we, stride_se, K: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
@@ -73,6 +75,7 @@ def _sorted_gate_up_kernel(x_ptr, rows_ptr, tile_expert_ptr, w_ptr, s_ptr, h_ptr
              mask=nmask[None, :])
 
 
+@cached
 @triton.jit(do_not_specialize=["num_assign"])
 def _sorted_down_kernel(h_ptr, rows_ptr, tile_expert_ptr, tw_ptr, w_ptr, s_ptr, y_ptr, num_assign, hidden, inter,
                         stride_we, stride_se, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -97,6 +100,7 @@ def _sorted_down_kernel(h_ptr, rows_ptr, tile_expert_ptr, tw_ptr, w_ptr, s_ptr, 
              mask=valid[:, None] & nmask[None, :])
 
 
+@cached
 @triton.jit(do_not_specialize=["num_assign"])
 def _count_kernel(ids_ptr, counts_ptr, slot_ptr, num_assign, BLOCK: tl.constexpr):
     """counts[e] += 1 for each assignment routed to e; slot[a]: its place among them (atomic
@@ -109,6 +113,7 @@ def _count_kernel(ids_ptr, counts_ptr, slot_ptr, num_assign, BLOCK: tl.constexpr
     tl.store(slot_ptr + a, slot, mask=here)
 
 
+@cached
 @triton.jit(do_not_specialize=["tiles"])
 def _tile_kernel(counts_ptr, pstart_ptr, tile_expert_ptr, experts, tiles, BM: tl.constexpr, EP: tl.constexpr,
                  TB: tl.constexpr):
@@ -127,6 +132,7 @@ def _tile_kernel(counts_ptr, pstart_ptr, tile_expert_ptr, experts, tiles, BM: tl
         tl.store(tile_expert_ptr + t, tl.where(first < total, owner, -1), mask=t < tiles)
 
 
+@cached
 @triton.jit(do_not_specialize=["num_assign"])
 def _place_kernel(ids_ptr, slot_ptr, pstart_ptr, rows_ptr, num_assign, BLOCK: tl.constexpr):
     a = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -11,8 +11,10 @@ import triton
 import triton.language as tl
 
 from epplat.platforms.cuda import pdl as _pdl
+from epplat.platforms.cuda.launch import cached
 
 
+@cached
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, heads, stride_t, stride_h, eps, D: tl.constexpr, DP: tl.constexpr,
                      PDL: tl.constexpr = False):
@@ -43,6 +45,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = Fals
     return out
 
 
+@cached
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, a_ptr, w_ptr, sum_ptr, out_ptr, eps, D: tl.constexpr, DP: tl.constexpr,
                          PDL: tl.constexpr):
@@ -117,6 +120,7 @@ def _rope_heads(src, dst, t, st, sh, c1, c2, s1, s2, NH: tl.constexpr, NHP: tl.c
     tl.store(ob + HALF, o2, mask=hm)
 
 
+@cached
 @triton.jit
 def _rope_kernel(pos_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, q_st, q_sh, k_st, k_sh,
                  QH: tl.constexpr, KH: tl.constexpr, QHP: tl.constexpr, KHP: tl.constexpr, HALF: tl.constexpr):

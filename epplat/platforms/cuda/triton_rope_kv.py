@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from epplat.platforms.cuda import pdl as _pdl
+from epplat.platforms.cuda.launch import cached
 from epplat.platforms.cuda.triton_norm import cos_sin, rotate_halves
 
 
@@ -37,6 +38,7 @@ def _normed_halves(base, w_ptr, eps, NH: tl.constexpr, NHP: tl.constexpr, HALF: 
     return x1, x2
 
 
+@cached
 @triton.jit
 def _qk_norm_rope_kv_kernel(qkv_ptr, qw_ptr, kw_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                             qkv_stride, eps, QH: tl.constexpr, KH: tl.constexpr, QHP: tl.constexpr,

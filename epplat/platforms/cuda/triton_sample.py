@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from epplat.platforms.cuda.launch import cached
+
 BLOCK = 1024        # tokens of one tile (the noise's block: kernels.c's RACE_BLOCK)
 PROGRAMS_PER_SM = 8
 WARPS = 8           # H200 sweep (sampler_bench.py --sweep): batch 256 0.069 ms against 4 warps' 0.082
@@ -58,6 +60,7 @@ def _keep(row_ptr, tok, vocab, c, r, best, at, FAST: tl.constexpr):
     return tl.where(better, s, best), tl.where(better, tok, at)
 
 
+@cached
 @triton.jit(do_not_specialize=["rows", "key_lo", "key_hi", "tiles_per_prog", "splits"])
 def _race_kernel(x_ptr, stride, vocab, rows, out_ptr, acc_ptr, cnt_ptr, key_lo, key_hi, inv_t, vals_ptr,
                  tiles_per_prog, splits, PER_ROW: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
@@ -124,33 +127,6 @@ def _split(dev: torch.device, b: int, vocab: int) -> tuple[int, int]:
     return tiles_per_prog, triton.cdiv(tiles, tiles_per_prog)
 
 
-_compiled: dict = {}     # specialization -> the CompiledKernel Triton made of _race_kernel for it
-
-
-def _launch(grid: tuple[int, int], args: tuple) -> None:
-    """_race_kernel[grid](*args). The first launch of a specialization goes through Triton's JITFunction,
-    which compiles and returns the CompiledKernel; later ones through that CompiledKernel's own launcher,
-    with the stream. JITFunction binds the arguments and builds its specialization key on every call
-    (host time that exceeded the draw's device time at batch 1-64 on an H200); the key here is what that
-    specialization depends on: the dtype, PER_ROW, which pointers and specialized integers (stride, vocab)
-    are multiples of 16 or 1, and whether key_hi (the other integers are small) takes 32 bits. On the CPU
-    (Triton's interpreter) every launch goes through the JITFunction."""
-    x, stride, vocab, _, out, acc, cnt, _, _, _, vals = args[:11]
-    if not x.is_cuda:
-        _race_kernel[grid](*args, num_warps=WARPS)
-        return
-    key = (x.device.index, x.dtype, args[13], stride % 16 == 0, stride == 1, vocab % 16 == 0, vocab == 1,
-           -(1 << 31) <= args[8] < 1 << 31,
-           x.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0, acc.data_ptr() % 16 == 0, cnt.data_ptr() % 16 == 0,
-           vals.data_ptr() % 16 == 0)
-    kernel = _compiled.get(key)
-    if kernel is None:
-        _compiled[key] = _race_kernel[grid](*args, num_warps=WARPS)
-    else:
-        # the CompiledKernel's launcher takes all three grid axes
-        kernel[grid + (1,)](*args, stream=triton.runtime.driver.active.get_current_stream(x.device.index))
-
-
 def sample(logits: torch.Tensor, temperature, keys) -> Optional[torch.Tensor]:
     """Kernels.sample: tokens [B] int64 of float32 / bfloat16 / float16 logits [B, V]; temperature and keys
     are numbers for every row (row i's key: keys + i) or [B] host tensors (one packed copy to the device)."""
@@ -168,9 +144,9 @@ def sample(logits: torch.Tensor, temperature, keys) -> Optional[torch.Tensor]:
         t = temperature.to("cpu", torch.float32) if isinstance(temperature, torch.Tensor) else torch.full((b,), temperature)
         host = torch.cat([k, (1.0 / t).view(torch.int32).to(torch.int64)])
         vals = host.pin_memory().to(dev, non_blocking=True) if fast else host
-        _launch((b, splits), (logits, logits.stride(0), vocab, b, out, acc, cnt, 0, 0, 1.0, vals, tiles_per_prog,
-                              splits, True, fast, BLOCK))
+        _race_kernel[(b, splits)](logits, logits.stride(0), vocab, b, out, acc, cnt, 0, 0, 1.0, vals, tiles_per_prog,
+                                  splits, True, fast, BLOCK, num_warps=WARPS)
     else:
-        _launch((b, splits), (logits, logits.stride(0), vocab, b, out, acc, cnt, keys & 0x7FFFFFFF, keys >> 31,
-                              1.0 / temperature, out, tiles_per_prog, splits, False, fast, BLOCK))
+        _race_kernel[(b, splits)](logits, logits.stride(0), vocab, b, out, acc, cnt, keys & 0x7FFFFFFF, keys >> 31,
+                                  1.0 / temperature, out, tiles_per_prog, splits, False, fast, BLOCK, num_warps=WARPS)
     return out
