@@ -50,7 +50,7 @@ fp32_greedy or decode_attention or experts_match or bf16_logits or fused_topk or
     moe-fp8)   # fp8 experts against the bf16 kernels the platform runs at each size, and the fp8 tile sweep only
             python3 benchmarks/moe_layer_bench.py --tiles --sorted-tiles --out "$OUT/moe_fp8.json" 2>&1 \
               | tee "$OUT/moe_fp8.log" | tail -24 ;;
-    prefill) python3 benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --profile --out "$OUT/prefill.json" 2>&1 \
+    prefill) python3 benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --profile --compare-modules --out "$OUT/prefill.json" 2>&1 \
               | tee "$OUT/prefill.log" | tail -30 ;;
     prefill-host)   # where the host time of issuing one 1 x 2048 prefill step goes, by Python function
             python3 benchmarks/prefill_bench.py --seqs 1 --len 2048 --host-profile 2>&1 \

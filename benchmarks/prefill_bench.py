@@ -3,8 +3,9 @@
 Builds the random-weight model of ``decode_roofline.py`` (Qwen3-30B-A3B shape by default,
 bf16) on the GPU and times one prefill step (model forward over SEQS prompts of LEN tokens
 with nothing cached, then the logits of each prompt's last token) with each expert path in
-turn: the cuda platform's (``cuda_experts``) and torch._grouped_mm above the decode-sized
-Triton kernels (what it ran before ``triton_moe_sorted``). The roofline is the step's
+turn: the cuda platform's (``cuda_experts``: its fused prefill layer and expert kernels) and
+torch._grouped_mm above the decode-sized Triton kernels (what it ran before ``triton_moe_sorted``;
+the modules then run the layer), with --compare-modules the platform's kernels module by module. The roofline is the step's
 matrix FLOPs (projections, router, the routed experts, causal attention, logits) over the
 8192^3 bf16 matmul rate of the same run. Also reports the host time to build the step's
 attention metadata and to issue the step (when that is near the step time, the step is
@@ -57,6 +58,8 @@ def main():
     p.add_argument("--len", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of a step of the first size")
+    p.add_argument("--compare-modules", action="store_true",
+                   help="also time the step with the layers run module by module (Kernels.decoder_layer off)")
     p.add_argument("--host-profile", action="store_true",
                    help="print where the host time of issuing a step of the first size goes (cProfile, by function)")
     p.add_argument("--fp8", action="store_true", help="also time the steps with the experts in fp8")
@@ -74,6 +77,8 @@ def main():
     rate = 2 * n ** 3 / (triton.testing.do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median") * 1e-3)
     del x, y
     paths = {"cuda_experts": model.kernels, "grouped_mm": dataclasses.replace(model.kernels, experts=grouped_above_decode)}
+    if a.compare_modules:       # the layer module by module (no fused prefill layer), the platform's kernels
+        paths["modules"] = dataclasses.replace(model.kernels, decoder_layer=None)
     rows = []
     for s in a.seqs:
         seqs = [(a.len, a.len, list(range(i * per_seq, (i + 1) * per_seq))) for i in range(s)]

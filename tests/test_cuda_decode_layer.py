@@ -1,6 +1,6 @@
 """The cuda platform's fused decode layer (epplat.platforms.cuda.decode_layer: q/k norm + rotary + KV write
 in one launch, the attention merge inside the split kernel, the
-residual inside the experts' sum) run by Triton's CPU interpreter (TRITON_INTERPRET=1) against the same layer
+residual inside the experts' sum) and its fused prefill layer (prefill_layer) run by Triton's CPU interpreter (TRITON_INTERPRET=1) against the same layer
 run module by module in torch, and the masked expert kernels it calls on fp8 weights against float64; on a GPU,
 tests/test_gpu.py checks it against the modules' Triton kernels."""
 
@@ -29,7 +29,6 @@ cuda = cuda_kernels()
 dev = torch.device(os.environ.get("EPPLAT_TEST_DEVICE", "cpu"))    # test_gpu.py runs this on cuda
 pdl.ENABLED = os.environ.get("EPPLAT_TEST_PDL") == "1"             # and with dependent launches
 assert pdl.on(dev) == (pdl.ENABLED and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9)
-assert cuda.decoder_layer is decode_layer.decode_layer
 # 5 and 20 rows through cuBLAS-sized GEMMs; 2 rows through the Triton GEMV, with a sequence long enough to be
 # split over several programs (the merge of their slices) beside one of a single token
 for qk_norm, renorm, lens in ((True, True, [5, 16, 17, 40, 33]), (False, False, [1] + list(range(2, 40, 2))),
@@ -72,6 +71,29 @@ for qk_norm, renorm, lens in ((True, True, [5, 16, 17, 40, 33]), (False, False, 
         if "kernels" in vars(m):
             m.kernels = cuda
     assert decode_layer.decode_layer(layer, x[:1], torch.arange(1, device=dev), prefill) is None
+    # the prefill layer, through the record's decoder_layer: a step of two decodes, a chunk over a cached prefix
+    # and a fresh prompt, against the modules; the KV cache written alike
+    seqs = [(9, 1, [0]), (20, 1, [2, 3]), (30, 12, [4, 5]), (17, 17, [6, 7])]
+    meta = build_attn_metadata(seqs, 16, dev, pad_block=shape[0] - 1, kernels=cuda)
+    x = torch.randn(31, 128, generator=g).to(dev)
+    pos = torch.cat([torch.arange(n - q, n) for n, q, _ in seqs]).to(dev)
+    layer.self_attn.kv_cache = tuple(c.clone() for c in caches)
+    assert decode_layer.decode_layer(layer, x, pos, meta) is None
+    fused = cuda.decoder_layer(layer, x, pos, meta)
+    assert fused is not None                                      # prefill_layer took it (decode_layer did not)
+    fused_caches = layer.self_attn.kv_cache
+    for m in layer.modules():
+        if "kernels" in vars(m):
+            m.kernels = TORCH
+    layer.self_attn.kv_cache = tuple(c.clone() for c in caches)
+    ref = layer(x, pos, build_attn_metadata(seqs, 16, dev, pad_block=shape[0] - 1))
+    err = float((fused - ref).abs().max() / ref.abs().max())
+    assert err < 1e-5, err
+    for a, b in zip(fused_caches, layer.self_attn.kv_cache):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for m in layer.modules():
+        if "kernels" in vars(m):
+            m.kernels = cuda
 # the merge of 6 slices 4 at a time (what bf16 takes) equal to one at a time
 q, k, v = torch.randn(1, 4, 32, generator=g).to(dev), *torch.randn(2, 45, 16, 2, 32, generator=g).to(dev)
 lens, tables = torch.tensor([700], dtype=torch.int32, device=dev), torch.arange(45, device=dev).int()[None]

@@ -73,12 +73,14 @@ def build_attn_metadata(seqs, block_size: int, device, pad_block: int, kernels: 
     return meta
 
 
-def paged_attention(q, k, v, kv_cache, meta: AttnMetadata, scale: float, kernels: Kernels = TORCH) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, KVH, D]; writes k/v into the cache and returns [T, H, D]."""
+def paged_attention(q, k, v, kv_cache, meta: AttnMetadata, scale: float, kernels: Kernels = TORCH,
+                    written: bool = False) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, KVH, D]; writes k/v into the cache (unless ``written``: a fused kernel before
+    did) and returns [T, H, D]."""
     k_cache, v_cache = kv_cache
     kvh, d = k.shape[1], k.shape[2]
     write = kernels.kv_write
-    if write is None or not write(k, v, k_cache, v_cache, meta.slot_mapping):
+    if not written and (write is None or not write(k, v, k_cache, v_cache, meta.slot_mapping)):
         k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)

@@ -83,13 +83,19 @@ def _project(module, name: str, x: torch.Tensor, pdl: bool) -> torch.Tensor:
     return module.project(name, x) if out is None else out
 
 
-def decode_layer(layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, meta) -> Optional[torch.Tensor]:
-    """``layer(x, positions, meta)`` for a batch of single-token decodes; None when it does not apply."""
+def eligible(layer: DecoderLayer) -> bool:
+    """Whether the layer's shapes and parts are those the fused layers take (cached on the layer until its
+    all2all or KV cache changes)."""
     cached = getattr(layer, "_cuda_fused_ok", None)
     if cached is None or cached[0] is not layer.mlp.all2all or cached[1] is not layer.self_attn.kv_cache:
         cached = layer._cuda_fused_ok = (layer.mlp.all2all, layer.self_attn.kv_cache, _eligible(layer))
+    return cached[2]
+
+
+def decode_layer(layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, meta) -> Optional[torch.Tensor]:
+    """``layer(x, positions, meta)`` for a batch of single-token decodes; None when it does not apply."""
     t = x.shape[0]
-    if not cached[2] or meta.prefills or meta.num_decodes != t or t == 0 or x.dtype not in _DTYPES \
+    if meta.prefills or not eligible(layer) or meta.num_decodes != t or t == 0 or x.dtype not in _DTYPES \
             or x.dtype != layer.input_layernorm.weight.dtype:
         return None
     attn, mlp = layer.self_attn, layer.mlp

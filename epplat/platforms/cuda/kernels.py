@@ -25,6 +25,7 @@ def cuda_kernels() -> Kernels:
         return Kernels(experts=half_experts, grouped_mm=bf16_grouped_mm)
     from epplat.platforms.cuda import triton_moe, triton_moe_sorted, triton_norm
     from epplat.platforms.cuda.decode_layer import decode_layer
+    from epplat.platforms.cuda.prefill_layer import prefill_layer
     from epplat.platforms.cuda.triton_attention import decode_attention, write_kv
     from epplat.platforms.cuda.triton_mla import mla_decode_attention
     from epplat.platforms.cuda.triton_sample import sample
@@ -34,7 +35,13 @@ def cuda_kernels() -> Kernels:
         out = triton_moe_sorted.cuda_experts(x, topk_ids, topk_weights, w13, w2, act)
         return half_experts(x, topk_ids, topk_weights, w13, w2, act) if out is None else out
 
+    experts.with_residual = triton_moe_sorted.cuda_experts     # the form that adds a residual (prefill_layer)
+
+    def decoder_layer(layer, x, positions, meta):
+        """The fused layer of the step's kind: with prefill chunks, or decodes only."""
+        return (prefill_layer if meta.prefills else decode_layer)(layer, x, positions, meta)
+
     return Kernels(decode_attention=decode_attention, kv_write=write_kv, mla_decode_attention=mla_decode_attention,
                    rms_norm=triton_norm.rms_norm,
                    rope=triton_norm.rope, route=triton_moe.fused_topk, experts=experts,
-                   grouped_mm=bf16_grouped_mm, sample=sample, decoder_layer=decode_layer)
+                   grouped_mm=bf16_grouped_mm, sample=sample, decoder_layer=decoder_layer)

@@ -11,12 +11,14 @@ through that ``CompiledKernel``'s own launcher on the current stream.
 The key here is finer than Triton's, never coarser, so a cached kernel is one Triton would have chosen:
 the current device, every constexpr's value, every tensor's dtype and whether its address is a multiple of
 16, every integer's 16-divisibility, whether it is 1 and its width class (i32 / i64 / u64), every bool's and
-None's value, and the launch options. A launch Triton's rules could treat otherwise (an argument of another
-type, a parameter passed by name or left to its default, a tensor off the GPU, Triton's interpreter) goes
-through the JITFunction.
+None's value, and the launch options (parameters left out take their defaults). A launch Triton's rules
+could treat otherwise (an argument of another type, a parameter passed by name, a tensor off the GPU,
+Triton's interpreter) goes through the JITFunction.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import triton
@@ -34,22 +36,29 @@ class CachedKernel:
         self.fast = isinstance(jit, triton.runtime.JITFunction) and params is not None
         self.constexpr = tuple(p.is_constexpr for p in params) if self.fast else ()
         self.names = frozenset(p.name for p in params) if self.fast else frozenset()
+        self.defaults = [p.default for p in params] if self.fast else []     # inspect.Parameter.empty: none
         self.compiled: dict = {}
 
     def __getitem__(self, grid):
         return lambda *args, **options: self.launch(grid, args, options)
 
     def _key(self, args, options):
-        """The specialization key of a launch, or None when it must go through the JITFunction."""
+        """(The specialization key of a launch, or None when it must go through the JITFunction; the arguments
+        with the defaults of those left out)."""
+        if len(args) < len(self.constexpr):          # trailing parameters left to their defaults
+            rest = self.defaults[len(args):]
+            if inspect.Parameter.empty in rest:
+                return None, args
+            args = (*args, *rest)
         if len(args) != len(self.constexpr) or not self.names.isdisjoint(options):
-            return None
+            return None, args
         key = []
         for a, const in zip(args, self.constexpr):
             if const:
                 key.append(a)
             elif isinstance(a, torch.Tensor):
                 if not a.is_cuda:
-                    return None
+                    return None, args
                 key.append((a.dtype, a.data_ptr() % 16 == 0))
             elif a is None or isinstance(a, bool):
                 key.append((a,))
@@ -58,11 +67,11 @@ class CachedKernel:
             elif isinstance(a, float):
                 key.append(float)
             else:
-                return None
-        return (torch.cuda.current_device(), *key, tuple(sorted(options.items())))
+                return None, args
+        return (torch.cuda.current_device(), *key, tuple(sorted(options.items()))), args
 
     def launch(self, grid, args, options):
-        key = self._key(args, options) if self.fast else None
+        key, full = self._key(args, options) if self.fast else (None, args)
         kernel = None if key is None else self.compiled.get(key)
         if kernel is None:
             kernel = self.jit[grid](*args, **options)
@@ -70,7 +79,7 @@ class CachedKernel:
                 self.compiled[key] = kernel
             return kernel
         grid = tuple(grid) + (1,) * (3 - len(grid))        # the CompiledKernel's launcher takes three axes
-        kernel[grid](*args, stream=triton.runtime.driver.active.get_current_stream(key[0]))
+        kernel[grid](*full, stream=triton.runtime.driver.active.get_current_stream(key[0]))
         return kernel
 
 

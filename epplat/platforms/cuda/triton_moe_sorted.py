@@ -165,9 +165,10 @@ def sort_by_expert(ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tens
 
 
 def sorted_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tiles] = None, *, w13_scale=None,
-                   w2_scale=None):
+                   w2_scale=None, residual: Optional[torch.Tensor] = None):
     """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) for bf16/fp16; ids local, -1 = held elsewhere; fp8 w13/w2
-    with their block scales as in triton_experts. None for activations or dtypes it does not take."""
+    with their block scales as in triton_experts; with residual [T, H] (contiguous, x's dtype), residual + that
+    sum in the sum's launch. None for activations or dtypes it does not take."""
     name = getattr(act, "__name__", "")
     if name not in _ACTS or x.dtype not in (torch.bfloat16, torch.float16):
         return None
@@ -189,17 +190,19 @@ def sorted_experts(x, topk_ids, topk_weights, w13, w2, act, tiles: Optional[Tile
         h, rows, tile_expert, tw, w2, s2, y, num_assign, hidden, inter, w2.stride(0), ss2, t.bm, t.bn2, t.bk2, w8,
         num_warps=t.warps, num_stages=t.stages)
     out = torch.empty((rows_n, hidden), dtype=x.dtype, device=x.device)
-    _sum_kernel[(rows_n, triton.cdiv(hidden, 1024))](y, ids, out, out, hidden, k, 1024, False, num_warps=4)
+    res = residual is not None
+    _sum_kernel[(rows_n, triton.cdiv(hidden, 1024))](y, ids, out, residual if res else out, hidden, k, 1024, res,
+                                                     num_warps=4)
     return out
 
 
-def cuda_experts(x, topk_ids, topk_weights, w13, w2, act, *, w13_scale=None, w2_scale=None):
+def cuda_experts(x, topk_ids, topk_weights, w13, w2, act, *, w13_scale=None, w2_scale=None, residual=None):
     """The expert kernel the cuda platform registers: the masked Triton kernels at decode sizes,
     the expert-sorted ones above (float32 above decode sizes: None, the portable path); fp8
-    weights (with their block scales) through the same kernels."""
+    weights (with their block scales) through the same kernels; residual as in triton_experts."""
     if not w13.is_cuda:
         return None
-    scales = dict(w13_scale=w13_scale, w2_scale=w2_scale)
+    scales = dict(w13_scale=w13_scale, w2_scale=w2_scale, residual=residual)
     if topk_ids.numel() <= MAX_ASSIGNMENTS:
         return triton_experts(x, topk_ids, topk_weights, w13, w2, act, **scales)
     return sorted_experts(x, topk_ids, topk_weights, w13, w2, act, **scales)

@@ -2,7 +2,8 @@
 
 From the fused qkv rows [T, (H + 2 KVH) D]: the per-head q/k RMSNorm (Qwen3's q_norm and
 k_norm, where the model has them), the neox rotary of q and k, and the write of the rotated
-keys and the values into their KV-cache slots; returns q [T, H, D]. The module path runs this
+keys and the values into their KV-cache slots; returns q [T, H, D] (and, for a prefill's attention, the
+rotated keys and the values [T, KVH, D]). The module path runs this
 as five kernels (two norms, the rotary, a copy of the strided values, the KV write). Rounding
 as the torch code rounds (epplat.core.model.layers): the norm in float32 rounded to the dtype
 then multiplied by the weight, every rotary product rounded (triton_norm.rotate_halves).
@@ -41,9 +42,9 @@ def _normed_halves(base, w_ptr, eps, NH: tl.constexpr, NHP: tl.constexpr, HALF: 
 @cached
 @triton.jit
 def _qk_norm_rope_kv_kernel(qkv_ptr, qw_ptr, kw_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
-                            qkv_stride, eps, QH: tl.constexpr, KH: tl.constexpr, QHP: tl.constexpr,
+                            ko_ptr, vo_ptr, qkv_stride, eps, QH: tl.constexpr, KH: tl.constexpr, QHP: tl.constexpr,
                             KHP: tl.constexpr, HALF: tl.constexpr, VROW_P: tl.constexpr, NORM: tl.constexpr,
-                            PDL: tl.constexpr):
+                            KV_OUT: tl.constexpr, PDL: tl.constexpr):
     _pdl.start(PDL)
     t = tl.program_id(0)
     dt = q_ptr.dtype.element_ty
@@ -68,6 +69,11 @@ def _qk_norm_rope_kv_kernel(qkv_ptr, qw_ptr, kw_ptr, pos_ptr, cos_ptr, sin_ptr, 
     vm = i < KH * 2 * HALF
     v = tl.load(row + (QH + KH) * 2 * HALF + i, mask=vm)
     tl.store(vc_ptr + slot * (KH * 2 * HALF) + i, v.to(vc_ptr.dtype.element_ty), mask=vm)
+    if KV_OUT:     # the rotated keys and the values, contiguous [T, KVH, D], for a prefill chunk's attention
+        out = ko_ptr + (t.to(tl.int64) * KH + h[:, None]) * (2 * HALF) + j[None, :]
+        tl.store(out, o1, mask=(h < KH)[:, None])
+        tl.store(out + HALF, o2, mask=(h < KH)[:, None])
+        tl.store(vo_ptr + t.to(tl.int64) * (KH * 2 * HALF) + i, v, mask=vm)
 
 
 def takes(heads: int, kv_heads: int, head_dim: int) -> bool:
@@ -78,16 +84,20 @@ def takes(heads: int, kv_heads: int, head_dim: int) -> bool:
 
 def qk_norm_rope_kv(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, q_norm, k_norm, eps: float,
                     positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, slot_mapping: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor, pdl: bool = False, kv_out: bool = False):
     """q [T, heads, head_dim] normed (q_norm / k_norm: weights [head_dim], or both None) and rotated; the
-    rotated keys and the values written to their slots of k_cache / v_cache [blocks, block, KVH, D]."""
+    rotated keys and the values written to their slots of k_cache / v_cache [blocks, block, KVH, D]. With
+    kv_out, (q, k, v): the rotated keys and the values [T, KVH, D] too."""
     t = qkv.shape[0]
     q = torch.empty((t, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = v = q
+    if kv_out:
+        k, v = (torch.empty((t, kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device) for _ in range(2))
     if t:
         norm = q_norm is not None
         _qk_norm_rope_kv_kernel[(t,)](
             qkv, q_norm if norm else qkv, k_norm if norm else qkv, positions, cos, sin, q, k_cache, v_cache,
-            slot_mapping, qkv.stride(0), eps, heads, kv_heads, triton.next_power_of_2(heads),
+            slot_mapping, k, v, qkv.stride(0), eps, heads, kv_heads, triton.next_power_of_2(heads),
             triton.next_power_of_2(kv_heads), head_dim // 2, triton.next_power_of_2(kv_heads * head_dim), norm,
-            pdl, num_warps=4, launch_pdl=pdl)
-    return q
+            kv_out, pdl, num_warps=4, launch_pdl=pdl)
+    return (q, k, v) if kv_out else q
