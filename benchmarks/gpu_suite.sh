@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one device call. Usage: benchmarks/gpu_suite.sh [STAGE...]
 # Stages: tests tests-decode sample-tests sample-kernel-tests fp8-expert-tests moe-fp8-decode decode-12l decode decode-fused
-#         decode-kernels decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-host prefill-fp8 sampler serve serve-fp8 serve-prefill
+#         decode-kernels decode-bf16 decode-fp8 moe moe-fp8 prefill prefill-attention prefill-host prefill-fp8 sampler serve serve-fp8 serve-prefill
 #         serve-decode serve-decode-async deepseek-decode deepseek-decode-fp8 serve-deepseek nixl-gpu pd-nixl
 # (default: tests decode moe). Writes JSON and logs under $OUT.
 # Wheels of missing dependencies travel in .whl (see docs/benchmarks.md, "CUDA"); nixl's, too big to
@@ -52,6 +52,9 @@ fp32_greedy or decode_attention or experts_match or bf16_logits or fused_topk or
               | tee "$OUT/moe_fp8.log" | tail -24 ;;
     prefill) python3 benchmarks/prefill_bench.py --seqs 1 4 --len 2048 --profile --compare-modules --out "$OUT/prefill.json" 2>&1 \
               | tee "$OUT/prefill.log" | tail -30 ;;
+    prefill-attention)   # one layer's prefill attention: the one-launch Triton kernel at several tiles against SDPA per chunk
+            python3 benchmarks/prefill_attention_bench.py --out "$OUT/prefill_attention.json" 2>&1 \
+              | tee "$OUT/prefill_attention.log" | tail -12 ;;
     prefill-host)   # where the host time of issuing one 1 x 2048 prefill step goes, by Python function
             python3 benchmarks/prefill_bench.py --seqs 1 --len 2048 --host-profile 2>&1 \
               | tee "$OUT/prefill_host.log" | grep -v "^\s*$" | cut -c1-150 | tail -75 ;;

@@ -110,6 +110,24 @@ for i in range(2):
     keys, vals = (c[tables[i].long()].reshape(-1, 2, 32)[: lens[i]].repeat_interleave(2, 1) for c in (k, v))
     att = torch.softmax(torch.einsum("hd,lhd->hl", q[i], keys) * 32 ** -0.5, -1)
     torch.testing.assert_close(out[i], torch.einsum("hl,lhd->hd", att, vals), rtol=1e-5, atol=1e-5)
+# prefill attention over the paged cache in one launch (triton_prefill_attention) after a decode: chunks over
+# cached prefixes (off a block edge; longer than a key tile, so tiles before the diagonal run unmasked), a fresh
+# one, against SDPA per chunk over the gathered context; the default tiles and narrower query tiles
+from epplat.core.model.attention import paged_attention
+from epplat.platforms.cuda.triton_prefill_attention import prefill_attention
+k, v = torch.randn(2, 30, 16, 2, 32, generator=g).to(dev)
+seqs = [(9, 1, [0]), (100, 40, list(range(1, 8))), (33, 33, [8, 9, 10]), (70, 5, list(range(11, 16)))]
+q = torch.randn(79, 4, 32, generator=g).to(dev)
+kn, vn = torch.randn(2, 79, 2, 32, generator=g).to(dev)
+ref = paged_attention(q, kn, vn, (k.clone(), v.clone()), build_attn_metadata(seqs, 16, dev, pad_block=29), 0.2)
+kc, vc = k.clone(), v.clone()
+meta = build_attn_metadata(seqs, 16, dev, pad_block=29, kernels=cuda)
+assert meta.prefills[0]._mask is None                                      # no mask made for the kernel
+torch.testing.assert_close(paged_attention(q, kn, vn, (kc, vc), meta, 0.2, cuda), ref, rtol=1e-5, atol=1e-5)
+assert all(p._mask is None for p in meta.prefills)
+out = torch.zeros_like(q)
+assert prefill_attention(q, kc, vc, meta, 0.2, out, tiles=(16, 64, 4, 1))
+torch.testing.assert_close(out[1:], ref[1:], rtol=1e-5, atol=1e-5)
 # the masked expert kernels on fp8 weights (tiles times their blocks' scales, far from 1 here), float16 activations
 # (the interpreter's bfloat16 dots are wrong), against float64 on the dequantized weights
 from epplat.platforms.cuda.fp8_moe import dequantize, quantize

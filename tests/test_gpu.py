@@ -30,6 +30,39 @@ def test_triton_decode_attention_matches_a_gather_and_softmax():
         torch.testing.assert_close(out[i], torch.einsum("hl,lhd->hd", att, vals), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_prefill_attention_matches_sdpa_per_chunk(dtype):
+    """The one-launch prefill attention over the paged cache (triton_prefill_attention), compiled for the GPU at
+    the default tiles, against the portable path (SDPA per chunk over the gathered context) for a step of 3
+    decodes, two fresh prompts and chunks after cached prefixes of 1000 and 3000 tokens (off a page edge, in
+    shuffled pages); bfloat16 within its rounding, float32 within 1e-4."""
+    import dataclasses
+
+    from epplat.core.model.attention import build_attn_metadata, paged_attention
+    from epplat.platforms.cuda.kernels import cuda_kernels
+    torch.manual_seed(0)
+    cuda = cuda_kernels()
+    h, kvh, d, bs = 16, 4, 128, 16
+    lens = [(40, 1), (700, 1), (17, 1), (300, 300), (1200, 200), (129, 129), (3513, 513)]
+    need = [-(-c // bs) for c, _ in lens]
+    perm = torch.randperm(sum(need) + 8).tolist()
+    seqs, at = [], 0
+    for (c, q), n in zip(lens, need):
+        seqs.append((c, q, perm[at:at + n]))
+        at += n
+    t = sum(q for _, q in lens)
+    kc = torch.randn(len(perm) + 1, bs, kvh, d, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    q = torch.randn(t, h, d, device="cuda", dtype=dtype)
+    k, v = torch.randn(t, kvh, d, device="cuda", dtype=dtype), torch.randn(t, kvh, d, device="cuda", dtype=dtype)
+    meta = build_attn_metadata(seqs, bs, "cuda", len(perm), cuda)
+    out = paged_attention(q, k, v, (kc, vc), meta, d ** -0.5, cuda)
+    ref = paged_attention(q, k, v, (kc, vc), meta, d ** -0.5, dataclasses.replace(cuda, prefill_attention=None),
+                          written=True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
 def test_decode_kernels_gemv_add_norm_and_long_attention_match_torch():
     """The batch-1 decode kernels compiled for the GPU: the Triton GEMV (1-4 rows, the Qwen3-30B-A3B qkv,
     o_proj and router shapes) against float32 F.linear, bfloat16 within its rounding, float32 within 1e-5;

@@ -33,7 +33,8 @@ class Kernels:
     kv_write: Kernel = None
     # (q [B, H, D], k_cache, v_cache, tables [B, blocks], lens [B], scale) -> [B, H, D]  torch: paged SDPA
     decode_attention: Kernel = None
-    # (q [Tq, H, D], keys [L, KVH, D], values, mask [Tq, L] | None (causal), scale) -> [Tq, H, D]
+    # (q [T, H, D], k_cache, v_cache (this step's keys written), meta: AttnMetadata, scale, out [T, H, D])
+    # -> True once out's rows of every prefill chunk (meta.prefill_desc) are written  torch: SDPA per chunk
     prefill_attention: Kernel = None
     # (router logits [T, E], top_k, renormalize, dtype) -> (weights [T, k], ids [T, k])  torch: FusedMoE.route
     route: Kernel = None

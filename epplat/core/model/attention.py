@@ -26,7 +26,17 @@ class PrefillChunk:
     q_end: int
     context_len: int
     block_table: torch.Tensor        # [num_blocks] blocks holding this sequence's keys
-    mask: Optional[torch.Tensor]     # [q_len, context_len] bool, None when purely causal
+    _mask: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def mask(self) -> Optional[torch.Tensor]:
+        """[q_len, context_len] bool (query i sees keys up to its position), None when purely causal; made
+        on first use, so a step whose attention takes the chunk descriptors builds none."""
+        if self._mask is None and self.context_len != self.q_end - self.q_start:
+            dev = self.block_table.device
+            qpos = torch.arange(self.context_len - (self.q_end - self.q_start), self.context_len, device=dev)
+            self._mask = torch.arange(self.context_len, device=dev).unsqueeze(0) <= qpos.unsqueeze(1)
+        return self._mask
 
 
 @dataclass
@@ -37,39 +47,50 @@ class AttnMetadata:
     decode_mask: Optional[torch.Tensor] = None    # [B, 1, 1, max_blocks * block_size] True where valid
     decode_lens: Optional[torch.Tensor] = None    # [B] context lengths
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # the prefill chunks for a kernel that takes them all in one launch (prefill_attention):
+    prefill_desc: Optional[torch.Tensor] = None   # [C, 4] int64: q_start, q_len, context_len, offset in prefill_tables
+    prefill_tables: Optional[torch.Tensor] = None  # [sum of the chunks' blocks] int64, the chunks' tables one after another
+    max_prefill_len: int = 0                      # the longest chunk's q_len
 
 
 def build_attn_metadata(seqs, block_size: int, device, pad_block: int, kernels: Kernels = TORCH) -> AttnMetadata:
-    """seqs: list of (context_len, q_len, block_table) in batch order, decodes first. The decode mask
-    is built here only for the torch decode attention (a decode kernel takes the lengths)."""
-    slot_mapping, prefills = [], []
+    """seqs: list of (context_len, q_len, block_table) in batch order, decodes first. Every index tensor of
+    the step comes from one host-to-device copy (slots, decode tables and lengths, the prefill chunks'
+    descriptors and tables, views of one int64 buffer). The decode mask is built here only for the torch
+    decode attention (a decode kernel takes the lengths)."""
+    slots, desc, ptables = [], [], []
     dec_lens, dec_tables = [], []
     q_start = 0
     for ctx_len, q_len, table in seqs:
-        slot_mapping.extend(table[p // block_size] * block_size + p % block_size
-                            for p in range(ctx_len - q_len, ctx_len))
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(ctx_len - q_len, ctx_len))
         nblocks = -(-ctx_len // block_size)
-        if q_len == 1 and not prefills:
+        if q_len == 1 and not desc:
             dec_lens.append(ctx_len)
             dec_tables.append(table[:nblocks])
         else:
-            mask = None
-            if ctx_len != q_len:
-                qpos = torch.arange(ctx_len - q_len, ctx_len, device=device).unsqueeze(1)
-                mask = torch.arange(ctx_len, device=device).unsqueeze(0) <= qpos
-            prefills.append(PrefillChunk(q_start, q_start + q_len, ctx_len,
-                                         to_device(table[:nblocks], torch.long, device), mask))
+            desc.append((q_start, q_len, ctx_len, len(ptables)))
+            ptables.extend(table[:nblocks])
         q_start += q_len
-    meta = AttnMetadata(to_device(slot_mapping, torch.long, device),
-                        num_decodes=len(dec_lens), prefills=prefills)
-    if dec_lens:
-        width = max(len(t) for t in dec_tables)
-        padded = [t + [pad_block] * (width - len(t)) for t in dec_tables]
-        meta.decode_tables = to_device(padded, torch.long, device)
-        lens = to_device(dec_lens, torch.long, device)
-        meta.decode_lens = lens
+    width = max((len(t) for t in dec_tables), default=0)
+    flat = slots + [x for t in dec_tables for x in (*t, *[pad_block] * (width - len(t)))] + dec_lens
+    flat += [x for d in desc for x in d] + ptables
+    buf = to_device(flat, torch.long, device)
+    t, b, c = len(slots), len(dec_lens), len(desc)
+    meta = AttnMetadata(buf[:t], num_decodes=b)
+    at = t + b * width
+    if b:
+        meta.decode_tables = buf[t:at].view(b, width)
+        meta.decode_lens = lens = buf[at:at + b]
         if kernels.decode_attention is None:
-            meta.decode_mask = (torch.arange(width * block_size, device=device)[None, :] < lens[:, None])[:, None, None]
+            span = torch.arange(width * block_size, device=device)
+            meta.decode_mask = (span[None, :] < lens[:, None])[:, None, None]
+    at += b
+    if c:
+        meta.prefill_desc = buf[at:at + 4 * c].view(c, 4)
+        meta.prefill_tables = tables = buf[at + 4 * c:]
+        meta.max_prefill_len = max(d[1] for d in desc)
+        meta.prefills = [PrefillChunk(s, s + q, ctx, tables[off:off + -(-ctx // block_size)])
+                         for s, q, ctx, off in desc]
     return meta
 
 
@@ -101,6 +122,8 @@ def paged_attention(q, k, v, kv_cache, meta: AttnMetadata, scale: float, kernels
                                            scale=scale, enable_gqa=gqa)
         out[:b] = o.squeeze(2)
     prefill = kernels.prefill_attention
+    if meta.prefills and prefill is not None and prefill(q, k_cache, v_cache, meta, scale, out):
+        return out
     for p in meta.prefills:
         if p.context_len == p.q_end - p.q_start:     # nothing cached before this chunk: its own keys
             keys, vals = k[p.q_start:p.q_end], v[p.q_start:p.q_end]
@@ -108,10 +131,8 @@ def paged_attention(q, k, v, kv_cache, meta: AttnMetadata, scale: float, kernels
             keys = k_cache.index_select(0, p.block_table).view(-1, kvh, d)[: p.context_len]
             vals = v_cache.index_select(0, p.block_table).view(-1, kvh, d)[: p.context_len]
         qp = q[p.q_start:p.q_end]
-        o = prefill(qp, keys, vals, p.mask, scale) if prefill is not None else None
-        if o is None:
-            o = F.scaled_dot_product_attention(qp.transpose(0, 1)[None], keys.transpose(0, 1)[None],
-                                               vals.transpose(0, 1)[None], attn_mask=p.mask,
-                                               is_causal=p.mask is None, scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
+        o = F.scaled_dot_product_attention(qp.transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                           vals.transpose(0, 1)[None], attn_mask=p.mask,
+                                           is_causal=p.mask is None, scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
         out[p.q_start:p.q_end] = o
     return out

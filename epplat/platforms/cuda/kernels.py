@@ -28,6 +28,7 @@ def cuda_kernels() -> Kernels:
     from epplat.platforms.cuda.prefill_layer import prefill_layer
     from epplat.platforms.cuda.triton_attention import decode_attention, write_kv
     from epplat.platforms.cuda.triton_mla import mla_decode_attention
+    from epplat.platforms.cuda.triton_prefill_attention import prefill_attention
     from epplat.platforms.cuda.triton_sample import sample
 
     def experts(x, topk_ids, topk_weights, w13, w2, act) -> Optional[torch.Tensor]:
@@ -41,7 +42,7 @@ def cuda_kernels() -> Kernels:
         """The fused layer of the step's kind: with prefill chunks, or decodes only."""
         return (prefill_layer if meta.prefills else decode_layer)(layer, x, positions, meta)
 
-    return Kernels(decode_attention=decode_attention, kv_write=write_kv, mla_decode_attention=mla_decode_attention,
+    return Kernels(decode_attention=decode_attention, prefill_attention=prefill_attention, kv_write=write_kv, mla_decode_attention=mla_decode_attention,
                    rms_norm=triton_norm.rms_norm,
                    rope=triton_norm.rope, route=triton_moe.fused_topk, experts=experts,
                    grouped_mm=bf16_grouped_mm, sample=sample, decoder_layer=decoder_layer)

@@ -22,9 +22,11 @@ import inspect
 
 import torch
 import triton
+import triton.knobs
 
 _INT32 = 1 << 31
 _INT64 = 1 << 63
+_TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
 
 
 class CachedKernel:
@@ -44,43 +46,79 @@ class CachedKernel:
 
     def _key(self, args, options):
         """(The specialization key of a launch, or None when it must go through the JITFunction; the arguments
-        with the defaults of those left out)."""
+        with the defaults of those left out). The key is flat: a tensor gives its dtype (a torch.dtype, which
+        no other parameter kind gives) and its alignment, any other argument one entry, so the entries read
+        back one way only."""
         if len(args) < len(self.constexpr):          # trailing parameters left to their defaults
             rest = self.defaults[len(args):]
             if inspect.Parameter.empty in rest:
                 return None, args
             args = (*args, *rest)
-        if len(args) != len(self.constexpr) or not self.names.isdisjoint(options):
+        if len(args) != len(self.constexpr) or (options and not self.names.isdisjoint(options)):
             return None, args
-        key = []
+        key = [torch.cuda.current_device()]
+        add = key.append
         for a, const in zip(args, self.constexpr):
+            t = type(a)
             if const:
-                key.append(a)
-            elif isinstance(a, torch.Tensor):
+                add(a)
+            elif t is _TENSOR or t is _PARAMETER:
                 if not a.is_cuda:
                     return None, args
-                key.append((a.dtype, a.data_ptr() % 16 == 0))
-            elif a is None or isinstance(a, bool):
-                key.append((a,))
-            elif isinstance(a, int):
-                key.append((a % 16 == 0, a == 1, -_INT32 <= a < _INT32, a < _INT64))
-            elif isinstance(a, float):
-                key.append(float)
+                add(a.dtype)
+                add(a.data_ptr() & 15 == 0)
+            elif t is int:      # 16-divisible, equal to 1, width class (i32 / i64 / u64): as ints from 2 up
+                add(2 + (a & 15 == 0) + 2 * (a == 1) + 4 * (-_INT32 <= a < _INT32) + 8 * (a < _INT64))
+            elif t is bool or a is None:
+                add(a)
+            elif t is float:
+                add(float)
             else:
                 return None, args
-        return (torch.cuda.current_device(), *key, tuple(sorted(options.items()))), args
+        if options:
+            key.append(tuple(sorted(options.items())))
+        return tuple(key), args
 
     def launch(self, grid, args, options):
         key, full = self._key(args, options) if self.fast else (None, args)
-        kernel = None if key is None else self.compiled.get(key)
-        if kernel is None:
+        entry = None if key is None else self.compiled.get(key)
+        if entry is None:
             kernel = self.jit[grid](*args, **options)
             if key is not None and kernel is not None:
-                self.compiled[key] = kernel
+                self.compiled[key] = (kernel, *_direct(kernel))
             return kernel
+        kernel, run, function, packed = entry
         grid = tuple(grid) + (1,) * (3 - len(grid))        # the CompiledKernel's launcher takes three axes
-        kernel[grid](*full, stream=triton.runtime.driver.active.get_current_stream(key[0]))
+        stream = _current_stream(key[0])
+        hooks = triton.knobs.runtime
+        if run is None or hooks.launch_enter_hook is not None or hooks.launch_exit_hook is not None:
+            kernel[grid](*full, stream=stream)
+        else:
+            run(grid[0], grid[1], grid[2], stream, function, packed, None, None, None, *full)
         return kernel
+
+
+# CompiledKernel.__getitem__(grid)(*args, stream=s) builds a closure and a launch-metadata record each call, for
+# launch hooks (profilers); with no hook set it ends in this call of the kernel's launcher, made here directly
+# where this Triton's runner reads so (else the runner, as before)
+_RUNNER_CALL = ("self.run(grid[0], grid[1], grid[2], stream, self.function, self.packed_metadata, "
+                "launch_metadata,")
+try:
+    _DIRECT = _RUNNER_CALL in " ".join(inspect.getsource(triton.compiler.CompiledKernel.__getitem__).split())
+except (OSError, TypeError, AttributeError):
+    _DIRECT = False
+_current_stream = None
+
+
+def _direct(kernel):
+    """(launcher, function handle, packed metadata) of a CompiledKernel, or Nones where the runner must run."""
+    global _current_stream
+    if _current_stream is None:
+        _current_stream = triton.runtime.driver.active.get_current_stream
+    if not _DIRECT:
+        return None, None, None
+    run = kernel.run                    # loads the module (CompiledKernel._init_handles)
+    return run, kernel.function, kernel.packed_metadata
 
 
 def cached(jit) -> CachedKernel:
