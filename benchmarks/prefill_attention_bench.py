@@ -40,7 +40,7 @@ def main():
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--tiles", nargs="*", default=["128-64-8-2", "64-64-4-2", "64-128-4-3", "32-128-4-2"],
+    p.add_argument("--tiles", nargs="*", default=["128-64-8-2", "64-64-4-2", "64-128-4-2"],
                    help="BM-BN-warps-stages tiles to time besides the default")
     p.add_argument("--out", default=None)
     a = p.parse_args()

@@ -221,8 +221,8 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self, max_model_len: int) -> None:
         """Run steps of every size class the kernels specialise on (prefill chunks of 1 to
-        max_num_batched_tokens tokens, decode batches mixed with a prefill chunk) into the scratch
-        block, so that no request pays a kernel compile. Only for platforms whose kernels compile
+        max_num_batched_tokens tokens, decode batches mixed with a prefill chunk, a chunk after a cached
+        prefix) into the scratch block, so that no request pays a kernel compile. Only for platforms whose kernels compile
         on first use (``compiles_kernels``)."""
         if not self.platform.compiles_kernels:
             return
@@ -234,6 +234,10 @@ class ModelRunner:
             lens = [min(max_model_len, n - i) for i in range(0, n, max_model_len)]
             steps.append([(m, m) for m in lens])
         steps += [[(1, 1)] * b + [(2, 2)] for b in sizes if b < sched.max_num_seqs and b + 2 <= sched.max_num_batched_tokens]
+        # a chunk after a cached prefix (a long prompt's later chunk, a prefix-cache hit), alone and after a
+        # decode: its attention reads the cache (a kernel of its own on some platforms)
+        if max_model_len >= 32 and sched.max_num_batched_tokens >= 17 and sched.max_num_seqs >= 2:
+            steps += [[(32, 16)], [(1, 1), (32, 16)]]
         eplb, self.eplb = self.eplb, None
         try:
             for seqs in steps:

@@ -28,8 +28,8 @@ from epplat.platforms.cuda.launch import cached
 from epplat.platforms.cuda.triton_attention import online_softmax_step
 
 # (BM query tokens, BN keys a step, warps, stages) by dtype; benchmarks/prefill_attention_bench.py sweeps them
-# (H200, bf16, 32 / 4 heads of 128: 64-128-4-2 the fastest of five tiles in every step it timed)
-TILES = {torch.bfloat16: (64, 128, 4, 2), torch.float16: (64, 128, 4, 2), torch.float32: (32, 32, 4, 1)}
+# (H200, bf16, 32 / 4 heads of 128: 128-128-8-2 the fastest of the eight tiles timed with cached prefixes)
+TILES = {torch.bfloat16: (128, 128, 8, 2), torch.float16: (128, 128, 8, 2), torch.float32: (32, 32, 4, 1)}
 
 
 @triton.jit
