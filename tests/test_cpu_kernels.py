@@ -187,3 +187,29 @@ def test_fused_decode_layer_gives_the_modules_bits(qk_norm):
 
     from epplat.core.moe.all2all import All2AllBackend, ExpertMap
     assert fused_layer.decode_layer(_decoder_layer(qk_norm, All2AllBackend(ExpertMap(8)), modules), x, pos, meta) is None
+
+
+def test_attention_metadata_is_one_buffer_with_aligned_views():
+    """build_attn_metadata: every index tensor a view of one int64 buffer (one host-to-device copy), each from
+    a 16-byte boundary whatever the step's token and decode counts (Triton compiles a kernel again for a
+    pointer off it, so an odd count would cost a served request a compile), with the values it describes."""
+    from epplat.core.model.attention import build_attn_metadata
+    for decodes, chunks in ((0, [(7, 7)]), (1, [(40, 3)]), (3, []), (2, [(5, 5), (33, 17)]), (5, [(18, 1 + 16)])):
+        seqs = [(9 + i, 1, [i, 20 + i]) for i in range(decodes)]
+        seqs += [(c, q, list(range(40 + 4 * j, 44 + 4 * j))) for j, (c, q) in enumerate(chunks)]
+        meta = build_attn_metadata(seqs, 16, torch.device("cpu"), pad_block=99)
+        views = [meta.slot_mapping, meta.decode_tables, meta.decode_lens, meta.prefill_desc, meta.prefill_tables]
+        views = [v for v in views if v is not None]
+        base = meta.slot_mapping.untyped_storage().data_ptr()
+        assert all(v.untyped_storage().data_ptr() == base and v.data_ptr() % 16 == 0 for v in views), decodes
+        assert meta.slot_mapping.tolist()[:decodes] == [[i, 20 + i][(8 + i) // 16] * 16 + (8 + i) % 16
+                                                       for i in range(decodes)]
+        if decodes:
+            assert meta.decode_lens.tolist() == [9 + i for i in range(decodes)]
+            assert meta.decode_tables[:, 0].tolist() == list(range(decodes))
+        q_start = decodes
+        for j, ((c, q), p) in enumerate(zip(chunks, meta.prefills)):
+            assert meta.prefill_desc[j].tolist()[:3] == [q_start, q, c] == [p.q_start, p.q_end - p.q_start,
+                                                                            p.context_len]
+            assert p.block_table.tolist() == list(range(40 + 4 * j, 40 + 4 * j + -(-c // 16)))
+            q_start += q

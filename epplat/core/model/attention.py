@@ -56,8 +56,9 @@ class AttnMetadata:
 def build_attn_metadata(seqs, block_size: int, device, pad_block: int, kernels: Kernels = TORCH) -> AttnMetadata:
     """seqs: list of (context_len, q_len, block_table) in batch order, decodes first. Every index tensor of
     the step comes from one host-to-device copy (slots, decode tables and lengths, the prefill chunks'
-    descriptors and tables, views of one int64 buffer). The decode mask is built here only for the torch
-    decode attention (a decode kernel takes the lengths)."""
+    descriptors and tables: views of one int64 buffer, each from a 16-byte boundary, since Triton compiles
+    a kernel again for a pointer off it). The decode mask is built here only for the torch decode
+    attention (a decode kernel takes the lengths)."""
     slots, desc, ptables = [], [], []
     dec_lens, dec_tables = [], []
     q_start = 0
@@ -72,22 +73,25 @@ def build_attn_metadata(seqs, block_size: int, device, pad_block: int, kernels: 
             ptables.extend(table[:nblocks])
         q_start += q_len
     width = max((len(t) for t in dec_tables), default=0)
-    flat = slots + [x for t in dec_tables for x in (*t, *[pad_block] * (width - len(t)))] + dec_lens
-    flat += [x for d in desc for x in d] + ptables
+    sections = [slots, [x for t in dec_tables for x in (*t, *[pad_block] * (width - len(t)))], dec_lens,
+                [x for d in desc for x in d], ptables]
+    flat, starts = [], []
+    for sec in sections:       # each from a 16-byte boundary: kernels specialise on their pointers' alignment
+        flat.extend([0] * (len(flat) & 1))
+        starts.append(len(flat))
+        flat.extend(sec)
     buf = to_device(flat, torch.long, device)
     t, b, c = len(slots), len(dec_lens), len(desc)
     meta = AttnMetadata(buf[:t], num_decodes=b)
-    at = t + b * width
     if b:
-        meta.decode_tables = buf[t:at].view(b, width)
-        meta.decode_lens = lens = buf[at:at + b]
+        meta.decode_tables = buf[starts[1]:starts[1] + b * width].view(b, width)
+        meta.decode_lens = lens = buf[starts[2]:starts[2] + b]
         if kernels.decode_attention is None:
             span = torch.arange(width * block_size, device=device)
             meta.decode_mask = (span[None, :] < lens[:, None])[:, None, None]
-    at += b
     if c:
-        meta.prefill_desc = buf[at:at + 4 * c].view(c, 4)
-        meta.prefill_tables = tables = buf[at + 4 * c:]
+        meta.prefill_desc = buf[starts[3]:starts[3] + 4 * c].view(c, 4)
+        meta.prefill_tables = tables = buf[starts[4]:starts[4] + len(ptables)]
         meta.max_prefill_len = max(d[1] for d in desc)
         meta.prefills = [PrefillChunk(s, s + q, ctx, tables[off:off + -(-ctx // block_size)])
                          for s, q, ctx, off in desc]
