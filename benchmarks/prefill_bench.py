@@ -5,8 +5,9 @@ bf16) on the GPU and times one prefill step (model forward over SEQS prompts of 
 with nothing cached, then the logits of each prompt's last token) with each expert path in
 turn: the cuda platform's (``cuda_experts``: its fused prefill layer and expert kernels) and
 torch._grouped_mm above the decode-sized Triton kernels (what it ran before ``triton_moe_sorted``;
-the modules then run the layer), with --compare-modules the platform's kernels module by module and the
-fused layer with SDPA per chunk for the Triton prefill attention. The roofline is the step's
+the modules then run the layer), with --compare-modules the platform's kernels module by module. Its
+prompts start fresh, so the platform's attention is SDPA per chunk (benchmarks/prefill_attention_bench.py
+times the one-launch kernel for chunks after a cached prefix). The roofline is the step's
 matrix FLOPs (projections, router, the routed experts, causal attention, logits) over the
 8192^3 bf16 matmul rate of the same run. Also reports the host time to build the step's
 attention metadata and to issue the step (when that is near the step time, the step is
@@ -78,10 +79,8 @@ def main():
     rate = 2 * n ** 3 / (triton.testing.do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median") * 1e-3)
     del x, y
     paths = {"cuda_experts": model.kernels, "grouped_mm": dataclasses.replace(model.kernels, experts=grouped_above_decode)}
-    if a.compare_modules:       # the layer module by module (no fused prefill layer), the platform's kernels;
+    if a.compare_modules:       # the layer module by module (no fused prefill layer), the platform's kernels
         paths["modules"] = dataclasses.replace(model.kernels, decoder_layer=None)
-        # the fused layer with the portable attention (SDPA per chunk) for the one-launch Triton kernel
-        paths["sdpa_attention"] = dataclasses.replace(model.kernels, prefill_attention=None)
     rows = []
     for s in a.seqs:
         seqs = [(a.len, a.len, list(range(i * per_seq, (i + 1) * per_seq))) for i in range(s)]

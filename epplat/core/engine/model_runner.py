@@ -222,8 +222,8 @@ class ModelRunner:
     def warm_up(self, max_model_len: int) -> None:
         """Run steps of every size class the kernels specialise on (prefill chunks of 1 to
         max_num_batched_tokens tokens, decode batches mixed with a prefill chunk, a chunk after a cached
-        prefix) into the scratch block, so that no request pays a kernel compile. Only for platforms whose kernels compile
-        on first use (``compiles_kernels``)."""
+        prefix) into the scratch block, so that no request pays a kernel compile. Only for platforms whose
+        kernels compile on first use (``compiles_kernels``)."""
         if not self.platform.compiles_kernels:
             return
         t0 = time.time()

@@ -29,10 +29,15 @@ class PrefillChunk:
     _mask: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
+    def fresh(self) -> bool:
+        """Nothing cached before the chunk: its keys are its own."""
+        return self.context_len == self.q_end - self.q_start
+
+    @property
     def mask(self) -> Optional[torch.Tensor]:
         """[q_len, context_len] bool (query i sees keys up to its position), None when purely causal; made
         on first use, so a step whose attention takes the chunk descriptors builds none."""
-        if self._mask is None and self.context_len != self.q_end - self.q_start:
+        if self._mask is None and not self.fresh:
             dev = self.block_table.device
             qpos = torch.arange(self.context_len - (self.q_end - self.q_start), self.context_len, device=dev)
             self._mask = torch.arange(self.context_len, device=dev).unsqueeze(0) <= qpos.unsqueeze(1)
@@ -129,7 +134,7 @@ def paged_attention(q, k, v, kv_cache, meta: AttnMetadata, scale: float, kernels
     if meta.prefills and prefill is not None and prefill(q, k_cache, v_cache, meta, scale, out):
         return out
     for p in meta.prefills:
-        if p.context_len == p.q_end - p.q_start:     # nothing cached before this chunk: its own keys
+        if p.fresh:
             keys, vals = k[p.q_start:p.q_end], v[p.q_start:p.q_end]
         else:
             keys = k_cache.index_select(0, p.block_table).view(-1, kvh, d)[: p.context_len]

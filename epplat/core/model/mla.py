@@ -110,7 +110,7 @@ class MLAttention(Projections):
         if meta.prefills:
             q = torch.cat([q_nope, q_pe], dim=-1)
         for p in meta.prefills:
-            if p.context_len == p.q_end - p.q_start:
+            if p.fresh:
                 ctx = entry[p.q_start:p.q_end]
             else:
                 ctx = cache.index_select(0, p.block_table).view(-1, self.r + self.dr)[: p.context_len]

@@ -63,14 +63,15 @@ def _eligible(layer: DecoderLayer) -> bool:
             and attn.h % attn.kvh == 0)
 
 
-def _fused_experts(mlp: FusedMoE):
-    """The expert call that can take the residual: the masked Triton kernels, bf16/fp32 or fp8 (with the
-    fp8 method's scales); None for other expert functions."""
+def residual_experts(mlp: FusedMoE, kernel, registered):
+    """The layer's expert call in a form that takes ``residual=``: ``registered`` where the layer runs its
+    kernels record's experts, ``kernel`` with the fp8 method's scales where it runs fp8 experts; None for
+    other expert functions (those run, then the add)."""
     fn = mlp.experts
     if fn == mlp.torch_experts:
-        return triton_experts if mlp.kernels.experts is not None else None
+        return registered
     if isinstance(fn, functools.partial) and fn.func is fp8._fp8_experts:
-        return functools.partial(triton_experts, **fn.keywords)
+        return functools.partial(kernel, **fn.keywords)
     return None
 
 
@@ -117,7 +118,8 @@ def decode_layer(layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, 
     logits = triton_gemv.gemv(h, mlp.gate, pdl=pdl) if mlp.kernels.route is fused_topk else None
     weights, ids = mlp.route(h) if logits is None else fused_topk(logits, mlp.top_k, mlp.renormalize, h.dtype, pdl)
     ids = mlp.to_physical(ids)
-    experts = _fused_experts(mlp)
+    # the masked Triton kernels, bf16/fp32 or fp8
+    experts = residual_experts(mlp, triton_experts, triton_experts if mlp.kernels.experts is not None else None)
     if (experts is not None and isinstance(mlp.all2all, _TorchDistBackend) and mlp.all2all.size == 1
             and ids.numel() <= MAX_ASSIGNMENTS):
         out = experts(h, ids, weights, mlp.w13, mlp.w2, mlp.act, residual=x, pdl=pdl)

@@ -10,8 +10,9 @@ decode_layer's, this runs:
 3. q/k norm + rotary + KV-cache write in one launch (triton_rope_kv), which also writes the rotated keys
    and the values contiguously for the chunks' attention (the modules: two norms, the rotary, a copy of
    the strided values, the KV write);
-4. the attention of epplat.core.model.attention (decode kernel for the decodes, the prefill attention per
-   chunk), told the cache is written;
+4. the attention of epplat.core.model.attention (the decode kernel for the decodes; for the chunks the
+   platform's one-launch prefill attention where a chunk has a cached prefix, else SDPA per chunk), told
+   the cache is written;
 5. the o_proj GEMM;
 6. residual add + RMSNorm in one launch (triton_norm.add_rms_norm);
 7. the router (the modules' ``route``: GEMM and top-k kernel);
@@ -25,7 +26,6 @@ other layers return None (the modules run).
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -33,20 +33,9 @@ import torch
 from epplat.core.model.attention import paged_attention
 from epplat.core.model.decoder import DecoderLayer
 from epplat.core.moe.all2all_torch import _TorchDistBackend
-from epplat.platforms.cuda import fp8, triton_norm, triton_rope_kv
-from epplat.platforms.cuda.decode_layer import _DTYPES, eligible
+from epplat.platforms.cuda import triton_norm, triton_rope_kv
+from epplat.platforms.cuda.decode_layer import _DTYPES, eligible, residual_experts
 from epplat.platforms.cuda.triton_moe_sorted import cuda_experts
-
-
-def _experts_with_residual(mlp):
-    """The layer's expert call in the form that takes ``residual=``: the registered kernel's (cuda_kernels)
-    or the fp8 method's (its scales); None for other expert functions (those run, then the add)."""
-    fn = mlp.experts
-    if fn == mlp.torch_experts:
-        return getattr(mlp.kernels.experts, "with_residual", None)
-    if isinstance(fn, functools.partial) and fn.func is fp8._fp8_experts:
-        return functools.partial(cuda_experts, **fn.keywords)
-    return None
 
 
 def prefill_layer(layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, meta) -> Optional[torch.Tensor]:
@@ -72,7 +61,8 @@ def prefill_layer(layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor,
     h = post(x) if h is None else h
     weights, ids = mlp.route(h)
     ids = mlp.to_physical(ids)
-    experts = _experts_with_residual(mlp)
+    # the registered kernel's form that adds a residual (cuda_kernels), or cuda_experts with the fp8 scales
+    experts = residual_experts(mlp, cuda_experts, getattr(mlp.kernels.experts, "with_residual", None))
     if experts is not None and isinstance(mlp.all2all, _TorchDistBackend) and mlp.all2all.size == 1:
         out = experts(h, ids, weights, mlp.w13, mlp.w2, mlp.act, residual=x)
         if out is not None:

@@ -15,7 +15,7 @@ in the cache (the KV write runs before, or the fused rope kernel wrote them).
 A step whose chunks all start fresh (nothing cached before them) is left to the portable path: there each
 chunk attends its own contiguous keys through torch's SDPA (cuDNN's Hopper flash kernel), which on the H200
 took 0.094 ms for one layer of a 2048-token prompt against this kernel's 0.167; with cached prefixes this
-kernel was 1.23-1.29x faster (docs/benchmarks.md, "prefill attention").
+kernel was 1.22-1.29x faster (docs/benchmarks.md, "prefill attention").
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if (d & (d - 1) or not 16 <= d <= 256 or h % kvh or q.dtype not in TILES or k_cache.dtype != q.dtype
             or v_cache.dtype != q.dtype or not (k_cache.is_contiguous() and v_cache.is_contiguous())
             or out.stride(2) != 1 or out.stride(1) != d or meta.prefill_desc is None
-            or (tiles is None and all(p.context_len == p.q_end - p.q_start for p in meta.prefills))):
+            or (tiles is None and all(p.fresh for p in meta.prefills))):
         return False
     if q.stride(2) != 1 or q.stride(1) != d:
         q = q.contiguous()
